@@ -1,0 +1,3 @@
+from pleaco.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""The agent: wires identity, store, engine, reconcilers and API together, and runs them.
+
+It runs in the foreground (systemd or a terminal supervise it), stops cleanly on SIGTERM or
+SIGINT, and leaves app containers running: they are state, not children. Started again on
+the same data dir it finds the same identity, store and containers, and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import time
+
+from pleaco import __version__, logs
+from pleaco.api.server import ApiServer
+from pleaco.apps import AppStore
+from pleaco.config import Config
+from pleaco.identity import Identity, write_secret_file
+from pleaco.metrics import Registry
+from pleaco.reconcile import AppReconciler
+from pleaco.runtime import DockerRuntime
+from pleaco.store import Record, Store
+
+log = logs.get("pleaco.agent")
+
+# Record kinds whose change can alter what this node should run.
+RECONCILE_KINDS = frozenset({"app", "scale", "release", "node"})
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start (bad data dir, port taken, ...)."""
+
+
+def load_or_create_token(cfg: Config) -> str:
+    path = cfg.token_path
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(32)
+    write_secret_file(path, (token + "\n").encode())
+    return token
+
+
+class Agent:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        try:
+            cfg.data_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(cfg.data_dir, 0o700)
+            identity = Identity.load_or_create(cfg.data_dir)
+        except OSError as exc:
+            raise AgentError(f"data dir {cfg.data_dir}: {exc}") from exc
+        logs.setup(cfg.log_level, identity.node_id, cfg.name)
+        token = load_or_create_token(cfg)
+        store = Store(cfg.db_path, identity)
+        self._register_node(store, identity)
+
+        registry = Registry()
+        runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
+        apps = AppStore(store, cfg.max_replicas)
+        reconciler = AppReconciler(cfg, identity.node_id, apps, runtime, registry)
+
+        def on_change(rec: Record) -> None:
+            if rec.kind in RECONCILE_KINDS:
+                reconciler.wake()
+
+        store.subscribe(on_change)
+        api = ApiServer(
+            identity=identity, node_name=cfg.name, store=store, apps=apps, reconciler=reconciler,
+            runtime=runtime, registry=registry, token=token, max_body_bytes=cfg.max_body_bytes,
+        )
+        host, port = cfg.api_host_port
+        try:
+            await api.start(host, port)
+        except OSError as exc:
+            store.close()
+            raise AgentError(f"cannot listen on {cfg.api_listen} for the API: {exc.strerror or exc}") from exc
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        log.info(
+            "agent.started", version=__version__, name=cfg.name, data_dir=str(cfg.data_dir),
+            api=cfg.api_listen, docker=cfg.docker_url,
+        )
+        tasks = [
+            asyncio.create_task(reconciler.run(), name="reconcile-apps"),
+            asyncio.create_task(self._collect_tombstones(store), name="tombstone-gc"),
+        ]
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("agent.stopping")
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            await api.stop()
+            runtime.close()
+            store.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            log.info("agent.stopped")
+
+    def _register_node(self, store: Store, identity: Identity) -> None:
+        """Write this node's ``node`` record (its admitted key and how to reach it) if changed."""
+        value = {
+            "name": self.cfg.name,
+            "public_key": identity.public_key.hex(),
+            "address": self.cfg.api_listen,
+            "gossip": self.cfg.gossip_listen,
+            "version": __version__,
+        }
+        if store.value("node", identity.node_id) != value:
+            store.put("node", identity.node_id, value)
+
+    async def _collect_tombstones(self, store: Store) -> None:
+        while True:
+            horizon = int((time.time() - self.cfg.tombstone_ttl) * 1000)
+            dropped = await asyncio.to_thread(store.collect_tombstones, horizon)
+            if dropped:
+                log.info("store.tombstones_collected", count=dropped)
+            await asyncio.sleep(min(3600.0, self.cfg.tombstone_ttl / 4))

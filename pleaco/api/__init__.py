@@ -1,0 +1,1 @@
+"""The HTTP API: the aiohttp server and the client the CLI uses."""

@@ -1,0 +1,101 @@
+"""A small synchronous client for the pleaco API (stdlib only, so the CLI starts fast).
+
+Every method returns decoded JSON or raises ApiError with the server's code and message;
+a server that cannot be reached raises ApiError with code ``unreachable``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pleaco.api.errors import ApiError
+
+DEFAULT_API = "http://127.0.0.1:7400"
+DEFAULT_TOKEN_FILE = Path("/var/lib/pleaco/admin.token")
+
+
+def resolve_token(flag: str | None, token_file: Path = DEFAULT_TOKEN_FILE) -> str | None:
+    """PLEACO_TOKEN, then --token, then the admin token file when it is readable."""
+    if os.environ.get("PLEACO_TOKEN"):
+        return os.environ["PLEACO_TOKEN"]
+    if flag:
+        return flag
+    try:
+        return token_file.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class Client:
+    def __init__(self, base_url: str = DEFAULT_API, token: str | None = None, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            return urllib.request.urlopen(req, timeout=timeout if timeout is not None else self.timeout)
+        except urllib.error.HTTPError as exc:
+            raise _error_from(exc) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ApiError(0, "unreachable", f"cannot reach the pleaco API at {self.base_url}: {reason}") from None
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        with self._open(method, path, body) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    # -- verbs ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/status")  # type: ignore[no-any-return]
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/nodes")  # type: ignore[no-any-return]
+
+    def apps(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/apps")  # type: ignore[no-any-return]
+
+    def app(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/apps/{_q(name)}")  # type: ignore[no-any-return]
+
+    def deploy(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.request("PUT", f"/v1/apps/{_q(name)}", spec)  # type: ignore[no-any-return]
+
+    def scale(self, name: str, replicas: int) -> dict[str, Any]:
+        return self.request("POST", f"/v1/apps/{_q(name)}/scale", {"replicas": replicas})  # type: ignore[no-any-return]
+
+    def remove(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/apps/{_q(name)}")  # type: ignore[no-any-return]
+
+    def logs(self, name: str, follow: bool = False, tail: int | str = 100) -> Iterator[bytes]:
+        query = urllib.parse.urlencode({"tail": tail, "follow": "1" if follow else "0"})
+        resp = self._open("GET", f"/v1/apps/{_q(name)}/logs?{query}", timeout=None if follow else self.timeout)
+        with resp:
+            yield from resp
+
+
+def _q(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+def _error_from(exc: urllib.error.HTTPError) -> ApiError:
+    try:
+        err = json.loads(exc.read())["error"]
+        return ApiError(exc.code, str(err["code"]), str(err["message"]))
+    except (ValueError, KeyError, TypeError):
+        return ApiError(exc.code, "http_error", f"HTTP {exc.code} {exc.reason}")

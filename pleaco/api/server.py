@@ -1,0 +1,341 @@
+"""The HTTP API: aiohttp, JSON in and out, bearer-token auth, under /v1.
+
+Routes (all but /healthz need ``Authorization: Bearer TOKEN``):
+
+    GET    /healthz                       liveness, unauthenticated
+    GET    /metrics                       Prometheus text
+    GET    /v1/status                     this node, its engine, counts
+    GET    /v1/nodes                      cluster members
+    GET    /v1/apps                       every app with its status
+    GET    /v1/apps/{name}                one app
+    PUT    /v1/apps/{name}                deploy (create or update)
+    POST   /v1/apps/{name}/scale          {"replicas": N}
+    DELETE /v1/apps/{name}                remove
+    GET    /v1/apps/{name}/logs           ?tail=N&follow=1, text/plain
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from pleaco import __version__, logs
+from pleaco.api.errors import ApiError
+from pleaco.apps import AppStore, NotFound, ValidationError
+from pleaco.identity import Identity
+from pleaco.metrics import Counter, Histogram, Registry
+from pleaco.reconcile.apps import AppReconciler, app_status
+from pleaco.runtime import ContainerInfo, DockerRuntime, EngineUnavailable
+from pleaco.store import Store
+
+log = logs.get("pleaco.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiServer:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        node_name: str,
+        store: Store,
+        apps: AppStore,
+        reconciler: AppReconciler,
+        runtime: DockerRuntime,
+        registry: Registry,
+        token: str,
+        max_body_bytes: int,
+    ) -> None:
+        self.identity = identity
+        self.node_name = node_name
+        self.store = store
+        self.apps = apps
+        self.reconciler = reconciler
+        self.runtime = runtime
+        self.registry = registry
+        self.token = token
+        self.started = time.time()
+        self.m_requests = registry.register(
+            Counter(
+                "pleaco_api_requests_total", "API requests by route, method and status.", ("route", "method", "status")
+            )
+        )
+        self.m_latency = registry.register(
+            Histogram("pleaco_api_request_duration_seconds", "API request latency by route.", ("route",))
+        )
+        self.app = web.Application(
+            client_max_size=max_body_bytes,
+            middlewares=[self._errors, self._auth],
+        )
+        r = self.app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/v1/status", self.status)
+        r.add_get("/v1/nodes", self.nodes)
+        r.add_get("/v1/apps", self.list_apps)
+        r.add_get("/v1/apps/{name}", self.show_app)
+        r.add_put("/v1/apps/{name}", self.deploy_app)
+        r.add_post("/v1/apps/{name}/scale", self.scale_app)
+        r.add_delete("/v1/apps/{name}", self.remove_app)
+        r.add_get("/v1/apps/{name}/logs", self.app_logs)
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        log.info("api.listening", address=f"{host}:{port}")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- middlewares ---------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except ApiError as exc:
+            status = exc.status
+            return web.json_response(exc.to_json(), status=exc.status)
+        except web.HTTPException as exc:
+            status = exc.status
+            if exc.status < 400:
+                raise
+            code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                    413: "body_too_large"}.get(exc.status, "http_error")
+            message = exc.text or exc.reason
+            if exc.status == 413:
+                message = f"request body too large (limit {request.app._client_max_size} bytes)"
+            elif exc.status == 404:
+                message = f"no such endpoint: {request.method} {request.path}"
+            elif exc.status == 405:
+                message = f"method {request.method} not allowed on {request.path}"
+            return web.json_response(ApiError(exc.status, code, message).to_json(), status=exc.status)
+        except Exception as exc:
+            log.error("api.internal_error", exc_info=True, path=request.path, error=str(exc))
+            return web.json_response(ApiError(500, "internal", str(exc)).to_json(), status=500)
+        finally:
+            self.m_requests.inc(route=route, method=request.method, status=str(status))
+            self.m_latency.observe(time.monotonic() - started, route=route)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/healthz":
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer TOKEN)")
+        if not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise ApiError(401, "unauthorized", "invalid token")
+        return await handler(request)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _json_body(self, request: web.Request) -> Any:
+        raw = await request.read()  # raises 413 past client_max_size
+        if not raw:
+            raise ApiError(400, "invalid_body", "request body is empty; expected a JSON object")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+    def _app_json(self, name: str) -> dict[str, Any]:
+        spec = self.apps.get(name)
+        if spec is None:
+            raise ApiError(404, "not_found", f"app {name!r} does not exist")
+        return app_status(self.reconciler, spec, self.apps.replicas(name)).to_json()
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "node_id": self.identity.node_id})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.registry.render(), content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type": "text/plain; version=0.0.4"})
+
+    async def status(self, request: web.Request) -> web.Response:
+        obs = self.reconciler.observed
+        return web.json_response(
+            {
+                "node_id": self.identity.node_id,
+                "node_name": self.node_name,
+                "version": __version__,
+                "uptime_s": round(time.time() - self.started, 1),
+                "engine": {"reachable": obs.engine_ok, "error": obs.engine_error, "url": self.runtime.base_url},
+                "apps": len(self.apps.list()),
+                "containers": len(obs.containers),
+                "running": sum(1 for c in obs.containers if c.running),
+                "records": self.store.count(),
+            }
+        )
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        out = []
+        for rec in self.store.records("node"):
+            v = rec.value or {}
+            me = rec.key == self.identity.node_id
+            out.append(
+                {
+                    "id": rec.key,
+                    "name": v.get("name", ""),
+                    "state": "alive" if me else v.get("state", "unknown"),
+                    "address": v.get("address", ""),
+                    "version": v.get("version", ""),
+                    "last_seen": time.time() if me else rec.ts.wall_ms / 1000,
+                    "load": {"containers": len(self.reconciler.observed.containers)} if me else {},
+                    "self": me,
+                }
+            )
+        return web.json_response(out)
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        return web.json_response([self._app_json(spec.name) for spec in self.apps.list()])
+
+    async def show_app(self, request: web.Request) -> web.Response:
+        return web.json_response(self._app_json(request.match_info["name"]))
+
+    async def deploy_app(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        try:
+            result = self.apps.deploy(request.match_info["name"], body)
+        except ValidationError as exc:
+            raise ApiError(400, "invalid", str(exc)) from None
+        log.info(
+            "app.deployed", app=result.spec.name, revision=result.spec.revision,
+            image=result.spec.image, replicas=result.replicas, created=result.created,
+        )
+        self.reconciler.wake()
+        return web.json_response(self._app_json(result.spec.name), status=201 if result.created else 200)
+
+    async def scale_app(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        if not isinstance(body, dict) or set(body) != {"replicas"}:
+            raise ApiError(400, "invalid", 'body: expected {"replicas": N}')
+        try:
+            n = self.apps.scale(request.match_info["name"], body["replicas"])
+        except ValidationError as exc:
+            raise ApiError(400, "invalid", str(exc)) from None
+        except NotFound as exc:
+            raise ApiError(404, "not_found", str(exc)) from None
+        log.info("app.scaled", app=request.match_info["name"], replicas=n)
+        self.reconciler.wake()
+        return web.json_response(self._app_json(request.match_info["name"]))
+
+    async def remove_app(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            self.apps.remove(name)
+        except ValidationError as exc:
+            raise ApiError(400, "invalid", str(exc)) from None
+        except NotFound as exc:
+            raise ApiError(404, "not_found", str(exc)) from None
+        log.info("app.removed", app=name)
+        self.reconciler.wake()
+        return web.json_response({"removed": name})
+
+    async def app_logs(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if self.apps.get(name) is None:
+            raise ApiError(404, "not_found", f"app {name!r} does not exist")
+        tail_arg = request.query.get("tail", "100")
+        if tail_arg != "all" and (not tail_arg.isdigit() or int(tail_arg) > 100_000):
+            raise ApiError(400, "invalid", "tail: expected a number up to 100000, or 'all'")
+        tail: int | str = tail_arg if tail_arg == "all" else int(tail_arg)
+        follow = request.query.get("follow", "") in ("1", "true", "yes")
+        try:
+            found = await asyncio.to_thread(self.runtime.list_managed, self.identity.node_id, name)
+        except EngineUnavailable as exc:
+            raise ApiError(503, "engine_unreachable", str(exc)) from None
+        containers = sorted(found, key=lambda c: (c.replica, c.release))
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await resp.prepare(request)
+        await LogStreamer(self.runtime, containers, tail, follow).copy_to(resp)
+        return resp
+
+
+class LogStreamer:
+    """Merges the output of several containers into one stream of lines, each prefixed
+    with its replica. A reader thread per container (the SDK's log stream blocks) feeds an
+    asyncio queue; closing the streams unblocks the threads."""
+
+    def __init__(self, runtime: DockerRuntime, containers: list[ContainerInfo], tail: int | str, follow: bool) -> None:
+        self.runtime = runtime
+        self.containers = containers
+        self.tail = tail
+        self.follow = follow
+
+    async def copy_to(self, resp: web.StreamResponse) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1000)
+        streams: list[Any] = []
+        lock = threading.Lock()
+        closed = threading.Event()
+
+        def put(item: bytes | None) -> None:
+            if not closed.is_set():
+                asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+
+        def reader(c: ContainerInfo) -> None:
+            prefix = f"[{c.app}.{c.replica} r{c.release}] ".encode()
+            try:
+                stream = self.runtime.logs(c.id, tail=self.tail, follow=self.follow)
+                with lock:
+                    streams.append(stream)
+                buf = b""
+                for chunk in stream:
+                    if closed.is_set():
+                        break
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        put(prefix + line + b"\n")
+                if buf:
+                    put(prefix + buf + b"\n")
+            except Exception as exc:  # a container removed meanwhile ends its stream
+                put(prefix + f"(log stream ended: {exc})\n".encode())
+            finally:
+                put(None)
+
+        threads = [threading.Thread(target=reader, args=(c,), daemon=True) for c in self.containers]
+        for t in threads:
+            t.start()
+        remaining = len(threads)
+        try:
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                await resp.write(item)
+        except ConnectionResetError:
+            pass  # the client went away
+        finally:
+            closed.set()
+            with lock:
+                for s in streams:
+                    with contextlib.suppress(Exception):
+                        s.close()
+            while not queue.empty():
+                queue.get_nowait()

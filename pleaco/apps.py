@@ -1,0 +1,231 @@
+"""Apps as the store holds them: the spec, its validation, and the writes that change it.
+
+An app is two records, so that scaling and deploying never overwrite each other:
+
+- ``app/NAME``: the spec (image, port, env, health, host) and its ``revision``, which goes
+  up whenever anything but the replica count changes. Each revision is a release.
+- ``scale/NAME``: the desired replica count (written by ``apps scale``, ``apps deploy
+  --replicas`` and, later, the autoscaler).
+
+Every release is also kept as ``release/NAME/REVISION`` for history and rollback.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pleaco.store import Store
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# A Docker image reference, loosely: registry/name:tag or name@sha256:..., or an image id.
+IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
+HEALTH_PATH = re.compile(r"^/[\x21-\x7e]{0,1023}$")
+
+DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host"})
+DEFAULT_REPLICAS = 1
+
+
+class ValidationError(ValueError):
+    """Bad input for an app; the message names the field and what is wrong with it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    name: str
+    image: str
+    port: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    health: str | None = None
+    host: str | None = None
+    revision: int = 1
+
+    def to_value(self) -> dict[str, Any]:
+        value = asdict(self)
+        del value["name"]
+        return value
+
+    @classmethod
+    def from_value(cls, name: str, value: dict[str, Any]) -> AppSpec:
+        return cls(
+            name=name,
+            image=value["image"],
+            port=value.get("port"),
+            env=dict(value.get("env") or {}),
+            health=value.get("health"),
+            host=value.get("host"),
+            revision=int(value.get("revision", 1)),
+        )
+
+    def same_release(self, other: AppSpec) -> bool:
+        """True when nothing that needs new containers differs."""
+        mine, theirs = self.to_value(), other.to_value()
+        mine.pop("revision")
+        theirs.pop("revision")
+        return mine == theirs
+
+
+def validate_name(name: Any) -> str:
+    if not isinstance(name, str) or not DNS_LABEL.match(name):
+        raise ValidationError(
+            "name",
+            f"{name!r} is not a DNS label (1-63 lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit)",
+        )
+    return name
+
+
+def validate_hostname(host: Any) -> str:
+    if not isinstance(host, str) or len(host) > 253 or not host:
+        raise ValidationError("host", f"{host!r} is not a valid DNS name")
+    labels = host.rstrip(".").split(".")
+    if not all(DNS_LABEL.match(label) for label in labels):
+        raise ValidationError("host", f"{host!r} is not a valid DNS name")
+    return host.rstrip(".")
+
+
+def validate_replicas(replicas: Any, max_replicas: int) -> int:
+    if not isinstance(replicas, int) or isinstance(replicas, bool):
+        raise ValidationError("replicas", f"expected an integer, got {replicas!r}")
+    if not 0 <= replicas <= max_replicas:
+        raise ValidationError("replicas", f"{replicas} is out of range 0..{max_replicas}")
+    return replicas
+
+
+def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, int | None]:
+    """Check a deploy request; returns the spec (revision unset) and the replicas, if given."""
+    name = validate_name(name)
+    if not isinstance(body, dict):
+        raise ValidationError("body", "expected a JSON object")
+    unknown = sorted(set(body) - DEPLOY_FIELDS)
+    if unknown:
+        raise ValidationError(unknown[0], f"unknown field (allowed: {', '.join(sorted(DEPLOY_FIELDS))})")
+    image = body.get("image")
+    if not isinstance(image, str) or not IMAGE_REF.match(image):
+        raise ValidationError("image", f"{image!r} is not an image reference")
+    replicas = body.get("replicas")
+    if replicas is not None:
+        replicas = validate_replicas(replicas, max_replicas)
+    port = body.get("port")
+    if port is not None and (
+        not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535
+    ):
+        raise ValidationError("port", f"{port!r} is out of range 1..65535")
+    env = body.get("env") or {}
+    if not isinstance(env, dict):
+        raise ValidationError("env", "expected an object of NAME: value")
+    for key, value in env.items():
+        if not ENV_NAME.match(key):
+            raise ValidationError("env", f"{key!r} is not a valid variable name")
+        if not isinstance(value, str) or "\x00" in value:
+            raise ValidationError("env", f"value of {key} must be a string without NUL")
+    health = body.get("health")
+    if health is not None:
+        if not isinstance(health, str) or not HEALTH_PATH.match(health):
+            raise ValidationError("health", f"{health!r} must be a path starting with '/'")
+        if port is None:
+            raise ValidationError("health", "a health path needs a port")
+    host = body.get("host")
+    if host is not None:
+        host = validate_hostname(host)
+    spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, revision=0)
+    return spec, replicas
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    spec: AppSpec
+    replicas: int
+    created: bool
+    new_release: bool
+
+
+class AppStore:
+    """The app-level writes and reads over the replicated store."""
+
+    def __init__(self, store: Store, max_replicas: int) -> None:
+        self.store = store
+        self.max_replicas = max_replicas
+
+    def get(self, name: str) -> AppSpec | None:
+        value = self.store.value("app", name)
+        return None if value is None else AppSpec.from_value(name, value)
+
+    def replicas(self, name: str) -> int:
+        value = self.store.value("scale", name)
+        return DEFAULT_REPLICAS if value is None else int(value["replicas"])
+
+    def list(self) -> list[AppSpec]:
+        return [AppSpec.from_value(r.key, r.value) for r in self.store.records("app") if r.value]
+
+    def deploy(self, name: Any, body: Any) -> DeployResult:
+        spec, replicas = validate_deploy(name, body, self.max_replicas)
+        current = self.get(spec.name)
+        if host_owner := self._host_owner(spec.host, spec.name):
+            raise ValidationError("host", f"{spec.host!r} is already used by app {host_owner!r}")
+        writes: list[tuple[str, str, dict[str, Any] | None]] = []
+        new_release = current is None or not current.same_release(spec)
+        if new_release:
+            revision = 1 if current is None else current.revision + 1
+            spec = AppSpec(**{**asdict(spec), "revision": revision})
+            writes.append(("app", spec.name, spec.to_value()))
+            writes.append(
+                (
+                    "release",
+                    f"{spec.name}/{revision}",
+                    {"app": spec.name, "revision": revision, "image": spec.image,
+                     "spec": spec.to_value(), "created_ms": int(time.time() * 1000)},
+                )
+            )
+        else:
+            assert current is not None
+            spec = current
+        if current is None and replicas is None:
+            replicas = DEFAULT_REPLICAS
+        if replicas is not None and (current is None or replicas != self.replicas(spec.name)):
+            writes.append(("scale", spec.name, {"replicas": replicas}))
+        if writes:
+            self.store.put_many(writes)
+        return DeployResult(
+            spec=spec,
+            replicas=self.replicas(spec.name),
+            created=current is None,
+            new_release=new_release,
+        )
+
+    def scale(self, name: str, replicas: Any) -> int:
+        validate_name(name)
+        replicas = validate_replicas(replicas, self.max_replicas)
+        if self.get(name) is None:
+            raise NotFound(f"app {name!r} does not exist")
+        self.store.put("scale", name, {"replicas": replicas})
+        return int(replicas)
+
+    def remove(self, name: str) -> None:
+        validate_name(name)
+        if self.get(name) is None:
+            raise NotFound(f"app {name!r} does not exist")
+        writes: list[tuple[str, str, dict[str, Any] | None]] = [("app", name, None), ("scale", name, None)]
+        for rec in self.store.records("release"):
+            if rec.key.startswith(name + "/"):
+                writes.append(("release", rec.key, None))
+        self.store.put_many(writes)
+
+    def _host_owner(self, host: str | None, name: str) -> str | None:
+        if host is None:
+            return None
+        for other in self.list():
+            if other.name != name and other.host == host:
+                return other.name
+        return None

@@ -1,0 +1,206 @@
+"""One typed configuration for the agent: file (/etc/pleaco/pleaco.toml) < env < flags.
+
+Every tunable lives here with its default and the reason for it. The file is TOML with
+the same names as the fields below; the environment uses ``PLEACO_`` plus the upper-cased
+name (``PLEACO_API_LISTEN=127.0.0.1:7400``). An unknown key or a value of the wrong type is
+an error naming the key, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing, unknown or malformed."""
+
+
+@dataclass
+class Config:
+    # Where the node key, the store and the admin token live. Under /var/lib like other
+    # daemons' state, so it survives upgrades of /opt/pleaco.
+    data_dir: Path = Path("/var/lib/pleaco")
+    # Human name of the node; the host name is what operators recognise.
+    name: str = field(default_factory=socket.gethostname)
+    # The REST API. All interfaces: every node answers every call (DESIGN principle 1).
+    api_listen: str = "0.0.0.0:7400"
+    # Gossip, UDP and TCP on one port (used once the cluster layer lands).
+    gossip_listen: str = "0.0.0.0:7401"
+    # Where the reverse proxy listens, and its image.
+    proxy_listen: str = "0.0.0.0:80"
+    proxy_image: str = "caddy:2"
+    seeds: list[str] = field(default_factory=list)
+    join_token: str = ""
+    discovery: str = "mdns"
+    # Docker Engine endpoint; the docker SDK's own default.
+    docker_url: str = "unix:///var/run/docker.sock"
+    # Seconds to wait for one Docker Engine call before counting the engine unreachable.
+    docker_timeout: float = 30.0
+    # Address the app containers' ports are published on. Loopback by default: apps are
+    # reached through the proxy, not directly.
+    publish_host: str = "127.0.0.1"
+    # Highest replica count one app may ask for. 100 per node is far beyond what 2-core
+    # machines run, and stops a typo (1000 instead of 10) from taking the host down.
+    max_replicas: int = 100
+    # The reconcile loop runs at least this often (seconds) even when nothing changed, to
+    # notice crashed containers and to probe health. A store change wakes it at once.
+    reconcile_interval: float = 1.0
+    # Containers started or stopped at once. Docker Engine serialises much of a container
+    # start internally; beyond ~8 concurrent calls a 2-core host gains nothing.
+    start_concurrency: int = 8
+    # Crash back-off: first retry after base seconds, doubling up to max, like Kubernetes'
+    # CrashLoopBackOff (10 s .. 300 s) but shorter, since pleaco apps are small web apps.
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    # A replica that has run this long (seconds) has its back-off forgotten.
+    backoff_reset_after: float = 30.0
+    # HTTP health probe: per-request timeout, and failures in a row before a replica is
+    # declared unhealthy and restarted (Kubernetes' failureThreshold default is 3).
+    health_timeout: float = 2.0
+    health_failures: int = 3
+    # A replica that never passed a probe is given this long (seconds) to start listening
+    # before failures count (Kubernetes' startupProbe, in one number).
+    health_grace: float = 30.0
+    # Seconds between SIGTERM and SIGKILL when pleaco stops a replica (Docker's default).
+    stop_timeout: int = 10
+    # A missing image is looked up again after this many seconds, not on every tick.
+    image_recheck_interval: float = 2.0
+    # Tombstones are dropped after this long (seconds); a day outlasts any partition we
+    # expect to heal by itself.
+    tombstone_ttl: float = 86400.0
+    # Largest API request body (bytes). App specs are small; 1 MiB leaves room for env.
+    max_body_bytes: int = 1 << 20
+    # Log level: debug, info, warning, error.
+    log_level: str = "info"
+
+    @property
+    def api_host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.api_listen, "api_listen")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "state.db"
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_dir / "admin.token"
+
+
+def parse_host_port(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, raw: Any, from_text: bool) -> Any:
+    """Turn a TOML value (or an env string) into the field's type, or raise ConfigError."""
+    f = _FIELDS[name]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
+    kind = type(default)
+    try:
+        if kind is bool:
+            if from_text:
+                return str(raw).lower() in ("1", "true", "yes", "on")
+            if not isinstance(raw, bool):
+                raise TypeError
+            return raw
+        if kind is list:
+            if from_text:
+                return [s for s in str(raw).replace(",", " ").split() if s]
+            if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
+                raise TypeError
+            return list(raw)
+        if issubclass(kind, Path):
+            if not isinstance(raw, str):
+                raise TypeError
+            return Path(raw)
+        if kind is int:
+            if isinstance(raw, bool):
+                raise TypeError
+            return int(raw) if from_text else _exact(raw, int)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise TypeError
+            return float(raw) if from_text or isinstance(raw, int) else _exact(raw, float)
+        if not isinstance(raw, str):
+            raise TypeError
+        return raw
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def _exact(raw: Any, kind: type) -> Any:
+    if not isinstance(raw, kind):
+        raise TypeError
+    return raw
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config from the file, then the environment, then explicit overrides.
+
+    ``path`` None means the default file if it exists; a path given explicitly must exist.
+    Overrides whose value is None are ignored (a flag that was not given).
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if path is None:
+        path = Path(env["PLEACO_CONFIG"]) if "PLEACO_CONFIG" in env else None
+        if path is None and DEFAULT_CONFIG_FILE.exists():
+            path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        for key, raw in data.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _coerce(key, raw, from_text=False)
+    for name in _FIELDS:
+        env_name = "PLEACO_" + name.upper()
+        if env_name in env:
+            values[name] = _coerce(name, env[env_name], from_text=True)
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _coerce(key, raw, from_text=isinstance(raw, str))
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for name in ("api_listen", "gossip_listen", "proxy_listen"):
+        parse_host_port(getattr(cfg, name), name)
+    if cfg.discovery not in ("mdns", "seeds", "none"):
+        raise ConfigError(f"discovery: expected mdns, seeds or none, got {cfg.discovery!r}")
+    if cfg.max_replicas < 0:
+        raise ConfigError("max_replicas: must be at least 0")
+    if cfg.start_concurrency < 1:
+        raise ConfigError("start_concurrency: must be at least 1")
+    for name in ("reconcile_interval", "backoff_base", "backoff_max", "health_timeout"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name}: must be greater than 0")
+    if cfg.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: expected debug, info, warning or error, got {cfg.log_level!r}")

@@ -1,0 +1,78 @@
+"""Structured logs: one line per event, logfmt (``key=value``), ids included.
+
+Callers log events, not prose: ``log.info("replica.started", app="web", replica=2)``.
+The node id is added to every line once it is known, so lines from several agents on one
+machine can be told apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+_node_fields: dict[str, str] = {}
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\n\t'):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        fields: dict[str, Any] = {
+            "ts": f"{ts}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        fields.update(_node_fields)
+        fields.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            fields["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+
+
+class EventLogger:
+    """A thin wrapper over ``logging.Logger`` taking an event name and fields."""
+
+    def __init__(self, name: str) -> None:
+        self._log = logging.getLogger(name)
+
+    def _emit(self, level: int, event: str, exc_info: bool, fields: dict[str, Any]) -> None:
+        if self._log.isEnabledFor(level):
+            self._log.log(level, event, extra={"fields": fields}, exc_info=exc_info)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit(logging.DEBUG, event, False, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit(logging.INFO, event, False, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit(logging.WARNING, event, False, fields)
+
+    def error(self, event: str, exc_info: bool = False, **fields: Any) -> None:
+        self._emit(logging.ERROR, event, exc_info, fields)
+
+
+def get(name: str) -> EventLogger:
+    return EventLogger(name)
+
+
+def setup(level: str = "info", node_id: str | None = None, node_name: str | None = None) -> None:
+    """Send pleaco's logs to standard error in logfmt."""
+    if node_id:
+        _node_fields["node"] = node_id
+    if node_name:
+        _node_fields["node_name"] = node_name
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    root = logging.getLogger("pleaco")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,524 @@
+"""The app reconcile loop: desired replicas (store) against labelled containers (engine).
+
+Each pass reads the desired state, lists this node's containers, computes the actions that
+close the difference and runs them, then returns. It keeps no plan between passes: an agent
+killed mid-pass and started again computes the same actions from what is real, and the
+deterministic container names (app, release, replica, node) mean a replica that was already
+created is found, not created twice.
+
+What a pass does, per app and replica this node owns:
+- no container of the current release: start one (unless the image is missing, or the
+  replica is backing off after crashes);
+- a container that was created but never started (agent died in between): start it;
+- a container that exited: count a crash, wait out the back-off, start it again;
+- a running container failing its health probe ``health_failures`` times in a row: restart;
+- a container of an older release: removed once the current release's replica runs and is
+  healthy (start-first, so an update never leaves the replica without a container);
+- containers of deleted apps, of replicas beyond the desired count, or duplicates: removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from pleaco import logs
+from pleaco.apps import AppSpec, AppStore
+from pleaco.config import Config
+from pleaco.metrics import Counter, Gauge, Histogram, Registry
+from pleaco.placement import owned_replicas
+from pleaco.reconcile.backoff import Backoff
+from pleaco.runtime import Conflict, ContainerInfo, DockerRuntime, EngineUnavailable, NotFound, RunSpec
+from pleaco.runtime.health import probe
+
+log = logs.get("pleaco.reconcile.apps")
+
+ReplicaKey = tuple[str, int]  # (app, replica index)
+
+
+@dataclass
+class ReplicaState:
+    """What this node remembers about one replica between passes (lost on restart by design:
+    a restarted agent gives every replica a fresh start)."""
+
+    backoff: Backoff
+    restarts: int = 0
+    last_exit_code: int | None = None
+    last_error: str = ""
+    crash_seen: str = ""  # id of the exited container already counted as a crash
+    healthy: bool = False
+    health_failures: int = 0
+    running_since: float = 0.0
+    container_id: str = ""
+
+
+@dataclass
+class ImageState:
+    present: bool
+    checked: float
+
+
+@dataclass
+class Observation:
+    """The last pass's view of this node, for the API and metrics."""
+
+    engine_ok: bool = False
+    engine_error: str = "not checked yet"
+    containers: list[ContainerInfo] = field(default_factory=list)
+    at: float = 0.0
+
+
+class AppReconciler:
+    def __init__(
+        self,
+        cfg: Config,
+        node_id: str,
+        apps: AppStore,
+        runtime: DockerRuntime,
+        registry: Registry,
+        live_nodes: Callable[[], Sequence[str]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.node_id = node_id
+        self.apps = apps
+        self.runtime = runtime
+        self.live_nodes = live_nodes or (lambda: [node_id])
+        self.observed = Observation()
+        self.replicas: dict[ReplicaKey, ReplicaState] = {}
+        self.images: dict[str, ImageState] = {}
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Engine calls block; a pool of our own so a slow engine cannot starve the
+        # default executor (used by aiohttp's resolver and others).
+        self._pool = ThreadPoolExecutor(cfg.start_concurrency + 2, thread_name_prefix="docker")
+        self._limit = asyncio.Semaphore(cfg.start_concurrency)
+        self._session: aiohttp.ClientSession | None = None
+
+        self.m_runs = registry.register(
+            Counter("pleaco_reconcile_runs_total", "Reconcile passes by loop and result.", ("loop", "result"))
+        )
+        self.m_duration = registry.register(
+            Histogram("pleaco_reconcile_duration_seconds", "Duration of reconcile passes.", ("loop",))
+        )
+        self.m_actions = registry.register(
+            Counter("pleaco_reconcile_actions_total", "Container actions taken.", ("action", "result"))
+        )
+        self.m_restarts = registry.register(
+            Counter("pleaco_container_restarts_total", "Replica restarts after crashes or failed health.", ("app",))
+        )
+        registry.register(
+            Gauge(
+                "pleaco_containers",
+                "This node's pleaco containers by state, as last observed.",
+                ("state",),
+                collect=self._containers_by_state,
+            )
+        )
+        registry.register(
+            Gauge(
+                "pleaco_engine_up",
+                "1 when Docker Engine answered the last reconcile pass.",
+                collect=lambda: {(): 1.0 if self.observed.engine_ok else 0.0},
+            )
+        )
+
+    def _containers_by_state(self) -> dict[tuple[str, ...], float]:
+        counts: dict[tuple[str, ...], float] = {}
+        for c in self.observed.containers:
+            counts[(c.state,)] = counts.get((c.state,), 0.0) + 1
+        return counts
+
+    # -- loop ----------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Ask for a pass soon; safe to call from any thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._session = aiohttp.ClientSession()
+        try:
+            while True:
+                self._wake.clear()
+                more = await self.reconcile_once()
+                if more:
+                    # Actions were taken: look again soon to see their effect, but yield
+                    # to the API first.
+                    await asyncio.sleep(0.05)
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.cfg.reconcile_interval)
+        finally:
+            await self._session.close()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _engine(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, *args)
+
+    async def reconcile_once(self) -> bool:
+        """One pass. Returns True when it acted (so another pass soon is worthwhile)."""
+        started = time.monotonic()
+        try:
+            acted = await self._pass()
+        except EngineUnavailable as exc:
+            if self.observed.engine_ok or self.observed.at == 0.0:
+                log.warning("engine.unreachable", error=str(exc))
+            self.observed = Observation(engine_ok=False, engine_error=str(exc), at=time.time())
+            self.m_runs.inc(loop="apps", result="engine_unreachable")
+            return False
+        except Exception as exc:
+            log.error("reconcile.failed", exc_info=True, error=str(exc))
+            self.m_runs.inc(loop="apps", result="error")
+            return False
+        finally:
+            self.m_duration.observe(time.monotonic() - started, loop="apps")
+        self.m_runs.inc(loop="apps", result="ok")
+        return acted
+
+    async def _pass(self) -> bool:
+        containers: list[ContainerInfo] = await self._engine(self.runtime.list_managed, self.node_id)
+        if not self.observed.engine_ok:
+            log.info("engine.reachable")
+        self.observed = Observation(engine_ok=True, engine_error="", containers=containers, at=time.time())
+        now = time.monotonic()
+
+        desired: dict[ReplicaKey, AppSpec] = {}
+        nodes = list(self.live_nodes())
+        specs = {spec.name: spec for spec in self.apps.list()}
+        for spec in specs.values():
+            for idx in owned_replicas(spec.name, self.apps.replicas(spec.name), nodes, self.node_id):
+                desired[(spec.name, idx)] = spec
+
+        by_replica: dict[ReplicaKey, list[ContainerInfo]] = {}
+        for c in containers:
+            by_replica.setdefault((c.app, c.replica), []).append(c)
+
+        removals: list[tuple[ContainerInfo, str]] = []
+        starts: list[tuple[AppSpec, int]] = []
+        restarts: list[tuple[ContainerInfo, AppSpec]] = []
+
+        for key, group in by_replica.items():
+            wanted = desired.get(key)
+            if wanted is None:
+                reason = "app deleted" if key[0] not in specs else "replica not wanted here"
+                removals.extend((c, reason) for c in group)
+                continue
+            spec = wanted
+            current = [c for c in group if c.release == spec.revision]
+            old = [c for c in group if c.release != spec.revision]
+            # Duplicates of the current release cannot come from pleaco's deterministic
+            # names, but a hand-made one must not linger: keep the best, drop the rest.
+            current.sort(key=lambda c: (not c.running, -c.created))
+            removals.extend((c, "duplicate") for c in current[1:])
+            state = self._state(key)
+            if current:
+                keep = current[0]
+                self._observe_replica(key, keep, state, now, spec)
+                if not keep.running and (keep.state == "created" or state.backoff.ready(now)):
+                    restarts.append((keep, spec))
+                if self._serving(keep, state, spec):
+                    removals.extend((c, "replaced by new release") for c in old)
+            elif state.backoff.ready(now):
+                starts.append((spec, key[1]))
+
+        for key, spec in desired.items():
+            if key not in by_replica and self._state(key).backoff.ready(now):
+                starts.append((spec, key[1]))
+
+        # Forget replicas that are neither wanted nor present.
+        for key in list(self.replicas):
+            if key not in desired and key not in by_replica:
+                del self.replicas[key]
+
+        await self._probe_health(desired, now)
+
+        # Check images of wanted-but-missing replicas before trying to start them.
+        starts = [s for s in starts if await self._image_present(s[0].image, now)]
+
+        jobs = [self._remove(c, reason) for c, reason in removals]
+        jobs += [self._start(spec, idx) for spec, idx in starts]
+        jobs += [self._restart(c, spec) for c, spec in restarts]
+        if jobs:
+            await asyncio.gather(*jobs)
+        return bool(jobs)
+
+    # -- per-replica bookkeeping -----------------------------------------------------------
+
+    def _state(self, key: ReplicaKey) -> ReplicaState:
+        state = self.replicas.get(key)
+        if state is None:
+            state = ReplicaState(Backoff(self.cfg.backoff_base, self.cfg.backoff_max))
+            self.replicas[key] = state
+        return state
+
+    def _observe_replica(self, key: ReplicaKey, c: ContainerInfo, st: ReplicaState, now: float, spec: AppSpec) -> None:
+        if c.id != st.container_id:
+            st.container_id = c.id
+            st.healthy = False
+            st.health_failures = 0
+            st.running_since = now if c.running else 0.0
+        if c.running:
+            if st.running_since == 0.0:
+                st.running_since = now
+            if not spec.health:
+                st.healthy = True
+            if st.backoff.failures and now - st.running_since >= self.cfg.backoff_reset_after:
+                st.backoff.reset()
+            return
+        st.healthy = False
+        st.running_since = 0.0
+        if c.state in ("exited", "dead") and st.crash_seen != c.id + str(st.restarts):
+            st.crash_seen = c.id + str(st.restarts)
+            st.last_exit_code = c.exit_code
+            delay = st.backoff.fail(now)
+            st.last_error = f"exited with code {c.exit_code}"
+            log.warning(
+                "replica.crashed", app=key[0], replica=key[1], container=c.id[:12],
+                exit_code=c.exit_code, failures=st.backoff.failures, backoff_s=round(delay, 1),
+            )
+
+    def _serving(self, c: ContainerInfo, st: ReplicaState, spec: AppSpec) -> bool:
+        return c.running and (st.healthy or not spec.health)
+
+    async def _image_present(self, image: str, now: float) -> bool:
+        known = self.images.get(image)
+        if known is not None and (known.present or now - known.checked < self.cfg.image_recheck_interval):
+            return known.present
+        present: bool = await self._engine(self.runtime.image_exists, image)
+        if known is None or known.present != present:
+            if present:
+                log.info("image.present", image=image)
+            else:
+                log.warning("image.missing", image=image)
+        self.images[image] = ImageState(present, now)
+        return present
+
+    def image_missing(self, image: str) -> bool:
+        known = self.images.get(image)
+        return known is not None and not known.present
+
+    # -- actions -------------------------------------------------------------------------
+
+    async def _start(self, spec: AppSpec, replica: int) -> None:
+        run = RunSpec(
+            app=spec.name, node=self.node_id, release=spec.revision, replica=replica,
+            image=spec.image, port=spec.port, env=spec.env, publish_host=self.cfg.publish_host,
+        )
+        async with self._limit:
+            try:
+                cid = await self._engine(self.runtime.run, run)
+            except Conflict:
+                # Made by an earlier pass or an earlier life of this agent; the next pass
+                # sees it and starts it if it is not running.
+                self.m_actions.inc(action="start", result="exists")
+                return
+            except NotFound as exc:
+                self.images[spec.image] = ImageState(False, time.monotonic())
+                self._state((spec.name, replica)).last_error = str(exc)
+                self.m_actions.inc(action="start", result="image_missing")
+                log.warning("replica.start_failed", app=spec.name, replica=replica, error=str(exc))
+                return
+            except RuntimeError as exc:
+                if isinstance(exc, EngineUnavailable):
+                    raise
+                st = self._state((spec.name, replica))
+                st.last_error = str(exc)
+                st.backoff.fail(time.monotonic())
+                self.m_actions.inc(action="start", result="error")
+                log.warning("replica.start_failed", app=spec.name, replica=replica, error=str(exc))
+                return
+        self.m_actions.inc(action="start", result="ok")
+        log.info("replica.started", app=spec.name, replica=replica, release=spec.revision, container=cid[:12])
+
+    async def _restart(self, c: ContainerInfo, spec: AppSpec) -> None:
+        st = self._state((c.app, c.replica))
+        async with self._limit:
+            try:
+                await self._engine(self.runtime.start, c.id)
+            except NotFound:
+                return  # removed meanwhile; the next pass starts a new one
+            except RuntimeError as exc:
+                if isinstance(exc, EngineUnavailable):
+                    raise
+                st.last_error = str(exc)
+                st.backoff.fail(time.monotonic())
+                log.warning("replica.restart_failed", app=c.app, replica=c.replica, error=str(exc))
+                return
+        if c.state != "created":
+            st.restarts += 1
+            self.m_restarts.inc(app=c.app)
+        self.m_actions.inc(action="restart" if c.state != "created" else "start", result="ok")
+        log.info(
+            "replica.restarted" if c.state != "created" else "replica.started",
+            app=c.app, replica=c.replica, release=c.release, container=c.id[:12], restarts=st.restarts,
+        )
+
+    async def _remove(self, c: ContainerInfo, reason: str) -> None:
+        async with self._limit:
+            try:
+                await self._engine(self.runtime.remove, c.id, self.node_id, self.cfg.stop_timeout)
+            except NotFound:
+                pass
+            except RuntimeError as exc:
+                if isinstance(exc, EngineUnavailable):
+                    raise
+                self.m_actions.inc(action="remove", result="error")
+                log.warning("replica.remove_failed", app=c.app, replica=c.replica, error=str(exc))
+                return
+        self.m_actions.inc(action="remove", result="ok")
+        log.info(
+            "replica.removed", app=c.app, replica=c.replica, release=c.release, container=c.id[:12], reason=reason
+        )
+
+    async def _stop_unhealthy(self, c: ContainerInfo, st: ReplicaState) -> None:
+        async with self._limit:
+            try:
+                await self._engine(self.runtime.stop, c.id, self.node_id, self.cfg.stop_timeout)
+            except (NotFound, RuntimeError) as exc:
+                if isinstance(exc, EngineUnavailable):
+                    raise
+                log.warning("replica.stop_failed", app=c.app, replica=c.replica, error=str(exc))
+
+    # -- health --------------------------------------------------------------------------
+
+    async def _probe_health(self, desired: dict[ReplicaKey, AppSpec], now: float) -> None:
+        assert self._session is not None
+        targets = []
+        for c in self.observed.containers:
+            spec = desired.get((c.app, c.replica))
+            if spec is None or c.release != spec.revision or not c.running or not spec.health:
+                continue
+            if c.host_port is None:
+                continue
+            targets.append((c, spec))
+        if not targets:
+            return
+        host = "127.0.0.1" if self.cfg.publish_host in ("0.0.0.0", "") else self.cfg.publish_host
+        timeout = self.cfg.health_timeout
+        results = await asyncio.gather(
+            *(probe(self._session, host, c.host_port or 0, spec.health or "/", timeout) for c, spec in targets)
+        )
+        stops = []
+        for (c, spec), ok in zip(targets, results, strict=True):
+            st = self._state((c.app, c.replica))
+            if ok:
+                if not st.healthy:
+                    log.info("replica.healthy", app=c.app, replica=c.replica, container=c.id[:12])
+                st.healthy, st.health_failures = True, 0
+                continue
+            st.health_failures += 1
+            in_grace = not st.healthy and now - st.running_since < self.cfg.health_grace
+            if st.health_failures >= self.cfg.health_failures and not in_grace:
+                st.healthy = False
+                st.last_error = f"health check {spec.health} failed {st.health_failures} times"
+                log.warning("replica.unhealthy", app=c.app, replica=c.replica, container=c.id[:12], path=spec.health)
+                st.health_failures = 0
+                stops.append(self._stop_unhealthy(c, st))
+        if stops:
+            await asyncio.gather(*stops)
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    replica: int
+    container: str
+    release: int
+    state: str
+    healthy: bool
+    host_port: int | None
+    restarts: int
+    last_exit_code: int | None
+    backoff_s: float
+    error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class AppStatus:
+    """An app as this node sees it: the spec, the desired count and its own replicas."""
+
+    spec: AppSpec
+    replicas: int
+    running: int
+    healthy: int
+    state: str  # running | starting | degraded | stopped | image_missing | crashloop | engine_unreachable
+    message: str
+    instances: list[InstanceStatus]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "image": self.spec.image,
+            "revision": self.spec.revision,
+            "port": self.spec.port,
+            "env": self.spec.env,
+            "health": self.spec.health,
+            "host": self.spec.host,
+            "replicas": self.replicas,
+            "running": self.running,
+            "healthy": self.healthy,
+            "state": self.state,
+            "message": self.message,
+            "instances": [i.to_json() for i in self.instances],
+        }
+
+
+def app_status(rec: AppReconciler, spec: AppSpec, replicas: int) -> AppStatus:
+    """Summarise an app from the reconciler's last observation of this node."""
+    now = time.monotonic()
+    instances = []
+    for c in sorted(rec.observed.containers, key=lambda c: (c.replica, c.release)):
+        if c.app != spec.name:
+            continue
+        st = rec.replicas.get((c.app, c.replica))
+        current = c.release == spec.revision
+        instances.append(
+            InstanceStatus(
+                replica=c.replica,
+                container=c.id[:12],
+                release=c.release,
+                state=c.state,
+                healthy=bool(current and st and st.healthy and c.running),
+                host_port=c.host_port,
+                restarts=st.restarts if st else 0,
+                last_exit_code=st.last_exit_code if st else None,
+                backoff_s=round(max(0.0, st.backoff.next_attempt - now), 1) if st and not c.running else 0.0,
+                error=st.last_error if st else "",
+            )
+        )
+    wanted = [i for i in instances if i.release == spec.revision and i.replica < replicas]
+    running = sum(1 for i in wanted if i.state == "running")
+    healthy = sum(1 for i in wanted if i.healthy)
+    crashing = [i for i in wanted if i.state != "running" and i.restarts + (i.last_exit_code is not None) > 0]
+    if not rec.observed.engine_ok:
+        state, message = "engine_unreachable", rec.observed.engine_error
+    elif rec.image_missing(spec.image) and healthy < replicas:
+        state = "image_missing"
+        message = f"image {spec.image!r} is not present on this node; the app starts once it is"
+    elif replicas == 0:
+        state, message = "stopped", "scaled to 0"
+    elif crashing and healthy < replicas:
+        worst = max(crashing, key=lambda i: i.restarts)
+        state = "crashloop"
+        message = (
+            f"replica {worst.replica} {worst.error or 'crashed'}; "
+            f"restarted {worst.restarts} times, next try in {worst.backoff_s}s"
+        )
+    elif healthy >= replicas:
+        state, message = "running", ""
+    elif healthy > 0:
+        state, message = "degraded", f"{healthy} of {replicas} replicas healthy"
+    else:
+        state, message = "starting", f"0 of {replicas} replicas healthy"
+    return AppStatus(spec, replicas, running, healthy, state, message, instances)

@@ -1,0 +1,259 @@
+"""A thin, typed adapter over Docker Engine (through the ``docker`` SDK's low-level API).
+
+Callers see dataclasses and three exceptions, never raw HTTP. Every call is synchronous and
+may block for up to the configured timeout; the async reconciler runs them in threads.
+
+pleaco only ever touches containers that carry its labels, and each agent only those whose
+``pleaco.node`` label is its own node id: several agents can share one engine.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import docker
+import docker.errors
+import requests
+
+LABEL_APP = "pleaco.app"
+LABEL_NODE = "pleaco.node"
+LABEL_RELEASE = "pleaco.release"
+LABEL_REPLICA = "pleaco.replica"
+MANAGED_LABELS = (LABEL_APP, LABEL_NODE, LABEL_RELEASE, LABEL_REPLICA)
+
+# The oldest engine we support is Debian 12's docker.io (20.10, API 1.41). Pinning the
+# version also means creating the client never has to reach the engine.
+API_VERSION = "1.41"
+
+_EXIT_CODE = re.compile(r"Exited \((-?\d+)\)")
+
+
+class EngineUnavailable(RuntimeError):
+    """Docker Engine does not answer (down, socket missing, or timed out)."""
+
+
+class NotFound(LookupError):
+    """The container or image does not exist."""
+
+
+class Conflict(RuntimeError):
+    """The container name is taken (the container already exists)."""
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    app: str
+    node: str
+    release: int
+    replica: int
+    state: str  # created | running | paused | restarting | exited | dead | removing
+    exit_code: int | None
+    image: str
+    host_port: int | None
+    created: int
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One replica to start."""
+
+    app: str
+    node: str
+    release: int
+    replica: int
+    image: str
+    port: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    publish_host: str = "127.0.0.1"
+
+    @property
+    def name(self) -> str:
+        # Deterministic, so Docker's unique names make a second create of the same replica
+        # fail instead of making a duplicate (e.g. after the agent dies mid-start).
+        return f"pleaco-{self.app}-{self.release}-{self.replica}-{self.node[:12]}"
+
+    def labels(self) -> dict[str, str]:
+        return {
+            LABEL_APP: self.app,
+            LABEL_NODE: self.node,
+            LABEL_RELEASE: str(self.release),
+            LABEL_REPLICA: str(self.replica),
+        }
+
+
+def _wrap(exc: Exception) -> Exception:
+    if isinstance(exc, docker.errors.NotFound | docker.errors.ImageNotFound):
+        return NotFound(_explain(exc))
+    if isinstance(exc, docker.errors.APIError):
+        if exc.status_code == 409:
+            return Conflict(_explain(exc))
+        return RuntimeError(f"docker engine: {_explain(exc)}")
+    if isinstance(exc, requests.RequestException | docker.errors.DockerException | OSError):
+        return EngineUnavailable(f"docker engine unreachable: {exc}")
+    return exc
+
+
+def _explain(exc: Exception) -> str:
+    if isinstance(exc, docker.errors.APIError) and exc.explanation:
+        return str(exc.explanation)
+    return str(exc)
+
+
+class DockerRuntime:
+    def __init__(self, base_url: str = "unix:///var/run/docker.sock", timeout: float = 30.0) -> None:
+        self.base_url = base_url
+        self._api = docker.APIClient(base_url=base_url, version=API_VERSION, timeout=int(timeout))
+
+    def close(self) -> None:
+        self._api.close()
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # mapped to this module's three errors
+            raise _wrap(exc) from exc
+
+    # -- the engine ----------------------------------------------------------------------
+
+    def ping(self) -> None:
+        self._call(self._api.ping)
+
+    def version(self) -> str:
+        return str(self._call(self._api.version).get("Version", "unknown"))
+
+    # -- images --------------------------------------------------------------------------
+
+    def image_exists(self, ref: str) -> bool:
+        try:
+            self._call(self._api.inspect_image, ref)
+        except NotFound:
+            return False
+        return True
+
+    # -- containers ----------------------------------------------------------------------
+
+    def list_managed(self, node_id: str, app: str | None = None) -> list[ContainerInfo]:
+        """Every container (any state) labelled as pleaco's and as this node's."""
+        labels = [f"{LABEL_NODE}={node_id}", LABEL_APP, LABEL_RELEASE, LABEL_REPLICA]
+        if app is not None:
+            labels.append(f"{LABEL_APP}={app}")
+        rows = self._call(self._api.containers, all=True, filters={"label": labels})
+        out = []
+        for row in rows:
+            info = _parse_row(row)
+            if info is not None and info.node == node_id:
+                out.append(info)
+        return out
+
+    def run(self, spec: RunSpec) -> str:
+        """Create and start a replica's container; returns its id.
+
+        Raises Conflict when a container of that name exists, NotFound when the image is
+        missing. Docker's restart policy stays "no": pleaco decides about restarts.
+        """
+        ports = [spec.port] if spec.port else None
+        host_config = self._api.create_host_config(
+            port_bindings={spec.port: (spec.publish_host, None)} if spec.port else None,
+            restart_policy={"Name": "no"},
+            log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+            # tini as PID 1: forwards SIGTERM to the app (so stops are quick) and reaps zombies.
+            init=True,
+        )
+        created = self._call(
+            self._api.create_container,
+            spec.image,
+            name=spec.name,
+            labels=spec.labels(),
+            environment=spec.env or None,
+            ports=ports,
+            host_config=host_config,
+            detach=True,
+        )
+        cid = str(created["Id"])
+        self._call(self._api.start, cid)
+        return cid
+
+    def start(self, container_id: str) -> None:
+        self._call(self._api.start, container_id)
+
+    def _inspect_owned(self, container_id: str, node_id: str) -> dict[str, Any]:
+        """Inspect a container, refusing one that is not this node's pleaco container."""
+        info: dict[str, Any] = self._call(self._api.inspect_container, container_id)
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        if any(name not in labels for name in MANAGED_LABELS) or labels[LABEL_NODE] != node_id:
+            raise PermissionError(f"container {container_id[:12]} is not managed by node {node_id}")
+        return info
+
+    def stop(self, container_id: str, node_id: str, stop_timeout: int = 10) -> None:
+        """Stop (not remove) one of this node's containers."""
+        self._inspect_owned(container_id, node_id)
+        self._call(self._api.stop, container_id, timeout=stop_timeout)
+
+    def remove(self, container_id: str, node_id: str, stop_timeout: int = 10) -> None:
+        """Stop and remove a container, after checking it is this node's pleaco container."""
+        info = self._inspect_owned(container_id, node_id)
+        try:
+            if info.get("State", {}).get("Running"):
+                self._call(self._api.stop, container_id, timeout=stop_timeout)
+            self._call(self._api.remove_container, container_id, force=True)
+        except NotFound:
+            pass  # already gone: the goal is reached
+
+    def inspect_port(self, container_id: str, port: int) -> int | None:
+        info = self._call(self._api.inspect_container, container_id)
+        return _host_port_from_inspect(info, port)
+
+    def logs(self, container_id: str, tail: int | str = "all", follow: bool = False) -> Iterator[bytes]:
+        """The container's output; with ``follow`` an endless stream (close() it to stop)."""
+        stream = self._call(
+            self._api.logs, container_id, stream=True, follow=follow, tail=tail, timestamps=False
+        )
+        return stream  # type: ignore[no-any-return]
+
+
+def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
+    labels = row.get("Labels") or {}
+    try:
+        release = int(labels[LABEL_RELEASE])
+        replica = int(labels[LABEL_REPLICA])
+        app, node = labels[LABEL_APP], labels[LABEL_NODE]
+    except (KeyError, ValueError):
+        return None  # not a container pleaco made; never touch it
+    status = row.get("Status") or ""
+    m = _EXIT_CODE.search(status)
+    host_port = None
+    for p in row.get("Ports") or []:
+        if p.get("PublicPort"):
+            host_port = int(p["PublicPort"])
+            break
+    names = row.get("Names") or ["/"]
+    return ContainerInfo(
+        id=row["Id"],
+        name=names[0].lstrip("/"),
+        app=app,
+        node=node,
+        release=release,
+        replica=replica,
+        state=row.get("State", "unknown"),
+        exit_code=int(m.group(1)) if m else None,
+        image=row.get("Image", ""),
+        host_port=host_port,
+        created=int(row.get("Created", 0)),
+    )
+
+
+def _host_port_from_inspect(info: dict[str, Any], port: int) -> int | None:
+    bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{port}/tcp") or []
+    for b in bindings:
+        if b.get("HostPort"):
+            return int(b["HostPort"])
+    return None

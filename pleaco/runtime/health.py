@@ -1,0 +1,18 @@
+"""HTTP health probes of app replicas."""
+
+from __future__ import annotations
+
+import aiohttp
+
+
+async def probe(session: aiohttp.ClientSession, host: str, port: int, path: str, timeout: float) -> bool:
+    """True when GET http://host:port/path answers 2xx or 3xx within ``timeout`` seconds."""
+    try:
+        async with session.get(
+            f"http://{host}:{port}{path}",
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,
+        ) as resp:
+            return 200 <= resp.status < 400
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return False
