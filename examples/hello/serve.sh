@@ -3,4 +3,5 @@
 mkdir -p /www
 echo "hello from $(hostname) (${GREETING:-pleaco})" > /www/index.html
 echo ok > /www/healthz
-exec httpd -f -p "${PORT:-8080}" -h /www
+echo "serving on :${PORT:-8080}"
+exec httpd -f -v -p "${PORT:-8080}" -h /www

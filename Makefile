@@ -1,0 +1,70 @@
+# pleaco's two commands, `make test` and `make demo`, each self-sufficient on a fresh
+# Debian 12 root machine with no internet but the package registries. Every step is
+# idempotent: a second run skips what is done.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PLEACO := $(VENV)/bin/pleaco
+APT_PACKAGES := docker.io git libsystemd-dev pkg-config busybox-static iproute2 curl wrk procps
+STAMP := .venv/.stamp-deps
+
+.PHONY: all deps apt venv docker images test unit lint demo demo-stop bench clean
+
+all: test
+
+# -- installation -----------------------------------------------------------------------
+
+apt: .venv/.stamp-apt
+.venv/.stamp-apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "apt: installing $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml .venv/.stamp-apt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+	@echo "venv: pleaco installed in $(VENV)"
+
+deps: venv docker images
+
+docker: apt
+	@scripts/dockerd.sh
+
+images: docker
+	@scripts/images.sh
+
+# -- tests ------------------------------------------------------------------------------
+
+lint: venv
+	$(VENV)/bin/ruff check pleaco tests benchmarks
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest tests/unit -q
+
+test: deps lint
+	$(VENV)/bin/pytest -q
+
+# -- the demo ---------------------------------------------------------------------------
+
+demo: deps
+	@scripts/demo.sh
+
+demo-stop:
+	@scripts/demo.sh stop
+
+# -- benchmarks -------------------------------------------------------------------------
+
+bench: deps
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
