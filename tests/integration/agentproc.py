@@ -1,0 +1,140 @@
+"""Test helpers: run real pleaco agents as processes, poll for conditions, clean up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker
+
+from pleaco.api.client import Client
+from pleaco.runtime import LABEL_NODE
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 30.0, what: str = "condition", interval: float = 0.1) -> T:
+    """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            result = cond()
+            if result:
+                return result
+        except Exception as exc:  # a condition may fail while things settle
+            last_exc = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def docker_client() -> docker.DockerClient:
+    return docker.DockerClient(base_url="unix:///var/run/docker.sock", version="1.41")
+
+
+def node_containers(node_id: str, app: str | None = None, all_states: bool = True) -> list[Any]:
+    filters = {"label": [f"{LABEL_NODE}={node_id}"] + ([f"pleaco.app={app}"] if app else [])}
+    return docker_client().containers.list(all=all_states, filters=filters, sparse=True)
+
+
+def remove_node_containers(node_id: str) -> None:
+    for c in node_containers(node_id):
+        try:
+            c.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+@dataclass
+class AgentProcess:
+    """A real ``pleaco agent`` subprocess with its own data dir, API port and node id."""
+
+    data_dir: Path
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    node_id: str = ""
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}-agent.log"
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    @property
+    def client(self) -> Client:
+        return Client(self.url, self.token, timeout=30)
+
+    def start(self) -> AgentProcess:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
+        log = open(self.log_path, "ab")
+        log.write(f"--- start {self.starts} ---\n".encode())
+        log.flush()
+        cmd = [sys.executable, "-m", "pleaco", "agent", "--data-dir", str(self.data_dir),
+               "--api-listen", f"127.0.0.1:{self.port}", "--name", self.data_dir.name, *self.extra_args]
+        env = {**os.environ, "PLEACO_LOG_LEVEL": "debug", **self.env}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        log.close()
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with socket.socket() as s:
+                s.settimeout(0.2)
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        deadline = time.monotonic() + 20
+        while not up():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agent did not listen within 20s:\n{self.log_tail()}")
+            time.sleep(0.05)
+        self.node_id = self.client.status()["node_id"]
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.node_id:
+            remove_node_containers(self.node_id)

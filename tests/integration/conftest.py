@@ -1,0 +1,45 @@
+"""Integration fixtures: a real Docker Engine, the offline images, real agent processes."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from agentproc import REPO, AgentProcess, docker_client
+
+HELLO = "pleaco/hello:latest"
+BUSYBOX = "pleaco/busybox:latest"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine() -> None:
+    """Docker Engine must answer, and the offline images must exist (made if missing)."""
+    try:
+        docker_client().ping()
+    except Exception as exc:
+        pytest.fail(f"Docker Engine does not answer on /var/run/docker.sock ({exc}); run `make test`", pytrace=False)
+    subprocess.run([str(REPO / "scripts" / "images.sh")], check=True, cwd=REPO)
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Start agents on demand; each is killed and its containers removed after the test."""
+    agents: list[AgentProcess] = []
+
+    def make(name: str = "node", extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+             start: bool = True) -> AgentProcess:
+        agent = AgentProcess(tmp_path / name, extra_args=list(extra_args or []), env=dict(env or {}))
+        agents.append(agent)
+        return agent.start() if start else agent
+
+    yield make
+    for agent in agents:
+        print(f"==== log of agent {agent.data_dir.name} ====\n{agent.log_tail(200)}")
+        agent.cleanup()
+
+
+@pytest.fixture
+def agent(agent_factory: Callable[..., AgentProcess]) -> AgentProcess:
+    return agent_factory()

@@ -1,0 +1,441 @@
+"""The SQLite store: apply/merge, trust, durability, transactions, tombstones, listeners."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pleaco.identity import Identity
+from pleaco.store import HLC, Record, RecordError, Store, Timestamp, merge
+
+ADMIN = Identity.generate()
+PEERS = [Identity.generate() for _ in range(3)]
+
+
+class FakeClock:
+    def __init__(self, ms: int = 1_000) -> None:
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def admission(node: Identity, wall_ms: int = 1, by: Identity = ADMIN) -> Record:
+    """The ``node`` record, signed by ``by``, that admits ``node``'s public key."""
+    value = {"public_key": node.public_key.hex(), "name": f"n-{node.node_id[:4]}"}
+    return Record.create(by, "node", node.node_id, value, Timestamp(wall_ms, 0, by.node_id))
+
+
+def peer_record(
+    node: Identity, kind: str = "app", key: str = "web", value: dict[str, Any] | None = None, wall_ms: int = 5_000
+) -> Record:
+    if value is None:
+        value = {"image": "nginx:1"}
+    return Record.create(node, kind, key, value, Timestamp(wall_ms, 0, node.node_id))
+
+
+def open_store(path: Path, identity: Identity = ADMIN, clock: FakeClock | None = None) -> Store:
+    hlc = HLC(identity.node_id, now_ms=clock) if clock is not None else None
+    return Store(path, identity, hlc)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = open_store(tmp_path / "state.db", clock=FakeClock(1_000))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def trusting_store(store: Store) -> Store:
+    """A store where every peer in PEERS has been admitted by ADMIN."""
+    for peer in PEERS:
+        assert store.apply(admission(peer))
+    return store
+
+
+# -- local writes and reads --------------------------------------------------------------
+
+
+def test_put_get_value_delete(store: Store) -> None:
+    rec = store.put("app", "web", {"image": "nginx:1"})
+    assert rec.origin == ADMIN.node_id
+    assert store.value("app", "web") == {"image": "nginx:1"}
+    assert store.get("app", "web") == rec
+    tomb = store.delete("app", "web")
+    assert tomb.deleted and tomb.ts > rec.ts
+    assert store.value("app", "web") is None
+    assert store.get("app", "web") == tomb  # the tombstone is kept
+    assert store.records("app") == []
+    assert store.records("app", include_deleted=True) == [tomb]
+    assert store.count() == 1
+
+
+def test_local_writes_verify_against_the_store(store: Store) -> None:
+    rec = store.put("scale", "web", {"replicas": 3})
+    rec.verify(store.public_key_of)
+
+
+def test_records_and_all_are_sorted(store: Store) -> None:
+    store.put("scale", "b", {"replicas": 1})
+    store.put("app", "b", {"image": "x"})
+    store.put("app", "a", {"image": "y"})
+    assert [r.key for r in store.records("app")] == ["a", "b"]
+    assert [(r.kind, r.key) for r in store.all()] == [("app", "a"), ("app", "b"), ("scale", "b")]
+
+
+def test_unknown_kind_is_refused_everywhere(store: Store) -> None:
+    with pytest.raises(RecordError):
+        store.put("bogus", "k", {})
+    with pytest.raises(RecordError):
+        store.delete("bogus", "k")
+    with pytest.raises(RecordError):
+        store.records("bogus")
+    rec = store.put("app", "k", {})
+    sig = ADMIN.sign(Record.signed_bytes("bogus", "k", {}, rec.ts))
+    before = store.all()
+    with pytest.raises(RecordError):
+        store.apply(Record("bogus", "k", {}, rec.ts, sig))
+    assert store.all() == before
+
+
+# -- apply: merge --------------------------------------------------------------------------
+
+
+def test_apply_newer_wins_older_loses(trusting_store: Store) -> None:
+    s = trusting_store
+    old = peer_record(PEERS[0], value={"v": 1}, wall_ms=5_000)
+    new = peer_record(PEERS[1], value={"v": 2}, wall_ms=6_000)
+    assert s.apply(new) is True
+    assert s.apply(old) is False
+    assert s.get("app", "web") == new
+    assert s.apply(new) is False  # idempotent: the same record again changes nothing
+    assert s.get("app", "web") == new
+
+
+def test_apply_tombstone_then_older_value_stays_deleted(trusting_store: Store) -> None:
+    s = trusting_store
+    live = peer_record(PEERS[0], wall_ms=5_000)
+    dead = Record.create(PEERS[1], "app", "web", None, Timestamp(6_000, 0, PEERS[1].node_id))
+    assert s.apply(dead)
+    assert not s.apply(live)
+    assert s.value("app", "web") is None
+
+
+def test_apply_advances_the_local_clock_past_remote_records(trusting_store: Store) -> None:
+    remote = peer_record(PEERS[0], wall_ms=10**12)  # far ahead of the store's 1000 ms clock
+    trusting_store.apply(remote)
+    local = trusting_store.put("app", "web", {"image": "mine"})
+    assert local.ts > remote.ts
+    assert trusting_store.value("app", "web") == {"image": "mine"}
+
+
+def test_local_write_after_losing_remote_still_wins(trusting_store: Store) -> None:
+    s = trusting_store
+    first = s.put("app", "web", {"v": "local-1"})
+    assert not s.apply(peer_record(PEERS[0], value={"v": "remote-old"}, wall_ms=1))
+    assert s.get("app", "web") == first
+
+
+json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=6)
+record_values = st.none() | st.dictionaries(
+    st.text(max_size=5), json_scalars | st.lists(json_scalars, max_size=3), max_size=3
+)
+
+
+@st.composite
+def peer_records(draw: st.DrawFn) -> Record:
+    node = draw(st.sampled_from([*PEERS, ADMIN]))
+    kind = draw(st.sampled_from(["app", "scale", "release"]))  # not "node": admissions stay fixed
+    key = draw(st.sampled_from(["a", "b"]))
+    ts = Timestamp(draw(st.integers(10, 13)), draw(st.integers(0, 2)), node.node_id)
+    return Record.create(node, kind, key, draw(record_values), ts)
+
+
+def _fresh_store(directory: str, name: str) -> Store:
+    s = open_store(Path(directory) / name, clock=FakeClock(1_000))
+    for peer in PEERS:
+        s.apply(admission(peer))
+    return s
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.lists(peer_records(), min_size=1, max_size=10), data=st.data())
+def test_two_stores_converge_whatever_the_order(batch: list[Record], data: st.DataObject) -> None:
+    order_b = data.draw(st.permutations(batch))
+    with tempfile.TemporaryDirectory() as d:
+        a, b = _fresh_store(d, "a.db"), _fresh_store(d, "b.db")
+        try:
+            for rec in batch:
+                a.apply(rec)
+            for rec in order_b:
+                b.apply(rec)
+            for rec in reversed(batch):  # duplicates change nothing
+                b.apply(rec)
+            assert a.all() == b.all()
+            # And the state is exactly the per-(kind, key) merge of everything applied.
+            expected: dict[tuple[str, str], Record | None] = {}
+            for rec in batch:
+                expected[rec.kind, rec.key] = merge(expected.get((rec.kind, rec.key)), rec)
+            applied = [r for r in a.all() if r.kind != "node"]
+            assert applied == [expected[k] for k in sorted(expected)]
+        finally:
+            a.close()
+            b.close()
+
+
+# -- apply: trust ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda r: {"kind": "scale"}, id="kind"),
+        pytest.param(lambda r: {"key": "other"}, id="key"),
+        pytest.param(lambda r: {"value": {"image": "evil"}}, id="value"),
+        pytest.param(lambda r: {"value": None}, id="value-tombstone"),
+        pytest.param(lambda r: {"ts": dataclasses.replace(r.ts, wall_ms=r.ts.wall_ms + 1)}, id="wall_ms"),
+        pytest.param(lambda r: {"ts": dataclasses.replace(r.ts, counter=r.ts.counter + 1)}, id="counter"),
+        pytest.param(lambda r: {"ts": dataclasses.replace(r.ts, node_id=PEERS[1].node_id)}, id="node_id"),
+        pytest.param(lambda r: {"signature": bytes([r.signature[0] ^ 0xFF]) + r.signature[1:]}, id="signature"),
+        pytest.param(lambda r: {"signature": r.signature[:-1]}, id="signature-truncated"),
+    ],
+)
+def test_apply_rejects_altered_records_and_changes_nothing(trusting_store: Store, change: Any) -> None:
+    s = trusting_store
+    s.apply(peer_record(PEERS[1], key="other", value={"keep": True}, wall_ms=100))
+    seen: list[Record] = []
+    s.subscribe(seen.append)
+    before = s.all()
+    rec = peer_record(PEERS[0])
+    forged = dataclasses.replace(rec, **change(rec))
+    with pytest.raises(RecordError):
+        s.apply(forged)
+    assert s.all() == before
+    assert seen == []
+
+
+def test_records_from_an_unknown_node_are_refused_until_admitted(store: Store) -> None:
+    stranger = Identity.generate()
+    rec = peer_record(stranger)
+    with pytest.raises(RecordError, match="unknown node"):
+        store.apply(rec)
+    assert store.all() == []
+    store.put("node", stranger.node_id, {"public_key": stranger.public_key.hex(), "name": "s"})
+    assert store.apply(rec) is True
+    assert store.get("app", "web") == rec
+
+
+def test_admission_arriving_by_apply_is_honoured(store: Store) -> None:
+    stranger = Identity.generate()
+    peer = PEERS[0]
+    store.apply(admission(peer))  # ADMIN admits peer
+    store.apply(admission(stranger, by=peer, wall_ms=2))  # peer admits stranger
+    assert store.apply(peer_record(stranger))
+
+
+def test_a_node_cannot_admit_itself(store: Store) -> None:
+    stranger = Identity.generate()
+    with pytest.raises(RecordError):
+        store.apply(admission(stranger, by=stranger))
+    with pytest.raises(RecordError):
+        store.apply(peer_record(stranger))
+    assert store.all() == []
+
+
+def test_removed_node_is_refused_again(trusting_store: Store) -> None:
+    s = trusting_store
+    peer = PEERS[2]
+    s.delete("node", peer.node_id)
+    with pytest.raises(RecordError):
+        s.apply(peer_record(peer))
+
+
+@pytest.mark.parametrize("value", [{"public_key": "not hex"}, {"public_key": 12}, {"name": "no key"}])
+def test_malformed_admission_does_not_admit(store: Store, value: dict[str, Any]) -> None:
+    stranger = Identity.generate()
+    store.put("node", stranger.node_id, value)
+    with pytest.raises(RecordError):
+        store.apply(peer_record(stranger))
+
+
+def test_admission_of_another_key_does_not_admit(store: Store) -> None:
+    stranger, other = Identity.generate(), Identity.generate()
+    store.put("node", stranger.node_id, {"public_key": other.public_key.hex()})
+    with pytest.raises(RecordError):
+        store.apply(peer_record(stranger))
+
+
+# -- durability ------------------------------------------------------------------------------
+
+
+def test_put_close_reopen_keeps_the_value(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    s = open_store(path)
+    written = s.put("app", "web", {"image": "nginx:1", "env": {"A": "é"}})
+    s.delete("scale", "gone")
+    s.close()
+    s2 = open_store(path)
+    try:
+        assert s2.get("app", "web") == written
+        assert s2.value("app", "web") == {"image": "nginx:1", "env": {"A": "é"}}
+        assert s2.get("scale", "gone") is not None and s2.get("scale", "gone").deleted
+        written.verify(s2.public_key_of)
+    finally:
+        s2.close()
+
+
+def test_reopen_with_a_clock_behind_issues_later_timestamps(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    s = open_store(path, clock=FakeClock(50_000))
+    for i in range(3):
+        s.put("app", f"a{i}", {"i": i})  # 50000.0, 50000.1, 50000.2
+    s.close()
+    clock = FakeClock(5)  # the wall clock has gone back
+    s2 = open_store(path, clock=clock)
+    try:
+        highest = max(r.ts for r in s2.all())
+        assert highest == Timestamp(50_000, 2, ADMIN.node_id)
+        rec = s2.put("app", "a0", {"i": "new"})
+        assert rec.ts > highest
+        assert s2.value("app", "a0") == {"i": "new"}  # the new write is not lost to the old one
+    finally:
+        s2.close()
+
+
+def test_reopen_respects_remote_records_from_the_future(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    s = open_store(path, clock=FakeClock(1_000))
+    s.apply(admission(PEERS[0]))
+    remote = peer_record(PEERS[0], wall_ms=9_000_000)
+    s.apply(remote)
+    s.close()
+    s2 = open_store(path, clock=FakeClock(1_000))
+    try:
+        rec = s2.put("scale", "x", {"replicas": 1})
+        assert (rec.ts.wall_ms, rec.ts.counter) > (remote.ts.wall_ms, remote.ts.counter)
+    finally:
+        s2.close()
+
+
+# -- put_many --------------------------------------------------------------------------------
+
+
+def test_put_many_writes_all(store: Store) -> None:
+    recs = store.put_many([("app", "web", {"image": "x"}), ("scale", "web", {"replicas": 2}), ("app", "old", None)])
+    assert [r.ts for r in recs] == sorted(r.ts for r in recs)
+    assert store.value("app", "web") == {"image": "x"}
+    assert store.value("scale", "web") == {"replicas": 2}
+    assert store.get("app", "old") is not None and store.get("app", "old").deleted
+
+
+def test_put_many_with_a_bad_item_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    s = open_store(path)
+    s.put("app", "keep", {"v": 1})
+    before = s.all()
+    with pytest.raises(RecordError):
+        s.put_many([("app", "web", {"image": "x"}), ("bogus", "k", {}), ("scale", "web", {"replicas": 1})])
+    assert s.all() == before
+    s.close()
+    s2 = open_store(path)
+    try:
+        assert s2.all() == before
+    finally:
+        s2.close()
+
+
+def test_put_many_failing_mid_transaction_rolls_back(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    s = open_store(path)
+    s.put("app", "keep", {"v": 1})
+    before = s.all()
+    fired: list[Record] = []
+    s.subscribe(fired.append)
+    real_upsert = s._upsert
+    calls = 0
+
+    def failing_upsert(rec: Record) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError("disk full")
+        real_upsert(rec)
+
+    s._upsert = failing_upsert  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="disk full"):
+        s.put_many([("app", "a", {"v": 1}), ("app", "keep", {"v": 2}), ("scale", "a", {"replicas": 1})])
+    assert calls == 3  # two rows really were written inside the transaction before the failure
+    assert s.all() == before
+    assert fired == []
+    s._upsert = real_upsert  # type: ignore[method-assign]
+    s.put("app", "after", {"v": 3})  # the connection is usable again (no transaction left open)
+    s.close()
+    s2 = open_store(path)
+    try:
+        assert [r.key for r in s2.all()] == ["after", "keep"]
+        assert s2.value("app", "keep") == {"v": 1}
+    finally:
+        s2.close()
+
+
+# -- tombstone collection --------------------------------------------------------------------
+
+
+def test_collect_tombstones_drops_only_old_tombstones(tmp_path: Path) -> None:
+    clock = FakeClock(100)
+    s = open_store(tmp_path / "state.db", clock=clock)
+    try:
+        s.put("app", "live-old", {"v": 1})  # @100, live: never collected
+        s.delete("app", "dead-old")  # @100
+        clock.ms = 200
+        s.delete("app", "dead-at-horizon")  # @200
+        clock.ms = 300
+        s.delete("app", "dead-new")  # @300
+        assert s.collect_tombstones(older_than_ms=200) == 1
+        keys = [r.key for r in s.all()]
+        assert keys == ["dead-at-horizon", "dead-new", "live-old"]
+        assert s.collect_tombstones(older_than_ms=200) == 0
+        assert s.collect_tombstones(older_than_ms=10_000) == 2
+        assert [r.key for r in s.all()] == ["live-old"]
+    finally:
+        s.close()
+
+
+# -- listeners -------------------------------------------------------------------------------
+
+
+def test_listeners_fire_on_effective_changes_only(trusting_store: Store) -> None:
+    s = trusting_store
+    fired: list[Record] = []
+    s.subscribe(fired.append)
+    newer = peer_record(PEERS[0], value={"v": 2}, wall_ms=6_000)
+    older = peer_record(PEERS[1], value={"v": 1}, wall_ms=5_000)
+    assert s.apply(newer)
+    assert fired == [newer]
+    assert not s.apply(older)  # loses: no notification
+    assert not s.apply(newer)  # duplicate: no notification
+    assert fired == [newer]
+    with pytest.raises(RecordError):
+        s.apply(peer_record(Identity.generate()))  # rejected: no notification
+    assert fired == [newer]
+    local = s.put("scale", "web", {"replicas": 1})
+    tomb = s.delete("scale", "web")
+    many = s.put_many([("app", "x", {}), ("app", "y", {})])
+    assert fired == [newer, local, tomb, *many]
+
+
+def test_every_listener_is_called(store: Store) -> None:
+    first: list[str] = []
+    second: list[str] = []
+    store.subscribe(lambda r: first.append(r.key))
+    store.subscribe(lambda r: second.append(r.key))
+    store.put("app", "web", {})
+    assert first == second == ["web"]
