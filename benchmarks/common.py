@@ -5,6 +5,7 @@ removed, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -145,10 +146,8 @@ def remove_containers(labels: list[str]) -> int:
     ids = [c["Id"] for c in engine().containers(all=True, quiet=True, filters={"label": labels})]
 
     def rm(cid: str) -> None:
-        try:
+        with contextlib.suppress(docker.errors.NotFound):
             engine().remove_container(cid, force=True)
-        except docker.errors.NotFound:
-            pass
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(rm, ids))
@@ -292,7 +291,7 @@ class Agent:
 
     def events(self, since: float, until: float) -> list[tuple[float, str]]:
         """(epoch seconds, event) of the agent's log lines within [since, until]."""
-        out = []
+        out: list[tuple[float, str]] = []
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
         except OSError:

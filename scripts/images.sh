@@ -21,7 +21,11 @@ if [ "${FORCE:-0}" = 1 ] || ! docker image inspect pleaco/busybox:latest >/dev/n
         -c 'ENV PATH=/bin' -c 'CMD ["/bin/sh"]' - pleaco/busybox:latest >/dev/null
     echo "images: built pleaco/busybox:latest"
 fi
-if [ "${FORCE:-0}" = 1 ] || ! docker image inspect pleaco/hello:latest >/dev/null 2>&1; then
-    docker build -q -t pleaco/hello:latest examples/hello >/dev/null
+# Rebuilt whenever examples/hello changes: the image carries a hash of its sources.
+hash=$(cd examples/hello && find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
+have=$(docker image inspect -f '{{ index .Config.Labels "pleaco.source-hash" }}' pleaco/hello:latest 2>/dev/null || true)
+if [ "${FORCE:-0}" = 1 ] || [ "$have" != "$hash" ]; then
+    DOCKER_BUILDKIT=0 docker build -q --label "pleaco.source-hash=$hash" -t pleaco/hello:latest examples/hello \
+        >/dev/null 2>/tmp/pleaco-images.log || { cat /tmp/pleaco-images.log >&2; exit 1; }
     echo "images: built pleaco/hello:latest"
 fi

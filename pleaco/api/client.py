@@ -18,15 +18,20 @@ from typing import Any
 from pleaco.api.errors import ApiError
 
 DEFAULT_API = "http://127.0.0.1:7400"
-DEFAULT_TOKEN_FILE = Path("/var/lib/pleaco/admin.token")
 
 
-def resolve_token(flag: str | None, token_file: Path = DEFAULT_TOKEN_FILE) -> str | None:
-    """PLEACO_TOKEN, then --token, then the admin token file when it is readable."""
+def resolve_token(flag: str | None, token_file: Path | None = None) -> str | None:
+    """PLEACO_TOKEN, then --token, then the admin token file when it is readable.
+
+    The file is DATA_DIR/admin.token, DATA_DIR being PLEACO_DATA_DIR (the variable the
+    agent reads too) or /var/lib/pleaco, so on a node the CLI works with no set-up.
+    """
     if os.environ.get("PLEACO_TOKEN"):
         return os.environ["PLEACO_TOKEN"]
     if flag:
         return flag
+    if token_file is None:
+        token_file = Path(os.environ.get("PLEACO_DATA_DIR") or "/var/lib/pleaco") / "admin.token"
     try:
         return token_file.read_text().strip() or None
     except OSError:

@@ -36,6 +36,7 @@ from pleaco.metrics import Counter, Gauge, Histogram, Registry
 from pleaco.placement import owned_replicas
 from pleaco.reconcile.backoff import Backoff
 from pleaco.runtime import Conflict, ContainerInfo, DockerRuntime, EngineUnavailable, NotFound, RunSpec
+from pleaco.runtime.docker import container_name
 from pleaco.runtime.health import probe
 
 log = logs.get("pleaco.reconcile.apps")
@@ -53,6 +54,7 @@ class ReplicaState:
     last_exit_code: int | None = None
     last_error: str = ""
     crash_seen: str = ""  # id of the exited container already counted as a crash
+    stop_reason: str = ""  # why pleaco itself stopped the container, if it did
     healthy: bool = False
     health_failures: int = 0
     running_since: float = 0.0
@@ -216,8 +218,10 @@ class AppReconciler:
             current = [c for c in group if c.release == spec.revision]
             old = [c for c in group if c.release != spec.revision]
             # Duplicates of the current release cannot come from pleaco's deterministic
-            # names, but a hand-made one must not linger: keep the best, drop the rest.
-            current.sort(key=lambda c: (not c.running, -c.created))
+            # names, but a hand-made one must not linger: keep pleaco's own if it runs,
+            # else the oldest running one, and drop the rest.
+            own = container_name(spec.name, spec.revision, key[1], self.node_id)
+            current.sort(key=lambda c: (not c.running, c.name != own, c.created))
             removals.extend((c, "duplicate") for c in current[1:])
             state = self._state(key)
             if current:
@@ -280,7 +284,8 @@ class AppReconciler:
             st.crash_seen = c.id + str(st.restarts)
             st.last_exit_code = c.exit_code
             delay = st.backoff.fail(now)
-            st.last_error = f"exited with code {c.exit_code}"
+            st.last_error = st.stop_reason or f"exited with code {c.exit_code}"
+            st.stop_reason = ""
             log.warning(
                 "replica.crashed", app=key[0], replica=key[1], container=c.id[:12],
                 exit_code=c.exit_code, failures=st.backoff.failures, backoff_s=round(delay, 1),
@@ -419,7 +424,7 @@ class AppReconciler:
             in_grace = not st.healthy and now - st.running_since < self.cfg.health_grace
             if st.health_failures >= self.cfg.health_failures and not in_grace:
                 st.healthy = False
-                st.last_error = f"health check {spec.health} failed {st.health_failures} times"
+                st.last_error = st.stop_reason = f"health check {spec.health} failed {st.health_failures} times"
                 log.warning("replica.unhealthy", app=c.app, replica=c.replica, container=c.id[:12], path=spec.health)
                 st.health_failures = 0
                 stops.append(self._stop_unhealthy(c, st))

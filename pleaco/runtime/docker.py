@@ -62,6 +62,13 @@ class ContainerInfo:
         return self.state == "running"
 
 
+def container_name(app: str, release: int, replica: int, node_id: str) -> str:
+    """The one name a replica's container can have. Deterministic, so Docker's unique names
+    make a second create of the same replica fail instead of making a duplicate (e.g. after
+    the agent died between two steps)."""
+    return f"pleaco-{app}-{release}-{replica}-{node_id[:12]}"
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One replica to start."""
@@ -77,9 +84,7 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        # Deterministic, so Docker's unique names make a second create of the same replica
-        # fail instead of making a duplicate (e.g. after the agent dies mid-start).
-        return f"pleaco-{self.app}-{self.release}-{self.replica}-{self.node[:12]}"
+        return container_name(self.app, self.release, self.replica, self.node)
 
     def labels(self) -> dict[str, str]:
         return {

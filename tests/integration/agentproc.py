@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -34,7 +35,8 @@ def wait_for(cond: Callable[[], T], timeout: float = 30.0, what: str = "conditio
         except Exception as exc:  # a condition may fail while things settle
             last_exc = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+            detail = f" (last error: {last_exc})" if last_exc else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
         time.sleep(interval)
 
 
@@ -55,10 +57,8 @@ def node_containers(node_id: str, app: str | None = None, all_states: bool = Tru
 
 def remove_node_containers(node_id: str) -> None:
     for c in node_containers(node_id):
-        try:
+        with contextlib.suppress(docker.errors.NotFound):
             c.remove(force=True)
-        except docker.errors.NotFound:
-            pass
 
 
 @dataclass
@@ -92,14 +92,13 @@ class AgentProcess:
     def start(self) -> AgentProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
-        log = open(self.log_path, "ab")
-        log.write(f"--- start {self.starts} ---\n".encode())
-        log.flush()
         cmd = [sys.executable, "-m", "pleaco", "agent", "--data-dir", str(self.data_dir),
                "--api-listen", f"127.0.0.1:{self.port}", "--name", self.data_dir.name, *self.extra_args]
         env = {**os.environ, "PLEACO_LOG_LEVEL": "debug", **self.env}
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- start {self.starts} ---\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
         def up() -> bool:
             assert self.proc is not None

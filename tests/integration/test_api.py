@@ -122,7 +122,7 @@ def test_scale_and_remove_errors(agent: AgentProcess) -> None:
     assert err.value.status == 404 and "ghost" in err.value.message
     agent.client.deploy("web", {"image": HELLO, "replicas": 0})
     for body in ({"replicas": -1}, {"replicas": 1000}, {"replicas": 2, "x": 1}, {"n": 2}):
-        status, resp = raw(agent, "POST", "/v1/apps/web/scale", json.dumps(body).encode())
+        status, _resp = raw(agent, "POST", "/v1/apps/web/scale", json.dumps(body).encode())
         assert status == 400, body
     assert agent.client.app("web")["replicas"] == 0
     with pytest.raises(ApiError) as err:
@@ -147,7 +147,8 @@ def test_update_is_a_new_release_and_replaces_containers(agent: AgentProcess) ->
     old_ids = {i["container"] for i in first["instances"]}
     # The same spec again is not a new release.
     assert agent.client.deploy("web", {"image": HELLO, "port": 8080, "health": "/healthz"})["revision"] == 1
-    updated = agent.client.deploy("web", {"image": HELLO, "port": 8080, "health": "/healthz", "env": {"GREETING": "v2"}})
+    v2 = {"image": HELLO, "port": 8080, "health": "/healthz", "env": {"GREETING": "v2"}}
+    updated = agent.client.deploy("web", v2)
     assert updated["revision"] == 2 and updated["replicas"] == 2
 
     def rolled() -> dict[str, Any] | None:

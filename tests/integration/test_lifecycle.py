@@ -46,7 +46,7 @@ def test_sigkill_while_scaling_to_20_gives_exactly_20(agent: AgentProcess) -> No
     agent.client.deploy("web", {"image": HELLO, "replicas": 0, "port": 8080})
     agent.client.scale("web", 20)
     # Kill once some, but not all, of the replicas exist.
-    wait_for(lambda: 0 < len(node_containers(agent.node_id, "web")), 30, "scale-up to begin", interval=0.02)
+    wait_for(lambda: len(node_containers(agent.node_id, "web")) > 0, 30, "scale-up to begin", interval=0.02)
     agent.kill()
     at_kill = len(node_containers(agent.node_id, "web"))
     agent.start()
