@@ -12,7 +12,13 @@ PIDFILE=/run/pleaco-demo.pid
 API=http://127.0.0.1:7400
 
 if [ "${1:-}" = stop ]; then
-    "$PLEACO" --api "$API" apps rm hello 2>/dev/null || true
+    if "$PLEACO" --api "$API" apps rm hello 2>/dev/null; then
+        # Let the agent remove the containers before it stops.
+        for _ in $(seq 300); do
+            [ -z "$(docker ps -aq --filter label=pleaco.app=hello)" ] && break
+            sleep 0.1
+        done
+    fi
     if [ -f "$PIDFILE" ] && kill "$(cat "$PIDFILE")" 2>/dev/null; then
         echo "demo: agent stopped (its data stays in $DATA_DIR)"
     fi
