@@ -41,6 +41,10 @@ class NotFound(LookupError):
     pass
 
 
+class NoEarlierRelease(RuntimeError):
+    """A rollback was asked for an app that has only one release."""
+
+
 @dataclass(frozen=True)
 class AppSpec:
     name: str
@@ -166,7 +170,7 @@ class AppStore:
         value = self.store.value("scale", name)
         return DEFAULT_REPLICAS if value is None else int(value["replicas"])
 
-    def list(self) -> list[AppSpec]:
+    def specs(self) -> list[AppSpec]:
         return [AppSpec.from_value(r.key, r.value) for r in self.store.records("app") if r.value]
 
     def deploy(self, name: Any, body: Any) -> DeployResult:
@@ -177,17 +181,8 @@ class AppStore:
         writes: list[tuple[str, str, dict[str, Any] | None]] = []
         new_release = current is None or not current.same_release(spec)
         if new_release:
-            revision = 1 if current is None else current.revision + 1
-            spec = AppSpec(**{**asdict(spec), "revision": revision})
-            writes.append(("app", spec.name, spec.to_value()))
-            writes.append(
-                (
-                    "release",
-                    f"{spec.name}/{revision}",
-                    {"app": spec.name, "revision": revision, "image": spec.image,
-                     "spec": spec.to_value(), "created_ms": int(time.time() * 1000)},
-                )
-            )
+            spec = AppSpec(**{**asdict(spec), "revision": 1 if current is None else current.revision + 1})
+            writes += self._release_writes(spec)
         else:
             assert current is not None
             spec = current
@@ -204,6 +199,37 @@ class AppStore:
             new_release=new_release,
         )
 
+    def _release_writes(self, spec: AppSpec, **extra: Any) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """The app record of a new release, and its entry in the release history."""
+        release = {"app": spec.name, "revision": spec.revision, "image": spec.image,
+                   "spec": spec.to_value(), "created_ms": int(time.time() * 1000), **extra}
+        return [("app", spec.name, spec.to_value()), ("release", f"{spec.name}/{spec.revision}", release)]
+
+    def releases(self, name: str) -> list[dict[str, Any]]:
+        """The app's release history, oldest first."""
+        found = [r.value for r in self.store.records("release") if r.key.startswith(name + "/") and r.value]
+        return sorted(found, key=lambda v: int(v["revision"]))
+
+    def rollback(self, name: str) -> AppSpec:
+        """Make the release before the current one current again, as a new revision.
+
+        History stays linear (like ``kubectl rollout undo``): rolling back from 3 to 2's
+        spec writes revision 4, so a second rollback returns to 3's spec.
+        """
+        validate_name(name)
+        current = self.get(name)
+        if current is None:
+            raise NotFound(f"app {name!r} does not exist")
+        earlier = [r for r in self.releases(name) if int(r["revision"]) < current.revision]
+        if not earlier:
+            raise NoEarlierRelease(f"app {name!r} has no release before revision {current.revision}")
+        target = earlier[-1]
+        spec = AppSpec.from_value(name, {**target["spec"], "revision": current.revision + 1})
+        if host_owner := self._host_owner(spec.host, name):
+            raise ValidationError("host", f"{spec.host!r} is now used by app {host_owner!r}")
+        self.store.put_many(self._release_writes(spec, rollback_of=int(target["revision"])))
+        return spec
+
     def scale(self, name: str, replicas: Any) -> int:
         validate_name(name)
         replicas = validate_replicas(replicas, self.max_replicas)
@@ -217,15 +243,13 @@ class AppStore:
         if self.get(name) is None:
             raise NotFound(f"app {name!r} does not exist")
         writes: list[tuple[str, str, dict[str, Any] | None]] = [("app", name, None), ("scale", name, None)]
-        for rec in self.store.records("release"):
-            if rec.key.startswith(name + "/"):
-                writes.append(("release", rec.key, None))
+        writes += [("release", f"{name}/{r['revision']}", None) for r in self.releases(name)]
         self.store.put_many(writes)
 
     def _host_owner(self, host: str | None, name: str) -> str | None:
         if host is None:
             return None
-        for other in self.list():
+        for other in self.specs():
             if other.name != name and other.host == host:
                 return other.name
         return None

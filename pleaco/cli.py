@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = apps.add_parser("scale", help="set an app's replica count")
     p.add_argument("name")
     p.add_argument("replicas", type=int)
+    p = apps.add_parser("rollback", help="go back to the previous release")
+    p.add_argument("name")
     p = apps.add_parser("logs", help="an app's output, all replicas")
     p.add_argument("name")
     p.add_argument("--follow", "-f", action="store_true")
@@ -187,6 +189,10 @@ def dispatch_apps(client: Client, args: argparse.Namespace) -> int:
     if verb == "scale":
         app = client.scale(args.name, args.replicas)
         print(f"scaled {app['name']} to {app['replicas']} replicas")
+        return 0
+    if verb == "rollback":
+        app = client.rollback(args.name)
+        print(f"rolled back {app['name']}: revision {app['revision']} runs {app['image']}")
         return 0
     if verb == "logs":
         tail = args.tail

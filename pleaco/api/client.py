@@ -84,6 +84,9 @@ class Client:
     def scale(self, name: str, replicas: int) -> dict[str, Any]:
         return self.request("POST", f"/v1/apps/{_q(name)}/scale", {"replicas": replicas})  # type: ignore[no-any-return]
 
+    def rollback(self, name: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/apps/{_q(name)}/rollback")  # type: ignore[no-any-return]
+
     def remove(self, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/v1/apps/{_q(name)}")  # type: ignore[no-any-return]
 

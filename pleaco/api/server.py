@@ -10,6 +10,7 @@ Routes (all but /healthz need ``Authorization: Bearer TOKEN``):
     GET    /v1/apps/{name}                one app
     PUT    /v1/apps/{name}                deploy (create or update)
     POST   /v1/apps/{name}/scale          {"replicas": N}
+    POST   /v1/apps/{name}/rollback       back to the previous release
     DELETE /v1/apps/{name}                remove
     GET    /v1/apps/{name}/logs           ?tail=N&follow=1, text/plain
 """
@@ -29,7 +30,7 @@ from aiohttp import web
 
 from pleaco import __version__, logs
 from pleaco.api.errors import ApiError
-from pleaco.apps import AppStore, NotFound, ValidationError
+from pleaco.apps import AppStore, NoEarlierRelease, NotFound, ValidationError
 from pleaco.identity import Identity
 from pleaco.metrics import Counter, Histogram, Registry
 from pleaco.reconcile.apps import AppReconciler, app_status
@@ -85,6 +86,7 @@ class ApiServer:
         r.add_get("/v1/apps/{name}", self.show_app)
         r.add_put("/v1/apps/{name}", self.deploy_app)
         r.add_post("/v1/apps/{name}/scale", self.scale_app)
+        r.add_post("/v1/apps/{name}/rollback", self.rollback_app)
         r.add_delete("/v1/apps/{name}", self.remove_app)
         r.add_get("/v1/apps/{name}/logs", self.app_logs)
         self._runner: web.AppRunner | None = None
@@ -184,7 +186,7 @@ class ApiServer:
                 "version": __version__,
                 "uptime_s": round(time.time() - self.started, 1),
                 "engine": {"reachable": obs.engine_ok, "error": obs.engine_error, "url": self.runtime.base_url},
-                "apps": len(self.apps.list()),
+                "apps": len(self.apps.specs()),
                 "containers": len(obs.containers),
                 "running": sum(1 for c in obs.containers if c.running),
                 "records": self.store.count(),
@@ -211,7 +213,7 @@ class ApiServer:
         return web.json_response(out)
 
     async def list_apps(self, request: web.Request) -> web.Response:
-        return web.json_response([self._app_json(spec.name) for spec in self.apps.list()])
+        return web.json_response([self._app_json(spec.name) for spec in self.apps.specs()])
 
     async def show_app(self, request: web.Request) -> web.Response:
         return web.json_response(self._app_json(request.match_info["name"]))
@@ -242,6 +244,20 @@ class ApiServer:
         log.info("app.scaled", app=request.match_info["name"], replicas=n)
         self.reconciler.wake()
         return web.json_response(self._app_json(request.match_info["name"]))
+
+    async def rollback_app(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            spec = self.apps.rollback(name)
+        except ValidationError as exc:
+            raise ApiError(400, "invalid", str(exc)) from None
+        except NotFound as exc:
+            raise ApiError(404, "not_found", str(exc)) from None
+        except NoEarlierRelease as exc:
+            raise ApiError(409, "no_earlier_release", str(exc)) from None
+        log.info("app.rolled_back", app=name, revision=spec.revision, image=spec.image)
+        self.reconciler.wake()
+        return web.json_response(self._app_json(name))
 
     async def remove_app(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -195,7 +195,7 @@ class AppReconciler:
 
         desired: dict[ReplicaKey, AppSpec] = {}
         nodes = list(self.live_nodes())
-        specs = {spec.name: spec for spec in self.apps.list()}
+        specs = {spec.name: spec for spec in self.apps.specs()}
         for spec in specs.values():
             for idx in owned_replicas(spec.name, self.apps.replicas(spec.name), nodes, self.node_id):
                 desired[(spec.name, idx)] = spec

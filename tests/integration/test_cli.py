@@ -139,3 +139,27 @@ def test_client_reads_the_token_file_of_the_data_dir(agent: AgentProcess) -> Non
     assert json.loads(out.stdout)["node_id"] == agent.node_id
     out = cli(None, "--api", agent.url, "status", env={"PLEACO_DATA_DIR": str(agent.data_dir.parent)})
     assert out.returncode == 1 and "missing bearer token" in out.stderr
+
+
+def test_rollback_returns_to_the_previous_release(agent: AgentProcess) -> None:
+    out = cli(agent, "apps", "rollback", "web")
+    assert out.returncode == 1 and "does not exist" in out.stderr
+    cli(agent, "apps", "deploy", "web", "--image", HELLO, "--port", "8080", "--env", "GREETING=one")
+    out = cli(agent, "apps", "rollback", "web")
+    assert out.returncode == 1 and "no release before revision 1" in out.stderr
+    cli(agent, "apps", "deploy", "web", "--image", HELLO, "--port", "8080", "--env", "GREETING=two")
+    out = cli(agent, "apps", "rollback", "web")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"rolled back web: revision 3 runs {HELLO}"
+
+    def served() -> str:
+        app = agent.client.app("web")
+        inst = [i for i in app["instances"] if i["release"] == 3 and i["state"] == "running"]
+        if app["healthy"] != 1 or len(app["instances"]) != 1 or not inst:
+            return ""
+        import urllib.request
+
+        return urllib.request.urlopen(f"http://127.0.0.1:{inst[0]['host_port']}/", timeout=5).read().decode()
+
+    assert "(one)" in wait_for(served, 30, "revision 3 serving revision 1's spec")
+    assert agent.client.app("web")["env"] == {"GREETING": "one"}

@@ -306,7 +306,7 @@ def test_remove_writes_tombstones(apps: AppStore, store: Store) -> None:
         rec = store.get(kind, key)
         assert rec is not None and rec.deleted, (kind, key)
     assert apps.get("web") is None
-    assert [a.name for a in apps.list()] == ["webshop"]
+    assert [a.name for a in apps.specs()] == ["webshop"]
     assert store.value("release", "webshop/1") is not None
     assert apps.replicas("web") == DEFAULT_REPLICAS
 
@@ -322,7 +322,7 @@ def test_remove_missing_app(apps: AppStore, store: Store) -> None:
 def test_list_and_get(apps: AppStore) -> None:
     apps.deploy("b", body())
     apps.deploy("a", body(port=1))
-    assert [a.name for a in apps.list()] == ["a", "b"]
+    assert [a.name for a in apps.specs()] == ["a", "b"]
     assert apps.get("nope") is None
 
 
