@@ -45,6 +45,15 @@ class NoEarlierRelease(RuntimeError):
     """A rollback was asked for an app that has only one release."""
 
 
+def _is_utf8(text: str) -> bool:
+    """False for strings JSON allows but UTF-8 cannot hold (lone surrogates like "\\ud800")."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class AppSpec:
     name: str
@@ -81,7 +90,7 @@ class AppSpec:
 
 
 def validate_name(name: Any) -> str:
-    if not isinstance(name, str) or not DNS_LABEL.match(name):
+    if not isinstance(name, str) or not DNS_LABEL.fullmatch(name):
         raise ValidationError(
             "name",
             f"{name!r} is not a DNS label (1-63 lower-case letters, digits and '-', "
@@ -94,7 +103,7 @@ def validate_hostname(host: Any) -> str:
     if not isinstance(host, str) or len(host) > 253 or not host:
         raise ValidationError("host", f"{host!r} is not a valid DNS name")
     labels = host.rstrip(".").split(".")
-    if not all(DNS_LABEL.match(label) for label in labels):
+    if not all(DNS_LABEL.fullmatch(label) for label in labels):
         raise ValidationError("host", f"{host!r} is not a valid DNS name")
     return host.rstrip(".")
 
@@ -116,7 +125,7 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
     if unknown:
         raise ValidationError(unknown[0], f"unknown field (allowed: {', '.join(sorted(DEPLOY_FIELDS))})")
     image = body.get("image")
-    if not isinstance(image, str) or not IMAGE_REF.match(image):
+    if not isinstance(image, str) or not IMAGE_REF.fullmatch(image):
         raise ValidationError("image", f"{image!r} is not an image reference")
     replicas = body.get("replicas")
     if replicas is not None:
@@ -126,17 +135,19 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
         not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535
     ):
         raise ValidationError("port", f"{port!r} is out of range 1..65535")
-    env = body.get("env") or {}
+    env = body.get("env")
+    if env is None:
+        env = {}
     if not isinstance(env, dict):
         raise ValidationError("env", "expected an object of NAME: value")
     for key, value in env.items():
-        if not ENV_NAME.match(key):
+        if not ENV_NAME.fullmatch(key):
             raise ValidationError("env", f"{key!r} is not a valid variable name")
-        if not isinstance(value, str) or "\x00" in value:
-            raise ValidationError("env", f"value of {key} must be a string without NUL")
+        if not isinstance(value, str) or "\x00" in value or not _is_utf8(value):
+            raise ValidationError("env", f"value of {key} must be a UTF-8 string without NUL")
     health = body.get("health")
     if health is not None:
-        if not isinstance(health, str) or not HEALTH_PATH.match(health):
+        if not isinstance(health, str) or not HEALTH_PATH.fullmatch(health):
             raise ValidationError("health", f"{health!r} must be a path starting with '/'")
         if port is None:
             raise ValidationError("health", "a health path needs a port")

@@ -9,6 +9,7 @@ an error naming the key, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import tomllib
@@ -97,7 +98,7 @@ class Config:
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -199,7 +200,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("max_replicas: must be at least 0")
     if cfg.start_concurrency < 1:
         raise ConfigError("start_concurrency: must be at least 1")
-    for name in ("reconcile_interval", "backoff_base", "backoff_max", "health_timeout"):
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}: must be a finite number, got {value}")
+    for name in ("reconcile_interval", "backoff_base", "backoff_max", "health_timeout", "health_grace",
+                 "docker_timeout", "image_recheck_interval", "tombstone_ttl"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")
     if cfg.log_level not in ("debug", "info", "warning", "error"):

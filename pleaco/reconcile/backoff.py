@@ -16,7 +16,9 @@ class Backoff:
         """The wait after the current number of failures: base, 2·base, 4·base, ... max."""
         if self.failures <= 0:
             return 0.0
-        return float(min(self.maximum, self.base * 2 ** (self.failures - 1)))
+        # The exponent is capped before it is used: 2**1024 is beyond a float, and a replica
+        # that crashes for days reaches that many failures.
+        return float(min(self.maximum, self.base * 2.0 ** min(self.failures - 1, 60)))
 
     def fail(self, now: float) -> float:
         """Count a failure; returns the delay before the next attempt."""

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pleaco.identity import Identity
+from pleaco.identity import Identity, node_id_for
 from pleaco.store.hlc import HLC, Timestamp
 from pleaco.store.record import KINDS, Record, RecordError, Value, canonical_json
 
@@ -198,9 +198,11 @@ class Store:
         if value is None or not isinstance(value.get("public_key"), str):
             return None
         try:
-            return bytes.fromhex(value["public_key"])
+            key = bytes.fromhex(value["public_key"])
         except ValueError:
             return None
+        # The id is derived from the key: a record pairing an id with another key is void.
+        return key if node_id_for(key) == node_id else None
 
 
 def _row_to_record(row: tuple[Any, ...]) -> Record:

@@ -55,7 +55,10 @@ class Record:
     def signed_bytes(kind: str, key: str, value: Value, ts: Timestamp) -> bytes:
         """The exact bytes an origin signs: versioned, canonical JSON of every field."""
         body = [FORMAT_VERSION, kind, key, value, ts.wall_ms, ts.counter, ts.node_id]
-        return canonical_json(body).encode()
+        try:
+            return canonical_json(body).encode()
+        except UnicodeEncodeError:  # a lone surrogate, which json.loads lets through
+            raise RecordError(f"record {kind}/{key!r} holds text that is not valid UTF-8") from None
 
     @classmethod
     def create(cls, identity: Identity, kind: str, key: str, value: Value, ts: Timestamp) -> Record:

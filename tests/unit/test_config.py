@@ -123,7 +123,7 @@ def test_unknown_override_names_the_key() -> None:
         ("backoff_base = true", "backoff_base"),
         ('backoff_base = "1"', "backoff_base"),
         ("name = 3", "name"),
-        ("seeds = \"a:1\"", "seeds"),
+        ('seeds = "a:1"', "seeds"),
         ("seeds = [1, 2]", "seeds"),
         ("data_dir = 5", "data_dir"),
     ],
@@ -203,3 +203,15 @@ def test_overrides_of_text_are_parsed_like_env() -> None:
     assert cfg.max_replicas == 9
     assert cfg.seeds == ["x:1", "y:2"]
     assert cfg.data_dir == Path("/x")
+
+
+@pytest.mark.parametrize("value", ["h:\u00b2", "h:\u0661\u0662", "h:", "h:0", "h:65536"])
+def test_non_ascii_or_out_of_range_ports_are_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="api_listen"):
+        load(env={}, overrides={"api_listen": value})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="reconcile_interval"):
+        load(env={"PLEACO_RECONCILE_INTERVAL": value})

@@ -91,9 +91,7 @@ def test_verify_rejects_malformed_public_keys_without_raising(public_key: bytes)
 
 def test_load_refuses_a_non_ed25519_key(tmp_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     (tmp_path / KEY_FILE).write_bytes(pem)
     with pytest.raises(ValueError, match="Ed25519"):
         Identity.load_or_create(tmp_path)

@@ -54,7 +54,7 @@ def test_gauge_set_overwrites() -> None:
 
 
 def test_gauge_collect_callback_is_called_at_scrape_time() -> None:
-    state = {("a",): 1.0}
+    state: dict[tuple[str, ...], float] = {("a",): 1.0}
     reg = Registry()
     reg.register(Gauge("live", "Live.", ("node",), collect=lambda: dict(state)))
     assert reg.render().splitlines()[-1] == 'live{node="a"} 1'

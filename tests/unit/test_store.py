@@ -297,6 +297,19 @@ def test_admission_of_another_key_does_not_admit(store: Store) -> None:
         store.apply(peer_record(stranger))
 
 
+def test_admission_pairing_an_id_with_a_foreign_key_is_void(store: Store) -> None:
+    # The node id is derived from the key, so "id X has key K" is only believed when
+    # node_id_for(K) == X: otherwise K's holder could sign records in X's name.
+    victim, forger = Identity.generate(), Identity.generate()
+    store.put("node", victim.node_id, {"public_key": forger.public_key.hex()})
+    ts = Timestamp(5_000, 0, victim.node_id)
+    value = {"image": "evil"}
+    forged = Record("app", "web", value, ts, forger.sign(Record.signed_bytes("app", "web", value, ts)))
+    with pytest.raises(RecordError):
+        store.apply(forged)
+    assert store.get("app", "web") is None
+
+
 # -- durability ------------------------------------------------------------------------------
 
 
@@ -310,7 +323,8 @@ def test_put_close_reopen_keeps_the_value(tmp_path: Path) -> None:
     try:
         assert s2.get("app", "web") == written
         assert s2.value("app", "web") == {"image": "nginx:1", "env": {"A": "é"}}
-        assert s2.get("scale", "gone") is not None and s2.get("scale", "gone").deleted
+        gone = s2.get("scale", "gone")
+        assert gone is not None and gone.deleted
         written.verify(s2.public_key_of)
     finally:
         s2.close()
@@ -357,7 +371,8 @@ def test_put_many_writes_all(store: Store) -> None:
     assert [r.ts for r in recs] == sorted(r.ts for r in recs)
     assert store.value("app", "web") == {"image": "x"}
     assert store.value("scale", "web") == {"replicas": 2}
-    assert store.get("app", "old") is not None and store.get("app", "old").deleted
+    old = store.get("app", "old")
+    assert old is not None and old.deleted
 
 
 def test_put_many_with_a_bad_item_writes_nothing(tmp_path: Path) -> None:
