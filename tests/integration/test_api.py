@@ -83,7 +83,7 @@ BAD_DEPLOYS = [
     ("web", {"image": HELLO, "env": ["A=B"]}, "env"),
     ("web", {"image": HELLO, "env": {"A": "\ud800"}}, "env"),
     ("web", {"image": HELLO, "env": []}, "env"),
-    ("web\n", {"image": HELLO}, "name"),
+    ("web%0A", {"image": HELLO}, "name"),  # a trailing newline, URL-encoded
     ("web", {"image": HELLO, "colour": "blue"}, "colour"),
     ("web", {"image": HELLO, "port": 8080, "health": "healthz"}, "health"),
     ("web", {"image": HELLO, "host": "not a host"}, "host"),
