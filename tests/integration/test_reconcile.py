@@ -69,7 +69,9 @@ class Harness:
 
 @pytest.fixture
 def h(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path, backoff_base=0.2, health_grace=0.5, health_failures=2, reconcile_interval=0.1)
+    harness = Harness(
+        tmp_path, backoff_base=0.2, health_grace=0.5, health_failures=2, reconcile_interval=0.1, stop_timeout=1
+    )
     try:
         yield harness
     finally:
