@@ -2,8 +2,8 @@
 
 Progress goes to standard error, the table to standard output, and the full results
 (every sample, and where pleaco's time went) to benchmarks/results/latest.json.
-Exit status: 0 when every benchmark ran (1 with --check when a goal is missed), 1 when a
-benchmark failed, 130 when interrupted. Cleanup runs in every case, also on SIGTERM.
+Exit status: 0 when every measurement was made (1 with --check when a goal is missed), 1
+when a benchmark or one of its steps failed, 130 when interrupted. Cleanup runs in every case, also on SIGTERM.
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ def table(rows: list[Row]) -> str:
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
+    # Once: a second SIGTERM must not cut the cleanup short (Ctrl-C still can).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -103,10 +106,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started))
     print(f"pleaco benchmarks, {when}; {info.get('cpus')} cores, kernel {info.get('kernel')}, "
-          f"Docker Engine {info.get('docker')}; {opts.rounds} scale round(s); took {time.time() - started:.0f} s")
+          f"Docker Engine {info.get('docker')}"
+          + (f"; {opts.rounds} scale round(s)" if "scale" in selected else "")
+          + f"; took {time.time() - started:.0f} s")
     print(table(rows))
     for name, err in failed.items():
         print(f"{name}: {err}")
+    # Steps that failed inside a benchmark that otherwise ran (a timed-out round, ...).
+    step_errors = list(dict.fromkeys(
+        e for r in rows if r.benchmark not in failed
+        for e in [*r.details.get("errors", []), *([r.details["error"]] if "error" in r.details else [])]
+    ))
+    for err in step_errors:
+        print(f"error: {err}")
 
     results = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -127,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if interrupted:
         return 130
-    if failed:
+    if failed or step_errors:
         return 1
     if opts.check and any(r.met is False for r in rows):
         return 1

@@ -178,6 +178,12 @@ def pleaco_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "pleaco"]
 
 
+def clean_env() -> dict[str, str]:
+    """The environment without PLEACO_* settings, which would override the agent's config or
+    the CLI's API address and token."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PLEACO_")}
+
+
 _LOG_LINE = re.compile(r"^ts=(\S+) level=\S+ event=(\S+)")
 
 
@@ -220,8 +226,13 @@ class Agent:
 
     def start(self, timeout: float = 30.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # An empty config file of our own: the defaults plus the flags below, never the
+        # machine's /etc/pleaco/pleaco.toml.
+        config = self.data_dir.with_suffix(".toml")
+        config.write_text("")
         cmd = [
             *pleaco_command(), "agent",
+            "--config", str(config),
             "--data-dir", str(self.data_dir),
             "--name", self.name,
             "--api-listen", f"{LOOPBACK}:{self.port}",
@@ -234,7 +245,8 @@ class Agent:
             # A session of its own: a Ctrl-C at the terminal reaches the benchmark (which
             # then cleans up) rather than killing the agent behind its back.
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env=clean_env(),
             )
         token_path = self.data_dir / "admin.token"
 
@@ -261,7 +273,7 @@ class Agent:
         """Run the ``pleaco`` CLI against this agent, as a user would."""
         cmd = [*pleaco_command(), "--api", self.url, "--token", self.token, *args]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env())
         except subprocess.TimeoutExpired:
             raise BenchError(f"pleaco {' '.join(args)}: no answer within {timeout:.0f}s") from None
         if proc.returncode != 0:
@@ -269,10 +281,13 @@ class Agent:
         return proc.stdout
 
     def metrics(self) -> dict[str, float]:
-        """The agent's /metrics, as {series: value}."""
+        """The agent's /metrics, as {series: value}; empty when it does not answer."""
         req = urllib.request.Request(self.url + "/metrics", headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            text = resp.read().decode()
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}  # diagnostics only: never fail a measurement over them
         out = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -339,6 +354,11 @@ class Agent:
 
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        if head:
+            info["commit"] = head
     try:
         info["kernel"] = os.uname().release
         with open("/proc/meminfo") as f:

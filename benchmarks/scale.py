@@ -14,7 +14,7 @@ polled every 0.2 s:
   tasks in state running (what ``docker service ls`` shows as 50/50); for 50 -> 0, no
   container of the service is left (any state).
 
-The systems run alternately (pleaco first in even rounds, Swarm first in odd ones) so that
+The systems run alternately (pleaco first in rounds 1, 3, ..., Swarm first in 2, 4, ...) so that
 noise from other work on the machine hits both alike; the table shows the medians and the
 ratio pleaco / Swarm.
 
@@ -52,6 +52,7 @@ from benchmarks.common import (
     require_image,
     wait_until,
 )
+from benchmarks.idle import CLK_TCK, cpu_ticks
 from pleaco.api.errors import ApiError
 
 TARGET = 50
@@ -59,6 +60,7 @@ APP = "bench"
 SERVICE = "pleaco-bench"
 SWARM_LABEL = f"com.docker.swarm.service.name={SERVICE}"
 GWBRIDGE = "docker_gwbridge"
+SETTLE_S = 2.0  # pause before each measurement, for the engine to finish the previous step's work
 PHASE_TIMEOUT = 120.0  # one 1->50 or 50->0 on a busy 2-core machine takes ~10-20 s
 
 
@@ -216,16 +218,24 @@ def measure(system: System, n: int) -> dict[str, Any]:
     return {"seconds": time.monotonic() - t0, "issue_s": issued, "wall_start": wall0, "wall_end": time.time()}
 
 
+def cpu_seconds(pid: int) -> float:
+    try:
+        return cpu_ticks(pid) / CLK_TCK
+    except OSError:  # the process is gone; reached() reports that
+        return 0.0
+
+
 def pleaco_breakdown(
     agent: Agent, m: dict[str, Any], before: dict[str, float], after: dict[str, float]
 ) -> dict[str, Any]:
     """Where pleaco's time went, from its log lines and its metrics over one measurement."""
     start = m["wall_start"]
-    events = agent.events(start - 0.5, m["wall_end"] + 0.5)
+    events = agent.events(start, m["wall_end"])
     actions = [ts - start for ts, ev in events if ev in ("replica.started", "replica.removed")]
     passes = "pleaco_reconcile_duration_seconds_count{loop=\"apps\"}"
     pass_time = "pleaco_reconcile_duration_seconds_sum{loop=\"apps\"}"
     return {
+        "seconds": round(m["seconds"], 3),
         "actions": len(actions),
         "first_action_s": round(min(actions), 3) if actions else None,
         "last_action_s": round(max(actions), 3) if actions else None,
@@ -238,27 +248,34 @@ def run(opts: argparse.Namespace) -> list[Row]:
     require_image(HELLO)
     rounds = max(1, int(opts.rounds))
     samples: dict[str, dict[int, list[float | None]]] = {"pleaco": {TARGET: [], 0: []}, "swarm": {TARGET: [], 0: []}}
+    issue: dict[str, dict[int, list[float]]] = {"pleaco": {TARGET: [], 0: []}, "swarm": {TARGET: [], 0: []}}
     breakdowns: dict[int, list[dict[str, Any]]] = {TARGET: [], 0: []}
     errors: list[str] = []
     swarm_at_50 = ""
     workdir = Path(tempfile.mkdtemp(prefix="pleaco-bench-scale-"))
     try:
         with contextlib.ExitStack() as stack:
+            # Swarm first, so that its start-up work in the engine is over before any
+            # measurement.
+            swarm = stack.enter_context(Swarm(init_process=not opts.swarm_no_init))
             agent = stack.enter_context(Agent(workdir, "bench-scale"))
             pleaco = stack.enter_context(Pleaco(agent))
-            swarm = stack.enter_context(Swarm(init_process=not opts.swarm_no_init))
             for r in range(rounds):
                 order: list[System] = [pleaco, swarm] if r % 2 == 0 else [swarm, pleaco]
                 for system in order:
                     try:
                         system.prepare()
                         for n in (TARGET, 0):
+                            time.sleep(SETTLE_S)
                             before = agent.metrics() if system is pleaco else {}
+                            cpu_before = cpu_seconds(agent.pid) if system is pleaco else 0.0
                             m = measure(system, n)
                             samples[system.name][n].append(m["seconds"])
+                            issue[system.name][n].append(round(m["issue_s"], 3))
                             line = f"round {r + 1}/{rounds}: {system.name} -> {n}: {m['seconds']:.2f} s"
                             if system is pleaco:
                                 b = pleaco_breakdown(agent, m, before, agent.metrics())
+                                b["agent_cpu_s"] = round(cpu_seconds(agent.pid) - cpu_before, 2)
                                 breakdowns[n].append(b)
                                 line += (f" (actions {b['first_action_s']}..{b['last_action_s']} s, "
                                          f"{b['reconcile_passes']} passes)")
@@ -288,6 +305,9 @@ def run(opts: argparse.Namespace) -> list[Row]:
             details={
                 "pleaco_s": [None if v is None else round(v, 3) for v in samples["pleaco"][n]],
                 "swarm_s": [None if v is None else round(v, 3) for v in samples["swarm"][n]],
+                # How long the user's command itself took (included in the times above).
+                "pleaco_cli_s": issue["pleaco"][n],
+                "swarm_cli_s": issue["swarm"][n],
                 "pleaco_breakdown": breakdowns[n],
                 "swarm_init": not opts.swarm_no_init,
             },

@@ -7,7 +7,6 @@ goes to standard error and the exit status is 1 (2 for bad usage).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -108,6 +107,9 @@ class UsageError(ValueError):
 
 
 def run_agent(args: argparse.Namespace) -> int:
+    # Imported here: the client verbs start faster without asyncio and the agent's modules.
+    import asyncio
+
     from pleaco import config
     from pleaco.agent import Agent, AgentError
 

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pleaco.cluster.config import GossipConfig
+from pleaco.ingress.config import ProxyConfig, RolloutConfig
+
 DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
 
 
@@ -38,7 +41,14 @@ class Config:
     gossip_listen: str = "0.0.0.0:7401"
     # Where the reverse proxy listens, and its image.
     proxy_listen: str = "0.0.0.0:80"
+    # The proxy's image; empty runs no proxy on this node (apps stay reachable on their
+    # published ports only).
     proxy_image: str = "caddy:2"
+    # Apps without a host name get NAME.<cluster_domain>. ".internal" is reserved by ICANN
+    # (2024) for private use and will never be delegated, so no ACME is attempted for it and
+    # Caddy's internal CA signs it; ".local" would collide with mDNS (RFC 6762), which
+    # systemd-resolved and macOS send such names to instead of DNS.
+    cluster_domain: str = "pleaco.internal"
     seeds: list[str] = field(default_factory=list)
     join_token: str = ""
     discovery: str = "mdns"
@@ -82,6 +92,14 @@ class Config:
     max_body_bytes: int = 1 << 20
     # Log level: debug, info, warning, error.
     log_level: str = "info"
+    # Address other nodes reach this one's gossip port at. Empty: the gossip_listen host,
+    # or this host's outbound address when that is 0.0.0.0.
+    advertise: str = ""
+    # The cluster protocol's tunables: the [gossip] table (see pleaco/cluster/config.py).
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    # The reverse proxy's and rollouts' tunables: [proxy] and [rollout] (pleaco/ingress/config.py).
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     @property
     def api_host_port(self) -> tuple[str, int]:
@@ -103,13 +121,28 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+Fields = dict[str, "dataclasses.Field[Any]"]
 
 
-def _coerce(name: str, raw: Any, from_text: bool) -> Any:
-    """Turn a TOML value (or an env string) into the field's type, or raise ConfigError."""
-    f = _FIELDS[name]
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
+def _default(f: dataclasses.Field[Any]) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
+
+
+_FIELDS: Fields = {f.name: f for f in dataclasses.fields(Config)}
+# Settings that are tables of their own ([gossip]): a dataclass of plain settings each.
+_TABLES: dict[str, Fields] = {
+    name: {g.name: g for g in dataclasses.fields(_default(f))}
+    for name, f in _FIELDS.items()
+    if dataclasses.is_dataclass(_default(f))
+}
+
+
+def _coerce(name: str, raw: Any, from_text: bool, fields: Fields = _FIELDS) -> Any:
+    """Turn a TOML value (or an env string) into the field's type, or raise ConfigError.
+
+    ``name`` is the setting's full name ("gossip.probe_interval") for messages.
+    """
+    default = _default(fields[name.rpartition(".")[2]])
     kind = type(default)
     try:
         if kind is bool:
@@ -161,6 +194,7 @@ def load(
     """
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    tables: dict[str, dict[str, Any]] = {name: {} for name in _TABLES}
     if path is None:
         path = Path(env["PLEACO_CONFIG"]) if "PLEACO_CONFIG" in env else None
         if path is None and DEFAULT_CONFIG_FILE.exists():
@@ -173,10 +207,24 @@ def load(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
         for key, raw in data.items():
+            if key in _TABLES:
+                if not isinstance(raw, dict):
+                    raise ConfigError(f"config file {path}: {key!r} must be a table ([{key}])")
+                for sub_key, sub_raw in raw.items():
+                    if sub_key not in _TABLES[key]:
+                        raise ConfigError(f"config file {path}: unknown setting '{key}.{sub_key}'")
+                    tables[key][sub_key] = _coerce(f"{key}.{sub_key}", sub_raw, False, _TABLES[key])
+                continue
             if key not in _FIELDS:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}")
             values[key] = _coerce(key, raw, from_text=False)
     for name in _FIELDS:
+        if name in _TABLES:
+            for sub_name in _TABLES[name]:
+                env_name = f"PLEACO_{name.upper()}_{sub_name.upper()}"
+                if env_name in env:
+                    tables[name][sub_name] = _coerce(f"{name}.{sub_name}", env[env_name], True, _TABLES[name])
+            continue
         env_name = "PLEACO_" + name.upper()
         if env_name in env:
             values[name] = _coerce(name, env[env_name], from_text=True)
@@ -186,6 +234,8 @@ def load(
         if key not in _FIELDS:
             raise ConfigError(f"unknown setting {key!r}")
         values[key] = _coerce(key, raw, from_text=isinstance(raw, str))
+    for name, table in tables.items():
+        values[name] = type(_default(_FIELDS[name]))(**table)
     cfg = Config(**values)
     validate(cfg)
     return cfg
@@ -208,5 +258,14 @@ def validate(cfg: Config) -> None:
                  "docker_timeout", "image_recheck_interval", "tombstone_ttl"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")
+    for name in _TABLES:
+        table = getattr(cfg, name)
+        for g in dataclasses.fields(table):
+            value = getattr(table, g.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name}.{g.name}: must be a finite number, got {value}")
+        problems = table.validate()
+        if problems:
+            raise ConfigError(problems[0])
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {cfg.log_level!r}")

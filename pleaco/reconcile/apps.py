@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +101,10 @@ class AppReconciler:
         # default executor (used by aiohttp's resolver and others).
         self._pool = ThreadPoolExecutor(cfg.start_concurrency + 2, thread_name_prefix="docker")
         self._limit = asyncio.Semaphore(cfg.start_concurrency)
+        # Actions run as tasks that outlive the pass that decided them, so a pass never
+        # waits for 50 container starts: the view stays fresh, and a scale to 0 during a
+        # scale to 50 acts at once. Keyed by what they act on, so no pass doubles one up.
+        self._inflight: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
 
         self.m_runs = registry.register(
@@ -150,17 +154,43 @@ class AppReconciler:
         try:
             while True:
                 self._wake.clear()
-                more = await self.reconcile_once()
-                if more:
-                    # Actions were taken: look again soon to see their effect, but yield
-                    # to the API first.
-                    await asyncio.sleep(0.05)
-                    continue
+                await self.reconcile_once()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.cfg.reconcile_interval)
+                # Coalesce a burst of wake-ups (50 finished starts) into one pass.
+                await asyncio.sleep(0.05)
         finally:
+            await self.drain(cancel=True)
             await self._session.close()
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, key: str, action: Coroutine[Any, Any, None]) -> bool:
+        """Run ``action`` in the background unless one is already running for ``key``."""
+        if key in self._inflight:
+            action.close()
+            return False
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._inflight.pop(key, None)
+            self._wake.set()
+
+        task = asyncio.create_task(action, name=f"reconcile {key}")
+        self._inflight[key] = task
+        task.add_done_callback(done)
+        return True
+
+    async def drain(self, cancel: bool = False) -> None:
+        """Wait for (or cancel) the actions still running."""
+        tasks = list(self._inflight.values())
+        if cancel:
+            for t in tasks:
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _still_wanted(self, spec: AppSpec, replica: int) -> bool:
+        """Checked just before a queued start runs: the app may have changed meanwhile."""
+        current = self.apps.get(spec.name)
+        return current is not None and current.revision == spec.revision and replica < self.apps.replicas(spec.name)
 
     async def _engine(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -248,12 +278,14 @@ class AppReconciler:
         # Check images of wanted-but-missing replicas before trying to start them.
         starts = [s for s in starts if await self._image_present(s[0].image, now)]
 
-        jobs = [self._remove(c, reason) for c, reason in removals]
-        jobs += [self._start(spec, idx) for spec, idx in starts]
-        jobs += [self._restart(c, spec) for c, spec in restarts]
-        if jobs:
-            await asyncio.gather(*jobs)
-        return bool(jobs)
+        acted = False
+        for c, reason in removals:
+            acted |= self._spawn(f"remove/{c.id}", self._remove(c, reason))
+        for spec, idx in starts:
+            acted |= self._spawn(f"run/{spec.name}/{idx}", self._start(spec, idx))
+        for c, spec in restarts:
+            acted |= self._spawn(f"run/{c.app}/{c.replica}", self._restart(c, spec))
+        return acted
 
     # -- per-replica bookkeeping -----------------------------------------------------------
 
@@ -319,6 +351,8 @@ class AppReconciler:
             image=spec.image, port=spec.port, env=spec.env, publish_host=self.cfg.publish_host,
         )
         async with self._limit:
+            if not self._still_wanted(spec, replica):
+                return
             try:
                 cid = await self._engine(self.runtime.run, run)
             except Conflict:

@@ -61,6 +61,7 @@ class Harness:
 
     def close(self) -> None:
         assert self.rec._session is not None
+        self.loop.run_until_complete(self.rec.drain())
         self.loop.run_until_complete(self.rec._session.close())
         self.loop.close()
         remove_node_containers(self.node_id)

@@ -1,0 +1,1 @@
+"""The cluster: transport, envelopes, membership (SWIM + Lifeguard), dissemination, trust."""

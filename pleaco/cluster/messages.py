@@ -1,0 +1,220 @@
+"""The messages nodes exchange, and their strict, bounded JSON codec.
+
+A packet is one JSON object: ``{"t": TYPE, ...fields, "u": [updates], "r": [records]}``.
+``u`` carries membership updates and ``r`` store records piggybacked on whatever the packet
+is (memberlist piggybacks the same way). Streams (TCP) carry bigger messages of the same
+form. ``decode`` checks every field's type and bound and raises ``MessageError`` for
+anything else: nothing that came off the network reaches the protocol unchecked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pleaco.store.hlc import Timestamp
+from pleaco.store.record import KINDS, Record
+
+NODE_ID = re.compile(r"^[0-9a-f]{32}\Z")
+ADDR = re.compile(r"^[0-9A-Za-z.:\[\]-]{1,253}:\d{1,5}\Z")
+MAX_INT = 2**63 - 1
+MAX_KEY = 512
+
+
+class MessageError(ValueError):
+    """A message that is not well formed; the text says which field."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """A membership change: a member is alive (with its address and metadata), suspect or dead.
+
+    ``incarnation`` orders updates about one member; only that member raises it (to refute).
+    ``source`` is who suspects or declares dead, so confirmations can be counted."""
+
+    kind: str  # alive | suspect | dead | left
+    node: str
+    incarnation: int
+    addr: str = ""
+    meta: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"k": self.kind, "n": self.node, "i": self.incarnation}
+        if self.addr:
+            out["a"] = self.addr
+        if self.meta:
+            out["m"] = self.meta
+        if self.source:
+            out["f"] = self.source
+        return out
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One UDP packet. ``type`` is ping | iping | ack | nack | gossip."""
+
+    type: str
+    seq: int = 0
+    target: str = ""  # ping, iping: the member to probe
+    addr: str = ""  # iping: where the target is
+    nack: bool = False  # iping: answer with a nack if the target does not answer
+    updates: tuple[Update, ...] = ()
+    records: tuple[Record, ...] = ()
+
+
+PACKET_TYPES = frozenset({"ping", "iping", "ack", "nack", "gossip"})
+UPDATE_KINDS = frozenset({"alive", "suspect", "dead", "left"})
+
+
+def record_to_json(rec: Record) -> dict[str, Any]:
+    return {
+        "k": rec.kind,
+        "y": rec.key,
+        "v": rec.value,
+        "w": rec.ts.wall_ms,
+        "c": rec.ts.counter,
+        "o": rec.ts.node_id,
+        "s": base64.b64encode(rec.signature).decode(),
+    }
+
+
+def record_from_json(raw: Any) -> Record:
+    obj = _obj(raw, "record", {"k", "y", "v", "w", "c", "o", "s"})
+    kind = _str(obj, "k", "record")
+    if kind not in KINDS:
+        raise MessageError(f"record.k: unknown kind {kind!r}")
+    key = _str(obj, "y", "record", max_len=MAX_KEY)
+    value = obj.get("v")
+    if value is not None and not isinstance(value, dict):
+        raise MessageError("record.v: expected an object or null")
+    try:
+        sig = base64.b64decode(_str(obj, "s", "record", max_len=100), validate=True)
+    except (binascii.Error, ValueError):
+        raise MessageError("record.s: not base64") from None
+    if len(sig) != 64:
+        raise MessageError("record.s: expected a 64-byte signature")
+    ts = Timestamp(_int(obj, "w", "record"), _int(obj, "c", "record"), _node(obj, "o", "record"))
+    return Record(kind, key, value, ts, sig)
+
+
+def encode(packet: Packet) -> bytes:
+    body: dict[str, Any] = {"t": packet.type}
+    if packet.seq:
+        body["q"] = packet.seq
+    if packet.target:
+        body["g"] = packet.target
+    if packet.addr:
+        body["a"] = packet.addr
+    if packet.nack:
+        body["x"] = True
+    if packet.updates:
+        body["u"] = [u.to_json() for u in packet.updates]
+    if packet.records:
+        body["r"] = [record_to_json(r) for r in packet.records]
+    return dumps(body)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def loads(data: bytes) -> Any:
+    """Parse JSON from the network: any failure (bad UTF-8, syntax, nesting bombs) is a MessageError."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise MessageError(f"not JSON: {exc.__class__.__name__}") from None
+
+
+def decode(data: bytes) -> Packet:
+    obj = _obj(loads(data), "packet", {"t", "q", "g", "a", "x", "u", "r"})
+    ptype = _str(obj, "t", "packet")
+    if ptype not in PACKET_TYPES:
+        raise MessageError(f"packet.t: unknown type {ptype!r}")
+    seq = _int(obj, "q", "packet") if "q" in obj else 0
+    target = _node(obj, "g", "packet") if "g" in obj else ""
+    addr = _addr(obj, "a", "packet") if "a" in obj else ""
+    nack = obj.get("x", False)
+    if not isinstance(nack, bool):
+        raise MessageError("packet.x: expected a boolean")
+    if ptype in ("ping", "iping") and not target:
+        raise MessageError(f"packet: a {ptype} needs a target")
+    if ptype == "iping" and not addr:
+        raise MessageError("packet: an iping needs the target's address")
+    return Packet(ptype, seq, target, addr, nack, decode_updates(obj.get("u", [])),
+                  tuple(record_from_json(r) for r in _list(obj.get("r", []), "packet.r")))
+
+
+def decode_updates(raw: Any) -> tuple[Update, ...]:
+    out = []
+    for item in _list(raw, "packet.u"):
+        obj = _obj(item, "update", {"k", "n", "i", "a", "m", "f"})
+        kind = _str(obj, "k", "update")
+        if kind not in UPDATE_KINDS:
+            raise MessageError(f"update.k: unknown kind {kind!r}")
+        meta = obj.get("m", {})
+        if not isinstance(meta, dict) or len(meta) > 16 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) < 64 and len(v) < 256 for k, v in meta.items()
+        ):
+            raise MessageError("update.m: expected up to 16 short string pairs")
+        addr = _addr(obj, "a", "update") if "a" in obj else ""
+        if kind == "alive" and not addr:
+            raise MessageError("update: an alive update needs an address")
+        out.append(Update(kind, _node(obj, "n", "update"), _int(obj, "i", "update"), addr, meta,
+                          _node(obj, "f", "update") if "f" in obj else ""))
+    return tuple(out)
+
+
+# -- field checks ---------------------------------------------------------------------------
+
+
+def _obj(raw: Any, what: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise MessageError(f"{what}: expected an object")
+    unknown = set(raw) - allowed
+    if unknown:
+        raise MessageError(f"{what}: unknown field {sorted(unknown)[0]!r}")
+    return raw
+
+
+def _list(raw: Any, what: str, max_len: int = 4096) -> list[Any]:
+    if not isinstance(raw, list) or len(raw) > max_len:
+        raise MessageError(f"{what}: expected a list of at most {max_len}")
+    return raw
+
+
+def _str(obj: dict[str, Any], key: str, what: str, max_len: int = 256) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise MessageError(f"{what}.{key}: expected a string of at most {max_len} characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise MessageError(f"{what}.{key}: not valid UTF-8") from None
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, what: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
+        raise MessageError(f"{what}.{key}: expected an integer in 0..2^63-1")
+    return value
+
+
+def _node(obj: dict[str, Any], key: str, what: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not NODE_ID.match(value):
+        raise MessageError(f"{what}.{key}: expected a node id (32 hex digits)")
+    return value
+
+
+def _addr(obj: dict[str, Any], key: str, what: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not ADDR.match(value) or not 0 < int(value.rpartition(":")[2]) < 65536:
+        raise MessageError(f"{what}.{key}: expected HOST:PORT")
+    return value
