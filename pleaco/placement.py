@@ -20,11 +20,39 @@ def _score(app: str, replica: int, node_id: str, weight: float) -> float:
 
 
 def owner(app: str, replica: int, nodes: Sequence[str], weights: Mapping[str, float] | None = None) -> str:
-    """The node that runs replica ``replica`` of ``app``."""
+    """The node ranked first for one replica, ignoring load (plain rendezvous)."""
     if not nodes:
         raise ValueError("no live nodes to place on")
     weights = weights or {}
     return max(nodes, key=lambda n: (_score(app, replica, n, weights.get(n, 1.0)), n))
+
+
+def assign(app: str, replicas: int, nodes: Sequence[str], weights: Mapping[str, float] | None = None) -> list[str]:
+    """The node of every replica of ``app``: rendezvous hashing with bounded load.
+
+    Plain rendezvous hashing is lumpy for the handful of replicas an app has (6 replicas
+    on 4 nodes often leave a node empty). So each replica goes to its highest-ranked node
+    that is still below its fair share, ceil(replicas * weight / total weight). The result
+    depends only on the inputs, so every node computes the same assignment.
+    """
+    if not nodes:
+        raise ValueError("no live nodes to place on")
+    weights = weights or {}
+    ordered = sorted(set(nodes))
+    total = sum(weights.get(n, 1.0) for n in ordered)
+    # Each node's fair share, rounded down; the replicas left over go, one each, to the
+    # first nodes that want one more, so shares differ by at most one (equal weights).
+    floor = {n: math.floor(replicas * weights.get(n, 1.0) / total) for n in ordered}
+    load = dict.fromkeys(ordered, 0)
+    out = []
+    for i in range(replicas):
+        ranked = sorted(ordered, key=lambda n: (_score(app, i, n, weights.get(n, 1.0)), n), reverse=True)
+        chosen = next((n for n in ranked if load[n] < floor[n]), None)
+        if chosen is None:
+            chosen = next((n for n in ranked if load[n] == floor[n]), ranked[0])
+        load[chosen] += 1
+        out.append(chosen)
+    return out
 
 
 def owned_replicas(
@@ -37,4 +65,4 @@ def owned_replicas(
     """The replica indexes of ``app`` that node ``me`` runs."""
     if len(nodes) == 1 and nodes[0] == me:
         return list(range(replicas))
-    return [i for i in range(replicas) if owner(app, i, nodes, weights) == me]
+    return [i for i, n in enumerate(assign(app, replicas, nodes, weights)) if n == me]

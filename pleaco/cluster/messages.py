@@ -147,7 +147,11 @@ def decode(data: bytes) -> Packet:
     if ptype == "iping" and not addr:
         raise MessageError("packet: an iping needs the target's address")
     return Packet(ptype, seq, target, addr, nack, decode_updates(obj.get("u", [])),
-                  tuple(record_from_json(r) for r in _list(obj.get("r", []), "packet.r")))
+                  tuple(decode_records(obj.get("r", []), "packet.r", 4096)))
+
+
+def decode_records(raw: Any, what: str, max_len: int = 1 << 20) -> list[Record]:
+    return [record_from_json(r) for r in _list(raw, what, max_len)]
 
 
 def decode_updates(raw: Any) -> tuple[Update, ...]:

@@ -103,7 +103,8 @@ class Store:
         Raises RecordError when the record is of an unknown kind, from an unknown node, or
         its signature does not verify; nothing is stored then.
         """
-        record.verify(self.public_key_of)
+        record.verify(lambda origin: self._verifying_key(record, origin))
+        self._check_revocation(record)
         self.hlc.observe(record.ts)
         with self._transaction():
             current = self._get(record.kind, record.key)
@@ -189,6 +190,42 @@ class Store:
         return None if row is None else _row_to_record(row)
 
     # -- trust ---------------------------------------------------------------------------
+
+    def _verifying_key(self, record: Record, origin: str) -> bytes | None:
+        """The key to check ``record`` with.
+
+        A node's own ``node`` record is self-certifying: it carries the public key its id
+        is derived from, so it verifies against that key. That is what lets the first
+        member's description reach a node that joined through another member. It admits
+        nobody by itself: records only arrive from members (gossip and push-pull are
+        signed by admitted keys) or from the join handshake, where a member checked the
+        token; revocation (``node/ID/revoked``) still wins.
+        """
+        if record.kind == "node" and record.key == origin and record.value is not None:
+            embedded = record.value.get("public_key")
+            if isinstance(embedded, str):
+                try:
+                    key = bytes.fromhex(embedded)
+                except ValueError:
+                    return None
+                return key if node_id_for(key) == origin else None
+        return self.public_key_of(origin)
+
+    def revoked_at(self, node_id: str) -> int | None:
+        """When the node's key was revoked (``node/ID/revoked``), in wall ms, or None."""
+        value = self.value("node", f"{node_id}/revoked")
+        if value is None:
+            return None
+        at = value.get("at_ms")
+        return at if isinstance(at, int) else 0
+
+    def _check_revocation(self, record: Record) -> None:
+        # A node may not write (or delete) its own revocation; anyone else admitted may.
+        if record.kind == "node" and record.key == f"{record.origin}/revoked":
+            raise RecordError(f"node {record.origin} cannot change its own revocation")
+        at = self.revoked_at(record.origin)
+        if at is not None and record.ts.wall_ms > at:
+            raise RecordError(f"record {record.kind}/{record.key} from revoked node {record.origin}")
 
     def public_key_of(self, node_id: str) -> bytes | None:
         """The admitted public key of a node: our own, or one a ``node`` record admits."""

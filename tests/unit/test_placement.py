@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pleaco.placement import owned_replicas, owner
+from pleaco.placement import assign, owned_replicas, owner
 
 NODES = [f"node-{i:02d}" for i in range(5)]
 
@@ -35,7 +35,16 @@ def test_every_replica_has_exactly_one_owner() -> None:
     assert set(counts.values()) == {1}
     for n, indexes in owned.items():
         assert indexes == sorted(indexes)
-        assert all(owner("web", i, NODES) == n for i in indexes)
+        assert all(assign("web", replicas, NODES)[i] == n for i in indexes)
+
+
+@pytest.mark.parametrize(("replicas", "nodes"), [(6, 4), (3, 5), (10, 3), (50, 5), (7, 7)])
+def test_bounded_load_spreads_evenly(replicas: int, nodes: int) -> None:
+    # Plain rendezvous leaves a node empty for 6 replicas on 4 nodes; bounded load does not.
+    names = [f"n{i}" for i in range(nodes)]
+    counts = Counter(assign("web", replicas, names))
+    assert max(counts.values()) - min(counts.get(n, 0) for n in names) <= 1
+    assert sum(counts.values()) == replicas
 
 
 @settings(max_examples=100, deadline=None)

@@ -265,13 +265,21 @@ def test_admission_arriving_by_apply_is_honoured(store: Store) -> None:
     assert store.apply(peer_record(stranger))
 
 
-def test_a_node_cannot_admit_itself(store: Store) -> None:
-    stranger = Identity.generate()
-    with pytest.raises(RecordError):
-        store.apply(admission(stranger, by=stranger))
+def test_a_node_record_is_self_certifying_but_admits_only_itself(store: Store) -> None:
+    # A node's own node record carries the key its id derives from, so it verifies alone
+    # (records only reach a store from members; see Store._verifying_key). It does not let
+    # the node write anything else before it is admitted, nor vouch for another key.
+    stranger, other = Identity.generate(), Identity.generate()
     with pytest.raises(RecordError):
         store.apply(peer_record(stranger))
-    assert store.all() == []
+    ts = Timestamp(1, 0, stranger.node_id)
+    lying = {"public_key": other.public_key.hex()}
+    forged = Record("node", stranger.node_id, lying, ts,
+                    stranger.sign(Record.signed_bytes("node", stranger.node_id, lying, ts)))
+    with pytest.raises(RecordError):
+        store.apply(forged)
+    assert store.apply(admission(stranger, by=stranger))
+    assert store.public_key_of(stranger.node_id) == stranger.public_key
 
 
 def test_removed_node_is_refused_again(trusting_store: Store) -> None:

@@ -1,0 +1,64 @@
+"""API routes for the cluster: members, founding, join tokens, removal.
+
+    GET    /v1/nodes              every known node: id, name, state, address, version, last_seen, load
+    DELETE /v1/nodes/{node}       revoke a node's key (id, unique id prefix, or name)
+    POST   /v1/cluster/init       found a cluster with this node as its first member
+    GET    /v1/cluster/token      a join token for new nodes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from pleaco import logs
+from pleaco.api.errors import ApiError
+from pleaco.cluster.service import Cluster, ClusterError
+
+log = logs.get("pleaco.api.cluster")
+
+
+def add_routes(app: web.Application, cluster: Cluster, load: Callable[[], dict[str, Any]]) -> None:
+    """``load`` gives this node's own load figures (containers and so on) for /v1/nodes."""
+
+    async def nodes(request: web.Request) -> web.Response:
+        out = []
+        for m in cluster.members():
+            me = m["id"] == cluster.identity.node_id
+            out.append({**m, "self": me, "load": load() if me else {}})
+        return web.json_response(out)
+
+    async def remove_node(request: web.Request) -> web.Response:
+        wanted = request.match_info["node"]
+        matches = [m for m in cluster.members() if m["id"] == wanted or m["name"] == wanted
+                   or (len(wanted) >= 6 and m["id"].startswith(wanted))]
+        if not matches:
+            raise ApiError(404, "not_found", f"no node {wanted!r}")
+        if len(matches) > 1:
+            raise ApiError(400, "ambiguous", f"{wanted!r} matches {len(matches)} nodes; give the full id")
+        try:
+            cluster.revoke(matches[0]["id"])
+        except ClusterError as exc:
+            raise ApiError(400, "invalid", str(exc)) from None
+        log.info("node.removed", member=matches[0]["id"])
+        return web.json_response({"removed": matches[0]["id"]})
+
+    async def init(request: web.Request) -> web.Response:
+        try:
+            cluster_id = await cluster.init()
+        except ClusterError as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
+        return web.json_response({"cluster_id": cluster_id, "node_id": cluster.identity.node_id}, status=201)
+
+    async def token(request: web.Request) -> web.Response:
+        try:
+            return web.json_response({"token": cluster.token()})
+        except ClusterError as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
+
+    app.router.add_get("/v1/nodes", nodes)
+    app.router.add_delete("/v1/nodes/{node}", remove_node)
+    app.router.add_post("/v1/cluster/init", init)
+    app.router.add_get("/v1/cluster/token", token)

@@ -1,0 +1,334 @@
+"""The cluster as the agent sees it: founding, joining, the members, revocation.
+
+A node without ``cluster.json`` is a cluster of one and gossips with nobody. It becomes a
+member by ``cluster init`` (it founds a cluster) or by joining with a token; from then on
+it runs membership over the real transport, spreads its store, and answers join requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pleaco import __version__, logs
+from pleaco.cluster import messages, trust
+from pleaco.cluster.config import GossipConfig
+from pleaco.cluster.membership import Member, Membership
+from pleaco.cluster.messages import MessageError
+from pleaco.cluster.sync import StoreSync
+from pleaco.cluster.transport import CHANNEL_JOIN, NetTransport, frame, read_frame
+from pleaco.cluster.trust import ClusterState, JoinToken, TrustError
+from pleaco.cluster.wire import DROP_REASONS, Codec
+from pleaco.config import Config, parse_host_port
+from pleaco.identity import Identity
+from pleaco.metrics import Counter, Gauge, Registry
+from pleaco.store import Store
+
+log = logs.get("pleaco.cluster")
+
+
+class ClusterError(RuntimeError):
+    """A cluster operation that cannot be done now (already founded, not a member, ...)."""
+
+
+def advertise_address(cfg: Config) -> str:
+    host, port = parse_host_port(cfg.gossip_listen, "gossip_listen")
+    if cfg.advertise:
+        return cfg.advertise if ":" in cfg.advertise else f"{cfg.advertise}:{port}"
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+class Cluster:
+    def __init__(
+        self,
+        cfg: Config,
+        identity: Identity,
+        store: Store,
+        registry: Registry,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.cfg = cfg
+        self.gossip: GossipConfig = cfg.gossip
+        self.identity = identity
+        self.store = store
+        self.on_change = on_change
+        self.addr = advertise_address(cfg)
+        self.state = ClusterState.load(cfg.data_dir)
+        self.membership: Membership | None = None
+        self.sync = StoreSync(store, on_reject=self._count_drop)
+        self._join_task: asyncio.Task[None] | None = None
+        # False until this node has heard the cluster (or found nobody to hear): until then
+        # it does not know where replicas belong and must not start or remove any.
+        self.ready = False
+        self._seed_task: asyncio.Task[None] | None = None
+        self.m_drops = registry.register(
+            Counter("pleaco_gossip_dropped_total", "Gossip packets and records dropped, by reason.", ("reason",))
+        )
+        for reason in (*DROP_REASONS, "record_rejected"):
+            self.m_drops.inc(0, reason=reason)
+        registry.register(Gauge("pleaco_gossip_members", "Cluster members by state, as this node sees them.",
+                                ("state",), collect=self._members_by_state))
+        registry.register(Gauge("pleaco_gossip_bytes", "Bytes this node's gossip transport sent and received.",
+                                ("direction",), collect=self._bytes))
+        store.subscribe(self._store_changed)
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def _count_drop(self, reason: str) -> None:
+        self.m_drops.inc(reason=reason)
+
+    def _members_by_state(self) -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for m in self.members():
+            out[(m["state"],)] = out.get((m["state"],), 0.0) + 1
+        return out
+
+    def _bytes(self) -> dict[tuple[str, ...], float]:
+        t = self.membership.transport if self.membership else None
+        if not isinstance(t, NetTransport):
+            return {}
+        return {("sent",): float(t.bytes_sent), ("received",): float(t.bytes_received)}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.state is not None:
+            await self._start_membership()
+        elif self.cfg.join_token:
+            token = JoinToken.decode(self.cfg.join_token)
+            self._join_task = asyncio.create_task(self._join_loop(token), name="cluster-join")
+
+    async def stop(self) -> None:
+        for task in (self._join_task, self._seed_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.membership is not None:
+            await self.membership.stop(leave=True)
+
+    def key_of(self, node_id: str) -> bytes | None:
+        """The key a packet from ``node_id`` must be signed with: admitted and not revoked."""
+        if self.store.revoked_at(node_id) is not None:
+            return None
+        return self.store.public_key_of(node_id)
+
+    async def _start_membership(self) -> None:
+        assert self.state is not None
+        g = self.gossip
+        packets = Codec(self.identity, self.state.cluster_id, self.state.secret, self.key_of,
+                        g.replay_window, g.max_packet)
+        streams = Codec(self.identity, self.state.cluster_id, self.state.secret, self.key_of,
+                        g.replay_window, 64 << 20, purpose=b"stream v1")
+        transport = NetTransport(packets, streams, parse_host_port(self.cfg.gossip_listen, "gossip_listen"),
+                                 self.addr, self._count_drop, on_join=self._answer_join,
+                                 stream_timeout=g.stream_timeout)
+        meta = {"name": self.cfg.name, "api": self.cfg.api_listen, "version": __version__}
+        self.membership = Membership(
+            self.identity.node_id, self.addr, meta, g, transport, delegate=self.sync,
+            admitted=lambda n: self.key_of(n) is not None, on_change=self._member_changed,
+        )
+        try:
+            await self.membership.start()
+        except OSError as exc:
+            self.membership = None
+            raise ClusterError(f"cannot listen on {self.cfg.gossip_listen} for gossip: {exc.strerror or exc}") from exc
+        self.sync.attach(self.membership.queue_record)
+        log.info("cluster.started", cluster=self.state.cluster_id, addr=self.addr)
+        self._seed_task = asyncio.create_task(self._seed_loop(), name="cluster-seeds")
+
+    def _set_ready(self) -> None:
+        if not self.ready:
+            self.ready = True
+            self.on_change()
+
+    def _member_changed(self, member: Member) -> None:
+        self.on_change()
+
+    def _store_changed(self, rec: Any) -> None:
+        # A revocation takes the member out at once, wherever it was learned.
+        if rec.kind == "node" and rec.key.endswith("/revoked") and rec.value is not None and self.membership:
+            node = rec.key.partition("/")[0]
+            self.membership.remove(node)
+            log.info("member.revoked", member=node)
+        if rec.kind == "node":
+            self.on_change()
+
+    def seeds(self) -> list[str]:
+        """Where to look for the cluster: configured seeds, then every member we knew."""
+        found = list(self.cfg.seeds)
+        for rec in self.store.records("node"):
+            addr = (rec.value or {}).get("gossip")
+            if rec.key != self.identity.node_id and isinstance(addr, str) and addr not in found:
+                found.append(addr)
+        return [s for s in found if s != self.addr]
+
+    async def _seed_loop(self) -> None:
+        """Reach at least one other node, retrying with back-off; then push-pull takes over."""
+        assert self.membership is not None
+        delay = self.gossip.seed_retry
+        while True:
+            seeds = self.seeds()
+            if not seeds or len(self.membership.live()) > 1:
+                self._set_ready()
+                return
+            if await self.membership.join(seeds):
+                log.info("cluster.joined_seeds", members=len(self.membership.live()))
+                self._set_ready()
+                return
+            # Nobody answered: run as the only member we know of, and keep looking.
+            self._set_ready()
+            log.info("cluster.seeds_unreachable", seeds=",".join(seeds), retry_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(30.0, delay * 2)
+
+    # -- founding and joining ------------------------------------------------------------
+
+    async def init(self) -> str:
+        if self.state is not None:
+            raise ClusterError(f"this node is already in cluster {self.state.cluster_id}")
+        if self._join_task is not None:
+            raise ClusterError("this node is joining a cluster (it was given a join token)")
+        state = ClusterState.create()
+        state.save(self.cfg.data_dir)
+        self.state = state
+        trust.store_join_secret(self.store, state, trust.new_join_secret())
+        await self._start_membership()
+        log.info("cluster.founded", cluster=state.cluster_id)
+        return state.cluster_id
+
+    def token(self) -> str:
+        if self.state is None:
+            raise ClusterError("this node is not in a cluster: run `pleaco cluster init` first")
+        secret = trust.load_join_secret(self.store, self.state)
+        if secret is None:
+            raise ClusterError("the cluster's join secret has not reached this node yet; try again")
+        seeds = [self.addr]
+        if self.membership is not None:
+            seeds += [m.addr for m in self.membership.live() if m.node_id != self.identity.node_id]
+        return JoinToken(self.state.cluster_id, secret, tuple(seeds[:8])).encode()
+
+    async def _join_loop(self, token: JoinToken) -> None:
+        delay = self.gossip.seed_retry
+        while True:
+            for seed in [*token.seeds, *self.cfg.seeds]:
+                try:
+                    state, records = await self._join_via(seed, token)
+                    self.sync.records_received(seed, messages.decode_records(records, "join"))
+                except (OSError, TimeoutError, asyncio.IncompleteReadError, TrustError, MessageError) as exc:
+                    log.warning("cluster.join_failed", seed=seed, error=str(exc))
+                    continue
+                state.save(self.cfg.data_dir)
+                self.state = state
+                log.info("cluster.joined", cluster=state.cluster_id, seed=seed)
+                await self._start_membership()
+                assert self.membership is not None
+                await self.membership.join([seed])
+                self.on_change()
+                return
+            await asyncio.sleep(delay)
+            delay = min(30.0, delay * 2)
+
+    async def _join_via(self, seed: str, token: JoinToken) -> tuple[ClusterState, list[Any]]:
+        req = trust.make_join_request(self.identity, token, self.cfg.name, self.addr, self.cfg.api_listen)
+        host, _, port = seed.rpartition(":")
+        async with asyncio.timeout(self.gossip.stream_timeout):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(CHANNEL_JOIN + frame(json.dumps(req).encode()))
+                await writer.drain()
+                answer = await read_frame(reader, 1 << 16)
+            finally:
+                writer.close()
+        return trust.open_join_answer(token.join_secret, req["nonce"], answer)
+
+    async def _answer_join(self, raw: bytes) -> bytes:
+        """A member's side of a join: check the proof, admit the key, hand over the secret."""
+        if self.state is None:
+            return trust.refuse_join("this node is not in a cluster")
+        secret = trust.load_join_secret(self.store, self.state)
+        if secret is None:
+            return trust.refuse_join("this node does not know the join secret yet")
+        try:
+            req = trust.check_join_request(json.loads(raw), self.state.cluster_id, secret)
+        except (TrustError, ValueError) as exc:
+            self._count_drop("join_refused")
+            log.warning("cluster.join_refused", error=str(exc))
+            return trust.refuse_join(str(exc))
+        if self.store.revoked_at(req.node_id) is not None:
+            log.warning("cluster.join_refused", member=req.node_id, error="revoked")
+            return trust.refuse_join(f"node {req.node_id} was removed from the cluster")
+        current = self.store.value("node", req.node_id) or {}
+        if current.get("public_key") != req.public_key.hex():
+            self.store.put("node", req.node_id, {
+                "name": req.name, "public_key": req.public_key.hex(), "address": req.api, "gossip": req.addr,
+                "version": "", "admitted_by": self.identity.node_id,
+            })
+        log.info("cluster.admitted", member=req.node_id, name=req.name, addr=req.addr)
+        members = [messages.record_to_json(r) for r in self.store.records("node")]
+        return trust.seal_join_answer(secret, req.nonce, self.state, members)
+
+    # -- removal -------------------------------------------------------------------------
+
+    def revoke(self, node_id: str) -> None:
+        if node_id == self.identity.node_id:
+            raise ClusterError("a node cannot remove itself; run `pleaco nodes rm` on another node")
+        if self.store.value("node", node_id) is None:
+            raise KeyError(node_id)
+        writes: list[tuple[str, str, dict[str, Any] | None]] = [
+            ("node", f"{node_id}/revoked", {"by": self.identity.node_id, "at_ms": int(time.time() * 1000)}),
+        ]
+        self.store.put_many(writes)
+        if self.state is not None:
+            # Rotate the join secret: tokens handed out before no longer admit anyone.
+            trust.store_join_secret(self.store, self.state, trust.new_join_secret())
+
+    # -- views ---------------------------------------------------------------------------
+
+    def placement_nodes(self) -> list[str]:
+        """The nodes replicas are placed on; empty while this node does not know yet."""
+        if self.membership is None:
+            return [] if self._join_task is not None and not self._join_task.done() else [self.identity.node_id]
+        return self.membership.placement_nodes() if self.ready else []
+
+    def members(self) -> list[dict[str, Any]]:
+        """Every node this one knows, with its state and what it says about itself."""
+        known: dict[str, dict[str, Any]] = {}
+        for rec in self.store.records("node"):
+            if "/" in rec.key:
+                continue
+            v = rec.value or {}
+            state = "revoked" if self.store.revoked_at(rec.key) is not None else "unknown"
+            known[rec.key] = {"id": rec.key, "name": v.get("name", ""), "state": state,
+                              "address": v.get("address", ""), "gossip": v.get("gossip", ""),
+                              "version": v.get("version", ""), "last_seen": rec.ts.wall_ms / 1000,
+                              "incarnation": 0}
+        if self.membership is None:
+            me = known.setdefault(self.identity.node_id, {"id": self.identity.node_id})
+            me.update(state="alive", last_seen=time.time())
+            return sorted(known.values(), key=lambda m: m.get("name", ""))
+        for m in self.membership.members.values():
+            entry = known.setdefault(m.node_id, {"id": m.node_id, "name": "", "address": "", "version": ""})
+            if entry.get("state") == "revoked":
+                continue
+            entry.update(state=m.state, gossip=m.addr, incarnation=m.incarnation,
+                         name=m.meta.get("name") or entry.get("name", ""),
+                         address=m.meta.get("api") or entry.get("address", ""),
+                         version=m.meta.get("version") or entry.get("version", ""),
+                         last_seen=self._last_seen(m, entry))
+        return sorted(known.values(), key=lambda m: m.get("name", ""))
+
+    def _last_seen(self, m: Member, entry: dict[str, Any]) -> float:
+        if m.node_id == self.identity.node_id:
+            return time.time()
+        return m.last_heard or float(entry.get("last_seen", 0))

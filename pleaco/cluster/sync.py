@@ -1,0 +1,107 @@
+"""The store's side of dissemination: records in and out of gossip and push-pull.
+
+Every change that takes effect in the local store (a local write, or a remote record that
+won) is queued for gossip, so a record spreads epidemically from wherever it is new.
+Push-pull compares digests, ``[kind, key, wall_ms, counter, node]`` per record, and then
+moves only the records that differ, which is how a node that was away catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pleaco import logs
+from pleaco.cluster.messages import MessageError
+from pleaco.store import Record, RecordError, Store
+
+log = logs.get("pleaco.cluster.sync")
+
+MAX_DIGEST = 1 << 20
+
+
+class StoreSync:
+    def __init__(self, store: Store, on_reject: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.on_reject = on_reject or (lambda reason: None)
+        self._queue_record: Callable[[Record], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        store.subscribe(self._changed)
+
+    def attach(self, queue_record: Callable[[Record], None]) -> None:
+        """Start spreading changes through ``queue_record`` (membership's broadcast queue)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._queue_record = queue_record
+
+    def _changed(self, rec: Record) -> None:
+        if self._queue_record is None or self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._queue_record(rec)
+        else:
+            self._loop.call_soon_threadsafe(self._queue_record, rec)
+
+    def records_received(self, sender: str, records: Sequence[Record]) -> None:
+        for rec in records:
+            try:
+                self.store.apply(rec)
+            except RecordError as exc:
+                self.on_reject("record_rejected")
+                log.debug("gossip.record_rejected", sender=sender, kind=rec.kind, key=rec.key, error=str(exc))
+
+    def digest(self) -> list[list[Any]]:
+        return [[r.kind, r.key, r.ts.wall_ms, r.ts.counter, r.ts.node_id] for r in self.store.all()]
+
+    def diff(self, remote_digest: Any) -> tuple[list[Record], list[list[str]]]:
+        """(records the peer lacks or has older, keys the peer has newer)."""
+        remote = _parse_digest(remote_digest)
+        send: list[Record] = []
+        local_keys = set()
+        for rec in self.store.all():
+            key = (rec.kind, rec.key)
+            local_keys.add(key)
+            theirs = remote.get(key)
+            mine = (rec.ts.wall_ms, rec.ts.counter, rec.ts.node_id)
+            if theirs is None or mine > theirs:
+                send.append(rec)
+        want = [[kind, key] for (kind, key), ts in remote.items() if (kind, key) not in local_keys or _newer(
+            ts, self.store.get(kind, key))]
+        return send, want
+
+    def records_for(self, keys: Any) -> list[Record]:
+        if not isinstance(keys, list) or len(keys) > MAX_DIGEST:
+            raise MessageError("want: expected a list of [kind, key]")
+        out = []
+        for item in keys:
+            if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+                raise MessageError("want: expected a list of [kind, key]")
+            rec = self.store.get(item[0], item[1])
+            if rec is not None:
+                out.append(rec)
+        return out
+
+
+def _newer(ts: tuple[int, int, str], rec: Record | None) -> bool:
+    return rec is None or ts > (rec.ts.wall_ms, rec.ts.counter, rec.ts.node_id)
+
+
+def _parse_digest(raw: Any) -> dict[tuple[str, str], tuple[int, int, str]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, list) or len(raw) > MAX_DIGEST:
+        raise MessageError("digest: expected a list")
+    out = {}
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 5):
+            raise MessageError("digest: expected [kind, key, wall_ms, counter, node] entries")
+        kind, key, wall, counter, node = item
+        if not (isinstance(kind, str) and isinstance(key, str) and isinstance(node, str)
+                and isinstance(wall, int) and isinstance(counter, int)
+                and not isinstance(wall, bool) and not isinstance(counter, bool)):
+            raise MessageError("digest: expected [kind, key, wall_ms, counter, node] entries")
+        out[(kind, key)] = (wall, counter, node)
+    return out
