@@ -39,6 +39,9 @@ class BroadcastQueue:
         self._order += 1
         self._items[key] = _Item(key, payload, size, 0, self._order)
 
+    def clear(self) -> None:
+        self._items.clear()
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -106,6 +106,7 @@ class Membership:
         self._suspicions: dict[str, tuple[Suspicion, asyncio.TimerHandle]] = {}
         self._probe_order: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._relays: set[asyncio.Task[None]] = set()
         self._leaving = False
         self.stats = {"probes": 0, "probe_failures": 0, "suspected": 0, "declared_dead": 0, "refuted": 0}
         self._queue_alive(self.me)
@@ -135,9 +136,9 @@ class Membership:
             # Tell a few members directly, so the news does not wait for a gossip round.
             for m in self._sample(LIVE, self.cfg.gossip_nodes * 2):
                 self._send(m.addr, Packet("gossip"))
-        for t in self._tasks:
+        for t in [*self._tasks, *self._relays]:
             t.cancel()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._relays]:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         for _, handle in self._suspicions.values():
@@ -228,7 +229,9 @@ class Membership:
             if packet.target == self.node_id:
                 self._send(reply_to, Packet("ack", packet.seq))
         elif packet.type == "iping":
-            asyncio.get_running_loop().create_task(self._relay(packet, reply_to))
+            task = asyncio.get_running_loop().create_task(self._relay(packet, reply_to))
+            self._relays.add(task)
+            task.add_done_callback(self._relays.discard)
         elif packet.type == "ack":
             fut = self._acks.get(packet.seq)
             if fut is not None and not fut.done():
@@ -509,12 +512,12 @@ class Membership:
             # total TCP load stays flat as the cluster grows.
             scale = max(1.0, math.ceil(math.log2(n) - math.log2(32)) + 1) if n > 32 else 1.0
             await asyncio.sleep(self.cfg.push_pull_interval * scale * (0.5 + self.rng.random()))
-            peers = self._sample((ALIVE,), 1)
-            if not peers:
-                continue
-            try:
-                await self.push_pull(peers[0].addr)
-            except (TransportError, MessageError) as exc:
-                log.debug("gossip.push_pull_failed", peer=peers[0].node_id, error=str(exc))
-            except Exception as exc:
-                log.error("gossip.push_pull_failed", exc_info=True, peer=peers[0].node_id, error=str(exc))
+            # One live peer for anti-entropy, and one dead one to reconnect to (Serf's
+            # reconnect): that is how the two sides of a healed partition find each other.
+            for peer in [*self._sample((ALIVE,), 1), *self._sample((DEAD,), 1)]:
+                try:
+                    await self.push_pull(peer.addr)
+                except (TransportError, MessageError) as exc:
+                    log.debug("gossip.push_pull_failed", peer=peer.node_id, error=str(exc))
+                except Exception as exc:
+                    log.error("gossip.push_pull_failed", exc_info=True, peer=peer.node_id, error=str(exc))

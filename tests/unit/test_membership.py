@@ -1,0 +1,135 @@
+"""SWIM + Lifeguard on the simulated network in virtual time: the real protocol code,
+many nodes, deterministic seeds, no sockets and no waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Coroutine
+from typing import Any
+
+from pleaco.cluster.config import GossipConfig
+from pleaco.cluster.membership import ALIVE, DEAD, SUSPECT, Membership
+from pleaco.cluster.messages import Update
+from pleaco.cluster.simnet import MemoryDelegate, SimNetwork, VirtualTimeLoop, sim_cluster
+from pleaco.store.hlc import Timestamp
+from pleaco.store.record import Record
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+async def started(n: int, seed: int = 1, **net_opts: Any) -> tuple[SimNetwork, list[Membership]]:
+    rng = random.Random(seed)
+    net = SimNetwork(rng, **net_opts)
+    nodes = sim_cluster(n, GossipConfig(), net, rng)
+    for m in nodes:
+        await m.start()
+    return net, nodes
+
+
+async def until(cond: Any, limit: float, step: float = 0.1) -> float:
+    """Virtual seconds until ``cond()`` holds; fails past ``limit``."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while not cond():
+        assert loop.time() - t0 < limit, f"not reached within {limit} virtual seconds"
+        await asyncio.sleep(step)
+    return loop.time() - t0
+
+
+async def stop(nodes: list[Membership]) -> None:
+    for m in nodes:
+        await m.stop(leave=False)
+
+
+def test_a_dead_node_is_detected_by_all_and_nobody_else_is() -> None:
+    async def scenario() -> float:
+        net, nodes = await started(8)
+        await asyncio.sleep(3)
+        victim = nodes[5]
+        net.kill(victim.me.addr)
+        others = [m for m in nodes if m is not victim]
+        took = await until(lambda: all(m.members[victim.node_id].state == DEAD for m in others), 60)
+        await asyncio.sleep(10)
+        for m in others:
+            assert {n for n, x in m.members.items() if x.state != ALIVE} == {victim.node_id}
+        await stop(nodes)
+        return took
+
+    took = run(scenario())
+    # Probe interval, timeout and the Lifeguard timeout for 8 nodes (4 * 1 s minimum).
+    assert 1.5 < took < 20
+
+
+def test_a_false_suspicion_is_refuted() -> None:
+    async def scenario() -> None:
+        _, nodes = await started(6)
+        await asyncio.sleep(2)
+        target, accuser = nodes[2], nodes[0]
+        before = target.me.incarnation
+        accuser.apply_update(Update(SUSPECT, target.node_id, target.me.incarnation, source=accuser.node_id))
+        assert accuser.members[target.node_id].state == SUSPECT
+        await until(lambda: target.me.incarnation > before, 10)
+        await until(lambda: all(m.members[target.node_id].state == ALIVE for m in nodes), 10)
+        await asyncio.sleep(30)
+        assert all(m.members[target.node_id].state == ALIVE for m in nodes)
+        assert target.stats["refuted"] >= 1
+        await stop(nodes)
+
+    run(scenario())
+
+
+def test_a_record_reaches_every_node() -> None:
+    async def scenario() -> float:
+        _, nodes = await started(50, seed=3)
+        rec = Record("app", "web", {"image": "x"}, Timestamp(1, 0, nodes[0].node_id), bytes(64))
+        delegate = nodes[7].delegate
+        assert isinstance(delegate, MemoryDelegate)
+        delegate.records_received(nodes[7].node_id, [rec])
+        took = await until(lambda: all(("app", "web") in m.delegate.records for m in nodes), 10, 0.02)  # type: ignore[union-attr]
+        await stop(nodes)
+        return took
+
+    assert run(scenario()) < 3
+
+
+def test_partitions_keep_working_and_merge_when_healed() -> None:
+    async def scenario() -> None:
+        net, nodes = await started(5, seed=4)
+        await asyncio.sleep(2)
+        left, right = nodes[:2], nodes[2:]
+        net.partition([m.me.addr for m in left], [m.me.addr for m in right])
+        await until(lambda: all(m.members[o.node_id].state == DEAD for m in left for o in right), 90)
+        # Both sides take writes.
+        for i, side in enumerate((left, right)):
+            d = side[0].delegate
+            assert isinstance(d, MemoryDelegate)
+            d.records_received(side[0].node_id, [Record("app", f"side{i}", {}, Timestamp(10 + i, 0, side[0].node_id),
+                                                        bytes(64))])
+        await asyncio.sleep(5)
+        net.heal()
+        # Reconnecting to dead members (every push-pull interval) merges the two halves.
+        await until(lambda: all(x.state == ALIVE for m in nodes for x in m.members.values()), 180, 1)
+        await until(lambda: all({("app", "side0"), ("app", "side1")} <= set(m.delegate.records) for m in nodes),
+                    120, 1)  # type: ignore[union-attr]
+        await stop(nodes)
+
+    run(scenario())
+
+
+def test_a_stalled_node_causes_no_false_deaths() -> None:
+    async def scenario() -> None:
+        net, nodes = await started(20, seed=5, loss=0.05)
+        await asyncio.sleep(3)
+        net.stall(nodes[0].me.addr, 2.0)
+        await asyncio.sleep(40)
+        assert all(x.state == ALIVE for m in nodes for x in m.members.values())
+        await stop(nodes)
+
+    run(scenario())
