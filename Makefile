@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PLEACO := $(VENV)/bin/pleaco
-APT_PACKAGES := docker.io git libsystemd-dev pkg-config busybox-static iproute2 curl wrk procps
+APT_PACKAGES := docker.io git libsystemd-dev pkg-config busybox-static iproute2 curl wrk procps caddy avahi-daemon avahi-utils dbus iptables
 STAMP := .venv/.stamp-deps
 
 .PHONY: all deps apt venv docker images test unit lint demo demo-stop bench clean
@@ -23,6 +23,13 @@ apt: .venv/.stamp-apt
 	    echo "apt: installing $$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@# Only caddy's binary is wanted (for the pleaco/caddy image); its service would take :80.
+	@if command -v systemctl >/dev/null && systemctl is-enabled caddy >/dev/null 2>&1; then \
+	    systemctl disable --now caddy >/dev/null 2>&1 || true; \
+	fi
+	@# Where a package's install script started avahi on this host's own interfaces, stop
+	@# it: the tests run their own, inside network namespaces.
+	@-avahi-daemon -k >/dev/null 2>&1
 	@mkdir -p $(VENV) && touch $@
 
 venv: $(STAMP)

@@ -17,10 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import idle, scale
+from benchmarks import build, gossip, idle, proxy, scale
 from benchmarks.common import REPO, Row, log, machine
 
-BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {"scale": scale.run, "idle": idle.run}
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
+    "scale": scale.run, "idle": idle.run, "build": build.run, "gossip": gossip.run, "proxy": proxy.run,
+}
 HEADER = ["benchmark", "pleaco", "baseline", "ratio", "goal"]
 
 

@@ -195,10 +195,12 @@ class Agent:
     containers running when it stops.
     """
 
-    def __init__(self, workdir: Path, name: str) -> None:
+    def __init__(self, workdir: Path, name: str, config_text: str = "") -> None:
         self.data_dir = workdir / name
         self.name = name
         self.port = free_port()
+        self.proxy_port = free_port()
+        self.config_text = config_text  # TOML for the agent's own config file
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.node_id = ""
@@ -229,7 +231,7 @@ class Agent:
         # An empty config file of our own: the defaults plus the flags below, never the
         # machine's /etc/pleaco/pleaco.toml.
         config = self.data_dir.with_suffix(".toml")
-        config.write_text("")
+        config.write_text(self.config_text)
         cmd = [
             *pleaco_command(), "agent",
             "--config", str(config),
@@ -237,7 +239,7 @@ class Agent:
             "--name", self.name,
             "--api-listen", f"{LOOPBACK}:{self.port}",
             "--gossip-listen", f"{LOOPBACK}:{free_port()}",
-            "--proxy-listen", f"{LOOPBACK}:{free_port()}",
+            "--proxy-listen", f"{LOOPBACK}:{self.proxy_port}",
             "--discovery", "none",
             "--docker-url", DOCKER_URL,
         ]

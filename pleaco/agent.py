@@ -15,12 +15,21 @@ import signal
 import time
 
 from pleaco import __version__, logs
+from pleaco.api.builds import add_routes as add_build_routes
+from pleaco.api.cluster import add_routes as add_cluster_routes
+from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.server import ApiServer
 from pleaco.apps import AppStore
+from pleaco.build.engine import BuildEngine
+from pleaco.build.service import BuildService
+from pleaco.cluster.service import Cluster, ClusterError, advertise_address
+from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
 from pleaco.identity import Identity, write_secret_file
+from pleaco.ingress.proxy import ProxyReconciler
 from pleaco.metrics import Registry
 from pleaco.reconcile import AppReconciler
+from pleaco.reconcile.rollout import RolloutGuard
 from pleaco.runtime import DockerRuntime
 from pleaco.store import Record, Store
 
@@ -69,7 +78,13 @@ class Agent:
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
         apps = AppStore(store, cfg.max_replicas)
-        reconciler = AppReconciler(cfg, identity.node_id, apps, runtime, registry)
+        cluster = Cluster(cfg, identity, store, registry)
+        reconciler = AppReconciler(cfg, identity.node_id, apps, runtime, registry, live_nodes=cluster.placement_nodes,
+                                   weights=cluster.weights)
+        cluster.on_change = reconciler.wake
+        proxy = ProxyReconciler(cfg, identity.node_id, apps, reconciler, runtime, registry)
+        reconciler.may_remove = proxy.may_remove  # drain replicas out of the proxy first
+        rollouts = RolloutGuard(cfg, apps, reconciler, registry)
 
         def on_change(rec: Record) -> None:
             if rec.kind in RECONCILE_KINDS:
@@ -80,6 +95,16 @@ class Agent:
             identity=identity, node_name=cfg.name, store=store, apps=apps, reconciler=reconciler,
             runtime=runtime, registry=registry, token=token, max_body_bytes=cfg.max_body_bytes,
         )
+        add_cluster_routes(api.app, cluster, lambda: {"containers": len(reconciler.observed.containers)})
+        add_proxy_routes(api.app, proxy)
+        build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)
+        builds = BuildService(cfg.build, cfg.data_dir, identity.node_id, store, apps, build_engine, registry)
+        add_build_routes(api.app, builds)
+        try:
+            await cluster.start()
+        except (ClusterError, TrustError) as exc:
+            store.close()
+            raise AgentError(str(exc)) from exc
         host, port = cfg.api_host_port
         try:
             await api.start(host, port)
@@ -97,6 +122,9 @@ class Agent:
         tasks = [
             asyncio.create_task(reconciler.run(), name="reconcile-apps"),
             asyncio.create_task(self._collect_tombstones(store), name="tombstone-gc"),
+            asyncio.create_task(proxy.run(), name="reconcile-proxy"),
+            asyncio.create_task(rollouts.run(), name="rollout-guard"),
+            asyncio.create_task(builds.run(), name="builds"),
         ]
         try:
             await self._stop.wait()
@@ -107,7 +135,9 @@ class Agent:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+            await cluster.stop()
             await api.stop()
+            build_engine.close()
             runtime.close()
             store.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,7 +150,7 @@ class Agent:
             "name": self.cfg.name,
             "public_key": identity.public_key.hex(),
             "address": self.cfg.api_listen,
-            "gossip": self.cfg.gossip_listen,
+            "gossip": advertise_address(self.cfg),
             "version": __version__,
         }
         if store.value("node", identity.node_id) != value:

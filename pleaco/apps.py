@@ -25,7 +25,10 @@ IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 HEALTH_PATH = re.compile(r"^/[\x21-\x7e]{0,1023}$")
 
-DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host"})
+DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https"})
+# HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
+# redirect to HTTPS, "off" serves HTTP only. Absent means "on".
+HTTPS_MODES = ("off", "on", "redirect")
 DEFAULT_REPLICAS = 1
 
 
@@ -63,6 +66,8 @@ class AppSpec:
     health: str | None = None
     host: str | None = None
     revision: int = 1
+    # After revision so positional construction stays as it was (the field is additive).
+    https: str | None = None
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
@@ -78,6 +83,7 @@ class AppSpec:
             env=dict(value.get("env") or {}),
             health=value.get("health"),
             host=value.get("host"),
+            https=value.get("https"),
             revision=int(value.get("revision", 1)),
         )
 
@@ -154,7 +160,10 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
     host = body.get("host")
     if host is not None:
         host = validate_hostname(host)
-    spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, revision=0)
+    https = body.get("https")
+    if https is not None and https not in HTTPS_MODES:
+        raise ValidationError("https", f"{https!r} must be one of {', '.join(HTTPS_MODES)}")
+    spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0)
     return spec, replicas
 
 
@@ -184,7 +193,9 @@ class AppStore:
     def specs(self) -> list[AppSpec]:
         return [AppSpec.from_value(r.key, r.value) for r in self.store.records("app") if r.value]
 
-    def deploy(self, name: Any, body: Any) -> DeployResult:
+    def deploy(self, name: Any, body: Any, release_info: dict[str, Any] | None = None) -> DeployResult:
+        """Create or update an app. ``release_info`` (a build's commit and id) is kept in the
+        release record when this deploy makes a new release."""
         spec, replicas = validate_deploy(name, body, self.max_replicas)
         current = self.get(spec.name)
         if host_owner := self._host_owner(spec.host, spec.name):
@@ -193,7 +204,7 @@ class AppStore:
         new_release = current is None or not current.same_release(spec)
         if new_release:
             spec = AppSpec(**{**asdict(spec), "revision": 1 if current is None else current.revision + 1})
-            writes += self._release_writes(spec)
+            writes += self._release_writes(spec, **(release_info or {}))
         else:
             assert current is not None
             spec = current
@@ -221,7 +232,7 @@ class AppStore:
         found = [r.value for r in self.store.records("release") if r.key.startswith(name + "/") and r.value]
         return sorted(found, key=lambda v: int(v["revision"]))
 
-    def rollback(self, name: str) -> AppSpec:
+    def rollback(self, name: str, reason: str = "") -> AppSpec:
         """Make the release before the current one current again, as a new revision.
 
         History stays linear (like ``kubectl rollout undo``): rolling back from 3 to 2's
@@ -238,8 +249,15 @@ class AppStore:
         spec = AppSpec.from_value(name, {**target["spec"], "revision": current.revision + 1})
         if host_owner := self._host_owner(spec.host, name):
             raise ValidationError("host", f"{spec.host!r} is now used by app {host_owner!r}")
-        self.store.put_many(self._release_writes(spec, rollback_of=int(target["revision"])))
+        extra: dict[str, Any] = {"rollback_of": int(target["revision"]), "rolled_back_from": current.revision}
+        if reason:
+            extra["reason"] = reason
+        self.store.put_many(self._release_writes(spec, **extra))
         return spec
+
+    def release(self, name: str, revision: int) -> dict[str, Any] | None:
+        """One release's record (image, spec, and rollback_of/reason for rollbacks)."""
+        return self.store.value("release", f"{name}/{revision}")
 
     def scale(self, name: str, replicas: Any) -> int:
         validate_name(name)

@@ -18,6 +18,7 @@ from typing import Any
 from pleaco import __version__
 from pleaco.api.client import DEFAULT_API, Client, resolve_token
 from pleaco.api.errors import ApiError
+from pleaco.build import cli as build_cli
 from pleaco.config import ConfigError
 
 
@@ -33,6 +34,9 @@ def _agent_parser(sub: Any) -> None:
     p.add_argument("--seed", action="append", dest="seeds", metavar="HOST:PORT")
     p.add_argument("--join-token", metavar="TOKEN")
     p.add_argument("--discovery", choices=["mdns", "seeds", "none"])
+    p.add_argument("--bootstrap", choices=["manual", "auto"], help="found or join a cluster by itself (mDNS)")
+    p.add_argument("--bootstrap-secret", metavar="SECRET", help="shared by the nodes of a bootstrap = auto cluster")
+    p.add_argument("--advertise", metavar="HOST[:PORT]", help="the address other nodes reach this one's gossip at")
     p.add_argument("--docker-url", metavar="URL", help="Docker Engine endpoint")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -49,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("nodes", help="cluster members")
     p.add_argument("--json", action="store_true")
+    nodes = p.add_subparsers(dest="nodes_verb", metavar="VERB")
+    q = nodes.add_parser("rm", help="remove a node: its key is revoked everywhere")
+    q.add_argument("node", help="node id, unique id prefix, or name")
+    cluster = sub.add_parser("cluster", help="found or join a cluster").add_subparsers(
+        dest="cluster_verb", metavar="VERB", required=True
+    )
+    cluster.add_parser("init", help="found a cluster with this node as its first member")
+    cluster.add_parser("token", help="print a join token (alone, for scripts)")
 
     apps = sub.add_parser("apps", help="deploy and manage apps").add_subparsers(
         dest="apps_verb", metavar="VERB", required=True
@@ -68,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="K=V")
     p.add_argument("--health", metavar="PATH")
     p.add_argument("--host", metavar="HOSTNAME")
+    p.add_argument("--https", choices=["on", "off", "redirect"],
+                   help="HTTPS at the proxy: on (default), off, or redirect HTTP to HTTPS")
     p.add_argument("--json", action="store_true")
     p = apps.add_parser("scale", help="set an app's replica count")
     p.add_argument("name")
@@ -78,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--tail", default="100", help="lines per replica, or 'all' (default 100)")
+    build_cli.add_apps_parsers(apps)
+    build_cli.add_parsers(sub)
     return parser
 
 
@@ -116,7 +132,8 @@ def run_agent(args: argparse.Namespace) -> int:
     overrides = {
         k: getattr(args, k)
         for k in ("data_dir", "name", "api_listen", "gossip_listen", "proxy_listen", "proxy_image",
-                  "seeds", "join_token", "discovery", "docker_url", "log_level")
+                  "seeds", "join_token", "discovery", "docker_url", "log_level", "bootstrap", "bootstrap_secret",
+                  "advertise")
     }
     try:
         cfg = config.load(args.config, overrides=overrides)
@@ -142,6 +159,17 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         print(f"engine   {'reachable' if eng['reachable'] else 'UNREACHABLE: ' + eng['error']}")
         print(f"apps     {st['apps']}, containers {st['containers']} ({st['running']} running)")
         return 0
+    if args.verb == "nodes" and args.nodes_verb == "rm":
+        removed = client.request("DELETE", f"/v1/nodes/{args.node}")["removed"]
+        print(f"removed node {removed}: its key is revoked and the join token rotated")
+        return 0
+    if args.verb == "cluster":
+        if args.cluster_verb == "init":
+            out = client.request("POST", "/v1/cluster/init")
+            print(f"founded cluster {out['cluster_id']}; add nodes with the token from `pleaco cluster token`")
+        else:
+            print(client.request("GET", "/v1/cluster/token")["token"])
+        return 0
     if args.verb == "nodes":
         nodes = client.nodes()
         if args.json:
@@ -152,6 +180,8 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return 0
     if args.verb == "apps":
         return dispatch_apps(client, args)
+    if args.verb in ("builds", "vulndb"):
+        return build_cli.dispatch(client, args)
     raise UsageError(f"unknown verb {args.verb}")
 
 
@@ -167,17 +197,21 @@ def dispatch_apps(client: Client, args: argparse.Namespace) -> int:
         return 0
     if verb == "show":
         app = client.app(args.name)
+        build = build_cli.app_build(client, args.name)
         if args.json:
-            return _json(app)
+            return _json({**app, "build": build})
         _show_app(app)
+        build_cli.show_app_build(build)
         return 0
+    if verb == "connect":
+        return build_cli.connect(client, args)
     if verb == "rm":
         client.remove(args.name)
         print(f"removed {args.name}")
         return 0
     if verb == "deploy":
         spec: dict[str, Any] = {"image": args.image}
-        for field_name in ("replicas", "port", "health", "host"):
+        for field_name in ("replicas", "port", "health", "host", "https"):
             if getattr(args, field_name) is not None:
                 spec[field_name] = getattr(args, field_name)
         if args.env:
@@ -227,16 +261,21 @@ def _show_app(app: dict[str, Any]) -> None:
         print(f"port       {app['port']}" + (f", health {app['health']}" if app["health"] else ""))
     if app["host"]:
         print(f"host       {app['host']}")
+    if app.get("https") and app["https"] != "on":
+        print(f"https      {app['https']}")
+    if app.get("rollback"):
+        rb = app["rollback"]
+        print(f"rollback   from revision {rb['from']} to {rb['to']}'s spec: {rb['reason']}")
     for k, v in sorted(app["env"].items()):
         print(f"env        {k}={v}")
     if app["instances"]:
         print()
-        rows = [[str(i["replica"]), i["container"], str(i["release"]), i["state"],
+        rows = [[str(i["replica"]), i.get("node", "")[:12], i["container"], str(i["release"]), i["state"],
                  "yes" if i["healthy"] else "no",
                  f"127.0.0.1:{i['host_port']}" if i["host_port"] else "-",
                  str(i["restarts"]), (f"retry in {i['backoff_s']}s " if i["backoff_s"] else "") + i["error"]]
                 for i in app["instances"]]
-        _table(["REPLICA", "CONTAINER", "REV", "STATE", "HEALTHY", "ADDRESS", "RESTARTS", "NOTE"], rows)
+        _table(["REPLICA", "NODE", "CONTAINER", "REV", "STATE", "HEALTHY", "ADDRESS", "RESTARTS", "NOTE"], rows)
 
 
 def _json(value: Any) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pleaco.build.config import BuildConfig
 from pleaco.cluster.config import GossipConfig
 from pleaco.ingress.config import ProxyConfig, RolloutConfig
 
@@ -51,7 +52,13 @@ class Config:
     cluster_domain: str = "pleaco.internal"
     seeds: list[str] = field(default_factory=list)
     join_token: str = ""
+    # How nodes find each other: mDNS on the LAN (plus seeds), seeds only, or neither.
     discovery: str = "mdns"
+    # "manual": a node founds a cluster only on `pleaco cluster init`. "auto": nodes that
+    # see each other over mDNS without a cluster let the lowest node id found one and join
+    # it, proving they share bootstrap_secret (cloud-init writes it into every node).
+    bootstrap: str = "manual"
+    bootstrap_secret: str = ""
     # Docker Engine endpoint; the docker SDK's own default.
     docker_url: str = "unix:///var/run/docker.sock"
     # Seconds to wait for one Docker Engine call before counting the engine unreachable.
@@ -100,6 +107,8 @@ class Config:
     # The reverse proxy's and rollouts' tunables: [proxy] and [rollout] (pleaco/ingress/config.py).
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # The build pipeline's tunables: the [build] table (see pleaco/build/config.py).
+    build: BuildConfig = field(default_factory=BuildConfig)
 
     @property
     def api_host_port(self) -> tuple[str, int]:
@@ -246,6 +255,10 @@ def validate(cfg: Config) -> None:
         parse_host_port(getattr(cfg, name), name)
     if cfg.discovery not in ("mdns", "seeds", "none"):
         raise ConfigError(f"discovery: expected mdns, seeds or none, got {cfg.discovery!r}")
+    if cfg.bootstrap not in ("manual", "auto"):
+        raise ConfigError(f"bootstrap: expected manual or auto, got {cfg.bootstrap!r}")
+    if cfg.bootstrap == "auto" and (cfg.discovery != "mdns" or len(cfg.bootstrap_secret) < 8):
+        raise ConfigError("bootstrap: 'auto' needs discovery = \"mdns\" and a bootstrap_secret of 8+ characters")
     if cfg.max_replicas < 0:
         raise ConfigError("max_replicas: must be at least 0")
     if cfg.start_concurrency < 1:

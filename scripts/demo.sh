@@ -12,6 +12,8 @@ PIDFILE=/run/pleaco-demo.pid
 API=http://127.0.0.1:7400
 
 if [ "${1:-}" = stop ]; then
+    node=$("$PLEACO" --api "$API" status --json 2>/dev/null | "$PWD/.venv/bin/python" -c \
+        'import json,sys; print(json.load(sys.stdin)["node_id"])' 2>/dev/null || true)
     if "$PLEACO" --api "$API" apps rm hello 2>/dev/null; then
         # Let the agent remove the containers before it stops.
         for _ in $(seq 300); do
@@ -23,6 +25,10 @@ if [ "${1:-}" = stop ]; then
         echo "demo: agent stopped (its data stays in $DATA_DIR)"
     fi
     rm -f "$PIDFILE"
+    # The proxy outlives the agent by design (it keeps serving); the demo removes it.
+    if [ -n "$node" ]; then
+        docker ps -aq --filter label=pleaco.role=proxy --filter "label=pleaco.node=$node" | xargs -r docker rm -f >/dev/null
+    fi
     exit 0
 fi
 
@@ -30,7 +36,8 @@ if curl -sf "$API/healthz" >/dev/null; then
     echo "demo: an agent already answers on $API"
 else
     echo "demo: starting the agent (data dir $DATA_DIR, API $API, log $LOG)"
-    nohup "$PLEACO" agent >"$LOG" 2>&1 &
+    # The proxy image is built locally (scripts/images.sh): caddy:2 cannot be pulled here.
+    nohup "$PLEACO" agent --proxy-image pleaco/caddy:latest >"$LOG" 2>&1 &
     echo $! >"$PIDFILE"
     for _ in $(seq 100); do
         curl -sf "$API/healthz" >/dev/null && break
@@ -58,6 +65,16 @@ for port in $("$PLEACO" apps show hello --json | "$PWD/.venv/bin/python" -c \
         'import json,sys; print(" ".join(str(i["host_port"]) for i in json.load(sys.stdin)["instances"]))'); do
     printf '  curl http://127.0.0.1:%s/  ->  %s\n' "$port" "$(curl -sf "http://127.0.0.1:$port/")"
 done
+echo
+echo "demo: and all of them through the proxy on :80, by host name (hello.pleaco.internal):"
+for _ in $(seq 100); do
+    curl -sf -H 'Host: hello.pleaco.internal' http://127.0.0.1/ >/dev/null && break
+    sleep 0.1
+done
+for _ in 1 2 3 4 5 6; do
+    printf '  curl -H "Host: hello.pleaco.internal" http://127.0.0.1/  ->  %s\n' \
+        "$(curl -s -H 'Host: hello.pleaco.internal' http://127.0.0.1/)"
+done
 cat <<TXT
 
 The agent keeps running in the background (log: $LOG). Try:
@@ -65,5 +82,7 @@ The agent keeps running in the background (log: $LOG). Try:
   .venv/bin/pleaco apps scale hello 5
   .venv/bin/pleaco apps logs hello
   docker ps --filter label=pleaco.app=hello
+  curl -k --resolve hello.pleaco.internal:443:127.0.0.1 https://hello.pleaco.internal/   # internal CA
+  .venv/bin/pleaco apps deploy hello --image pleaco/hello:latest --port 8080 --health /healthz --env GREETING=v2
 Stop it with: make demo-stop
 TXT

@@ -97,6 +97,29 @@ class Client:
             yield from resp
 
 
+    # -- builds (pleaco/api/builds.py) ----------------------------------------------------
+
+    def connect(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", f"/v1/apps/{_q(name)}/connect", body)  # type: ignore[no-any-return]
+
+    def builds(self, app: str | None = None) -> list[dict[str, Any]]:
+        query = "?" + urllib.parse.urlencode({"app": app}) if app else ""
+        return self.request("GET", f"/v1/builds{query}")  # type: ignore[no-any-return]
+
+    def build(self, build_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/builds/{_q(build_id)}")  # type: ignore[no-any-return]
+
+    def cancel_build(self, build_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/builds/{_q(build_id)}/cancel")  # type: ignore[no-any-return]
+
+    def build_logs(self, build_id: str, follow: bool = False) -> Iterator[bytes]:
+        path = f"/v1/builds/{_q(build_id)}/logs?follow={'1' if follow else '0'}"
+        resp = self._open("GET", path, timeout=None if follow else self.timeout)
+        with resp:
+            while chunk := resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536):
+                yield chunk
+
+
 def _q(name: str) -> str:
     return urllib.parse.quote(name, safe="")
 

@@ -20,9 +20,12 @@ from pleaco.store.hlc import Timestamp
 from pleaco.store.record import KINDS, Record
 
 NODE_ID = re.compile(r"^[0-9a-f]{32}\Z")
-ADDR = re.compile(r"^[0-9A-Za-z.:\[\]-]{1,253}:\d{1,5}\Z")
+ADDR = re.compile(r"^[0-9A-Za-z.:\[\]-]{1,253}:[0-9]{1,5}\Z", re.ASCII)
 MAX_INT = 2**63 - 1
 MAX_KEY = 512
+# Deepest nesting a record value may have. App specs are three levels deep; 32 leaves room
+# while staying far from Python's recursion limit in the code that signs and checks values.
+MAX_DEPTH = 32
 
 
 class MessageError(ValueError):
@@ -92,6 +95,8 @@ def record_from_json(raw: Any) -> Record:
     value = obj.get("v")
     if value is not None and not isinstance(value, dict):
         raise MessageError("record.v: expected an object or null")
+    if _depth(value) > MAX_DEPTH:
+        raise MessageError(f"record.v: nested deeper than {MAX_DEPTH}")
     try:
         sig = base64.b64decode(_str(obj, "s", "record", max_len=100), validate=True)
     except (binascii.Error, ValueError):
@@ -163,9 +168,10 @@ def decode_updates(raw: Any) -> tuple[Update, ...]:
             raise MessageError(f"update.k: unknown kind {kind!r}")
         meta = obj.get("m", {})
         if not isinstance(meta, dict) or len(meta) > 16 or not all(
-            isinstance(k, str) and isinstance(v, str) and len(k) < 64 and len(v) < 256 for k, v in meta.items()
+            isinstance(k, str) and isinstance(v, str) and len(k) < 64 and len(v) < 256
+            and _utf8(k) and _utf8(v) for k, v in meta.items()
         ):
-            raise MessageError("update.m: expected up to 16 short string pairs")
+            raise MessageError("update.m: expected up to 16 short UTF-8 string pairs")
         addr = _addr(obj, "a", "update") if "a" in obj else ""
         if kind == "alive" and not addr:
             raise MessageError("update: an alive update needs an address")
@@ -175,6 +181,26 @@ def decode_updates(raw: Any) -> tuple[Update, ...]:
 
 
 # -- field checks ---------------------------------------------------------------------------
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (it may come from anyone)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _obj(raw: Any, what: str, allowed: set[str]) -> dict[str, Any]:

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import os
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
+from zeroconf import NonUniqueNameException
+
 from pleaco import __version__, logs
 from pleaco.cluster import messages, trust
 from pleaco.cluster.config import GossipConfig
+from pleaco.cluster.discovery import MdnsDiscovery
 from pleaco.cluster.membership import Member, Membership
 from pleaco.cluster.messages import MessageError
 from pleaco.cluster.sync import StoreSync
@@ -30,6 +35,10 @@ from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.store import Store
 
 log = logs.get("pleaco.cluster")
+
+# Seconds the set of clusterless nodes in view must stay the same before the lowest node id
+# founds a cluster: several mDNS announcement rounds (zeroconf repeats at 1 s, 2 s, ...).
+BOOTSTRAP_SETTLE = 3.0
 
 
 class ClusterError(RuntimeError):
@@ -71,6 +80,8 @@ class Cluster:
         # it does not know where replicas belong and must not start or remove any.
         self.ready = False
         self._seed_task: asyncio.Task[None] | None = None
+        self._bootstrap_task: asyncio.Task[None] | None = None
+        self.discovery: MdnsDiscovery | None = None
         self.m_drops = registry.register(
             Counter("pleaco_gossip_dropped_total", "Gossip packets and records dropped, by reason.", ("reason",))
         )
@@ -101,21 +112,69 @@ class Cluster:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    async def _start_discovery(self) -> None:
+        """Announce and browse over mDNS, once this node has a cluster or is looking for
+        one: a node on its own has nothing to say, so it sends nothing."""
+        if self.cfg.discovery != "mdns" or self.discovery is not None:
+            return
+        self.discovery = MdnsDiscovery(self.identity.node_id, self.cfg.name, self.addr)
+        try:
+            await self.discovery.start(self.state.cluster_id if self.state else "")
+        except (OSError, NonUniqueNameException) as exc:
+            log.warning("discovery.unavailable", error=str(exc))
+            self.discovery = None
+
     async def start(self) -> None:
+        if self.state is not None or self.cfg.join_token or self.cfg.bootstrap == "auto":
+            await self._start_discovery()
         if self.state is not None:
             await self._start_membership()
         elif self.cfg.join_token:
             token = JoinToken.decode(self.cfg.join_token)
             self._join_task = asyncio.create_task(self._join_loop(token), name="cluster-join")
+        elif self.cfg.bootstrap == "auto" and self.discovery is not None:
+            self._bootstrap_task = asyncio.create_task(self._bootstrap_loop(), name="cluster-bootstrap")
+
+    def _bootstrap_secret(self) -> bytes:
+        return hashlib.sha256(b"pleaco bootstrap v1\0" + self.cfg.bootstrap_secret.encode()).digest()
+
+    async def _bootstrap_loop(self) -> None:
+        """bootstrap = "auto": join a cluster a peer announces, or, when none does, let the
+        lowest node id among the nodes in view found one once that view has been stable for
+        BOOTSTRAP_SETTLE seconds (so two first nodes do not found two clusters)."""
+        assert self.discovery is not None
+        loop = asyncio.get_running_loop()
+        view: list[str] = []
+        since = loop.time()
+        while True:
+            await asyncio.sleep(0.5)
+            peers = list(self.discovery.peers.values())
+            clustered = [p for p in peers if p.cluster_id]
+            if clustered:
+                cluster_id = min(p.cluster_id for p in clustered)
+                seeds = tuple(p.gossip for p in clustered if p.cluster_id == cluster_id)
+                log.info("cluster.bootstrap_join", cluster=cluster_id, seeds=",".join(seeds))
+                self._join_task = asyncio.create_task(
+                    self._join_loop(JoinToken(cluster_id, self._bootstrap_secret(), seeds)), name="cluster-join")
+                return
+            current = sorted([self.identity.node_id, *(p.node_id for p in peers)])
+            if current != view:
+                view, since = current, loop.time()
+            elif loop.time() - since >= BOOTSTRAP_SETTLE and view[0] == self.identity.node_id:
+                log.info("cluster.bootstrap_found", nodes=len(view))
+                await self.init(join_secret=self._bootstrap_secret())
+                return
 
     async def stop(self) -> None:
-        for task in (self._join_task, self._seed_task):
+        for task in (self._join_task, self._seed_task, self._bootstrap_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self.membership is not None:
             await self.membership.stop(leave=True)
+        if self.discovery is not None:
+            await self.discovery.stop()
 
     def key_of(self, node_id: str) -> bytes | None:
         """The key a packet from ``node_id`` must be signed with: admitted and not revoked."""
@@ -133,7 +192,9 @@ class Cluster:
         transport = NetTransport(packets, streams, parse_host_port(self.cfg.gossip_listen, "gossip_listen"),
                                  self.addr, self._count_drop, on_join=self._answer_join,
                                  stream_timeout=g.stream_timeout)
-        meta = {"name": self.cfg.name, "api": self.cfg.api_listen, "version": __version__}
+        # cpus is the node's capacity: placement gives a node a share of replicas in proportion.
+        meta = {"name": self.cfg.name, "api": self.cfg.api_listen, "version": __version__,
+                "cpus": str(os.cpu_count() or 1)}
         self.membership = Membership(
             self.identity.node_id, self.addr, meta, g, transport, delegate=self.sync,
             admitted=lambda n: self.key_of(n) is not None, on_change=self._member_changed,
@@ -165,8 +226,11 @@ class Cluster:
             self.on_change()
 
     def seeds(self) -> list[str]:
-        """Where to look for the cluster: configured seeds, then every member we knew."""
+        """Where to look for the cluster: configured seeds, members found over mDNS, then
+        every member we knew."""
         found = list(self.cfg.seeds)
+        if self.discovery is not None and self.state is not None:
+            found += [p.gossip for p in self.discovery.peers.values() if p.cluster_id == self.state.cluster_id]
         for rec in self.store.records("node"):
             addr = (rec.value or {}).get("gossip")
             if rec.key != self.identity.node_id and isinstance(addr, str) and addr not in found:
@@ -194,7 +258,7 @@ class Cluster:
 
     # -- founding and joining ------------------------------------------------------------
 
-    async def init(self) -> str:
+    async def init(self, join_secret: bytes | None = None) -> str:
         if self.state is not None:
             raise ClusterError(f"this node is already in cluster {self.state.cluster_id}")
         if self._join_task is not None:
@@ -202,8 +266,11 @@ class Cluster:
         state = ClusterState.create()
         state.save(self.cfg.data_dir)
         self.state = state
-        trust.store_join_secret(self.store, state, trust.new_join_secret())
+        trust.store_join_secret(self.store, state, join_secret or trust.new_join_secret())
         await self._start_membership()
+        await self._start_discovery()
+        if self.discovery is not None:
+            await self.discovery.announce(state.cluster_id)
         log.info("cluster.founded", cluster=state.cluster_id)
         return state.cluster_id
 
@@ -232,6 +299,8 @@ class Cluster:
                 self.state = state
                 log.info("cluster.joined", cluster=state.cluster_id, seed=seed)
                 await self._start_membership()
+                if self.discovery is not None:
+                    await self.discovery.announce(state.cluster_id)
                 assert self.membership is not None
                 await self.membership.join([seed])
                 self.on_change()
@@ -260,8 +329,8 @@ class Cluster:
         if secret is None:
             return trust.refuse_join("this node does not know the join secret yet")
         try:
-            req = trust.check_join_request(json.loads(raw), self.state.cluster_id, secret)
-        except (TrustError, ValueError) as exc:
+            req = trust.check_join_request(messages.loads(raw), self.state.cluster_id, secret)
+        except (TrustError, MessageError) as exc:
             self._count_drop("join_refused")
             log.warning("cluster.join_refused", error=str(exc))
             return trust.refuse_join(str(exc))
@@ -300,6 +369,16 @@ class Cluster:
         if self.membership is None:
             return [] if self._join_task is not None and not self._join_task.done() else [self.identity.node_id]
         return self.membership.placement_nodes() if self.ready else []
+
+    def weights(self) -> dict[str, float]:
+        """Placement weight of each member: its CPU count, as it announced it."""
+        if self.membership is None:
+            return {}
+        out = {}
+        for m in self.membership.members.values():
+            cpus = m.meta.get("cpus", "1")
+            out[m.node_id] = float(cpus) if cpus.isascii() and cpus.isdigit() and 0 < int(cpus) < 4096 else 1.0
+        return out
 
     def members(self) -> list[dict[str, Any]]:
         """Every node this one knows, with its state and what it says about itself."""

@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -31,10 +32,12 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from pleaco.cluster.messages import ADDR
 from pleaco.cluster.wire import derive_key
 from pleaco.identity import Identity, node_id_for, verify, write_secret_file
 from pleaco.store import Store
 
+_HEX = re.compile(r"[0-9a-f]+", re.ASCII)
 CLUSTER_FILE = "cluster.json"
 TOKEN_PREFIX = "pleaco1-"
 JOIN_SECRET_KEY = "cluster/join"
@@ -101,7 +104,7 @@ def load_join_secret(store: Store, state: ClusterState) -> bytes | None:
         return None
     try:
         return _secrets_aead(state).decrypt(_unb64(value["nonce"]), _unb64(value["sealed"]), JOIN_SECRET_KEY.encode())
-    except (InvalidTag, KeyError, TrustError):
+    except (InvalidTag, KeyError, TypeError, ValueError, TrustError):
         return None
 
 
@@ -126,7 +129,7 @@ class JoinToken:
         try:
             body = json.loads(_unb64(token[len(TOKEN_PREFIX):]))
             cluster_id, join_secret, seeds = body["c"], _unb64(body["j"]), body["s"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise TrustError("the join token is damaged (copy it again with `pleaco cluster token`)") from None
         if not isinstance(cluster_id, str) or len(join_secret) != 32 or not isinstance(seeds, list) or not all(
             isinstance(s, str) for s in seeds
@@ -169,8 +172,13 @@ def check_join_request(raw: Any, cluster_id: str, join_secret: bytes, now: float
     for key in ("cluster", "pub", "name", "addr", "api", "nonce", "mac", "sig"):
         if not isinstance(raw.get(key), str) or len(raw[key]) > 300:
             raise TrustError(f"join request: {key} missing or malformed")
-    if not isinstance(raw.get("ts"), int):
+    if not isinstance(raw.get("ts"), int) or isinstance(raw["ts"], bool) or not 0 <= raw["ts"] < 2**40:
         raise TrustError("join request: ts missing or malformed")
+    if not (_HEX.fullmatch(raw["mac"]) and len(raw["mac"]) == 64 and _HEX.fullmatch(raw["sig"])
+            and _HEX.fullmatch(raw["pub"]) and _HEX.fullmatch(raw["nonce"])):
+        raise TrustError("join request: mac, sig, pub and nonce must be hex")
+    if not (ADDR.match(raw["addr"]) and ADDR.match(raw["api"])):
+        raise TrustError("join request: addr and api must be HOST:PORT")
     if raw["cluster"] != cluster_id:
         raise TrustError("join request for another cluster")
     now = time.time() if now is None else now

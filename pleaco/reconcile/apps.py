@@ -86,12 +86,15 @@ class AppReconciler:
         runtime: DockerRuntime,
         registry: Registry,
         live_nodes: Callable[[], Sequence[str]] | None = None,
+        weights: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.node_id = node_id
         self.apps = apps
         self.runtime = runtime
         self.live_nodes = live_nodes or (lambda: [node_id])
+        # Placement weight per node (its capacity); equal when not given.
+        self.weights = weights or dict
         self.observed = Observation()
         self.replicas: dict[ReplicaKey, ReplicaState] = {}
         self.images: dict[str, ImageState] = {}
@@ -105,7 +108,11 @@ class AppReconciler:
         # waits for 50 container starts: the view stays fresh, and a scale to 0 during a
         # scale to 50 acts at once. Keyed by what they act on, so no pass doubles one up.
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._published: dict[str, list[dict[str, Any]]] = {}
         self._session: aiohttp.ClientSession | None = None
+        # Asked before a running container is stopped; False defers it to a later pass. The
+        # proxy sets it to drain replicas (out of its routes, a grace period, then stop).
+        self.may_remove: Callable[[ContainerInfo, str], bool] = lambda c, reason: True
 
         self.m_runs = registry.register(
             Counter("pleaco_reconcile_runs_total", "Reconcile passes by loop and result.", ("loop", "result"))
@@ -225,9 +232,14 @@ class AppReconciler:
 
         desired: dict[ReplicaKey, AppSpec] = {}
         nodes = list(self.live_nodes())
+        if not nodes:
+            # The cluster layer does not know yet where replicas belong (this node is
+            # still joining): observe, but neither start nor remove anything.
+            return False
         specs = {spec.name: spec for spec in self.apps.specs()}
+        weights = self.weights()
         for spec in specs.values():
-            for idx in owned_replicas(spec.name, self.apps.replicas(spec.name), nodes, self.node_id):
+            for idx in owned_replicas(spec.name, self.apps.replicas(spec.name), nodes, self.node_id, weights):
                 desired[(spec.name, idx)] = spec
 
         by_replica: dict[ReplicaKey, list[ContainerInfo]] = {}
@@ -237,6 +249,11 @@ class AppReconciler:
         removals: list[tuple[ContainerInfo, str]] = []
         starts: list[tuple[AppSpec, int]] = []
         restarts: list[tuple[ContainerInfo, AppSpec]] = []
+        # Rollout pace per app: replacements started and not serving yet (the surge), and
+        # replicas without a serving container (the unavailable); see rollout settings.
+        surging: dict[str, int] = {}
+        unavailable: dict[str, int] = {}
+        replace: list[tuple[AppSpec, int, list[ContainerInfo]]] = []
 
         for key, group in by_replica.items():
             wanted = desired.get(key)
@@ -261,8 +278,23 @@ class AppReconciler:
                     restarts.append((keep, spec))
                 if self._serving(keep, state, spec):
                     removals.extend((c, "replaced by new release") for c in old)
+                elif old:
+                    surging[spec.name] = surging.get(spec.name, 0) + 1
+                else:
+                    unavailable[spec.name] = unavailable.get(spec.name, 0) + 1
             elif state.backoff.ready(now):
-                starts.append((spec, key[1]))
+                replace.append((spec, key[1], old))
+
+        # Old release only: start the replacement within the surge budget; beyond it, stop
+        # the old one first within the unavailable budget; else wait for a later pass.
+        rollout = self.cfg.rollout
+        for spec, idx, old in replace:
+            if surging.get(spec.name, 0) < rollout.max_surge:
+                surging[spec.name] = surging.get(spec.name, 0) + 1
+                starts.append((spec, idx))
+            elif unavailable.get(spec.name, 0) < rollout.max_unavailable:
+                unavailable[spec.name] = unavailable.get(spec.name, 0) + 1
+                removals.extend((c, "stopped first to replace it (surge budget spent)") for c in old)
 
         for key, spec in desired.items():
             if key not in by_replica and self._state(key).backoff.ready(now):
@@ -274,10 +306,12 @@ class AppReconciler:
                 del self.replicas[key]
 
         await self._probe_health(desired, now)
+        removals = [(c, reason) for c, reason in removals if not c.running or self.may_remove(c, reason)]
 
         # Check images of wanted-but-missing replicas before trying to start them.
         starts = [s for s in starts if await self._image_present(s[0].image, now)]
 
+        self._publish()
         acted = False
         for c, reason in removals:
             acted |= self._spawn(f"remove/{c.id}", self._remove(c, reason))
@@ -286,6 +320,48 @@ class AppReconciler:
         for c, spec in restarts:
             acted |= self._spawn(f"run/{c.app}/{c.replica}", self._restart(c, spec))
         return acted
+
+    # -- what other nodes see -------------------------------------------------------------
+
+    def _publish(self) -> None:
+        """Write this node's replicas of each app as a ``route`` record (APP/NODE) when they
+        changed, so every node can show (and route to) the whole app. Only changes are
+        written: a steady app costs nothing."""
+        current: dict[str, list[dict[str, Any]]] = {}
+        for spec in self.apps.specs():
+            status = app_status(self, spec, self.apps.replicas(spec.name), remote=False)
+            if status.instances:
+                # Without the back-off countdown, which changes every pass.
+                current[spec.name] = [{**i.to_json(), "backoff_s": 0.0} for i in status.instances]
+        for app in set(self._published) | set(current):
+            instances = current.get(app)
+            if self._published.get(app) == instances:
+                continue
+            key = f"{app}/{self.node_id}"
+            if instances is None:
+                if self.apps.store.value("route", key) is not None:
+                    self.apps.store.delete("route", key)
+                self._published.pop(app, None)
+            else:
+                value = {"app": app, "node": self.node_id, "host": self.cfg.publish_host, "instances": instances}
+                self.apps.store.put("route", key, value)
+                self._published[app] = instances
+
+    def remote_instances(self, app: str) -> list[InstanceStatus]:
+        """The app's replicas on other live nodes, from their ``route`` records."""
+        live = set(self.live_nodes())
+        out = []
+        for rec in self.apps.store.records("route"):
+            value = rec.value or {}
+            node = value.get("node")
+            if value.get("app") != app or node == self.node_id or node not in live:
+                continue
+            for raw in value.get("instances") or []:
+                try:
+                    out.append(InstanceStatus.from_json(raw, str(node)))
+                except (KeyError, TypeError, ValueError):
+                    continue
+        return out
 
     # -- per-replica bookkeeping -----------------------------------------------------------
 
@@ -478,9 +554,16 @@ class InstanceStatus:
     last_exit_code: int | None
     backoff_s: float
     error: str
+    node: str = ""  # the node that runs it
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], node: str) -> InstanceStatus:
+        return cls(int(raw["replica"]), str(raw["container"]), int(raw["release"]), str(raw["state"]),
+                   bool(raw["healthy"]), raw.get("host_port"), int(raw.get("restarts", 0)),
+                   raw.get("last_exit_code"), float(raw.get("backoff_s", 0.0)), str(raw.get("error", "")), node)
 
 
 @dataclass(frozen=True)
@@ -494,6 +577,8 @@ class AppStatus:
     state: str  # running | starting | degraded | stopped | image_missing | crashloop | engine_unreachable
     message: str
     instances: list[InstanceStatus]
+    # Set when this release is a rollback: {"from": revision, "to": revision, "reason": why}.
+    rollback: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -504,6 +589,8 @@ class AppStatus:
             "env": self.spec.env,
             "health": self.spec.health,
             "host": self.spec.host,
+            "https": self.spec.https or "on",
+            "rollback": self.rollback,
             "replicas": self.replicas,
             "running": self.running,
             "healthy": self.healthy,
@@ -513,8 +600,9 @@ class AppStatus:
         }
 
 
-def app_status(rec: AppReconciler, spec: AppSpec, replicas: int) -> AppStatus:
-    """Summarise an app from the reconciler's last observation of this node."""
+def app_status(rec: AppReconciler, spec: AppSpec, replicas: int, remote: bool = True) -> AppStatus:
+    """Summarise an app: this node's replicas as last observed, and (``remote``) the other
+    live nodes' replicas as their ``route`` records last said."""
     now = time.monotonic()
     instances = []
     for c in sorted(rec.observed.containers, key=lambda c: (c.replica, c.release)):
@@ -534,11 +622,16 @@ def app_status(rec: AppReconciler, spec: AppSpec, replicas: int) -> AppStatus:
                 last_exit_code=st.last_exit_code if st else None,
                 backoff_s=round(max(0.0, st.backoff.next_attempt - now), 1) if st and not c.running else 0.0,
                 error=st.last_error if st else "",
+                node=rec.node_id,
             )
         )
+    if remote:
+        instances += rec.remote_instances(spec.name)
+    instances.sort(key=lambda i: (i.replica, i.release, i.node))
     wanted = [i for i in instances if i.release == spec.revision and i.replica < replicas]
-    running = sum(1 for i in wanted if i.state == "running")
-    healthy = sum(1 for i in wanted if i.healthy)
+    # Distinct replicas: while a replica moves between nodes both copies may be seen.
+    running = len({i.replica for i in wanted if i.state == "running"})
+    healthy = len({i.replica for i in wanted if i.healthy})
     crashing = [i for i in wanted if i.state != "running" and i.restarts + (i.last_exit_code is not None) > 0]
     if not rec.observed.engine_ok:
         state, message = "engine_unreachable", rec.observed.engine_error
@@ -560,4 +653,11 @@ def app_status(rec: AppReconciler, spec: AppSpec, replicas: int) -> AppStatus:
         state, message = "degraded", f"{healthy} of {replicas} replicas healthy"
     else:
         state, message = "starting", f"0 of {replicas} replicas healthy"
-    return AppStatus(spec, replicas, running, healthy, state, message, instances)
+    rollback = None
+    release = rec.apps.release(spec.name, spec.revision)
+    if release and "rollback_of" in release:
+        rollback = {"from": release.get("rolled_back_from"), "to": release["rollback_of"],
+                    "reason": release.get("reason", "by hand")}
+        if state == "running":
+            message = f"rolled back from revision {rollback['from']}: {rollback['reason']}"
+    return AppStatus(spec, replicas, running, healthy, state, message, instances, rollback)

@@ -23,6 +23,8 @@ LABEL_NODE = "pleaco.node"
 LABEL_RELEASE = "pleaco.release"
 LABEL_REPLICA = "pleaco.replica"
 MANAGED_LABELS = (LABEL_APP, LABEL_NODE, LABEL_RELEASE, LABEL_REPLICA)
+# Infrastructure containers (the proxy) carry this and LABEL_NODE instead of the four above.
+LABEL_ROLE = "pleaco.role"
 
 # The oldest engine we support is Debian 12's docker.io (20.10, API 1.41). Pinning the
 # version also means creating the client never has to reach the engine.
@@ -56,6 +58,10 @@ class ContainerInfo:
     image: str
     host_port: int | None
     created: int
+    # The container's address on its Docker network ("" when it has none): the proxy, in the
+    # host's network namespace, dials it directly rather than through the published port's
+    # docker-proxy (a userland copy of every connection).
+    ip: str = ""
 
     @property
     def running(self) -> bool:
@@ -94,6 +100,33 @@ class RunSpec:
             LABEL_REPLICA: str(self.replica),
         }
 
+
+@dataclass(frozen=True)
+class InfraSpec:
+    """An infrastructure container of one node (the proxy): host network, bind mounts."""
+
+    role: str
+    node: str
+    name: str
+    image: str
+    command: tuple[str, ...] = ()
+    binds: tuple[tuple[str, str, str], ...] = ()  # (host path, container path, "ro" | "rw")
+    env: tuple[tuple[str, str], ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InfraInfo:
+    id: str
+    name: str
+    image: str
+    state: str
+    started_at: str
+    labels: dict[str, str]
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
 
 def _wrap(exc: Exception) -> Exception:
     if isinstance(exc, docker.errors.NotFound | docker.errors.ImageNotFound):
@@ -225,6 +258,65 @@ class DockerRuntime:
         return stream  # type: ignore[no-any-return]
 
 
+    # -- infrastructure containers (the proxy) ---------------------------------------------
+    # They carry ``pleaco.role`` and ``pleaco.node`` but not the four app labels, so
+    # list_managed and _inspect_owned (the app reconciler's only doors) never see them.
+
+    def find_infra(self, node_id: str, role: str) -> InfraInfo | None:
+        """This node's container of that role, in any state (the newest if several)."""
+        rows = self._call(
+            self._api.containers, all=True, filters={"label": [f"{LABEL_ROLE}={role}", f"{LABEL_NODE}={node_id}"]}
+        )
+        rows = [r for r in rows if (r.get("Labels") or {}).get(LABEL_NODE) == node_id]
+        if not rows:
+            return None
+        row = max(rows, key=lambda r: int(r.get("Created", 0)))
+        info = self._call(self._api.inspect_container, row["Id"])
+        state = info.get("State") or {}
+        return InfraInfo(
+            id=str(info["Id"]),
+            name=str(info.get("Name", "")).lstrip("/"),
+            image=str((info.get("Config") or {}).get("Image", "")),
+            state=str(state.get("Status", "unknown")),
+            started_at=str(state.get("StartedAt", "")),
+            labels=dict((info.get("Config") or {}).get("Labels") or {}),
+        )
+
+    def run_infra(self, spec: InfraSpec) -> str:
+        """Create and start an infrastructure container (host network); returns its id."""
+        host_config = self._api.create_host_config(
+            network_mode="host",
+            binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds],
+            # The agent restarts it too, but the engine's policy keeps traffic flowing
+            # while the agent itself is down or restarting.
+            restart_policy={"Name": "unless-stopped"},
+            log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+        )
+        created = self._call(
+            self._api.create_container,
+            spec.image,
+            name=spec.name,
+            command=list(spec.command) or None,
+            labels={LABEL_ROLE: spec.role, LABEL_NODE: spec.node, **spec.labels},
+            environment=dict(spec.env) or None,
+            host_config=host_config,
+            detach=True,
+        )
+        cid = str(created["Id"])
+        self._call(self._api.start, cid)
+        return cid
+
+    def remove_infra(self, container_id: str, node_id: str, role: str) -> None:
+        """Remove one of this node's infrastructure containers (checked by its labels)."""
+        info = self._call(self._api.inspect_container, container_id)
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        if labels.get(LABEL_ROLE) != role or labels.get(LABEL_NODE) != node_id:
+            raise PermissionError(f"container {container_id[:12]} is not node {node_id}'s {role}")
+        try:
+            self._call(self._api.remove_container, container_id, force=True)
+        except NotFound:
+            return  # already gone: the goal is reached
+
 def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
     labels = row.get("Labels") or {}
     try:
@@ -253,6 +345,8 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
         image=row.get("Image", ""),
         host_port=host_port,
         created=int(row.get("Created", 0)),
+        ip=next((str(n["IPAddress"]) for n in ((row.get("NetworkSettings") or {}).get("Networks") or {}).values()
+                 if n.get("IPAddress")), ""),
     )
 
 

@@ -69,13 +69,17 @@ class AgentProcess:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    # Where the API listens, and a command prefix (e.g. ``ip netns exec NS`` to run the
+    # agent on a test host in a network namespace).
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     node_id: str = ""
     starts: int = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -92,8 +96,8 @@ class AgentProcess:
     def start(self) -> AgentProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
-        cmd = [sys.executable, "-m", "pleaco", "agent", "--data-dir", str(self.data_dir),
-               "--api-listen", f"127.0.0.1:{self.port}", "--name", self.data_dir.name, *self.extra_args]
+        cmd = [*self.prefix, sys.executable, "-m", "pleaco", "agent", "--data-dir", str(self.data_dir),
+               "--api-listen", f"{self.host}:{self.port}", "--name", self.data_dir.name, *self.extra_args]
         env = {**os.environ, "PLEACO_LOG_LEVEL": "debug", **self.env}
         with open(self.log_path, "ab") as log:
             log.write(f"--- start {self.starts} ---\n".encode())
@@ -106,7 +110,7 @@ class AgentProcess:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log_tail()}")
             with socket.socket() as s:
                 s.settimeout(0.2)
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
+                return s.connect_ex((self.host, self.port)) == 0
 
         deadline = time.monotonic() + 20
         while not up():

@@ -29,8 +29,9 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     agents: list[AgentProcess] = []
 
     def make(name: str = "node", extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-             start: bool = True) -> AgentProcess:
-        agent = AgentProcess(tmp_path / name, extra_args=list(extra_args or []), env=dict(env or {}))
+             start: bool = True, host: str = "127.0.0.1", prefix: list[str] | None = None) -> AgentProcess:
+        agent = AgentProcess(tmp_path / name, extra_args=list(extra_args or []), env=dict(env or {}),
+                             host=host, prefix=list(prefix or []))
         agents.append(agent)
         return agent.start() if start else agent
 

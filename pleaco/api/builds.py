@@ -1,0 +1,227 @@
+"""API routes of the build pipeline, added to the aiohttp app by ``add_routes``:
+
+    POST /v1/apps/{name}/connect    {"repo", "branch"?, "webhook_secret"?, "repo_token"?, "deploy_key"?}
+    GET  /v1/builds                 ?app=NAME: builds, newest first
+    GET  /v1/builds/{id}            one build
+    GET  /v1/builds/{id}/logs       ?follow=1: the build log, text/plain
+    POST /v1/builds/{id}/cancel     cancel an unfinished build
+    POST /v1/hooks/github           GitHub's webhook: no bearer token, X-Hub-Signature-256
+
+The webhook checks the signature over the raw body before it parses anything. GitHub signs
+with the secret of one webhook, and the body says which repository it is about only once
+parsed, so the signature is checked against every connected app's secret (an HMAC each,
+microseconds); only the apps whose secret matches can be acted on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from typing import Any
+
+from aiohttp import web
+
+from pleaco import logs
+from pleaco.api.errors import ApiError
+from pleaco.build.model import TERMINAL, Build
+from pleaco.build.service import BuildService, ConnectError
+from pleaco.build.source import COMMIT, ZERO_COMMIT
+
+log = logs.get("pleaco.api.builds")
+
+HOOK_PATH = "/v1/hooks/github"
+
+
+def sign(secret: str, body: bytes) -> str:
+    """GitHub's X-Hub-Signature-256 value for ``body``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def build_json(b: Build) -> dict[str, Any]:
+    return b.to_value()
+
+
+class BuildRoutes:
+    def __init__(self, service: BuildService) -> None:
+        self.service = service
+
+    def add_to(self, app: web.Application) -> None:
+        r = app.router
+        r.add_post("/v1/apps/{name}/connect", self.connect)
+        r.add_get("/v1/builds", self.list_builds)
+        r.add_get("/v1/builds/{id}", self.show_build)
+        r.add_get("/v1/builds/{id}/logs", self.build_logs)
+        r.add_post("/v1/builds/{id}/cancel", self.cancel_build)
+        r.add_post(HOOK_PATH, self.github_hook)
+
+    # -- connect and builds --------------------------------------------------------------
+
+    async def connect(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid", 'body: expected {"repo": URL, "branch": B, "webhook_secret": S}')
+        allowed = {"repo", "branch", "webhook_secret", "repo_token", "deploy_key"}
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise ApiError(400, "invalid", f"{unknown[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
+        try:
+            conn, secret, created = self.service.connect(
+                request.match_info["name"], body.get("repo"), body.get("branch"), body.get("webhook_secret"),
+                body.get("repo_token"), body.get("deploy_key"))
+        except ConnectError as exc:
+            raise ApiError(400, "invalid", str(exc)) from None
+        base = self.service.cfg.public_url.rstrip("/") or str(request.url.origin())
+        return web.json_response(
+            {"app": conn.app, "repo": conn.repo, "branch": conn.branch, "webhook_url": base + HOOK_PATH,
+             "webhook_secret": secret, "content_type": "application/json", "app_created": created,
+             "private": "repo_token" in body or "deploy_key" in body},
+            status=201 if created else 200,
+        )
+
+    def _build(self, request: web.Request) -> Build:
+        b = self.service.builds.get(request.match_info["id"])
+        if b is None:
+            raise ApiError(404, "not_found", f"build {request.match_info['id']!r} does not exist")
+        return b
+
+    async def list_builds(self, request: web.Request) -> web.Response:
+        app = request.query.get("app") or None
+        return web.json_response([build_json(b) for b in self.service.builds.all(app)])
+
+    async def show_build(self, request: web.Request) -> web.Response:
+        return web.json_response(build_json(self._build(request)))
+
+    async def cancel_build(self, request: web.Request) -> web.Response:
+        b = self._build(request)
+        if not b.active:
+            raise ApiError(409, "not_active", f"build {b.id} is already {b.state}")
+        after = await asyncio.to_thread(self.service.cancel, b.id)
+        return web.json_response(build_json(after or b))
+
+    async def build_logs(self, request: web.Request) -> web.StreamResponse:
+        b = self._build(request)
+        follow = request.query.get("follow", "") in ("1", "true", "yes")
+        path = self.service.log_path(b.id)
+        if not path.exists():
+            if b.node and b.node != self.service.node_id:
+                raise ApiError(404, "not_here", f"the log of build {b.id} is kept on node {b.node}")
+            if b.state != "queued":
+                raise ApiError(404, "no_log", f"build {b.id} has no log")
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await resp.prepare(request)
+        offset = 0
+        try:
+            while True:
+                chunk = await asyncio.to_thread(_read_from, path, offset)
+                if chunk:
+                    offset += len(chunk)
+                    await resp.write(chunk)
+                    continue
+                if not follow:
+                    break
+                current = self.service.builds.get(b.id)
+                if current is None or current.state in TERMINAL:
+                    # One last read: the worker writes its last line before the state.
+                    chunk = await asyncio.to_thread(_read_from, path, offset)
+                    if chunk:
+                        await resp.write(chunk)
+                    break
+                await asyncio.sleep(0.2)
+        except ConnectionResetError:
+            pass
+        return resp
+
+    # -- the webhook ---------------------------------------------------------------------
+
+    async def _read_limited(self, request: web.Request) -> bytes:
+        limit = self.service.cfg.webhook_max_body_bytes
+        too_large = ApiError(413, "body_too_large", f"webhook body too large (limit {limit} bytes)")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await request.content.read(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def github_hook(self, request: web.Request) -> web.Response:
+        body = await self._read_limited(request)
+        given = request.headers.get("X-Hub-Signature-256", "")
+        if not given:
+            raise ApiError(401, "unauthorized", "missing X-Hub-Signature-256 header")
+        signed_by = []
+        for conn in self.service.builds.connections():
+            secret = self.service.webhook_secret(conn.app)
+            if secret and hmac.compare_digest(sign(secret, body).encode(), given.encode()):
+                signed_by.append(conn)
+        if not signed_by:
+            log.warning("webhook.bad_signature", delivery=request.headers.get("X-GitHub-Delivery", ""))
+            raise ApiError(401, "unauthorized", "X-Hub-Signature-256 does not match any connected app's secret")
+        # Signed: now the body may be parsed.
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "invalid_json", f"payload is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "invalid", "payload: expected a JSON object")
+        event = request.headers.get("X-GitHub-Event", "")
+        delivery = request.headers.get("X-GitHub-Delivery", "")
+        repo = payload.get("repository")
+        names = [str(repo.get(k)) for k in ("clone_url", "ssh_url", "html_url", "full_name", "git_url", "url")
+                 if isinstance(repo, dict) and isinstance(repo.get(k), str)]
+        apps = [c for c in signed_by if c.matches(names)]
+        if not apps:
+            raise ApiError(404, "unknown_repository",
+                           f"no app with this webhook secret is connected to repository {names[0] if names else '?'}")
+        if event == "ping":
+            return web.json_response({"event": "ping", "ok": True, "apps": [c.app for c in apps]})
+        if event != "push":
+            return web.json_response({"event": event, "ignored": f"event {event!r} does not trigger builds"})
+        ref, after = payload.get("ref"), payload.get("after")
+        if not isinstance(ref, str) or not isinstance(after, str):
+            raise ApiError(400, "invalid", "push payload: ref and after must be strings")
+        if payload.get("deleted") is True or after == ZERO_COMMIT:
+            return web.json_response({"event": "push", "ignored": f"{ref} was deleted"})
+        if not ref.startswith("refs/heads/"):
+            return web.json_response({"event": "push", "ignored": f"{ref} is not a branch"})
+        branch = ref.removeprefix("refs/heads/")
+        tracked = [c for c in apps if c.branch == branch]
+        if not tracked:
+            return web.json_response({"event": "push", "ignored": f"branch {branch!r} is not tracked "
+                                      f"(tracking {', '.join(sorted({c.branch for c in apps}))})"})
+        if not COMMIT.fullmatch(after):
+            raise ApiError(400, "invalid", f"push payload: after: {after!r} is not a commit id")
+        results = []
+        for conn in tracked:
+            res = await asyncio.to_thread(self.service.push, conn, after, delivery, "webhook")
+            log.info("webhook.push", app=conn.app, commit=after, delivery=delivery, outcome=res.outcome)
+            results.append({"app": conn.app, "outcome": res.outcome, "build": res.build.id if res.build else None})
+        queued = any(r["outcome"] == "queued" for r in results)
+        return web.json_response({"event": "push", "commit": after, "builds": results}, status=202 if queued else 200)
+
+
+def _read_from(path: Any, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(1 << 20)
+    except FileNotFoundError:
+        return b""
+
+
+def add_routes(app: web.Application, service: BuildService) -> BuildRoutes:
+    routes = BuildRoutes(service)
+    routes.add_to(app)
+    return routes

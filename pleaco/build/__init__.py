@@ -1,0 +1,1 @@
+"""The build pipeline: repository connections, webhooks, source, builders, tests, scan, release."""

@@ -1,0 +1,54 @@
+"""The build pipeline's tunables: the ``[build]`` table of the agent's config (env
+``PLEACO_BUILD_<NAME>``), each with its default and the reason for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class BuildConfig:
+    # URL GitHub reaches this node's API at, printed by `apps connect` as the webhook URL
+    # (plus /v1/hooks/github). Empty: the URL the client used to reach the API.
+    public_url: str = ""
+    # Largest webhook body (bytes). GitHub caps payloads at 25 MB and drops larger ones.
+    webhook_max_body_bytes: int = 25 << 20
+    # Builds running at once on this node. Image builds are CPU- and disk-bound; two at a
+    # time keep a 2-core node's API and reconciler responsive.
+    concurrency: int = 2
+    # Whole-build time limit (seconds): fetch + build + test + scan. Heroku's is 15 min.
+    timeout: float = 900.0
+    # engine (Docker Engine's build API, works offline) or kaniko.
+    backend: str = "engine"
+    # The kaniko executor image. Upstream GoogleContainerTools/kaniko was archived in June
+    # 2025; Chainguard maintains the fork.
+    kaniko_image: str = "cgr.dev/chainguard/kaniko:latest"
+    # One git command (fetch, archive, ls-remote) may take this long (seconds).
+    git_timeout: float = 120.0
+    # Test container limits: seconds (pleaco.toml's [test] timeout overrides), memory
+    # (bytes) and CPUs. One CPU of two leaves the node able to serve while tests run.
+    test_timeout: float = 300.0
+    test_memory_bytes: int = 512 << 20
+    test_cpus: float = 1.0
+    # Seconds between `git ls-remote` polls of every connected repository, for clusters
+    # GitHub cannot reach. 0 turns polling off (webhooks only).
+    poll_interval: float = 0.0
+    # A build interrupted (agent killed) this many times is failed rather than resumed,
+    # so a build that kills the agent cannot loop forever.
+    max_attempts: int = 3
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("timeout", "git_timeout", "test_timeout", "test_cpus"):
+            if not getattr(self, name) > 0:
+                problems.append(f"build.{name}: must be greater than 0")
+        for name in ("webhook_max_body_bytes", "concurrency", "test_memory_bytes", "max_attempts"):
+            if getattr(self, name) < 1:
+                problems.append(f"build.{name}: must be at least 1")
+        if self.poll_interval < 0:
+            problems.append("build.poll_interval: must be 0 (off) or more")
+        if self.backend not in ("engine", "kaniko"):
+            problems.append(f"build.backend: expected engine or kaniko, got {self.backend!r}")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            problems.append(f"build.public_url: expected an http(s) URL, got {self.public_url!r}")
+        return problems

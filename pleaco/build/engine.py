@@ -1,0 +1,308 @@
+"""The Docker Engine calls the build pipeline needs, typed, and cancellable from another thread.
+
+Kept apart from ``pleaco.runtime.docker`` (the app containers' adapter) because build
+calls are long and streaming: an image build, a test container, a file system export. Each
+can be aborted by a ``Cancel`` token from another thread (a newer push, the time limit, the
+agent stopping): a build's HTTP stream is shut down, which makes the engine cancel it; a
+test container is killed.
+
+Containers made here carry ``pleaco.build`` (the build id), ``pleaco.build-node`` (the node
+id) and ``pleaco.build-role`` and never the app labels, so the app reconciler never sees
+them, and an agent that restarts removes the ones its dead predecessor left behind. Images
+carry another label (``pleaco.image.node``): a container inherits its image's labels, and an app
+replica must never look like a leftover build container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import docker
+import docker.errors
+
+from pleaco.runtime.docker import API_VERSION, EngineUnavailable, NotFound, _wrap
+
+LABEL_BUILD = "pleaco.build"
+LABEL_BUILD_NODE = "pleaco.build-node"
+LABEL_BUILD_ROLE = "pleaco.build-role"
+LABEL_IMAGE_NODE = "pleaco.image.node"
+
+LogFn = Callable[[str], None]
+
+
+class Cancelled(RuntimeError):
+    """The operation was aborted through its Cancel token; the message says why."""
+
+
+class BuildFailed(RuntimeError):
+    """The engine reported an error for the build (a Dockerfile step failed, ...)."""
+
+
+class Cancel:
+    """A thread-safe cancellation token with abort hooks for the operation in progress."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._hooks: list[Callable[[], None]] = []
+        self.reason = ""
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.reason = reason
+            self._event.set()
+            hooks = list(self._hooks)
+        for hook in hooks:
+            with contextlib.suppress(Exception):
+                hook()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled(self.reason)
+
+    @contextlib.contextmanager
+    def on_cancel(self, hook: Callable[[], None]) -> Iterator[None]:
+        with self._lock:
+            self._hooks.append(hook)
+            run_now = self._event.is_set()
+        if run_now:
+            hook()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._hooks.remove(hook)
+
+
+class _Client(docker.APIClient):  # type: ignore[misc]
+    """An APIClient that remembers the last streamed response, so it can be shut down."""
+
+    last_response: Any = None
+
+    def _stream_helper(self, response: Any, decode: bool = False) -> Any:
+        self.last_response = response
+        return super()._stream_helper(response, decode=decode)
+
+
+def _shutdown(response: Any) -> None:
+    raw = response.raw._fp.fp.raw
+    sock = getattr(raw, "_sock", raw)
+    sock.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass(frozen=True)
+class TestResult:
+    exit_code: int | None  # None when it was killed at its time limit
+    output: str
+    timed_out: bool
+
+
+class BuildEngine:
+    def __init__(self, base_url: str, timeout: float, node_id: str) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self.node_id = node_id
+        self._api = docker.APIClient(base_url=base_url, version=API_VERSION, timeout=int(timeout))
+
+    def close(self) -> None:
+        self._api.close()
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            raise _wrap(exc) from exc
+
+    def labels(self, build_id: str, role: str) -> dict[str, str]:
+        """Labels of a build's own containers (test, scan, kaniko)."""
+        return {LABEL_BUILD: build_id, LABEL_BUILD_NODE: self.node_id, LABEL_BUILD_ROLE: role}
+
+    def image_labels(self) -> dict[str, str]:
+        """The built image's labels: only the node that built it. The engine's classic builder
+        adds each build-time label as a step of its own (a container created and committed,
+        ~0.1 s each), and the tag (pleaco-build/APP:COMMIT) already names app and commit."""
+        return {LABEL_IMAGE_NODE: self.node_id}
+
+    # -- images --------------------------------------------------------------------------
+
+    def image_id(self, ref: str) -> str | None:
+        try:
+            return str(self._call(self._api.inspect_image, ref)["Id"])
+        except NotFound:
+            return None
+
+    def tag(self, image: str, repository: str, tag: str) -> None:
+        self._call(self._api.tag, image, repository, tag, force=True)
+
+    def build(self, context: IO[bytes], *, tag: str, dockerfile: str, build_args: dict[str, str],
+              labels: dict[str, str], cache_from: list[str], log: LogFn, cancel: Cancel) -> str:
+        """Build an image from a tar context with the engine's (classic) builder; its id."""
+        client = _Client(base_url=self.base_url, version=API_VERSION, timeout=None)
+        image_id = ""
+        try:
+            cancel.check()
+            stream = client.build(
+                fileobj=context, custom_context=True, tag=tag, dockerfile=dockerfile,
+                buildargs=build_args or None, labels=labels, cache_from=cache_from or None,
+                rm=True, forcerm=True, decode=True, pull=False,
+            )
+            with cancel.on_cancel(lambda: _shutdown(client.last_response)):
+                for msg in stream:
+                    if "stream" in msg:
+                        log(str(msg["stream"]))
+                    if "error" in msg:
+                        raise BuildFailed(str(msg["error"]).strip())
+                    aux = msg.get("aux")
+                    if isinstance(aux, dict) and "ID" in aux:
+                        image_id = str(aux["ID"])
+        except (BuildFailed, Cancelled):
+            raise
+        except Exception as exc:
+            if cancel.cancelled:
+                raise Cancelled(cancel.reason) from None
+            err = _wrap(exc)
+            raise (err if isinstance(err, EngineUnavailable) else BuildFailed(str(err))) from exc
+        finally:
+            client.close()
+        cancel.check()
+        return image_id or (self.image_id(tag) or "")
+
+    def save(self, image: str) -> Iterator[bytes]:
+        """``docker save``, streamed: what a node sends a peer that needs the image (the
+        cluster's node-to-node channel carries it; ``load`` on the other side)."""
+        return self._call(self._api.get_image, image, chunk_size=1 << 20)  # type: ignore[no-any-return]
+
+    def load(self, tarball: IO[bytes] | Iterator[bytes]) -> list[str]:
+        """``docker load``: the image ids (or names) the engine reports."""
+        out = []
+        for msg in self._call(self._api.load_image, tarball):
+            if "error" in msg:
+                raise BuildFailed(str(msg["error"]))
+            stream = str(msg.get("stream", ""))
+            for prefix in ("Loaded image ID: ", "Loaded image: "):
+                if stream.startswith(prefix):
+                    out.append(stream[len(prefix):].strip())
+        return out
+
+    # -- containers ----------------------------------------------------------------------
+
+    def run_to_completion(self, image: str, command: list[str] | None, *, labels: dict[str, str],
+                          time_limit: float, cancel: Cancel, network: bool = False, mem_bytes: int = 0,
+                          nano_cpus: int = 0, binds: list[str] | None = None,
+                          log: LogFn | None = None) -> TestResult:
+        """Run a fresh container to its end (killed at ``time_limit``); it is always removed."""
+        host_config = self._api.create_host_config(
+            network_mode=None if network else "none", mem_limit=mem_bytes or None,
+            nano_cpus=nano_cpus or None, binds=binds, init=True,
+        )
+        created = self._call(self._api.create_container, image, command=command, labels=labels,
+                             host_config=host_config, network_disabled=not network, detach=True)
+        cid = str(created["Id"])
+        timed_out = False
+        try:
+            with cancel.on_cancel(lambda: self._api.kill(cid)):
+                cancel.check()
+                self._call(self._api.start, cid)
+                follower = threading.Thread(target=self._follow_logs, args=(cid, log), daemon=True)
+                if log is not None:
+                    follower.start()
+                deadline = time.monotonic() + time_limit
+                exit_code: int | None = None
+                while True:
+                    try:
+                        res = self._api.wait(cid, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                        exit_code = int(res.get("StatusCode", -1))
+                        break
+                    except Exception as exc:  # read timeout of the wait: check the deadline
+                        if not _is_timeout(exc):
+                            raise _wrap(exc) from exc
+                    if time.monotonic() >= deadline:
+                        timed_out = True
+                        with contextlib.suppress(Exception):
+                            self._api.kill(cid)
+                        break
+                if log is not None:
+                    follower.join(10)
+            cancel.check()
+            output = self._call(self._api.logs, cid, stdout=True, stderr=True).decode("utf-8", "replace")
+            return TestResult(None if timed_out else exit_code, output, timed_out)
+        finally:
+            with contextlib.suppress(Exception):
+                self._api.remove_container(cid, force=True)
+
+    def _follow_logs(self, cid: str, log: LogFn | None) -> None:
+        if log is None:
+            return
+        with contextlib.suppress(Exception):
+            for chunk in self._api.logs(cid, stream=True, follow=True):
+                log(chunk.decode("utf-8", "replace"))
+
+    @contextlib.contextmanager
+    def export_fs(self, image: str, labels: dict[str, str]) -> Iterator[IO[bytes]]:
+        """The image's file system as a tar stream, from a created (never started) container."""
+        created = self._call(self._api.create_container, image, command=["true"], labels=labels,
+                             network_disabled=True, entrypoint=[])
+        cid = str(created["Id"])
+        try:
+            chunks = self._call(self._api.export, cid)
+            yield io.BufferedReader(_ChunkReader(chunks), 1 << 16)
+        finally:
+            with contextlib.suppress(Exception):
+                self._api.remove_container(cid, force=True)
+
+    def remove_leftovers(self, build_ids: set[str] | None = None) -> int:
+        """Remove this node's build containers (all, or those of ``build_ids``)."""
+        rows = self._call(self._api.containers, all=True,
+                          filters={"label": [f"{LABEL_BUILD_NODE}={self.node_id}", LABEL_BUILD, LABEL_BUILD_ROLE]})
+        n = 0
+        for row in rows:
+            labels = row.get("Labels") or {}
+            if labels.get(LABEL_BUILD_NODE) != self.node_id:
+                continue
+            if build_ids is None or labels.get(LABEL_BUILD) in build_ids:
+                with contextlib.suppress(Exception):
+                    self._api.remove_container(row["Id"], force=True)
+                    n += 1
+        return n
+
+
+def _is_timeout(exc: Exception) -> bool:
+    import requests
+
+    return isinstance(exc, requests.exceptions.ReadTimeout | requests.exceptions.ConnectionError) and (
+        "timed out" in str(exc).lower() or isinstance(exc, requests.exceptions.ReadTimeout))
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file object over an iterator of byte chunks (the export stream), for tarfile."""
+
+    def __init__(self, chunks: Any) -> None:
+        self._chunks = iter(chunks)
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            try:
+                self._buf = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n

@@ -1,0 +1,127 @@
+"""``pleaco.toml``: what an app repository tells pleaco about building, testing and running it.
+
+Parsed with the standard library's tomllib. Every error names the table and field, and an
+unknown table or field is an error too: a typo (``[tset]``, ``comand``) must not silently
+turn the tests off.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+FILENAME = "pleaco.toml"
+SEVERITIES = ("none", "low", "medium", "high", "critical")
+_ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
+_HEALTH = re.compile(r"^/[\x21-\x7e]{0,1023}$")
+
+# Every table and the fields it may hold.
+SCHEMA: dict[str, frozenset[str]] = {
+    "app": frozenset({"name"}),
+    "build": frozenset({"dockerfile", "args"}),
+    "test": frozenset({"command", "timeout"}),
+    "run": frozenset({"port", "health", "replicas"}),
+    "scale": frozenset({"min", "max", "target_concurrency"}),
+    "scan": frozenset({"fail_on"}),
+}
+
+
+class ManifestError(ValueError):
+    """pleaco.toml is missing or invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str | None = None
+    dockerfile: str = "Dockerfile"
+    build_args: dict[str, str] = field(default_factory=dict)
+    test_command: list[str] | None = None
+    test_timeout: float | None = None
+    port: int | None = None
+    health: str | None = None
+    replicas: int | None = None
+    scale_min: int | None = None
+    scale_max: int | None = None
+    target_concurrency: int | None = None
+    fail_on: str = "critical"
+
+
+def _int(table: str, name: str, value: Any, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ManifestError(f"{FILENAME}: [{table}] {name}: expected an integer {lo}..{hi}, got {value!r}")
+    return value
+
+
+def _str(table: str, name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ManifestError(f"{FILENAME}: [{table}] {name}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def parse(text: str) -> Manifest:
+    """Parse the text of a pleaco.toml, or raise ManifestError naming what is wrong."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{FILENAME}: not valid TOML: {exc}") from None
+    for table, value in data.items():
+        if table not in SCHEMA:
+            raise ManifestError(f"{FILENAME}: unknown table [{table}] (allowed: {', '.join(sorted(SCHEMA))})")
+        if not isinstance(value, dict):
+            raise ManifestError(f"{FILENAME}: {table}: expected a table [{table}]")
+        unknown = sorted(set(value) - SCHEMA[table])
+        if unknown:
+            raise ManifestError(
+                f"{FILENAME}: [{table}] {unknown[0]}: unknown field (allowed: {', '.join(sorted(SCHEMA[table]))})"
+            )
+    app, build, test = data.get("app", {}), data.get("build", {}), data.get("test", {})
+    run, scale, scan = data.get("run", {}), data.get("scale", {}), data.get("scan", {})
+    out: dict[str, Any] = {}
+    if "name" in app:
+        out["name"] = _str("app", "name", app["name"])
+    if "dockerfile" in build:
+        dockerfile = _str("build", "dockerfile", build["dockerfile"])
+        if dockerfile.startswith("/") or ".." in dockerfile.split("/"):
+            raise ManifestError(f"{FILENAME}: [build] dockerfile: {dockerfile!r} must be a path inside the repository")
+        out["dockerfile"] = dockerfile
+    if "args" in build:
+        args = build["args"]
+        if not isinstance(args, dict):
+            raise ManifestError(f"{FILENAME}: [build] args: expected a table of NAME = \"value\"")
+        for k, v in args.items():
+            if not _ARG_NAME.fullmatch(k) or not isinstance(v, str):
+                raise ManifestError(f"{FILENAME}: [build] args: {k!r} must be a valid name with a string value")
+        out["build_args"] = dict(args)
+    if "command" in test:
+        cmd = test["command"]
+        if isinstance(cmd, str) and cmd:
+            cmd = ["sh", "-c", cmd]
+        if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
+            raise ManifestError(f"{FILENAME}: [test] command: expected a list of strings or a string, got {cmd!r}")
+        out["test_command"] = list(cmd)
+    if "timeout" in test:
+        out["test_timeout"] = float(_int("test", "timeout", test["timeout"], 1, 86400))
+    if "port" in run:
+        out["port"] = _int("run", "port", run["port"], 1, 65535)
+    if "health" in run:
+        health = run["health"]
+        if not isinstance(health, str) or not _HEALTH.fullmatch(health):
+            raise ManifestError(f"{FILENAME}: [run] health: {health!r} must be a path starting with '/'")
+        if "port" not in run:
+            raise ManifestError(f"{FILENAME}: [run] health: a health path needs a port")
+        out["health"] = health
+    if "replicas" in run:
+        out["replicas"] = _int("run", "replicas", run["replicas"], 0, 1000)
+    for name, key in (("min", "scale_min"), ("max", "scale_max"), ("target_concurrency", "target_concurrency")):
+        if name in scale:
+            out[key] = _int("scale", name, scale[name], 0 if name == "min" else 1, 100_000)
+    if "scale_min" in out and "scale_max" in out and out["scale_min"] > out["scale_max"]:
+        raise ManifestError(f"{FILENAME}: [scale] min: {out['scale_min']} is above max {out['scale_max']}")
+    if "fail_on" in scan:
+        fail_on = scan["fail_on"]
+        if fail_on not in SEVERITIES:
+            raise ManifestError(f"{FILENAME}: [scan] fail_on: expected one of {', '.join(SEVERITIES)}, got {fail_on!r}")
+        out["fail_on"] = fail_on
+    return Manifest(**out)

@@ -1,0 +1,151 @@
+"""Builds and repository connections as the replicated store holds them.
+
+- ``build/ID``: one build of one commit of one app. ID is ``APP-COMMIT12``, so one commit
+  of an app has exactly one build record: the same commit never builds twice.
+- ``build/repo/APP``: the app's connected repository (URL, branch, recent deliveries).
+  Build ids never hold a '/', so the two never collide.
+- ``secret/webhook/APP``: the webhook secret (see ``pleaco.build.secrets``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pleaco.store import Store
+
+STATES = ("queued", "fetching", "building", "testing", "scanning", "succeeded", "failed", "cancelled")
+ACTIVE = frozenset({"queued", "fetching", "building", "testing", "scanning"})
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+REPO_PREFIX = "repo/"
+# Deliveries remembered per app, to answer a redelivery without building: GitHub redelivers
+# on request or after a timeout, within hours; 200 covers far more pushes than that.
+DELIVERIES_KEPT = 200
+BRANCH = re.compile(r"^(?!/)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,255}(?<![/.])$")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def build_id(app: str, commit: str) -> str:
+    return f"{app}-{commit[:12]}"
+
+
+@dataclass
+class Build:
+    id: str
+    app: str
+    commit: str
+    repo: str
+    branch: str
+    state: str = "queued"
+    reason: str = ""
+    node: str = ""
+    trigger: str = ""  # webhook | poll | api
+    delivery: str = ""
+    created_ms: int = field(default_factory=now_ms)
+    updated_ms: int = field(default_factory=now_ms)
+    started_ms: int = 0
+    finished_ms: int = 0
+    attempt: int = 0
+    steps: dict[str, float] = field(default_factory=dict)  # seconds per finished step
+    source_sha256: str = ""
+    image: str = ""
+    tag: str = ""
+    test: dict[str, Any] = field(default_factory=dict)
+    scan: dict[str, Any] = field(default_factory=dict)
+    release: int = 0
+    superseded_by: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    def to_value(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_value(cls, value: dict[str, Any]) -> Build:
+        known = {k: v for k, v in value.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class Connection:
+    app: str
+    repo: str
+    branch: str
+    created_ms: int = field(default_factory=now_ms)
+    deliveries: list[str] = field(default_factory=list)
+    last_commit: str = ""
+
+    def to_value(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_value(cls, value: dict[str, Any]) -> Connection:
+        known = {k: v for k, v in value.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def matches(self, names: list[str], branch: str | None = None) -> bool:
+        mine = canonical_repo(self.repo)
+        return any(canonical_repo(n) == mine for n in names if n) and (branch is None or branch == self.branch)
+
+
+def canonical_repo(url: str) -> str:
+    """Compare repositories by host and path: https, ssh (git@host:path) and git:// URLs of
+    one GitHub repository, and its full name "owner/name", all come out the same."""
+    u = url.strip().rstrip("/")
+    u = u.removesuffix(".git").rstrip("/")
+    m = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/]*@)?([^/]+)/(.*)$", u)
+    if m:
+        host, path = m.group(1).lower(), m.group(2)
+    else:
+        m = re.match(r"^(?:[^@/]+@)?([^:/]+):(.+)$", u)  # scp-like ssh
+        host, path = (m.group(1).lower(), m.group(2)) if m else ("", u)
+    host = host.rsplit(":", 1)[0] if host.startswith("github.com") else host
+    if host in ("github.com", "www.github.com"):
+        host = ""  # so "owner/name" matches
+    return f"{host}/{path.lower() if not host else path}".lstrip("/")
+
+
+class BuildStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def get(self, bid: str) -> Build | None:
+        if "/" in bid:
+            return None
+        value = self.store.value("build", bid)
+        return None if value is None else Build.from_value(value)
+
+    def put(self, build: Build) -> Build:
+        build.updated_ms = now_ms()
+        self.store.put("build", build.id, build.to_value())
+        return build
+
+    def all(self, app: str | None = None) -> list[Build]:
+        out = [Build.from_value(r.value) for r in self.store.records("build")
+               if r.value is not None and not r.key.startswith(REPO_PREFIX)]
+        if app is not None:
+            out = [b for b in out if b.app == app]
+        return sorted(out, key=lambda b: (b.created_ms, b.id), reverse=True)
+
+    def latest(self, app: str) -> Build | None:
+        found = self.all(app)
+        return found[0] if found else None
+
+    def connection(self, app: str) -> Connection | None:
+        value = self.store.value("build", REPO_PREFIX + app)
+        return None if value is None else Connection.from_value(value)
+
+    def connections(self) -> list[Connection]:
+        return [Connection.from_value(r.value) for r in self.store.records("build")
+                if r.value is not None and r.key.startswith(REPO_PREFIX)]
+
+    def put_connection(self, conn: Connection) -> None:
+        conn.deliveries = conn.deliveries[-DELIVERIES_KEPT:]
+        self.store.put("build", REPO_PREFIX + conn.app, conn.to_value())

@@ -1,0 +1,535 @@
+"""The build service: connects repositories, accepts pushes, and runs builds to a release.
+
+A build runs in a worker thread, step by step, and writes its state to its ``build``
+record at every step, so any node (and ``pleaco builds``) sees where it is:
+
+    queued -> fetching -> building -> testing -> scanning -> succeeded | failed | cancelled
+
+- **Newest commit wins.** A push queues a build and cancels every unfinished older build of
+  that app (the running one is aborted: its engine build stream is shut down, its test
+  container killed), so only the newest commit is released. Nothing is lost: the newer
+  commit holds the older one's history, and the cancelled build's record says which build
+  superseded it.
+- **Never orphaned.** A build record names the node running it. An agent that starts finds
+  its own unfinished builds and resumes them from the start (the fetched source is
+  reused), up to ``build.max_attempts`` times, then fails them with the reason; it also
+  removes any build container its predecessor left behind.
+- **Release.** A build that passes its tests and scan deploys its image through
+  ``AppStore.deploy``: a new release (image id, commit, build id, spec revision), which
+  the app reconciler rolls out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pleaco import logs
+from pleaco.apps import AppStore, ValidationError, validate_name
+from pleaco.build import scan as scanner
+from pleaco.build import secrets as secretbox
+from pleaco.build import source as sourcemod
+from pleaco.build.builders import BuildRequest, EngineBuilder, KanikoBuilder
+from pleaco.build.config import BuildConfig
+from pleaco.build.engine import BuildEngine, BuildFailed, Cancel, Cancelled
+from pleaco.build.manifest import FILENAME, Manifest, ManifestError, parse
+from pleaco.build.model import (
+    BRANCH,
+    Build,
+    BuildStore,
+    Connection,
+    build_id,
+    now_ms,
+)
+from pleaco.build.vulndb import load_db
+from pleaco.metrics import Counter, Histogram, Registry
+from pleaco.runtime import EngineUnavailable
+from pleaco.store import Store
+
+log = logs.get("pleaco.build")
+
+# An app made by `apps connect` before its first build: no image yet, 0 replicas.
+AWAITING_IMAGE = "pleaco/awaiting-first-build:none"
+IMAGE_REPO = "pleaco-build"
+# Test output and scan findings kept in the (replicated) record; the full output stays in
+# the build log on the building node.
+RECORD_OUTPUT_BYTES = 8192
+RECORD_FINDINGS = 100
+
+
+class ConnectError(ValueError):
+    """Bad input to `apps connect`; the message names the field."""
+
+
+class StepFailed(RuntimeError):
+    """A build step failed for a reason the user must fix; the message says which."""
+
+
+@dataclass(frozen=True)
+class PushResult:
+    # queued | duplicate_delivery | already_built | already_running | already_failed |
+    # released_again | app_removed
+    outcome: str
+    build: Build | None
+
+
+class _BuildCancel(Cancel):
+    """Cancel token that also says which state the build ends in: ``None`` leaves the
+    record as it is (the agent is stopping; the next start resumes the build)."""
+
+    final_state: str | None = "cancelled"
+    superseded_by: str = ""
+
+    def stop(self, reason: str, final_state: str | None) -> None:
+        if not self.cancelled:
+            self.final_state = final_state
+        self.cancel(reason)
+
+
+class BuildService:
+    def __init__(self, cfg: BuildConfig, data_dir: Path, node_id: str, store: Store, apps: AppStore,
+                 engine: BuildEngine, registry: Registry | None = None) -> None:
+        self.cfg = cfg
+        self.data_dir = data_dir
+        self.node_id = node_id
+        self.builds = BuildStore(store)
+        self.store = store
+        self.apps = apps
+        self.engine = engine
+        self.log_dir = data_dir / "build" / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="build")
+        self._scan_pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="scan")
+        self._running: dict[str, tuple[str, _BuildCancel]] = {}  # app -> (build id, cancel)
+        self._lock = threading.Lock()
+        self._push_lock = threading.Lock()
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        registry = registry or Registry()
+        self.m_builds = registry.register(
+            Counter("pleaco_builds_total", "Builds finished on this node, by final state.", ("state",)))
+        # Builds take seconds to minutes: buckets up to the default 15-minute time limit.
+        self.m_steps = registry.register(Histogram(
+            "pleaco_build_step_duration_seconds", "Duration of build steps (fetch, build, test, scan).", ("step",),
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)))
+        self.builder: EngineBuilder | KanikoBuilder = (
+            KanikoBuilder(engine, cfg.kaniko_image, cfg.timeout) if cfg.backend == "kaniko" else EngineBuilder(engine)
+        )
+
+    # -- connecting ----------------------------------------------------------------------
+
+    def connect(self, app: Any, repo: Any, branch: Any, secret: Any, repo_token: Any = None,
+                deploy_key: Any = None) -> tuple[Connection, str, bool]:
+        """Connect (or re-connect) a repository; creates the app when missing.
+        Returns the connection, the webhook secret and whether the app was created.
+        ``repo_token`` (HTTPS) or ``deploy_key`` (SSH private key text) reach a private
+        repository; both are kept as secrets, never in the connection record."""
+        try:
+            name = validate_name(app)
+        except ValidationError as exc:
+            raise ConnectError(str(exc)) from None
+        if not isinstance(repo, str) or not repo.strip() or any(c in repo for c in "\n\r\x00 "):
+            raise ConnectError(f"repo: {repo!r} is not a repository URL")
+        if repo.startswith("-"):
+            raise ConnectError(f"repo: {repo!r} must not start with '-'")
+        branch = "main" if branch is None else branch
+        if not isinstance(branch, str) or not BRANCH.fullmatch(branch):
+            raise ConnectError(f"branch: {branch!r} is not a branch name")
+        if secret is not None and (not isinstance(secret, str) or not 8 <= len(secret) <= 256
+                                   or not secret.isprintable()):
+            raise ConnectError("webhook_secret: expected 8..256 printable characters")
+        if repo_token is not None and (not isinstance(repo_token, str) or not repo_token
+                                       or not repo_token.isprintable() or len(repo_token) > 1024):
+            raise ConnectError("repo_token: expected a token of printable characters")
+        if deploy_key is not None and (not isinstance(deploy_key, str) or "PRIVATE KEY-----" not in deploy_key
+                                       or len(deploy_key) > 16384):
+            raise ConnectError("deploy_key: expected an SSH private key (the text of the key file)")
+        key = f"webhook/{name}"
+        existing = secretbox.get(self.store, key)
+        secret = secret or existing or secrets.token_hex(20)
+        conn = self.builds.connection(name) or Connection(app=name, repo=repo, branch=branch)
+        conn.repo, conn.branch = repo, branch
+        created = self.apps.get(name) is None
+        writes: list[tuple[str, str, dict[str, Any] | None]] = [
+            ("build", "repo/" + name, conn.to_value()), secretbox.put_write(key, secret)]
+        if repo_token is not None:
+            writes.append(secretbox.put_write(f"repo-token/{name}", repo_token))
+        if deploy_key is not None:
+            writes.append(secretbox.put_write(f"deploy-key/{name}", deploy_key))
+        if created:
+            writes += [("app", name, {"image": AWAITING_IMAGE, "port": None, "env": {}, "health": None,
+                                      "host": None, "revision": 0}), ("scale", name, {"replicas": 0})]
+        self.store.put_many(writes)
+        log.info("build.repo_connected", app=name, repo=repo, branch=branch, app_created=created)
+        return conn, secret, created
+
+    def git_auth(self, app: str) -> sourcemod.GitAuth:
+        return sourcemod.GitAuth(token=secretbox.get(self.store, f"repo-token/{app}"),
+                                 ssh_key=secretbox.get(self.store, f"deploy-key/{app}"))
+
+    def webhook_secret(self, app: str) -> str | None:
+        return secretbox.get(self.store, f"webhook/{app}")
+
+    def find_connection(self, names: list[str]) -> list[Connection]:
+        return [c for c in self.builds.connections() if c.matches(names)]
+
+    # -- pushes --------------------------------------------------------------------------
+
+    def push(self, conn: Connection, commit: str, delivery: str = "", trigger: str = "webhook") -> PushResult:
+        """A new head commit for a connected app: queue its build (or say why not)."""
+        # One push at a time: deliveries arrive concurrently (GitHub retries, the poller),
+        # and the delivery list and the supersede order are read-modify-write.
+        with self._push_lock:
+            return self._push(conn, commit, delivery, trigger)
+
+    def _push(self, conn: Connection, commit: str, delivery: str, trigger: str) -> PushResult:
+        if self.apps.get(conn.app) is None:
+            # `apps rm` removed the app; a push must not bring it back.
+            return PushResult("app_removed", None)
+        fresh = self.builds.connection(conn.app) or conn
+        if delivery and delivery in fresh.deliveries:
+            return PushResult("duplicate_delivery", self.builds.get(build_id(conn.app, commit)))
+        if delivery:
+            fresh.deliveries.append(delivery)
+        fresh.last_commit = commit
+        bid = build_id(conn.app, commit)
+        existing = self.builds.get(bid)
+        outcome = "queued"
+        build: Build | None = existing
+        if existing is not None and existing.active:
+            outcome = "already_running"
+        elif existing is not None and existing.state == "failed":
+            outcome = "already_failed"
+        elif existing is not None and existing.state == "succeeded":
+            outcome = "already_built"
+        else:
+            # New, or cancelled earlier (superseded, then pushed again): build it now.
+            build = Build(id=bid, app=conn.app, commit=commit, repo=fresh.repo, branch=fresh.branch,
+                          trigger=trigger, delivery=delivery, node=self.node_id,
+                          attempt=existing.attempt if existing else 0)
+        writes: list[tuple[str, str, dict[str, Any] | None]] = [("build", "repo/" + conn.app, fresh.to_value())]
+        if outcome == "queued":
+            assert build is not None
+            writes.append(("build", build.id, build.to_value()))
+        self.builds.store.put_many(writes)
+        if outcome == "queued":
+            assert build is not None
+            log.info("build.queued", app=conn.app, build=build.id, commit=commit, trigger=trigger)
+            self._supersede(conn.app, build)
+            self.wake()
+        elif outcome == "already_built" and existing is not None:
+            outcome = self._release_again(existing)
+        return PushResult(outcome, build)
+
+    def _supersede(self, app: str, newer: Build) -> None:
+        reason = f"superseded by build {newer.id} (commit {newer.commit[:12]})"
+        for b in self.builds.all(app):
+            if b.id == newer.id or not b.active or b.created_ms > newer.created_ms:
+                continue
+            with self._lock:
+                running = self._running.get(app)
+            if running and running[0] == b.id:
+                running[1].superseded_by = newer.id  # the worker writes the final state
+                running[1].stop(reason, "cancelled")
+                continue
+            if b.node in ("", self.node_id):
+                b.state, b.reason, b.superseded_by, b.finished_ms = "cancelled", reason, newer.id, now_ms()
+                self.builds.put(b)
+                log.info("build.cancelled", app=app, build=b.id, reason=reason)
+
+    def _release_again(self, build: Build) -> str:
+        current = self.apps.get(build.app)
+        if current is None or current.image == build.image or not self.engine.image_id(build.image):
+            return "already_built"
+        try:
+            manifest = self._manifest_of(build)
+            self._release(build, manifest)
+        except (ManifestError, ValidationError, sourcemod.SourceError) as exc:
+            log.warning("build.release_again_failed", app=build.app, build=build.id, error=str(exc))
+            return "already_built"
+        return "released_again"
+
+    def _manifest_of(self, build: Build) -> Manifest:
+        src = sourcemod.fetch(self.data_dir, build.app, build.repo, build.commit, self.cfg.git_timeout,
+                              self.git_auth(build.app))
+        return parse(src.manifest_text or "")
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def recover(self) -> None:
+        """Resume (or fail) this node's builds that an earlier agent left unfinished."""
+        with contextlib.suppress(EngineUnavailable):
+            removed = self.engine.remove_leftovers()
+            if removed:
+                log.info("build.leftovers_removed", containers=removed)
+        for b in self.builds.all():
+            if b.node != self.node_id or not b.active or b.state == "queued":
+                continue
+            if b.attempt >= self.cfg.max_attempts:
+                b.state, b.finished_ms = "failed", now_ms()
+                b.reason = f"interrupted {b.attempt} times (the agent stopped during the build); not resumed"
+            else:
+                b.reason = f"resumed after the agent restarted (was {b.state})"
+                b.state = "queued"
+            self.builds.put(b)
+            log.info("build.recovered", app=b.app, build=b.id, state=b.state, reason=b.reason)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.recover)
+        poller = asyncio.create_task(self._poll()) if self.cfg.poll_interval > 0 else None
+        try:
+            while True:
+                self._wake.clear()
+                self._dispatch()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 5.0)
+        finally:
+            if poller:
+                poller.cancel()
+            with self._lock:
+                running = list(self._running.values())
+            for _, cancel in running:
+                cancel.stop("the agent is stopping", None)
+            for t in list(self._tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(t), 10)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._scan_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _dispatch(self) -> None:
+        queued: dict[str, list[Build]] = {}
+        for b in self.builds.all():
+            if b.state == "queued" and b.node == self.node_id:
+                queued.setdefault(b.app, []).append(b)
+        for app, builds in queued.items():
+            with self._lock:
+                if app in self._running or len(self._running) >= self.cfg.concurrency:
+                    continue
+                newest = max(builds, key=lambda b: (b.created_ms, b.id))
+                cancel = _BuildCancel()
+                self._running[app] = (newest.id, cancel)
+            self._supersede(app, newest)
+            assert self._loop is not None
+            fut = self._loop.run_in_executor(self._pool, self._execute, newest.id, cancel)
+            task = asyncio.ensure_future(self._finish(app, fut))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _finish(self, app: str, fut: asyncio.Future[None]) -> None:
+        try:
+            await fut
+        finally:
+            with self._lock:
+                self._running.pop(app, None)
+            self.wake()
+
+    async def _poll(self) -> None:
+        last: dict[str, str] = {}
+        while True:
+            for conn in self.builds.connections():
+                try:
+                    head = await asyncio.to_thread(sourcemod.ls_remote, conn.repo, conn.branch, self.cfg.git_timeout,
+                                                   self.git_auth(conn.app), self.data_dir / "build" / "keys")
+                except sourcemod.SourceError as exc:
+                    log.warning("build.poll_failed", app=conn.app, repo=conn.repo, error=str(exc))
+                    continue
+                if head and head != last.get(conn.app) and head != conn.last_commit:
+                    result = await asyncio.to_thread(self.push, conn, head, "", "poll")
+                    log.info("build.poll_found", app=conn.app, commit=head, outcome=result.outcome)
+                if head:
+                    last[conn.app] = head
+            await asyncio.sleep(self.cfg.poll_interval)
+
+    def cancel(self, bid: str, reason: str = "cancelled by the user") -> Build | None:
+        b = self.builds.get(bid)
+        if b is None or not b.active:
+            return b
+        with self._lock:
+            running = self._running.get(b.app)
+        if running and running[0] == bid:
+            running[1].stop(reason, "cancelled")
+        else:
+            b.state, b.reason, b.finished_ms = "cancelled", reason, now_ms()
+            self.builds.put(b)
+        return self.builds.get(bid)
+
+    # -- one build (worker thread) -------------------------------------------------------
+
+    def log_path(self, bid: str) -> Path:
+        return self.log_dir / f"{bid}.log"
+
+    def _execute(self, bid: str, cancel: _BuildCancel) -> None:
+        b = self.builds.get(bid)
+        if b is None or b.state != "queued":
+            return
+        timer = threading.Timer(self.cfg.timeout, cancel.stop,
+                                (f"time limit of {self.cfg.timeout:.0f}s exceeded", "failed"))
+        timer.daemon = True
+        timer.start()
+        with open(self.log_path(bid), "a", encoding="utf-8") as logf:
+            def out(text: str) -> None:
+                logf.write(text)
+                logf.flush()
+
+            b.attempt += 1
+            b.started_ms, b.node, b.reason = now_ms(), self.node_id, ""
+            out(f"==> build {bid}: {b.app} at {b.commit} (attempt {b.attempt}, node {self.node_id[:12]})\n")
+            log.info("build.started", app=b.app, build=bid, commit=b.commit, attempt=b.attempt)
+            try:
+                self._steps(b, cancel, out)
+                b.state = "succeeded"
+                out(f"==> succeeded: release {b.release} runs {b.image}\n")
+            except Cancelled as exc:
+                if cancel.final_state is None:
+                    out("==> interrupted: the agent is stopping; the build resumes when it starts again\n")
+                    return
+                b.state, b.reason, b.superseded_by = cancel.final_state, str(exc), cancel.superseded_by
+                out(f"==> {b.state}: {b.reason}\n")
+            except (StepFailed, ManifestError, sourcemod.SourceError, BuildFailed, ValidationError) as exc:
+                b.state, b.reason = "failed", str(exc)
+                out(f"==> failed: {b.reason}\n")
+            except EngineUnavailable as exc:
+                b.state, b.reason = "failed", f"Docker Engine unreachable: {exc}"
+                out(f"==> failed: {b.reason}\n")
+            except Exception as exc:
+                log.error("build.internal_error", exc_info=True, app=b.app, build=bid)
+                b.state, b.reason = "failed", f"internal error: {type(exc).__name__}: {exc}"
+                out(f"==> failed: {b.reason}\n")
+            finally:
+                timer.cancel()
+                if b.state in ("succeeded", "failed", "cancelled"):
+                    b.finished_ms = now_ms()
+                    self.builds.put(b)
+                    self.m_builds.inc(state=b.state)
+                    for step, seconds in b.steps.items():
+                        self.m_steps.observe(seconds, step=step)
+                    log.info(f"build.{b.state}", app=b.app, build=bid, commit=b.commit, reason=b.reason,
+                             seconds=round((b.finished_ms - b.started_ms) / 1000, 2))
+                with contextlib.suppress(Exception):
+                    self.engine.remove_leftovers({bid})
+
+    def _step(self, b: Build, state: str, cancel: Cancel, out: Callable[[str], None]) -> float:
+        cancel.check()
+        b.state = state
+        self.builds.put(b)
+        out(f"==> {state} (+{(now_ms() - b.started_ms) / 1000:.2f}s)\n")
+        return time.monotonic()
+
+    def _steps(self, b: Build, cancel: _BuildCancel, out: Callable[[str], None]) -> None:
+        t = self._step(b, "fetching", cancel, out)
+        src = sourcemod.fetch(self.data_dir, b.app, b.repo, b.commit, self.cfg.git_timeout, self.git_auth(b.app))
+        b.source_sha256 = src.sha256
+        out(f"source: {src.tarball.name} sha256:{src.sha256}\n")
+        if src.manifest_text is None:
+            raise StepFailed(f"the repository has no {FILENAME} at its root (commit {b.commit[:12]})")
+        manifest = parse(src.manifest_text)
+        b.steps["fetch"] = round(time.monotonic() - t, 3)
+
+        t = self._step(b, "building", cancel, out)
+        labels = self.engine.image_labels()
+        cache = f"{IMAGE_REPO}/{b.app}:cache"
+        b.tag = f"{IMAGE_REPO}/{b.app}:{b.commit[:12]}"
+        req = BuildRequest(
+            build_id=b.id, app=b.app, commit=b.commit, tarball=src.tarball, dockerfile=manifest.dockerfile,
+            tag=b.tag, build_args=manifest.build_args, labels=labels, run_labels=self.engine.labels(b.id, "kaniko"),
+            cache_from=[cache] if self.engine.image_id(cache) else [],
+            work_dir=self.data_dir / "build" / "work" / b.id,
+        )
+        b.image = self.builder.build(req, out, cancel)
+        # The per-app cache: the next build of this app starts from this image's layers.
+        self.engine.tag(b.image, f"{IMAGE_REPO}/{b.app}", "cache")
+        out(f"image: {b.image} ({b.tag})\n")
+        b.steps["build"] = round(time.monotonic() - t, 3)
+
+        t = self._step(b, "testing", cancel, out)
+        # The scan reads the image's files while the tests run: both only read the image,
+        # and on a small app this hides the scan's export almost entirely.
+        trivy = scanner.trivy_path()
+        packages_future = None if trivy else self._scan_pool.submit(self._packages, b)
+        if manifest.test_command is None:
+            b.test = {"skipped": f"no [test] command in {FILENAME}"}
+            out("no [test] command: tests skipped\n")
+        else:
+            limit = manifest.test_timeout or self.cfg.test_timeout
+            out(f"$ {' '.join(manifest.test_command)}\n")
+            res = self.engine.run_to_completion(
+                b.image, manifest.test_command, labels=self.engine.labels(b.id, "test"), time_limit=limit,
+                cancel=cancel, mem_bytes=self.cfg.test_memory_bytes, nano_cpus=int(self.cfg.test_cpus * 1e9), log=out,
+            )
+            b.test = {"command": manifest.test_command, "exit_code": res.exit_code, "timed_out": res.timed_out,
+                      "output": res.output[-RECORD_OUTPUT_BYTES:]}
+            if res.timed_out:
+                raise StepFailed(f"tests did not finish within {limit:.0f}s")
+            if res.exit_code != 0:
+                raise StepFailed(f"tests failed (exit code {res.exit_code})")
+        b.steps["test"] = round(time.monotonic() - t, 3)
+
+        t = self._step(b, "scanning", cancel, out)
+        if trivy:
+            out(f"scan: using {trivy}\n")
+            try:
+                findings = scanner.trivy_scan(trivy, b.image, self.cfg.test_timeout)
+            except scanner.TrivyError as exc:
+                raise StepFailed(f"scan: {exc}") from None
+            n_packages: int | None = None
+        else:
+            assert packages_future is not None
+            packages = packages_future.result()
+            findings = scanner.match(packages, load_db(self.data_dir))
+            n_packages = len(packages)
+        blocking = scanner.blocking(findings, manifest.fail_on)
+        b.scan = {"scanner": "trivy" if trivy else "pleaco-osv", "packages": n_packages, "fail_on": manifest.fail_on,
+                  "findings": [f.to_json() for f in findings[:RECORD_FINDINGS]], "blocking": len(blocking)}
+        counted = f"{n_packages} packages, " if n_packages is not None else ""
+        out(f"scan: {counted}{len(findings)} known vulnerabilities "
+            f"({len(blocking)} at or above fail_on={manifest.fail_on})\n")
+        for f in findings:
+            out(f"  {f.severity:8} {f.id} {f.package} {f.installed} (fixed in {f.fixed or 'no fixed version'})\n")
+        b.steps["scan"] = round(time.monotonic() - t, 3)
+        if blocking:
+            ids = ", ".join(f"{f.id} ({f.package} {f.installed}, {f.severity})" for f in blocking[:5])
+            raise StepFailed(f"scan: {len(blocking)} vulnerabilities at or above {manifest.fail_on}: {ids}")
+
+        cancel.check()  # a newer push after the scan still wins: never release an older commit
+        self._release(b, manifest)
+
+    def _packages(self, b: Build) -> list[scanner.Package]:
+        with self.engine.export_fs(b.image, self.engine.labels(b.id, "scan")) as fs:
+            return scanner.packages_from_tar(fs)
+
+    def _release(self, b: Build, manifest: Manifest) -> None:
+        current = self.apps.get(b.app)
+        if current is None:
+            raise StepFailed(f"app {b.app!r} was removed during the build; nothing released")
+        body: dict[str, Any] = {"image": b.image}
+        if current is not None:
+            body["env"] = current.env
+            if current.host:
+                body["host"] = current.host
+        port = manifest.port if manifest.port is not None else (current.port if current else None)
+        if port is not None:
+            body["port"] = port
+            health = manifest.health if manifest.port is not None else (current.health if current else None)
+            if health:
+                body["health"] = health
+        if manifest.replicas is not None:
+            body["replicas"] = manifest.replicas
+        elif current is None or current.image == AWAITING_IMAGE:
+            body["replicas"] = 1
+        result = self.apps.deploy(b.app, body, release_info={"commit": b.commit, "build": b.id})
+        b.release = result.spec.revision
+        log.info("build.released", app=b.app, build=b.id, commit=b.commit, revision=b.release, image=b.image)

@@ -1,0 +1,141 @@
+"""A tiny DNS server on loopback that tells the proxy where each app's replicas are.
+
+Caddy reloads its whole config for any change made through the admin API, and a reload
+closes idle keep-alive connections of the old server: a client that sends its next request
+at that instant sees the connection close, a failed request. Rollouts would cause that
+twice per replica. So upstreams are not in the config: each route looks them up here with
+Caddy's ``srv`` dynamic upstreams (``APP.upstreams.pleaco.`` -> SRV records, refreshed every
+second), and the config only changes when an app, its host name or its TLS settings do.
+
+Answers:
+- SRV ``APP.upstreams.pleaco.``: one record per routable replica (target and port);
+- A ``ip-A-B-C-D.pleaco.``: the address the name spells, so SRV targets need no state
+  (Go refuses SRV targets that are bare IP addresses);
+- anything else under ``pleaco.``: an empty answer (AAAA) or NXDOMAIN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import struct
+
+from pleaco import logs
+
+log = logs.get("pleaco.ingress.dns")
+
+ZONE = "pleaco"
+UPSTREAMS = "upstreams." + ZONE
+TTL = 1
+# A UDP answer stays within 512 bytes (Caddy 2.6's Go resolver sends no EDNS0 and cannot
+# fall back to TCP through a custom resolver): 12 header + question (up to ~80) + 39 bytes
+# per SRV record, whose target must not be compressed (RFC 2782; Go rejects it). With more
+# replicas than this on one node, each answer is a random choice of them (refreshed each
+# second), so all of them get traffic.
+MAX_RECORDS = 10
+
+QTYPE_A, QTYPE_SRV = 1, 33
+RCODE_NXDOMAIN, RCODE_FORMERR = 3, 1
+
+
+def srv_name(app: str) -> str:
+    return f"{app}.{UPSTREAMS}"
+
+
+def target_name(ip: str) -> str:
+    return "ip-" + ip.replace(".", "-") + "." + ZONE
+
+
+def _encode_name(name: str) -> bytes:
+    return b"".join(bytes([len(p)]) + p.encode() for p in name.strip(".").split(".") if p) + b"\0"
+
+
+def _parse_question(data: bytes) -> tuple[int, str, int, int]:
+    """(id, name, qtype, end of question) of a query; ValueError when malformed."""
+    if len(data) < 12:
+        raise ValueError("short header")
+    qid, _flags, qdcount = struct.unpack(">HHH", data[:6])
+    if qdcount != 1:
+        raise ValueError("expected one question")
+    i, labels = 12, []
+    while True:
+        if i >= len(data):
+            raise ValueError("truncated name")
+        n = data[i]
+        if n == 0:
+            i += 1
+            break
+        if n & 0xC0 or i + 1 + n > len(data):
+            raise ValueError("bad label")
+        labels.append(data[i + 1:i + 1 + n].decode("ascii", "replace").lower())
+        i += 1 + n
+    if i + 4 > len(data):
+        raise ValueError("truncated question")
+    qtype, _qclass = struct.unpack(">HH", data[i:i + 4])
+    return qid, ".".join(labels), qtype, i + 4
+
+
+class UpstreamDNS(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.records: dict[str, list[tuple[str, int]]] = {}  # SRV name -> [(ip, port)]
+        self.transport: asyncio.DatagramTransport | None = None
+        self.queries = 0
+
+    def set_upstreams(self, upstreams: dict[str, list[tuple[str, int]]]) -> None:
+        """Replace the answers: app -> [(ip, port)]."""
+        self.records = {srv_name(app): list(ups) for app, ups in upstreams.items()}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a datagram transport, by construction
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, int]) -> None:
+        if self.transport is None:
+            return
+        self.queries += 1
+        answer = self.answer(data)
+        if answer:
+            self.transport.sendto(answer, addr)
+
+    def answer(self, data: bytes) -> bytes:
+        try:
+            qid, name, qtype, qend = _parse_question(data)
+        except ValueError:
+            return data[:2] + struct.pack(">HHHHH", 0x8180 | RCODE_FORMERR, 0, 0, 0, 0) if len(data) >= 2 else b""
+        question = data[12:qend]
+        answers: list[bytes] = []
+        rcode = 0
+        if name in self.records:
+            if qtype == QTYPE_SRV:
+                ups = self.records[name]
+                answers = self._srv(ups if len(ups) <= MAX_RECORDS else random.sample(ups, MAX_RECORDS))
+        elif name.startswith("ip-") and name.endswith("." + ZONE):
+            try:
+                ip = ipaddress.IPv4Address(name[3:-len(ZONE) - 1].replace("-", "."))
+            except ValueError:
+                rcode = RCODE_NXDOMAIN
+            else:
+                if qtype == QTYPE_A:
+                    answers = [b"\xc0\x0c" + struct.pack(">HHIH", QTYPE_A, 1, TTL, 4) + ip.packed]
+        else:
+            rcode = RCODE_NXDOMAIN
+        # Flags: response, authoritative, recursion desired and available.
+        header = struct.pack(">HHHHHH", qid, 0x8580 | rcode, 1, len(answers), 0, 0)
+        return header + question + b"".join(answers)
+
+    @staticmethod
+    def _srv(upstreams: list[tuple[str, int]]) -> list[bytes]:
+        """SRV records; the owner name points to the question's (offset 12)."""
+        out = []
+        for ip, port in upstreams:
+            rdata = struct.pack(">HHH", 1, 1, port) + _encode_name(target_name(ip))
+            out.append(b"\xc0\x0c" + struct.pack(">HHIH", QTYPE_SRV, 1, TTL, len(rdata)) + rdata)
+        return out
+
+
+async def start(host: str = "127.0.0.1", port: int = 0) -> tuple[UpstreamDNS, asyncio.DatagramTransport, int]:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(UpstreamDNS, local_addr=(host, port))
+    bound = int(transport.get_extra_info("sockname")[1])
+    log.info("proxy.dns_listening", address=f"{host}:{bound}")
+    return proto, transport, bound

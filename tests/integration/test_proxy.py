@@ -1,0 +1,254 @@
+"""The reverse proxy with real parts: a Caddy container (pleaco/caddy, Debian's caddy
+binary), a real agent process, real app containers, real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker.errors
+import pytest
+from agentproc import AgentProcess, docker_client, free_port, wait_for
+from conftest import HELLO
+from proxyload import Load
+
+from pleaco.api.errors import ApiError
+
+CADDY = "pleaco/caddy:latest"
+ECHO = "pleaco-test/echo:latest"
+ECHO_SERVER = """#!/bin/sh
+# Answers /cgi-bin/env with the request headers busybox httpd passes to CGI (HTTP_*).
+mkdir -p /www/cgi-bin
+echo ok > /www/healthz
+printf '#!/bin/sh\\nprintf "Content-Type: text/plain\\\\r\\\\n\\\\r\\\\n"\\nenv | grep ^HTTP_ | sort\\n' \\
+    > /www/cgi-bin/env
+chmod +x /www/cgi-bin/env
+exec httpd -f -p 8080 -h /www
+"""
+
+
+@dataclass
+class Proxied:
+    agent: AgentProcess
+    http: int
+    https: int
+    admin: int
+
+    def get(self, host: str, path: str = "/", https: bool = False,
+            timeout: float = 5) -> tuple[int, str, dict[str, str]]:
+        """GET through the proxy with this Host header: (status, body, headers); no redirects."""
+        if https:
+            return self._get_tls(host, path, timeout)
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", headers={"Host": host})
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: object, **kwargs: object) -> None:
+                return None
+
+        opener = urllib.request.build_opener(NoRedirect)
+        try:
+            with opener.open(req, timeout=timeout) as resp:
+                return resp.status, resp.read().decode(), dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(), dict(exc.headers)
+
+    def _get_tls(self, host: str, path: str, timeout: float) -> tuple[int, str, dict[str, str]]:
+        """HTTPS to 127.0.0.1 with ``host`` as SNI (urllib sends none for an IP address)."""
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # signed by the proxy's own CA
+        with socket.create_connection(("127.0.0.1", self.https), timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+        head, _, body = data.decode().partition("\r\n\r\n")
+        lines = head.split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+        return int(lines[0].split()[1]), body, headers
+
+    def proxy_container(self) -> docker.models.containers.Container:
+        found = docker_client().containers.list(
+            all=True, filters={"label": ["pleaco.role=proxy", f"pleaco.node={self.agent.node_id}"]})
+        assert len(found) == 1, found
+        return found[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def echo_image(tmp_path_factory: pytest.TempPathFactory) -> None:
+    ctx: Path = tmp_path_factory.mktemp("echo")
+    (ctx / "serve.sh").write_text(ECHO_SERVER)
+    (ctx / "Dockerfile").write_text(
+        'FROM pleaco/busybox:latest\nCOPY serve.sh /serve.sh\nCMD ["/bin/sh", "/serve.sh"]\n')
+    subprocess.run(["docker", "build", "-q", "-t", ECHO, str(ctx)], check=True, capture_output=True,
+                   env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
+    docker_client().images.get(CADDY)  # made by scripts/images.sh (the session fixture)
+
+
+@pytest.fixture
+def proxied(agent_factory: Callable[..., AgentProcess]) -> Iterator[Proxied]:
+    http, https, admin = free_port(), free_port(), free_port()
+    agent = agent_factory(
+        "px", extra_args=["--proxy-listen", f"127.0.0.1:{http}", "--proxy-image", CADDY],
+        env={"PLEACO_PROXY_ADMIN_LISTEN": f"127.0.0.1:{admin}", "PLEACO_PROXY_HTTPS_LISTEN": f"127.0.0.1:{https}",
+             "PLEACO_PROXY_HEALTH_INTERVAL": "1", "PLEACO_ROLLOUT_DRAIN_GRACE": "1",
+             "PLEACO_ROLLOUT_DEADLINE": "8", "PLEACO_HEALTH_GRACE": "3"},
+    )
+    p = Proxied(agent, http, https, admin)
+    wait_for(lambda: agent.client.request("GET", "/v1/proxy")["up"], 30, "the proxy to be up")
+    yield p  # agent_factory's cleanup removes the proxy too: it carries pleaco.node
+
+
+def routes(p: Proxied) -> dict[str, list[str]]:
+    return {r["host"]: r["upstreams"] for r in p.agent.client.request("GET", "/v1/proxy")["routes"]}
+
+
+def test_proxy_is_a_labelled_infrastructure_container_the_app_reconciler_leaves_alone(proxied: Proxied) -> None:
+    c = proxied.proxy_container()
+    assert c.labels["pleaco.role"] == "proxy" and c.labels["pleaco.node"] == proxied.agent.node_id
+    assert "pleaco.app" not in c.labels and c.attrs["HostConfig"]["NetworkMode"] == "host"
+    # An app deployed and removed makes the app reconciler run passes that remove what it
+    # does not want; the proxy must be the same container afterwards.
+    proxied.agent.client.deploy("web", {"image": HELLO, "port": 8080, "health": "/healthz"})
+    wait_for(lambda: proxied.get("web.pleaco.internal")[0] == 200, 30, "web through the proxy")
+    proxied.agent.client.remove("web")
+    wait_for(lambda: proxied.get("web.pleaco.internal")[0] == 404, 30, "web's route gone")
+    # The app's container goes once drained; the proxy is not an app container and stays.
+    wait_for(lambda: proxied.agent.client.status()["containers"] == 0, 30, "web's container removed")
+    assert proxied.proxy_container().id == c.id and proxied.proxy_container().status == "running"
+    # The admin API answers on loopback only.
+    admin = urllib.request.urlopen(f"http://127.0.0.1:{proxied.admin}/config/", timeout=5).read()
+    assert b'"pleaco-web' not in admin
+
+
+def test_routes_by_host_to_healthy_replicas_with_forwarded_headers(proxied: Proxied) -> None:
+    client = proxied.agent.client
+    client.deploy("echo", {"image": ECHO, "port": 8080, "health": "/healthz", "host": "echo.test"})
+    client.deploy("web", {"image": HELLO, "port": 8080, "health": "/healthz", "replicas": 2})
+    wait_for(lambda: len(routes(proxied).get("web.pleaco.internal", [])) == 2, 30, "2 web upstreams")
+    status, body, _ = wait_for(lambda: (r := proxied.get("echo.test", "/cgi-bin/env"))[0] == 200 and r, 30, "echo")
+    assert "HTTP_X_FORWARDED_FOR=127.0.0.1" in body and "HTTP_X_FORWARDED_PROTO=http" in body
+    # Both web replicas answer (least_conn spreads sequential requests over idle upstreams).
+    answers = {proxied.get("web.pleaco.internal")[1] for _ in range(20)}
+    assert len(answers) == 2 and all(a.startswith("hello from ") for a in answers)
+    # An unknown host is a clear 404, not someone else's app.
+    status, body, _ = proxied.get("nobody.test")
+    assert status == 404 and "no app" in body
+    # HTTPS with the internal CA for local names; the app sees the scheme.
+    status, body, _ = wait_for(lambda: (r := proxied.get("echo.test", "/cgi-bin/env", https=True))[0] == 200 and r,
+                               30, "echo over HTTPS")
+    assert "HTTP_X_FORWARDED_PROTO=https" in body
+    # Per app: redirect HTTP to HTTPS.
+    client.deploy("echo", {"image": ECHO, "port": 8080, "health": "/healthz", "host": "echo.test",
+                           "https": "redirect"})
+    status, _, headers = wait_for(lambda: (r := proxied.get("echo.test", "/x?y=1"))[0] == 308 and r, 30, "redirect")
+    assert headers["Location"] == f"https://echo.test:{proxied.https}/x?y=1"
+    # Per-app traffic reaches pleaco's /metrics.
+    metrics = wait_for(lambda: 'pleaco_app_requests_total{app="web",code="2xx"} 20' in (m := _metrics(proxied))
+                       and m, 10, "web's requests counted")
+    assert 'pleaco_app_request_duration_seconds_count{app="echo"}' in metrics
+    assert "pleaco_proxy_up 1" in metrics
+
+
+def _metrics(p: Proxied) -> str:
+    req = urllib.request.Request(p.agent.url + "/metrics", headers={"Authorization": f"Bearer {p.agent.token}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def test_rollouts_under_load_drop_no_request_and_a_failing_release_is_rolled_back(proxied: Proxied) -> None:
+    client = proxied.agent.client
+    spec = {"image": HELLO, "port": 8080, "health": "/healthz", "replicas": 2, "host": "roll.test"}
+    client.deploy("roll", {**spec, "env": {"GREETING": "v1"}})
+    wait_for(lambda: "(v1)" in proxied.get("roll.test")[1], 30, "v1 through the proxy")
+    with Load(f"http://127.0.0.1:{proxied.http}/", "roll.test", rate=250, max_seconds=60) as load:
+        wait_for(lambda: load.seen("v1") >= 100, 10, "load flowing")
+        client.deploy("roll", {**spec, "env": {"GREETING": "v2"}})
+        # Done: only release 2 containers are left, and the proxy serves v2.
+        wait_for(lambda: {i["release"] for i in client.app("roll")["instances"]} == {2}, 30, "v1 replaced")
+        wait_for(lambda: load.seen("v2") >= 200, 10, "v2 under load")
+        v2_seen = load.seen("v2")
+        result = load.stop()
+    assert result.failures == [], result.failures[:5]
+    assert result.rate >= 200, f"only {result.rate:.0f} requests/s"
+    assert result.bodies["v1"] >= 100 and v2_seen >= 200
+    assert all("(v2)" in proxied.get("roll.test")[1] for _ in range(10))
+
+    # v3 never passes its health check: v2 keeps serving, and after the deadline pleaco
+    # rolls back to v2's spec as revision 4 and says why.
+    with Load(f"http://127.0.0.1:{proxied.http}/", "roll.test", rate=250, max_seconds=60) as load:
+        client.deploy("roll", {**spec, "health": "/nope", "env": {"GREETING": "v3"}})
+        app = wait_for(lambda: (a := client.app("roll"))["revision"] == 4 and a, 40, "automatic rollback")
+        wait_for(lambda: (a := client.app("roll"))["healthy"] == 2 and
+                 {i["release"] for i in a["instances"]} == {4}, 30, "revision 4 healthy, 2 and 3 gone")
+        result = load.stop()
+    assert result.failures == [], result.failures[:5]
+    assert result.bodies["v3"] == 0 and result.bodies["v2"] >= 1000
+    assert app["rollback"]["from"] == 3 and app["rollback"]["to"] == 2
+    assert "revision 3 was not healthy" in app["rollback"]["reason"] and "/nope" in app["rollback"]["reason"]
+    shown = client.app("roll")
+    assert shown["env"] == {"GREETING": "v2"} and "rolled back from revision 3" in shown["message"]
+
+
+def test_killed_or_removed_proxy_comes_back_with_its_routes(proxied: Proxied) -> None:
+    proxied.agent.client.deploy("web", {"image": HELLO, "port": 8080, "health": "/healthz"})
+    wait_for(lambda: proxied.get("web.pleaco.internal")[0] == 200, 30, "web through the proxy")
+    first = proxied.proxy_container()
+    first.kill()
+    wait_for(lambda: proxied.proxy_container().status == "running", 30, "the proxy restarted")
+    wait_for(lambda: proxied.get("web.pleaco.internal")[0] == 200, 30, "web through the restarted proxy")
+    first.remove(force=True)
+    second = wait_for(lambda: (c := proxied.proxy_container()).status == "running" and c, 30, "a new proxy")
+    assert second.id != first.id
+    wait_for(lambda: proxied.get("web.pleaco.internal")[0] == 200, 30, "web through the new proxy")
+
+
+BAD_BODIES = [
+    ({"host": "bad_host!.test"}, "host"),
+    ({"host": "-x.test"}, "host"),
+    ({"health": "healthz"}, "health"),
+    ({"https": "always"}, "https"),
+    ({"https": True}, "https"),
+]
+
+
+def test_bad_proxy_input_is_refused_and_changes_nothing(proxied: Proxied) -> None:
+    client = proxied.agent.client
+    good = {"image": HELLO, "port": 8080, "health": "/healthz", "host": "web.test"}
+    client.deploy("web", good)
+    wait_for(lambda: proxied.get("web.test")[0] == 200, 30, "web through the proxy")
+    before = (client.app("web")["revision"], routes(proxied))
+    for body, field in BAD_BODIES:
+        with pytest.raises(ApiError) as err:
+            client.deploy("web", {**good, **body})
+        assert err.value.status == 400 and err.value.message.startswith(field + ":"), body
+    # Two apps, one host name: refused, with the owner named.
+    with pytest.raises(ApiError) as err:
+        client.deploy("other", {"image": HELLO, "port": 8080, "host": "web.test"})
+    assert err.value.status == 400 and "already used by app 'web'" in err.value.message
+    # None of it changed the app or the proxy's routes.
+    assert (client.app("web")["revision"], routes(proxied)) == before
+    assert [a["name"] for a in client.apps()] == ["web"]
+    assert proxied.get("web.test")[0] == 200
+
+
+def test_agent_killed_and_restarted_under_load_drops_no_request(proxied: Proxied) -> None:
+    proxied.agent.client.deploy("web", {"image": HELLO, "port": 8080, "health": "/healthz", "replicas": 2,
+                                        "env": {"GREETING": "steady"}})
+    wait_for(lambda: len(routes(proxied).get("web.pleaco.internal", [])) == 2, 30, "2 upstreams")
+    with Load(f"http://127.0.0.1:{proxied.http}/", "web.pleaco.internal", rate=100, max_seconds=40) as load:
+        wait_for(lambda: load.seen("steady") >= 50, 10, "load flowing")
+        proxied.agent.kill()  # SIGKILL: no chance to hand the proxy anything
+        proxied.agent.start()
+        wait_for(lambda: proxied.agent.client.request("GET", "/v1/proxy")["up"], 30, "the proxy up again")
+        seen = load.seen("steady")
+        wait_for(lambda: load.seen("steady") >= seen + 200, 20, "load flowing after the restart")
+        result = load.stop()
+    assert result.failures == [], result.failures[:5]
+    assert len(routes(proxied)["web.pleaco.internal"]) == 2

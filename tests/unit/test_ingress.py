@@ -1,0 +1,187 @@
+"""The proxy's pure parts: Caddy config, the upstream DNS, access-log metrics, settings."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pleaco import config
+from pleaco.apps import ValidationError, validate_deploy
+from pleaco.config import ConfigError, load
+from pleaco.ingress import dns
+from pleaco.ingress.caddy import ProxySettings, Route, Upstream, build_config, is_internal_name
+from pleaco.ingress.traffic import TrafficStats
+from pleaco.metrics import Registry
+
+SETTINGS = ProxySettings(listen="0.0.0.0:80", https_listen="0.0.0.0:443", admin_listen="127.0.0.1:2019",
+                         try_duration=5.0, health_interval=2.0)
+DYNAMIC = ProxySettings(listen="127.0.0.1:8080", https_listen="127.0.0.1:8443", admin_listen="127.0.0.1:2019",
+                        try_duration=5.0, health_interval=2.0, access_log="127.0.0.1:9000", dns="127.0.0.1:5300")
+
+
+def route(app: str, host: str, https: str = "on", ups: int = 2) -> Route:
+    return Route(app, host, https, "/healthz",
+                 tuple(Upstream(f"127.0.0.1:{3000 + i}", f"c{app}{i}") for i in range(ups)))
+
+
+@pytest.fixture(autouse=True)
+def no_system_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_FILE", tmp_path / "absent" / "pleaco.toml")
+
+
+def handler(cfg: dict[str, Any], server: str, host: str) -> dict[str, Any]:
+    for r in cfg["apps"]["http"]["servers"][server]["routes"]:
+        if r.get("match") == [{"host": [host]}]:
+            return dict(r["handle"][0])
+    raise AssertionError(f"no route for {host} on {server}")
+
+
+def test_static_config_lists_upstreams_with_least_conn_retries_and_health_checks() -> None:
+    cfg = build_config([route("web", "web.example.com")], SETTINGS)
+    assert cfg["admin"] == {"listen": "127.0.0.1:2019", "config": {"persist": False}}
+    h = handler(cfg, "http", "web.example.com")
+    assert h["upstreams"] == [{"dial": "127.0.0.1:3000"}, {"dial": "127.0.0.1:3001"}]
+    assert h["load_balancing"]["selection_policy"] == {"policy": "least_conn"}
+    assert h["load_balancing"]["try_duration"] == "5s"
+    assert h["health_checks"]["active"]["uri"] == "/healthz"
+    http = cfg["apps"]["http"]["servers"]["http"]
+    assert http["listen"] == [":80"] and http["automatic_https"] == {"disable": True}
+    # Public name: no internal-CA policy, so Caddy's default (ACME) applies.
+    assert "tls" not in cfg["apps"] and cfg["apps"]["http"]["servers"]["https"]["listen"] == [":443"]
+    assert "logging" not in cfg
+
+
+def test_dynamic_config_takes_upstreams_from_the_agent_dns() -> None:
+    cfg = build_config([route("web", "web.pleaco.internal")], DYNAMIC)
+    h = handler(cfg, "http", "web.pleaco.internal")
+    assert "upstreams" not in h and "active" not in h["health_checks"]
+    assert h["dynamic_upstreams"]["source"] == "srv"
+    assert h["dynamic_upstreams"]["name"] == "web.upstreams.pleaco"
+    assert h["dynamic_upstreams"]["resolver"] == {"addresses": ["udp/127.0.0.1:5300"]}
+    assert h["transport"]["resolver"] == {"addresses": ["udp/127.0.0.1:5300"]}
+    assert cfg["apps"]["tls"]["automation"]["policies"] == [
+        {"subjects": ["web.pleaco.internal"], "issuers": [{"module": "internal"}]}]
+    assert cfg["logging"]["logs"]["pleaco_access"]["writer"] == {"output": "net", "address": "tcp/127.0.0.1:9000"}
+    # Only the set of routes matters: the same routes with other upstreams give the same
+    # config, so a rollout causes no reload.
+    assert build_config([route("web", "web.pleaco.internal", ups=5)], DYNAMIC) == cfg
+
+
+def test_redirect_off_no_upstreams_and_unknown_hosts() -> None:
+    cfg = build_config([route("a", "a.test", "redirect"), route("b", "b.test", "off"),
+                        route("c", "c.test", ups=0)], DYNAMIC)
+    redirect = handler(cfg, "http", "a.test")
+    assert redirect["status_code"] == 308
+    assert redirect["headers"]["Location"] == ["https://{http.request.host}:8443{http.request.uri}"]
+    assert handler(cfg, "https", "a.test")["handler"] == "reverse_proxy"
+    assert handler(cfg, "http", "b.test")["handler"] == "reverse_proxy"
+    https_hosts = [r["match"][0]["host"][0] for r in cfg["apps"]["http"]["servers"]["https"]["routes"] if "match" in r]
+    assert https_hosts == ["a.test", "c.test"]  # "off" is HTTP only
+    assert handler(cfg, "http", "c.test")["status_code"] == 503
+    last = cfg["apps"]["http"]["servers"]["http"]["routes"][-1]
+    assert "match" not in last and last["handle"][0]["status_code"] == 404
+    assert json.loads(json.dumps(cfg)) == cfg
+
+
+@pytest.mark.parametrize(("host", "internal"), [
+    ("web.pleaco.internal", True), ("x.local", True), ("localhost", True), ("a.test", True),
+    ("shop.example.com", False), ("internal.example.org", False),
+])
+def test_internal_names(host: str, internal: bool) -> None:
+    assert is_internal_name(host) is internal
+
+
+def query(name: str, qtype: int, qid: int = 7) -> bytes:
+    return struct.pack(">HHHHHH", qid, 0x100, 1, 0, 0, 0) + dns._encode_name(name) + struct.pack(">HH", qtype, 1)
+
+
+def parse_answers(msg: bytes) -> tuple[int, int, list[tuple[int, bytes]]]:
+    """(id, rcode, [(type, rdata)]) of a response whose records' owner names are pointers."""
+    qid, flags, _qd, an = struct.unpack(">HHHH", msg[:8])
+    i = 12
+    while msg[i]:
+        i += msg[i] + 1
+    i += 5
+    out = []
+    for _ in range(an):
+        assert msg[i:i + 2] == b"\xc0\x0c"
+        rtype, _cls, _ttl, rdlen = struct.unpack(">HHIH", msg[i + 2:i + 12])
+        out.append((rtype, msg[i + 12:i + 12 + rdlen]))
+        i += 12 + rdlen
+    assert i == len(msg)
+    return qid, flags & 0xF, out
+
+
+def test_dns_answers_srv_with_uncompressed_targets_and_their_addresses() -> None:
+    server = dns.UpstreamDNS()
+    server.set_upstreams({"web": [("127.0.0.1", 3000), ("10.0.0.5", 3001)]})
+    qid, rcode, answers = parse_answers(server.answer(query("web.upstreams.pleaco", dns.QTYPE_SRV, 42)))
+    assert (qid, rcode) == (42, 0)
+    srv = [(struct.unpack(">HHH", r[:6])[2], r[6:]) for t, r in answers if t == dns.QTYPE_SRV]
+    assert srv == [(3000, dns._encode_name("ip-127-0-0-1.pleaco")), (3001, dns._encode_name("ip-10-0-0-5.pleaco"))]
+    _, rcode, answers = parse_answers(server.answer(query("ip-10-0-0-5.pleaco", dns.QTYPE_A)))
+    assert rcode == 0 and answers == [(dns.QTYPE_A, bytes([10, 0, 0, 5]))]
+    _, rcode, answers = parse_answers(server.answer(query("ip-10-0-0-5.pleaco", 28)))  # AAAA: none
+    assert rcode == 0 and answers == []
+    for unknown in ("ghost.upstreams.pleaco", "ip-999-0-0-1.pleaco", "example.com"):
+        assert parse_answers(server.answer(query(unknown, dns.QTYPE_SRV)))[1] == dns.RCODE_NXDOMAIN
+    assert server.answer(b"\x00\x07junk")[3] & 0xF == dns.RCODE_FORMERR
+    assert server.answer(b"") == b""
+
+
+def test_dns_answers_fit_udp_with_many_replicas() -> None:
+    server = dns.UpstreamDNS()
+    ups = [("127.0.0.1", 30000 + i) for i in range(50)]
+    server.set_upstreams({"a-long-app-name-of-forty-characters-abcd": ups})
+    msg = server.answer(query("a-long-app-name-of-forty-characters-abcd.upstreams.pleaco", dns.QTYPE_SRV))
+    assert len(msg) <= 512
+    ports = {struct.unpack(">HHH", r[:6])[2] for _, r in parse_answers(msg)[2]}
+    assert len(ports) == dns.MAX_RECORDS and ports <= {p for _, p in ups}
+
+
+def test_access_log_lines_become_per_app_metrics() -> None:
+    registry = Registry()
+    stats = TrafficStats(registry)
+    stats.set_hosts({"web.test": "web"})
+    line = {"request": {"host": "web.test:8080"}, "duration": 0.003, "status": 200}
+    for _ in range(3):
+        stats.record(json.dumps(line).encode())
+    stats.record(json.dumps({**line, "status": 502}).encode())
+    stats.record(json.dumps({**line, "request": {"host": "other.test"}}).encode())
+    stats.record(b"not json")
+    text = registry.render()
+    assert 'pleaco_app_requests_total{app="web",code="2xx"} 3' in text
+    assert 'pleaco_app_requests_total{app="web",code="5xx"} 1' in text
+    assert 'pleaco_app_request_duration_seconds_bucket{app="web",le="0.005"} 4' in text
+    assert 'pleaco_proxy_access_log_lines_total{result="unknown_host"} 1' in text
+    assert 'pleaco_proxy_access_log_lines_total{result="unparsed"} 1' in text
+    assert stats.in_flight()[("web",)] == pytest.approx(4 * 0.003 / 10, abs=0.001)
+
+
+def test_proxy_and_rollout_settings_load_from_env_and_are_validated() -> None:
+    cfg = load(env={"PLEACO_PROXY_ADMIN_LISTEN": "127.0.0.1:3019", "PLEACO_ROLLOUT_MAX_SURGE": "1",
+                    "PLEACO_ROLLOUT_DRAIN_GRACE": "0.5", "PLEACO_CLUSTER_DOMAIN": "apps.internal"})
+    assert cfg.proxy.admin_listen == "127.0.0.1:3019" and cfg.rollout.max_surge == 1
+    assert cfg.rollout.drain_grace == 0.5 and cfg.cluster_domain == "apps.internal"
+    for env, needle in [
+        ({"PLEACO_PROXY_ADMIN_LISTEN": "0.0.0.0:2019"}, "loopback"),
+        ({"PLEACO_PROXY_ADMIN_LISTEN": "nope"}, "admin_listen"),
+        ({"PLEACO_ROLLOUT_MAX_SURGE": "0"}, "never replace"),
+        ({"PLEACO_ROLLOUT_DEADLINE": "0"}, "deadline"),
+        ({"PLEACO_PROXY_TRY_DURATION": "-1"}, "try_duration"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load(env=env)
+
+
+def test_https_mode_is_validated() -> None:
+    spec, _ = validate_deploy("web", {"image": "x", "https": "redirect"}, 10)
+    assert spec.https == "redirect"
+    assert validate_deploy("web", {"image": "x"}, 10)[0].https is None
+    for bad in ("always", True, 1, ""):
+        with pytest.raises(ValidationError, match=r"^https:"):
+            validate_deploy("web", {"image": "x", "https": bad}, 10)
