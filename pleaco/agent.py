@@ -78,9 +78,9 @@ class Agent:
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
         apps = AppStore(store, cfg.max_replicas)
-        cluster = Cluster(cfg, identity, store, registry)
+        cluster = Cluster(cfg, identity, store, registry, runtime=runtime)
         reconciler = AppReconciler(cfg, identity.node_id, apps, runtime, registry, live_nodes=cluster.placement_nodes,
-                                   weights=cluster.weights)
+                                   weights=cluster.weights, fetch_image=cluster.fetch_image)
         cluster.on_change = reconciler.wake
         proxy = ProxyReconciler(cfg, identity.node_id, apps, reconciler, runtime, registry)
         reconciler.may_remove = proxy.may_remove  # drain replicas out of the proxy first

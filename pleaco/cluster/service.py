@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -23,15 +24,17 @@ from pleaco import __version__, logs
 from pleaco.cluster import messages, trust
 from pleaco.cluster.config import GossipConfig
 from pleaco.cluster.discovery import MdnsDiscovery
+from pleaco.cluster.images import ImageTransfer
 from pleaco.cluster.membership import Member, Membership
 from pleaco.cluster.messages import MessageError
 from pleaco.cluster.sync import StoreSync
-from pleaco.cluster.transport import CHANNEL_JOIN, NetTransport, frame, read_frame
+from pleaco.cluster.transport import CHANNEL_IMAGE, CHANNEL_JOIN, NetTransport, TransportError, frame, read_frame
 from pleaco.cluster.trust import ClusterState, JoinToken, TrustError
 from pleaco.cluster.wire import DROP_REASONS, Codec
 from pleaco.config import Config, parse_host_port
 from pleaco.identity import Identity
 from pleaco.metrics import Counter, Gauge, Registry
+from pleaco.runtime import DockerRuntime
 from pleaco.store import Store
 
 log = logs.get("pleaco.cluster")
@@ -65,7 +68,10 @@ class Cluster:
         store: Store,
         registry: Registry,
         on_change: Callable[[], None] = lambda: None,
+        runtime: DockerRuntime | None = None,
     ) -> None:
+        self.runtime = runtime
+        self.images: ImageTransfer | None = None
         self.cfg = cfg
         self.gossip: GossipConfig = cfg.gossip
         self.identity = identity
@@ -193,6 +199,9 @@ class Cluster:
                                  self.addr, self._count_drop, on_join=self._answer_join,
                                  stream_timeout=g.stream_timeout)
         # cpus is the node's capacity: placement gives a node a share of replicas in proportion.
+        if self.runtime is not None:
+            self.images = ImageTransfer(streams, self.runtime, g.stream_timeout)
+            transport.channels[CHANNEL_IMAGE] = self.images.serve
         meta = {"name": self.cfg.name, "api": self.cfg.api_listen, "version": __version__,
                 "cpus": str(os.cpu_count() or 1)}
         self.membership = Membership(
@@ -346,6 +355,24 @@ class Cluster:
         log.info("cluster.admitted", member=req.node_id, name=req.name, addr=req.addr)
         members = [messages.record_to_json(r) for r in self.store.records("node")]
         return trust.seal_join_answer(secret, req.nonce, self.state, members)
+
+    # -- images --------------------------------------------------------------------------
+
+    async def fetch_image(self, ref: str) -> bool:
+        """Fetch an image this node lacks from a member that has it; True when it did."""
+        if self.images is None or self.membership is None:
+            return False
+        peers = [m for m in self.membership.live() if m.node_id != self.identity.node_id]
+        random.shuffle(peers)
+        for peer in peers:
+            try:
+                size = await self.images.fetch(peer.addr, ref)
+            except TransportError as exc:
+                log.debug("image.fetch_failed", image=ref, peer=peer.node_id, error=str(exc))
+                continue
+            log.info("image.fetched", image=ref, peer=peer.node_id, bytes=size)
+            return True
+        return False
 
     # -- removal -------------------------------------------------------------------------
 

@@ -35,6 +35,9 @@ DropCounter = Callable[[str], None]
 MAX_FRAME = 64 << 20
 CHANNEL_STREAM = b"S"
 CHANNEL_JOIN = b"J"
+CHANNEL_IMAGE = b"I"
+# A handler that owns the whole connection after its channel byte (image transfer).
+ChannelHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class TransportError(ConnectionError):
@@ -92,6 +95,7 @@ class NetTransport(Transport):
         self._tcp: asyncio.base_events.Server | None = None
         self._on_packet: PacketHandler | None = None
         self._on_stream: StreamHandler | None = None
+        self.channels: dict[bytes, ChannelHandler] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -180,8 +184,11 @@ class NetTransport(Transport):
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            channel = await asyncio.wait_for(reader.readexactly(1), self.stream_timeout)
+            if channel in self.channels:
+                await self.channels[channel](reader, writer)
+                return
             async with asyncio.timeout(self.stream_timeout * 2):
-                channel = await reader.readexactly(1)
                 raw = await read_frame(reader)
                 if channel == CHANNEL_JOIN and self.on_join is not None:
                     writer.write(frame(await self.on_join(raw)))

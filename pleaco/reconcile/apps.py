@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +87,7 @@ class AppReconciler:
         registry: Registry,
         live_nodes: Callable[[], Sequence[str]] | None = None,
         weights: Callable[[], dict[str, float]] | None = None,
+        fetch_image: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.node_id = node_id
@@ -95,6 +96,9 @@ class AppReconciler:
         self.live_nodes = live_nodes or (lambda: [node_id])
         # Placement weight per node (its capacity); equal when not given.
         self.weights = weights or dict
+        # Gets a missing image from another node (pleaco.cluster.images); None: no cluster.
+        self.fetch_image = fetch_image
+        self._next_fetch: dict[str, float] = {}
         self.observed = Observation()
         self.replicas: dict[ReplicaKey, ReplicaState] = {}
         self.images: dict[str, ImageState] = {}
@@ -181,10 +185,19 @@ class AppReconciler:
             self._inflight.pop(key, None)
             self._wake.set()
 
-        task = asyncio.create_task(action, name=f"reconcile {key}")
+        task = asyncio.create_task(self._guarded(key, action), name=f"reconcile {key}")
         self._inflight[key] = task
         task.add_done_callback(done)
         return True
+
+    async def _guarded(self, key: str, action: Coroutine[Any, Any, None]) -> None:
+        """Run a background action; its failure is logged, and the next pass retries."""
+        try:
+            await action
+        except EngineUnavailable as exc:
+            log.debug("reconcile.action_engine_unreachable", action=key, error=str(exc))
+        except Exception as exc:
+            log.error("reconcile.action_failed", exc_info=True, action=key, error=str(exc))
 
     async def drain(self, cancel: bool = False) -> None:
         """Wait for (or cancel) the actions still running."""
@@ -407,6 +420,11 @@ class AppReconciler:
         if known is not None and (known.present or now - known.checked < self.cfg.image_recheck_interval):
             return known.present
         present: bool = await self._engine(self.runtime.image_exists, image)
+        if not present and self.fetch_image is not None and now >= self._next_fetch.get(image, 0.0):
+            # Another node may have it (built there): fetch in the background and look
+            # again when that is done; a failed fetch is retried after a while, not at once.
+            self._next_fetch[image] = now + max(10.0, self.cfg.image_recheck_interval)
+            self._spawn(f"fetch/{image}", self._fetch(image))
         if known is None or known.present != present:
             if present:
                 log.info("image.present", image=image)
@@ -414,6 +432,11 @@ class AppReconciler:
                 log.warning("image.missing", image=image)
         self.images[image] = ImageState(present, now)
         return present
+
+    async def _fetch(self, image: str) -> None:
+        assert self.fetch_image is not None
+        if await self.fetch_image(image):
+            self.images.pop(image, None)  # look again on the next pass
 
     def image_missing(self, image: str) -> bool:
         known = self.images.get(image)

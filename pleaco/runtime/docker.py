@@ -250,6 +250,17 @@ class DockerRuntime:
         info = self._call(self._api.inspect_container, container_id)
         return _host_port_from_inspect(info, port)
 
+    def save_image(self, ref: str) -> Iterator[bytes]:
+        """The image as a ``docker save`` tar stream, in chunks."""
+        stream = self._call(self._api.get_image, ref, chunk_size=1 << 20)
+        return stream  # type: ignore[no-any-return]
+
+    def load_image(self, chunks: Iterator[bytes]) -> None:
+        """``docker load`` from a tar stream; raises RuntimeError when the engine refuses it."""
+        for line in self._call(self._api.load_image, chunks):
+            if isinstance(line, dict) and line.get("error"):
+                raise RuntimeError(f"docker load: {line['error']}")
+
     def logs(self, container_id: str, tail: int | str = "all", follow: bool = False) -> Iterator[bytes]:
         """The container's output; with ``follow`` an endless stream (close() it to stop)."""
         stream = self._call(
