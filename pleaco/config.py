@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -280,5 +281,8 @@ def validate(cfg: Config) -> None:
         problems = table.validate()
         if problems:
             raise ConfigError(problems[0])
+    labels = cfg.cluster_domain.split(".")
+    if not all(re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", label) for label in labels):
+        raise ConfigError(f"cluster_domain: {cfg.cluster_domain!r} is not a DNS name (lower-case labels)")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {cfg.log_level!r}")

@@ -24,10 +24,17 @@ def add_routes(app: web.Application, cluster: Cluster, load: Callable[[], dict[s
     """``load`` gives this node's own load figures (containers and so on) for /v1/nodes."""
 
     async def nodes(request: web.Request) -> web.Response:
+        # Other nodes' load as their route records (their replicas, gossiped) tell it.
+        replicas: dict[str, int] = {}
+        for rec in cluster.store.records("route"):
+            value = rec.value or {}
+            node = value.get("node")
+            if isinstance(node, str):
+                replicas[node] = replicas.get(node, 0) + len(value.get("instances") or [])
         out = []
         for m in cluster.members():
             me = m["id"] == cluster.identity.node_id
-            out.append({**m, "self": me, "load": load() if me else {}})
+            out.append({**m, "self": me, "load": load() if me else {"containers": replicas.get(m["id"], 0)}})
         return web.json_response(out)
 
     async def remove_node(request: web.Request) -> web.Response:

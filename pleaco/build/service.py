@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -411,6 +411,9 @@ class BuildService:
                 out(f"==> failed: {b.reason}\n")
             finally:
                 timer.cancel()
+                # Before the final state: whoever sees the build finished sees its containers gone.
+                with contextlib.suppress(Exception):
+                    self.engine.remove_leftovers({bid})
                 if b.state in ("succeeded", "failed", "cancelled"):
                     b.finished_ms = now_ms()
                     self.builds.put(b)
@@ -419,8 +422,6 @@ class BuildService:
                         self.m_steps.observe(seconds, step=step)
                     log.info(f"build.{b.state}", app=b.app, build=bid, commit=b.commit, reason=b.reason,
                              seconds=round((b.finished_ms - b.started_ms) / 1000, 2))
-                with contextlib.suppress(Exception):
-                    self.engine.remove_leftovers({bid})
 
     def _step(self, b: Build, state: str, cancel: Cancel, out: Callable[[str], None]) -> float:
         cancel.check()
@@ -460,6 +461,20 @@ class BuildService:
         # and on a small app this hides the scan's export almost entirely.
         trivy = scanner.trivy_path()
         packages_future = None if trivy else self._scan_pool.submit(self._packages, b)
+        try:
+            self._test_and_scan(b, manifest, cancel, out, t, trivy, packages_future)
+        finally:
+            if packages_future is not None:
+                # Tests failed or the build was cancelled: let the export finish (and remove
+                # its container) before the build is declared done.
+                with contextlib.suppress(Exception):
+                    packages_future.result()
+
+        cancel.check()  # a newer push after the scan still wins: never release an older commit
+        self._release(b, manifest)
+
+    def _test_and_scan(self, b: Build, manifest: Manifest, cancel: _BuildCancel, out: Callable[[str], None],
+                       t: float, trivy: str | None, packages_future: Future[list[scanner.Package]] | None) -> None:
         if manifest.test_command is None:
             b.test = {"skipped": f"no [test] command in {FILENAME}"}
             out("no [test] command: tests skipped\n")
@@ -503,9 +518,6 @@ class BuildService:
         if blocking:
             ids = ", ".join(f"{f.id} ({f.package} {f.installed}, {f.severity})" for f in blocking[:5])
             raise StepFailed(f"scan: {len(blocking)} vulnerabilities at or above {manifest.fail_on}: {ids}")
-
-        cancel.check()  # a newer push after the scan still wins: never release an older commit
-        self._release(b, manifest)
 
     def _packages(self, b: Build) -> list[scanner.Package]:
         with self.engine.export_fs(b.image, self.engine.labels(b.id, "scan")) as fs:

@@ -260,9 +260,9 @@ class Membership:
     def _member_states(self) -> list[dict[str, Any]]:
         out = []
         for m in self.members.values():
-            kind = m.state
-            u = Update(kind, m.node_id, m.incarnation, m.addr if kind == ALIVE or m.addr else "", m.meta
-                       if kind == ALIVE else {}, self.node_id if kind != ALIVE else "")
+            alive = m.state == ALIVE
+            u = Update(m.state, m.node_id, m.incarnation, m.addr, m.meta if alive else {},
+                       "" if alive else self.node_id)
             out.append(u.to_json())
         return out
 

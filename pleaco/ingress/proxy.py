@@ -3,19 +3,23 @@
 Each pass (every ``proxy.interval`` seconds, or sooner when woken):
 1. the proxy container exists, runs, and was made with the current settings (image,
    admin address, mounts), else it is created, started or replaced;
-2. the routes are computed from the app reconciler's view: each app with a port gets its
-   host name, routed to its replicas that are running and healthy, minus those draining;
-3. ``GET /config/`` is compared with that; when they differ (a route changed, or the proxy
-   restarted and came back with its boot file) the whole config is ``POST /load``-ed.
+2. the routes are computed from the app reconciler's view (once it finished a pass): each
+   app with a port gets its host name, routed to its replicas that are running and
+   healthy, minus those draining; the DNS answers with those replicas at once;
+3. ``GET /config/`` is compared with the config for those routes; when they differ (an app
+   or host name changed, or the proxy restarted from its boot file) the whole config is
+   ``POST /load``-ed.
 
 The container runs in the host's network namespace. That keeps the admin API on the
 host's loopback (the agent reaches it, nothing off the host does), lets Caddy dial app
 replicas on their loopback-published ports, and lets it see the client's real address
 (no userland proxy or NAT in between), which it passes on in X-Forwarded-For.
 
-The last applied config (without the access-log writer, which needs the agent to be up) is
-also written to ``DATA_DIR/proxy/caddy.json`` and is what Caddy boots from, so a proxy the
-engine restarts while the agent is down comes back with its routes.
+Upstreams come from the agent's DNS (pleaco.ingress.dns), so rollouts need no reload. A
+static variant of the config (upstreams listed, no access-log writer: it must work without
+the agent) is written to ``DATA_DIR/proxy/caddy.json``; Caddy boots from it, so a proxy the
+engine restarts while the agent is down comes back with its routes, and a stopping agent
+loads it into the running proxy.
 
 Draining: the app reconciler asks ``may_remove`` before it stops a container. A container
 the proxy still routes to is first taken out of the config; it may be removed once

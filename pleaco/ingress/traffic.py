@@ -87,5 +87,7 @@ class TrafficStats:
                 self.record(line)
         except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
             log.debug("proxy.access_log_closed", error=str(exc))
+        except asyncio.CancelledError:
+            pass  # the agent is stopping; a leaf task with nothing to hand back
         finally:
             writer.close()

@@ -46,8 +46,9 @@ class RolloutGuard:
     def _healthy_here(self, spec: AppSpec) -> bool | None:
         """True when every replica this node owns runs the current release healthily; None
         when this node owns none (nothing to judge)."""
+        # The same placement the app reconciler computes, so both judge the same replicas.
         owned = owned_replicas(spec.name, self.apps.replicas(spec.name), list(self.rec.live_nodes()),
-                               self.rec.node_id)
+                               self.rec.node_id, self.rec.weights())
         if not owned:
             return None
         current = {c.replica: c for c in self.rec.observed.containers

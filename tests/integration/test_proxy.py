@@ -238,17 +238,53 @@ def test_bad_proxy_input_is_refused_and_changes_nothing(proxied: Proxied) -> Non
     assert proxied.get("web.test")[0] == 200
 
 
-def test_agent_killed_and_restarted_under_load_drops_no_request(proxied: Proxied) -> None:
-    proxied.agent.client.deploy("web", {"image": HELLO, "port": 8080, "health": "/healthz", "replicas": 2,
-                                        "env": {"GREETING": "steady"}})
+def test_agent_stopped_or_killed_the_proxy_keeps_or_regains_its_routes(proxied: Proxied) -> None:
+    agent = proxied.agent
+    agent.client.deploy("web", {"image": HELLO, "port": 8080, "health": "/healthz", "replicas": 2,
+                                "env": {"GREETING": "steady"}})
     wait_for(lambda: len(routes(proxied).get("web.pleaco.internal", [])) == 2, 30, "2 upstreams")
+    # A stopping agent hands the proxy a static config: traffic flows while it is away and
+    # after it is back.
     with Load(f"http://127.0.0.1:{proxied.http}/", "web.pleaco.internal", rate=100, max_seconds=40) as load:
         wait_for(lambda: load.seen("steady") >= 50, 10, "load flowing")
-        proxied.agent.kill()  # SIGKILL: no chance to hand the proxy anything
-        proxied.agent.start()
-        wait_for(lambda: proxied.agent.client.request("GET", "/v1/proxy")["up"], 30, "the proxy up again")
+        assert agent.stop() == 0
         seen = load.seen("steady")
-        wait_for(lambda: load.seen("steady") >= seen + 200, 20, "load flowing after the restart")
+        wait_for(lambda: load.seen("steady") >= seen + 100, 10, "load flowing without the agent")
+        agent.start()
+        wait_for(lambda: agent.client.request("GET", "/v1/proxy")["up"], 30, "the proxy up again")
+        seen = load.seen("steady")
+        wait_for(lambda: load.seen("steady") >= seen + 100, 10, "load flowing after the restart")
         result = load.stop()
     assert result.failures == [], result.failures[:5]
-    assert len(routes(proxied)["web.pleaco.internal"]) == 2
+    # Killed, it cannot; started again, it serves the same routes.
+    agent.kill()
+    agent.start()
+    wait_for(lambda: proxied.get("web.pleaco.internal")[1].strip().endswith("(steady)"), 30, "web after the kill")
+    wait_for(lambda: len(routes(proxied).get("web.pleaco.internal", [])) == 2, 30, "2 upstreams again")
+
+
+@pytest.mark.parametrize(("surge", "unavailable", "peak"), [(1, 0, 4), (0, 1, 3)])
+def test_rollout_pace_follows_max_surge_and_max_unavailable(
+    agent_factory: Callable[..., AgentProcess], surge: int, unavailable: int, peak: int,
+) -> None:
+    """3 replicas: with max_surge 1 at most 4 containers run at once; with max_surge 0 and
+    max_unavailable 1 (stop-first, one at a time) at most 3."""
+    agent = agent_factory("pace", env={"PLEACO_ROLLOUT_MAX_SURGE": str(surge),
+                                       "PLEACO_ROLLOUT_MAX_UNAVAILABLE": str(unavailable)})
+    spec = {"image": HELLO, "port": 8080, "health": "/healthz", "replicas": 3}
+    agent.client.deploy("web", {**spec, "env": {"GREETING": "v1"}})
+    wait_for(lambda: agent.client.app("web")["healthy"] == 3, 30, "3 healthy replicas")
+    engine = docker_client()
+    agent.client.deploy("web", {**spec, "env": {"GREETING": "v2"}})
+    seen = 0
+
+    def done() -> bool:
+        nonlocal seen
+        running = engine.containers.list(filters={"label": [f"pleaco.node={agent.node_id}", "pleaco.app=web"],
+                                                   "status": "running"})
+        seen = max(seen, len(running))
+        app = agent.client.app("web")
+        return app["healthy"] == 3 and {i["release"] for i in app["instances"]} == {2}
+
+    wait_for(done, 60, "the rollout to finish", interval=0.05)
+    assert 3 <= seen <= peak

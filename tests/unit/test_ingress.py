@@ -173,6 +173,7 @@ def test_proxy_and_rollout_settings_load_from_env_and_are_validated() -> None:
         ({"PLEACO_ROLLOUT_MAX_SURGE": "0"}, "never replace"),
         ({"PLEACO_ROLLOUT_DEADLINE": "0"}, "deadline"),
         ({"PLEACO_PROXY_TRY_DURATION": "-1"}, "try_duration"),
+        ({"PLEACO_CLUSTER_DOMAIN": "Not_A.Domain"}, "cluster_domain"),
     ]:
         with pytest.raises(ConfigError, match=needle):
             load(env=env)

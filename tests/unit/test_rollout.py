@@ -40,6 +40,9 @@ class FakeReconciler:
     def live_nodes(self) -> list[str]:
         return [NODE]
 
+    def weights(self) -> dict[str, float]:
+        return {}
+
     def wake(self) -> None:
         self.woken += 1
 
