@@ -33,6 +33,12 @@ async def started(n: int, seed: int = 1, **net_opts: Any) -> tuple[SimNetwork, l
     return net, nodes
 
 
+async def elapse(seconds: float) -> None:
+    """Let ``seconds`` of virtual time pass: the clock jumps, nothing waits (a scenario step,
+    not synchronisation)."""
+    await asyncio.sleep(seconds)
+
+
 async def until(cond: Any, limit: float, step: float = 0.1) -> float:
     """Virtual seconds until ``cond()`` holds; fails past ``limit``."""
     loop = asyncio.get_running_loop()
@@ -51,12 +57,12 @@ async def stop(nodes: list[Membership]) -> None:
 def test_a_dead_node_is_detected_by_all_and_nobody_else_is() -> None:
     async def scenario() -> float:
         net, nodes = await started(8)
-        await asyncio.sleep(3)
+        await elapse(3)
         victim = nodes[5]
         net.kill(victim.me.addr)
         others = [m for m in nodes if m is not victim]
         took = await until(lambda: all(m.members[victim.node_id].state == DEAD for m in others), 60)
-        await asyncio.sleep(10)
+        await elapse(10)
         for m in others:
             assert {n for n, x in m.members.items() if x.state != ALIVE} == {victim.node_id}
         await stop(nodes)
@@ -70,14 +76,14 @@ def test_a_dead_node_is_detected_by_all_and_nobody_else_is() -> None:
 def test_a_false_suspicion_is_refuted() -> None:
     async def scenario() -> None:
         _, nodes = await started(6)
-        await asyncio.sleep(2)
+        await elapse(2)
         target, accuser = nodes[2], nodes[0]
         before = target.me.incarnation
         accuser.apply_update(Update(SUSPECT, target.node_id, target.me.incarnation, source=accuser.node_id))
         assert accuser.members[target.node_id].state == SUSPECT
         await until(lambda: target.me.incarnation > before, 10)
         await until(lambda: all(m.members[target.node_id].state == ALIVE for m in nodes), 10)
-        await asyncio.sleep(30)
+        await elapse(30)
         assert all(m.members[target.node_id].state == ALIVE for m in nodes)
         assert target.stats["refuted"] >= 1
         await stop(nodes)
@@ -102,7 +108,7 @@ def test_a_record_reaches_every_node() -> None:
 def test_partitions_keep_working_and_merge_when_healed() -> None:
     async def scenario() -> None:
         net, nodes = await started(5, seed=4)
-        await asyncio.sleep(2)
+        await elapse(2)
         left, right = nodes[:2], nodes[2:]
         net.partition([m.me.addr for m in left], [m.me.addr for m in right])
         await until(lambda: all(m.members[o.node_id].state == DEAD for m in left for o in right), 90)
@@ -112,7 +118,7 @@ def test_partitions_keep_working_and_merge_when_healed() -> None:
             assert isinstance(d, MemoryDelegate)
             d.records_received(side[0].node_id, [Record("app", f"side{i}", {}, Timestamp(10 + i, 0, side[0].node_id),
                                                         bytes(64))])
-        await asyncio.sleep(5)
+        await elapse(5)
         net.heal()
         # Reconnecting to dead members (every push-pull interval) merges the two halves.
         await until(lambda: all(x.state == ALIVE for m in nodes for x in m.members.values()), 180, 1)
@@ -126,9 +132,9 @@ def test_partitions_keep_working_and_merge_when_healed() -> None:
 def test_a_stalled_node_causes_no_false_deaths() -> None:
     async def scenario() -> None:
         net, nodes = await started(20, seed=5, loss=0.05)
-        await asyncio.sleep(3)
+        await elapse(3)
         net.stall(nodes[0].me.addr, 2.0)
-        await asyncio.sleep(40)
+        await elapse(40)
         assert all(x.state == ALIVE for m in nodes for x in m.members.values())
         await stop(nodes)
 
