@@ -27,7 +27,7 @@ from typing import IO, Any
 import docker
 import docker.errors
 
-from pleaco.runtime.docker import API_VERSION, EngineUnavailable, NotFound, _wrap
+from pleaco.runtime.docker import API_VERSION, DockerRuntime, EngineUnavailable, NotFound, _wrap
 
 LABEL_BUILD = "pleaco.build"
 LABEL_BUILD_NODE = "pleaco.build-node"
@@ -110,21 +110,13 @@ class TestResult:
     timed_out: bool
 
 
-class BuildEngine:
+class BuildEngine(DockerRuntime):
+    """The engine calls builds make, on top of DockerRuntime's client and error mapping."""
+
     def __init__(self, base_url: str, timeout: float, node_id: str) -> None:
-        self.base_url = base_url
+        super().__init__(base_url, timeout)
         self.timeout = timeout
         self.node_id = node_id
-        self._api = docker.APIClient(base_url=base_url, version=API_VERSION, timeout=int(timeout))
-
-    def close(self) -> None:
-        self._api.close()
-
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            raise _wrap(exc) from exc
 
     def labels(self, build_id: str, role: str) -> dict[str, str]:
         """Labels of a build's own containers (test, scan, kaniko)."""
