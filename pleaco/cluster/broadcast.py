@@ -45,8 +45,9 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    def take(self, budget: int, per_item_overhead: int = 1) -> list[Any]:
-        """Items that fit in ``budget`` bytes, least sent (then newest) first."""
+    def take(self, budget: int, per_item_overhead: int = 1, count: bool = True) -> list[Any]:
+        """Items that fit in ``budget`` bytes, least sent (then newest) first. With ``count``
+        False the sends are not counted against the limit (packets to dead members)."""
         if not self._items:
             return []
         limit = self.limit()
@@ -57,9 +58,10 @@ class BroadcastQueue:
                 continue
             budget -= cost
             out.append(item.payload)
-            item.transmits += 1
-            if item.transmits >= limit:
-                del self._items[item.key]
+            if count:
+                item.transmits += 1
+                if item.transmits >= limit:
+                    del self._items[item.key]
             if budget < 32:
                 break
         return out

@@ -182,10 +182,11 @@ class Membership:
 
     # -- sending -------------------------------------------------------------------------
 
-    def _send(self, addr: str, packet: Packet) -> int:
-        """Send a packet with as many queued broadcasts piggybacked as fit."""
+    def _send(self, addr: str, packet: Packet, count: bool = True) -> int:
+        """Send a packet with as many queued broadcasts piggybacked as fit (counted against
+        their retransmit limit unless ``count`` is False)."""
         budget = self.cfg.max_packet - wire.OVERHEAD - PACKET_BASE
-        items = self.broadcasts.take(budget)
+        items = self.broadcasts.take(budget, count=count)
         if items:
             updates = tuple(i for i in items if isinstance(i, Update))
             records = tuple(i for i in items if isinstance(i, Record))
@@ -500,10 +501,14 @@ class Membership:
             if not len(self.broadcasts):
                 continue
             now = self.loop_time
-            pool = [m for m in self.members.values() if m.node_id != self.node_id and (
-                m.state in LIVE or (m.state == DEAD and now - m.since < self.cfg.gossip_to_dead))]
-            for m in self.rng.sample(pool, min(self.cfg.gossip_nodes, len(pool))):
+            for m in self._sample(LIVE, self.cfg.gossip_nodes):
                 self._send(m.addr, Packet("gossip"))
+            # Recently dead members hear the news too (so one that comes back learns it was
+            # declared dead and refutes), but those sends do not use up an update's
+            # retransmits: with half the cluster dead, they would starve the living.
+            dead = [m for m in self.members.values() if m.state == DEAD and now - m.since < self.cfg.gossip_to_dead]
+            if dead:
+                self._send(self.rng.choice(dead).addr, Packet("gossip"), count=False)
 
     async def _push_pull_loop(self) -> None:
         while True:

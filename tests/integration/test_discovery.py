@@ -96,8 +96,8 @@ def test_partition_keeps_both_sides_writable_and_heals(agent_factory: Factory) -
             # Both sides keep accepting writes.
             left[0].client.deploy("left", {"image": "pleaco/hello:latest", "replicas": 0})
             right[1].client.deploy("right", {"image": "pleaco/hello:latest", "replicas": 0})
-            wait_for(lambda: all({x["name"] for x in a.client.apps()} == {"left"} for a in left), 20, "left write")
-            wait_for(lambda: all({x["name"] for x in a.client.apps()} == {"right"} for a in right), 20, "right write")
+            wait_for(lambda: all({x["name"] for x in a.client.apps()} == {"left"} for a in left), 60, "left write")
+            wait_for(lambda: all({x["name"] for x in a.client.apps()} == {"right"} for a in right), 60, "right write")
         wait_for(lambda: alive_everywhere(agents), 180, "the partition healed into one cluster")
         wait_for(lambda: all({x["name"] for x in a.client.apps()} == {"left", "right"} for a in agents), 90,
                  "both sides' writes on every host, none lost")
