@@ -40,6 +40,21 @@ def wait_for(cond: Callable[[], T], timeout: float = 30.0, what: str = "conditio
         time.sleep(interval)
 
 
+def wait_listening(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float, what: str) -> None:
+    """Poll until ``host:port`` accepts connections; fail at once if ``proc`` exits first."""
+
+    def listening_or_exited() -> bool:
+        if proc.poll() is not None:
+            return True
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            return s.connect_ex((host, port)) == 0
+
+    wait_for(listening_or_exited, timeout, f"{what} to listen on {host}:{port}", interval=0.05)
+    if proc.poll() is not None:
+        raise RuntimeError(f"{what} exited with {proc.returncode} before listening")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,19 +119,10 @@ class AgentProcess:
             log.flush()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
-        def up() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with socket.socket() as s:
-                s.settimeout(0.2)
-                return s.connect_ex((self.host, self.port)) == 0
-
-        deadline = time.monotonic() + 20
-        while not up():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"agent did not listen within 20s:\n{self.log_tail()}")
-            time.sleep(0.05)
+        try:
+            wait_listening(self.proc, self.host, self.port, 20, "the agent")
+        except (AssertionError, RuntimeError) as exc:
+            raise type(exc)(f"{exc}:\n{self.log_tail()}") from None
         self.node_id = self.client.status()["node_id"]
         return self
 

@@ -10,9 +10,7 @@ import hmac
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -20,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentproc import REPO, free_port
+from agentproc import REPO, free_port, wait_listening
 
 EXAMPLES = REPO / "examples"
 GIT_ENV = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "Test",
@@ -49,14 +47,8 @@ class GitServer:
             ["git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack", "--listen=127.0.0.1",
              f"--port={self.port}", f"--base-path={self.root}", str(self.root)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("git daemon did not start")
-            time.sleep(0.05)
+        wait_listening(self.proc, "127.0.0.1", self.port, 10, "git daemon")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
