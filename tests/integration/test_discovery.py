@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,9 +56,9 @@ def test_three_hosts_bootstrap_one_cluster_over_mdns(agent_factory: Factory) -> 
             if a is not founder:
                 assert "event=cluster.joined" in a.log_path.read_text()
         # A real mDNS client on a fourth host lists all three.
-        with avahi_daemon(hosts[3], agents[0].data_dir.parent):
+        with avahi_daemon(hosts[3], agents[0].data_dir.parent) as env:
             def listed() -> bool:
-                out = avahi_browse(hosts[3])
+                out = avahi_browse(hosts[3], env)
                 return all(a.node_id in out for a in agents)
 
             wait_for(listed, 30, "avahi-browse listing the three nodes")
@@ -106,32 +105,60 @@ def test_partition_keeps_both_sides_writable_and_heals(agent_factory: Factory) -
 
 
 @contextlib.contextmanager
-def avahi_daemon(host: netns.Host, workdir: Path) -> Iterator[None]:
-    """A real avahi-daemon on one test host (its own namespace, IPv4, eth0 only), reached
-    by avahi-browse over the system D-Bus (started here when none runs)."""
+def avahi_daemon(host: netns.Host, workdir: Path) -> Iterator[dict[str, str]]:
+    """A real avahi-daemon on one test host (its own namespace, IPv4, eth0 only) on a D-Bus
+    of its own; yields the environment avahi-browse needs to reach it.
+
+    Nothing is shared with the machine's own dbus or avahi-daemon, which may or may not run
+    (installing the packages starts them on some machines): a private bus, and a tmpfs over
+    /run/avahi-daemon in the namespace's mount namespace for the daemon's pid file."""
     for tool in ("avahi-daemon", "avahi-browse", "dbus-daemon"):
         if not shutil.which(tool):
             pytest.fail(f"{tool} is missing: `make test` installs avahi-daemon, avahi-utils and dbus")
-    started_dbus = None
-    if not Path("/run/dbus/system_bus_socket").exists():
-        Path("/run/dbus").mkdir(parents=True, exist_ok=True)
-        out = subprocess.run(["dbus-daemon", "--system", "--fork", "--print-pid"], check=True,
-                             capture_output=True, text=True)
-        started_dbus = int(out.stdout.split()[0])
+    bus = workdir / "dbus.sock"
+    bus_conf = workdir / "dbus.conf"
+    bus_conf.write_text(f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={bus}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/>
+  </policy>
+</busconfig>
+""")
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={bus}"}
     conf = workdir / "avahi-daemon.conf"
     conf.write_text("[server]\nuse-ipv4=yes\nuse-ipv6=no\nallow-interfaces=eth0\n[publish]\npublish-workstation=no\n")
-    subprocess.run([*host.prefix, "avahi-daemon", "-f", str(conf), "--no-drop-root", "--no-chroot", "--no-rlimits",
-                    "-D"], check=True, capture_output=True)
+    log = workdir / "avahi-daemon.log"
+    with contextlib.ExitStack() as stack:
+        dbus = subprocess.Popen(["dbus-daemon", f"--config-file={bus_conf}", "--nofork", "--nopidfile"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stack.callback(_stop, dbus)
+        wait_for(bus.exists, 10, "the test's dbus-daemon listens")
+        script = ("mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon && "
+                  f"exec avahi-daemon -f {conf} --no-drop-root --no-chroot --no-rlimits")
+        with log.open("wb") as out:
+            daemon = subprocess.Popen([*host.prefix, "sh", "-c", script], env=env, stdout=out, stderr=out)
+        stack.callback(_stop, daemon)
+        wait_for(lambda: daemon.poll() is not None or b"Server startup complete" in log.read_bytes(), 20,
+                 "avahi-daemon starts")
+        assert daemon.poll() is None, f"avahi-daemon exited: {log.read_text()}"
+        yield env
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
     try:
-        yield
-    finally:
-        subprocess.run([*host.prefix, "avahi-daemon", "-k"], capture_output=True)
-        if started_dbus is not None:
-            os.kill(started_dbus, signal.SIGTERM)
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
-def avahi_browse(host: netns.Host) -> str:
+def avahi_browse(host: netns.Host, env: dict[str, str]) -> str:
     """List _pleaco._tcp with avahi-browse, a real mDNS client, from one of the hosts."""
     out = subprocess.run([*host.prefix, "avahi-browse", "-rpt", "_pleaco._tcp"], capture_output=True, text=True,
-                         timeout=30)
+                         timeout=30, env=env)
     return out.stdout
