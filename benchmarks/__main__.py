@@ -47,7 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
-    digits = {"s": 2, "MB": 1, "%": 2}.get(unit, 2)
+    digits = {"s": 2, "MB": 1, "%": 2, "requests": 0}.get(unit, 2)
     return f"{value:.{digits}f} {unit}".rstrip()
 
 

@@ -16,9 +16,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,14 @@ DOCKER_URL = "unix:///var/run/docker.sock"
 HELLO = "pleaco/hello:latest"
 HELLO_PORT = 8080
 LOOPBACK = "127.0.0.1"
+CADDY = "pleaco/caddy:latest"
+# A keep-alive app: Caddy's `caddy respond` (Go's HTTP server) on :8080 answering every path
+# with "hello from HOST (GREETING)", built by the benchmarks from pleaco/caddy (no registry).
+KEEPALIVE = "pleaco-bench/keepalive:latest"
+KEEPALIVE_DOCKERFILE = f"""FROM {CADDY}
+EXPOSE 8080
+CMD ["/bin/sh", "-c", "exec caddy respond --listen :8080 --body \\"hello from $(hostname) (${{GREETING:-pleaco}})\\""]
+"""
 
 
 class BenchError(RuntimeError):
@@ -159,6 +168,24 @@ def require_image(image: str) -> None:
         engine().inspect_image(image)
     except docker.errors.ImageNotFound:
         raise BenchError(f"image {image} is missing; build it with scripts/images.sh (make images)") from None
+
+
+@contextlib.contextmanager
+def keepalive_image() -> Iterator[str]:
+    """Build KEEPALIVE from the local pleaco/caddy image (classic builder, offline) for the
+    ``with`` block; the image is removed afterwards."""
+    require_image(CADDY)
+    with tempfile.TemporaryDirectory(prefix="pleaco-bench-keepalive-") as ctx:
+        (Path(ctx) / "Dockerfile").write_text(KEEPALIVE_DOCKERFILE)
+        env = {**os.environ, "DOCKER_BUILDKIT": "0"}
+        proc = subprocess.run(["docker", "build", "-q", "--label", "pleaco.bench=keepalive", "-t", KEEPALIVE, ctx],
+                              capture_output=True, text=True, timeout=120, env=env)
+        if proc.returncode != 0:
+            raise BenchError(f"docker build {KEEPALIVE}: {proc.stderr.strip()}")
+    try:
+        yield KEEPALIVE
+    finally:
+        docker_cli("image", "rm", KEEPALIVE, check=False)
 
 
 # -- pleaco agents --------------------------------------------------------------------------------

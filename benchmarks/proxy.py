@@ -1,57 +1,72 @@
-"""Proxy: what pleaco's reverse proxy costs, measured with wrk against the same replica
-straight on its published port and through the proxy, in the same run.
+"""Proxy (issue 5): what pleaco's reverse proxy costs, measured with wrk against the same
+replica straight on its own address and through the proxy, in the same run; then a rollout
+under load against Docker Swarm's (benchmarks/rollout.py).
 
-One agent with the proxy (pleaco/caddy:latest, Debian's Caddy 2.6) on 127.0.0.1, one app
-(pleaco/hello:latest, 1 replica, health check /healthz). Then ``wrk`` alternates between the
-two targets, ``--rounds`` times each (direct first in odd rounds, proxy first in even ones,
-so other load on the machine hits both alike):
+One agent with the proxy (pleaco/caddy:latest, Debian's Caddy 2.6) on 127.0.0.1 and two apps
+of 1 replica each (health check /healthz):
 
-- direct: ``wrk http://<container address>:8080/`` (the container's own port on the Docker
-  bridge, which is also what the proxy dials: no docker-proxy on either path)
-- proxy:  ``wrk -H "Host: proxy-bench.pleaco.internal" http://127.0.0.1:<proxy port>/``
+- the close-per-request app, pleaco/hello: busybox httpd, which closes the connection after
+  every response (direct, wrk opens a TCP connection per request; through the proxy, wrk
+  keeps its connections to Caddy and Caddy opens one to the replica per request);
+- the keep-alive app, common.KEEPALIVE: Go's HTTP server (``caddy respond``), built from
+  pleaco/caddy by the benchmark; connections are kept on both paths.
 
-Each run is ``wrk -t2 -c16 -d8s --latency`` (2 threads for 2 cores, 16 connections: enough to
-keep one busybox httpd busy without queueing most of the time). The table shows the median
-requests/s of each and the ratio (goal: the proxy at 80 % of direct or better), and p50 and
-p99 latency (goal: at most 1 ms added at p50). The proxy runs as configured by default,
-access-log metrics included, so their cost is part of the figure.
+Targets, alternating (a different one first in every round, so other load on the machine
+hits all alike), ``--rounds`` times each:
 
-busybox httpd closes the connection after every response: direct, wrk opens a TCP
-connection per request; through the proxy, wrk keeps its connections to Caddy and Caddy
-opens one to the replica per request. Every load stays on this host (loopback and the
-Docker bridge).
+- direct: ``http://<container address>:8080/`` (the container's own port on the Docker
+  bridge, which is also what the proxy dials: no docker-proxy on either path);
+- proxy:  ``-H "Host: APP.pleaco.internal" http://127.0.0.1:<proxy port>/``;
+- bare Caddy (keep-alive app only): the same Caddy binary in the host's network namespace
+  like pleaco's, configured with nothing but a reverse proxy to the replica's address (no
+  access log, health checks or DNS upstreams): what Caddy itself costs here.
+
+Each run is ``wrk -t2 -c16 -d8s --latency`` (throughput, p50, p99; goals: the proxy at 80 %
+of direct or better and at most 1 ms added at p50), and ``wrk -t1 -c1 -d8s --latency`` (p50
+with one connection: latency added per request without queueing). The proxy runs as
+configured by default, access-log metrics included, so their cost is part of the figure.
+Every load stays on this host (loopback and the Docker bridge).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import re
 import shutil
 import subprocess
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks import rollout
 from benchmarks.common import (
+    CADDY,
     HELLO,
     HELLO_PORT,
+    KEEPALIVE,
     LOOPBACK,
     Agent,
     BenchError,
     Row,
+    docker_cli,
     engine,
     free_port,
+    keepalive_image,
     log,
     median,
+    remove_containers,
     require_image,
     wait_until,
 )
 
-CADDY = "pleaco/caddy:latest"
 APP = "proxy-bench"
-HOST = f"{APP}.pleaco.internal"
-WRK_ARGS = ["-t2", "-c16", "-d8s", "--latency"]
+KEEPALIVE_APP = "proxy-bench-ka"
+WRK_ARGS = ["-t2", "-d8s", "--latency"]
+WRK_CONNS = 16
 THROUGHPUT_GOAL = 0.80
 P50_GOAL_MS = 1.0
 
@@ -83,8 +98,9 @@ def parse_wrk(out: str) -> dict[str, float]:
     return result
 
 
-def wrk(url: str, host: str | None = None) -> dict[str, float]:
-    cmd = ["wrk", *WRK_ARGS, *(["-H", f"Host: {host}"] if host else []), url]
+def wrk(url: str, host: str | None = None, conns: int = WRK_CONNS) -> dict[str, float]:
+    threads = ["-t1"] if conns < 2 else []  # wrk needs a connection per thread
+    cmd = ["wrk", *WRK_ARGS, *threads, f"-c{conns}", *(["-H", f"Host: {host}"] if host else []), url]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
@@ -100,6 +116,135 @@ def get(url: str, host: str) -> str:
         return str(resp.read().decode())
 
 
+# The apps measured: (label, app name, image). The hello app closes every connection
+# (busybox httpd); the keep-alive app is Go's HTTP server (``caddy respond``).
+APPS = [
+    ("close-per-request app", APP, HELLO),
+    ("keep-alive app", KEEPALIVE_APP, KEEPALIVE),
+]
+BARE = "pleaco-bench-bare-caddy"
+BARE_LABEL = "pleaco.bench=bare-caddy"
+
+
+def replica_address(agent: Agent, app_name: str) -> str:
+    """http://IP:8080/ of the app's one replica, on the Docker bridge (as the proxy dials it)."""
+    app = wait_until(lambda: (a := agent.client.app(app_name))["healthy"] == 1 and a, 60,
+                     f"a healthy replica of {app_name}")
+    info = engine().inspect_container(app["instances"][0]["container"])
+    ip = next(n["IPAddress"] for n in info["NetworkSettings"]["Networks"].values() if n["IPAddress"])
+    return f"{ip}:{HELLO_PORT}"
+
+
+@contextlib.contextmanager
+def bare_caddy(workdir: Path, upstream: str) -> Iterator[str]:
+    """The same Caddy binary as pleaco's proxy, in the host's network namespace like it, with
+    nothing but a reverse proxy to one static upstream (no logs, no health checks, no DNS):
+    what Caddy itself costs. Yields its URL (127.0.0.1 only); removed afterwards."""
+    port = free_port()
+    conf = workdir / "bare"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "caddy.json").write_text(json.dumps({
+        "admin": {"disabled": True},
+        "apps": {"http": {"servers": {"bare": {
+            "listen": [f"{LOOPBACK}:{port}"], "automatic_https": {"disable": True},
+            "routes": [{"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": upstream}]}]}],
+        }}}},
+    }))
+    remove_containers([BARE_LABEL])
+    try:
+        docker_cli("run", "-d", "--name", BARE, "--label", BARE_LABEL, "--network", "host",
+                   "-v", f"{conf}:/etc/bare:ro", CADDY, "caddy", "run", "--config", "/etc/bare/caddy.json")
+        url = f"http://{LOOPBACK}:{port}/"
+
+        def up() -> bool:
+            try:
+                return get(url, "bare").startswith("hello from ")
+            except OSError:
+                return False
+
+        wait_until(up, 30, "the bare Caddy to answer")
+        yield url
+    finally:
+        remove_containers([BARE_LABEL])
+
+
+def measure_latency(opts: argparse.Namespace, agent: Agent, workdir: Path) -> list[Row]:
+    proxied = f"http://{LOOPBACK}:{agent.proxy_port}/"
+    for _, name, image in APPS:
+        agent.cli("apps", "deploy", name, "--image", image, "--port", str(HELLO_PORT), "--health", "/healthz")
+    # (app, target) -> (url, Host header)
+    targets: dict[str, dict[str, tuple[str, str | None]]] = {}
+    for _, name, _ in APPS:
+        upstream = replica_address(agent, name)
+        host = f"{name}.pleaco.internal"
+
+        def routed(host: str = host) -> bool:
+            try:
+                return get(proxied, host).startswith("hello from ")
+            except OSError:
+                return False
+
+        wait_until(routed, 60, f"{name} through the proxy")
+        targets[name] = {"direct": (f"http://{upstream}/", None), "proxy": (proxied, host)}
+
+    ka_upstream = targets[KEEPALIVE_APP]["direct"][0][len("http://"):-1]
+    runs: dict[str, list[dict[str, float]]] = {}
+    with bare_caddy(workdir, ka_upstream) as bare_url:
+        targets[KEEPALIVE_APP]["bare"] = (bare_url, None)
+        for rnd in range(1, opts.rounds + 1):
+            for label, name, _ in APPS:
+                order = list(targets[name])
+                # A different target first in every round, so other load hits all alike.
+                order = order[(rnd - 1) % len(order):] + order[:(rnd - 1) % len(order)]
+                for conns in (WRK_CONNS, 1):
+                    for target in order:
+                        url, host_header = targets[name][target]
+                        r = wrk(url, host_header, conns)
+                        log(f"proxy round {rnd} {label} {target} -c{conns}: {r['rps']:.0f} req/s, "
+                            f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, {r['errors']:.0f} errors")
+                        runs.setdefault(f"{name} {target} c{conns}", []).append(r)
+    for _, name, _ in APPS:
+        agent.cli("apps", "rm", name)
+
+    def med(key: str, field: str) -> float:
+        value = median(r[field] for r in runs[key])
+        assert value is not None
+        return value
+
+    rows = []
+    for label, name, _ in APPS:
+        d16, p16, d1, p1 = (f"{name} {t} c{c}" for c in (WRK_CONNS, 1) for t in ("direct", "proxy"))
+        details: dict[str, Any] = {"runs": {k: v for k, v in runs.items() if k.startswith(name + " ")},
+                                   "wrk": [*WRK_ARGS, f"-c{WRK_CONNS} or -c1"]}
+        errors = sum(r["errors"] for k, rs in runs.items() if k.startswith(name + " ") for r in rs)
+        if errors:
+            details["errors"] = [f"wrk saw {errors:.0f} failed requests ({label})"]
+        rows += [
+            Row(benchmark=f"proxy throughput, {label}", unit="req/s", pleaco=med(p16, "rps"),
+                baseline=med(d16, "rps"), baseline_name="direct", goal=f">= {THROUGHPUT_GOAL:.2f}x direct",
+                met=med(p16, "rps") / med(d16, "rps") >= THROUGHPUT_GOAL, details=details),
+            Row(benchmark=f"proxy p50 latency, {label}", unit="ms", pleaco=med(p16, "p50_ms"),
+                baseline=med(d16, "p50_ms"), baseline_name="direct", goal=f"<= +{P50_GOAL_MS:g} ms",
+                met=med(p16, "p50_ms") - med(d16, "p50_ms") <= P50_GOAL_MS,
+                details={"added_ms": round(med(p16, "p50_ms") - med(d16, "p50_ms"), 3)}),
+            Row(benchmark=f"proxy p99 latency, {label}", unit="ms", pleaco=med(p16, "p99_ms"),
+                baseline=med(d16, "p99_ms"), baseline_name="direct"),
+            Row(benchmark=f"proxy p50 latency, 1 connection, {label}", unit="ms", pleaco=med(p1, "p50_ms"),
+                baseline=med(d1, "p50_ms"), baseline_name="direct", goal=f"<= +{P50_GOAL_MS:g} ms",
+                met=med(p1, "p50_ms") - med(d1, "p50_ms") <= P50_GOAL_MS,
+                details={"added_ms": round(med(p1, "p50_ms") - med(d1, "p50_ms"), 3),
+                         "rps": {"proxy": med(p1, "rps"), "direct": med(d1, "rps")}}),
+        ]
+    p16, b16, p1, b1 = (f"{KEEPALIVE_APP} {t} c{c}" for c in (WRK_CONNS, 1) for t in ("proxy", "bare"))
+    rows += [
+        Row(benchmark="proxy throughput, keep-alive app, against bare Caddy", unit="req/s", pleaco=med(p16, "rps"),
+            baseline=med(b16, "rps"), baseline_name="bare Caddy"),
+        Row(benchmark="proxy p50 latency, 1 connection, keep-alive app, against bare Caddy", unit="ms",
+            pleaco=med(p1, "p50_ms"), baseline=med(b1, "p50_ms"), baseline_name="bare Caddy"),
+    ]
+    return rows
+
+
 def run(opts: argparse.Namespace) -> list[Row]:
     if shutil.which("wrk") is None:
         raise BenchError("wrk is not installed (apt-get install wrk; make bench does it)")
@@ -108,53 +253,14 @@ def run(opts: argparse.Namespace) -> list[Row]:
     workdir = Path(tempfile.mkdtemp(prefix="pleaco-bench-proxy-"))
     config = (f'proxy_image = "{CADDY}"\n[proxy]\nadmin_listen = "{LOOPBACK}:{free_port()}"\n'
               f'https_listen = "{LOOPBACK}:{free_port()}"\n')
-    runs: dict[str, list[dict[str, float]]] = {"direct": [], "proxy": []}
     try:
-        with Agent(workdir, "bench-proxy", config_text=config) as agent:
-            agent.cli("apps", "deploy", APP, "--image", HELLO, "--port", str(HELLO_PORT), "--health", "/healthz")
-            app = wait_until(lambda: (a := agent.client.app(APP))["healthy"] == 1 and a, 60, "a healthy replica")
-            info = engine().inspect_container(app["instances"][0]["container"])
-            ip = next(n["IPAddress"] for n in info["NetworkSettings"]["Networks"].values() if n["IPAddress"])
-            # Straight to the container's port, as the proxy dials it (not through docker-proxy).
-            direct = f"http://{ip}:{HELLO_PORT}/"
-            proxied = f"http://{LOOPBACK}:{agent.proxy_port}/"
-
-            def routed() -> bool:
-                try:
-                    return get(proxied, HOST).startswith("hello from ")
-                except OSError:
-                    return False
-
-            wait_until(routed, 60, "the app through the proxy")
-            for rnd in range(1, opts.rounds + 1):
-                order = ["direct", "proxy"] if rnd % 2 else ["proxy", "direct"]
-                for target in order:
-                    r = wrk(direct) if target == "direct" else wrk(proxied, HOST)
-                    log(f"proxy round {rnd} {target}: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, "
-                        f"p99 {r['p99_ms']:.2f} ms, {r['errors']:.0f} errors")
-                    runs[target].append(r)
-            agent.cli("apps", "rm", APP)
+        with keepalive_image(), Agent(workdir, "bench-proxy", config_text=config) as agent:
+            rows = measure_latency(opts, agent, workdir)
+            rows += rollout.run(opts, agent)
     finally:
+        keep = Path(opts.results_dir)
+        with contextlib.suppress(OSError):
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(workdir / "bench-proxy.log", keep / "proxy-agent.log")
         shutil.rmtree(workdir, ignore_errors=True)
-
-    def med(target: str, key: str) -> float:
-        value = median(r[key] for r in runs[target])
-        assert value is not None
-        return value
-
-    details: dict[str, Any] = {"runs": runs, "wrk": WRK_ARGS}
-    errors = sum(r["errors"] for rs in runs.values() for r in rs)
-    if errors:
-        details["errors"] = [f"wrk saw {errors:.0f} failed requests"]
-    rps_ratio = med("proxy", "rps") / med("direct", "rps")
-    added_p50 = med("proxy", "p50_ms") - med("direct", "p50_ms")
-    return [
-        Row(benchmark="proxy throughput", unit="req/s", pleaco=med("proxy", "rps"), baseline=med("direct", "rps"),
-            baseline_name="direct", goal=f">= {THROUGHPUT_GOAL:.2f}x direct", met=rps_ratio >= THROUGHPUT_GOAL,
-            details=details),
-        Row(benchmark="proxy p50 latency", unit="ms", pleaco=med("proxy", "p50_ms"),
-            baseline=med("direct", "p50_ms"), baseline_name="direct", goal=f"<= +{P50_GOAL_MS:g} ms",
-            met=added_p50 <= P50_GOAL_MS, details={"added_ms": round(added_p50, 3)}),
-        Row(benchmark="proxy p99 latency", unit="ms", pleaco=med("proxy", "p99_ms"),
-            baseline=med("direct", "p99_ms"), baseline_name="direct"),
-    ]
+    return rows

@@ -39,7 +39,6 @@ from typing import Any, Protocol
 from benchmarks.common import (
     HELLO,
     HELLO_PORT,
-    LOOPBACK,
     Agent,
     BenchError,
     Row,
@@ -53,13 +52,13 @@ from benchmarks.common import (
     wait_until,
 )
 from benchmarks.idle import CLK_TCK, cpu_ticks
+from benchmarks.swarm import SwarmMode, remove_service, service_label
 from pleaco.api.errors import ApiError
 
 TARGET = 50
 APP = "bench"
 SERVICE = "pleaco-bench"
-SWARM_LABEL = f"com.docker.swarm.service.name={SERVICE}"
-GWBRIDGE = "docker_gwbridge"
+SWARM_LABEL = service_label(SERVICE)
 SETTLE_S = 2.0  # pause before each measurement, for the engine to finish the previous step's work
 PHASE_TIMEOUT = 120.0  # one 1->50 or 50->0 on a busy 2-core machine takes ~10-20 s
 
@@ -132,60 +131,29 @@ class Swarm:
 
     def __init__(self, init_process: bool = True) -> None:
         self.init_process = init_process
-        self.initialised = False
-        self.had_gwbridge = True
+        self.mode = SwarmMode()
         self.created = False
 
     def __enter__(self) -> Swarm:
+        self.mode.__enter__()
         try:
-            self._setup()
+            self.mode.remove_leftover(SERVICE)
+            args = ["service", "create", "--detach", "--no-resolve-image", "--name", SERVICE, "--replicas", "1"]
+            if self.init_process:
+                args.append("--init")
+            self.created = True  # before the call: a service half-created is still removed
+            docker_cli(*args, HELLO)
         except BaseException:
             self.__exit__()
             raise
         return self
 
-    def _setup(self) -> None:
-        state = docker_cli("info", "--format", "{{.Swarm.LocalNodeState}}").strip()
-        if state == "inactive":
-            self.had_gwbridge = bool(docker_cli("network", "ls", "-q", "--filter", f"name=^{GWBRIDGE}$").strip())
-            log("swarm: docker swarm init (on loopback)")
-            docker_cli("swarm", "init", "--advertise-addr", LOOPBACK, "--listen-addr", f"{LOOPBACK}:2377")
-            self.initialised = True
-        elif state == "active":
-            if docker_cli("info", "--format", "{{.Swarm.ControlAvailable}}").strip() != "true":
-                raise BenchError("this engine is a Swarm worker, not a manager; cannot create a service")
-            log("swarm: already active; using it (and leaving it on afterwards)")
-        else:
-            raise BenchError(f"swarm is {state!r} on this engine; expected inactive or active")
-        if docker_cli("service", "ls", "-q", "--filter", f"name={SERVICE}").strip():
-            log(f"swarm: removing a leftover service {SERVICE}")
-            self._remove_service()
-        args = ["service", "create", "--detach", "--no-resolve-image", "--name", SERVICE, "--replicas", "1"]
-        if self.init_process:
-            args.append("--init")
-        docker_cli(*args, HELLO)
-        self.created = True
-
-    def _remove_service(self) -> None:
-        docker_cli("service", "rm", SERVICE, check=False)
-        try:
-            wait_until(lambda: count_containers([SWARM_LABEL], running_only=False) == 0,
-                       60, "swarm to remove the service's containers", interval=0.5)
-        except BenchError as exc:
-            log(f"swarm: {exc}; forcing")
-            remove_containers([SWARM_LABEL])
-
     def __exit__(self, *exc: object) -> None:
         try:
             if self.created:
-                self._remove_service()
+                remove_service(SERVICE)
         finally:
-            if self.initialised:
-                log("swarm: docker swarm leave --force")
-                docker_cli("swarm", "leave", "--force", check=False)
-                if not self.had_gwbridge:
-                    # swarm init made it and leaving does not remove it.
-                    docker_cli("network", "rm", GWBRIDGE, check=False)
+            self.mode.__exit__()
             remove_containers([SWARM_LABEL])
 
     def prepare(self) -> None:

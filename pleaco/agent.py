@@ -21,6 +21,7 @@ from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.server import ApiServer
 from pleaco.apps import AppStore
 from pleaco.build.engine import BuildEngine
+from pleaco.build.secrets import SecretBox
 from pleaco.build.service import BuildService
 from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
@@ -80,15 +81,19 @@ class Agent:
         apps = AppStore(store, cfg.max_replicas)
         cluster = Cluster(cfg, identity, store, registry, runtime=runtime)
         reconciler = AppReconciler(cfg, identity.node_id, apps, runtime, registry, live_nodes=cluster.placement_nodes,
-                                   weights=cluster.weights, fetch_image=cluster.fetch_image)
+                                   weights=cluster.weights, fetch_image=cluster.fetch_image,
+                                   advertise_host=cluster.addr.rpartition(":")[0])
         cluster.on_change = reconciler.wake
         proxy = ProxyReconciler(cfg, identity.node_id, apps, reconciler, runtime, registry)
-        reconciler.may_remove = proxy.may_remove  # drain replicas out of the proxy first
+        reconciler.may_remove = proxy.may_remove  # drain replicas out of the proxies first
+        reconciler.serving = proxy.serving  # the route records say what the proxy routes to
         rollouts = RolloutGuard(cfg, apps, reconciler, registry)
 
         def on_change(rec: Record) -> None:
             if rec.kind in RECONCILE_KINDS:
                 reconciler.wake()
+            if rec.kind == "route":
+                proxy.wake()  # another node's replicas changed: the mesh's upstreams
 
         store.subscribe(on_change)
         api = ApiServer(
@@ -98,7 +103,14 @@ class Agent:
         add_cluster_routes(api.app, cluster, lambda: {"containers": len(reconciler.observed.containers)})
         add_proxy_routes(api.app, proxy)
         build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)
-        builds = BuildService(cfg.build, cfg.data_dir, identity.node_id, store, apps, build_engine, registry)
+        # Secrets are sealed with the cluster key once there is one, with a node-local key
+        # before; founding or joining re-seals the local ones, and so does this start
+        # (plain ones from earlier versions, local ones a crash left behind).
+        secretbox = SecretBox(cfg.data_dir, lambda: cluster.state)
+        cluster.on_cluster = lambda: secretbox.reseal(store)
+        secretbox.reseal(store)
+        builds = BuildService(cfg.build, cfg.data_dir, identity.node_id, store, apps, build_engine, registry,
+                              secretbox)
         add_build_routes(api.app, builds)
         try:
             await cluster.start()

@@ -64,9 +64,12 @@ class Config:
     docker_url: str = "unix:///var/run/docker.sock"
     # Seconds to wait for one Docker Engine call before counting the engine unreachable.
     docker_timeout: float = 30.0
-    # Address the app containers' ports are published on. Loopback by default: apps are
-    # reached through the proxy, not directly.
-    publish_host: str = "127.0.0.1"
+    # Address the app containers' ports are published on. Other nodes' proxies dial
+    # replicas there (the routing mesh), so empty, the default, means this node's advertised
+    # (gossip) address, or 127.0.0.1 when that is a loopback address (a node on its own, or
+    # nodes sharing one machine): never all interfaces, apps are meant to be reached
+    # through the proxy.
+    publish_host: str = ""
     # Highest replica count one app may ask for. 100 per node is far beyond what 2-core
     # machines run, and stops a typo (1000 instead of 10) from taking the host down.
     max_replicas: int = 100

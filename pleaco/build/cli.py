@@ -134,6 +134,8 @@ def show(b: dict[str, Any]) -> None:
         print("steps      " + ", ".join(f"{k} {v:.1f}s" for k, v in b["steps"].items()))
     if b["image"]:
         print(f"image      {b['image']} ({b['tag']})")
+    if b.get("pushed"):
+        print(f"pushed     {b['pushed']} ({b.get('pushed_digest') or 'no digest reported'})")
     test = b["test"]
     if test:
         print("test       " + (test["skipped"] if "skipped" in test else

@@ -3,7 +3,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# A registry and optional namespace: host[:port] then lower-case path components, as
+# Docker's reference grammar has them ("registry.example.com/team", "127.0.0.1:5000").
+_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REGISTRY = re.compile(rf"{_HOST}(?:/{_COMPONENT})*")
 
 
 @dataclass
@@ -23,6 +30,16 @@ class BuildConfig:
     # The kaniko executor image. Upstream GoogleContainerTools/kaniko was archived in June
     # 2025; Chainguard maintains the fork.
     kaniko_image: str = "cgr.dev/chainguard/kaniko:latest"
+    # Registry (and namespace) each passed build's image is pushed to before its release is
+    # written, as REGISTRY/APP:COMMIT12 ("registry.example.com/team", "127.0.0.1:5000"); the
+    # release then names that reference, and a node that lacks the image and finds no peer
+    # holding it pulls it from there. Empty (the default): no push, because none is needed:
+    # a node that needs an image and lacks it fetches it from a node that has it over the
+    # authenticated node-to-node channel. Credentials are the agent's Docker client config
+    # (`docker login` as the agent's user, or $DOCKER_CONFIG); the engine speaks plain HTTP
+    # only to registries on 127.0.0.0/8 and those in its `insecure-registries`. A failed
+    # push fails the build, naming the registry.
+    registry: str = ""
     # One git command (fetch, archive, ls-remote) may take this long (seconds).
     git_timeout: float = 120.0
     # Test container limits: seconds (pleaco.toml's [test] timeout overrides), memory
@@ -49,6 +66,9 @@ class BuildConfig:
             problems.append("build.poll_interval: must be 0 (off) or more")
         if self.backend not in ("engine", "kaniko"):
             problems.append(f"build.backend: expected engine or kaniko, got {self.backend!r}")
+        if self.registry and not REGISTRY.fullmatch(self.registry):
+            problems.append(f"build.registry: expected HOST[:PORT][/NAMESPACE] (lower-case path, no scheme), "
+                            f"got {self.registry!r}")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             problems.append(f"build.public_url: expected an http(s) URL, got {self.public_url!r}")
         return problems

@@ -8,9 +8,11 @@ test container is killed.
 
 Containers made here carry ``pleaco.build`` (the build id), ``pleaco.build-node`` (the node
 id) and ``pleaco.build-role`` and never the app labels, so the app reconciler never sees
-them, and an agent that restarts removes the ones its dead predecessor left behind. Images
-carry another label (``pleaco.image.node``): a container inherits its image's labels, and an app
-replica must never look like a leftover build container.
+them, and an agent that restarts removes the ones its dead predecessor left behind. Built
+images carry no label of pleaco's: the engine's classic builder turns each build-time label
+into a build step of its own (a container created and committed, about 0.12 s), and an
+image label would be inherited by the app's containers. The tag (``pleaco-build/APP:COMMIT12``)
+names app and commit, and the build record names the node and the image id.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from pleaco.runtime.docker import API_VERSION, DockerRuntime, EngineUnavailable,
 LABEL_BUILD = "pleaco.build"
 LABEL_BUILD_NODE = "pleaco.build-node"
 LABEL_BUILD_ROLE = "pleaco.build-role"
-LABEL_IMAGE_NODE = "pleaco.image.node"
 
 LogFn = Callable[[str], None]
 
@@ -43,6 +44,10 @@ class Cancelled(RuntimeError):
 
 class BuildFailed(RuntimeError):
     """The engine reported an error for the build (a Dockerfile step failed, ...)."""
+
+
+class PushFailed(BuildFailed):
+    """The engine could not push the image to the registry; the message is the engine's."""
 
 
 class Cancel:
@@ -117,16 +122,12 @@ class BuildEngine(DockerRuntime):
         super().__init__(base_url, timeout)
         self.timeout = timeout
         self.node_id = node_id
+        self._removing: dict[str, list[threading.Thread]] = {}  # build id -> removals running
+        self._removing_lock = threading.Lock()
 
     def labels(self, build_id: str, role: str) -> dict[str, str]:
         """Labels of a build's own containers (test, scan, kaniko)."""
         return {LABEL_BUILD: build_id, LABEL_BUILD_NODE: self.node_id, LABEL_BUILD_ROLE: role}
-
-    def image_labels(self) -> dict[str, str]:
-        """The built image's labels: only the node that built it. The engine's classic builder
-        adds each build-time label as a step of its own (a container created and committed,
-        ~0.1 s each), and the tag (pleaco-build/APP:COMMIT) already names app and commit."""
-        return {LABEL_IMAGE_NODE: self.node_id}
 
     # -- images --------------------------------------------------------------------------
 
@@ -172,6 +173,43 @@ class BuildEngine(DockerRuntime):
         cancel.check()
         return image_id or (self.image_id(tag) or "")
 
+    def push(self, image: str, repository: str, tag: str, *, log: LogFn, cancel: Cancel) -> str:
+        """Tag ``image`` as ``repository:tag`` and push it (``docker push``), its progress
+        streamed to ``log``; returns the digest the registry reported (or ""). The engine
+        pushes with the credentials this client sends: the agent's Docker client config
+        (``docker login`` as the agent's user, or $DOCKER_CONFIG). Raises PushFailed."""
+        self.tag(image, repository, tag)
+        client = _Client(base_url=self.base_url, version=API_VERSION, timeout=None)
+        digest = ""
+        seen: dict[str, str] = {}
+        try:
+            cancel.check()
+            stream = client.push(repository, tag=tag, stream=True, decode=True)
+            with cancel.on_cancel(lambda: _shutdown(client.last_response)):
+                for msg in stream:
+                    if "error" in msg:
+                        raise PushFailed(str(msg["error"]).strip())
+                    aux = msg.get("aux")
+                    if isinstance(aux, dict) and aux.get("Digest"):
+                        digest = str(aux["Digest"])
+                    status = str(msg.get("status") or "")
+                    layer = str(msg.get("id") or "")
+                    # One line per layer and state, not per progress tick.
+                    if status and seen.get(layer) != status:
+                        seen[layer] = status
+                        log(f"{layer}: {status}\n" if layer else f"{status}\n")
+        except (PushFailed, Cancelled):
+            raise
+        except Exception as exc:
+            if cancel.cancelled:
+                raise Cancelled(cancel.reason) from None
+            err = _wrap(exc)
+            raise (err if isinstance(err, EngineUnavailable) else PushFailed(str(err))) from exc
+        finally:
+            client.close()
+        cancel.check()
+        return digest
+
     def save(self, image: str) -> Iterator[bytes]:
         """``docker save``, streamed: what a node sends a peer that needs the image (the
         cluster's node-to-node channel carries it; ``load`` on the other side)."""
@@ -208,7 +246,10 @@ class BuildEngine(DockerRuntime):
             with cancel.on_cancel(lambda: self._api.kill(cid)):
                 cancel.check()
                 self._call(self._api.start, cid)
-                follower = threading.Thread(target=self._follow_logs, args=(cid, log), daemon=True)
+                followed: list[bytes] = []
+                complete = threading.Event()
+                follower = threading.Thread(target=self._follow_logs, args=(cid, log, followed, complete),
+                                            daemon=True)
                 if log is not None:
                     follower.start()
                 deadline = time.monotonic() + time_limit
@@ -229,34 +270,53 @@ class BuildEngine(DockerRuntime):
                 if log is not None:
                     follower.join(10)
             cancel.check()
-            output = self._call(self._api.logs, cid, stdout=True, stderr=True).decode("utf-8", "replace")
-            return TestResult(None if timed_out else exit_code, output, timed_out)
+            # A followed stream that ended with the container holds the whole output.
+            raw = b"".join(followed) if complete.is_set() else self._call(self._api.logs, cid, stdout=True,
+                                                                          stderr=True)
+            return TestResult(None if timed_out else exit_code, raw.decode("utf-8", "replace"), timed_out)
         finally:
-            with contextlib.suppress(Exception):
-                self._api.remove_container(cid, force=True)
+            self._remove_soon(cid, labels.get(LABEL_BUILD, ""))
 
-    def _follow_logs(self, cid: str, log: LogFn | None) -> None:
+    def _follow_logs(self, cid: str, log: LogFn | None, into: list[bytes], complete: threading.Event) -> None:
         if log is None:
             return
         with contextlib.suppress(Exception):
             for chunk in self._api.logs(cid, stream=True, follow=True):
+                into.append(chunk)
                 log(chunk.decode("utf-8", "replace"))
+            complete.set()
 
-    @contextlib.contextmanager
-    def export_fs(self, image: str, labels: dict[str, str]) -> Iterator[IO[bytes]]:
-        """The image's file system as a tar stream, from a created (never started) container."""
-        created = self._call(self._api.create_container, image, command=["true"], labels=labels,
-                             network_disabled=True, entrypoint=[])
-        cid = str(created["Id"])
-        try:
-            chunks = self._call(self._api.export, cid)
-            yield io.BufferedReader(_ChunkReader(chunks), 1 << 16)
-        finally:
+    def _remove_soon(self, cid: str, build_id: str) -> None:
+        """Remove a finished container in the background, off the build's path (the release
+        does not wait for it); ``remove_leftovers`` of its build waits for it to be gone."""
+        def remove() -> None:
             with contextlib.suppress(Exception):
                 self._api.remove_container(cid, force=True)
 
+        thread = threading.Thread(target=remove, name=f"remove-{cid[:12]}", daemon=True)
+        with self._removing_lock:
+            self._removing.setdefault(build_id, []).append(thread)
+        thread.start()
+
+    def wait_removals(self, build_ids: set[str] | None = None) -> None:
+        """Wait for the background removals of ``build_ids``' containers (or all)."""
+        with self._removing_lock:
+            keys = list(self._removing) if build_ids is None else [k for k in build_ids if k in self._removing]
+            threads = [t for k in keys for t in self._removing.pop(k)]
+        for thread in threads:
+            thread.join(self.timeout)
+
+    @contextlib.contextmanager
+    def image_tar(self, image: str) -> Iterator[IO[bytes]]:
+        """The image as ``docker save`` streams it (its layers and manifest.json), read
+        straight from the engine's image store: no container is created."""
+        chunks = self._call(self._api.get_image, image, chunk_size=1 << 20)
+        yield io.BufferedReader(_ChunkReader(chunks), 1 << 16)
+
     def remove_leftovers(self, build_ids: set[str] | None = None) -> int:
-        """Remove this node's build containers (all, or those of ``build_ids``)."""
+        """Remove this node's build containers (all, or those of ``build_ids``), once their
+        background removals are done."""
+        self.wait_removals(build_ids)
         rows = self._call(self._api.containers, all=True,
                           filters={"label": [f"{LABEL_BUILD_NODE}={self.node_id}", LABEL_BUILD, LABEL_BUILD_ROLE]})
         n = 0

@@ -16,8 +16,8 @@ from typing import Any
 
 from pleaco.store import Store
 
-STATES = ("queued", "fetching", "building", "testing", "scanning", "succeeded", "failed", "cancelled")
-ACTIVE = frozenset({"queued", "fetching", "building", "testing", "scanning"})
+STATES = ("queued", "fetching", "building", "testing", "scanning", "pushing", "succeeded", "failed", "cancelled")
+ACTIVE = frozenset({"queued", "fetching", "building", "testing", "scanning", "pushing"})
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 REPO_PREFIX = "repo/"
 # Deliveries remembered per app, to answer a redelivery without building: GitHub redelivers
@@ -55,6 +55,8 @@ class Build:
     source_sha256: str = ""
     image: str = ""
     tag: str = ""
+    pushed: str = ""  # REGISTRY/APP:COMMIT12 when build.registry is set; the release runs it
+    pushed_digest: str = ""  # the digest the registry reported for it
     test: dict[str, Any] = field(default_factory=dict)
     scan: dict[str, Any] = field(default_factory=dict)
     release: int = 0

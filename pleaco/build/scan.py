@@ -1,9 +1,11 @@
 """The basic vulnerability scan: installed packages from an image's file system, matched
 against the offline OSV database.
 
-Packages are read from the exported file system of a (never started) container of the
-image, streamed as a tar: dpkg's status file, apk's installed database and Python's
-``*.dist-info/METADATA`` (and ``*.egg-info/PKG-INFO``). Nothing is written to disk.
+Packages are read from the image as ``docker save`` streams it (its layers, each a tar, and
+``manifest.json`` naming their order; no container is made): dpkg's status file, apk's
+installed database and Python's ``*.dist-info/METADATA`` (and ``*.egg-info/PKG-INFO``), as
+the top layer holding each sees it (whiteouts of upper layers delete). Nothing is written
+to disk.
 """
 
 from __future__ import annotations
@@ -79,26 +81,96 @@ def parse_python_metadata(text: str, source: str) -> list[Package]:
     return [Package("PyPI", normalise_name("PyPI", name.strip()), version.strip(), source)]
 
 
+def _path(name: str) -> str:
+    while name.startswith(("./", "/")):
+        name = name[2:] if name.startswith("./") else name[1:]
+    return name.rstrip("/")
+
+
+def _packages_of(path: str, text: str) -> list[Package]:
+    if path == DPKG_STATUS:
+        return parse_dpkg_status(text, "/" + path)
+    if path == APK_INSTALLED:
+        return parse_apk_installed(text, "/" + path)
+    return parse_python_metadata(text, "/" + path)
+
+
+@dataclass
+class _Layer:
+    files: dict[str, list[Package]]  # package database path -> its packages
+    deleted: set[str]  # whiteouts: paths removed from the layers below
+    opaque: set[str]  # directories whose lower layers' contents are hidden
+
+
+def _read_fs(tar: tarfile.TarFile) -> _Layer:
+    layer = _Layer({}, set(), set())
+    for member in tar:
+        path = _path(member.name)
+        head, _, base = path.rpartition("/")
+        if base == ".wh..wh..opq":
+            layer.opaque.add(head)
+            continue
+        if base.startswith(".wh."):
+            layer.deleted.add(f"{head}/{base[4:]}" if head else base[4:])
+            continue
+        if not member.isfile() or member.size > MAX_DB_BYTES:
+            continue
+        if path in (DPKG_STATUS, APK_INSTALLED) or _PY_META.search(path):
+            f = tar.extractfile(member)
+            if f is not None:
+                layer.files[path] = _packages_of(path, f.read().decode("utf-8", "replace"))
+    return layer
+
+
 def packages_from_tar(stream: IO[bytes]) -> list[Package]:
     """Read the package databases out of a file system tar (streamed, one pass)."""
-    found: list[Package] = []
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            path = member.name.lstrip("./")
-            if not member.isfile() or member.size > MAX_DB_BYTES:
+        files = _read_fs(tar).files
+    return [p for pkgs in files.values() for p in pkgs]
+
+
+def _under(path: str, top: str) -> bool:
+    return not top or path == top or path.startswith(top + "/")
+
+
+def packages_from_image_tar(stream: IO[bytes]) -> list[Package]:
+    """Read the package databases out of a ``docker save`` stream (one pass): each layer's
+    files and whiteouts, then the layers stacked in ``manifest.json``'s order."""
+    layers: dict[str, _Layer] = {}
+    seen: list[str] = []
+    order: list[str] | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as outer:
+        for member in outer:
+            name = _path(member.name)
+            if not member.isfile():
                 continue
-            if path in (DPKG_STATUS, APK_INSTALLED) or _PY_META.search(path):
-                f = tar.extractfile(member)
+            if name == "manifest.json":
+                f = outer.extractfile(member)
+                try:
+                    manifest: Any = json.loads(f.read()) if f else []
+                    order = [_path(str(x)) for x in manifest[0]["Layers"]]
+                except (ValueError, TypeError, KeyError, IndexError):
+                    order = None
+            elif name.endswith("/layer.tar") or name.startswith("blobs/"):
+                f = outer.extractfile(member)
                 if f is None:
                     continue
-                text = f.read().decode("utf-8", "replace")
-                if path == DPKG_STATUS:
-                    found += parse_dpkg_status(text, "/" + path)
-                elif path == APK_INSTALLED:
-                    found += parse_apk_installed(text, "/" + path)
-                else:
-                    found += parse_python_metadata(text, "/" + path)
-    return found
+                try:  # OCI layouts keep configs and manifests among the blobs: not tars
+                    with tarfile.open(fileobj=f, mode="r|*") as inner:
+                        layers[name] = _read_fs(inner)
+                except tarfile.TarError:
+                    continue
+                seen.append(name)
+    state: dict[str, list[Package]] = {}
+    for name in order if order is not None else seen:
+        layer = layers.get(name)
+        if layer is None:
+            continue
+        for top in layer.opaque | layer.deleted:
+            for path in [p for p in state if _under(p, top)]:
+                del state[path]
+        state.update(layer.files)
+    return [p for pkgs in state.values() for p in pkgs]
 
 
 def match(packages: Iterable[Package], advisories: Iterable[Advisory]) -> list[Finding]:

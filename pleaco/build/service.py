@@ -3,7 +3,7 @@
 A build runs in a worker thread, step by step, and writes its state to its ``build``
 record at every step, so any node (and ``pleaco builds``) sees where it is:
 
-    queued -> fetching -> building -> testing -> scanning -> succeeded | failed | cancelled
+    queued -> fetching -> building -> testing -> scanning [-> pushing] -> succeeded | failed | cancelled
 
 - **Newest commit wins.** A push queues a build and cancels every unfinished older build of
   that app (the running one is aborted: its engine build stream is shut down, its test
@@ -16,7 +16,8 @@ record at every step, so any node (and ``pleaco builds``) sees where it is:
   removes any build container its predecessor left behind.
 - **Release.** A build that passes its tests and scan deploys its image through
   ``AppStore.deploy``: a new release (image id, commit, build id, spec revision), which
-  the app reconciler rolls out.
+  the app reconciler rolls out. With ``build.registry`` set, the image is first pushed as
+  REGISTRY/APP:COMMIT12 and the release names that reference instead of the image id.
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ from typing import Any
 from pleaco import logs
 from pleaco.apps import AppStore, ValidationError, validate_name
 from pleaco.build import scan as scanner
-from pleaco.build import secrets as secretbox
 from pleaco.build import source as sourcemod
 from pleaco.build.builders import BuildRequest, EngineBuilder, KanikoBuilder
 from pleaco.build.config import BuildConfig
-from pleaco.build.engine import BuildEngine, BuildFailed, Cancel, Cancelled
+from pleaco.build.engine import BuildEngine, BuildFailed, Cancel, Cancelled, PushFailed
 from pleaco.build.manifest import FILENAME, Manifest, ManifestError, parse
 from pleaco.build.model import (
     BRANCH,
@@ -49,6 +49,7 @@ from pleaco.build.model import (
     build_id,
     now_ms,
 )
+from pleaco.build.secrets import SecretBox, SecretError
 from pleaco.build.vulndb import load_db
 from pleaco.metrics import Counter, Histogram, Registry
 from pleaco.runtime import EngineUnavailable
@@ -96,8 +97,9 @@ class _BuildCancel(Cancel):
 
 class BuildService:
     def __init__(self, cfg: BuildConfig, data_dir: Path, node_id: str, store: Store, apps: AppStore,
-                 engine: BuildEngine, registry: Registry | None = None) -> None:
+                 engine: BuildEngine, registry: Registry | None = None, secretbox: SecretBox | None = None) -> None:
         self.cfg = cfg
+        self.secretbox = secretbox or SecretBox(data_dir)
         self.data_dir = data_dir
         self.node_id = node_id
         self.builds = BuildStore(store)
@@ -154,17 +156,24 @@ class BuildService:
                                        or len(deploy_key) > 16384):
             raise ConnectError("deploy_key: expected an SSH private key (the text of the key file)")
         key = f"webhook/{name}"
-        existing = secretbox.get(self.store, key)
-        secret = secret or existing or secrets.token_hex(20)
+        if not secret:
+            try:
+                secret = self.secretbox.get(self.store, key)
+            except SecretError as exc:  # it cannot work as it is: a new one, which the answer shows
+                log.warning("build.webhook_secret_replaced", app=name, error=str(exc))
+        secret = secret or secrets.token_hex(20)
         conn = self.builds.connection(name) or Connection(app=name, repo=repo, branch=branch)
         conn.repo, conn.branch = repo, branch
         created = self.apps.get(name) is None
-        writes: list[tuple[str, str, dict[str, Any] | None]] = [
-            ("build", "repo/" + name, conn.to_value()), secretbox.put_write(key, secret)]
-        if repo_token is not None:
-            writes.append(secretbox.put_write(f"repo-token/{name}", repo_token))
-        if deploy_key is not None:
-            writes.append(secretbox.put_write(f"deploy-key/{name}", deploy_key))
+        try:
+            writes: list[tuple[str, str, dict[str, Any] | None]] = [
+                ("build", "repo/" + name, conn.to_value()), self.secretbox.put_write(key, secret)]
+            if repo_token is not None:
+                writes.append(self.secretbox.put_write(f"repo-token/{name}", repo_token))
+            if deploy_key is not None:
+                writes.append(self.secretbox.put_write(f"deploy-key/{name}", deploy_key))
+        except SecretError as exc:
+            raise ConnectError(str(exc)) from None
         if created:
             writes += [("app", name, {"image": AWAITING_IMAGE, "port": None, "env": {}, "health": None,
                                       "host": None, "revision": 0}), ("scale", name, {"replicas": 0})]
@@ -173,11 +182,19 @@ class BuildService:
         return conn, secret, created
 
     def git_auth(self, app: str) -> sourcemod.GitAuth:
-        return sourcemod.GitAuth(token=secretbox.get(self.store, f"repo-token/{app}"),
-                                 ssh_key=secretbox.get(self.store, f"deploy-key/{app}"))
+        try:
+            return sourcemod.GitAuth(token=self.secretbox.get(self.store, f"repo-token/{app}"),
+                                     ssh_key=self.secretbox.get(self.store, f"deploy-key/{app}"))
+        except SecretError as exc:  # fails the fetch (the build says why), never a loop
+            raise sourcemod.SourceError(f"{exc}; connect the app again with its credentials") from None
 
     def webhook_secret(self, app: str) -> str | None:
-        return secretbox.get(self.store, f"webhook/{app}")
+        """The app's webhook secret; None (no delivery matches it) when it does not open."""
+        try:
+            return self.secretbox.get(self.store, f"webhook/{app}")
+        except SecretError as exc:
+            log.warning("build.webhook_secret_unreadable", app=app, error=str(exc))
+            return None
 
     def find_connection(self, names: list[str]) -> list[Connection]:
         return [c for c in self.builds.connections() if c.matches(names)]
@@ -248,7 +265,8 @@ class BuildService:
 
     def _release_again(self, build: Build) -> str:
         current = self.apps.get(build.app)
-        if current is None or current.image == build.image or not self.engine.image_id(build.image):
+        image = build.pushed or build.image
+        if current is None or current.image == image or not self.engine.image_id(image):
             return "already_built"
         try:
             manifest = self._manifest_of(build)
@@ -392,7 +410,7 @@ class BuildService:
             try:
                 self._steps(b, cancel, out)
                 b.state = "succeeded"
-                out(f"==> succeeded: release {b.release} runs {b.image}\n")
+                out(f"==> succeeded: release {b.release} runs {b.pushed or b.image}\n")
             except Cancelled as exc:
                 if cancel.final_state is None:
                     out("==> interrupted: the agent is stopping; the build resumes when it starts again\n")
@@ -441,12 +459,11 @@ class BuildService:
         b.steps["fetch"] = round(time.monotonic() - t, 3)
 
         t = self._step(b, "building", cancel, out)
-        labels = self.engine.image_labels()
         cache = f"{IMAGE_REPO}/{b.app}:cache"
         b.tag = f"{IMAGE_REPO}/{b.app}:{b.commit[:12]}"
         req = BuildRequest(
             build_id=b.id, app=b.app, commit=b.commit, tarball=src.tarball, dockerfile=manifest.dockerfile,
-            tag=b.tag, build_args=manifest.build_args, labels=labels, run_labels=self.engine.labels(b.id, "kaniko"),
+            tag=b.tag, build_args=manifest.build_args, run_labels=self.engine.labels(b.id, "kaniko"),
             cache_from=[cache] if self.engine.image_id(cache) else [],
             work_dir=self.data_dir / "build" / "work" / b.id,
         )
@@ -457,21 +474,38 @@ class BuildService:
         b.steps["build"] = round(time.monotonic() - t, 3)
 
         t = self._step(b, "testing", cancel, out)
-        # The scan reads the image's files while the tests run: both only read the image,
-        # and on a small app this hides the scan's export almost entirely.
+        # The scan reads the image (as `docker save` streams it, no container) while the
+        # tests run: both only read the image, and the tests hide the scan's read.
         trivy = scanner.trivy_path()
         packages_future = None if trivy else self._scan_pool.submit(self._packages, b)
         try:
             self._test_and_scan(b, manifest, cancel, out, t, trivy, packages_future)
         finally:
             if packages_future is not None:
-                # Tests failed or the build was cancelled: let the export finish (and remove
-                # its container) before the build is declared done.
+                # Tests failed or the build was cancelled: let the image read finish before
+                # the build is declared done.
                 with contextlib.suppress(Exception):
                     packages_future.result()
 
+        if self.cfg.registry:
+            self._push_image(b, cancel, out)
         cancel.check()  # a newer push after the scan still wins: never release an older commit
         self._release(b, manifest)
+
+    def _push_image(self, b: Build, cancel: _BuildCancel, out: Callable[[str], None]) -> None:
+        """``build.registry`` set: push the passed image as REGISTRY/APP:COMMIT12, which the
+        release then names. A failed push fails the build: no release names an image that
+        is not in the registry."""
+        t = self._step(b, "pushing", cancel, out)
+        repository, tag = f"{self.cfg.registry}/{b.app}", b.commit[:12]
+        out(f"push: {repository}:{tag}\n")
+        try:
+            digest = self.engine.push(b.image, repository, tag, log=out, cancel=cancel)
+        except PushFailed as exc:
+            raise StepFailed(f"push to registry {self.cfg.registry} failed: {exc}") from None
+        b.pushed, b.pushed_digest = f"{repository}:{tag}", digest
+        out(f"pushed: {b.pushed}" + (f" ({digest})" if digest else "") + "\n")
+        b.steps["push"] = round(time.monotonic() - t, 3)
 
     def _test_and_scan(self, b: Build, manifest: Manifest, cancel: _BuildCancel, out: Callable[[str], None],
                        t: float, trivy: str | None, packages_future: Future[list[scanner.Package]] | None) -> None:
@@ -520,14 +554,14 @@ class BuildService:
             raise StepFailed(f"scan: {len(blocking)} vulnerabilities at or above {manifest.fail_on}: {ids}")
 
     def _packages(self, b: Build) -> list[scanner.Package]:
-        with self.engine.export_fs(b.image, self.engine.labels(b.id, "scan")) as fs:
-            return scanner.packages_from_tar(fs)
+        with self.engine.image_tar(b.image) as image:
+            return scanner.packages_from_image_tar(image)
 
     def _release(self, b: Build, manifest: Manifest) -> None:
         current = self.apps.get(b.app)
         if current is None:
             raise StepFailed(f"app {b.app!r} was removed during the build; nothing released")
-        body: dict[str, Any] = {"image": b.image}
+        body: dict[str, Any] = {"image": b.pushed or b.image}
         if current is not None:
             body["env"] = current.env
             if current.host:
@@ -542,6 +576,9 @@ class BuildService:
             body["replicas"] = manifest.replicas
         elif current is None or current.image == AWAITING_IMAGE:
             body["replicas"] = 1
-        result = self.apps.deploy(b.app, body, release_info={"commit": b.commit, "build": b.id})
+        info: dict[str, Any] = {"commit": b.commit, "build": b.id}
+        if b.pushed:
+            info |= {"image_id": b.image, "digest": b.pushed_digest}
+        result = self.apps.deploy(b.app, body, release_info=info)
         b.release = result.spec.revision
-        log.info("build.released", app=b.app, build=b.id, commit=b.commit, revision=b.release, image=b.image)
+        log.info("build.released", app=b.app, build=b.id, commit=b.commit, revision=b.release, image=body["image"])

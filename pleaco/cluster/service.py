@@ -60,6 +60,13 @@ def advertise_address(cfg: Config) -> str:
     return f"{host}:{port}"
 
 
+def names_registry(ref: str) -> bool:
+    """Whether an image reference starts with a registry host ("host.example:5000/app:tag",
+    "localhost/app"), as Docker tells one from a Docker Hub namespace; image ids do not."""
+    first, sep, _ = ref.partition("/")
+    return bool(sep) and ("." in first or ":" in first or first == "localhost")
+
+
 class Cluster:
     def __init__(
         self,
@@ -79,6 +86,10 @@ class Cluster:
         self.on_change = on_change
         self.addr = advertise_address(cfg)
         self.state = ClusterState.load(cfg.data_dir)
+        # Called once this node has a cluster state it did not start with (it founded the
+        # cluster, or joined and merged the cluster's records): the agent re-seals the
+        # secrets it sealed with its node-local key under the cluster key here.
+        self.on_cluster: Callable[[], object] = lambda: None
         self.membership: Membership | None = None
         self.sync = StoreSync(store, on_reject=self._count_drop)
         self._join_task: asyncio.Task[None] | None = None
@@ -276,6 +287,7 @@ class Cluster:
         state.save(self.cfg.data_dir)
         self.state = state
         trust.store_join_secret(self.store, state, join_secret or trust.new_join_secret())
+        self.on_cluster()
         await self._start_membership()
         await self._start_discovery()
         if self.discovery is not None:
@@ -312,6 +324,9 @@ class Cluster:
                     await self.discovery.announce(state.cluster_id)
                 assert self.membership is not None
                 await self.membership.join([seed])
+                # After the push-pull: a secret the cluster has a newer version of is not
+                # this node's to re-seal (that would make the stale one win).
+                self.on_cluster()
                 self.on_change()
                 return
             await asyncio.sleep(delay)
@@ -359,20 +374,29 @@ class Cluster:
     # -- images --------------------------------------------------------------------------
 
     async def fetch_image(self, ref: str) -> bool:
-        """Fetch an image this node lacks from a member that has it; True when it did."""
-        if self.images is None or self.membership is None:
+        """Fetch an image this node lacks from a member that has it, or else, when the
+        reference names a registry (a build pushed with ``build.registry``), pull it from
+        there; True when it did."""
+        if self.images is not None and self.membership is not None:
+            peers = [m for m in self.membership.live() if m.node_id != self.identity.node_id]
+            random.shuffle(peers)
+            for peer in peers:
+                try:
+                    size = await self.images.fetch(peer.addr, ref)
+                except TransportError as exc:
+                    log.debug("image.fetch_failed", image=ref, peer=peer.node_id, error=str(exc))
+                    continue
+                log.info("image.fetched", image=ref, peer=peer.node_id, bytes=size)
+                return True
+        if self.runtime is None or not names_registry(ref):
             return False
-        peers = [m for m in self.membership.live() if m.node_id != self.identity.node_id]
-        random.shuffle(peers)
-        for peer in peers:
-            try:
-                size = await self.images.fetch(peer.addr, ref)
-            except TransportError as exc:
-                log.debug("image.fetch_failed", image=ref, peer=peer.node_id, error=str(exc))
-                continue
-            log.info("image.fetched", image=ref, peer=peer.node_id, bytes=size)
-            return True
-        return False
+        try:
+            await asyncio.to_thread(self.runtime.pull_image, ref)
+        except RuntimeError as exc:
+            log.warning("image.pull_failed", image=ref, error=str(exc))
+            return False
+        log.info("image.pulled", image=ref)
+        return True
 
     # -- removal -------------------------------------------------------------------------
 

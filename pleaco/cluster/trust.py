@@ -4,7 +4,8 @@
   the gossip encryption key is derived. It exists once the node founded (``cluster init``)
   or joined a cluster.
 - The join secret is separate and replicated: a ``secret`` record (``cluster/join``)
-  encrypted under a key derived from the cluster secret. ``nodes rm`` rotates it, so a
+  encrypted under a key derived from the cluster secret (``secrets_aead``, which also seals
+  the apps' secrets, see ``pleaco.build.secrets``). ``nodes rm`` rotates it, so a
   removed node's old token no longer admits anyone.
 - A join token is ``pleaco1-`` + base64url(JSON ``{c: cluster id, j: join secret, s: seeds}``).
 - Joining: the new node sends a member its public key, name and addresses with a fresh
@@ -88,13 +89,15 @@ def new_join_secret() -> bytes:
     return secrets.token_bytes(32)
 
 
-def _secrets_aead(state: ClusterState) -> ChaCha20Poly1305:
+def secrets_aead(state: ClusterState) -> ChaCha20Poly1305:
+    """The cipher of ``secret`` records sealed with the cluster key (the join secret here,
+    app secrets in ``pleaco.build.secrets``); the record key is the associated data."""
     return ChaCha20Poly1305(derive_key(state.secret, b"secrets v1"))
 
 
 def store_join_secret(store: Store, state: ClusterState, join_secret: bytes) -> None:
     nonce = os.urandom(12)
-    sealed = _secrets_aead(state).encrypt(nonce, join_secret, JOIN_SECRET_KEY.encode())
+    sealed = secrets_aead(state).encrypt(nonce, join_secret, JOIN_SECRET_KEY.encode())
     store.put("secret", JOIN_SECRET_KEY, {"nonce": _b64(nonce), "sealed": _b64(sealed)})
 
 
@@ -103,7 +106,7 @@ def load_join_secret(store: Store, state: ClusterState) -> bytes | None:
     if value is None:
         return None
     try:
-        return _secrets_aead(state).decrypt(_unb64(value["nonce"]), _unb64(value["sealed"]), JOIN_SECRET_KEY.encode())
+        return secrets_aead(state).decrypt(_unb64(value["nonce"]), _unb64(value["sealed"]), JOIN_SECRET_KEY.encode())
     except (InvalidTag, KeyError, TypeError, ValueError, TrustError):
         return None
 

@@ -21,9 +21,15 @@ the agent) is written to ``DATA_DIR/proxy/caddy.json``; Caddy boots from it, so 
 engine restarts while the agent is down comes back with its routes, and a stopping agent
 loads it into the running proxy.
 
+The routing mesh: every node's proxy also routes to the other live nodes' replicas, dialled
+at the address their port is published on (pleaco.reconcile.publish), as far as those
+nodes' ``route`` records say the replica is serving. A node publishes as serving exactly
+what its own proxy routes to (``serving``), so a replica being drained leaves every proxy.
+
 Draining: the app reconciler asks ``may_remove`` before it stops a container. A container
-the proxy still routes to is first taken out of the config; it may be removed once
-``rollout.drain_grace`` seconds have passed since the proxy stopped sending it requests.
+the proxies still route to is first taken out of the routes (here, and in the ``route``
+record); it may be removed once ``rollout.drain_grace`` seconds have passed since they
+stopped sending it requests (plus MESH_DELAY for the record to reach the other nodes).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from pleaco.ingress.dns import UpstreamDNS
 from pleaco.ingress.traffic import TrafficStats
 from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.reconcile.apps import AppReconciler
+from pleaco.reconcile.publish import is_loopback, local_dial_host
 from pleaco.runtime import ContainerInfo, DockerRuntime, EngineUnavailable, NotFound
 from pleaco.runtime.docker import InfraInfo, InfraSpec
 
@@ -56,6 +63,10 @@ ROLE = "proxy"
 # Seconds Caddy caches an app's upstream list from the DNS: a replica taken out is sent no
 # new request after this (plus drain_grace for those in flight).
 DNS_REFRESH = 1.0
+# Seconds for a replica's "not serving" to reach the other nodes' proxies: the app
+# reconciler's next pass (woken at once), gossip (well under a second in a LAN cluster) and
+# their proxy pass (proxy.interval). Their DNS refresh is counted separately.
+MESH_DELAY = 2.0
 LABEL_SETTINGS = "pleaco.proxy-settings"
 BOOT_DIR = "/etc/pleaco-proxy"  # where the boot config is mounted in the container
 
@@ -86,6 +97,7 @@ class ProxyReconciler:
         self.container: InfraInfo | None = None
         self.applied: dict[str, Any] | None = None
         self.applied_ids: set[str] = set()
+        self.serving_ids: set[str] | None = None  # this node's containers in the last routes
         self.applied_routes: list[Route] = []
         self.drain_requested: set[str] = set()  # containers to take out of the proxy
         self.proven: set[str] = set()  # containers that passed health while current
@@ -137,7 +149,8 @@ class ProxyReconciler:
         )
 
     def routes(self) -> list[Route]:
-        """Every app with a port, routed to its healthy, non-draining replicas on this node.
+        """Every app with a port, routed to its healthy, non-draining replicas on this node
+        and to those the other live nodes publish as serving.
 
         A container of the current release is routed once pleaco's probe passed; one of an
         older release keeps serving while it runs, until the reconciler asks to drain it, if
@@ -148,7 +161,7 @@ class ProxyReconciler:
         by_app: dict[str, list[ContainerInfo]] = {}
         for c in rec.observed.containers:
             by_app.setdefault(c.app, []).append(c)
-        host = "127.0.0.1" if self.cfg.publish_host in ("0.0.0.0", "") else self.cfg.publish_host
+        host = local_dial_host(rec.publish_host)
         out = []
         taken: set[str] = set()
         specs = sorted(self.apps.specs(), key=lambda s: (s.host is None, s.name))  # explicit hosts win
@@ -177,14 +190,35 @@ class ProxyReconciler:
                 # between); else its published port.
                 address = f"{c.ip}:{spec.port}" if c.ip else f"{host}:{c.host_port}"
                 ups.append(Upstream(address, c.id))
+            for inst in rec.remote_instances(spec.name):
+                if inst.serving and inst.address and self._reachable(inst.address):
+                    ups.append(Upstream(inst.address, f"{inst.node}/{inst.container}"))
             out.append(Route(spec.name, name, getattr(spec, "https", None) or "on", spec.health, tuple(ups)))
         return out
 
+    def _reachable(self, address: str) -> bool:
+        """Another node's loopback address is only ours too when we share one machine (then
+        our advertised address is a loopback one as well); dialled from elsewhere it would
+        reach whatever listens on that port here."""
+        host = address.rpartition(":")[0]
+        return not is_loopback(host) or is_loopback(self.reconciler.advertise_host)
+
     # -- draining (called by the app reconciler) ----------------------------------------------
+
+    def serving(self, c: ContainerInfo) -> bool:
+        """Whether this node's container takes traffic (what the ``route`` record says)."""
+        if self.serving_ids is None:  # no routes computed yet: the reconciler's own rule
+            return self.reconciler.healthy_current(c)
+        return c.id in self.serving_ids
+
+    def _mesh(self) -> bool:
+        """Other live nodes' proxies may route to this node's replicas."""
+        return any(n != self.node_id for n in self.reconciler.live_nodes())
 
     def may_remove(self, c: ContainerInfo, reason: str) -> bool:
         """Whether the app reconciler may stop this container now (see the module doc)."""
-        if not self.enabled or not self.up:
+        mesh = self._mesh()
+        if not mesh and (not self.enabled or not self.up):
             return True  # no proxy sends it anything
         if c.id in self.applied_ids:
             if c.id not in self.drain_requested:
@@ -194,7 +228,8 @@ class ProxyReconciler:
                 self.wake()
             return False
         left = self.left_at.get(c.id)
-        return left is None or time.monotonic() - left >= self.cfg.rollout.drain_grace + DNS_REFRESH
+        wait = self.cfg.rollout.drain_grace + DNS_REFRESH + (MESH_DELAY if mesh else 0.0)
+        return left is None or time.monotonic() - left >= wait
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -202,7 +237,14 @@ class ProxyReconciler:
         self._loop = asyncio.get_running_loop()
         if not self.enabled:
             log.info("proxy.disabled")
-            return
+            # No proxy here, but other nodes' proxies route to this node's replicas: keep
+            # deciding which serve, so they are drained before they stop.
+            while True:
+                self._wake.clear()
+                if self._warm():
+                    self._publish(self.routes())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.cfg.proxy.interval)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.data_dir / "proxy-data").mkdir(parents=True, exist_ok=True)
         server = None
@@ -364,12 +406,6 @@ class ProxyReconciler:
         self.applied = desired
         self.applied_routes = routes
         self.traffic.set_hosts({r.host: r.app for r in routes})
-        # Forget containers that no longer exist.
-        present = {c.id for c in self.reconciler.observed.containers}
-        self.drain_requested &= present
-        self.proven &= present
-        for cid in [k for k in self.left_at if k not in present]:
-            del self.left_at[cid]
         if not self.up:
             log.info("proxy.up", admin=self.cfg.proxy.admin_listen, listen=self.cfg.proxy_listen)
         self.up = True
@@ -389,6 +425,16 @@ class ProxyReconciler:
         for back in ids & set(self.left_at):
             del self.left_at[back]
         self.applied_ids = ids
+        present = {c.id for c in self.reconciler.observed.containers}
+        # Forget containers that no longer exist.
+        self.drain_requested &= present
+        self.proven &= present
+        for cid in [k for k in self.left_at if k not in present]:
+            del self.left_at[cid]
+        local = present & ids
+        if local != self.serving_ids:
+            self.serving_ids = local
+            self.reconciler.wake()  # publish it in the route records now
 
     def _write_boot(self, config: dict[str, Any]) -> None:
         boot = {k: v for k, v in config.items() if k != "logging"}

@@ -35,6 +35,7 @@ from pleaco.config import Config
 from pleaco.metrics import Counter, Gauge, Histogram, Registry
 from pleaco.placement import owned_replicas
 from pleaco.reconcile.backoff import Backoff
+from pleaco.reconcile.publish import local_dial_host, mesh_address, publish_host
 from pleaco.runtime import Conflict, ContainerInfo, DockerRuntime, EngineUnavailable, NotFound, RunSpec
 from pleaco.runtime.docker import container_name
 from pleaco.runtime.health import probe
@@ -88,8 +89,11 @@ class AppReconciler:
         live_nodes: Callable[[], Sequence[str]] | None = None,
         weights: Callable[[], dict[str, float]] | None = None,
         fetch_image: Callable[[str], Awaitable[bool]] | None = None,
+        advertise_host: str = "127.0.0.1",
     ) -> None:
         self.cfg = cfg
+        self.advertise_host = advertise_host
+        self.publish_host = publish_host(cfg.publish_host, advertise_host)
         self.node_id = node_id
         self.apps = apps
         self.runtime = runtime
@@ -117,6 +121,9 @@ class AppReconciler:
         # Asked before a running container is stopped; False defers it to a later pass. The
         # proxy sets it to drain replicas (out of its routes, a grace period, then stop).
         self.may_remove: Callable[[ContainerInfo, str], bool] = lambda c, reason: True
+        # Whether a container of this node takes traffic: published in the ``route`` records,
+        # so other nodes' proxies route to exactly what this node's proxy does (which sets it).
+        self.serving: Callable[[ContainerInfo], bool] = self.healthy_current
 
         self.m_runs = registry.register(
             Counter("pleaco_reconcile_runs_total", "Reconcile passes by loop and result.", ("loop", "result"))
@@ -168,8 +175,10 @@ class AppReconciler:
                 await self.reconcile_once()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.cfg.reconcile_interval)
-                # Coalesce a burst of wake-ups (50 finished starts) into one pass.
-                await asyncio.sleep(0.05)
+                # Coalesce a burst of wake-ups (50 finished starts) into one pass. Nothing in
+                # flight (a new release was written): no burst to wait for, pass at once.
+                if self._inflight:
+                    await asyncio.sleep(0.05)
         finally:
             await self.drain(cancel=True)
             await self._session.close()
@@ -356,7 +365,7 @@ class AppReconciler:
                     self.apps.store.delete("route", key)
                 self._published.pop(app, None)
             else:
-                value = {"app": app, "node": self.node_id, "host": self.cfg.publish_host, "instances": instances}
+                value = {"app": app, "node": self.node_id, "host": self.publish_host, "instances": instances}
                 self.apps.store.put("route", key, value)
                 self._published[app] = instances
 
@@ -438,6 +447,13 @@ class AppReconciler:
         if await self.fetch_image(image):
             self.images.pop(image, None)  # look again on the next pass
 
+    def healthy_current(self, c: ContainerInfo) -> bool:
+        """Without a proxy to say otherwise: a running, healthy replica of the current release."""
+        spec = self.apps.get(c.app)
+        st = self.replicas.get((c.app, c.replica))
+        return bool(c.running and spec and c.release == spec.revision and st and st.container_id == c.id
+                    and st.healthy)
+
     def image_missing(self, image: str) -> bool:
         known = self.images.get(image)
         return known is not None and not known.present
@@ -447,7 +463,7 @@ class AppReconciler:
     async def _start(self, spec: AppSpec, replica: int) -> None:
         run = RunSpec(
             app=spec.name, node=self.node_id, release=spec.revision, replica=replica,
-            image=spec.image, port=spec.port, env=spec.env, publish_host=self.cfg.publish_host,
+            image=spec.image, port=spec.port, env=spec.env, publish_host=self.publish_host,
         )
         async with self._limit:
             if not self._still_wanted(spec, replica):
@@ -540,7 +556,7 @@ class AppReconciler:
             targets.append((c, spec))
         if not targets:
             return
-        host = "127.0.0.1" if self.cfg.publish_host in ("0.0.0.0", "") else self.cfg.publish_host
+        host = local_dial_host(self.publish_host)
         timeout = self.cfg.health_timeout
         results = await asyncio.gather(
             *(probe(self._session, host, c.host_port or 0, spec.health or "/", timeout) for c, spec in targets)
@@ -578,6 +594,10 @@ class InstanceStatus:
     backoff_s: float
     error: str
     node: str = ""  # the node that runs it
+    # Where other nodes' proxies dial it (HOST:PORT), and whether it takes traffic now: what
+    # the routing mesh reads from the ``route`` records.
+    address: str = ""
+    serving: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -586,7 +606,8 @@ class InstanceStatus:
     def from_json(cls, raw: dict[str, Any], node: str) -> InstanceStatus:
         return cls(int(raw["replica"]), str(raw["container"]), int(raw["release"]), str(raw["state"]),
                    bool(raw["healthy"]), raw.get("host_port"), int(raw.get("restarts", 0)),
-                   raw.get("last_exit_code"), float(raw.get("backoff_s", 0.0)), str(raw.get("error", "")), node)
+                   raw.get("last_exit_code"), float(raw.get("backoff_s", 0.0)), str(raw.get("error", "")), node,
+                   str(raw.get("address", "")), bool(raw.get("serving", False)))
 
 
 @dataclass(frozen=True)
@@ -646,6 +667,8 @@ def app_status(rec: AppReconciler, spec: AppSpec, replicas: int, remote: bool = 
                 backoff_s=round(max(0.0, st.backoff.next_attempt - now), 1) if st and not c.running else 0.0,
                 error=st.last_error if st else "",
                 node=rec.node_id,
+                address=mesh_address(c.host_ip, c.host_port, rec.advertise_host) if c.host_port else "",
+                serving=rec.serving(c),
             )
         )
     if remote:

@@ -62,6 +62,9 @@ class ContainerInfo:
     # host's network namespace, dials it directly rather than through the published port's
     # docker-proxy (a userland copy of every connection).
     ip: str = ""
+    # The host address its port is published on (0.0.0.0 for every address): other nodes'
+    # proxies dial HOST_IP:HOST_PORT (the routing mesh).
+    host_ip: str = ""
 
     @property
     def running(self) -> bool:
@@ -176,6 +179,14 @@ class DockerRuntime:
         except NotFound:
             return False
         return True
+
+    def pull_image(self, ref: str) -> None:
+        """``docker pull`` of a reference naming its registry, with the agent's Docker client
+        credentials; raises RuntimeError when the engine reports an error."""
+        repository, tag = docker.utils.parse_repository_tag(ref)
+        for msg in self._call(self._api.pull, repository, tag=tag, stream=True, decode=True):
+            if isinstance(msg, dict) and msg.get("error"):
+                raise RuntimeError(f"docker pull {ref}: {str(msg['error']).strip()}")
 
     # -- containers ----------------------------------------------------------------------
 
@@ -338,10 +349,10 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
         return None  # not a container pleaco made; never touch it
     status = row.get("Status") or ""
     m = _EXIT_CODE.search(status)
-    host_port = None
+    host_port, host_ip = None, ""
     for p in row.get("Ports") or []:
         if p.get("PublicPort"):
-            host_port = int(p["PublicPort"])
+            host_port, host_ip = int(p["PublicPort"]), str(p.get("IP") or "")
             break
     names = row.get("Names") or ["/"]
     return ContainerInfo(
@@ -358,6 +369,7 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
         created=int(row.get("Created", 0)),
         ip=next((str(n["IPAddress"]) for n in ((row.get("NetworkSettings") or {}).get("Networks") or {}).values()
                  if n.get("IPAddress")), ""),
+        host_ip=host_ip,
     )
 
 

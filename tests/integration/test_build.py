@@ -58,15 +58,20 @@ class BuildEnv:
         return b"".join(self.agent.client.build_logs(build_id)).decode()
 
 
-def remove_build_artifacts(node_id: str) -> None:
+def stop_and_clean(agent: AgentProcess) -> None:
+    """Stop the agent and remove its containers, its build containers and the images its
+    builds made (found through its build records: images carry no node label)."""
+    images: set[str] = set()
+    with contextlib.suppress(Exception):
+        images = {ref for b in agent.client.builds() for ref in (b["image"], b.get("pushed")) if ref}
+    agent.cleanup()
     client = docker_client()
-    for c in client.containers.list(all=True, filters={"label": f"pleaco.build-node={node_id}"}):
+    for c in client.containers.list(all=True, filters={"label": f"pleaco.build-node={agent.node_id}"}):
         with contextlib.suppress(docker.errors.NotFound):
             c.remove(force=True)
-    for img in client.images.list(filters={"label": f"pleaco.image.node={node_id}"}):
-        for tag in img.tags or [img.id]:
-            with contextlib.suppress(docker.errors.APIError):
-                client.images.remove(tag, force=True)
+    for ref in images:
+        with contextlib.suppress(docker.errors.APIError):
+            client.images.remove(ref, force=True)
 
 
 @pytest.fixture
@@ -76,8 +81,7 @@ def env(agent_factory: Callable[..., AgentProcess], tmp_path: Path) -> Iterator[
     try:
         yield BuildEnv(agent, git, tmp_path)
     finally:
-        agent.cleanup()
-        remove_build_artifacts(agent.node_id)
+        stop_and_clean(agent)
         git.stop()
 
 
@@ -259,8 +263,7 @@ def test_polling_fallback_builds_without_a_webhook(agent_factory: Callable[..., 
                      60, "the polled commit to build")
         assert b["trigger"] == "poll" and b["release"] == 1
     finally:
-        agent.cleanup()
-        remove_build_artifacts(agent.node_id)
+        stop_and_clean(agent)
         git.stop()
 
 
@@ -346,6 +349,5 @@ def test_trivy_on_path_is_used_instead(agent_factory: Callable[..., AgentProcess
         assert b["scan"]["scanner"] == "trivy" and b["scan"]["findings"][0]["fixed"] == "1.36.0"
         assert (tmp_path / "trivy-args").read_text().split()[-1] == b["image"]
     finally:
-        agent.cleanup()
-        remove_build_artifacts(agent.node_id)
+        stop_and_clean(agent)
         git.stop()

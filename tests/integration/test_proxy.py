@@ -8,7 +8,7 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,18 +91,23 @@ def echo_image(tmp_path_factory: pytest.TempPathFactory) -> None:
     docker_client().images.get(CADDY)  # made by scripts/images.sh (the session fixture)
 
 
-@pytest.fixture
-def proxied(agent_factory: Callable[..., AgentProcess]) -> Iterator[Proxied]:
+def start_proxied(agent_factory: Callable[..., AgentProcess], name: str,
+                  extra_args: list[str] | None = None) -> Proxied:
     http, https, admin = free_port(), free_port(), free_port()
     agent = agent_factory(
-        "px", extra_args=["--proxy-listen", f"127.0.0.1:{http}", "--proxy-image", CADDY],
+        name, extra_args=["--proxy-listen", f"127.0.0.1:{http}", "--proxy-image", CADDY, *(extra_args or [])],
         env={"PLEACO_PROXY_ADMIN_LISTEN": f"127.0.0.1:{admin}", "PLEACO_PROXY_HTTPS_LISTEN": f"127.0.0.1:{https}",
              "PLEACO_PROXY_HEALTH_INTERVAL": "1", "PLEACO_ROLLOUT_DRAIN_GRACE": "1",
              "PLEACO_ROLLOUT_DEADLINE": "8", "PLEACO_HEALTH_GRACE": "3"},
     )
     p = Proxied(agent, http, https, admin)
     wait_for(lambda: agent.client.request("GET", "/v1/proxy")["up"], 30, "the proxy to be up")
-    yield p  # agent_factory's cleanup removes the proxy too: it carries pleaco.node
+    return p  # agent_factory's cleanup removes the proxy too: it carries pleaco.node
+
+
+@pytest.fixture
+def proxied(agent_factory: Callable[..., AgentProcess]) -> Proxied:
+    return start_proxied(agent_factory, "px")
 
 
 def routes(p: Proxied) -> dict[str, list[str]]:
@@ -288,3 +293,42 @@ def test_rollout_pace_follows_max_surge_and_max_unavailable(
 
     wait_for(done, 60, "the rollout to finish", interval=0.05)
     assert 3 <= seen <= peak
+
+
+def test_an_app_on_node_a_answers_through_node_b_proxy(agent_factory: Callable[..., AgentProcess]) -> None:
+    """The routing mesh: two clustered agents, each with its proxy; the app's only replica
+    runs on one of them and answers through the other's proxy, with the client's address."""
+    def gossip(k: int) -> list[str]:
+        return ["--gossip-listen", f"127.0.0.{k}:{free_port()}", "--discovery", "seeds"]
+
+    first = start_proxied(agent_factory, "mesh0", gossip(2))
+    first.agent.client.request("POST", "/v1/cluster/init")
+    token = first.agent.client.request("GET", "/v1/cluster/token")["token"]
+    second = start_proxied(agent_factory, "mesh1", [*gossip(3), "--join-token", token])
+    nodes = [first, second]
+    ids = {p.agent.node_id for p in nodes}
+    wait_for(lambda: all({n["id"] for n in p.agent.client.nodes() if n["state"] == "alive"} == ids for p in nodes),
+             40, "2 nodes alive everywhere")
+    first.agent.client.deploy("echo", {"image": ECHO, "port": 8080, "health": "/healthz", "host": "echo.mesh"})
+
+    def runner() -> str:
+        instances = first.agent.client.request("GET", "/v1/apps/echo")["instances"]
+        healthy = [i["node"] for i in instances if i["healthy"] and i["serving"]]
+        return healthy[0] if len(healthy) == 1 else ""
+
+    where = wait_for(runner, 60, "echo healthy on one node")
+    a = next(p for p in nodes if p.agent.node_id == where)
+    b = next(p for p in nodes if p is not a)
+    assert not [c for c in docker_client().containers.list(filters={"label": [f"pleaco.node={b.agent.node_id}",
+                                                                                "pleaco.app=echo"]})]
+    # B routes to A's replica at the address A published it on ...
+    wait_for(lambda: len(routes(b).get("echo.mesh", [])) == 1, 30, "B's proxy routes echo to A")
+    _, body, _ = wait_for(lambda: (r := b.get("echo.mesh", "/cgi-bin/env"))[0] == 200 and r, 30,
+                          "echo through B's proxy")
+    assert "HTTP_X_FORWARDED_FOR=127.0.0.1" in body
+    # ... and both proxies serve it.
+    assert a.get("echo.mesh", "/cgi-bin/env")[0] == 200
+    # Scaled to 0, the replica leaves B's routes before it stops: no proxy keeps a dead upstream.
+    first.agent.client.request("POST", "/v1/apps/echo/scale", {"replicas": 0})
+    wait_for(lambda: routes(b).get("echo.mesh") == [] and routes(a).get("echo.mesh") == [], 30,
+             "echo out of both proxies")

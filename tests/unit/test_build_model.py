@@ -10,10 +10,10 @@ import pytest
 
 from pleaco.api.builds import sign
 from pleaco.apps import AppStore
-from pleaco.build import secrets as secretbox
 from pleaco.build.config import BuildConfig
 from pleaco.build.model import Connection, build_id, canonical_repo
 from pleaco.build.service import AWAITING_IMAGE, BuildService, ConnectError
+from pleaco.cluster.service import names_registry
 from pleaco.identity import Identity
 from pleaco.store import Store
 
@@ -56,11 +56,12 @@ def test_connect_creates_the_app_and_keeps_the_secret(tmp_path: Path) -> None:
     conn, secret, created = svc.connect("web", "https://github.com/o/web.git", None, None)
     assert created and conn.branch == "main" and len(secret) == 40
     assert svc.apps.get("web").image == AWAITING_IMAGE and svc.apps.replicas("web") == 0  # type: ignore[union-attr]
-    assert svc.store.value("secret", "webhook/web") == {"scheme": "plain", "data": secret}
+    assert (svc.store.value("secret", "webhook/web") or {})["scheme"] == "local-v1"
+    assert svc.secretbox.get(svc.store, "webhook/web") == secret
     # Connecting again keeps the secret unless a new one is given.
     assert svc.connect("web", "https://github.com/o/web.git", "dev", None)[1:] == (secret, False)
     assert svc.connect("web", "https://github.com/o/web.git", "dev", "another-secret")[1] == "another-secret"
-    assert secretbox.get(svc.store, "webhook/web") == "another-secret"
+    assert svc.secretbox.get(svc.store, "webhook/web") == "another-secret"
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -115,3 +116,22 @@ def test_recover_resumes_interrupted_builds_then_gives_up(tmp_path: Path) -> Non
     svc.recover()
     final = svc.builds.get(b.id)
     assert final is not None and final.state == "failed" and "interrupted 3 times" in final.reason
+
+
+@pytest.mark.parametrize(("registry", "ok"), [
+    ("", True), ("127.0.0.1:5000/myteam", True), ("registry.example.com", True), ("localhost:5000/a/b-c", True),
+    ("http://registry.example.com", False), ("registry.example.com/Team", False), ("registry.example.com/", False),
+    ("registry.example.com/a b", False),
+])
+def test_registry_setting_is_a_registry_and_namespace(registry: str, ok: bool) -> None:
+    problems = BuildConfig(registry=registry).validate()
+    assert (problems == []) is ok, problems
+    assert ok or problems[0].startswith("build.registry: ")
+
+
+@pytest.mark.parametrize(("ref", "names"), [
+    ("127.0.0.1:5000/team/app:0123456789ab", True), ("registry.example.com/app:1", True), ("localhost/app", True),
+    ("pleaco/busybox:latest", False), ("busybox", False), ("sha256:" + "0" * 64, False),
+])
+def test_only_references_naming_a_registry_are_pulled(ref: str, names: bool) -> None:
+    assert names_registry(ref) is names

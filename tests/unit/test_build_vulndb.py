@@ -112,6 +112,44 @@ def test_packages_from_an_image_file_system() -> None:
                    ("Alpine", "busybox", "1.36.1-r5"), ("PyPI", "insecure-foo", "1.0"), ("PyPI", "old-pkg", "0.1")}
 
 
+def _save(layers: list[tuple[str, dict[str, str]]], manifest_last: bool = True) -> io.BytesIO:
+    """A `docker save` stream: each layer a tar of its own, manifest.json naming their order."""
+    # The layers go into the stream top first: manifest.json, not the stream, orders them.
+    members = {f"{name}/layer.tar": _tar(files).getvalue() for name, files in reversed(layers)}
+    members["abc.json"] = b'{"config": {}}'
+    manifest = json.dumps([{"Config": "abc.json", "RepoTags": None,
+                            "Layers": [f"{name}/layer.tar" for name, _ in layers]}]).encode()
+    items = list(members.items())
+    items = [*items, ("manifest.json", manifest)] if manifest_last else [("manifest.json", manifest), *items]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    return buf
+
+
+def test_packages_from_a_saved_image_stack_its_layers() -> None:
+    apk = "P:musl\nV:1.2.4-r2\n\nP:busybox\nV:1.36.1-r5\n"
+    meta = "usr/lib/python3.11/site-packages/{}.dist-info/METADATA"
+    layers = [
+        ("top", {"lib/apk/db/installed": "P:musl\nV:1.2.5-r0\n",  # upgraded: the top copy counts
+                 "usr/lib/python3.11/site-packages/.wh.gone-1.0.dist-info": "",  # a whiteout
+                 "opt/app/.wh..wh..opq": "",  # an opaque directory
+                 meta.format("kept-2.0"): "Name: kept\nVersion: 2.0\n"}),
+        ("base", {"lib/apk/db/installed": apk, meta.format("gone-1.0"): "Name: gone\nVersion: 1.0\n",
+                  meta.format("kept-1.0"): "Name: kept\nVersion: 1.0\n",
+                  "opt/app/lib/x-1.0.dist-info/METADATA": "Name: hidden\nVersion: 1.0\n"}),
+    ]
+    order = [layers[1], layers[0]]
+    for manifest_last in (True, False):
+        stream = _save(order, manifest_last)
+        got = {(p.ecosystem, p.name, p.version) for p in scan.packages_from_image_tar(stream)}
+        assert got == {("Alpine", "musl", "1.2.5-r0"), ("PyPI", "kept", "1.0"), ("PyPI", "kept", "2.0")}
+
+
 def test_trivy_report_becomes_findings(tmp_path: Path) -> None:
     report = {"Results": [{"Target": "img (debian 12)", "Type": "debian", "Vulnerabilities": [
         {"VulnerabilityID": "CVE-2024-1", "PkgName": "libc6", "InstalledVersion": "2.36-9",

@@ -1,0 +1,127 @@
+"""The routing mesh's bookkeeping: where ports are published, what a node tells the others
+about its replicas (the ``route`` records), and how a proxy routes to other nodes' replicas
+and drains its own before they stop. The real thing, across agents and Caddy containers,
+is tests/integration/test_proxy.py::test_an_app_on_node_a_answers_through_node_b_proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pleaco.apps import AppStore
+from pleaco.config import Config
+from pleaco.identity import Identity
+from pleaco.ingress import proxy as proxymod
+from pleaco.ingress.proxy import MESH_DELAY, ProxyReconciler
+from pleaco.metrics import Registry
+from pleaco.reconcile.apps import AppReconciler, ReplicaState
+from pleaco.reconcile.backoff import Backoff
+from pleaco.reconcile.publish import local_dial_host, mesh_address, publish_host
+from pleaco.runtime import ContainerInfo, DockerRuntime
+from pleaco.store import Store
+
+OTHER, DEAD = "b" * 32, "d" * 32
+
+
+def test_ports_are_published_on_the_advertised_address_never_on_all_interfaces_by_default() -> None:
+    assert publish_host("", "10.0.0.5") == "10.0.0.5"
+    assert publish_host("", "127.0.0.3") == "127.0.0.1"  # nodes sharing one machine
+    assert publish_host("", "0.0.0.0") == "127.0.0.1"
+    assert publish_host("0.0.0.0", "10.0.0.5") == "0.0.0.0"  # said explicitly
+    assert local_dial_host("0.0.0.0") == "127.0.0.1" and local_dial_host("10.0.0.5") == "10.0.0.5"
+    assert mesh_address("0.0.0.0", 3000, "10.0.0.5") == "10.0.0.5:3000"
+    assert mesh_address("10.0.0.7", 3000, "10.0.0.5") == "10.0.0.7:3000"
+
+
+class Node:
+    def __init__(self, tmp_path: Path, live: list[str]) -> None:
+        identity = Identity.generate()
+        self.id = identity.node_id
+        self.cfg = Config(data_dir=tmp_path, proxy_image="")
+        self.cfg.rollout.drain_grace = 0.0
+        self.store = Store(tmp_path / "state.db", identity)
+        self.apps = AppStore(self.store, max_replicas=10)
+        self.live = [self.id, *live]
+        self.rec = AppReconciler(self.cfg, self.id, self.apps, DockerRuntime("tcp://127.0.0.1:9"), Registry(),
+                                 live_nodes=lambda: self.live, advertise_host="10.0.0.5")
+        self.proxy = ProxyReconciler(self.cfg, self.id, self.apps, self.rec, self.rec.runtime, Registry())
+        self.rec.serving = self.proxy.serving
+
+    def run(self, app: str, replica: int, healthy: bool = True) -> ContainerInfo:
+        spec = self.apps.get(app)
+        assert spec is not None
+        c = ContainerInfo(id=f"{app}-{replica}" + "0" * 20, name=f"{app}-{replica}", app=app, node=self.id,
+                          release=spec.revision, replica=replica, state="running", exit_code=None, image=spec.image,
+                          host_port=31000 + replica, created=0, ip=f"172.17.0.{10 + replica}", host_ip="10.0.0.5")
+        self.rec.observed.containers.append(c)
+        self.rec.replicas[(app, replica)] = ReplicaState(Backoff(1, 60), healthy=healthy, container_id=c.id)
+        return c
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path, [OTHER])
+    n.apps.deploy("web", {"image": "img", "replicas": 2, "port": 8080})
+    yield n
+    n.store.close()
+
+
+def test_route_records_say_where_replicas_are_dialled_and_whether_they_serve(node: Node) -> None:
+    node.run("web", 0)
+    node.run("web", 1, healthy=False)
+    node.rec._publish()
+    value = node.store.value("route", f"web/{node.id}")
+    assert value is not None
+    got = {i["replica"]: (i["address"], i["serving"]) for i in value["instances"]}
+    # Before the proxy computed routes, serving is the reconciler's own rule (healthy, current).
+    assert got == {0: ("10.0.0.5:31000", True), 1: ("10.0.0.5:31001", False)}
+
+
+def test_proxy_routes_to_other_live_nodes_serving_replicas(node: Node) -> None:
+    node.run("web", 0)
+    instance = {"replica": 1, "container": "c" * 12, "release": 1, "state": "running", "healthy": True,
+                "host_port": 32000, "restarts": 0, "last_exit_code": None, "backoff_s": 0.0, "error": ""}
+    node.store.put("route", f"web/{OTHER}", {"app": "web", "node": OTHER, "instances": [
+        {**instance, "address": "10.0.0.6:32000", "serving": True},
+        {**instance, "replica": 2, "container": "e" * 12, "address": "10.0.0.6:32001", "serving": False},
+        # Published on its loopback (set so by hand): not reachable from this machine.
+        {**instance, "replica": 3, "container": "f" * 12, "address": "127.0.0.1:32002", "serving": True},
+    ]})
+    node.store.put("route", f"web/{DEAD}", {"app": "web", "node": DEAD, "instances": [
+        {**instance, "address": "10.0.0.9:32000", "serving": True}]})
+    [route] = node.proxy.routes()
+    # Its own replica on the Docker network address; the other node's serving one where it
+    # is published; not the one that node drains, not one on that node's loopback, nor
+    # anything on a node that is not live.
+    assert [u.address for u in route.upstreams] == ["172.17.0.10:8080", "10.0.0.6:32000"]
+
+
+def test_a_replica_leaves_every_proxy_before_it_stops(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = node.run("web", 0)
+    now = [1000.0]
+    monkeypatch.setattr(proxymod.time, "monotonic", lambda: now[0])
+    node.proxy._publish(node.proxy.routes())
+    assert node.proxy.serving(c)
+    # No local proxy (proxy_image ""), but another node's proxy may route to it: drain first.
+    assert not node.proxy.may_remove(c, "scaled down")
+    node.proxy._publish(node.proxy.routes())  # the next pass leaves it out ...
+    assert not node.proxy.serving(c)
+    node.rec._publish()  # ... and the route record says so
+    value = node.store.value("route", f"web/{node.id}")
+    assert value is not None and not value["instances"][0]["serving"]
+    # The others need the record to reach them, then their DNS refresh.
+    now[0] += MESH_DELAY
+    assert not node.proxy.may_remove(c, "scaled down")
+    now[0] += proxymod.DNS_REFRESH
+    assert node.proxy.may_remove(c, "scaled down")
+
+
+def test_alone_without_a_proxy_nothing_waits(tmp_path: Path) -> None:
+    n = Node(tmp_path, [])
+    n.apps.deploy("web", {"image": "img", "replicas": 1, "port": 8080})
+    c = n.run("web", 0)
+    n.proxy._publish(n.proxy.routes())
+    assert n.proxy.may_remove(c, "scaled down")
+    n.store.close()
