@@ -81,6 +81,7 @@ class UpstreamDNS(asyncio.DatagramProtocol):
         self.records: dict[str, list[tuple[str, int]]] = {}  # SRV name -> [(ip, port)]
         self.transport: asyncio.DatagramTransport | None = None
         self.queries = 0
+        self.address_queries = 0  # for ip-A-B-C-D names: the proxy's hosts file missed them
 
     def set_upstreams(self, upstreams: dict[str, list[tuple[str, int]]]) -> None:
         """Replace the answers: app -> [(ip, port)]."""
@@ -110,6 +111,7 @@ class UpstreamDNS(asyncio.DatagramProtocol):
                 ups = self.records[name]
                 answers = self._srv(ups if len(ups) <= MAX_RECORDS else random.sample(ups, MAX_RECORDS))
         elif name.startswith("ip-") and name.endswith("." + ZONE):
+            self.address_queries += 1
             try:
                 ip = ipaddress.IPv4Address(name[3:-len(ZONE) - 1].replace("-", "."))
             except ValueError:

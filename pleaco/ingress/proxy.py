@@ -50,6 +50,7 @@ from pleaco.apps import AppStore
 from pleaco.config import Config
 from pleaco.ingress.caddy import AdminError, CaddyAdmin, ProxySettings, Route, Upstream, build_config
 from pleaco.ingress.dns import UpstreamDNS
+from pleaco.ingress.hosts import MOUNT_AT, HostsFile
 from pleaco.ingress.traffic import TrafficStats
 from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.reconcile.apps import AppReconciler
@@ -110,6 +111,7 @@ class ProxyReconciler:
         self._dns_port = 0
         self._first_pass_at: float | None = None
         self.dns = UpstreamDNS()
+        self.hosts = HostsFile.for_host(self.dir / "hosts")
         self._boot_written: dict[str, Any] | None = None
         self.m_applies = registry.register(
             Counter("pleaco_proxy_config_applies_total", "Proxy config loads by result.", ("result",))
@@ -247,6 +249,7 @@ class ProxyReconciler:
                     await asyncio.wait_for(self._wake.wait(), self.cfg.proxy.interval)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.data_dir / "proxy-data").mkdir(parents=True, exist_ok=True)
+        self.hosts.ensure(boot_upstreams_ips(self.dir / "caddy.json"))  # must exist before the container
         server = None
         if self.cfg.proxy.access_metrics:
             server = await asyncio.start_server(self.traffic.handle, "127.0.0.1", 0)
@@ -296,7 +299,7 @@ class ProxyReconciler:
     def _container_settings(self) -> str:
         """What the container was made with; a change (new image, admin address) replaces it."""
         p = self.cfg.proxy
-        raw = json.dumps([self.cfg.proxy_image, p.admin_listen, str(self.dir)])
+        raw = json.dumps([self.cfg.proxy_image, p.admin_listen, str(self.dir), MOUNT_AT])
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     async def _engine(self, fn: Any, *args: Any) -> Any:
@@ -328,7 +331,8 @@ class ProxyReconciler:
                 role=ROLE, node=self.node_id, name=f"pleaco-proxy-{self.node_id[:12]}",
                 image=self.cfg.proxy_image,
                 command=("caddy", "run", "--config", f"{BOOT_DIR}/caddy.json"),
-                binds=((str(self.dir), BOOT_DIR, "ro"), (str(self.cfg.data_dir / "proxy-data"), "/data", "rw")),
+                binds=((str(self.dir), BOOT_DIR, "ro"), (str(self.hosts.path), MOUNT_AT, "ro"),
+                       (str(self.cfg.data_dir / "proxy-data"), "/data", "rw")),
                 env=(("XDG_DATA_HOME", "/data"), ("XDG_CONFIG_HOME", "/config")),
                 labels={LABEL_SETTINGS: want},
             )
@@ -414,10 +418,14 @@ class ProxyReconciler:
     def _publish(self, routes: list[Route]) -> None:
         """Answer the proxy's upstream lookups with these routes, and note which
         containers just stopped being listed (their drain starts now)."""
-        self.dns.set_upstreams({
+        upstreams = {
             r.app: [(u.address.rpartition(":")[0], int(u.address.rpartition(":")[2])) for u in r.upstreams]
             for r in routes
-        })
+        }
+        if self.enabled:
+            # Names first, then the DNS points at them: Caddy rarely has to ask for an address.
+            self.hosts.ensure(ip for ups in upstreams.values() for ip, _ in ups)
+        self.dns.set_upstreams(upstreams)
         now = time.monotonic()
         ids = {u.container for r in routes for u in r.upstreams}
         for gone in self.applied_ids - ids:
@@ -451,6 +459,7 @@ class ProxyReconciler:
             "listen": self.cfg.proxy_listen,
             "https_listen": self.cfg.proxy.https_listen,
             "container": self.container.id[:12] if self.container else "",
+            "dns": {"queries": self.dns.queries, "address_queries": self.dns.address_queries},
             "routes": [
                 {"app": r.app, "host": r.host, "https": r.https, "upstreams": [u.address for u in r.upstreams]}
                 for r in self.applied_routes
@@ -460,6 +469,14 @@ class ProxyReconciler:
 
 def boot_path(data_dir: Path) -> Path:
     return data_dir / "proxy" / "caddy.json"
+
+
+def boot_upstreams_ips(path: Path) -> list[str]:
+    """The upstream addresses of the boot config at ``path`` ([] when there is none)."""
+    try:
+        return [ip for ups in boot_upstreams(json.loads(path.read_text())).values() for ip, _ in ups]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def boot_upstreams(config: dict[str, Any]) -> dict[str, list[tuple[str, int]]]:

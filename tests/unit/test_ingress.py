@@ -186,3 +186,18 @@ def test_https_mode_is_validated() -> None:
     for bad in ("always", True, 1, ""):
         with pytest.raises(ValidationError, match=r"^https:"):
             validate_deploy("web", {"image": "x", "https": bad}, 10)
+
+
+def test_hosts_file_names_every_upstream_and_is_rewritten_in_place(tmp_path: Path) -> None:
+    from pleaco.ingress.hosts import HostsFile
+
+    path = tmp_path / "hosts"
+    hosts = HostsFile(path, "127.0.0.1 localhost")
+    assert hosts.ensure(["172.17.0.2"])
+    inode = path.stat().st_ino
+    assert not hosts.ensure(["172.17.0.2"])  # nothing new: not written again
+    assert hosts.ensure(["10.0.0.6"])  # a new one; the old one stays (never wrong)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "127.0.0.1 localhost"
+    assert "172.17.0.2 ip-172-17-0-2.pleaco" in lines and "10.0.0.6 ip-10-0-0-6.pleaco" in lines
+    assert path.stat().st_ino == inode  # a bind mount keeps seeing it
