@@ -170,12 +170,21 @@ def build_config(routes: list[Route], s: ProxySettings) -> dict[str, Any]:
                 "default": {"exclude": ["http.log.access.pleaco_access"]},
                 "pleaco_access": {
                     "writer": {"output": "net", "address": f"tcp/{s.access_log}"},
-                    "encoder": {"format": "json"},
+                    # Only what pleaco.ingress.traffic reads (host, status, duration): the
+                    # agent parses a line per request, and headers made most of each line.
+                    "encoder": {"format": "filter", "wrap": {"format": "json"},
+                                "fields": {name: {"filter": "delete"} for name in ACCESS_LOG_DROPPED}},
                     "include": ["http.log.access.pleaco_access"],
                 },
             }
         }
     return config
+
+
+# Access log fields the agent does not read (Caddy's filter encoder deletes them).
+ACCESS_LOG_DROPPED = ("request>headers", "request>tls", "request>remote_ip", "request>remote_port",
+                      "request>proto", "request>method", "request>uri", "resp_headers", "user_id", "size",
+                      "bytes_read")
 
 
 class AdminError(RuntimeError):
