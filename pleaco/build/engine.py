@@ -1,7 +1,7 @@
 """The Docker Engine calls the build pipeline needs, typed, and cancellable from another thread.
 
 Kept apart from ``pleaco.runtime.docker`` (the app containers' adapter) because build
-calls are long and streaming: an image build, a test container, a file system export. Each
+calls are long and streaming: an image build, a test container, a push. Each
 can be aborted by a ``Cancel`` token from another thread (a newer push, the time limit, the
 agent stopping): a build's HTTP stream is shut down, which makes the engine cancel it; a
 test container is killed.
@@ -339,7 +339,7 @@ def _is_timeout(exc: Exception) -> bool:
 
 
 class _ChunkReader(io.RawIOBase):
-    """A file object over an iterator of byte chunks (the export stream), for tarfile."""
+    """A file object over an iterator of byte chunks (the ``docker save`` stream), for tarfile."""
 
     def __init__(self, chunks: Any) -> None:
         self._chunks = iter(chunks)
