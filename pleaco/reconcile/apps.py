@@ -116,6 +116,7 @@ class AppReconciler:
         # waits for 50 container starts: the view stays fresh, and a scale to 0 during a
         # scale to 50 acts at once. Keyed by what they act on, so no pass doubles one up.
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._busy_when_observed: set[str] = set()
         self._published: dict[str, list[dict[str, Any]]] = {}
         self._session: aiohttp.ClientSession | None = None
         # Asked before a running container is stopped; False defers it to a later pass. The
@@ -185,8 +186,10 @@ class AppReconciler:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, key: str, action: Coroutine[Any, Any, None]) -> bool:
-        """Run ``action`` in the background unless one is already running for ``key``."""
-        if key in self._inflight:
+        """Run ``action`` in the background unless one is already running for ``key``, or ran
+        while this pass looked at the engine (then the pass's view of it may be stale: a
+        container seen "created" just before its start finished would be started again)."""
+        if key in self._inflight or key in self._busy_when_observed:
             action.close()
             return False
 
@@ -246,6 +249,7 @@ class AppReconciler:
         return acted
 
     async def _pass(self) -> bool:
+        self._busy_when_observed = set(self._inflight)
         containers: list[ContainerInfo] = await self._engine(self.runtime.list_managed, self.node_id)
         if not self.observed.engine_ok:
             log.info("engine.reachable")

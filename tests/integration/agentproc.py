@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -55,10 +56,22 @@ def wait_listening(proc: subprocess.Popen[bytes], host: str, port: int, timeout:
         raise RuntimeError(f"{what} exited with {proc.returncode} before listening")
 
 
+# Ports below the kernel's ephemeral range (32768-60999 by default), each handed out once:
+# a port the kernel picked (bind to 0) can be taken by any outgoing connection's local end
+# between the moment it is picked and the moment the agent or proxy listens on it.
+_PORTS = iter(random.Random().sample(range(20000, 32768), 32768 - 20000))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on 127.0.0.1 now, outside the ephemeral range, never given twice."""
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port left in 20000-32767")
 
 
 def docker_client() -> docker.DockerClient:
