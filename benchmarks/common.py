@@ -333,6 +333,16 @@ class Agent:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def remove_app(self, app: str, timeout: float = 60.0) -> None:
+        """``apps rm`` and wait until the engine has none of its containers. A failure is
+        logged, not raised: the agent's own cleanup force-removes what is left."""
+        try:
+            self.cli("apps", "rm", app)
+            wait_until(lambda: count_containers(self.labels(app), running_only=False) == 0,
+                       timeout, f"pleaco to remove {app}'s containers", interval=0.5)
+        except BenchError as exc:
+            log(f"pleaco: clean removal of {app} failed ({exc}); the agent's cleanup forces it")
+
     def events(self, since: float, until: float) -> list[tuple[float, str]]:
         """(epoch seconds, event) of the agent's log lines within [since, until]."""
         out: list[tuple[float, str]] = []

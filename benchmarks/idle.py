@@ -16,7 +16,6 @@ wall time: 100 % is one core busy. The containers' own cost is not counted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import tempfile
@@ -102,10 +101,7 @@ def measure(workdir: Path, name: str, with_app: bool, seconds: float) -> dict[st
             app = agent.client.app(APP)
             if app["healthy"] != REPLICAS:
                 raise BenchError(f"only {app['healthy']} of {REPLICAS} replicas healthy after the window")
-            with contextlib.suppress(BenchError):
-                agent.cli("apps", "rm", APP)
-                wait_until(lambda: count_containers(agent.labels(APP), running_only=False) == 0,
-                           30, "the app's containers to go", interval=0.5)
+            agent.remove_app(APP, timeout=30)
         return result
 
 

@@ -71,7 +71,6 @@ from benchmarks.common import (
     Agent,
     BenchError,
     Row,
-    count_containers,
     docker_cli,
     engine,
     free_port,
@@ -254,12 +253,7 @@ class Pleaco:
     def __exit__(self, *exc: object) -> None:
         if not (self.deployed and self.agent.alive()):
             return  # the agent's own cleanup force-removes whatever is left
-        try:
-            self.agent.cli("apps", "rm", APP)
-            wait_until(lambda: count_containers(self.agent.labels(APP), running_only=False) == 0,
-                       60, "pleaco to remove the app's containers", interval=0.5)
-        except BenchError as exc:
-            log(f"pleaco: clean removal failed ({exc}); the agent's cleanup forces it")
+        self.agent.remove_app(APP)
 
     def roll(self, version: str, order: str) -> None:
         self.deploy(version)

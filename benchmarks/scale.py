@@ -91,12 +91,7 @@ class Pleaco:
     def __exit__(self, *exc: object) -> None:
         if not (self.deployed and self.agent.alive()):
             return  # the agent's own cleanup force-removes whatever is left
-        try:
-            self.agent.cli("apps", "rm", APP)
-            wait_until(lambda: count_containers(self.agent.labels(APP), running_only=False) == 0,
-                       60, "pleaco to remove the app's containers", interval=0.5)
-        except BenchError as exc:
-            log(f"pleaco: clean removal failed ({exc}); forcing")
+        self.agent.remove_app(APP)
 
     def prepare(self) -> None:
         self.issue(1)
