@@ -320,17 +320,7 @@ def test_an_app_on_node_a_answers_through_node_b_proxy(agent_factory: Callable[.
     wait_for(lambda: all({n["id"] for n in p.agent.client.nodes() if n["state"] == "alive"} == ids for p in nodes),
              40, "2 nodes alive everywhere")
     first.agent.client.deploy("echo", {"image": ECHO, "port": 8080, "health": "/healthz", "host": "echo.mesh"})
-
-    def runner() -> str:
-        instances = first.agent.client.request("GET", "/v1/apps/echo")["instances"]
-        healthy = [i["node"] for i in instances if i["healthy"] and i["serving"]]
-        return healthy[0] if len(healthy) == 1 else ""
-
-    where = wait_for(runner, 60, "echo healthy on one node")
-    a = next(p for p in nodes if p.agent.node_id == where)
-    b = next(p for p in nodes if p is not a)
-    assert not [c for c in docker_client().containers.list(filters={"label": [f"pleaco.node={b.agent.node_id}",
-                                                                                "pleaco.app=echo"]})]
+    a, b = placed(nodes, "echo")
     # B routes to A's replica at the address A published it on ...
     wait_for(lambda: len(routes(b).get("echo.mesh", [])) == 1, 30, "B's proxy routes echo to A")
     _, body, _ = wait_for(lambda: (r := b.get("echo.mesh", "/cgi-bin/env"))[0] == 200 and r, 30,
@@ -338,7 +328,39 @@ def test_an_app_on_node_a_answers_through_node_b_proxy(agent_factory: Callable[.
     assert "HTTP_X_FORWARDED_FOR=127.0.0.1" in body
     # ... and both proxies serve it.
     assert a.get("echo.mesh", "/cgi-bin/env")[0] == 200
-    # Scaled to 0, the replica leaves B's routes before it stops: no proxy keeps a dead upstream.
+
+    # A rollout on the node that runs the app, under load through the other node's proxy:
+    # the old replica leaves that proxy too before it stops, so no request fails.
+    spec = {"image": HELLO, "port": 8080, "health": "/healthz", "host": "roll.mesh"}
+    second.agent.client.deploy("roll", {**spec, "env": {"GREETING": "v1"}})
+    a, b = placed(nodes, "roll")
+    wait_for(lambda: "(v1)" in b.get("roll.mesh")[1], 30, "v1 through the other node's proxy")
+    with Load(f"http://127.0.0.1:{b.http}/", "roll.mesh", rate=100, max_seconds=60) as load:
+        wait_for(lambda: load.seen("v1") >= 50, 10, "load flowing")
+        a.agent.client.deploy("roll", {**spec, "env": {"GREETING": "v2"}})
+        wait_for(lambda: {i["release"] for i in a.agent.client.app("roll")["instances"]} == {2}, 40,
+                 "v1 replaced")
+        wait_for(lambda: load.seen("v2") >= 100, 10, "v2 under load")
+        result = load.stop()
+    assert result.failures == [], result.failures[:5]
+    assert result.bodies["v1"] >= 50 and result.bodies["v2"] >= 100
+
+    # Scaled to 0, the replica leaves both proxies before it stops.
     first.agent.client.request("POST", "/v1/apps/echo/scale", {"replicas": 0})
     wait_for(lambda: routes(b).get("echo.mesh") == [] and routes(a).get("echo.mesh") == [], 30,
              "echo out of both proxies")
+
+
+def placed(nodes: list[Proxied], app: str) -> tuple[Proxied, Proxied]:
+    """(the node that runs the app's one healthy, serving replica, the other node)."""
+    def runner() -> str:
+        instances = nodes[0].agent.client.request("GET", f"/v1/apps/{app}")["instances"]
+        healthy = [i["node"] for i in instances if i["healthy"] and i["serving"]]
+        return healthy[0] if len(healthy) == 1 else ""
+
+    where = wait_for(runner, 60, f"{app} healthy and serving on one node")
+    a = next(p for p in nodes if p.agent.node_id == where)
+    b = next(p for p in nodes if p is not a)
+    assert not docker_client().containers.list(filters={"label": [f"pleaco.node={b.agent.node_id}",
+                                                                  f"pleaco.app={app}"]})
+    return a, b
