@@ -54,6 +54,9 @@ class ProxySettings:
     access_log: str = ""  # HOST:PORT the agent collects access logs on; empty: none
     dns: str = ""  # HOST:PORT of the agent's upstream DNS (pleaco.ingress.dns); empty: static upstreams
     dns_refresh: float = 1.0  # seconds Caddy caches an app's upstream list
+    # Seconds Caddy keeps the last upstream list when the DNS does not answer (the agent
+    # killed and restarting); 0 leaves it out: Caddy before 2.7.5 refuses the field.
+    dns_grace: float = 0.0
 
 
 def _listen(addr: str) -> str:
@@ -91,6 +94,8 @@ def _proxy_handler(route: Route, s: ProxySettings) -> dict[str, Any]:
             "source": "srv", "name": srv_name(route.app), "refresh": f"{s.dns_refresh:g}s",
             "resolver": resolver, "dial_timeout": "1s",
         }
+        if s.dns_grace:
+            handler["dynamic_upstreams"]["grace_period"] = f"{s.dns_grace:g}s"
         handler["transport"] = {"protocol": "http", "resolver": resolver}
     else:
         handler["upstreams"] = [{"dial": u.address} for u in route.upstreams]

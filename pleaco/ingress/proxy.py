@@ -64,6 +64,12 @@ ROLE = "proxy"
 # Seconds Caddy caches an app's upstream list from the DNS: a replica taken out is sent no
 # new request after this (plus drain_grace for those in flight).
 DNS_REFRESH = 1.0
+# Seconds Caddy (2.7.5 and later) keeps routing to the last upstreams it had when the
+# agent's DNS does not answer: the agent was killed and is restarting. Replicas outlive
+# the agent, so the last list stays right; 10 minutes outlasts any restart. Older Caddy
+# (Debian 12 has 2.6.2) refuses the setting: then it is left out, and requests fail from
+# about a second after the agent dies until it answers again.
+DNS_GRACE = 600.0
 # Seconds for a replica's "not serving" to reach the other nodes' proxies: the app
 # reconciler's next pass (woken at once), gossip (well under a second in a LAN cluster) and
 # their proxy pass (proxy.interval). Their DNS refresh is counted separately.
@@ -110,6 +116,7 @@ class ProxyReconciler:
         self._access_port = 0
         self._dns_port = 0
         self._first_pass_at: float | None = None
+        self._grace_supported = True  # until the proxy refuses grace_period (Caddy < 2.7.5)
         self.dns = UpstreamDNS()
         self.hosts = HostsFile.for_host(self.dir / "hosts")
         self._boot_written: dict[str, Any] | None = None
@@ -147,7 +154,7 @@ class ProxyReconciler:
             try_duration=p.try_duration, health_interval=p.health_interval,
             access_log=f"127.0.0.1:{self._access_port}" if self._access_port and not static else "",
             dns=f"127.0.0.1:{self._dns_port}" if self._dns_port and not static else "",
-            dns_refresh=DNS_REFRESH,
+            dns_refresh=DNS_REFRESH, dns_grace=DNS_GRACE if self._grace_supported else 0.0,
         )
 
     def routes(self) -> list[Route]:
@@ -402,7 +409,16 @@ class ProxyReconciler:
         # from its boot file or been reloaded by hand. One loopback GET is cheap.
         current = await admin.config()
         if current != desired:
-            await admin.load(desired)
+            try:
+                await admin.load(desired)
+            except AdminError as exc:
+                if not (self._grace_supported and "grace_period" in str(exc)):
+                    raise
+                self._grace_supported = False
+                log.info("proxy.no_dns_grace", reason="this Caddy does not know grace_period (before 2.7.5)")
+                desired = build_config(routes, self.settings())
+                if current != desired:
+                    await admin.load(desired)
             self.m_applies.inc(result="ok")
             log.info("proxy.config_applied", routes=len(routes),
                      upstreams=sum(len(r.upstreams) for r in routes),

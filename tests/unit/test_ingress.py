@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -69,6 +70,10 @@ def test_dynamic_config_takes_upstreams_from_the_agent_dns() -> None:
     # Only the set of routes matters: the same routes with other upstreams give the same
     # config, so a rollout causes no reload.
     assert build_config([route("web", "web.pleaco.internal", ups=5)], DYNAMIC) == cfg
+    # Caddy 2.6 refuses grace_period: it is only there when asked for.
+    assert "grace_period" not in h["dynamic_upstreams"]
+    graced = build_config([route("web", "web.pleaco.internal")], dataclasses.replace(DYNAMIC, dns_grace=600))
+    assert handler(graced, "http", "web.pleaco.internal")["dynamic_upstreams"]["grace_period"] == "600s"
 
 
 def test_redirect_off_no_upstreams_and_unknown_hosts() -> None:
