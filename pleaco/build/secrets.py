@@ -19,7 +19,6 @@ open. A secret that does not open (another key, altered) raises ``SecretError`` 
 
 from __future__ import annotations
 
-import base64
 import binascii
 import os
 import threading
@@ -31,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from pleaco import logs
-from pleaco.cluster.trust import ClusterState, secrets_aead
+from pleaco.cluster.trust import ClusterState, b64, secrets_aead, unb64
 from pleaco.cluster.wire import derive_key
 from pleaco.identity import write_secret_file
 from pleaco.store import Store
@@ -48,16 +47,6 @@ SecretWrite = tuple[str, str, dict[str, Any]]
 
 class SecretError(RuntimeError):
     """A secret that cannot be sealed or opened here; the message names it and says why."""
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: Any) -> bytes:
-    if not isinstance(text, str):
-        raise TypeError("expected base64 text")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 class SecretBox:
@@ -119,7 +108,7 @@ class SecretBox:
             aead, scheme = self._local_aead(create=True), SCHEME_LOCAL
         assert aead is not None
         nonce = os.urandom(12)
-        return {"scheme": scheme, "nonce": _b64(nonce), "sealed": _b64(aead.encrypt(nonce, data, key.encode()))}
+        return {"scheme": scheme, "nonce": b64(nonce), "sealed": b64(aead.encrypt(nonce, data, key.encode()))}
 
     def unseal(self, key: str, value: Any) -> str:
         """The plaintext of the record value of secret ``key``; SecretError when it does not open."""
@@ -146,7 +135,7 @@ class SecretBox:
         else:
             raise SecretError(f"secret {key!r} is sealed with unknown scheme {scheme!r}")
         try:
-            return aead.decrypt(_unb64(value.get("nonce")), _unb64(value.get("sealed")), key.encode()).decode()
+            return aead.decrypt(unb64(value.get("nonce")), unb64(value.get("sealed")), key.encode()).decode()
         except (InvalidTag, TypeError, ValueError, binascii.Error, UnicodeDecodeError):
             raise SecretError(f"secret {key!r} {why}") from None
 

@@ -49,11 +49,15 @@ class TrustError(ValueError):
     """A token, join request or answer that does not check out; the text says why."""
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
+    """URL-safe base64 without padding: how tokens and sealed values carry bytes."""
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-def _unb64(text: str) -> bytes:
+def unb64(text: object) -> bytes:
+    """The bytes of ``b64``'s text; TrustError for anything else."""
+    if not isinstance(text, str):
+        raise TrustError("not base64 text")
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
@@ -98,7 +102,7 @@ def secrets_aead(state: ClusterState) -> ChaCha20Poly1305:
 def store_join_secret(store: Store, state: ClusterState, join_secret: bytes) -> None:
     nonce = os.urandom(12)
     sealed = secrets_aead(state).encrypt(nonce, join_secret, JOIN_SECRET_KEY.encode())
-    store.put("secret", JOIN_SECRET_KEY, {"nonce": _b64(nonce), "sealed": _b64(sealed)})
+    store.put("secret", JOIN_SECRET_KEY, {"nonce": b64(nonce), "sealed": b64(sealed)})
 
 
 def load_join_secret(store: Store, state: ClusterState) -> bytes | None:
@@ -106,7 +110,7 @@ def load_join_secret(store: Store, state: ClusterState) -> bytes | None:
     if value is None:
         return None
     try:
-        return secrets_aead(state).decrypt(_unb64(value["nonce"]), _unb64(value["sealed"]), JOIN_SECRET_KEY.encode())
+        return secrets_aead(state).decrypt(unb64(value["nonce"]), unb64(value["sealed"]), JOIN_SECRET_KEY.encode())
     except (InvalidTag, KeyError, TypeError, ValueError, TrustError):
         return None
 
@@ -121,8 +125,8 @@ class JoinToken:
     seeds: tuple[str, ...]
 
     def encode(self) -> str:
-        body = {"c": self.cluster_id, "j": _b64(self.join_secret), "s": list(self.seeds)}
-        return TOKEN_PREFIX + _b64(json.dumps(body, separators=(",", ":")).encode())
+        body = {"c": self.cluster_id, "j": b64(self.join_secret), "s": list(self.seeds)}
+        return TOKEN_PREFIX + b64(json.dumps(body, separators=(",", ":")).encode())
 
     @classmethod
     def decode(cls, token: str) -> JoinToken:
@@ -130,8 +134,8 @@ class JoinToken:
         if not token.startswith(TOKEN_PREFIX):
             raise TrustError(f"a join token starts with {TOKEN_PREFIX!r}")
         try:
-            body = json.loads(_unb64(token[len(TOKEN_PREFIX):]))
-            cluster_id, join_secret, seeds = body["c"], _unb64(body["j"]), body["s"]
+            body = json.loads(unb64(token[len(TOKEN_PREFIX):]))
+            cluster_id, join_secret, seeds = body["c"], unb64(body["j"]), body["s"]
         except (ValueError, KeyError, TypeError, RecursionError):
             raise TrustError("the join token is damaged (copy it again with `pleaco cluster token`)") from None
         if not isinstance(cluster_id, str) or len(join_secret) != 32 or not isinstance(seeds, list) or not all(
@@ -208,7 +212,7 @@ def seal_join_answer(join_secret: bytes, nonce: str, state: ClusterState, record
     """``K`` + nonce + the cluster id and secret, and the members' ``node`` records (so the
     new node can check the members' signatures from its first exchange), sealed and bound
     to the request's nonce."""
-    body = json.dumps({"cluster_id": state.cluster_id, "secret": _b64(state.secret), "records": records}).encode()
+    body = json.dumps({"cluster_id": state.cluster_id, "secret": b64(state.secret), "records": records}).encode()
     n = os.urandom(12)
     return b"K" + n + _answer_aead(join_secret).encrypt(n, body, nonce.encode())
 
@@ -229,7 +233,7 @@ def open_join_answer(join_secret: bytes, nonce: str, data: bytes) -> tuple[Clust
         records = obj.get("records", [])
         if not isinstance(records, list):
             raise TypeError
-        return ClusterState(str(obj["cluster_id"]), _unb64(obj["secret"])), records
+        return ClusterState(str(obj["cluster_id"]), unb64(obj["secret"])), records
     except InvalidTag:
         raise TrustError("join answer does not decrypt (wrong token?)") from None
     except (ValueError, KeyError, TypeError):
