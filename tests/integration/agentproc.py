@@ -83,7 +83,13 @@ def node_containers(node_id: str, app: str | None = None, all_states: bool = Tru
     return docker_client().containers.list(all=all_states, filters=filters, sparse=True)
 
 
+# Every node whose containers a test removed: swept once more when the session ends, for a
+# container an agent killed mid-call had asked for and the engine made after the cleanup.
+CLEANED_NODES: set[str] = set()
+
+
 def remove_node_containers(node_id: str) -> None:
+    CLEANED_NODES.add(node_id)
     for c in node_containers(node_id):
         with contextlib.suppress(docker.errors.NotFound):
             c.remove(force=True)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import REPO, AgentProcess, docker_client
+from agentproc import CLEANED_NODES, REPO, AgentProcess, docker_client, remove_node_containers
 
 HELLO = "pleaco/hello:latest"
 BUSYBOX = "pleaco/busybox:latest"
@@ -21,6 +21,14 @@ def engine() -> None:
     except Exception as exc:
         pytest.fail(f"Docker Engine does not answer on /var/run/docker.sock ({exc}); run `make test`", pytrace=False)
     subprocess.run([str(REPO / "scripts" / "images.sh")], check=True, cwd=REPO)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def final_sweep() -> Iterator[None]:
+    """Remove, once more at the end, the containers of every node the tests cleaned up."""
+    yield
+    for node in sorted(CLEANED_NODES):
+        remove_node_containers(node)
 
 
 @pytest.fixture
