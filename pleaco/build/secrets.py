@@ -19,7 +19,6 @@ open. A secret that does not open (another key, altered) raises ``SecretError`` 
 
 from __future__ import annotations
 
-import binascii
 import os
 import threading
 from collections.abc import Callable
@@ -136,7 +135,7 @@ class SecretBox:
             raise SecretError(f"secret {key!r} is sealed with unknown scheme {scheme!r}")
         try:
             return aead.decrypt(unb64(value.get("nonce")), unb64(value.get("sealed")), key.encode()).decode()
-        except (InvalidTag, TypeError, ValueError, binascii.Error, UnicodeDecodeError):
+        except (InvalidTag, TypeError, ValueError):  # bad base64 (TrustError), bad UTF-8: ValueErrors
             raise SecretError(f"secret {key!r} {why}") from None
 
     # -- the store -----------------------------------------------------------------------
