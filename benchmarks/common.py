@@ -104,6 +104,16 @@ def median(values: Iterable[float | None]) -> float | None:
 # -- polling ----------------------------------------------------------------------------------
 
 
+def finish_workdir(workdir: Path, agent_log: str, results_dir: str, keep_as: str) -> None:
+    """Keep the agent's log (``agent_log`` in ``workdir``) as ``keep_as`` in the results
+    dir, then remove the benchmark's work dir."""
+    keep = Path(results_dir)
+    with contextlib.suppress(OSError):
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(workdir / agent_log, keep / keep_as)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def wait_until(cond: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
     """Call ``cond`` every ``interval`` s until it returns something truthy; BenchError after
     ``timeout`` s. The interval is coarse on purpose: on a 2-core machine a tight polling

@@ -54,6 +54,7 @@ from benchmarks.common import (
     Row,
     docker_cli,
     engine,
+    finish_workdir,
     free_port,
     keepalive_image,
     log,
@@ -258,9 +259,5 @@ def run(opts: argparse.Namespace) -> list[Row]:
             rows = measure_latency(opts, agent, workdir)
             rows += rollout.run(opts, agent)
     finally:
-        keep = Path(opts.results_dir)
-        with contextlib.suppress(OSError):
-            keep.mkdir(parents=True, exist_ok=True)
-            shutil.copy(workdir / "bench-proxy.log", keep / "proxy-agent.log")
-        shutil.rmtree(workdir, ignore_errors=True)
+        finish_workdir(workdir, "bench-proxy.log", opts.results_dir, "proxy-agent.log")
     return rows

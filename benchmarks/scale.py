@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from benchmarks.common import (
     count_containers,
     docker_cli,
     engine,
+    finish_workdir,
     log,
     median,
     remove_containers,
@@ -253,11 +253,7 @@ def run(opts: argparse.Namespace) -> list[Row]:
                             if len(samples[system.name][n]) < r + 1:
                                 samples[system.name][n].append(None)
     finally:
-        keep = Path(opts.results_dir)
-        with contextlib.suppress(OSError):
-            keep.mkdir(parents=True, exist_ok=True)
-            shutil.copy(workdir / "bench-scale.log", keep / "scale-agent.log")
-        shutil.rmtree(workdir, ignore_errors=True)
+        finish_workdir(workdir, "bench-scale.log", opts.results_dir, "scale-agent.log")
 
     rows = []
     for n, label in ((TARGET, f"scale 1->{TARGET}"), (0, f"scale {TARGET}->0")):
