@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -248,12 +249,11 @@ class ProxyReconciler:
             log.info("proxy.disabled")
             # No proxy here, but other nodes' proxies route to this node's replicas: keep
             # deciding which serve, so they are drained before they stop.
-            while True:
-                self._wake.clear()
+            async def decide() -> None:
                 if self._warm():
                     self._publish(self.routes())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.cfg.proxy.interval)
+
+            await self._every_interval(decide)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.data_dir / "proxy-data").mkdir(parents=True, exist_ok=True)
         self.hosts.ensure(boot_upstreams_ips(self.dir / "caddy.json"))  # must exist before the container
@@ -266,11 +266,7 @@ class ProxyReconciler:
         async with aiohttp.ClientSession() as session:
             admin = CaddyAdmin(session, self.cfg.proxy.admin_listen, self.cfg.proxy.admin_timeout)
             try:
-                while True:
-                    self._wake.clear()
-                    await self.reconcile_once(admin)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.cfg.proxy.interval)
+                await self._every_interval(lambda: self.reconcile_once(admin))
             finally:
                 # The agent is stopping: hand the proxy the static config, so it keeps
                 # routing to the replicas (which stay up) without the agent's DNS.
@@ -281,6 +277,14 @@ class ProxyReconciler:
                 dns_transport.close()
                 if server is not None:
                     server.close()
+
+    async def _every_interval(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` every ``proxy.interval`` seconds, or at once when woken; never returns."""
+        while True:
+            self._wake.clear()
+            await step()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.cfg.proxy.interval)
 
     async def reconcile_once(self, admin: CaddyAdmin) -> None:
         try:
