@@ -20,9 +20,9 @@ from pleaco.api.cluster import add_routes as add_cluster_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.server import ApiServer
 from pleaco.apps import AppStore
-from pleaco.build.engine import BuildEngine
-from pleaco.build.secrets import SecretBox
-from pleaco.build.service import BuildService
+from pleaco.builds.engine import BuildEngine
+from pleaco.builds.secrets import SecretBox
+from pleaco.builds.service import BuildService
 from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
 from pleaco.config import Config

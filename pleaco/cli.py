@@ -18,7 +18,7 @@ from typing import Any
 from pleaco import __version__
 from pleaco.api.client import DEFAULT_API, Client, resolve_token
 from pleaco.api.errors import ApiError
-from pleaco.build import cli as build_cli
+from pleaco.builds import cli as build_cli
 from pleaco.config import ConfigError
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pleaco.build.config import BuildConfig
+from pleaco.builds.config import BuildConfig
 from pleaco.cluster.config import GossipConfig
 from pleaco.ingress.config import ProxyConfig, RolloutConfig
 
@@ -111,7 +111,7 @@ class Config:
     # The reverse proxy's and rollouts' tunables: [proxy] and [rollout] (pleaco/ingress/config.py).
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    # The build pipeline's tunables: the [build] table (see pleaco/build/config.py).
+    # The build pipeline's tunables: the [build] table (see pleaco/builds/config.py).
     build: BuildConfig = field(default_factory=BuildConfig)
 
     @property

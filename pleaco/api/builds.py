@@ -25,9 +25,9 @@ from aiohttp import web
 
 from pleaco import logs
 from pleaco.api.errors import ApiError
-from pleaco.build.model import TERMINAL, Build
-from pleaco.build.service import BuildService, ConnectError
-from pleaco.build.source import COMMIT, ZERO_COMMIT
+from pleaco.builds.model import TERMINAL, Build
+from pleaco.builds.service import BuildService, ConnectError
+from pleaco.builds.source import COMMIT, ZERO_COMMIT
 
 log = logs.get("pleaco.api.builds")
 

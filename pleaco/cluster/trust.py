@@ -5,7 +5,7 @@
   or joined a cluster.
 - The join secret is separate and replicated: a ``secret`` record (``cluster/join``)
   encrypted under a key derived from the cluster secret (``secrets_aead``, which also seals
-  the apps' secrets, see ``pleaco.build.secrets``). ``nodes rm`` rotates it, so a
+  the apps' secrets, see ``pleaco.builds.secrets``). ``nodes rm`` rotates it, so a
   removed node's old token no longer admits anyone.
 - A join token is ``pleaco1-`` + base64url(JSON ``{c: cluster id, j: join secret, s: seeds}``).
 - Joining: the new node sends a member its public key, name and addresses with a fresh
@@ -95,7 +95,7 @@ def new_join_secret() -> bytes:
 
 def secrets_aead(state: ClusterState) -> ChaCha20Poly1305:
     """The cipher of ``secret`` records sealed with the cluster key (the join secret here,
-    app secrets in ``pleaco.build.secrets``); the record key is the associated data."""
+    app secrets in ``pleaco.builds.secrets``); the record key is the associated data."""
     return ChaCha20Poly1305(derive_key(state.secret, b"secrets v1"))
 
 

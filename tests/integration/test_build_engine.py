@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from agentproc import docker_client
 
-from pleaco.build.builders import BuildRequest, KanikoBuilder
-from pleaco.build.config import BuildConfig
-from pleaco.build.engine import BuildEngine, BuildFailed, Cancel
+from pleaco.builds.builders import BuildRequest, KanikoBuilder
+from pleaco.builds.config import BuildConfig
+from pleaco.builds.engine import BuildEngine, BuildFailed, Cancel
 
 KANIKO = BuildConfig().kaniko_image
 

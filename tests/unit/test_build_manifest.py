@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pleaco.build.manifest import Manifest, ManifestError, parse
+from pleaco.builds.manifest import Manifest, ManifestError, parse
 
 FULL = """
 [app]

@@ -10,9 +10,9 @@ import pytest
 
 from pleaco.api.builds import sign
 from pleaco.apps import AppStore
-from pleaco.build.config import BuildConfig
-from pleaco.build.model import Connection, build_id, canonical_repo
-from pleaco.build.service import AWAITING_IMAGE, BuildService, ConnectError
+from pleaco.builds.config import BuildConfig
+from pleaco.builds.model import Connection, build_id, canonical_repo
+from pleaco.builds.service import AWAITING_IMAGE, BuildService, ConnectError
 from pleaco.cluster.service import names_registry
 from pleaco.identity import Identity
 from pleaco.store import Store

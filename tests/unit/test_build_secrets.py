@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from pleaco.apps import AppStore
-from pleaco.build.config import BuildConfig
-from pleaco.build.secrets import LOCAL_KEY_FILE, SecretBox, SecretError
-from pleaco.build.service import BuildService
-from pleaco.build.source import SourceError
+from pleaco.builds.config import BuildConfig
+from pleaco.builds.secrets import LOCAL_KEY_FILE, SecretBox, SecretError
+from pleaco.builds.service import BuildService
+from pleaco.builds.source import SourceError
 from pleaco.cluster import trust
 from pleaco.cluster.trust import ClusterState
 from pleaco.identity import Identity

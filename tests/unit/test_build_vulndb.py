@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pleaco.build import scan, vulndb
-from pleaco.build.vulndb import VulnDbError, compare_debian, compare_generic
+from pleaco.builds import scan, vulndb
+from pleaco.builds.vulndb import VulnDbError, compare_debian, compare_generic
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vulnerable"
 

@@ -4,7 +4,7 @@
   of an app has exactly one build record: the same commit never builds twice.
 - ``build/repo/APP``: the app's connected repository (URL, branch, recent deliveries).
   Build ids never hold a '/', so the two never collide.
-- ``secret/webhook/APP``: the webhook secret (see ``pleaco.build.secrets``).
+- ``secret/webhook/APP``: the webhook secret (see ``pleaco.builds.secrets``).
 """
 
 from __future__ import annotations

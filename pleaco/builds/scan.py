@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
-from pleaco.build.vulndb import SEVERITY_RANK, Advisory, affected_by, normalise_name
+from pleaco.builds.vulndb import SEVERITY_RANK, Advisory, affected_by, normalise_name
 
 DPKG_STATUS = "var/lib/dpkg/status"
 APK_INSTALLED = "lib/apk/db/installed"

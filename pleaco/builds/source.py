@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pleaco.build.manifest import FILENAME
+from pleaco.builds.manifest import FILENAME
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 ZERO_COMMIT = "0" * 40

@@ -35,13 +35,13 @@ from typing import Any
 
 from pleaco import logs
 from pleaco.apps import AppStore, ValidationError, validate_name
-from pleaco.build import scan as scanner
-from pleaco.build import source as sourcemod
-from pleaco.build.builders import BuildRequest, EngineBuilder, KanikoBuilder
-from pleaco.build.config import BuildConfig
-from pleaco.build.engine import BuildEngine, BuildFailed, Cancel, Cancelled, PushFailed
-from pleaco.build.manifest import FILENAME, Manifest, ManifestError, parse
-from pleaco.build.model import (
+from pleaco.builds import scan as scanner
+from pleaco.builds import source as sourcemod
+from pleaco.builds.builders import BuildRequest, EngineBuilder, KanikoBuilder
+from pleaco.builds.config import BuildConfig
+from pleaco.builds.engine import BuildEngine, BuildFailed, Cancel, Cancelled, PushFailed
+from pleaco.builds.manifest import FILENAME, Manifest, ManifestError, parse
+from pleaco.builds.model import (
     BRANCH,
     Build,
     BuildStore,
@@ -49,13 +49,13 @@ from pleaco.build.model import (
     build_id,
     now_ms,
 )
-from pleaco.build.secrets import SecretBox, SecretError
-from pleaco.build.vulndb import load_db
+from pleaco.builds.secrets import SecretBox, SecretError
+from pleaco.builds.vulndb import load_db
 from pleaco.metrics import Counter, Histogram, Registry
 from pleaco.runtime import EngineUnavailable
 from pleaco.store import Store
 
-log = logs.get("pleaco.build")
+log = logs.get("pleaco.builds")
 
 # An app made by `apps connect` before its first build: no image yet, 0 replicas.
 AWAITING_IMAGE = "pleaco/awaiting-first-build:none"

@@ -112,7 +112,7 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
 
 
 def vulndb_import(args: argparse.Namespace) -> int:
-    from pleaco.build.vulndb import VulnDbError, import_db
+    from pleaco.builds.vulndb import VulnDbError, import_db
 
     data_dir = args.data_dir or Path(os.environ.get("PLEACO_DATA_DIR") or "/var/lib/pleaco")
     try:

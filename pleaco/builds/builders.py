@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from pleaco.build.engine import BuildEngine, BuildFailed, Cancel, LogFn
+from pleaco.builds.engine import BuildEngine, BuildFailed, Cancel, LogFn
 
 
 @dataclass(frozen=True)
