@@ -17,11 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import build, gossip, idle, proxy, scale
+from benchmarks import build, gossip, idle, proxy, scale, state
 from benchmarks.common import REPO, Row, log, machine
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "scale": scale.run, "idle": idle.run, "build": build.run, "gossip": gossip.run, "proxy": proxy.run,
+    "state": state.run,
 }
 HEADER = ["benchmark", "pleaco", "baseline", "ratio", "goal"]
 
@@ -35,6 +36,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="create the Swarm service without --init (its stops then wait out the 10 s grace period)")
     p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"),
                    help="where latest.json and the agent log go (default benchmarks/results)")
+    p.add_argument("--state-apps", type=int, action="append", metavar="N",
+                   help="app counts the state benchmark measures at (repeatable; default 500 and 5000)")
     p.add_argument("--check", action="store_true", help="exit 1 when a goal is not met")
     opts = p.parse_args(argv)
     if opts.rounds < 1:
@@ -127,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": round(time.time() - started, 1),
         "machine": info,
         "options": {"rounds": opts.rounds, "idle_seconds": opts.idle_seconds, "swarm_init": not opts.swarm_no_init,
+                    "state_apps": opts.state_apps,
                     "only": selected},
         "results": [r.to_json() for r in rows],
         "failed": failed,

@@ -232,12 +232,13 @@ class Agent:
     containers running when it stops.
     """
 
-    def __init__(self, workdir: Path, name: str, config_text: str = "") -> None:
+    def __init__(self, workdir: Path, name: str, config_text: str = "", extra_args: Iterable[str] = ()) -> None:
         self.data_dir = workdir / name
         self.name = name
         self.port = free_port()
         self.proxy_port = free_port()
         self.config_text = config_text  # TOML for the agent's own config file
+        self.extra_args = list(extra_args)  # more ``pleaco agent`` flags (a join token, ...)
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.node_id = ""
@@ -279,6 +280,7 @@ class Agent:
             "--proxy-listen", f"{LOOPBACK}:{self.proxy_port}",
             "--discovery", "none",
             "--docker-url", DOCKER_URL,
+            *self.extra_args,
         ]
         with open(self.log_path, "ab") as out:
             # A session of its own: a Ctrl-C at the terminal reaches the benchmark (which
