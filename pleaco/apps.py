@@ -8,16 +8,25 @@ An app is two records, so that scaling and deploying never overwrite each other:
   --replicas`` and, later, the autoscaler).
 
 Every release is also kept as ``release/NAME/REVISION`` for history and rollback.
+
+The specs are kept decoded, in name order, with an index of the host names they claim,
+updated as the store changes (local writes and records from other nodes alike): reading one
+app, checking a host name and listing all of them cost nothing per app already there.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pleaco.store import Store
+from pleaco import logs
+from pleaco.store import Record, Store
+
+log = logs.get("pleaco.apps")
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # A Docker image reference, loosely: registry/name:tag or name@sha256:..., or an image id.
@@ -181,17 +190,79 @@ class AppStore:
     def __init__(self, store: Store, max_replicas: int) -> None:
         self.store = store
         self.max_replicas = max_replicas
+        # name -> (the app record it was decoded from, the spec); names in order; host ->
+        # the apps claiming it (two, when two nodes took one host at the same time); the
+        # specs in name order, built again on the first read after a change.
+        self._specs: dict[str, tuple[Record, AppSpec]] = {}
+        self._names: list[str] = []
+        self._hosts: dict[str, set[str]] = {}
+        self._ordered: list[AppSpec] | None = None
+        self._lock = threading.Lock()
+        store.subscribe(self._changed)
+        for rec in store.peek_records("app"):
+            self._refresh(rec.key)
+
+    def _changed(self, rec: Record) -> None:
+        if rec.kind == "app":
+            self._refresh(rec.key)
+
+    def _refresh(self, name: str) -> None:
+        """Bring one app's cached spec in line with the store. It reads the store rather than
+        trusting the record it was told about: two threads' notifications may arrive in the
+        other order than their commits."""
+        with self._lock:
+            rec = self.store.peek("app", name)
+            old = self._specs.get(name)
+            if old is not None and old[0] is rec:
+                return
+            spec = None
+            if rec is not None and rec.value is not None:
+                try:
+                    spec = AppSpec.from_value(name, rec.value)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("app.record_invalid", app=name, error=str(exc))
+            if old is not None:
+                self._unindex(old[1])
+            if rec is None or spec is None:
+                if old is not None:
+                    del self._specs[name]
+                    del self._names[bisect.bisect_left(self._names, name)]
+            else:
+                if old is None:
+                    bisect.insort(self._names, name)
+                self._specs[name] = (rec, spec)
+                if spec.host is not None:
+                    self._hosts.setdefault(spec.host, set()).add(name)
+            self._ordered = None
+
+    def _unindex(self, spec: AppSpec) -> None:
+        if spec.host is not None:
+            owners = self._hosts.get(spec.host, set())
+            owners.discard(spec.name)
+            if not owners:
+                self._hosts.pop(spec.host, None)
 
     def get(self, name: str) -> AppSpec | None:
-        value = self.store.value("app", name)
-        return None if value is None else AppSpec.from_value(name, value)
+        found = self._specs.get(name)
+        return None if found is None else found[1]
 
     def replicas(self, name: str) -> int:
-        value = self.store.value("scale", name)
-        return DEFAULT_REPLICAS if value is None else int(value["replicas"])
+        rec = self.store.peek("scale", name)
+        return DEFAULT_REPLICAS if rec is None or rec.value is None else int(rec.value["replicas"])
 
-    def specs(self) -> list[AppSpec]:
-        return [AppSpec.from_value(r.key, r.value) for r in self.store.records("app") if r.value]
+    def specs(self, after: str = "", limit: int | None = None) -> list[AppSpec]:
+        """The apps in name order; with ``after``, those whose name sorts after it, and at
+        most ``limit`` of them."""
+        with self._lock:
+            if self._ordered is None:
+                self._ordered = [self._specs[n][1] for n in self._names]
+            ordered = self._ordered
+            start = bisect.bisect_right(self._names, after) if after else 0
+        end = None if limit is None else start + limit
+        return ordered[start:end]
+
+    def count(self) -> int:
+        return len(self._specs)
 
     def deploy(self, name: Any, body: Any, release_info: dict[str, Any] | None = None) -> DeployResult:
         """Create or update an app. ``release_info`` (a build's commit and id) is kept in the
@@ -229,8 +300,8 @@ class AppStore:
 
     def releases(self, name: str) -> list[dict[str, Any]]:
         """The app's release history, oldest first."""
-        found = [r.value for r in self.store.records("release") if r.key.startswith(name + "/") and r.value]
-        return sorted(found, key=lambda v: int(v["revision"]))
+        found = [self.store.value("release", r.key) for r in self.store.peek_records("release", prefix=name + "/")]
+        return sorted((v for v in found if v), key=lambda v: int(v["revision"]))
 
     def rollback(self, name: str, reason: str = "") -> AppSpec:
         """Make the release before the current one current again, as a new revision.
@@ -278,7 +349,6 @@ class AppStore:
     def _host_owner(self, host: str | None, name: str) -> str | None:
         if host is None:
             return None
-        for other in self.specs():
-            if other.name != name and other.host == host:
-                return other.name
-        return None
+        with self._lock:
+            others = sorted(self._hosts.get(host, set()) - {name})
+        return others[0] if others else None
