@@ -6,7 +6,7 @@ Routes (all but /healthz need ``Authorization: Bearer TOKEN``):
     GET    /metrics                       Prometheus text
     GET    /v1/status                     this node, its engine, counts
     GET    /v1/nodes                      cluster members (pleaco/api/cluster.py)
-    GET    /v1/apps                       every app with its status
+    GET    /v1/apps                       every app with its status (?limit=N&after=NAME: a page)
     GET    /v1/apps/{name}                one app
     PUT    /v1/apps/{name}                deploy (create or update)
     POST   /v1/apps/{name}/scale          {"replicas": N}
@@ -197,7 +197,19 @@ class ApiServer:
         )
 
     async def list_apps(self, request: web.Request) -> web.Response:
-        return web.json_response([self._app_json(spec.name) for spec in self.apps.specs()])
+        """Every app in name order; ``?limit=N`` pages it, ``&after=NAME`` (the last name of
+        the previous page) continues it."""
+        after = request.query.get("after", "")
+        raw_limit = request.query.get("limit")
+        limit = None
+        if raw_limit is not None:
+            if not raw_limit.isdigit() or int(raw_limit) < 1:
+                raise ApiError(400, "invalid", f"limit: expected a positive whole number, got {raw_limit!r}")
+            limit = int(raw_limit)
+        specs = self.apps.specs(after=after, limit=limit)
+        return web.json_response([
+            app_status(self.reconciler, spec, self.apps.replicas(spec.name)).to_json() for spec in specs
+        ])
 
     async def show_app(self, request: web.Request) -> web.Response:
         return web.json_response(self._app_json(request.match_info["name"]))

@@ -377,7 +377,8 @@ class AppReconciler:
         """The app's replicas on other live nodes, from their ``route`` records."""
         live = set(self.live_nodes())
         out = []
-        for rec in self.apps.store.records("route"):
+        # Route keys are APP/NODE: this app's alone, not every app's (O(apps x records) per listing).
+        for rec in self.apps.store.peek_records("route", prefix=app + "/"):
             value = rec.value or {}
             node = value.get("node")
             if value.get("app") != app or node == self.node_id or node not in live:

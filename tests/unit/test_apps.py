@@ -19,7 +19,7 @@ from pleaco.apps import (
     validate_name,
 )
 from pleaco.identity import Identity
-from pleaco.store import Store
+from pleaco.store import Record, Store, Timestamp
 
 MAX = 10
 IDENTITY = Identity.generate()
@@ -191,6 +191,84 @@ def test_an_app_can_keep_its_own_host(apps: AppStore) -> None:
     apps.deploy("one", body(host="shop.example.com"))
     result = apps.deploy("one", body(host="shop.example.com", image="nginx:2"))
     assert result.new_release and result.spec.host == "shop.example.com"
+
+
+def test_hosts_claimed_on_other_nodes_count_and_free_up(apps: AppStore, store: Store) -> None:
+    peer = Identity.generate()
+    store.put("node", peer.node_id, {"public_key": peer.public_key.hex()})
+
+    def remote(value: dict[str, Any] | None, wall_ms: int) -> Record:
+        return Record.create(peer, "app", "theirs", value, Timestamp(wall_ms, 0, peer.node_id))
+
+    far = 1 << 50  # later than any local write
+    assert store.apply(remote({"image": "nginx:1", "host": "shop.example.com", "revision": 1}, far))
+    with pytest.raises(ValidationError, match="theirs"):
+        apps.deploy("mine", body(host="shop.example.com"))
+    assert store.apply(remote({"image": "nginx:1", "host": "other.example.com", "revision": 2}, far + 1))
+    assert apps.deploy("mine", body(host="shop.example.com")).created
+    with pytest.raises(ValidationError, match="mine"):
+        apps.deploy("third", body(host="shop.example.com"))
+    assert store.apply(remote(None, far + 2))
+    assert apps.deploy("fourth", body(host="other.example.com")).created
+    assert [s.name for s in apps.specs()] == ["fourth", "mine"]
+
+
+def test_a_deploy_reads_no_other_app(apps: AppStore, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write's cost must not grow with the apps already there: no listing of them."""
+    for i in range(5):
+        apps.deploy(f"app{i}", body(host=f"app{i}.example.com"))
+    listed: list[str] = []
+    for method in ("records", "peek_records", "all"):
+        real = getattr(store, method)
+
+        def spy(*args: Any, _real: Any = real, _name: str = method, **kwargs: Any) -> Any:
+            listed.append(f"{_name}{args}")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(store, method, spy)
+    apps.deploy("new", body(host="new.example.com"))
+    apps.deploy("app3", body(host="app3.example.com", image="nginx:2"))
+    with pytest.raises(ValidationError):
+        apps.deploy("other", body(host="app1.example.com"))
+    apps.scale("app2", 3)
+    assert listed == []
+    assert apps.get("app3") is not None and apps.get("app3").image == "nginx:2"  # type: ignore[union-attr]
+
+
+def test_late_notifications_do_not_bring_back_an_old_spec(apps: AppStore, store: Store) -> None:
+    first = store.put("app", "web", {"image": "nginx:1", "revision": 1})
+    store.put("app", "web", {"image": "nginx:2", "revision": 2})
+    apps._changed(first)  # another thread's notification of the older commit, arriving late
+    spec = apps.get("web")
+    assert spec is not None and spec.image == "nginx:2"
+
+
+def test_an_app_record_that_does_not_parse_is_left_out(apps: AppStore, store: Store) -> None:
+    store.put("app", "broken", {"no": "image"})
+    apps.deploy("fine", body())
+    assert [s.name for s in apps.specs()] == ["fine"]
+    assert apps.get("broken") is None
+
+
+def test_specs_page_in_name_order(apps: AppStore) -> None:
+    for name in ["d", "b", "a", "c"]:
+        apps.deploy(name, body())
+    assert [s.name for s in apps.specs(limit=2)] == ["a", "b"]
+    assert [s.name for s in apps.specs(after="b", limit=2)] == ["c", "d"]
+    assert [s.name for s in apps.specs(after="bb")] == ["c", "d"]
+    assert apps.specs(after="d") == []
+    apps.remove("c")
+    assert [s.name for s in apps.specs(after="a")] == ["b", "d"]
+    assert apps.count() == 3
+
+
+def test_a_second_app_store_on_a_filled_store_sees_every_app(apps: AppStore, store: Store) -> None:
+    apps.deploy("one", body(host="one.example.com"))
+    apps.deploy("two", body())
+    again = AppStore(store, max_replicas=MAX)
+    assert [s.name for s in again.specs()] == ["one", "two"]
+    with pytest.raises(ValidationError):
+        again.deploy("three", body(host="one.example.com"))
 
 
 # -- deploy, releases, scale, remove ---------------------------------------------------------

@@ -486,3 +486,76 @@ def test_every_listener_is_called(store: Store) -> None:
     store.subscribe(lambda r: second.append(r.key))
     store.put("app", "web", {})
     assert first == second == ["web"]
+
+
+# -- the in-memory copy ----------------------------------------------------------------------
+
+
+def test_reads_hand_out_copies_and_the_cache_stays_signed(store: Store) -> None:
+    value = {"image": "x", "env": {"A": "1"}, "ports": [1, 2]}
+    store.put("app", "web", value)
+    value["env"]["A"] = "changed after the write"  # the caller's dict is not the store's
+    got = store.value("app", "web")
+    assert got == {"image": "x", "env": {"A": "1"}, "ports": [1, 2]}
+    assert got is not None
+    got["env"]["A"] = "2"
+    got["ports"].append(3)
+    rec = store.get("app", "web")
+    assert rec is not None and rec.value is not None
+    rec.value["image"] = "y"
+    store.records("app")[0].value["env"].clear()  # type: ignore[index]
+    store.all()[0].value["image"] = "z"  # type: ignore[index]
+    kept = store.peek("app", "web")
+    assert kept is not None and kept.value == {"image": "x", "env": {"A": "1"}, "ports": [1, 2]}
+    kept.verify(store.public_key_of)  # what this node sends its peers still verifies
+
+
+def test_the_memory_copy_answers_as_the_file_does(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    s = open_store(path)
+    s.put("app", "b", {"tuple": (1, 2), "nested": {"k": [None, True, 1.5]}})
+    s.put("app", "a", {"v": 1})
+    s.delete("app", "a")
+    s.put("scale", "b", {"replicas": 3})
+    s.put_many([("release", "b/1", {"r": 1}), ("release", "b/2", {"r": 2})])
+    live = s.all()
+    assert s.value("app", "b") == {"tuple": [1, 2], "nested": {"k": [None, True, 1.5]}}  # JSON's types
+    assert s.count() == 5
+    s.close()
+    s2 = open_store(path)
+    try:
+        assert s2.all() == live
+        assert s2.records("app", include_deleted=True) == [r for r in live if r.kind == "app"]
+        assert s2.count() == 5
+    finally:
+        s2.close()
+
+
+def test_peek_records_finds_a_key_prefix_only(store: Store) -> None:
+    for key in ["web/n2", "web/n1", "web2/n1", "we/n1", "api/n1", "web", "web/\U0010fff0"]:
+        store.put("route", key, {"k": key})
+    store.delete("route", "web/n2")
+    assert [r.key for r in store.peek_records("route", prefix="web/")] == ["web/n1", "web/\U0010fff0"]
+    assert [r.key for r in store.peek_records("route", prefix="web/", include_deleted=True)] == [
+        "web/n1", "web/n2", "web/\U0010fff0"]
+    assert [r.key for r in store.peek_records("route", prefix="zzz")] == []
+    assert len(store.peek_records("route")) == 6
+    with pytest.raises(RecordError):
+        store.peek_records("bogus")
+
+
+def test_collected_tombstones_leave_memory_too(tmp_path: Path) -> None:
+    clock = FakeClock(100)
+    s = open_store(tmp_path / "state.db", clock=clock)
+    try:
+        s.delete("app", "gone")
+        clock.ms = 300
+        s.put("app", "gone2", {"v": 1})
+        assert s.collect_tombstones(older_than_ms=200) == 1
+        assert s.get("app", "gone") is None
+        assert [r.key for r in s.peek_records("app", include_deleted=True)] == ["gone2"]
+        assert s.count() == 1
+        s.put("app", "gone", {"v": 2})  # the key can come back
+        assert [r.key for r in s.records("app")] == ["gone", "gone2"]
+    finally:
+        s.close()
