@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,15 @@ class Observation:
     engine_error: str = "not checked yet"
     containers: list[ContainerInfo] = field(default_factory=list)
     at: float = 0.0
+
+    @functools.cached_property
+    def by_app(self) -> dict[str, list[ContainerInfo]]:
+        """The containers per app, so one app's status does not sort every container (an
+        Observation is replaced each pass, never changed)."""
+        out: dict[str, list[ContainerInfo]] = {}
+        for c in self.containers:
+            out.setdefault(c.app, []).append(c)
+        return out
 
 
 class AppReconciler:
@@ -354,7 +364,10 @@ class AppReconciler:
         changed, so every node can show (and route to) the whole app. Only changes are
         written: a steady app costs nothing."""
         current: dict[str, list[dict[str, Any]]] = {}
+        here = self.observed.by_app
         for spec in self.apps.specs():
+            if spec.name not in here:
+                continue  # no instance here: nothing to publish (and no status to work out)
             status = app_status(self, spec, self.apps.replicas(spec.name), remote=False)
             if status.instances:
                 # Without the back-off countdown, which changes every pass.
@@ -375,10 +388,13 @@ class AppReconciler:
 
     def remote_instances(self, app: str) -> list[InstanceStatus]:
         """The app's replicas on other live nodes, from their ``route`` records."""
+        # Route keys are APP/NODE: this app's alone, not every app's (O(apps x records) per listing).
+        found = self.apps.store.peek_records("route", prefix=app + "/")
+        if not found:
+            return []
         live = set(self.live_nodes())
         out = []
-        # Route keys are APP/NODE: this app's alone, not every app's (O(apps x records) per listing).
-        for rec in self.apps.store.peek_records("route", prefix=app + "/"):
+        for rec in found:
             value = rec.value or {}
             node = value.get("node")
             if value.get("app") != app or node == self.node_id or node not in live:
@@ -654,9 +670,7 @@ def app_status(rec: AppReconciler, spec: AppSpec, replicas: int, remote: bool = 
     live nodes' replicas as their ``route`` records last said."""
     now = time.monotonic()
     instances = []
-    for c in sorted(rec.observed.containers, key=lambda c: (c.replica, c.release)):
-        if c.app != spec.name:
-            continue
+    for c in sorted(rec.observed.by_app.get(spec.name, []), key=lambda c: (c.replica, c.release)):
         st = rec.replicas.get((c.app, c.replica))
         current = c.release == spec.revision
         instances.append(
