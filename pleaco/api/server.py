@@ -41,6 +41,10 @@ log = logs.get("pleaco.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# Apps per chunk of GET /v1/apps: small enough that a write waits little behind a listing of
+# thousands, large enough that the chunks' overhead does not show.
+LIST_CHUNK = 200
+
 
 class ApiServer:
     def __init__(
@@ -196,9 +200,12 @@ class ApiServer:
             }
         )
 
-    async def list_apps(self, request: web.Request) -> web.Response:
+    async def list_apps(self, request: web.Request) -> web.StreamResponse:
         """Every app in name order; ``?limit=N`` pages it, ``&after=NAME`` (the last name of
-        the previous page) continues it."""
+        the previous page) continues it.
+
+        The JSON array is written LIST_CHUNK apps at a time: the loop serves other requests
+        (writes) between chunks, and no more than a chunk's worth is built at once."""
         after = request.query.get("after", "")
         raw_limit = request.query.get("limit")
         limit = None
@@ -207,9 +214,18 @@ class ApiServer:
                 raise ApiError(400, "invalid", f"limit: expected a positive whole number, got {raw_limit!r}")
             limit = int(raw_limit)
         specs = self.apps.specs(after=after, limit=limit)
-        return web.json_response([
-            app_status(self.reconciler, spec, self.apps.replicas(spec.name)).to_json() for spec in specs
-        ])
+        resp = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+        await resp.prepare(request)
+        sep = "["
+        for start in range(0, len(specs), LIST_CHUNK):
+            chunk = [app_status(self.reconciler, spec, self.apps.replicas(spec.name)).to_json()
+                     for spec in specs[start:start + LIST_CHUNK]]
+            await resp.write((sep + json.dumps(chunk)[1:-1]).encode())
+            sep = ","
+            await asyncio.sleep(0)  # let waiting requests in even when the socket buffer took it all
+        await resp.write(b"[]" if sep == "[" else b"]")
+        await resp.write_eof()
+        return resp
 
     async def show_app(self, request: web.Request) -> web.Response:
         return web.json_response(self._app_json(request.match_info["name"]))

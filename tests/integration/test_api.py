@@ -136,6 +136,26 @@ def test_scale_and_remove_errors(agent: AgentProcess) -> None:
     assert err.value.status == 404 and err.value.message == "app 'ghost' does not exist"
 
 
+def test_app_list_is_whole_by_default_and_pages_on_request(agent: AgentProcess) -> None:
+    status, empty = raw(agent, "GET", "/v1/apps")
+    assert status == 200 and empty == []
+    names = [f"app{i:03d}" for i in range(205)]  # more than one chunk of the streamed list
+    for name in reversed(names):
+        agent.client.deploy(name, {"image": HELLO, "replicas": 0, "port": 8080})
+    listed = agent.client.apps()
+    assert [a["name"] for a in listed] == names
+    assert listed[0] == agent.client.app("app000")  # each entry is what `apps show` says
+    status, page = raw(agent, "GET", "/v1/apps?limit=2")
+    assert status == 200 and [a["name"] for a in page] == ["app000", "app001"]
+    status, page = raw(agent, "GET", "/v1/apps?limit=2&after=app001")
+    assert [a["name"] for a in page] == ["app002", "app003"]
+    status, page = raw(agent, "GET", "/v1/apps?after=app202")
+    assert [a["name"] for a in page] == ["app203", "app204"]
+    for bad in ("0", "-1", "two", "1.5", ""):
+        status, err = raw(agent, "GET", f"/v1/apps?limit={bad}")
+        assert status == 400 and err["error"]["code"] == "invalid" and "limit" in err["error"]["message"], bad
+
+
 def test_two_apps_cannot_claim_one_host(agent: AgentProcess) -> None:
     agent.client.deploy("one", {"image": HELLO, "replicas": 0, "host": "shop.example.com"})
     with pytest.raises(ApiError) as err:
