@@ -43,12 +43,12 @@ class RolloutGuard:
                 self.check(time.monotonic())
             await asyncio.sleep(CHECK_INTERVAL)
 
-    def _healthy_here(self, spec: AppSpec) -> bool | None:
+    def _healthy_here(self, spec: AppSpec, nodes: list[str], weights: dict[str, float]) -> bool | None:
         """True when every replica this node owns runs the current release healthily; None
-        when this node owns none (nothing to judge)."""
+        when this node owns none (nothing to judge). ``nodes`` and ``weights``: the live
+        nodes and their weights, asked once per check rather than once per app."""
         # The same placement the app reconciler computes, so both judge the same replicas.
-        owned = owned_replicas(spec.name, self.apps.replicas(spec.name), list(self.rec.live_nodes()),
-                               self.rec.node_id, self.rec.weights())
+        owned = owned_replicas(spec.name, self.apps.replicas(spec.name), nodes, self.rec.node_id, weights)
         if not owned:
             return None
         current = {c.replica: c for c in self.rec.observed.containers
@@ -64,6 +64,7 @@ class RolloutGuard:
         if not self.rec.observed.engine_ok:
             return  # the engine is down: no verdict on the release
         specs = self.apps.specs()
+        nodes, weights = list(self.rec.live_nodes()), self.rec.weights()
         live = {(s.name, s.revision) for s in specs}
         for key in list(self.first_seen):
             if key not in live:
@@ -74,7 +75,7 @@ class RolloutGuard:
             if key in self.settled:
                 continue
             seen = self.first_seen.setdefault(key, now)
-            healthy = self._healthy_here(spec)
+            healthy = self._healthy_here(spec, nodes, weights)
             if healthy:
                 self.settled.add(key)
                 if spec.revision > 1:
