@@ -66,7 +66,7 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: AppStore keeps one per app in memory
 class AppSpec:
     name: str
     image: str

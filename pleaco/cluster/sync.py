@@ -54,14 +54,14 @@ class StoreSync:
                 log.debug("gossip.record_rejected", sender=sender, kind=rec.kind, key=rec.key, error=str(exc))
 
     def digest(self) -> list[list[Any]]:
-        return [[r.kind, r.key, r.ts.wall_ms, r.ts.counter, r.ts.node_id] for r in self.store.all()]
+        return [[r.kind, r.key, r.ts.wall_ms, r.ts.counter, r.ts.node_id] for r in self.store.peek_all()]
 
     def diff(self, remote_digest: Any) -> tuple[list[Record], list[list[str]]]:
         """(records the peer lacks or has older, keys the peer has newer)."""
         remote = _parse_digest(remote_digest)
         send: list[Record] = []
         local_keys = set()
-        for rec in self.store.all():
+        for rec in self.store.peek_all():  # only read and sent: no copies of every value
             key = (rec.kind, rec.key)
             local_keys.add(key)
             theirs = remote.get(key)
@@ -69,7 +69,7 @@ class StoreSync:
             if theirs is None or mine > theirs:
                 send.append(rec)
         want = [[kind, key] for (kind, key), ts in remote.items() if (kind, key) not in local_keys or _newer(
-            ts, self.store.get(kind, key))]
+            ts, self.store.peek(kind, key))]
         return send, want
 
     def records_for(self, keys: Any) -> list[Record]:
@@ -79,7 +79,7 @@ class StoreSync:
         for item in keys:
             if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
                 raise MessageError("want: expected a list of [kind, key]")
-            rec = self.store.get(item[0], item[1])
+            rec = self.store.peek(item[0], item[1])
             if rec is not None:
                 out.append(rec)
         return out

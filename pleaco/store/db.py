@@ -93,6 +93,12 @@ class Store:
         self._listeners.append(listener)
 
     def _notify(self, record: Record) -> None:
+        # The listeners get the cached record when it is this one (it nearly always is): what
+        # they keep (the gossip queue keeps every change until it is sent) then shares its
+        # value with the cache instead of holding a second copy.
+        cached = self.peek(record.kind, record.key)
+        if cached is not None and cached.ts == record.ts and cached.signature == record.signature:
+            record = cached
         for listener in list(self._listeners):
             listener(record)
 
@@ -211,7 +217,11 @@ class Store:
 
     def all(self) -> list[Record]:
         """Every record, tombstones included, in (kind, key) order, their values copies."""
-        return [_copied(r) for kind in sorted(KINDS) for r in self.peek_records(kind, include_deleted=True)]
+        return [_copied(r) for r in self.peek_all()]
+
+    def peek_all(self) -> list[Record]:
+        """Like ``all``, without the copies: read them only (digests, records to send)."""
+        return [r for kind in sorted(KINDS) for r in self.peek_records(kind, include_deleted=True)]
 
     def count(self) -> int:
         with self._lock:

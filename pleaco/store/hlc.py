@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)  # slots: one per record held in memory
 class Timestamp:
     wall_ms: int
     counter: int

@@ -34,7 +34,7 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the store holds every record in memory
 class Record:
     kind: str
     key: str
