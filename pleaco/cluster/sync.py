@@ -15,7 +15,7 @@ from typing import Any
 
 from pleaco import logs
 from pleaco.cluster.messages import MessageError
-from pleaco.store import Record, RecordError, Store
+from pleaco.store import Record, Store
 
 log = logs.get("pleaco.cluster.sync")
 
@@ -46,12 +46,11 @@ class StoreSync:
             self._loop.call_soon_threadsafe(self._queue_record, rec)
 
     def records_received(self, sender: str, records: Sequence[Record]) -> None:
-        for rec in records:
-            try:
-                self.store.apply(rec)
-            except RecordError as exc:
-                self.on_reject("record_rejected")
-                log.debug("gossip.record_rejected", sender=sender, kind=rec.kind, key=rec.key, error=str(exc))
+        # One transaction for the lot: a push-pull to a joining node brings every record.
+        _, rejected = self.store.apply_many(records)
+        for rec, exc in rejected:
+            self.on_reject("record_rejected")
+            log.debug("gossip.record_rejected", sender=sender, kind=rec.kind, key=rec.key, error=str(exc))
 
     def digest(self) -> list[list[Any]]:
         return [[r.kind, r.key, r.ts.wall_ms, r.ts.counter, r.ts.node_id] for r in self.store.peek_all()]

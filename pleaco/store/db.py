@@ -16,11 +16,12 @@ read them (a change to one would alter what this node holds and void its signatu
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ class Store:
         # order, and the records written by the open transaction (cached once it commits).
         self._cache: dict[str, dict[str, Record]] = {kind: {} for kind in KINDS}
         self._keys: dict[str, list[str]] = {kind: [] for kind in KINDS}
-        self._pending: list[Record] = []
+        self._pending: dict[tuple[str, str], Record] = {}
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -131,16 +132,35 @@ class Store:
         Raises RecordError when the record is of an unknown kind, from an unknown node, or
         its signature does not verify; nothing is stored then.
         """
-        record.verify(lambda origin: self._verifying_key(record, origin))
-        self._check_revocation(record)
-        self.hlc.observe(record.ts)
+        applied, rejected = self.apply_many([record])
+        if rejected:
+            raise rejected[0][1]
+        return bool(applied)
+
+    def apply_many(self, records: Sequence[Record]) -> tuple[list[Record], list[tuple[Record, RecordError]]]:
+        """Merge records from elsewhere in one transaction: one disk sync for a push-pull's
+        thousands, not one each. Returns (those that won and were stored, those refused with
+        why). Each is checked as ``apply`` checks it, in order, against the store as the
+        ones before it left it (an admission early in the batch admits a later record's
+        origin); a refused one changes nothing.
+        """
+        applied: list[Record] = []
+        rejected: list[tuple[Record, RecordError]] = []
         with self._transaction():
-            current = self._get(record.kind, record.key)
-            if not record.wins_over(current):
-                return False
-            self._upsert(record)
-        self._notify(record)
-        return True
+            for record in records:
+                try:
+                    record.verify(functools.partial(self._verifying_key, record))
+                    self._check_revocation(record)
+                except RecordError as exc:
+                    rejected.append((record, exc))
+                    continue
+                self.hlc.observe(record.ts)
+                if record.wins_over(self._get(record.kind, record.key)):
+                    self._upsert(record)
+                    applied.append(record)
+        for rec in applied:
+            self._notify(rec)
+        return applied, rejected
 
     def _upsert(self, rec: Record) -> None:
         text = None if rec.value is None else canonical_json(rec.value)
@@ -151,7 +171,8 @@ class Store:
         # The cache holds the value as it reads back from disk (JSON's types, a copy of the
         # caller's dict), so a read answers the same before and after a restart.
         value = None if text is None else _compact(json.loads(text))
-        self._pending.append(Record(rec.kind, sys.intern(rec.key), value, _interned(rec.ts), rec.signature))
+        cached = Record(rec.kind, sys.intern(rec.key), value, _interned(rec.ts), rec.signature)
+        self._pending[(rec.kind, rec.key)] = cached
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -165,7 +186,7 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-            for rec in self._pending:
+            for rec in self._pending.values():
                 self._remember(rec)
             self._pending.clear()
 
@@ -247,6 +268,11 @@ class Store:
         return found if include_deleted else [r for r in found if r.value is not None]
 
     def _get(self, kind: str, key: str) -> Record | None:
+        # Within a transaction (the lock held: only its own thread reads) its writes so far
+        # count, so that each record of an apply_many sees the ones before it.
+        pending = self._pending.get((kind, key))
+        if pending is not None:
+            return pending
         recs = self._cache.get(kind)
         return None if recs is None else recs.get(key)
 

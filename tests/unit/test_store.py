@@ -559,3 +559,50 @@ def test_collected_tombstones_leave_memory_too(tmp_path: Path) -> None:
         assert [r.key for r in s.records("app")] == ["gone", "gone2"]
     finally:
         s.close()
+
+
+def test_apply_many_checks_each_record_against_those_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    s = open_store(path)
+    fired: list[Record] = []
+    s.subscribe(fired.append)
+    peer = PEERS[0]
+    good = peer_record(peer, key="web", value={"v": 1}, wall_ms=5_000)
+    newer = peer_record(peer, key="web", value={"v": 2}, wall_ms=6_000)
+    older = peer_record(peer, key="web", value={"v": 0}, wall_ms=4_000)
+    forged = dataclasses.replace(peer_record(peer, key="api"), value={"image": "evil"})
+    stranger = peer_record(PEERS[1], key="db")  # PEERS[1] is never admitted
+    batch = [good, forged, admission(peer), stranger, newer, older]
+    # ``good`` comes before its origin's admission: refused; ``newer`` after it: stored.
+    applied, rejected = s.apply_many(batch)
+    assert applied == [admission(peer), newer]
+    assert [r for r, _ in rejected] == [good, forged, stranger]
+    assert all(isinstance(exc, RecordError) for _, exc in rejected)
+    assert fired == applied
+    assert s.value("app", "web") == {"v": 2} and s.get("app", "api") is None and s.get("app", "db") is None
+    live = s.all()
+    s.close()
+    s2 = open_store(path)
+    try:
+        assert s2.all() == live
+    finally:
+        s2.close()
+
+
+def test_apply_many_rolls_back_whole_on_a_disk_error(trusting_store: Store) -> None:
+    s = trusting_store
+    before = s.all()
+    real_upsert = s._upsert
+    calls = 0
+
+    def failing_upsert(rec: Record) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError("disk full")
+        real_upsert(rec)
+
+    s._upsert = failing_upsert  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        s.apply_many([peer_record(PEERS[0], key="a"), peer_record(PEERS[0], key="b")])
+    assert s.all() == before and s.peek("app", "a") is None
