@@ -197,14 +197,36 @@ class AppStore:
         self._names: list[str] = []
         self._hosts: dict[str, set[str]] = {}
         self._ordered: list[AppSpec] | None = None
+        # name -> desired replicas, from the ``scale`` records (a reconcile pass asks for
+        # every app's).
+        self._replicas: dict[str, int] = {}
         self._lock = threading.Lock()
         store.subscribe(self._changed)
         for rec in store.peek_records("app"):
             self._refresh(rec.key)
+        for rec in store.peek_records("scale"):
+            self._refresh_replicas(rec.key)
 
     def _changed(self, rec: Record) -> None:
         if rec.kind == "app":
             self._refresh(rec.key)
+        elif rec.kind == "scale":
+            self._refresh_replicas(rec.key)
+
+    def _refresh_replicas(self, name: str) -> None:
+        """Like ``_refresh``, for the replica count."""
+        with self._lock:
+            rec = self.store.peek("scale", name)
+            count = None
+            if rec is not None and rec.value is not None:
+                try:
+                    count = int(rec.value["replicas"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("scale.record_invalid", app=name, error=str(exc))
+            if count is None:
+                self._replicas.pop(name, None)
+            else:
+                self._replicas[name] = count
 
     def _refresh(self, name: str) -> None:
         """Bring one app's cached spec in line with the store. It reads the store rather than
@@ -247,8 +269,7 @@ class AppStore:
         return None if found is None else found[1]
 
     def replicas(self, name: str) -> int:
-        rec = self.store.peek("scale", name)
-        return DEFAULT_REPLICAS if rec is None or rec.value is None else int(rec.value["replicas"])
+        return self._replicas.get(name, DEFAULT_REPLICAS)
 
     def specs(self, after: str = "", limit: int | None = None) -> list[AppSpec]:
         """The apps in name order; with ``after``, those whose name sorts after it, and at

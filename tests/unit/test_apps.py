@@ -243,6 +243,22 @@ def test_late_notifications_do_not_bring_back_an_old_spec(apps: AppStore, store:
     assert spec is not None and spec.image == "nginx:2"
 
 
+def test_replica_counts_follow_every_write(apps: AppStore, store: Store) -> None:
+    apps.deploy("web", body(replicas=2))
+    assert apps.replicas("web") == 2
+    peer = Identity.generate()
+    store.put("node", peer.node_id, {"public_key": peer.public_key.hex()})
+    assert store.apply(Record.create(peer, "scale", "web", {"replicas": 5}, Timestamp(1 << 50, 0, peer.node_id)))
+    assert apps.replicas("web") == 5
+    store.put("scale", "web", {"replicas": "many"})  # malformed: as if absent
+    assert apps.replicas("web") == DEFAULT_REPLICAS
+    apps.scale("web", 0)
+    assert apps.replicas("web") == 0
+    apps.remove("web")
+    assert apps.replicas("web") == DEFAULT_REPLICAS
+    assert AppStore(store, MAX).replicas("web") == DEFAULT_REPLICAS
+
+
 def test_an_app_record_that_does_not_parse_is_left_out(apps: AppStore, store: Store) -> None:
     store.put("app", "broken", {"no": "image"})
     apps.deploy("fine", body())
