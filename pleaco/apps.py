@@ -190,13 +190,13 @@ class AppStore:
     def __init__(self, store: Store, max_replicas: int) -> None:
         self.store = store
         self.max_replicas = max_replicas
-        # name -> (the app record it was decoded from, the spec); names in order; host ->
-        # the apps claiming it (two, when two nodes took one host at the same time); the
-        # specs in name order, built again on the first read after a change.
+        # name -> (the app record it was decoded from, the spec); the names in order and
+        # their specs in the same order (a list insert moves pointers: cheap at any size);
+        # host -> the apps claiming it (two, when two nodes took one host at the same time).
         self._specs: dict[str, tuple[Record, AppSpec]] = {}
         self._names: list[str] = []
+        self._ordered: list[AppSpec] = []
         self._hosts: dict[str, set[str]] = {}
-        self._ordered: list[AppSpec] | None = None
         # name -> desired replicas, from the ``scale`` records (a reconcile pass asks for
         # every app's).
         self._replicas: dict[str, int] = {}
@@ -245,17 +245,21 @@ class AppStore:
                     log.warning("app.record_invalid", app=name, error=str(exc))
             if old is not None:
                 self._unindex(old[1])
+            at = bisect.bisect_left(self._names, name)
             if rec is None or spec is None:
                 if old is not None:
                     del self._specs[name]
-                    del self._names[bisect.bisect_left(self._names, name)]
+                    del self._names[at]
+                    del self._ordered[at]
             else:
                 if old is None:
-                    bisect.insort(self._names, name)
+                    self._names.insert(at, name)
+                    self._ordered.insert(at, spec)
+                else:
+                    self._ordered[at] = spec
                 self._specs[name] = (rec, spec)
                 if spec.host is not None:
                     self._hosts.setdefault(spec.host, set()).add(name)
-            self._ordered = None
 
     def _unindex(self, spec: AppSpec) -> None:
         if spec.host is not None:
@@ -275,12 +279,9 @@ class AppStore:
         """The apps in name order; with ``after``, those whose name sorts after it, and at
         most ``limit`` of them."""
         with self._lock:
-            if self._ordered is None:
-                self._ordered = [self._specs[n][1] for n in self._names]
-            ordered = self._ordered
             start = bisect.bisect_right(self._names, after) if after else 0
-        end = None if limit is None else start + limit
-        return ordered[start:end]
+            end = None if limit is None else start + limit
+            return self._ordered[start:end]
 
     def count(self) -> int:
         return len(self._specs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,20 @@ def test_specs_page_in_name_order(apps: AppStore) -> None:
     apps.remove("c")
     assert [s.name for s in apps.specs(after="a")] == ["b", "d"]
     assert apps.count() == 3
+
+
+def test_the_cached_specs_match_the_store_after_any_mix_of_writes(apps: AppStore, store: Store) -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        name = f"a{rng.randrange(40):02d}"
+        if rng.random() < 0.6:
+            apps.deploy(name, body(image=f"nginx:{rng.randrange(3)}", host=f"{name}.example.com"))
+        elif apps.get(name) is not None:
+            apps.remove(name)
+    expected = [AppSpec.from_value(r.key, r.value) for r in store.records("app")]  # type: ignore[arg-type]
+    assert apps.specs() == expected
+    assert AppStore(store, MAX).specs() == expected
+    assert [s.name for s in apps.specs(after="a20")] == [s.name for s in expected if s.name > "a20"]
 
 
 def test_a_second_app_store_on_a_filled_store_sees_every_app(apps: AppStore, store: Store) -> None:
