@@ -262,6 +262,8 @@ class Store:
             keys, recs = self._keys[kind], self._cache[kind]
             if prefix:
                 lo = bisect.bisect_left(keys, prefix)
+                if lo == len(keys) or not keys[lo].startswith(prefix):
+                    return []  # the common case (an app without routes): no second search
                 # Every key starting with the prefix sorts below prefix + the highest code point.
                 keys = keys[lo:bisect.bisect_left(keys, prefix + "\U0010ffff", lo)]
             found = [recs[k] for k in keys]
