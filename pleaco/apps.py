@@ -259,6 +259,17 @@ class AppStore:
         """One release's record (image, spec, and rollback_of/reason for rollbacks)."""
         return self.store.value("release", f"{name}/{revision}")
 
+    def record_verdict(self, name: str, revision: int, verdict: str, reason: str = "") -> None:
+        """Keep the rollout's verdict on a release (``healthy``, ``rolled_back``, ``failed``)
+        in its record, so whichever node owns the app next does not judge it again."""
+        release = self.release(name, revision)
+        if release is None or release.get("verdict") == verdict:
+            return
+        release = {**release, "verdict": verdict, "verdict_ms": int(time.time() * 1000)}
+        if reason:
+            release["verdict_reason"] = reason
+        self.store.put("release", f"{name}/{revision}", release)
+
     def scale(self, name: str, replicas: Any) -> int:
         validate_name(name)
         replicas = validate_replicas(replicas, self.max_replicas)

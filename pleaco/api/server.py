@@ -33,7 +33,8 @@ from pleaco.api.errors import ApiError
 from pleaco.apps import AppStore, NoEarlierRelease, NotFound, ValidationError
 from pleaco.identity import Identity
 from pleaco.metrics import Counter, Histogram, Registry
-from pleaco.reconcile.apps import AppReconciler, app_status
+from pleaco.reconcile.apps import AppReconciler
+from pleaco.reconcile.status import app_status
 from pleaco.runtime import ContainerInfo, DockerRuntime, EngineUnavailable
 from pleaco.store import Store
 
@@ -169,7 +170,8 @@ class ApiServer:
         spec = self.apps.get(name)
         if spec is None:
             raise ApiError(404, "not_found", f"app {name!r} does not exist")
-        return app_status(self.reconciler, spec, self.apps.replicas(name)).to_json()
+        rec = self.reconciler
+        return app_status(rec.view, rec.routes, set(rec.live_nodes()), spec, self.apps.replicas(name)).to_json()
 
     # -- handlers ------------------------------------------------------------------------
 
@@ -181,7 +183,7 @@ class ApiServer:
                             headers={"X-Content-Type": "text/plain; version=0.0.4"})
 
     async def status(self, request: web.Request) -> web.Response:
-        obs = self.reconciler.observed
+        obs = self.reconciler.view.observed
         return web.json_response(
             {
                 "node_id": self.identity.node_id,

@@ -52,6 +52,7 @@ from pleaco.builds.model import (
 from pleaco.builds.secrets import SecretBox, SecretError
 from pleaco.builds.vulndb import load_db
 from pleaco.metrics import Counter, Histogram, Registry
+from pleaco.reconcile.loop import Loop
 from pleaco.runtime import EngineUnavailable
 from pleaco.store import Store
 
@@ -95,9 +96,17 @@ class _BuildCancel(Cancel):
         self.cancel(reason)
 
 
-class BuildService:
+class BuildService(Loop):
+    """The build queue: this node's queued builds, one per app at a time (a loop)."""
+
+    name = "builds"
+    # Queued builds are also dispatched when woken (a push, a finished build); the interval
+    # only catches what a wake missed.
+    interval = 5.0
+
     def __init__(self, cfg: BuildConfig, data_dir: Path, node_id: str, store: Store, apps: AppStore,
                  engine: BuildEngine, registry: Registry | None = None, secretbox: SecretBox | None = None) -> None:
+        super().__init__()
         self.cfg = cfg
         self.secretbox = secretbox or SecretBox(data_dir)
         self.data_dir = data_dir
@@ -113,8 +122,6 @@ class BuildService:
         self._running: dict[str, tuple[str, _BuildCancel]] = {}  # app -> (build id, cancel)
         self._lock = threading.Lock()
         self._push_lock = threading.Lock()
-        self._wake = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         registry = registry or Registry()
         self.m_builds = registry.register(
@@ -283,10 +290,6 @@ class BuildService:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def wake(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
-
     def recover(self) -> None:
         """Resume (or fail) this node's builds that an earlier agent left unfinished."""
         with contextlib.suppress(EngineUnavailable):
@@ -305,28 +308,23 @@ class BuildService:
             self.builds.put(b)
             log.info("build.recovered", app=b.app, build=b.id, state=b.state, reason=b.reason)
 
-    async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    async def setup(self) -> None:
         await asyncio.to_thread(self.recover)
-        poller = asyncio.create_task(self._poll()) if self.cfg.poll_interval > 0 else None
-        try:
-            while True:
-                self._wake.clear()
-                self._dispatch()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 5.0)
-        finally:
-            if poller:
-                poller.cancel()
-            with self._lock:
-                running = list(self._running.values())
-            for _, cancel in running:
-                cancel.stop("the agent is stopping", None)
-            for t in list(self._tasks):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(asyncio.shield(t), 10)
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._scan_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def step(self) -> str | None:
+        self._dispatch()
+        return None
+
+    async def teardown(self) -> None:
+        with self._lock:
+            running = list(self._running.values())
+        for _, cancel in running:
+            cancel.stop("the agent is stopping", None)
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(t), 10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._scan_pool.shutdown(wait=False, cancel_futures=True)
 
     def _dispatch(self) -> None:
         queued: dict[str, list[Build]] = {}
@@ -341,8 +339,7 @@ class BuildService:
                 cancel = _BuildCancel()
                 self._running[app] = (newest.id, cancel)
             self._supersede(app, newest)
-            assert self._loop is not None
-            fut = self._loop.run_in_executor(self._pool, self._execute, newest.id, cancel)
+            fut = asyncio.get_running_loop().run_in_executor(self._pool, self._execute, newest.id, cancel)
             task = asyncio.ensure_future(self._finish(app, fut))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -354,23 +351,6 @@ class BuildService:
             with self._lock:
                 self._running.pop(app, None)
             self.wake()
-
-    async def _poll(self) -> None:
-        last: dict[str, str] = {}
-        while True:
-            for conn in self.builds.connections():
-                try:
-                    head = await asyncio.to_thread(sourcemod.ls_remote, conn.repo, conn.branch, self.cfg.git_timeout,
-                                                   self.git_auth(conn.app), self.data_dir / "build" / "keys")
-                except sourcemod.SourceError as exc:
-                    log.warning("build.poll_failed", app=conn.app, repo=conn.repo, error=str(exc))
-                    continue
-                if head and head != last.get(conn.app) and head != conn.last_commit:
-                    result = await asyncio.to_thread(self.push, conn, head, "", "poll")
-                    log.info("build.poll_found", app=conn.app, commit=head, outcome=result.outcome)
-                if head:
-                    last[conn.app] = head
-            await asyncio.sleep(self.cfg.poll_interval)
 
     def cancel(self, bid: str, reason: str = "cancelled by the user") -> Build | None:
         b = self.builds.get(bid)

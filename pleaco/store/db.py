@@ -163,14 +163,20 @@ class Store:
         rec = self.get(kind, key)
         return None if rec is None else rec.value
 
-    def records(self, kind: str, include_deleted: bool = False) -> list[Record]:
+    def records(self, kind: str, include_deleted: bool = False, prefix: str = "") -> list[Record]:
+        """The records of a kind, by key; with ``prefix``, only keys that start with it (a
+        range scan of the primary key, so its cost does not grow with the other keys)."""
         if kind not in KINDS:
             raise RecordError(f"unknown record kind {kind!r}")
         sql = "SELECT * FROM records WHERE kind = ?"
+        args: list[str] = [kind]
+        if prefix:
+            sql += " AND key >= ? AND key < ?"
+            args += [prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)]
         if not include_deleted:
             sql += " AND value IS NOT NULL"
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY key", (kind,)).fetchall()
+            rows = self._db.execute(sql + " ORDER BY key", args).fetchall()
         return [_row_to_record(r) for r in rows]
 
     def all(self) -> list[Record]:
