@@ -49,10 +49,7 @@ def imported_parts(path: Path) -> set[str]:
             continue
         names: list[str] = []
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "pleaco":
-                names = [f"pleaco.{a.name}" for a in node.names]
-            else:
-                names = [node.module]
+            names = [f"pleaco.{a.name}" for a in node.names] if node.module == "pleaco" else [node.module]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         for name in names:
