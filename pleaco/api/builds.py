@@ -25,7 +25,7 @@ from aiohttp import web
 
 from pleaco import logs
 from pleaco.api.errors import ApiError
-from pleaco.builds.model import TERMINAL, Build
+from pleaco.builds.model import DELIVERY_KEY_HEX, TERMINAL, Build
 from pleaco.builds.service import BuildService, ConnectError
 from pleaco.builds.source import COMMIT, ZERO_COMMIT
 
@@ -71,17 +71,18 @@ class BuildRoutes:
         if unknown:
             raise ApiError(400, "invalid", f"{unknown[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
         try:
-            conn, secret, created = self.service.connect(
-                request.match_info["name"], body.get("repo"), body.get("branch"), body.get("webhook_secret"),
-                body.get("repo_token"), body.get("deploy_key"))
+            done = await asyncio.to_thread(
+                self.service.connect, request.match_info["name"], body.get("repo"), body.get("branch"),
+                body.get("webhook_secret"), body.get("repo_token"), body.get("deploy_key"))
         except ConnectError as exc:
             raise ApiError(400, "invalid", str(exc)) from None
+        conn = done.connection
         base = self.service.cfg.public_url.rstrip("/") or str(request.url.origin())
         return web.json_response(
             {"app": conn.app, "repo": conn.repo, "branch": conn.branch, "webhook_url": base + HOOK_PATH,
-             "webhook_secret": secret, "content_type": "application/json", "app_created": created,
-             "private": "repo_token" in body or "deploy_key" in body},
-            status=201 if created else 200,
+             "webhook_secret": done.secret, "content_type": "application/json", "app_created": done.created,
+             "private": done.private},
+            status=201 if done.created else 200,
         )
 
     def _build(self, request: web.Request) -> Build:
@@ -203,11 +204,19 @@ class BuildRoutes:
                                       f"(tracking {', '.join(sorted({c.branch for c in apps}))})"})
         if not COMMIT.fullmatch(after):
             raise ApiError(400, "invalid", f"push payload: after: {after!r} is not a commit id")
-        results = []
+        # Redeliveries are recognised by what the signature covers, the body: the delivery
+        # header is not signed, so a replay can carry any.
+        key = hashlib.sha256(body).hexdigest()[:DELIVERY_KEY_HEX]
+        results: list[dict[str, Any]] = []
         for conn in tracked:
-            res = await asyncio.to_thread(self.service.push, conn, after, delivery, "webhook")
-            log.info("webhook.push", app=conn.app, commit=after, delivery=delivery, outcome=res.outcome)
-            results.append({"app": conn.app, "outcome": res.outcome, "build": res.build.id if res.build else None})
+            res = await asyncio.to_thread(self.service.push, conn, after, key, "webhook")
+            log.info("webhook.push", app=conn.app, commit=after, delivery=delivery, body_sha256=key,
+                     outcome=res.outcome)
+            result: dict[str, Any] = {"app": conn.app, "outcome": res.outcome,
+                                      "build": res.build.id if res.build else None}
+            if res.reason:
+                result |= {"reason": res.reason, "released_commit": res.released_commit}
+            results.append(result)
         queued = any(r["outcome"] == "queued" for r in results)
         return web.json_response({"event": "push", "commit": after, "builds": results}, status=202 if queued else 200)
 
