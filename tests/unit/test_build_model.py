@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -230,3 +231,44 @@ def test_connect_refuses_a_repository_url_too_long(tmp_path: Path) -> None:
     with pytest.raises(ConnectError, match="repo: longer than"):
         svc.connect("web", "https://github.com/" + "o" * REPO_CHARS, None, None)
     assert svc.store.records("build") == []
+
+
+def test_a_large_signed_push_is_checked_off_the_loop_and_queued(tmp_path: Path) -> None:
+    """Bodies over INLINE_HMAC_BYTES take the worker-thread path; it accepts the right
+    signature and refuses a wrong one (and a body over the limit is refused unread)."""
+    import asyncio
+    import json
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from pleaco.api.builds import HOOK_PATH, INLINE_HMAC_BYTES, add_routes
+    from pleaco.api.errors import ApiError
+
+    svc = _service(tmp_path)
+    secret = svc.connect("web", "https://github.com/o/web.git", None, "a-long-secret").secret
+    payload = {"ref": "refs/heads/main", "after": "a" * 40, "repository": {"clone_url": "https://github.com/o/web.git"},
+               "padding": "x" * INLINE_HMAC_BYTES}
+    body = json.dumps(payload).encode()
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        except ApiError as exc:
+            return web.json_response(exc.to_json(), status=exc.status)
+
+    async def run() -> list[int]:
+        app = web.Application(middlewares=[errors])
+        add_routes(app, svc)
+        async with TestClient(TestServer(app)) as client:
+            out = []
+            for sig, data in [(sign(secret, body), body), (sign("wrong-secret", body), body),
+                              (sign(secret, body), b"x" * (svc.cfg.webhook_max_body_bytes + 1))]:
+                resp = await client.post(HOOK_PATH, data=data, headers={
+                    "X-Hub-Signature-256": sig, "X-GitHub-Event": "push", "Content-Type": "application/json"})
+                out.append(resp.status)
+            return out
+
+    assert asyncio.run(run()) == [202, 401, 413]
+    assert svc.builds.get(build_id("web", "a" * 40)) is not None
