@@ -221,6 +221,13 @@ class AppStore:
             new_release=new_release,
         )
 
+    def create_writes(self, name: str, image: str) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """The writes (for ``Store.put_many`` with others) that create app ``name`` with
+        nothing to run yet: revision 0 (no release: the first deploy makes release 1) and
+        0 replicas, as `apps connect` makes it before its first build."""
+        spec = AppSpec(name=validate_name(name), image=image, revision=0)
+        return [("app", name, spec.to_value()), ("scale", name, {"replicas": 0})]
+
     def _release_writes(self, spec: AppSpec, **extra: Any) -> list[tuple[str, str, dict[str, Any] | None]]:
         """The app record of a new release, and its entry in the release history."""
         release = {"app": spec.name, "revision": spec.revision, "image": spec.image,
