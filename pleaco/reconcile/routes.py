@@ -1,6 +1,6 @@
 """The ``route`` records: each node's replicas of each app, for every node to see.
 
-``route/APP/NODE`` holds NODE's instances of APP: state, health, where other nodes dial it
+``route/APP/NODE/CONTAINER`` holds one of NODE's instances of APP: state, health, where others dial it
 and whether it takes traffic. This module is their one writer (each node writes only its
 own, from the app loop) and their one typed reader (the proxy's routing mesh, the rollout
 guard's cluster-wide health, ``apps show``).
@@ -48,43 +48,43 @@ class RouteTable:
     def __init__(self, store: Store, node_id: str) -> None:
         self.store = store
         self.node_id = node_id
-        self._published: dict[str, list[dict[str, Any]]] = {}
+        # Our own records as last written (key -> value), so only changes are written. Read
+        # back once at start: records of containers that went while the agent was down
+        # (and records in the one-per-app format of earlier versions) are deleted.
+        self._published: dict[str, dict[str, Any]] = {
+            rec.key: rec.value for rec in store.records("route") if rec.value and rec.value.get("node") == node_id}
 
     def publish(self, current: dict[str, list[InstanceStatus]], host: str) -> int:
-        """Write this node's instances of each app (``current``: app -> instances) where they
-        changed since the last write; an app missing from ``current`` has its record
-        deleted. Only changes are written: a steady app costs nothing. Returns the writes."""
-        values = {app: [{**i.to_json(), "backoff_s": 0.0} for i in insts]  # without the countdown,
-                  for app, insts in current.items() if insts}           # which changes every pass
-        writes: list[tuple[str, str, dict[str, Any] | None]] = []
-        for app in set(self._published) | set(values):
-            instances = values.get(app)
-            if self._published.get(app) == instances:
-                continue
-            key = f"{app}/{self.node_id}"
-            if instances is None:
-                self._published.pop(app, None)
-                if self.store.value("route", key) is None:
-                    continue
-                writes.append(("route", key, None))
-            else:
-                writes.append(("route", key, {"app": app, "node": self.node_id, "host": host,
-                                              "instances": instances}))
-                self._published[app] = instances
+        """Write this node's instances (``current``: app -> instances) where they changed
+        since the last write, one record per instance (``route/APP/NODE/CONTAINER``), so a
+        health change is one small record whatever the replica count, and delete the
+        records of instances that are gone. A steady app costs nothing. Returns the writes."""
+        wanted: dict[str, dict[str, Any]] = {}
+        for app, insts in current.items():
+            for i in insts:
+                # Without the back-off countdown, which changes every pass.
+                wanted[f"{app}/{self.node_id}/{i.container}"] = {
+                    **i.to_json(), "backoff_s": 0.0, "app": app, "node": self.node_id, "host": host}
+        writes: list[tuple[str, str, dict[str, Any] | None]] = [
+            ("route", key, None) for key in self._published if key not in wanted]
+        writes += [("route", key, value) for key, value in wanted.items() if self._published.get(key) != value]
         if writes:
             self.store.put_many(writes)
+            self._published = wanted
         return len(writes)
 
     def instances(self, app: str, live: Collection[str], include_own: bool = False) -> list[InstanceStatus]:
         """The app's replicas on the live nodes as their ``route`` records say (this node's
-        own only with ``include_own``: the node's own view is fresher than its record)."""
+        own only with ``include_own``: the node's own view is fresher than its records)."""
         out = []
         for rec in self.store.records("route", prefix=f"{app}/"):
             value = rec.value or {}
             node = value.get("node")
             if value.get("app") != app or node not in live or (node == self.node_id and not include_own):
                 continue
-            for raw in value.get("instances") or []:
+            # One instance per record; a node of an earlier version writes them all in one.
+            raws = value["instances"] if isinstance(value.get("instances"), list) else [value]
+            for raw in raws:
                 try:
                     out.append(InstanceStatus.from_json(raw, str(node)))
                 except (KeyError, TypeError, ValueError):

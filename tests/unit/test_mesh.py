@@ -19,7 +19,7 @@ from pleaco.reconcile.apps import AppReconciler
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.drain import MESH_DELAY, Drain
 from pleaco.reconcile.publish import local_dial_host, mesh_address, publish_host
-from pleaco.reconcile.routes import RouteTable
+from pleaco.reconcile.routes import InstanceStatus, RouteTable
 from pleaco.reconcile.view import NodeView, ReplicaState
 from pleaco.runtime import ContainerInfo, DockerRuntime
 from pleaco.store import Store
@@ -47,7 +47,7 @@ class Node:
         self.live = [self.id, *live]
         self.drain = Drain(0.0, proxy_delay=DNS_REFRESH, mesh=lambda: len(self.live) > 1)
         self.view = NodeView(self.id, self.apps, self.drain, advertise_host="10.0.0.5")
-        routes = RouteTable(self.store, self.id)
+        self.routes = routes = RouteTable(self.store, self.id)
         self.rec = AppReconciler(self.cfg, self.view, routes, DockerRuntime("tcp://127.0.0.1:9"), Registry(),
                                  live_nodes=lambda: self.live)
         self.proxy = ProxyReconciler(self.cfg, tmp_path, self.view, routes, self.rec.runtime, Registry(),
@@ -62,6 +62,10 @@ class Node:
         self.view.observed.containers.append(c)
         self.view.replicas[(app, replica)] = ReplicaState(Backoff(1, 60), healthy=healthy, container_id=c.id)
         return c
+
+    def own_records(self, app: str) -> list[InstanceStatus]:
+        """This node's instances of ``app`` as its route records say."""
+        return self.routes.instances(app, self.live, include_own=True)
 
     def publish(self, now: float = 0.0) -> None:
         """What the app loop's pass ends with: the route records and the drain's view."""
@@ -80,9 +84,7 @@ def test_route_records_say_where_replicas_are_dialled_and_whether_they_serve(nod
     node.run("web", 0)
     node.run("web", 1, healthy=False)
     node.publish()
-    value = node.store.value("route", f"web/{node.id}")
-    assert value is not None
-    got = {i["replica"]: (i["address"], i["serving"]) for i in value["instances"]}
+    got = {i.replica: (i.address, i.serving) for i in node.own_records("web")}
     # Serving is one rule for the record and the proxy (healthy, current, not draining).
     assert got == {0: ("10.0.0.5:31000", True), 1: ("10.0.0.5:31001", False)}
 
@@ -116,8 +118,8 @@ def test_a_replica_leaves_every_proxy_before_it_stops(node: Node) -> None:
     assert not node.view.serving(c, spec)
     writes = node.store.count()
     node.publish(now=1000.0)  # the next pass leaves it out of the route record: one write
-    value = node.store.value("route", f"web/{node.id}")
-    assert value is not None and not value["instances"][0]["serving"]
+    [inst] = node.own_records("web")
+    assert not inst.serving
     assert node.store.count() == writes  # the record was replaced, not added to
     assert [u.address for u in node.proxy.routes()[0].upstreams] == []  # and of this node's proxy
     # The others need the record to reach them, then their DNS refresh.
@@ -128,14 +130,15 @@ def test_a_replica_leaves_every_proxy_before_it_stops(node: Node) -> None:
 def test_a_health_change_is_one_route_record_write(node: Node) -> None:
     c = node.run("web", 0, healthy=False)
     node.publish()
-    before = node.store.get("route", f"web/{node.id}")
+    key = f"web/{node.id}/{c.id[:12]}"  # one record per instance
+    before = node.store.get("route", key)
     node.view.replicas[("web", 0)].healthy = True
     node.publish()
-    after = node.store.get("route", f"web/{node.id}")
+    after = node.store.get("route", key)
     assert before is not None and after is not None and after.ts > before.ts
-    assert after.value is not None and after.value["instances"][0]["serving"]
+    assert after.value is not None and after.value["serving"] and after.value["healthy"]
     node.publish()  # the proxy's pass, or the next app loop pass, writes nothing more
-    assert node.store.get("route", f"web/{node.id}") == after
+    assert node.store.get("route", key) == after
     assert c.id in node.drain.serving
 
 
