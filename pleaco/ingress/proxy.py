@@ -39,19 +39,19 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from pleaco import logs
 from pleaco.apps import AppStore
 from pleaco.config import Config
-from pleaco.ingress.caddy import AdminError, CaddyAdmin, ProxySettings, Route, Upstream, build_config
+from pleaco.ingress.caddy import AdminError, CaddyAdmin, ProxySettings, Route, Upstream, admin_session, build_config
 from pleaco.ingress.dns import UpstreamDNS
 from pleaco.ingress.hosts import MOUNT_AT, HostsFile
+from pleaco.ingress.orphans import OrphanSweeper, known_members, settings_addresses
 from pleaco.ingress.traffic import TrafficStats
 from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.reconcile.apps import AppReconciler
@@ -121,6 +121,11 @@ class ProxyReconciler:
         self.dns = UpstreamDNS()
         self.hosts = HostsFile.for_host(self.dir / "hosts")
         self._boot_written: dict[str, Any] | None = None
+        # This start's part of the admin identity marker (see CaddyAdmin), and the cleanup
+        # of proxies and replicas other identities left on this engine (see orphans).
+        self.nonce = secrets.token_hex(8)
+        self.orphans = OrphanSweeper(cfg.proxy, runtime, node_id, ROLE, BOOT_DIR, self.dir,
+                                     lambda: known_members(apps.store), lambda: settings_addresses(self.settings()))
         self.m_applies = registry.register(
             Counter("pleaco_proxy_config_applies_total", "Proxy config loads by result.", ("result",))
         )
@@ -263,8 +268,9 @@ class ProxyReconciler:
             self._access_port = int(server.sockets[0].getsockname()[1])
         loop = asyncio.get_running_loop()
         dns_transport = await self._start_dns(loop)
-        async with aiohttp.ClientSession() as session:
-            admin = CaddyAdmin(session, self.cfg.proxy.admin_listen, self.cfg.proxy.admin_timeout)
+        async with admin_session() as session:
+            admin = CaddyAdmin(session, self.cfg.proxy.admin_listen, self.cfg.proxy.admin_timeout,
+                               node_id=self.node_id, nonce=self.nonce, on_foreign=self.orphans.note_foreign)
             try:
                 await self._every_interval(lambda: self.reconcile_once(admin))
             finally:
@@ -317,6 +323,7 @@ class ProxyReconciler:
         return await asyncio.to_thread(fn, *args)
 
     async def _ensure_container(self) -> bool:
+        await self.orphans.sweep()
         info: InfraInfo | None = await self._engine(self.runtime.find_infra, self.node_id, ROLE)
         want = self._container_settings()
         if info is not None and info.labels.get(LABEL_SETTINGS) != want:
