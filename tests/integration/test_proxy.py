@@ -232,6 +232,9 @@ BAD_BODIES = [
     ({"host": "bad_host!.test"}, "host"),
     ({"host": "-x.test"}, "host"),
     ({"health": "healthz"}, "health"),
+    ({"health": "/healthz#%zz"}, "health"),  # pleaco's probe never sends it; Caddy refuses the escape
+    ({"health": "/a%zz"}, "health"),
+    ({"health": "/a b"}, "health"),
     ({"https": "always"}, "https"),
     ({"https": True}, "https"),
 ]
@@ -428,7 +431,7 @@ def test_a_proxy_restarted_from_its_boot_file_comes_back_whatever_the_health_pat
     wait_for(lambda: agent.client.request("GET", "/v1/proxy")["up"], 30, "the proxy up again")
     # The boot file was written for the new spec (the valid check it had is gone).
     wait_for(lambda: '"uri": "/healthz"' not in boot.read_text(), 30, "the boot file rewritten")
-    assert "%zz" not in boot.read_text()
     proxied.proxy_container().kill()  # the engine restarts it (unless-stopped), from the boot file
     wait_for(lambda: proxied.proxy_container().status == "running", 30, "the proxy restarted")
     wait_for(lambda: proxied.get(host, "/healthz")[0] == 200, 30, "bh through the proxy restarted from its boot file")
+    assert "%zz" not in boot.read_text()
