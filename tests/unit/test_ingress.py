@@ -30,11 +30,12 @@ from pleaco.ingress.caddy import (
     is_internal_name,
     route_problems,
 )
-from pleaco.ingress.orphans import config_addresses, find_orphans, overlap, parse_address
+from pleaco.ingress.config import ProxyConfig
+from pleaco.ingress.orphans import OrphanSweeper, config_addresses, find_orphans, overlap, parse_address
 from pleaco.ingress.traffic import TrafficStats
 from pleaco.ingress.urlpath import health_path_problem
 from pleaco.metrics import Registry
-from pleaco.runtime.docker import InfraInfo
+from pleaco.runtime.docker import ContainerInfo, InfraInfo
 
 SETTINGS = ProxySettings(listen="0.0.0.0:80", https_listen="0.0.0.0:443", admin_listen="127.0.0.1:2019",
                          try_duration=5.0, health_interval=2.0)
@@ -374,3 +375,47 @@ def test_address_overlap(a: str, b: str, clash: bool) -> None:
     assert pa is not None and pb is not None
     assert overlap({pa}, {pb}) is clash
     assert config_addresses(build_config([], dataclasses.replace(SETTINGS, listen=a))) >= {pa}
+
+
+class FakeRuntime:
+    """The engine calls OrphanSweeper makes (the real engine: tests/integration/test_proxy.py)."""
+
+    def __init__(self, proxies: list[InfraInfo], replicas: dict[str, list[str]]) -> None:
+        self.proxies, self.replicas = proxies, replicas
+        self.removed: list[str] = []
+
+    def list_infra(self, role: str) -> list[InfraInfo]:
+        return list(self.proxies)
+
+    def remove_infra(self, cid: str, node: str, role: str) -> None:
+        self.proxies = [p for p in self.proxies if p.id != cid]
+        self.removed.append(cid)
+
+    def list_managed(self, node: str) -> list[ContainerInfo]:
+        return [ContainerInfo(id=c, name=c, app="web", node=node, release=1, replica=0, state="running",
+                              exit_code=None, image="x", host_port=None, created=0)
+                for c in self.replicas.get(node, [])]
+
+    def remove(self, cid: str, node: str) -> None:
+        self.replicas[node].remove(cid)
+        self.removed.append(cid)
+
+
+def test_a_gone_identitys_replicas_are_removed_after_the_grace_period_only(tmp_path: Path) -> None:
+    own = tmp_path / "proxy"
+    own.mkdir()
+    fake = FakeRuntime([_proxy("old", str(own), "p-old"), _proxy("me", str(own), "p-me")],
+                       {"old": ["r1", "r2"], "other": ["r3"]})
+    cfg = ProxyConfig(orphan_grace=3600, orphan_check_interval=0.001)
+    sweeper = OrphanSweeper(cfg, fake, "me", "proxy", "/etc/pleaco-proxy", own,  # type: ignore[arg-type]
+                            lambda: {"me"}, set)
+    asyncio.run(sweeper.sweep())
+    assert fake.removed == ["p-old"]  # the proxy at once; the replicas wait
+    assert "old" in json.loads((own / "orphans.json").read_text())
+    # A later agent start (a new sweeper) keeps counting from the first sighting.
+    later = OrphanSweeper(dataclasses.replace(cfg, orphan_grace=0), fake, "me", "proxy",  # type: ignore[arg-type]
+                          "/etc/pleaco-proxy", own, lambda: {"me"}, set)
+    asyncio.run(later.sweep())
+    assert fake.removed == ["p-old", "r1", "r2"] and fake.replicas["other"] == ["r3"]
+    asyncio.run(later.sweep())  # nothing left of it: forgotten
+    assert json.loads((own / "orphans.json").read_text()) == {}
