@@ -17,13 +17,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pleaco.ingress.urlpath import health_path_problem
 from pleaco.store import Store
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # A Docker image reference, loosely: registry/name:tag or name@sha256:..., or an image id.
 IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
-HEALTH_PATH = re.compile(r"^/[\x21-\x7e]{0,1023}$")
 
 DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
@@ -153,8 +153,8 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
             raise ValidationError("env", f"value of {key} must be a UTF-8 string without NUL")
     health = body.get("health")
     if health is not None:
-        if not isinstance(health, str) or not HEALTH_PATH.fullmatch(health):
-            raise ValidationError("health", f"{health!r} must be a path starting with '/'")
+        if problem := health_path_problem(health):
+            raise ValidationError("health", problem)
         if port is None:
             raise ValidationError("health", "a health path needs a port")
     host = body.get("host")

@@ -42,6 +42,16 @@ class ProxyConfig:
     # Caddy access logs feed per-app traffic metrics; off saves the agent parsing one JSON
     # line per request (measurable only at thousands of requests per second).
     access_metrics: bool = True
+    # Seconds between looks for other agents' proxies that take this node's addresses (a
+    # proxy left behind by an agent whose data dir was lost: both would bind the ports and
+    # split the traffic). One container listing per look; a look also happens at once
+    # when the admin API answers with another agent's config.
+    orphan_check_interval: float = 5.0
+    # Seconds the replicas of an identity found gone (its proxy served this node's data dir)
+    # are left running before they are removed: other nodes' proxies may still route to
+    # them until the cluster declares that node dead (seconds) and drains them (drain_grace
+    # plus the mesh delay); a minute covers that with room, and they only cost resources.
+    orphan_grace: float = 60.0
 
     def validate(self) -> list[str]:
         problems = []
@@ -57,9 +67,11 @@ class ProxyConfig:
                 problems.append("proxy.admin_listen: must be a loopback address (the admin API controls every route)")
         if _split(self.https_listen) is None:
             problems.append(f"proxy.https_listen: expected HOST:PORT, got {self.https_listen!r}")
-        for name in ("interval", "try_duration", "health_interval", "admin_timeout"):
+        for name in ("interval", "try_duration", "health_interval", "admin_timeout", "orphan_check_interval"):
             if not getattr(self, name) > 0:
                 problems.append(f"proxy.{name}: must be greater than 0")
+        if self.orphan_grace < 0:
+            problems.append("proxy.orphan_grace: must be at least 0")
         return problems
 
 

@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -44,10 +45,11 @@ from typing import Any
 import aiohttp
 
 from pleaco import logs
-from pleaco.ingress.caddy import AdminError, CaddyAdmin, ProxySettings, Route, Upstream, build_config
+from pleaco.ingress.caddy import AdminError, CaddyAdmin, ProxySettings, Route, Upstream, admin_session, build_config
 from pleaco.ingress.config import IngressSettings
 from pleaco.ingress.dns import UpstreamDNS
 from pleaco.ingress.hosts import MOUNT_AT, HostsFile
+from pleaco.ingress.orphans import OrphanSweeper, known_members, settings_addresses
 from pleaco.ingress.traffic import TrafficStats
 from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.reconcile.loop import Loop
@@ -119,6 +121,12 @@ class ProxyReconciler(Loop):
         self.dns = UpstreamDNS()
         self.hosts = HostsFile.for_host(self.dir / "hosts")
         self._boot_written: dict[str, Any] | None = None
+        # This start's part of the admin identity marker (see CaddyAdmin), and the cleanup
+        # of proxies and replicas other identities left on this engine (see orphans).
+        self.nonce = secrets.token_hex(8)
+        self.orphans = OrphanSweeper(cfg.proxy, runtime, self.node_id, ROLE, BOOT_DIR, self.dir,
+                                     lambda: known_members(self.apps.store),
+                                     lambda: settings_addresses(self.settings()), blocking=self.blocking)
         self.m_applies = registry.register(
             Counter("pleaco_proxy_config_applies_total", "Proxy config loads by result.", ("result",))
         )
@@ -196,8 +204,9 @@ class ProxyReconciler(Loop):
             self._server = await asyncio.start_server(self.traffic.handle, "127.0.0.1", 0)
             self._access_port = int(self._server.sockets[0].getsockname()[1])
         self._dns_transport = await self._start_dns(asyncio.get_running_loop())
-        self._session = aiohttp.ClientSession()
-        self._admin = CaddyAdmin(self._session, self.cfg.proxy.admin_listen, self.cfg.proxy.admin_timeout)
+        self._session = admin_session()
+        self._admin = CaddyAdmin(self._session, self.cfg.proxy.admin_listen, self.cfg.proxy.admin_timeout,
+                                 node_id=self.node_id, nonce=self.nonce, on_foreign=self.orphans.note_foreign)
 
     async def teardown(self) -> None:
         # The agent is stopping: hand the proxy the static config, so it keeps routing to
@@ -251,6 +260,7 @@ class ProxyReconciler(Loop):
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     async def _ensure_container(self) -> bool:
+        await self.orphans.sweep()
         info: InfraInfo | None = await self.blocking(self.runtime.find_infra, self.node_id, ROLE)
         want = self._container_settings()
         if info is not None and info.labels.get(LABEL_SETTINGS) != want:

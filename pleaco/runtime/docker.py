@@ -126,10 +126,17 @@ class InfraInfo:
     state: str
     started_at: str
     labels: dict[str, str]
+    # Bind mounts as (host path, container path): which data dir the container serves.
+    mounts: tuple[tuple[str, str], ...] = ()
 
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    @property
+    def node(self) -> str:
+        return self.labels.get(LABEL_NODE, "")
+
 
 def _wrap(exc: Exception) -> Exception:
     if isinstance(exc, docker.errors.NotFound | docker.errors.ImageNotFound):
@@ -302,7 +309,29 @@ class DockerRuntime:
             state=str(state.get("Status", "unknown")),
             started_at=str(state.get("StartedAt", "")),
             labels=dict((info.get("Config") or {}).get("Labels") or {}),
+            mounts=tuple((str(m.get("Source", "")), str(m.get("Destination", "")))
+                         for m in info.get("Mounts") or []),
         )
+
+    def list_infra(self, role: str) -> list[InfraInfo]:
+        """Every node's containers of that role on this engine, in any state (one list
+        call, no inspect: ``started_at`` is empty). Several agents may share an engine, so
+        callers decide by the labels and mounts which of them are theirs to touch."""
+        rows = self._call(self._api.containers, all=True, filters={"label": [f"{LABEL_ROLE}={role}", LABEL_NODE]})
+        return [
+            InfraInfo(
+                id=str(row["Id"]),
+                name=str((row.get("Names") or ["/"])[0]).lstrip("/"),
+                image=str(row.get("Image", "")),
+                state=str(row.get("State", "unknown")),
+                started_at="",
+                labels=dict(row.get("Labels") or {}),
+                mounts=tuple((str(m.get("Source", "")), str(m.get("Destination", "")))
+                             for m in row.get("Mounts") or []),
+            )
+            for row in rows
+            if (row.get("Labels") or {}).get(LABEL_ROLE) == role
+        ]
 
     def run_infra(self, spec: InfraSpec) -> str:
         """Create and start an infrastructure container (host network); returns its id."""
