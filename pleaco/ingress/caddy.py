@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 
+from pleaco.errors import PleacoError
 from pleaco.ingress.dns import srv_name
 
 # Names Caddy's internal CA signs; anything else gets ACME (Let's Encrypt / ZeroSSL).
@@ -192,7 +193,7 @@ ACCESS_LOG_DROPPED = ("request>headers", "request>tls", "request>remote_ip", "re
                       "bytes_read")
 
 
-class AdminError(RuntimeError):
+class AdminError(PleacoError, RuntimeError, code="proxy_admin_failed"):
     """Caddy's admin API refused a request or is not reachable."""
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pleaco.errors import InvalidInput
 from pleaco.identity import Identity, verify
 from pleaco.store.hlc import Timestamp
 
@@ -26,7 +27,7 @@ KINDS = frozenset(
 Value = dict[str, Any] | None
 
 
-class RecordError(ValueError):
+class RecordError(InvalidInput, ValueError, code="invalid_record"):
     """A record that is malformed, of an unknown kind, or whose signature does not verify."""
 
 
