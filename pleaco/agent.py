@@ -25,6 +25,7 @@ from pleaco.builds.service import BuildService
 from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
+from pleaco.errors import PleacoError
 from pleaco.identity import Identity, write_secret_file
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
 from pleaco.metrics import Registry
@@ -45,7 +46,7 @@ log = logs.get("pleaco.agent")
 RECONCILE_KINDS = frozenset({"app", "scale", "release", "node"})
 
 
-class AgentError(RuntimeError):
+class AgentError(PleacoError, RuntimeError, code="agent_failed"):
     """The agent cannot start (bad data dir, port taken, ...)."""
 
 
@@ -118,7 +119,7 @@ class Agent:
         store.subscribe(on_change)
         api = ApiServer(
             identity=identity, node_name=cfg.name, store=store, apps=apps, reconciler=reconciler,
-            runtime=runtime, registry=registry, token=token, max_body_bytes=cfg.max_body_bytes,
+            runtime=runtime, registry=registry, token=token, max_body_bytes=cfg.max_body_bytes, limits=cfg.api,
         )
         add_cluster_routes(api.app, cluster, lambda: {"containers": len(view.observed.containers)})
         add_proxy_routes(api.app, proxy)

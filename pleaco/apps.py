@@ -17,8 +17,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pleaco.ingress.urlpath import health_path_problem
+from pleaco import errors
 from pleaco.store import Store
+from pleaco.urlpath import health_path_problem
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # A Docker image reference, loosely: registry/name:tag or name@sha256:..., or an image id.
@@ -32,7 +33,7 @@ HTTPS_MODES = ("off", "on", "redirect")
 DEFAULT_REPLICAS = 1
 
 
-class ValidationError(ValueError):
+class ValidationError(errors.InvalidInput, ValueError):
     """Bad input for an app; the message names the field and what is wrong with it."""
 
     def __init__(self, field_name: str, message: str) -> None:
@@ -40,11 +41,11 @@ class ValidationError(ValueError):
         self.field = field_name
 
 
-class NotFound(LookupError):
+class NotFound(errors.NotFound, LookupError):
     pass
 
 
-class NoEarlierRelease(RuntimeError):
+class NoEarlierRelease(errors.Conflict, RuntimeError, code="no_earlier_release"):
     """A rollback was asked for an app that has only one release."""
 
 

@@ -19,14 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pleaco.api.config import ApiConfig
 from pleaco.builds.config import BuildConfig
 from pleaco.cluster.config import GossipConfig
+from pleaco.errors import InvalidInput
 from pleaco.ingress.config import IngressSettings
 
 DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput, ValueError, code="invalid_config"):
     """A configuration value that is missing, unknown or malformed."""
 
 
@@ -68,6 +70,8 @@ class Config(IngressSettings):
     # Address other nodes reach this one's gossip port at. Empty: the gossip_listen host,
     # or this host's outbound address when that is 0.0.0.0.
     advertise: str = ""
+    # The API's connection, timeout and body limits: the [api] table (see pleaco/api/config.py).
+    api: ApiConfig = field(default_factory=ApiConfig)
     # The cluster protocol's tunables: the [gossip] table (see pleaco/cluster/config.py).
     gossip: GossipConfig = field(default_factory=GossipConfig)
     # The build pipeline's tunables: the [build] table (see pleaco/builds/config.py).

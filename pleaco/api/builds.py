@@ -18,15 +18,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 from typing import Any
 
 from aiohttp import web
 
 from pleaco import logs
+from pleaco.api import jsonbody
 from pleaco.api.errors import ApiError
 from pleaco.builds.model import DELIVERY_KEY_HEX, TERMINAL, Build, Connection
-from pleaco.builds.service import BuildService, ConnectError
+from pleaco.builds.service import BuildService
 from pleaco.builds.source import COMMIT, ZERO_COMMIT
 
 log = logs.get("pleaco.api.builds")
@@ -63,22 +63,16 @@ class BuildRoutes:
 
     async def connect(self, request: web.Request) -> web.Response:
         raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+        body = jsonbody.parse(request, raw) if raw else None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid", 'body: expected {"repo": URL, "branch": B, "webhook_secret": S}')
         allowed = {"repo", "branch", "webhook_secret", "repo_token", "deploy_key"}
         unknown = sorted(set(body) - allowed)
         if unknown:
             raise ApiError(400, "invalid", f"{unknown[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
-        try:
-            done = await asyncio.to_thread(
-                self.service.connect, request.match_info["name"], body.get("repo"), body.get("branch"),
-                body.get("webhook_secret"), body.get("repo_token"), body.get("deploy_key"))
-        except ConnectError as exc:
-            raise ApiError(400, "invalid", str(exc)) from None
+        done = await asyncio.to_thread(
+            self.service.connect, request.match_info["name"], body.get("repo"), body.get("branch"),
+            body.get("webhook_secret"), body.get("repo_token"), body.get("deploy_key"))
         conn = done.connection
         base = self.service.cfg.public_url.rstrip("/") or str(request.url.origin())
         return web.json_response(
@@ -184,10 +178,7 @@ class BuildRoutes:
             log.warning("webhook.bad_signature", delivery=request.headers.get("X-GitHub-Delivery", ""))
             raise ApiError(401, "unauthorized", "X-Hub-Signature-256 does not match any connected app's secret")
         # Signed: now the body may be parsed.
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"payload is not valid JSON: {exc}") from None
+        payload = jsonbody.parse(request, body, "payload")
         if not isinstance(payload, dict):
             raise ApiError(400, "invalid", "payload: expected a JSON object")
         event = request.headers.get("X-GitHub-Event", "")

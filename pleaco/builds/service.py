@@ -54,6 +54,7 @@ from pleaco.builds.model import (
 )
 from pleaco.builds.secrets import SecretBox, SecretError
 from pleaco.builds.vulndb import load_db
+from pleaco.errors import InvalidInput, PleacoError
 from pleaco.metrics import Counter, Histogram, Registry
 from pleaco.reconcile.loop import Loop
 from pleaco.runtime import EngineUnavailable
@@ -70,11 +71,11 @@ RECORD_OUTPUT_BYTES = 8192
 RECORD_FINDINGS = 100
 
 
-class ConnectError(ValueError):
+class ConnectError(InvalidInput, ValueError):
     """Bad input to `apps connect`; the message names the field."""
 
 
-class StepFailed(RuntimeError):
+class StepFailed(PleacoError, RuntimeError, code="build_step_failed"):
     """A build step failed for a reason the user must fix; the message says which."""
 
 

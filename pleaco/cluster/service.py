@@ -32,6 +32,7 @@ from pleaco.cluster.transport import CHANNEL_IMAGE, CHANNEL_JOIN, NetTransport, 
 from pleaco.cluster.trust import ClusterState, JoinToken, TrustError
 from pleaco.cluster.wire import DROP_REASONS, Codec
 from pleaco.config import Config, parse_host_port
+from pleaco.errors import Conflict
 from pleaco.identity import Identity
 from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.runtime import DockerRuntime
@@ -44,7 +45,7 @@ log = logs.get("pleaco.cluster")
 BOOTSTRAP_SETTLE = 3.0
 
 
-class ClusterError(RuntimeError):
+class ClusterError(Conflict, RuntimeError):
     """A cluster operation that cannot be done now (already founded, not a member, ...)."""
 
 

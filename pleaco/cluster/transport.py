@@ -24,6 +24,7 @@ from typing import Any
 from pleaco import logs
 from pleaco.cluster import messages, wire
 from pleaco.cluster.messages import MessageError, Packet
+from pleaco.errors import Unavailable
 
 log = logs.get("pleaco.cluster.transport")
 
@@ -40,7 +41,7 @@ CHANNEL_IMAGE = b"I"
 ChannelHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class TransportError(ConnectionError):
+class TransportError(Unavailable, ConnectionError, code="peer_unreachable"):
     """A stream exchange failed: unreachable, timed out, or an answer that does not open."""
 
 

@@ -18,8 +18,9 @@ import aiohttp
 
 from pleaco import logs
 from pleaco.apps import ValidationError, validate_hostname
+from pleaco.errors import PleacoError
 from pleaco.ingress.dns import srv_name
-from pleaco.ingress.urlpath import health_path_problem
+from pleaco.urlpath import health_path_problem
 
 log = logs.get("pleaco.ingress.caddy")
 
@@ -264,7 +265,7 @@ ACCESS_LOG_DROPPED = ("request>headers", "request>tls", "request>remote_ip", "re
                       "bytes_read")
 
 
-class AdminError(RuntimeError):
+class AdminError(PleacoError, RuntimeError, code="proxy_admin_failed"):
     """Caddy's admin API refused a request or is not reachable."""
 
 

@@ -18,6 +18,8 @@ import docker
 import docker.errors
 import requests
 
+from pleaco import errors
+
 LABEL_APP = "pleaco.app"
 LABEL_NODE = "pleaco.node"
 LABEL_RELEASE = "pleaco.release"
@@ -33,16 +35,25 @@ API_VERSION = "1.41"
 _EXIT_CODE = re.compile(r"Exited \((-?\d+)\)")
 
 
-class EngineUnavailable(RuntimeError):
+class EngineError(errors.PleacoError, code="engine_error", status=502):
+    """Docker Engine failed a call: the base of the four below. Each also keeps the builtin
+    base it always had, which callers' except clauses rely on."""
+
+
+class EngineUnavailable(errors.Unavailable, EngineError, RuntimeError, code="engine_unreachable"):
     """Docker Engine does not answer (down, socket missing, or timed out)."""
 
 
-class NotFound(LookupError):
+class NotFound(errors.NotFound, EngineError, LookupError):
     """The container or image does not exist."""
 
 
-class Conflict(RuntimeError):
+class Conflict(errors.Conflict, EngineError, RuntimeError):
     """The container name is taken (the container already exists)."""
+
+
+class EngineCallFailed(EngineError, RuntimeError):
+    """Docker Engine answered a call with an error other than the above."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +155,7 @@ def _wrap(exc: Exception) -> Exception:
     if isinstance(exc, docker.errors.APIError):
         if exc.status_code == 409:
             return Conflict(_explain(exc))
-        return RuntimeError(f"docker engine: {_explain(exc)}")
+        return EngineCallFailed(f"docker engine: {_explain(exc)}")
     if isinstance(exc, requests.RequestException | docker.errors.DockerException | OSError):
         return EngineUnavailable(f"docker engine unreachable: {exc}")
     return exc

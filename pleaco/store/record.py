@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pleaco.errors import InvalidInput
 from pleaco.identity import Identity, verify
 from pleaco.store.hlc import Timestamp
 
@@ -42,7 +43,7 @@ MAX_RECORD_BYTES = GOSSIP_MAX_PACKET - GOSSIP_PACKET_OVERHEAD
 _RECORD_FIXED_BYTES = 40 + 13 + 10 + 32 + 88
 
 
-class RecordError(ValueError):
+class RecordError(InvalidInput, ValueError, code="invalid_record"):
     """A record that is malformed, of an unknown kind, or whose signature does not verify."""
 
 

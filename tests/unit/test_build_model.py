@@ -243,7 +243,9 @@ def test_a_large_signed_push_is_checked_off_the_loop_and_queued(tmp_path: Path) 
     from aiohttp.test_utils import TestClient, TestServer
 
     from pleaco.api.builds import HOOK_PATH, INLINE_HMAC_BYTES, add_routes
+    from pleaco.api.config import ApiConfig
     from pleaco.api.errors import ApiError
+    from pleaco.api.jsonbody import MAX_JSON_DEPTH
 
     svc = _service(tmp_path)
     secret = svc.connect("web", "https://github.com/o/web.git", None, "a-long-secret").secret
@@ -260,6 +262,7 @@ def test_a_large_signed_push_is_checked_off_the_loop_and_queued(tmp_path: Path) 
 
     async def run() -> list[int]:
         app = web.Application(middlewares=[errors])
+        app[MAX_JSON_DEPTH] = ApiConfig().max_json_depth  # what ApiServer sets
         add_routes(app, svc)
         async with TestClient(TestServer(app)) as client:
             out = []

@@ -33,9 +33,9 @@ from pleaco.ingress.caddy import (
 from pleaco.ingress.config import ProxyConfig
 from pleaco.ingress.orphans import OrphanSweeper, config_addresses, find_orphans, overlap, parse_address
 from pleaco.ingress.traffic import TrafficStats
-from pleaco.ingress.urlpath import health_path_problem
 from pleaco.metrics import Registry
 from pleaco.runtime.docker import ContainerInfo, InfraInfo
+from pleaco.urlpath import health_path_problem
 
 SETTINGS = ProxySettings(listen="0.0.0.0:80", https_listen="0.0.0.0:443", admin_listen="127.0.0.1:2019",
                          try_duration=5.0, health_interval=2.0)

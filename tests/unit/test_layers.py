@@ -10,7 +10,7 @@ import pleaco
 
 # Bottom to top. A part is a top-level module or subpackage of pleaco.
 LAYERS: list[set[str]] = [
-    {"__init__", "logs", "metrics", "errors", "hostport", "identity"},  # foundations
+    {"__init__", "logs", "metrics", "errors", "hostport", "urlpath", "identity"},  # foundations
     {"store"},  # the replicated state on disk
     {"cluster", "runtime"},  # gossip and trust; Docker Engine (neither knows the other)
     {"apps", "placement"},  # what the state means: app specs, who runs and decides what
