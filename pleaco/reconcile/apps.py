@@ -243,6 +243,13 @@ class AppReconciler(Loop):
             elif state.backoff.ready(now):
                 replace.append((spec, key[1], old))
 
+        # A wanted replica without any container (its old one was stopped first, and its
+        # replacement is not made yet) is as unavailable as one whose replacement is not
+        # serving yet: else each pass would stop another old one.
+        for key, spec in desired.items():
+            if key not in by_replica:
+                unavailable[spec.name] = unavailable.get(spec.name, 0) + 1
+
         # Old release only: start the replacement within the surge budget; beyond it, stop
         # the old one first within the unavailable budget; else wait for a later pass.
         rollout = self.cfg.rollout
