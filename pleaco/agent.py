@@ -23,6 +23,7 @@ from pleaco.apps import AppStore
 from pleaco.builds.engine import BuildEngine
 from pleaco.builds.secrets import SecretBox
 from pleaco.builds.service import BuildService
+from pleaco.builds.transfer import ImageTransfer
 from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
@@ -79,9 +80,10 @@ class Agent:
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
         apps = AppStore(store, cfg.max_replicas)
-        cluster = Cluster(cfg, identity, store, registry, runtime=runtime)
+        cluster = Cluster(cfg, identity, store, registry)
+        images = ImageTransfer(cluster, runtime)  # images between nodes, over the cluster's streams
         reconciler = AppReconciler(cfg, identity.node_id, apps, runtime, registry, live_nodes=cluster.placement_nodes,
-                                   weights=cluster.weights, fetch_image=cluster.fetch_image,
+                                   weights=cluster.weights, fetch_image=images.fetch_image,
                                    advertise_host=cluster.addr.rpartition(":")[0])
         cluster.on_change = reconciler.wake
         proxy = ProxyReconciler(cfg, identity.node_id, apps, reconciler, runtime, registry)

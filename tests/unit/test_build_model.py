@@ -13,7 +13,7 @@ from pleaco.apps import AppStore
 from pleaco.builds.config import BuildConfig
 from pleaco.builds.model import Connection, build_id, canonical_repo
 from pleaco.builds.service import AWAITING_IMAGE, BuildService, ConnectError
-from pleaco.cluster.service import names_registry
+from pleaco.builds.transfer import names_registry
 from pleaco.identity import Identity
 from pleaco.store import Store
 
