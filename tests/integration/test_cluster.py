@@ -325,5 +325,20 @@ def test_fuzzed_packets_and_frames_do_not_disturb_the_cluster(agent_factory: Fac
             assert states(b)[a.node_id] == "alive" and healthy(a)
     wait_for(lambda: metric(a, 'pleaco_gossip_dropped_total{reason="too_large"}') > too_large, 10,
              "oversized TCP frames counted")
+
+    # 200 well-framed join requests that do not check out: refused and counted each, but
+    # logged as one line per burst, not one line each.
+    refused = metric(a, 'pleaco_gossip_dropped_total{reason="join_refused"}')
+    for _ in range(200):
+        body = json.dumps({"cluster": "x", "nonce": rng.randbytes(8).hex()}).encode()
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(b"J" + struct.pack(">I", len(body)) + body)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(4096):
+                pass
+    wait_for(lambda: metric(a, 'pleaco_gossip_dropped_total{reason="join_refused"}') >= refused + 200, 10,
+             "every refused join counted")
+    lines = [x for x in a.log_path.read_text().splitlines() if "event=cluster.join_refused" in x]
+    assert len(lines) < 20, f"{len(lines)} log lines for 200 refused joins"
     assert states(b)[a.node_id] == "alive" and states(a)[b.node_id] == "alive"
     assert not accusations(b, a)
