@@ -29,11 +29,11 @@ from pleaco.cluster.sync import StoreSync
 from pleaco.cluster.transport import (
     CHANNEL_JOIN,
     MAX_FRAME,
-    RESERVED_CHANNELS,
     ChannelHandler,
     NetTransport,
     SealedStream,
     TransportError,
+    check_channel,
     frame,
     read_frame,
 )
@@ -378,8 +378,7 @@ class Cluster:
     def register_channel(self, channel: bytes, handler: ChannelHandler) -> None:
         """Serve ``channel`` (one byte, not S or J) on the gossip port: ``handler`` gets each
         sealed stream once its opening header came from an admitted member, with that header."""
-        if len(channel) != 1 or channel in RESERVED_CHANNELS:
-            raise ValueError(f"channel {channel!r}: expected one byte other than S and J")
+        check_channel(channel)
         self._channels[channel] = handler
         if self.transport is not None:
             self.transport.register(channel, handler)

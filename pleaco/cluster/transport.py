@@ -73,6 +73,12 @@ def frame(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
+def check_channel(channel: bytes) -> None:
+    """A channel other parts may register: one byte, not one the transport itself serves."""
+    if len(channel) != 1 or channel in RESERVED_CHANNELS:
+        raise ValueError(f"channel {channel!r}: expected one byte other than S and J")
+
+
 def seal_packet(codec: wire.Codec, packet: Packet) -> bytes:
     """A packet as it goes on the wire; ValueError when it exceeds the codec's size."""
     return codec.seal(messages.encode(packet))
@@ -235,8 +241,7 @@ class NetTransport(Transport):
     # -- streams -------------------------------------------------------------------------
 
     def register(self, channel: bytes, handler: ChannelHandler) -> None:
-        if len(channel) != 1 or channel in RESERVED_CHANNELS:
-            raise ValueError(f"channel {channel!r}: expected one byte other than S and J")
+        check_channel(channel)
         self.channels[channel] = handler
 
     async def open_stream(self, addr: str, channel: bytes, header: dict[str, Any], timeout: float) -> SealedStream:
