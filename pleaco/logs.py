@@ -18,8 +18,8 @@ _node_fields: dict[str, str] = {}
 
 def _quote(value: Any) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\n\t'):
-        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if text == "" or any(c in text for c in ' "=\n\r\t'):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") + '"'
     return text
 
 
@@ -34,7 +34,11 @@ class LogfmtFormatter(logging.Formatter):
         fields.update(_node_fields)
         fields.update(getattr(record, "fields", {}))
         if record.exc_info:
-            fields["error"] = self.formatException(record.exc_info).splitlines()[-1]
+            # The whole stack, still on the event's one line: logfmt quotes the value and
+            # escapes its newlines (\n). ``error`` repeats the last line, to grep for.
+            trace = self.formatException(record.exc_info)
+            fields["error"] = trace.splitlines()[-1]
+            fields["traceback"] = trace
         return " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
 
 

@@ -18,8 +18,11 @@ class BuildConfig:
     # URL GitHub reaches this node's API at, printed by `apps connect` as the webhook URL
     # (plus /v1/hooks/github). Empty: the URL the client used to reach the API.
     public_url: str = ""
-    # Largest webhook body (bytes). GitHub caps payloads at 25 MB and drops larger ones.
-    webhook_max_body_bytes: int = 25 << 20
+    # Largest webhook body (bytes), refused (413) before its signature is checked: anyone
+    # can send one, and its HMAC is computed once per connected app. GitHub caps payloads at
+    # 25 MB, but a push lists at most 20 commits and their changed paths, ~1 KB per commit
+    # plus the paths; 2 MiB takes a push touching thousands of files.
+    webhook_max_body_bytes: int = 2 << 20
     # Builds running at once on this node. Image builds are CPU- and disk-bound; two at a
     # time keep a 2-core node's API and reconciler responsive.
     concurrency: int = 2

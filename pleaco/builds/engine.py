@@ -29,6 +29,7 @@ from typing import IO, Any
 import docker
 import docker.errors
 
+from pleaco.errors import PleacoError
 from pleaco.runtime.docker import API_VERSION, DockerRuntime, EngineUnavailable, NotFound, _wrap
 
 LABEL_BUILD = "pleaco.build"
@@ -38,11 +39,11 @@ LABEL_BUILD_ROLE = "pleaco.build-role"
 LogFn = Callable[[str], None]
 
 
-class Cancelled(RuntimeError):
+class Cancelled(PleacoError, RuntimeError, code="cancelled"):
     """The operation was aborted through its Cancel token; the message says why."""
 
 
-class BuildFailed(RuntimeError):
+class BuildFailed(PleacoError, RuntimeError, code="build_failed"):
     """The engine reported an error for the build (a Dockerfile step failed, ...)."""
 
 

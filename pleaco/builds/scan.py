@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import IO, Any
 
 from pleaco.builds.vulndb import SEVERITY_RANK, Advisory, affected_by, normalise_name
+from pleaco.errors import PleacoError
 
 DPKG_STATUS = "var/lib/dpkg/status"
 APK_INSTALLED = "lib/apk/db/installed"
@@ -198,7 +199,7 @@ def blocking(findings: Iterable[Finding], fail_on: str) -> list[Finding]:
     return [f for f in findings if max(SEVERITY_RANK[f.severity], 1) >= limit]
 
 
-class TrivyError(RuntimeError):
+class TrivyError(PleacoError, RuntimeError, code="scanner_failed"):
     pass
 
 

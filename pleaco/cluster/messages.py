@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pleaco.errors import InvalidInput
 from pleaco.store.hlc import Timestamp
 from pleaco.store.record import KINDS, Record
 
@@ -28,7 +29,7 @@ MAX_KEY = 512
 MAX_DEPTH = 32
 
 
-class MessageError(ValueError):
+class MessageError(InvalidInput, ValueError, code="invalid_message"):
     """A message that is not well formed; the text says which field."""
 
 

@@ -39,6 +39,7 @@ from pleaco.cluster.transport import (
 )
 from pleaco.cluster.trust import ClusterState, JoinToken, TrustError
 from pleaco.cluster.wire import DROP_REASONS, Codec
+from pleaco.errors import Conflict
 from pleaco.hostport import parse_host_port
 from pleaco.identity import Identity
 from pleaco.metrics import Counter, Gauge, Registry
@@ -51,7 +52,7 @@ log = logs.get("pleaco.cluster")
 BOOTSTRAP_SETTLE = 3.0
 
 
-class ClusterError(RuntimeError):
+class ClusterError(Conflict, RuntimeError):
     """A cluster operation that cannot be done now (already founded, not a member, ...)."""
 
 

@@ -33,6 +33,7 @@ from typing import Any
 from pleaco import logs
 from pleaco.cluster import messages, wire
 from pleaco.cluster.messages import MessageError, Packet
+from pleaco.errors import Unavailable
 
 log = logs.get("pleaco.cluster.transport")
 
@@ -54,7 +55,7 @@ CHANNEL_JOIN = b"J"
 RESERVED_CHANNELS = (CHANNEL_STREAM, CHANNEL_JOIN)
 
 
-class TransportError(ConnectionError):
+class TransportError(Unavailable, ConnectionError, code="peer_unreachable"):
     """A stream exchange failed: unreachable, timed out, or an answer that does not open."""
 
 

@@ -16,9 +16,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pleaco import logs
 from pleaco.identity import Identity, node_id_for
 from pleaco.store.hlc import HLC, Timestamp
-from pleaco.store.record import KINDS, Record, RecordError, Value, canonical_json
+from pleaco.store.record import KINDS, Record, RecordError, RecordTooLarge, Value, canonical_json, check_size
+
+log = logs.get("pleaco.store")
+
+# Kinds whose records can still outgrow a gossip packet: written, and logged as an error
+# each time (never silently), rather than refused, until their writers split them:
+# ``route`` (one record per app per node, listing that node's replicas) passes the limit at
+# about four replicas of one app on one node; a finished ``build`` holds its test output and
+# scan findings, and its fixed fields alone take ~1 KB. tests/unit/test_record.py lists the
+# worst cases.
+OVERSIZE_TOLERATED = frozenset({"route", "build"})
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -85,7 +96,17 @@ class Store:
         return self._write_local(kind, key, None)
 
     def put_many(self, items: list[tuple[str, str, Value]]) -> list[Record]:
-        """Several local writes in one transaction: all of them are durable, or none."""
+        """Several local writes in one transaction: all of them are durable, or none.
+
+        Raises RecordTooLarge (nothing written) when a record would not fit in one gossip
+        packet: spreading it would be left to anti-entropy alone."""
+        for kind, key, value in items:
+            try:
+                check_size(kind, key, value)
+            except RecordTooLarge as exc:
+                if kind not in OVERSIZE_TOLERATED:
+                    raise
+                log.error("store.record_too_large", kind=kind, key=key, size=exc.size, limit=exc.limit)
         records = [Record.create(self.identity, k, key, v, self.hlc.now()) for k, key, v in items]
         with self._transaction():
             for rec in records:
@@ -163,14 +184,20 @@ class Store:
         rec = self.get(kind, key)
         return None if rec is None else rec.value
 
-    def records(self, kind: str, include_deleted: bool = False) -> list[Record]:
+    def records(self, kind: str, include_deleted: bool = False, prefix: str = "") -> list[Record]:
+        """The records of a kind, by key; with ``prefix``, only keys that start with it (a
+        range scan of the primary key, so its cost does not grow with the other keys)."""
         if kind not in KINDS:
             raise RecordError(f"unknown record kind {kind!r}")
         sql = "SELECT * FROM records WHERE kind = ?"
+        args: list[str] = [kind]
+        if prefix:
+            sql += " AND key >= ? AND key < ?"
+            args += [prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)]
         if not include_deleted:
             sql += " AND value IS NOT NULL"
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY key", (kind,)).fetchall()
+            rows = self._db.execute(sql + " ORDER BY key", args).fetchall()
         return [_row_to_record(r) for r in rows]
 
     def all(self) -> list[Record]:

@@ -119,9 +119,9 @@ def test_push_builds_tests_scans_releases_and_serves(env: BuildEnv) -> None:
     assert 'pleaco_builds_total{state="succeeded"} 1' in metrics
     assert 'pleaco_build_step_duration_seconds_count{step="test"} 1' in metrics
 
-    # The same push again (a new delivery of the same commit) builds nothing.
+    # The same push again (a redelivery: the same signed body, a new delivery id) builds nothing.
     again = deliver(env.agent.url, SECRET, "push", push_payload(repo.url, repo.before, commit))
-    assert again.status == 200 and again.body["builds"][0]["outcome"] == "already_built"
+    assert again.status == 200 and again.body["builds"][0]["outcome"] == "duplicate_delivery"
     # A second commit: a new release with the new image; the first one is kept for rollback.
     second = env.push(repo, "second", change={"serve.sh": (repo.work / "serve.sh").read_text().replace(
         "GREETING:-pleaco", "GREETING:-v2")})
@@ -229,6 +229,30 @@ def test_newest_commit_wins(env: BuildEnv) -> None:
     b2 = env.wait_done(app, second)
     assert b2["state"] == "succeeded" and b2["release"] == 1, b2["reason"]
     assert env.agent.client.app(app)["image"] == b2["image"]
+
+
+def test_a_replayed_older_push_does_not_roll_the_app_back(env: BuildEnv) -> None:
+    """GitHub signs the body, not the X-GitHub-Delivery header: a captured push of an older
+    commit, sent again with a new delivery id, must not release that commit again."""
+    app, repo = env.repo("hello")
+    first = repo.commit_and_push("first")
+    captured = push_payload(repo.url, repo.before, first)
+    assert deliver(env.agent.url, SECRET, "push", captured).status == 202
+    b1 = env.wait_done(app, first)
+    assert b1["state"] == "succeeded", b1["reason"]
+    second = env.push(repo, "second", change={"serve.sh": (repo.work / "serve.sh").read_text().replace(
+        "GREETING:-pleaco", "GREETING:-v2")})
+    b2 = env.wait_done(app, second)
+    assert b2["state"] == "succeeded" and b2["release"] == 2 and b2["image"] != b1["image"], b2["reason"]
+
+    replay = deliver(env.agent.url, SECRET, "push", captured, delivery=str(uuid.uuid4()))
+    assert replay.status == 200, replay.body
+    (result,) = replay.body["builds"]
+    assert result["outcome"] == "stale_push" and result["released_commit"] == second, result
+    assert f"older than commit {second[:12]}" in result["reason"] and "apps rollback" in result["reason"]
+    shown = env.agent.client.app(app)
+    assert shown["image"] == b2["image"] and shown["revision"] == 2
+    assert env.build(app, first)["release"] == 1  # not released again
 
 
 def test_build_resumes_after_agent_restart(env: BuildEnv) -> None:

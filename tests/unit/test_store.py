@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pleaco.identity import Identity
-from pleaco.store import HLC, Record, RecordError, Store, Timestamp, merge
+from pleaco.store import HLC, MAX_RECORD_BYTES, Record, RecordError, RecordTooLarge, Store, Timestamp, merge
+from pleaco.store.record import gossip_size
 
 # Hypothesis runs many examples, each with fresh stores committing with synchronous=FULL;
 # on tmpfs the fsyncs cost nothing. Convergence does not depend on where the file is.
@@ -486,3 +487,19 @@ def test_every_listener_is_called(store: Store) -> None:
     store.subscribe(lambda r: second.append(r.key))
     store.put("app", "web", {})
     assert first == second == ["web"]
+
+
+def test_a_record_larger_than_a_gossip_packet_is_refused_and_nothing_is_written(store: Store) -> None:
+    before = store.all()
+    with pytest.raises(RecordTooLarge) as err:
+        store.put_many([("scale", "web", {"replicas": 1}), ("app", "web", {"env": {"A": "x" * MAX_RECORD_BYTES}})])
+    assert (err.value.kind, err.value.key, err.value.limit) == ("app", "web", MAX_RECORD_BYTES)
+    with pytest.raises(RecordTooLarge):
+        store.put("secret", "deploy-key/web", {"v": "k" * 2000})
+    assert store.all() == before
+    # A record exactly at the limit is written.
+    fits = {"v": ""}
+    fits["v"] = "x" * (MAX_RECORD_BYTES - gossip_size("secret", "k", fits))
+    assert gossip_size("secret", "k", fits) == MAX_RECORD_BYTES
+    store.put("secret", "k", fits)
+    assert store.value("secret", "k") == fits
