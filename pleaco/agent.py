@@ -133,7 +133,7 @@ class Agent:
         cluster.on_cluster = lambda: secretbox.reseal(store)
         secretbox.reseal(store)
         builds = BuildService(cfg.build, cfg.data_dir, identity.node_id, store, apps, build_engine, registry,
-                              secretbox)
+                              secretbox, owners)
         runner.add(builds)
         if cfg.build.poll_interval > 0:
             runner.add(RepoPoller(builds, owners))

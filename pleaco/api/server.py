@@ -38,7 +38,8 @@ from pleaco.identity import Identity
 from pleaco.metrics import Counter, Histogram, Registry
 from pleaco.reconcile.apps import AppReconciler
 from pleaco.reconcile.status import app_status
-from pleaco.runtime import ContainerInfo, DockerRuntime
+from pleaco.runtime import ContainerInfo
+from pleaco.runtime.engine import Engine
 from pleaco.store import Store
 
 log = logs.get("pleaco.api")
@@ -55,7 +56,7 @@ class ApiServer:
         store: Store,
         apps: AppStore,
         reconciler: AppReconciler,
-        runtime: DockerRuntime,
+        runtime: Engine,
         registry: Registry,
         token: str,
         max_body_bytes: int,
@@ -284,7 +285,7 @@ class LogStreamer:
     with its replica. A reader thread per container (the SDK's log stream blocks) feeds an
     asyncio queue; closing the streams unblocks the threads."""
 
-    def __init__(self, runtime: DockerRuntime, containers: list[ContainerInfo], tail: int | str, follow: bool) -> None:
+    def __init__(self, runtime: Engine, containers: list[ContainerInfo], tail: int | str, follow: bool) -> None:
         self.runtime = runtime
         self.containers = containers
         self.tail = tail

@@ -56,6 +56,7 @@ from pleaco.builds.secrets import SecretBox, SecretError
 from pleaco.builds.vulndb import load_db
 from pleaco.errors import InvalidInput, PleacoError
 from pleaco.metrics import Counter, Histogram, Registry
+from pleaco.placement import Owners
 from pleaco.reconcile.loop import Loop
 from pleaco.runtime import EngineUnavailable
 from pleaco.store import RecordTooLarge, Store
@@ -122,9 +123,12 @@ class BuildService(Loop):
     interval = 5.0
 
     def __init__(self, cfg: BuildConfig, data_dir: Path, node_id: str, store: Store, apps: AppStore,
-                 engine: BuildEngine, registry: Registry | None = None, secretbox: SecretBox | None = None) -> None:
+                 engine: BuildEngine, registry: Registry | None = None, secretbox: SecretBox | None = None,
+                 owners: Owners | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        # An app's builds run on its owner (pleaco.placement), whichever node took the push.
+        self.owners = owners or Owners(node_id, lambda: [node_id])
         self.secretbox = secretbox or SecretBox(data_dir)
         self.data_dir = data_dir
         self.node_id = node_id
@@ -276,7 +280,7 @@ class BuildService(Loop):
         else:
             # New, or cancelled earlier (superseded, then pushed again): build it now.
             build = Build(id=bid, app=conn.app, commit=commit, repo=fresh.repo, branch=fresh.branch,
-                          trigger=trigger, delivery=delivery, node=self.node_id,
+                          trigger=trigger, delivery=delivery, node=self.owners.owner(conn.app) or self.node_id,
                           attempt=existing.attempt if existing else 0)
         self.builds.put_push(fresh, build if outcome == "queued" else None)
         if outcome == "queued":
@@ -361,8 +365,25 @@ class BuildService(Loop):
         await asyncio.to_thread(self.recover)
 
     async def step(self) -> str | None:
+        await asyncio.to_thread(self.adopt)
         self._dispatch()
         return None
+
+    def adopt(self) -> None:
+        """Take over the unfinished builds of the apps this node owns now whose node left
+        the cluster (it died, or was removed): they are queued here, from the start."""
+        live = set(self.owners.live_nodes())
+        if not live:
+            return  # not knowing the members yet, nobody is known to be gone
+        for b in self.builds.all():
+            if not b.active or b.node in live or b.node == "" or not self.owners.owns(b.app):
+                continue
+            gone, was = b.node, b.state
+            b.node, b.state = self.node_id, "queued"
+            b.reason = f"taken over from node {gone[:12]}, which left the cluster (was {was})"
+            self.builds.put(b)
+            log.info("build.taken_over", app=b.app, build=b.id, from_node=gone, was=was)
+            self.wake()
 
     async def teardown(self) -> None:
         with self._lock:

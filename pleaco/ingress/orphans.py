@@ -39,8 +39,9 @@ from typing import Any
 from pleaco import logs
 from pleaco.ingress.caddy import ProxySettings
 from pleaco.ingress.config import ProxyConfig
-from pleaco.runtime import DockerRuntime, NotFound
+from pleaco.runtime import NotFound
 from pleaco.runtime.docker import InfraInfo
+from pleaco.runtime.engine import Engine
 from pleaco.store import Store
 
 log = logs.get("pleaco.ingress.orphans")
@@ -144,7 +145,7 @@ def _boot_addresses(boot_dir: Path) -> set[Address]:
 class OrphanSweeper:
     """Runs find_orphans on the proxy loop's passes and removes what it finds."""
 
-    def __init__(self, cfg: ProxyConfig, runtime: DockerRuntime, node_id: str, role: str, boot_dir: str,
+    def __init__(self, cfg: ProxyConfig, runtime: Engine, node_id: str, role: str, boot_dir: str,
                  own_dir: Path, members: Callable[[], set[str]], own_addresses: Callable[[], set[Address]],
                  blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> None:
         self.cfg = cfg

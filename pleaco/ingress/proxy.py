@@ -56,8 +56,9 @@ from pleaco.reconcile.loop import Loop
 from pleaco.reconcile.publish import local_dial_host
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.view import NodeView
-from pleaco.runtime import ContainerInfo, DockerRuntime, EngineUnavailable, NotFound
+from pleaco.runtime import ContainerInfo, EngineUnavailable, NotFound
 from pleaco.runtime.docker import InfraInfo, InfraSpec
+from pleaco.runtime.engine import Engine
 
 log = logs.get("pleaco.ingress.proxy")
 
@@ -88,7 +89,7 @@ class ProxyReconciler(Loop):
         data_dir: Path,
         view: NodeView,
         routes: RouteTable,
-        runtime: DockerRuntime,
+        runtime: Engine,
         registry: Registry,
         live_nodes: Callable[[], Collection[str]] | None = None,
     ) -> None:

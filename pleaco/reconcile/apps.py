@@ -37,9 +37,10 @@ from pleaco.reconcile.publish import local_dial_host
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.status import local_instances
 from pleaco.reconcile.view import ImageState, NodeView, Observation, ReplicaKey, ReplicaState
-from pleaco.runtime import Conflict, ContainerInfo, DockerRuntime, EngineUnavailable, NotFound, RunSpec
+from pleaco.runtime import Conflict, ContainerInfo, EngineUnavailable, NotFound, RunSpec
 from pleaco.runtime.docker import container_name
-from pleaco.runtime.health import probe
+from pleaco.runtime.engine import Engine
+from pleaco.runtime.health import Probe, probe
 
 log = logs.get("pleaco.reconcile.apps")
 
@@ -52,11 +53,12 @@ class AppReconciler(Loop):
         cfg: ReconcileSettings,
         view: NodeView,
         routes: RouteTable,
-        runtime: DockerRuntime,
+        runtime: Engine,
         registry: Registry,
         live_nodes: Callable[[], Sequence[str]] | None = None,
         weights: Callable[[], dict[str, float]] | None = None,
         fetch_image: Callable[[str], Awaitable[bool]] | None = None,
+        probe: Probe = probe,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -68,6 +70,8 @@ class AppReconciler(Loop):
         self.node_id = view.node_id
         self.apps: AppStore = view.apps
         self.runtime = runtime
+        # The replicas' HTTP health probe; unit tests answer it from the engine's twin.
+        self.probe = probe
         self.live_nodes = live_nodes or (lambda: [self.node_id])
         # Placement weight per node (its capacity); equal when not given.
         self.weights = weights or dict
@@ -238,6 +242,13 @@ class AppReconciler(Loop):
                     unavailable[spec.name] = unavailable.get(spec.name, 0) + 1
             elif state.backoff.ready(now):
                 replace.append((spec, key[1], old))
+
+        # A wanted replica without any container (its old one was stopped first, and its
+        # replacement is not made yet) is as unavailable as one whose replacement is not
+        # serving yet: else each pass would stop another old one.
+        for key, spec in desired.items():
+            if key not in by_replica:
+                unavailable[spec.name] = unavailable.get(spec.name, 0) + 1
 
         # Old release only: start the replacement within the surge budget; beyond it, stop
         # the old one first within the unavailable budget; else wait for a later pass.
@@ -458,7 +469,7 @@ class AppReconciler(Loop):
         host = local_dial_host(self.view.publish_host)
         timeout = self.cfg.health_timeout
         results = await asyncio.gather(
-            *(probe(self._session, host, c.host_port or 0, spec.health or "/", timeout) for c, spec in targets)
+            *(self.probe(self._session, host, c.host_port or 0, spec.health or "/", timeout) for c, spec in targets)
         )
         stops = []
         for (c, spec), ok in zip(targets, results, strict=True):

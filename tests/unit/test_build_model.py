@@ -275,3 +275,34 @@ def test_a_large_signed_push_is_checked_off_the_loop_and_queued(tmp_path: Path) 
 
     assert asyncio.run(run()) == [202, 401, 413]
     assert svc.builds.get(build_id("web", "a" * 40)) is not None
+
+
+def test_a_push_is_built_by_the_apps_owner_and_a_gone_owners_builds_are_taken_over(tmp_path: Path) -> None:
+    from pleaco.placement import Owners, app_owner
+
+    store = Store(tmp_path / "state.db", Identity.load_or_create(tmp_path))
+    live = ["n1", "n2", "n3"]
+    owner = app_owner("web", live)
+    here = next(n for n in live if n != owner)  # the push lands on a node that is not the owner
+    svc = BuildService(BuildConfig(), tmp_path, here, store, AppStore(store, 10), engine=None,  # type: ignore[arg-type]
+                       owners=Owners(here, lambda: live))
+    conn = svc.connect("web", "https://github.com/o/web.git", None, None).connection
+    result = svc.push(conn, "a" * 40, "d1")
+    assert result.outcome == "queued" and result.build is not None and result.build.node == owner
+    svc.adopt()
+    assert svc.builds.get(result.build.id).node == owner  # type: ignore[union-attr]  # the owner is alive
+    # The owner dies; the next owner takes its unfinished build over, from the start.
+    live.remove(owner)
+    successor = app_owner("web", live)
+    heir = BuildService(BuildConfig(), tmp_path, successor, store, AppStore(store, 10), engine=None,  # type: ignore[arg-type]
+                        owners=Owners(successor, lambda: live))
+    other = next(n for n in live if n != successor)
+    bystander = BuildService(BuildConfig(), tmp_path, other, store, AppStore(store, 10), engine=None,  # type: ignore[arg-type]
+                             owners=Owners(other, lambda: live))
+    bystander.adopt()
+    assert svc.builds.get(result.build.id).node == owner  # type: ignore[union-attr]  # not its to take
+    heir.adopt()
+    taken = heir.builds.get(result.build.id)
+    assert taken is not None and taken.node == successor and taken.state == "queued"
+    assert f"taken over from node {owner[:12]}" in taken.reason
+    store.close()
