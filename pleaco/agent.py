@@ -22,6 +22,7 @@ from pleaco.builds.engine import BuildEngine
 from pleaco.builds.poller import RepoPoller
 from pleaco.builds.secrets import SecretBox
 from pleaco.builds.service import BuildService
+from pleaco.builds.transfer import ImageTransfer
 from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
@@ -85,7 +86,8 @@ class Agent:
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
         apps = AppStore(store, cfg.max_replicas)
-        cluster = Cluster(cfg, identity, store, registry, runtime=runtime)
+        cluster = Cluster(cfg, identity, store, registry)
+        images = ImageTransfer(cluster, runtime)  # images between nodes, over the cluster's streams
         me = identity.node_id
         runner = LoopRunner(registry)
         owners = Owners(me, cluster.placement_nodes)
@@ -97,7 +99,7 @@ class Agent:
                         configured_publish_host=cfg.publish_host)
         routes = RouteTable(store, me)
         reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,
-                                   weights=cluster.weights, fetch_image=cluster.fetch_image)
+                                   weights=cluster.weights, fetch_image=images.fetch_image)
         runner.add(reconciler)
         drain.on_request = reconciler.wake  # publish the drain at once
         cluster.on_change = reconciler.wake

@@ -12,7 +12,6 @@ import dataclasses
 import math
 import os
 import re
-import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,8 +20,10 @@ from typing import Any
 
 from pleaco.api.config import ApiConfig
 from pleaco.builds.config import BuildConfig
-from pleaco.cluster.config import GossipConfig
+from pleaco.cluster.config import ClusterSettings
 from pleaco.errors import InvalidInput
+from pleaco.hostport import HostPortError
+from pleaco.hostport import parse_host_port as parse_host_port  # re-exported: the agent's and tests' HOST:PORT parser
 from pleaco.ingress.config import IngressSettings
 
 DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
@@ -33,29 +34,13 @@ class ConfigError(InvalidInput, ValueError, code="invalid_config"):
 
 
 @dataclass
-class Config(IngressSettings):
+class Config(ClusterSettings, IngressSettings):
     """The agent's settings. A part's own settings are a dataclass beside its code that
     this one inherits (the keys stay top-level in pleaco.toml), or a table of its own
-    ([gossip], [proxy], [rollout], [build]); a part is handed only its own."""
+    ([gossip], [proxy], [rollout], [build]); a part is handed only its own. The cluster's
+    (data_dir, name, api_listen, gossip_listen, advertise, seeds, join_token, discovery,
+    bootstrap, bootstrap_secret and [gossip]) are in pleaco/cluster/config.py."""
 
-    # Where the node key, the store and the admin token live. Under /var/lib like other
-    # daemons' state, so it survives upgrades of /opt/pleaco.
-    data_dir: Path = Path("/var/lib/pleaco")
-    # Human name of the node; the host name is what operators recognise.
-    name: str = field(default_factory=socket.gethostname)
-    # The REST API. All interfaces: every node answers every call (DESIGN principle 1).
-    api_listen: str = "0.0.0.0:7400"
-    # Gossip, UDP and TCP on one port (used once the cluster layer lands).
-    gossip_listen: str = "0.0.0.0:7401"
-    seeds: list[str] = field(default_factory=list)
-    join_token: str = ""
-    # How nodes find each other: mDNS on the LAN (plus seeds), seeds only, or neither.
-    discovery: str = "mdns"
-    # "manual": a node founds a cluster only on `pleaco cluster init`. "auto": nodes that
-    # see each other over mDNS without a cluster let the lowest node id found one and join
-    # it, proving they share bootstrap_secret (cloud-init writes it into every node).
-    bootstrap: str = "manual"
-    bootstrap_secret: str = ""
     # Docker Engine endpoint; the docker SDK's own default.
     docker_url: str = "unix:///var/run/docker.sock"
     # Seconds to wait for one Docker Engine call before counting the engine unreachable.
@@ -67,13 +52,8 @@ class Config(IngressSettings):
     max_body_bytes: int = 1 << 20
     # Log level: debug, info, warning, error.
     log_level: str = "info"
-    # Address other nodes reach this one's gossip port at. Empty: the gossip_listen host,
-    # or this host's outbound address when that is 0.0.0.0.
-    advertise: str = ""
     # The API's connection, timeout and body limits: the [api] table (see pleaco/api/config.py).
     api: ApiConfig = field(default_factory=ApiConfig)
-    # The cluster protocol's tunables: the [gossip] table (see pleaco/cluster/config.py).
-    gossip: GossipConfig = field(default_factory=GossipConfig)
     # The build pipeline's tunables: the [build] table (see pleaco/builds/config.py).
     build: BuildConfig = field(default_factory=BuildConfig)
 
@@ -88,13 +68,6 @@ class Config(IngressSettings):
     @property
     def token_path(self) -> Path:
         return self.data_dir / "admin.token"
-
-
-def parse_host_port(value: str, what: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 Fields = dict[str, "dataclasses.Field[Any]"]
@@ -219,7 +192,10 @@ def load(
 
 def validate(cfg: Config) -> None:
     for name in ("api_listen", "gossip_listen", "proxy_listen"):
-        parse_host_port(getattr(cfg, name), name)
+        try:
+            parse_host_port(getattr(cfg, name), name)
+        except HostPortError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.discovery not in ("mdns", "seeds", "none"):
         raise ConfigError(f"discovery: expected mdns, seeds or none, got {cfg.discovery!r}")
     if cfg.bootstrap not in ("manual", "auto"):

@@ -22,7 +22,7 @@ from pleaco.builds.model import (
     canonical_repo,
 )
 from pleaco.builds.service import AWAITING_IMAGE, BuildService, ConnectError
-from pleaco.cluster.service import names_registry
+from pleaco.builds.transfer import names_registry
 from pleaco.identity import Identity
 from pleaco.store import MAX_RECORD_BYTES, Store
 from pleaco.store.record import gossip_size

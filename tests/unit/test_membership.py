@@ -139,3 +139,33 @@ def test_a_stalled_node_causes_no_false_deaths() -> None:
         await stop(nodes)
 
     run(scenario())
+
+
+def test_packets_go_through_the_real_codec_and_an_unadmitted_node_is_shut_out() -> None:
+    """The simulated network seals and opens every packet and stream with each node's
+    codec: a node whose key is no longer admitted is heard by nobody, so it is declared dead."""
+    async def scenario() -> None:
+        net, nodes = await started(6, seed=6)
+        await elapse(2)
+        assert net.sealed and not net.drops
+        outcast = nodes[4]
+        del net.keys[outcast.node_id]
+        others = [m for m in nodes if m is not outcast]
+        await until(lambda: all(m.members[outcast.node_id].state == DEAD for m in others), 60)
+        assert net.drops.get("unknown_sender", 0) > 0
+        assert all(x.state == ALIVE for m in others for x in m.members.values() if x.node_id != outcast.node_id)
+        await stop(nodes)
+
+    run(scenario())
+
+
+def test_the_unsealed_fast_path_detects_a_dead_node_too() -> None:
+    async def scenario() -> None:
+        net, nodes = await started(8, seed=7, sealed=False)
+        await elapse(3)
+        net.kill(nodes[1].me.addr)
+        await until(lambda: all(m.members[nodes[1].node_id].state == DEAD for m in nodes if m is not nodes[1]), 60)
+        assert not net.keys and not net.drops
+        await stop(nodes)
+
+    run(scenario())
