@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pleaco.store import Store
+from pleaco.store.record import MAX_RECORD_BYTES, gossip_size
 
 Write = tuple[str, str, dict[str, Any] | None]
 
@@ -83,8 +84,15 @@ class Build:
 
     def record_value(self) -> dict[str, Any]:
         """The value the store keeps: fields at their empty default are left out (from_value
-        puts them back), so the record fits one gossip packet with room for the test output."""
-        return {k: v for k, v in asdict(self).items() if k in _REQUIRED or v not in ("", 0, {}, [])}
+        puts them back), and what only people read (test output, findings, the reason) is
+        trimmed until the record is within what the cluster replicates (the whole test
+        output stays in the build log on the building node)."""
+        value = {k: v for k, v in asdict(self).items() if k in _REQUIRED or v not in ("", 0, {}, [])}
+        for trim in _TRIMS:
+            if gossip_size("build", self.id, value) <= MAX_RECORD_BYTES:
+                break
+            trim(value)
+        return value
 
     @classmethod
     def from_value(cls, value: dict[str, Any]) -> Build:
@@ -93,6 +101,31 @@ class Build:
 
 
 _REQUIRED = frozenset({"id", "app", "commit", "repo", "branch", "state"})
+REASON_CHARS = 2000  # a build's reason as the record keeps it at the most (the log has it all)
+SUMMARY_CHARS = 200  # a finding's summary, likewise
+
+
+def _trim_texts(value: dict[str, Any]) -> None:
+    if isinstance(value.get("reason"), str):
+        value["reason"] = value["reason"][:REASON_CHARS]
+    scan = value.get("scan")
+    if isinstance(scan, dict) and isinstance(scan.get("findings"), list):
+        scan["findings"] = [{**f, "summary": str(f.get("summary", ""))[:SUMMARY_CHARS]} for f in scan["findings"]]
+
+
+def _trim_output(value: dict[str, Any]) -> None:
+    test = value.get("test")
+    if isinstance(test, dict) and isinstance(test.get("output"), str):
+        test["output"] = test["output"][-1024:]  # the end says why it failed
+
+
+def _trim_findings(value: dict[str, Any]) -> None:
+    scan = value.get("scan")
+    if isinstance(scan, dict) and isinstance(scan.get("findings"), list):
+        scan["findings"] = scan["findings"][:10]  # the worst first (scan.py sorts them)
+
+
+_TRIMS = (_trim_texts, _trim_output, _trim_findings)
 
 
 @dataclass

@@ -343,7 +343,9 @@ class Cluster:
             try:
                 writer.write(CHANNEL_JOIN + frame(json.dumps(req).encode()))
                 await writer.drain()
-                answer = await read_frame(reader, 1 << 16)
+                # The answer lists every node record (~0.4 KB each): 16 MiB is far beyond any
+                # cluster, and this side chose the seed it reads from.
+                answer = await read_frame(reader, 16 << 20)
             finally:
                 writer.close()
         return trust.open_join_answer(token.join_secret, req["nonce"], answer)

@@ -268,6 +268,14 @@ class MemoryDelegate:
     def records_for(self, keys: Any) -> list[Any]:
         return [self.records[(k[0], k[1])] for k in keys if (k[0], k[1]) in self.records]
 
+    def wanted(self, notices: Any) -> list[list[str]]:
+        out = []
+        for n in notices:
+            have = self.records.get((n.kind, n.key))
+            if have is None or n.ts > (have.ts.wall_ms, have.ts.counter, have.ts.node_id):
+                out.append([n.kind, n.key])
+        return out
+
 
 def sim_identity(rng: random.Random) -> Identity:
     """A node key drawn from ``rng``: a simulation with a seed gets the same node ids every run."""

@@ -44,6 +44,12 @@ class InstanceStatus:
                    str(raw.get("address", "")), bool(raw.get("serving", False)))
 
 
+# A replica's last error as its record carries it at the most: the record then always
+# fits in one gossip packet (pleaco.store.record), so a health change travels in the next
+# packets. `apps show` on the node itself has the whole text.
+ERROR_CHARS = 400
+
+
 class RouteTable:
     def __init__(self, store: Store, node_id: str) -> None:
         self.store = store
@@ -64,7 +70,8 @@ class RouteTable:
             for i in insts:
                 # Without the back-off countdown, which changes every pass.
                 wanted[f"{app}/{self.node_id}/{i.container}"] = {
-                    **i.to_json(), "backoff_s": 0.0, "app": app, "node": self.node_id, "host": host}
+                    **i.to_json(), "backoff_s": 0.0, "error": i.error[:ERROR_CHARS], "app": app,
+                    "node": self.node_id, "host": host}
         writes: list[tuple[str, str, dict[str, Any] | None]] = [
             ("route", key, None) for key in self._published if key not in wanted]
         writes += [("route", key, value) for key, value in wanted.items() if self._published.get(key) != value]

@@ -19,17 +19,9 @@ from typing import Any
 from pleaco import logs
 from pleaco.identity import Identity, node_id_for
 from pleaco.store.hlc import HLC, Timestamp
-from pleaco.store.record import KINDS, Record, RecordError, RecordTooLarge, Value, canonical_json, check_size
+from pleaco.store.record import KINDS, Record, RecordError, Value, canonical_json, check_size
 
 log = logs.get("pleaco.store")
-
-# Kinds whose records can still outgrow a gossip packet: written, and logged as an error
-# each time (never silently), rather than refused, until their writers split them:
-# ``route`` (one record per app per node, listing that node's replicas) passes the limit at
-# about four replicas of one app on one node; a finished ``build`` holds its test output and
-# scan findings, and its fixed fields alone take ~1 KB. tests/unit/test_record.py lists the
-# worst cases.
-OVERSIZE_TOLERATED = frozenset({"route", "build"})
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -98,15 +90,10 @@ class Store:
     def put_many(self, items: list[tuple[str, str, Value]]) -> list[Record]:
         """Several local writes in one transaction: all of them are durable, or none.
 
-        Raises RecordTooLarge (nothing written) when a record would not fit in one gossip
-        packet: spreading it would be left to anti-entropy alone."""
+        Raises RecordTooLarge (nothing written) when a record is larger than the cluster
+        replicates (``MAX_RECORD_BYTES``)."""
         for kind, key, value in items:
-            try:
-                check_size(kind, key, value)
-            except RecordTooLarge as exc:
-                if kind not in OVERSIZE_TOLERATED:
-                    raise
-                log.error("store.record_too_large", kind=kind, key=key, size=exc.size, limit=exc.limit)
+            check_size(kind, key, value)
         records = [Record.create(self.identity, k, key, v, self.hlc.now()) for k, key, v in items]
         with self._transaction():
             for rec in records:

@@ -26,16 +26,24 @@ KINDS = frozenset(
 
 Value = dict[str, Any] | None
 
-# A record travels whole in one gossip packet (DESIGN.md: a larger one is an error, never
-# silently left to anti-entropy). The store is below the cluster, so the packet's figures
-# are kept here; tests/unit/test_record.py checks them against the cluster's own:
-# GOSSIP_MAX_PACKET is GossipConfig.max_packet's default (1400: under a 1500-byte MTU);
-# the overhead is the envelope (wire.OVERHEAD: header, AEAD tag, sender, seq and
-# signature, 128 bytes), the packet's own fields (membership.PACKET_BASE, 120) and the
-# separator every piggybacked item costs (1).
+# Records spread by gossip. One that fits in a packet rides in it (piggybacked); a larger
+# one is announced in the packets instead (a notice: kind, key, version) and each node
+# that lacks it fetches it over a stream from the node that announced it, at once, so it
+# spreads as fast, a hop at a time (pleaco.cluster.membership). Neither is left to
+# anti-entropy. The store is below the cluster, so the packet's figures are kept here;
+# tests/unit/test_record.py checks them against the cluster's own: GOSSIP_MAX_PACKET is
+# GossipConfig.max_packet's default (1400: under a 1500-byte MTU); the overhead is the
+# envelope (wire.OVERHEAD: header, AEAD tag, sender, seq and signature, 128 bytes), the
+# packet's own fields (membership.PACKET_BASE, 120) and the separator every piggybacked
+# item costs (1).
 GOSSIP_MAX_PACKET = 1400
 GOSSIP_PACKET_OVERHEAD = 128 + 120 + 1
-MAX_RECORD_BYTES = GOSSIP_MAX_PACKET - GOSSIP_PACKET_OVERHEAD
+PACKET_RECORD_BYTES = GOSSIP_MAX_PACKET - GOSSIP_PACKET_OVERHEAD
+# The largest record the cluster replicates at all; a write of a larger one is refused
+# (RecordTooLarge, a 400 through the API) and nothing is written. 64 KiB holds an app with
+# a generous environment, and a build with its test output and findings (their writers
+# trim to fit), while every node holding every record in memory stays cheap.
+MAX_RECORD_BYTES = 64 << 10
 # What a record costs on the wire besides its kind, key and value: the field names and
 # punctuation of {"k":,"y":,"v":,"w":,"c":,"o":"","s":""} (40), the wall clock in ms
 # (13 digits until 2286), the HLC counter (at most 10 digits), the origin's node id (32 hex)
@@ -48,11 +56,11 @@ class RecordError(InvalidInput, ValueError, code="invalid_record"):
 
 
 class RecordTooLarge(RecordError):
-    """A write whose record would not fit in one gossip packet; nothing is written."""
+    """A write whose record is larger than the cluster replicates; nothing is written."""
 
     def __init__(self, kind: str, key: str, size: int, limit: int = MAX_RECORD_BYTES) -> None:
         super().__init__(f"record {kind}/{key} is {size} bytes as gossip carries it, over the limit of "
-                         f"{limit} bytes (one gossip packet)")
+                         f"{limit} bytes (the largest record the cluster replicates)")
         self.kind, self.key, self.size, self.limit = kind, key, size, limit
 
 
@@ -67,7 +75,7 @@ def gossip_size(kind: str, key: str, value: Value) -> int:
 
 
 def check_size(kind: str, key: str, value: Value) -> None:
-    """Raise RecordTooLarge unless the record fits in one gossip packet."""
+    """Raise RecordTooLarge when the record is larger than the cluster replicates."""
     size = gossip_size(kind, key, value)
     if size > MAX_RECORD_BYTES:
         raise RecordTooLarge(kind, key, size)

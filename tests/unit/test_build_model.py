@@ -24,7 +24,7 @@ from pleaco.builds.model import (
 from pleaco.builds.service import AWAITING_IMAGE, BuildService, ConnectError
 from pleaco.builds.transfer import names_registry
 from pleaco.identity import Identity
-from pleaco.store import MAX_RECORD_BYTES, Store
+from pleaco.store import PACKET_RECORD_BYTES, Store
 from pleaco.store.record import gossip_size
 
 
@@ -199,7 +199,7 @@ def test_a_thousand_pushes_keep_the_repository_record_in_one_packet(tmp_path: Pa
         svc.push(conn, f"{i:040x}", delivery=hashlib.sha256(str(i).encode()).hexdigest()[:DELIVERY_KEY_HEX])
     rec = svc.store.get("build", "repo/" + app)
     assert rec is not None and rec.value is not None and len(rec.value["deliveries"]) == DELIVERIES_KEPT
-    assert gossip_size(rec.kind, rec.key, rec.value) <= MAX_RECORD_BYTES
+    assert gossip_size(rec.kind, rec.key, rec.value) <= PACKET_RECORD_BYTES
     # The newest deliveries are the ones remembered.
     latest = hashlib.sha256(b"999").hexdigest()[:DELIVERY_KEY_HEX]
     assert svc.push(conn, f"{999:040x}", delivery=latest).outcome == "duplicate_delivery"
@@ -208,7 +208,7 @@ def test_a_thousand_pushes_keep_the_repository_record_in_one_packet(tmp_path: Pa
 def test_connection_records_fit_one_packet_at_their_largest() -> None:
     worst = Connection(app="a" * 63, repo="h" * REPO_CHARS, branch="b" * 255, created_ms=10**13 - 1,
                        deliveries=["f" * DELIVERY_KEY_HEX] * DELIVERIES_KEPT, last_commit="f" * 40)
-    assert gossip_size("build", "repo/" + worst.app, worst.to_value()) <= MAX_RECORD_BYTES
+    assert gossip_size("build", "repo/" + worst.app, worst.to_value()) <= PACKET_RECORD_BYTES
 
 
 def test_reconnecting_to_another_repository_drops_its_credentials(tmp_path: Path) -> None:

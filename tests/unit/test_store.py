@@ -489,13 +489,13 @@ def test_every_listener_is_called(store: Store) -> None:
     assert first == second == ["web"]
 
 
-def test_a_record_larger_than_a_gossip_packet_is_refused_and_nothing_is_written(store: Store) -> None:
+def test_a_record_larger_than_the_cluster_replicates_is_refused_and_nothing_is_written(store: Store) -> None:
     before = store.all()
     with pytest.raises(RecordTooLarge) as err:
         store.put_many([("scale", "web", {"replicas": 1}), ("app", "web", {"env": {"A": "x" * MAX_RECORD_BYTES}})])
     assert (err.value.kind, err.value.key, err.value.limit) == ("app", "web", MAX_RECORD_BYTES)
     with pytest.raises(RecordTooLarge):
-        store.put("secret", "deploy-key/web", {"v": "k" * 2000})
+        store.put("secret", "deploy-key/web", {"v": "k" * MAX_RECORD_BYTES})
     assert store.all() == before
     # A record exactly at the limit is written.
     fits = {"v": ""}
