@@ -104,6 +104,7 @@ class LoopRunner:
         self.cfg = cfg or RunnerConfig()
         self.loops: list[Loop] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
         self.executor = ThreadPoolExecutor(self.cfg.engine_threads, thread_name_prefix="engine")
         self.m_runs = registry.register(
             Counter("pleaco_reconcile_runs_total", "Loop steps by loop and result.", ("loop", "result"))
@@ -129,6 +130,7 @@ class LoopRunner:
 
     async def stop(self) -> None:
         """Cancel every loop and wait for its teardown; never raises."""
+        self._stopping = True
         for task in self._tasks.values():
             task.cancel()
         for name, task in self._tasks.items():
@@ -149,6 +151,8 @@ class LoopRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._stopping:
+                    raise  # its teardown failed as it stopped: stop() logs it, nothing restarts
                 self.m_restarts.inc(loop=loop.name)
                 log.error("loop.died", exc_info=True, loop=loop.name, error=str(exc),
                           restart_s=self.cfg.restart_delay)

@@ -150,3 +150,30 @@ def test_two_loops_of_one_name_are_refused() -> None:
     runner.add(Counting())
     with pytest.raises(ValueError, match="counting"):
         runner.add(Counting())
+
+
+class BrokenTeardown(Counting):
+    name = "broken-teardown"
+
+    async def teardown(self) -> None:
+        raise RuntimeError("teardown failed")
+
+
+def test_stop_finishes_and_tears_every_loop_down_whatever_one_raises(caplog: pytest.LogCaptureFixture) -> None:
+    logs.setup("info")
+    logging.getLogger("pleaco").propagate = True
+    runner = LoopRunner(Registry())
+    broken, fine = BrokenTeardown(), Counting()
+    runner.add(broken)
+    runner.add(fine)
+
+    async def main() -> None:
+        runner.start()
+        await until(lambda: broken.steps >= 1 and fine.steps >= 1)
+        await runner.stop()  # must not raise
+
+    with caplog.at_level(logging.ERROR, logger="pleaco"):
+        asyncio.run(main())
+    logging.getLogger("pleaco").propagate = False
+    assert fine.torn_down
+    assert [r.getMessage() for r in caplog.records] == ["loop.stop_failed"]
