@@ -168,8 +168,12 @@ class BuildNetwork:
             _hook("ip6tables", "INPUT", self.bridge, self.chain_in)
 
     def remove(self) -> None:
-        """Remove the network and its rules (tests, and an operator turning isolation off)."""
+        """Remove the network, then its rules (tests, and an operator turning isolation
+        off). The engine refuses to remove a network a build still uses: then the rules
+        stay too, so that build is never left on the bridge without them."""
         with self._lock:
+            if self.engine.network_inspect(self.name) is not None:
+                self.engine.network_remove(self.name)
             hooks = (("iptables", self.chain_in, "INPUT"), ("iptables", self.chain_fwd, "DOCKER-USER"),
                      ("iptables", self.chain_fwd, "FORWARD"), ("ip6tables", self.chain_in, "INPUT"))
             for tool, chain, parent in hooks:
@@ -179,8 +183,6 @@ class BuildNetwork:
                     pass
                 _run(tool, "-F", chain)
                 _run(tool, "-X", chain)
-            if self.engine.network_inspect(self.name) is not None:
-                self.engine.network_remove(self.name)
 
 
 def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
