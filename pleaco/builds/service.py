@@ -37,7 +37,7 @@ from pleaco import logs
 from pleaco.apps import AppStore, ValidationError, validate_name
 from pleaco.builds import scan as scanner
 from pleaco.builds import source as sourcemod
-from pleaco.builds.builders import BuildRequest, EngineBuilder, KanikoBuilder
+from pleaco.builds.builders import BuildRequest, EngineBuilder, KanikoBuilder, builder_for
 from pleaco.builds.config import BuildConfig
 from pleaco.builds.engine import BuildEngine, BuildFailed, Cancel, Cancelled, PushFailed
 from pleaco.builds.manifest import FILENAME, Manifest, ManifestError, parse
@@ -151,9 +151,7 @@ class BuildService(Loop):
         self.m_steps = registry.register(Histogram(
             "pleaco_build_step_duration_seconds", "Duration of build steps (fetch, build, test, scan).", ("step",),
             buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)))
-        self.builder: EngineBuilder | KanikoBuilder = (
-            KanikoBuilder(engine, cfg.kaniko_image, cfg.timeout) if cfg.backend == "kaniko" else EngineBuilder(engine)
-        )
+        self.builder: EngineBuilder | KanikoBuilder = builder_for(cfg, engine)
 
     # -- connecting ----------------------------------------------------------------------
 

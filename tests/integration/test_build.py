@@ -19,6 +19,7 @@ import docker.errors
 import pytest
 from agentproc import REPO, AgentProcess, docker_client, wait_for
 from gitserver import AppRepo, GitServer, HttpGitServer, deliver, ping_payload, push_payload
+from hostprobe import TOKEN, Listeners, host_addresses, probe_script
 
 SECRET = "s3cret-for-tests"
 
@@ -136,6 +137,27 @@ def serving2(env: BuildEnv, app: str) -> str | None:
     a = env.agent.client.app(app)
     ports = [i["host_port"] for i in a["instances"] if i["healthy"] and i["release"] == a["revision"]]
     return get(f"http://127.0.0.1:{ports[0]}/") if ports else None
+
+
+def test_a_dockerfile_cannot_reach_the_hosts_services(env: BuildEnv) -> None:
+    """A pushed Dockerfile whose RUN step connects to services on the host's addresses
+    (loopback, the engine's docker0 gateway, where a bridge container reaches the host, the
+    node's own): the agent's default build.network refuses it (the step would fail the
+    build had it reached one)."""
+    listeners = Listeners(host_addresses())
+    try:
+        app, repo = env.repo("hello")
+        dockerfile = (repo.work / "Dockerfile").read_text()
+        commit = env.push(repo, "probe", change={"Dockerfile": dockerfile.replace(
+            "COPY ", f"RUN {probe_script(listeners.targets())} | tee /probe; ! grep -q reached /probe\nCOPY ", 1)})
+        b = env.wait_done(app, commit)
+        log = env.log(b["id"])
+        assert b["state"] == "succeeded", (b["reason"], log)
+        for target in listeners.targets():
+            assert f"refused {target}" in log, log
+        assert TOKEN not in log and listeners.peers == []
+    finally:
+        listeners.close()
 
 
 def test_failing_tests_block_the_release(env: BuildEnv) -> None:
