@@ -24,7 +24,6 @@ import shutil
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from pleaco.builds.config import BuildConfig
 from pleaco.builds.engine import BuildEngine, BuildFailed, Cancel, LogFn
@@ -44,14 +43,6 @@ class BuildRequest:
     run_labels: dict[str, str] = field(default_factory=dict)  # a builder container's
     cache_from: list[str] = field(default_factory=list)
     work_dir: Path | None = None  # scratch space for backends that need files
-
-
-class Builder(Protocol):
-    name: str
-
-    def build(self, req: BuildRequest, log: LogFn, cancel: Cancel) -> str:
-        """Build the image, stream its log, return its id. Raises BuildFailed or Cancelled."""
-        ...
 
 
 class EngineBuilder:

@@ -193,10 +193,6 @@ class BuildStore:
             out = [b for b in out if b.app == app]
         return sorted(out, key=lambda b: (b.created_ms, b.id), reverse=True)
 
-    def latest(self, app: str) -> Build | None:
-        found = self.all(app)
-        return found[0] if found else None
-
     def connection(self, app: str) -> Connection | None:
         value = self.store.value("build", REPO_PREFIX + app)
         return None if value is None else Connection.from_value(value)
@@ -211,9 +207,6 @@ class BuildStore:
         pushes the app gets."""
         conn.deliveries = conn.deliveries[-DELIVERIES_KEPT:]
         return ("build", REPO_PREFIX + conn.app, conn.to_value())
-
-    def put_connection(self, conn: Connection) -> None:
-        self.store.put_many([self.connection_write(conn)])
 
     def put_push(self, conn: Connection, build: Build | None) -> None:
         """A push: the connection (its delivery list) and, when one is queued, the build."""

@@ -123,13 +123,6 @@ def _read_fs(tar: tarfile.TarFile) -> _Layer:
     return layer
 
 
-def packages_from_tar(stream: IO[bytes]) -> list[Package]:
-    """Read the package databases out of a file system tar (streamed, one pass)."""
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        files = _read_fs(tar).files
-    return [p for pkgs in files.values() for p in pkgs]
-
-
 def _under(path: str, top: str) -> bool:
     return not top or path == top or path.startswith(top + "/")
 

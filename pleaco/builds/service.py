@@ -236,9 +236,6 @@ class BuildService(Loop):
             log.warning("build.webhook_secret_unreadable", app=app, error=str(exc))
             return None
 
-    def find_connection(self, names: list[str]) -> list[Connection]:
-        return [c for c in self.builds.connections() if c.matches(names)]
-
     # -- pushes --------------------------------------------------------------------------
 
     def push(self, conn: Connection, commit: str, delivery: str = "", trigger: str = "webhook") -> PushResult:

@@ -405,10 +405,6 @@ class ProxyReconciler(Loop):
         }
 
 
-def boot_path(data_dir: Path) -> Path:
-    return data_dir / "proxy" / "caddy.json"
-
-
 def boot_upstreams_ips(path: Path) -> list[str]:
     """The upstream addresses of the boot config at ``path`` ([] when there is none)."""
     try:

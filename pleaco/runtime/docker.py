@@ -275,10 +275,6 @@ class DockerRuntime:
         except NotFound:
             pass  # already gone: the goal is reached
 
-    def inspect_port(self, container_id: str, port: int) -> int | None:
-        info = self._call(self._api.inspect_container, container_id)
-        return _host_port_from_inspect(info, port)
-
     def save_image(self, ref: str) -> Iterator[bytes]:
         """The image as a ``docker save`` tar stream, in chunks."""
         stream = self._call(self._api.get_image, ref, chunk_size=1 << 20)
@@ -411,11 +407,3 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
                  if n.get("IPAddress")), ""),
         host_ip=host_ip,
     )
-
-
-def _host_port_from_inspect(info: dict[str, Any], port: int) -> int | None:
-    bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{port}/tcp") or []
-    for b in bindings:
-        if b.get("HostPort"):
-            return int(b["HostPort"])
-    return None
