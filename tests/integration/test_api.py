@@ -176,6 +176,9 @@ def test_metrics_expose_reconcile_containers_and_requests(agent: AgentProcess) -
     status, text = raw(agent, "GET", "/metrics")
     assert status == 200
     lines = text.splitlines()
+    # Every loop of the agent runs on the one runner, and shows.
+    for loop in ("apps", "proxy", "rollouts", "builds", "tombstones"):
+        assert any(line.startswith(f'pleaco_reconcile_runs_total{{loop="{loop}",result=') for line in lines), loop
     assert any(line.startswith('pleaco_reconcile_runs_total{loop="apps",result="ok"}') for line in lines)
     assert any(line.startswith('pleaco_reconcile_duration_seconds_bucket{loop="apps",le="+Inf"}') for line in lines)
     assert 'pleaco_containers{state="running"} 1' in lines
