@@ -12,7 +12,7 @@ import os
 import secrets
 import signal
 
-from pleaco import __version__, logs
+from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
@@ -95,7 +95,7 @@ class Agent:
         # next pass) and, with other nodes, for theirs (MESH_DELAY).
         drain = Drain(cfg.rollout.drain_grace, proxy_delay=DNS_REFRESH + cfg.proxy.interval if cfg.proxy_image else 0.0,
                       mesh=lambda: any(n != me for n in cluster.placement_nodes()))
-        view = NodeView(me, apps, drain, advertise_host=cluster.addr.rpartition(":")[0],
+        view = NodeView(me, apps, drain, advertise_host=hostport.host_of(cluster.addr),
                         configured_publish_host=cfg.publish_host)
         routes = RouteTable(store, me)
         reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,

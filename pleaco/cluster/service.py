@@ -19,7 +19,7 @@ from typing import Any
 
 from zeroconf import NonUniqueNameException
 
-from pleaco import __version__, logs
+from pleaco import __version__, hostport, logs
 from pleaco.cluster import messages, trust
 from pleaco.cluster.config import ClusterSettings, GossipConfig
 from pleaco.cluster.discovery import MdnsDiscovery
@@ -40,7 +40,7 @@ from pleaco.cluster.transport import (
 from pleaco.cluster.trust import ClusterState, JoinToken, TrustError
 from pleaco.cluster.wire import DROP_REASONS, Codec
 from pleaco.errors import Conflict
-from pleaco.hostport import parse_host_port
+from pleaco.hostport import HostPortError, parse_host_port
 from pleaco.identity import Identity
 from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.store import Store
@@ -337,9 +337,12 @@ class Cluster:
 
     async def _join_via(self, seed: str, token: JoinToken) -> tuple[ClusterState, list[Any]]:
         req = trust.make_join_request(self.identity, token, self.cfg.name, self.addr, self.cfg.api_listen)
-        host, _, port = seed.rpartition(":")
+        try:
+            host, port = hostport.split(seed)
+        except HostPortError as exc:
+            raise TrustError(f"seed {seed!r}: {exc}") from None
         async with asyncio.timeout(self.gossip.stream_timeout):
-            reader, writer = await asyncio.open_connection(host, int(port))
+            reader, writer = await asyncio.open_connection(host, port)
             try:
                 writer.write(CHANNEL_JOIN + frame(json.dumps(req).encode()))
                 await writer.drain()

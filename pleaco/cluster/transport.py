@@ -30,10 +30,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pleaco import logs
+from pleaco import hostport, logs
 from pleaco.cluster import messages, wire
 from pleaco.cluster.messages import MessageError, Packet
 from pleaco.errors import Unavailable
+from pleaco.hostport import HostPortError
 
 log = logs.get("pleaco.cluster.transport")
 
@@ -210,7 +211,11 @@ class NetTransport(Transport):
     def send(self, addr: str, packet: Packet) -> int:
         if self._udp is None:
             return 0
-        host, _, port = addr.rpartition(":")
+        try:
+            dest = hostport.split(addr)
+        except HostPortError:
+            log.debug("gossip.send_failed", to=addr, error="not HOST:PORT")
+            return 0
         try:
             data = seal_packet(self.packets, packet)
         except ValueError:
@@ -218,7 +223,7 @@ class NetTransport(Transport):
                         records=len(packet.records))
             return 0
         try:
-            self._udp.sendto(data, (host.strip("[]"), int(port)))
+            self._udp.sendto(data, dest)
         except OSError as exc:
             log.debug("gossip.send_failed", to=addr, error=str(exc))
             return 0
@@ -247,14 +252,14 @@ class NetTransport(Transport):
 
     async def open_stream(self, addr: str, channel: bytes, header: dict[str, Any], timeout: float) -> SealedStream:
         """Connect to the member at ``addr`` on ``channel`` and send the opening header."""
-        host, _, port = addr.rpartition(":")
         try:
+            host, port = hostport.split(addr)
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+                reader, writer = await asyncio.open_connection(host, port)
                 stream = SealedStream(reader, writer, self.streams)
                 writer.write(channel)
                 await stream.send_message(header)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, HostPortError) as exc:
             raise TransportError(f"stream to {addr}: {exc.__class__.__name__}: {exc}") from None
         return stream
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from pleaco import logs
+from pleaco import hostport, logs
 from pleaco.apps import ValidationError, validate_hostname
 from pleaco.errors import PleacoError
 from pleaco.ingress.dns import srv_name
@@ -68,14 +68,13 @@ class ProxySettings:
 
 
 def _listen(addr: str) -> str:
-    host, _, port = addr.rpartition(":")
-    host = host.strip("[]")
+    host, port = hostport.split(addr)
     # Caddy's ":80" means every interface; an explicit 0.0.0.0 would exclude IPv6.
     return f":{port}" if host in ("", "0.0.0.0", "::") else f"{host}:{port}"
 
 
 def _port(addr: str) -> int:
-    return int(addr.rpartition(":")[2])
+    return hostport.split(addr)[1]
 
 
 def _proxy_handler(route: Route, s: ProxySettings) -> dict[str, Any]:

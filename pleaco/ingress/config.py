@@ -9,14 +9,16 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from pleaco import hostport
+from pleaco.hostport import HostPortError
 from pleaco.reconcile.config import ReconcileSettings
 
 
 def _split(value: str) -> tuple[str, int] | None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+    try:
+        return hostport.split(value)
+    except HostPortError:
         return None
-    return host.strip("[]"), int(port)
 
 
 @dataclass

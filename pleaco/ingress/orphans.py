@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pleaco import logs
+from pleaco import hostport, logs
+from pleaco.hostport import HostPortError
 from pleaco.ingress.caddy import ProxySettings
 from pleaco.ingress.config import ProxyConfig
 from pleaco.runtime import NotFound
@@ -51,13 +52,14 @@ _WILDCARDS = ("", "0.0.0.0", "::", "*")
 
 
 def parse_address(value: str) -> Address | None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
+    try:
+        host, port = hostport.split(value)
+    except HostPortError:
         return None
     # A Caddy listener may carry a network ("tcp/127.0.0.1:80").
     host = host.rpartition("/")[2].strip("[]")
     host = "127.0.0.1" if host == "localhost" else host
-    return ("" if host in _WILDCARDS else host), int(port)
+    return ("" if host in _WILDCARDS else host), port
 
 
 def overlap(mine: Iterable[Address], theirs: Iterable[Address]) -> bool:

@@ -44,7 +44,7 @@ from typing import Any
 
 import aiohttp
 
-from pleaco import logs
+from pleaco import hostport, logs
 from pleaco.ingress.caddy import AdminError, CaddyAdmin, ProxySettings, Route, Upstream, admin_session, build_config
 from pleaco.ingress.config import IngressSettings
 from pleaco.ingress.dns import UpstreamDNS
@@ -374,7 +374,7 @@ class ProxyReconciler(Loop):
         """Answer the proxy's upstream lookups with these routes (Caddy has them within
         DNS_REFRESH), and tell the drain which of this node's containers it routes to."""
         upstreams = {
-            r.app: [(u.address.rpartition(":")[0], int(u.address.rpartition(":")[2])) for u in r.upstreams]
+            r.app: [hostport.split(u.address) for u in r.upstreams]
             for r in routes
         }
         # Names first, then the DNS points at them: Caddy rarely has to ask for an address.
@@ -423,6 +423,6 @@ def boot_upstreams(config: dict[str, Any]) -> dict[str, list[tuple[str, int]]]:
                 continue
             for handler in route.get("handle", []):
                 for up in handler.get("upstreams", []):
-                    host, _, port = str(up["dial"]).rpartition(":")
-                    out.setdefault(rid[len("pleaco-"):-len("-proxy")], []).append((host, int(port)))
+                    host, port = hostport.split(str(up["dial"]))
+                    out.setdefault(rid[len("pleaco-"):-len("-proxy")], []).append((host, port))
     return {app: sorted(set(ups)) for app, ups in out.items()}

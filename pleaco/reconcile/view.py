@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pleaco import hostport
 from pleaco.apps import AppSpec, AppStore
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.drain import Drain
@@ -110,5 +111,4 @@ class NodeView:
         """Another node's loopback address is only ours too when we share one machine (then
         our advertised address is a loopback one as well); dialled from elsewhere it would
         reach whatever listens on that port here."""
-        host = address.rpartition(":")[0]
-        return not is_loopback(host) or is_loopback(self.advertise_host)
+        return not is_loopback(hostport.host_of(address)) or is_loopback(self.advertise_host)

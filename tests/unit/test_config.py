@@ -233,3 +233,17 @@ def test_api_table_from_file_and_env(tmp_path: Path) -> None:
 def test_bad_api_settings_are_refused_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load(write(tmp_path, text), env={})
+
+
+def test_one_host_port_parser_for_settings_and_addresses() -> None:
+    from pleaco import hostport
+
+    assert hostport.split("10.0.0.5:7401") == ("10.0.0.5", 7401)
+    assert hostport.split("[::1]:80") == ("::1", 80)
+    assert hostport.split(":80") == ("", 80)
+    assert hostport.parse_host_port(":80", "proxy_listen") == ("0.0.0.0", 80)
+    for bad in ("10.0.0.5", "h:0", "h:65536", "h:x", "h:٣"):
+        with pytest.raises(hostport.HostPortError):
+            hostport.split(bad)
+    with pytest.raises(hostport.HostPortError, match="api_listen: expected HOST:PORT"):
+        hostport.parse_host_port("nope", "api_listen")
