@@ -8,29 +8,36 @@ the same data dir it finds the same identity, store and containers, and carries 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import signal
-import time
 
-from pleaco import __version__, logs
+from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.server import ApiServer
 from pleaco.apps import AppStore
 from pleaco.builds.engine import BuildEngine
+from pleaco.builds.poller import RepoPoller
 from pleaco.builds.secrets import SecretBox
 from pleaco.builds.service import BuildService
+from pleaco.builds.transfer import ImageTransfer
 from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
+from pleaco.errors import PleacoError
 from pleaco.identity import Identity, write_secret_file
-from pleaco.ingress.proxy import ProxyReconciler
+from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
 from pleaco.metrics import Registry
-from pleaco.reconcile import AppReconciler
+from pleaco.placement import Owners
+from pleaco.reconcile.apps import AppReconciler
+from pleaco.reconcile.drain import Drain
+from pleaco.reconcile.loop import LoopRunner
 from pleaco.reconcile.rollout import RolloutGuard
+from pleaco.reconcile.routes import RouteTable
+from pleaco.reconcile.tombstones import TombstoneCollector
+from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime
 from pleaco.store import Record, Store
 
@@ -40,7 +47,7 @@ log = logs.get("pleaco.agent")
 RECONCILE_KINDS = frozenset({"app", "scale", "release", "node"})
 
 
-class AgentError(RuntimeError):
+class AgentError(PleacoError, RuntimeError, code="agent_failed"):
     """The agent cannot start (bad data dir, port taken, ...)."""
 
 
@@ -79,28 +86,44 @@ class Agent:
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
         apps = AppStore(store, cfg.max_replicas)
-        cluster = Cluster(cfg, identity, store, registry, runtime=runtime)
-        reconciler = AppReconciler(cfg, identity.node_id, apps, runtime, registry, live_nodes=cluster.placement_nodes,
-                                   weights=cluster.weights, fetch_image=cluster.fetch_image,
-                                   advertise_host=cluster.addr.rpartition(":")[0])
+        cluster = Cluster(cfg, identity, store, registry)
+        images = ImageTransfer(cluster, runtime)  # images between nodes, over the cluster's streams
+        me = identity.node_id
+        runner = LoopRunner(registry)
+        owners = Owners(me, cluster.placement_nodes)
+        # The drain waits for this node's proxy to drop a replica (its DNS refresh after its
+        # next pass) and, with other nodes, for theirs (MESH_DELAY).
+        drain = Drain(cfg.rollout.drain_grace, proxy_delay=DNS_REFRESH + cfg.proxy.interval if cfg.proxy_image else 0.0,
+                      mesh=lambda: any(n != me for n in cluster.placement_nodes()))
+        view = NodeView(me, apps, drain, advertise_host=hostport.host_of(cluster.addr),
+                        configured_publish_host=cfg.publish_host)
+        routes = RouteTable(store, me)
+        reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,
+                                   weights=cluster.weights, fetch_image=images.fetch_image)
+        runner.add(reconciler)
+        drain.on_request = reconciler.wake  # publish the drain at once
         cluster.on_change = reconciler.wake
-        proxy = ProxyReconciler(cfg, identity.node_id, apps, reconciler, runtime, registry)
-        reconciler.may_remove = proxy.may_remove  # drain replicas out of the proxies first
-        reconciler.serving = proxy.serving  # the route records say what the proxy routes to
-        rollouts = RolloutGuard(cfg, apps, reconciler, registry)
+        proxy = ProxyReconciler(cfg, cfg.data_dir, view, routes, runtime, registry, live_nodes=cluster.placement_nodes)
+        if proxy.enabled:
+            runner.add(proxy)
+        else:
+            log.info("proxy.disabled")
+        runner.add(RolloutGuard(cfg.rollout, view, routes, owners, registry, cluster.placement_nodes,
+                                on_rollback=reconciler.wake))
+        runner.add(TombstoneCollector(store, cfg.tombstone_ttl))
 
         def on_change(rec: Record) -> None:
             if rec.kind in RECONCILE_KINDS:
                 reconciler.wake()
             if rec.kind == "route":
-                proxy.wake()  # another node's replicas changed: the mesh's upstreams
+                proxy.wake()  # replicas changed (here or elsewhere): the proxy's upstreams
 
         store.subscribe(on_change)
         api = ApiServer(
             identity=identity, node_name=cfg.name, store=store, apps=apps, reconciler=reconciler,
-            runtime=runtime, registry=registry, token=token, max_body_bytes=cfg.max_body_bytes,
+            runtime=runtime, registry=registry, token=token, max_body_bytes=cfg.max_body_bytes, limits=cfg.api,
         )
-        add_cluster_routes(api.app, cluster, lambda: {"containers": len(reconciler.observed.containers)})
+        add_cluster_routes(api.app, cluster, lambda: {"containers": len(view.observed.containers)})
         add_proxy_routes(api.app, proxy)
         build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)
         # Secrets are sealed with the cluster key once there is one, with a node-local key
@@ -110,48 +133,46 @@ class Agent:
         cluster.on_cluster = lambda: secretbox.reseal(store)
         secretbox.reseal(store)
         builds = BuildService(cfg.build, cfg.data_dir, identity.node_id, store, apps, build_engine, registry,
-                              secretbox)
+                              secretbox, owners)
+        runner.add(builds)
+        if cfg.build.poll_interval > 0:
+            runner.add(RepoPoller(builds, owners))
         add_build_routes(api.app, builds)
-        try:
-            await cluster.start()
-        except (ClusterError, TrustError) as exc:
-            store.close()
-            raise AgentError(str(exc)) from exc
-        host, port = cfg.api_host_port
-        try:
-            await api.start(host, port)
-        except OSError as exc:
-            store.close()
-            raise AgentError(f"cannot listen on {cfg.api_listen} for the API: {exc.strerror or exc}") from exc
 
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
-        log.info(
-            "agent.started", version=__version__, name=cfg.name, data_dir=str(cfg.data_dir),
-            api=cfg.api_listen, docker=cfg.docker_url,
-        )
-        tasks = [
-            asyncio.create_task(reconciler.run(), name="reconcile-apps"),
-            asyncio.create_task(self._collect_tombstones(store), name="tombstone-gc"),
-            asyncio.create_task(proxy.run(), name="reconcile-proxy"),
-            asyncio.create_task(rollouts.run(), name="rollout-guard"),
-            asyncio.create_task(builds.run(), name="builds"),
-        ]
         try:
+            try:
+                await cluster.start()
+            except (ClusterError, TrustError) as exc:
+                raise AgentError(str(exc)) from exc
+            host, port = cfg.api_host_port
+            try:
+                await api.start(host, port)
+            except OSError as exc:
+                raise AgentError(f"cannot listen on {cfg.api_listen} for the API: {exc.strerror or exc}") from exc
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+            runner.start()
+            log.info(
+                "agent.started", version=__version__, name=cfg.name, data_dir=str(cfg.data_dir),
+                api=cfg.api_listen, docker=cfg.docker_url, loops=",".join(lp.name for lp in runner.loops),
+            )
             await self._stop.wait()
         finally:
             log.info("agent.stopping")
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
-            await cluster.stop()
-            await api.stop()
-            build_engine.close()
-            runtime.close()
-            store.close()
+            # Each step on its own: whatever one raises, the others still run, and the
+            # store (the durable state) is always closed last.
+            for what, close in (("loops", runner.stop), ("cluster", cluster.stop), ("api", api.stop)):
+                try:
+                    await close()
+                except Exception:
+                    log.error("agent.stop_failed", exc_info=True, part=what)
+            for what, sync_close in (("build_engine", build_engine.close), ("runtime", runtime.close),
+                                     ("store", store.close)):
+                try:
+                    sync_close()
+                except Exception:
+                    log.error("agent.stop_failed", exc_info=True, part=what)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             log.info("agent.stopped")
@@ -167,11 +188,3 @@ class Agent:
         }
         if store.value("node", identity.node_id) != value:
             store.put("node", identity.node_id, value)
-
-    async def _collect_tombstones(self, store: Store) -> None:
-        while True:
-            horizon = int((time.time() - self.cfg.tombstone_ttl) * 1000)
-            dropped = await asyncio.to_thread(store.collect_tombstones, horizon)
-            if dropped:
-                log.info("store.tombstones_collected", count=dropped)
-            await asyncio.sleep(min(3600.0, self.cfg.tombstone_ttl / 4))

@@ -23,8 +23,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pleaco import logs
+from pleaco import errors, logs
 from pleaco.store import Record, Store
+from pleaco.urlpath import health_path_problem
 
 log = logs.get("pleaco.apps")
 
@@ -32,7 +33,6 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # A Docker image reference, loosely: registry/name:tag or name@sha256:..., or an image id.
 IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
-HEALTH_PATH = re.compile(r"^/[\x21-\x7e]{0,1023}$")
 
 DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
@@ -41,7 +41,7 @@ HTTPS_MODES = ("off", "on", "redirect")
 DEFAULT_REPLICAS = 1
 
 
-class ValidationError(ValueError):
+class ValidationError(errors.InvalidInput, ValueError):
     """Bad input for an app; the message names the field and what is wrong with it."""
 
     def __init__(self, field_name: str, message: str) -> None:
@@ -49,11 +49,11 @@ class ValidationError(ValueError):
         self.field = field_name
 
 
-class NotFound(LookupError):
+class NotFound(errors.NotFound, LookupError):
     pass
 
 
-class NoEarlierRelease(RuntimeError):
+class NoEarlierRelease(errors.Conflict, RuntimeError, code="no_earlier_release"):
     """A rollback was asked for an app that has only one release."""
 
 
@@ -162,8 +162,8 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
             raise ValidationError("env", f"value of {key} must be a UTF-8 string without NUL")
     health = body.get("health")
     if health is not None:
-        if not isinstance(health, str) or not HEALTH_PATH.fullmatch(health):
-            raise ValidationError("health", f"{health!r} must be a path starting with '/'")
+        if problem := health_path_problem(health):
+            raise ValidationError("health", problem)
         if port is None:
             raise ValidationError("health", "a health path needs a port")
     host = body.get("host")
@@ -314,6 +314,13 @@ class AppStore:
             new_release=new_release,
         )
 
+    def create_writes(self, name: str, image: str) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """The writes (for ``Store.put_many`` with others) that create app ``name`` with
+        nothing to run yet: revision 0 (no release: the first deploy makes release 1) and
+        0 replicas, as `apps connect` makes it before its first build."""
+        spec = AppSpec(name=validate_name(name), image=image, revision=0)
+        return [("app", name, spec.to_value()), ("scale", name, {"replicas": 0})]
+
     def _release_writes(self, spec: AppSpec, **extra: Any) -> list[tuple[str, str, dict[str, Any] | None]]:
         """The app record of a new release, and its entry in the release history."""
         release = {"app": spec.name, "revision": spec.revision, "image": spec.image,
@@ -351,6 +358,17 @@ class AppStore:
     def release(self, name: str, revision: int) -> dict[str, Any] | None:
         """One release's record (image, spec, and rollback_of/reason for rollbacks)."""
         return self.store.value("release", f"{name}/{revision}")
+
+    def record_verdict(self, name: str, revision: int, verdict: str, reason: str = "") -> None:
+        """Keep the rollout's verdict on a release (``healthy``, ``rolled_back``, ``failed``)
+        in its record, so whichever node owns the app next does not judge it again."""
+        release = self.release(name, revision)
+        if release is None or release.get("verdict") == verdict:
+            return
+        release = {**release, "verdict": verdict, "verdict_ms": int(time.time() * 1000)}
+        if reason:
+            release["verdict_reason"] = reason
+        self.store.put("release", f"{name}/{revision}", release)
 
     def scale(self, name: str, replicas: Any) -> int:
         validate_name(name)

@@ -12,90 +12,39 @@ import dataclasses
 import math
 import os
 import re
-import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pleaco.api.config import ApiConfig
 from pleaco.builds.config import BuildConfig
-from pleaco.cluster.config import GossipConfig
-from pleaco.ingress.config import ProxyConfig, RolloutConfig
+from pleaco.cluster.config import ClusterSettings
+from pleaco.errors import InvalidInput
+from pleaco.hostport import HostPortError
+from pleaco.hostport import parse_host_port as parse_host_port  # re-exported: the agent's and tests' HOST:PORT parser
+from pleaco.ingress.config import IngressSettings
 
 DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput, ValueError, code="invalid_config"):
     """A configuration value that is missing, unknown or malformed."""
 
 
 @dataclass
-class Config:
-    # Where the node key, the store and the admin token live. Under /var/lib like other
-    # daemons' state, so it survives upgrades of /opt/pleaco.
-    data_dir: Path = Path("/var/lib/pleaco")
-    # Human name of the node; the host name is what operators recognise.
-    name: str = field(default_factory=socket.gethostname)
-    # The REST API. All interfaces: every node answers every call (DESIGN principle 1).
-    api_listen: str = "0.0.0.0:7400"
-    # Gossip, UDP and TCP on one port (used once the cluster layer lands).
-    gossip_listen: str = "0.0.0.0:7401"
-    # Where the reverse proxy listens, and its image.
-    proxy_listen: str = "0.0.0.0:80"
-    # The proxy's image; empty runs no proxy on this node (apps stay reachable on their
-    # published ports only).
-    proxy_image: str = "caddy:2"
-    # Apps without a host name get NAME.<cluster_domain>. ".internal" is reserved by ICANN
-    # (2024) for private use and will never be delegated, so no ACME is attempted for it and
-    # Caddy's internal CA signs it; ".local" would collide with mDNS (RFC 6762), which
-    # systemd-resolved and macOS send such names to instead of DNS.
-    cluster_domain: str = "pleaco.internal"
-    seeds: list[str] = field(default_factory=list)
-    join_token: str = ""
-    # How nodes find each other: mDNS on the LAN (plus seeds), seeds only, or neither.
-    discovery: str = "mdns"
-    # "manual": a node founds a cluster only on `pleaco cluster init`. "auto": nodes that
-    # see each other over mDNS without a cluster let the lowest node id found one and join
-    # it, proving they share bootstrap_secret (cloud-init writes it into every node).
-    bootstrap: str = "manual"
-    bootstrap_secret: str = ""
+class Config(ClusterSettings, IngressSettings):
+    """The agent's settings. A part's own settings are a dataclass beside its code that
+    this one inherits (the keys stay top-level in pleaco.toml), or a table of its own
+    ([gossip], [proxy], [rollout], [build]); a part is handed only its own. The cluster's
+    (data_dir, name, api_listen, gossip_listen, advertise, seeds, join_token, discovery,
+    bootstrap, bootstrap_secret and [gossip]) are in pleaco/cluster/config.py."""
+
     # Docker Engine endpoint; the docker SDK's own default.
     docker_url: str = "unix:///var/run/docker.sock"
     # Seconds to wait for one Docker Engine call before counting the engine unreachable.
     docker_timeout: float = 30.0
-    # Address the app containers' ports are published on. Other nodes' proxies dial
-    # replicas there (the routing mesh), so empty, the default, means this node's advertised
-    # (gossip) address, or 127.0.0.1 when that is a loopback address (a node on its own, or
-    # nodes sharing one machine): never all interfaces, apps are meant to be reached
-    # through the proxy.
-    publish_host: str = ""
-    # Highest replica count one app may ask for. 100 per node is far beyond what 2-core
-    # machines run, and stops a typo (1000 instead of 10) from taking the host down.
-    max_replicas: int = 100
-    # The reconcile loop runs at least this often (seconds) even when nothing changed, to
-    # notice crashed containers and to probe health. A store change wakes it at once.
-    reconcile_interval: float = 1.0
-    # Containers started or stopped at once. Docker Engine serialises much of a container
-    # start internally; beyond ~8 concurrent calls a 2-core host gains nothing.
-    start_concurrency: int = 8
-    # Crash back-off: first retry after base seconds, doubling up to max, like Kubernetes'
-    # CrashLoopBackOff (10 s .. 300 s) but shorter, since pleaco apps are small web apps.
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
-    # A replica that has run this long (seconds) has its back-off forgotten.
-    backoff_reset_after: float = 30.0
-    # HTTP health probe: per-request timeout, and failures in a row before a replica is
-    # declared unhealthy and restarted (Kubernetes' failureThreshold default is 3).
-    health_timeout: float = 2.0
-    health_failures: int = 3
-    # A replica that never passed a probe is given this long (seconds) to start listening
-    # before failures count (Kubernetes' startupProbe, in one number).
-    health_grace: float = 30.0
-    # Seconds between SIGTERM and SIGKILL when pleaco stops a replica (Docker's default).
-    stop_timeout: int = 10
-    # A missing image is looked up again after this many seconds, not on every tick.
-    image_recheck_interval: float = 2.0
     # Tombstones are dropped after this long (seconds); a day outlasts any partition we
     # expect to heal by itself.
     tombstone_ttl: float = 86400.0
@@ -103,14 +52,8 @@ class Config:
     max_body_bytes: int = 1 << 20
     # Log level: debug, info, warning, error.
     log_level: str = "info"
-    # Address other nodes reach this one's gossip port at. Empty: the gossip_listen host,
-    # or this host's outbound address when that is 0.0.0.0.
-    advertise: str = ""
-    # The cluster protocol's tunables: the [gossip] table (see pleaco/cluster/config.py).
-    gossip: GossipConfig = field(default_factory=GossipConfig)
-    # The reverse proxy's and rollouts' tunables: [proxy] and [rollout] (pleaco/ingress/config.py).
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # The API's connection, timeout and body limits: the [api] table (see pleaco/api/config.py).
+    api: ApiConfig = field(default_factory=ApiConfig)
     # The build pipeline's tunables: the [build] table (see pleaco/builds/config.py).
     build: BuildConfig = field(default_factory=BuildConfig)
 
@@ -125,13 +68,6 @@ class Config:
     @property
     def token_path(self) -> Path:
         return self.data_dir / "admin.token"
-
-
-def parse_host_port(value: str, what: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 Fields = dict[str, "dataclasses.Field[Any]"]
@@ -256,7 +192,10 @@ def load(
 
 def validate(cfg: Config) -> None:
     for name in ("api_listen", "gossip_listen", "proxy_listen"):
-        parse_host_port(getattr(cfg, name), name)
+        try:
+            parse_host_port(getattr(cfg, name), name)
+        except HostPortError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.discovery not in ("mdns", "seeds", "none"):
         raise ConfigError(f"discovery: expected mdns, seeds or none, got {cfg.discovery!r}")
     if cfg.bootstrap not in ("manual", "auto"):

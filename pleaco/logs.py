@@ -7,6 +7,7 @@ machine can be told apart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -17,8 +18,8 @@ _node_fields: dict[str, str] = {}
 
 def _quote(value: Any) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\n\t'):
-        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if text == "" or any(c in text for c in ' "=\n\r\t'):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") + '"'
     return text
 
 
@@ -33,7 +34,11 @@ class LogfmtFormatter(logging.Formatter):
         fields.update(_node_fields)
         fields.update(getattr(record, "fields", {}))
         if record.exc_info:
-            fields["error"] = self.formatException(record.exc_info).splitlines()[-1]
+            # The whole stack, still on the event's one line: logfmt quotes the value and
+            # escapes its newlines (\n). ``error`` repeats the last line, to grep for.
+            trace = self.formatException(record.exc_info)
+            fields["error"] = trace.splitlines()[-1]
+            fields["traceback"] = trace
         return " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
 
 
@@ -58,6 +63,52 @@ class EventLogger:
 
     def error(self, event: str, exc_info: bool = False, **fields: Any) -> None:
         self._emit(logging.ERROR, event, exc_info, fields)
+
+
+# Seconds one warning line stands for a burst of the same event: long enough that a flood
+# of refused connections costs a few lines a minute, short enough that the count is timely.
+BURST_WINDOW = 10.0
+
+
+class Burst:
+    """Warnings of one event, one line per burst: the first is logged at once; those that
+    follow within ``window`` seconds are counted and reported together in one line
+    (``repeated=N``, with the last one's fields) when the window ends. For events a
+    stranger can cause at will (refused connections), so that a flood is not a log flood."""
+
+    def __init__(self, logger: EventLogger, event: str, window: float = BURST_WINDOW) -> None:
+        self.logger = logger
+        self.event = event
+        self.window = window
+        self._until = 0.0
+        self._count = 0
+        self._last: dict[str, Any] = {}
+        self._timer: Any = None
+
+    def warning(self, **fields: Any) -> None:
+        now = time.monotonic()
+        if now >= self._until and not self._count:
+            self._until = now + self.window
+            self.logger.warning(self.event, **fields)
+            return
+        self._count += 1
+        self._last = fields
+        if now >= self._until:
+            self.flush()
+        elif self._timer is None:
+            import asyncio  # here, not at the top: the CLI imports this module and not asyncio
+
+            # Without a loop in this thread, the next warning after the window reports it.
+            with contextlib.suppress(RuntimeError):
+                self._timer = asyncio.get_running_loop().call_later(self._until - now, self.flush)
+
+    def flush(self) -> None:
+        """Report what was counted; the line opens a new window."""
+        self._timer = None
+        if self._count:
+            self.logger.warning(self.event, repeated=self._count, window_s=self.window, **self._last)
+            self._count = 0
+            self._until = time.monotonic() + self.window
 
 
 def get(name: str) -> EventLogger:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 
 def _score(app: str, replica: int, node_id: str, weight: float) -> float:
@@ -66,3 +66,28 @@ def owned_replicas(
     if len(nodes) == 1 and nodes[0] == me:
         return list(range(replicas))
     return [i for i, n in enumerate(assign(app, replicas, nodes, weights)) if n == me]
+
+
+def app_owner(app: str, nodes: Sequence[str]) -> str:
+    """The node that decides once for the whole cluster what must be decided once per app
+    (roll back, build, poll its repository): plain rendezvous over the live nodes, so when
+    the owner dies the next-ranked node takes over, and only that app's decisions move."""
+    if not nodes:
+        raise ValueError("no live nodes to choose an owner from")
+    return max(nodes, key=lambda n: (_score(f"owner:{app}", 0, n, 1.0), n))
+
+
+class Owners:
+    """This node's answer to "is it mine to decide?" for each app."""
+
+    def __init__(self, me: str, live_nodes: Callable[[], Sequence[str]]) -> None:
+        self.me = me
+        self.live_nodes = live_nodes
+
+    def owner(self, app: str) -> str | None:
+        """The app's owner, None while this node does not know the live nodes yet."""
+        nodes = list(self.live_nodes())
+        return app_owner(app, nodes) if nodes else None
+
+    def owns(self, app: str) -> bool:
+        return self.owner(app) == self.me

@@ -16,6 +16,7 @@ from aiohttp import web
 from pleaco import logs
 from pleaco.api.errors import ApiError
 from pleaco.cluster.service import Cluster, ClusterError
+from pleaco.errors import InvalidInput, NotFound
 
 log = logs.get("pleaco.api.cluster")
 
@@ -42,28 +43,23 @@ def add_routes(app: web.Application, cluster: Cluster, load: Callable[[], dict[s
         matches = [m for m in cluster.members() if m["id"] == wanted or m["name"] == wanted
                    or (len(wanted) >= 6 and m["id"].startswith(wanted))]
         if not matches:
-            raise ApiError(404, "not_found", f"no node {wanted!r}")
+            raise NotFound(f"no node {wanted!r}")
         if len(matches) > 1:
             raise ApiError(400, "ambiguous", f"{wanted!r} matches {len(matches)} nodes; give the full id")
         try:
             cluster.revoke(matches[0]["id"])
         except ClusterError as exc:
-            raise ApiError(400, "invalid", str(exc)) from None
+            # A conflict elsewhere, but here only the request can be wrong (a node naming itself).
+            raise InvalidInput(str(exc)) from None
         log.info("node.removed", member=matches[0]["id"])
         return web.json_response({"removed": matches[0]["id"]})
 
     async def init(request: web.Request) -> web.Response:
-        try:
-            cluster_id = await cluster.init()
-        except ClusterError as exc:
-            raise ApiError(409, "conflict", str(exc)) from None
+        cluster_id = await cluster.init()
         return web.json_response({"cluster_id": cluster_id, "node_id": cluster.identity.node_id}, status=201)
 
     async def token(request: web.Request) -> web.Response:
-        try:
-            return web.json_response({"token": cluster.token()})
-        except ClusterError as exc:
-            raise ApiError(409, "conflict", str(exc)) from None
+        return web.json_response({"token": cluster.token()})
 
     app.router.add_get("/v1/nodes", nodes)
     app.router.add_delete("/v1/nodes/{node}", remove_node)

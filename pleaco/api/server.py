@@ -29,12 +29,18 @@ from typing import Any
 from aiohttp import web
 
 from pleaco import __version__, logs
-from pleaco.api.errors import ApiError
-from pleaco.apps import AppStore, NoEarlierRelease, NotFound, ValidationError
+from pleaco.api import jsonbody
+from pleaco.api.config import ApiConfig
+from pleaco.api.connections import AcceptErrorLog, ConnectionGuard
+from pleaco.api.errors import ApiError, error_json
+from pleaco.apps import AppStore, NotFound
+from pleaco.errors import PleacoError
 from pleaco.identity import Identity
 from pleaco.metrics import Counter, Histogram, Registry
-from pleaco.reconcile.apps import AppReconciler, app_status
-from pleaco.runtime import ContainerInfo, DockerRuntime, EngineUnavailable
+from pleaco.reconcile.apps import AppReconciler
+from pleaco.reconcile.status import app_status
+from pleaco.runtime import ContainerInfo
+from pleaco.runtime.engine import Engine
 from pleaco.store import Store
 
 log = logs.get("pleaco.api")
@@ -55,10 +61,11 @@ class ApiServer:
         store: Store,
         apps: AppStore,
         reconciler: AppReconciler,
-        runtime: DockerRuntime,
+        runtime: Engine,
         registry: Registry,
         token: str,
         max_body_bytes: int,
+        limits: ApiConfig | None = None,
     ) -> None:
         self.identity = identity
         self.node_name = node_name
@@ -69,6 +76,9 @@ class ApiServer:
         self.registry = registry
         self.token = token
         self.started = time.time()
+        self.limits = limits or ApiConfig()
+        self.connections = ConnectionGuard(self.limits)
+        self._accept_errors = AcceptErrorLog()
         self.m_requests = registry.register(
             Counter(
                 "pleaco_api_requests_total", "API requests by route, method and status.", ("route", "method", "status")
@@ -79,8 +89,9 @@ class ApiServer:
         )
         self.app = web.Application(
             client_max_size=max_body_bytes,
-            middlewares=[self._errors, self._auth],
+            middlewares=[self.connections.middleware, self._errors, self._auth],
         )
+        self.app[jsonbody.MAX_JSON_DEPTH] = self.limits.max_json_depth
         r = self.app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/metrics", self.metrics)
@@ -93,19 +104,31 @@ class ApiServer:
         r.add_delete("/v1/apps/{name}", self.remove_app)
         r.add_get("/v1/apps/{name}/logs", self.app_logs)
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # aiohttp's own keep-alive timer closes idle connections too (3.14 and later also
+        # before the first request); the guard enforces the timeouts on any version.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=self.limits.idle_timeout)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        log.info("api.listening", address=f"{host}:{port}")
+        assert self._runner.server is not None
+        loop = asyncio.get_running_loop()
+        # Not a web.TCPSite: the guard wraps aiohttp's protocol factory.
+        self.connections.start(self._runner.server)
+        self._accept_errors.install(loop)
+        self._server = await loop.create_server(self.connections.protocol, host, port, reuse_address=True)
+        log.info("api.listening", address=f"{host}:{port}", max_connections=self.connections.cap)
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self.connections.stop()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the connections aiohttp holds
+        self._accept_errors.uninstall(asyncio.get_running_loop())
 
     # -- middlewares ---------------------------------------------------------------------
 
@@ -118,9 +141,12 @@ class ApiServer:
             resp = await handler(request)
             status = resp.status
             return resp
-        except ApiError as exc:
+        except PleacoError as exc:
+            # Every module's errors map here, once, by their base (pleaco/errors.py).
             status = exc.status
-            return web.json_response(exc.to_json(), status=exc.status)
+            if status >= 500:
+                log.error("api.failed", path=request.path, code=exc.code, error=str(exc))
+            return web.json_response(error_json(exc), status=status)
         except web.HTTPException as exc:
             status = exc.status
             if exc.status < 400:
@@ -134,10 +160,10 @@ class ApiServer:
                 message = f"no such endpoint: {request.method} {request.path}"
             elif exc.status == 405:
                 message = f"method {request.method} not allowed on {request.path}"
-            return web.json_response(ApiError(exc.status, code, message).to_json(), status=exc.status)
+            return web.json_response(error_json(ApiError(exc.status, code, message)), status=exc.status)
         except Exception as exc:
             log.error("api.internal_error", exc_info=True, path=request.path, error=str(exc))
-            return web.json_response(ApiError(500, "internal", str(exc)).to_json(), status=500)
+            return web.json_response(error_json(ApiError(500, "internal", str(exc))), status=500)
         finally:
             self.m_requests.inc(route=route, method=request.method, status=str(status))
             self.m_latency.observe(time.monotonic() - started, route=route)
@@ -161,19 +187,22 @@ class ApiServer:
     # -- helpers -------------------------------------------------------------------------
 
     async def _json_body(self, request: web.Request) -> Any:
-        raw = await request.read()  # raises 413 past client_max_size
+        try:
+            async with asyncio.timeout(self.limits.body_timeout):
+                raw = await request.read()  # raises 413 past client_max_size
+        except TimeoutError:
+            raise ApiError(408, "body_timeout",
+                           f"request body not received within {self.limits.body_timeout:g}s") from None
         if not raw:
             raise ApiError(400, "invalid_body", "request body is empty; expected a JSON object")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+        return jsonbody.parse(request, raw)
 
     def _app_json(self, name: str) -> dict[str, Any]:
         spec = self.apps.get(name)
         if spec is None:
-            raise ApiError(404, "not_found", f"app {name!r} does not exist")
-        return app_status(self.reconciler, spec, self.apps.replicas(name)).to_json()
+            raise NotFound(f"app {name!r} does not exist")
+        rec = self.reconciler
+        return app_status(rec.view, rec.routes, set(rec.live_nodes()), spec, self.apps.replicas(name)).to_json()
 
     # -- handlers ------------------------------------------------------------------------
 
@@ -185,7 +214,7 @@ class ApiServer:
                             headers={"X-Content-Type": "text/plain; version=0.0.4"})
 
     async def status(self, request: web.Request) -> web.Response:
-        obs = self.reconciler.observed
+        obs = self.reconciler.view.observed
         return web.json_response(
             {
                 "node_id": self.identity.node_id,
@@ -214,11 +243,13 @@ class ApiServer:
                 raise ApiError(400, "invalid", f"limit: expected a positive whole number, got {raw_limit!r}")
             limit = int(raw_limit)
         specs = self.apps.specs(after=after, limit=limit)
+        rec = self.reconciler
+        live = set(rec.live_nodes())
         resp = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
         await resp.prepare(request)
         sep = "["
         for start in range(0, len(specs), LIST_CHUNK):
-            chunk = [app_status(self.reconciler, spec, self.apps.replicas(spec.name)).to_json()
+            chunk = [app_status(rec.view, rec.routes, live, spec, self.apps.replicas(spec.name)).to_json()
                      for spec in specs[start:start + LIST_CHUNK]]
             await resp.write((sep + json.dumps(chunk)[1:-1]).encode())
             sep = ","
@@ -232,10 +263,7 @@ class ApiServer:
 
     async def deploy_app(self, request: web.Request) -> web.Response:
         body = await self._json_body(request)
-        try:
-            result = self.apps.deploy(request.match_info["name"], body)
-        except ValidationError as exc:
-            raise ApiError(400, "invalid", str(exc)) from None
+        result = self.apps.deploy(request.match_info["name"], body)
         log.info(
             "app.deployed", app=result.spec.name, revision=result.spec.revision,
             image=result.spec.image, replicas=result.replicas, created=result.created,
@@ -247,38 +275,21 @@ class ApiServer:
         body = await self._json_body(request)
         if not isinstance(body, dict) or set(body) != {"replicas"}:
             raise ApiError(400, "invalid", 'body: expected {"replicas": N}')
-        try:
-            n = self.apps.scale(request.match_info["name"], body["replicas"])
-        except ValidationError as exc:
-            raise ApiError(400, "invalid", str(exc)) from None
-        except NotFound as exc:
-            raise ApiError(404, "not_found", str(exc)) from None
+        n = self.apps.scale(request.match_info["name"], body["replicas"])
         log.info("app.scaled", app=request.match_info["name"], replicas=n)
         self.reconciler.wake()
         return web.json_response(self._app_json(request.match_info["name"]))
 
     async def rollback_app(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        try:
-            spec = self.apps.rollback(name)
-        except ValidationError as exc:
-            raise ApiError(400, "invalid", str(exc)) from None
-        except NotFound as exc:
-            raise ApiError(404, "not_found", str(exc)) from None
-        except NoEarlierRelease as exc:
-            raise ApiError(409, "no_earlier_release", str(exc)) from None
+        spec = self.apps.rollback(name)
         log.info("app.rolled_back", app=name, revision=spec.revision, image=spec.image)
         self.reconciler.wake()
         return web.json_response(self._app_json(name))
 
     async def remove_app(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        try:
-            self.apps.remove(name)
-        except ValidationError as exc:
-            raise ApiError(400, "invalid", str(exc)) from None
-        except NotFound as exc:
-            raise ApiError(404, "not_found", str(exc)) from None
+        self.apps.remove(name)
         log.info("app.removed", app=name)
         self.reconciler.wake()
         return web.json_response({"removed": name})
@@ -286,16 +297,13 @@ class ApiServer:
     async def app_logs(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         if self.apps.get(name) is None:
-            raise ApiError(404, "not_found", f"app {name!r} does not exist")
+            raise NotFound(f"app {name!r} does not exist")
         tail_arg = request.query.get("tail", "100")
         if tail_arg != "all" and (not tail_arg.isdigit() or int(tail_arg) > 100_000):
             raise ApiError(400, "invalid", "tail: expected a number up to 100000, or 'all'")
         tail: int | str = tail_arg if tail_arg == "all" else int(tail_arg)
         follow = request.query.get("follow", "") in ("1", "true", "yes")
-        try:
-            found = await asyncio.to_thread(self.runtime.list_managed, self.identity.node_id, name)
-        except EngineUnavailable as exc:
-            raise ApiError(503, "engine_unreachable", str(exc)) from None
+        found = await asyncio.to_thread(self.runtime.list_managed, self.identity.node_id, name)
         containers = sorted(found, key=lambda c: (c.replica, c.release))
         resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await resp.prepare(request)
@@ -308,7 +316,7 @@ class LogStreamer:
     with its replica. A reader thread per container (the SDK's log stream blocks) feeds an
     asyncio queue; closing the streams unblocks the threads."""
 
-    def __init__(self, runtime: DockerRuntime, containers: list[ContainerInfo], tail: int | str, follow: bool) -> None:
+    def __init__(self, runtime: Engine, containers: list[ContainerInfo], tail: int | str, follow: bool) -> None:
         self.runtime = runtime
         self.containers = containers
         self.tail = tail

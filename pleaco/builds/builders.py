@@ -10,6 +10,12 @@ Two backends behind one interface:
   container with the context and an output directory mounted, writes an image tarball
   (``--no-push --tar-path``), and the tarball is loaded into the engine. Kaniko resolves
   base images from a registry itself, so it needs one reachable (or a mirror).
+
+Both run the Dockerfile's RUN steps on the network ``build.network`` names (see
+``pleaco.builds.network``): by default one that reaches the internet's package registries
+but not the host's own services nor private networks. The engine backend passes it as the
+build's ``network_mode``; kaniko runs RUN steps inside its own container, so that container
+is put on it.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ import shutil
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
+from pleaco.builds.config import BuildConfig
 from pleaco.builds.engine import BuildEngine, BuildFailed, Cancel, LogFn
+from pleaco.builds.network import BuildNetwork
 
 
 @dataclass(frozen=True)
@@ -38,25 +45,19 @@ class BuildRequest:
     work_dir: Path | None = None  # scratch space for backends that need files
 
 
-class Builder(Protocol):
-    name: str
-
-    def build(self, req: BuildRequest, log: LogFn, cancel: Cancel) -> str:
-        """Build the image, stream its log, return its id. Raises BuildFailed or Cancelled."""
-        ...
-
-
 class EngineBuilder:
     name = "engine"
 
-    def __init__(self, engine: BuildEngine) -> None:
+    def __init__(self, engine: BuildEngine, network: BuildNetwork | None = None) -> None:
         self.engine = engine
+        self.network = network or BuildNetwork(engine)
 
     def build(self, req: BuildRequest, log: LogFn, cancel: Cancel) -> str:
+        network_mode = self.network.prepare()
         with open(req.tarball, "rb") as context:
             image = self.engine.build(
                 context, tag=req.tag, dockerfile=req.dockerfile, build_args=req.build_args,
-                labels=req.labels, cache_from=req.cache_from, log=log, cancel=cancel,
+                labels=req.labels, cache_from=req.cache_from, log=log, cancel=cancel, network_mode=network_mode,
             )
         if not image:
             raise BuildFailed("the engine reported no image id")
@@ -66,10 +67,11 @@ class EngineBuilder:
 class KanikoBuilder:
     name = "kaniko"
 
-    def __init__(self, engine: BuildEngine, image: str, time_limit: float) -> None:
+    def __init__(self, engine: BuildEngine, image: str, time_limit: float, network: BuildNetwork | None = None) -> None:
         self.engine = engine
         self.image = image
         self.time_limit = time_limit
+        self.network = network or BuildNetwork(engine)
 
     def available(self) -> bool:
         return self.engine.image_id(self.image) is not None
@@ -89,9 +91,10 @@ class KanikoBuilder:
                 f"--destination={req.tag}", "--tar-path=/out/image.tar", "--cache=false"]
         args += [f"--build-arg={k}={v}" for k, v in sorted(req.build_args.items())]
         args += [f"--label={k}={v}" for k, v in sorted(req.labels.items())]
+        network_mode = self.network.prepare()
         result = self.engine.run_to_completion(
-            self.image, args, labels=req.run_labels, time_limit=self.time_limit, cancel=cancel, network=True,
-            binds=[f"{work / 'context'}:/workspace:ro", f"{work / 'out'}:/out"], log=log,
+            self.image, args, labels=req.run_labels, time_limit=self.time_limit, cancel=cancel,
+            network_mode=network_mode, binds=[f"{work / 'context'}:/workspace:ro", f"{work / 'out'}:/out"], log=log,
         )
         if result.timed_out or result.exit_code != 0:
             raise BuildFailed(f"kaniko exited with {result.exit_code}" if not result.timed_out else "kaniko timed out")
@@ -102,3 +105,11 @@ class KanikoBuilder:
         if image is None:
             raise BuildFailed(f"kaniko's image tarball did not hold {req.tag}")
         return image
+
+
+def builder_for(cfg: BuildConfig, engine: BuildEngine) -> EngineBuilder | KanikoBuilder:
+    """The backend ``build.backend`` names, on the network ``build.network`` names."""
+    network = BuildNetwork(engine, cfg.network, cfg.network_allow)
+    if cfg.backend == "kaniko":
+        return KanikoBuilder(engine, cfg.kaniko_image, cfg.timeout, network)
+    return EngineBuilder(engine, network)

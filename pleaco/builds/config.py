@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # A registry and optional namespace: host[:port] then lower-case path components, as
 # Docker's reference grammar has them ("registry.example.com/team", "127.0.0.1:5000").
 _HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REGISTRY = re.compile(rf"{_HOST}(?:/{_COMPONENT})*")
+# build.network's values (pleaco/builds/network.py does what each means).
+NETWORK_MODES = ("isolated", "none", "host-reachable")
 
 
 @dataclass
@@ -18,8 +21,11 @@ class BuildConfig:
     # URL GitHub reaches this node's API at, printed by `apps connect` as the webhook URL
     # (plus /v1/hooks/github). Empty: the URL the client used to reach the API.
     public_url: str = ""
-    # Largest webhook body (bytes). GitHub caps payloads at 25 MB and drops larger ones.
-    webhook_max_body_bytes: int = 25 << 20
+    # Largest webhook body (bytes), refused (413) before its signature is checked: anyone
+    # can send one, and its HMAC is computed once per connected app. GitHub caps payloads at
+    # 25 MB, but a push lists at most 20 commits and their changed paths, ~1 KB per commit
+    # plus the paths; 2 MiB takes a push touching thousands of files.
+    webhook_max_body_bytes: int = 2 << 20
     # Builds running at once on this node. Image builds are CPU- and disk-bound; two at a
     # time keep a 2-core node's API and reconciler responsive.
     concurrency: int = 2
@@ -30,6 +36,18 @@ class BuildConfig:
     # The kaniko executor image. Upstream GoogleContainerTools/kaniko was archived in June
     # 2025; Chainguard maintains the fork.
     kaniko_image: str = "cgr.dev/chainguard/kaniko:latest"
+    # What the Dockerfile's RUN steps may reach (pleaco/builds/network.py). A Dockerfile is
+    # written by whoever can push to the app's repository, so by default ("isolated") its
+    # steps reach the internet, where package registries are (apt, pip, npm need them), but
+    # not this node's own services (agent API, proxy admin, engine), app containers, nor
+    # private, loopback or link-local networks (peers, LAN, cloud metadata). "none": no
+    # network at all (safest; a step that downloads anything fails). "host-reachable": the
+    # engine's default bridge, as a plain `docker build` (trusted repositories only).
+    network: str = "isolated"
+    # Private IPv4 networks (CIDR) an isolated build may still reach, e.g. a package mirror
+    # on the LAN ("10.0.5.0/24"). Empty by default: nothing private is trusted unasked. The
+    # node's own addresses stay unreachable whatever is listed.
+    network_allow: list[str] = field(default_factory=list)
     # Registry (and namespace) each passed build's image is pushed to before its release is
     # written, as REGISTRY/APP:COMMIT12 ("registry.example.com/team", "127.0.0.1:5000"); the
     # release then names that reference, and a node that lacks the image and finds no peer
@@ -66,6 +84,13 @@ class BuildConfig:
             problems.append("build.poll_interval: must be 0 (off) or more")
         if self.backend not in ("engine", "kaniko"):
             problems.append(f"build.backend: expected engine or kaniko, got {self.backend!r}")
+        if self.network not in NETWORK_MODES:
+            problems.append(f"build.network: expected one of {', '.join(NETWORK_MODES)}, got {self.network!r}")
+        for entry in self.network_allow:
+            try:
+                ipaddress.IPv4Network(entry)
+            except ValueError as exc:
+                problems.append(f"build.network_allow: {entry!r} is not an IPv4 network (CIDR): {exc}")
         if self.registry and not REGISTRY.fullmatch(self.registry):
             problems.append(f"build.registry: expected HOST[:PORT][/NAMESPACE] (lower-case path, no scheme), "
                             f"got {self.registry!r}")

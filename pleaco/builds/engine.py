@@ -29,6 +29,7 @@ from typing import IO, Any
 import docker
 import docker.errors
 
+from pleaco.errors import PleacoError
 from pleaco.runtime.docker import API_VERSION, DockerRuntime, EngineUnavailable, NotFound, _wrap
 
 LABEL_BUILD = "pleaco.build"
@@ -38,11 +39,11 @@ LABEL_BUILD_ROLE = "pleaco.build-role"
 LogFn = Callable[[str], None]
 
 
-class Cancelled(RuntimeError):
+class Cancelled(PleacoError, RuntimeError, code="cancelled"):
     """The operation was aborted through its Cancel token; the message says why."""
 
 
-class BuildFailed(RuntimeError):
+class BuildFailed(PleacoError, RuntimeError, code="build_failed"):
     """The engine reported an error for the build (a Dockerfile step failed, ...)."""
 
 
@@ -141,8 +142,11 @@ class BuildEngine(DockerRuntime):
         self._call(self._api.tag, image, repository, tag, force=True)
 
     def build(self, context: IO[bytes], *, tag: str, dockerfile: str, build_args: dict[str, str],
-              labels: dict[str, str], cache_from: list[str], log: LogFn, cancel: Cancel) -> str:
-        """Build an image from a tar context with the engine's (classic) builder; its id."""
+              labels: dict[str, str], cache_from: list[str], log: LogFn, cancel: Cancel,
+              network_mode: str | None = "none") -> str:
+        """Build an image from a tar context with the engine's (classic) builder; its id.
+        ``network_mode`` is what its RUN steps' containers get: a network's name, "none",
+        or None for the engine's default bridge (see pleaco.builds.network)."""
         client = _Client(base_url=self.base_url, version=API_VERSION, timeout=None)
         image_id = ""
         try:
@@ -150,7 +154,7 @@ class BuildEngine(DockerRuntime):
             stream = client.build(
                 fileobj=context, custom_context=True, tag=tag, dockerfile=dockerfile,
                 buildargs=build_args or None, labels=labels, cache_from=cache_from or None,
-                rm=True, forcerm=True, decode=True, pull=False,
+                rm=True, forcerm=True, decode=True, pull=False, network_mode=network_mode,
             )
             with cancel.on_cancel(lambda: _shutdown(client.last_response)):
                 for msg in stream:
@@ -227,19 +231,37 @@ class BuildEngine(DockerRuntime):
                     out.append(stream[len(prefix):].strip())
         return out
 
+    # -- networks (the isolated build network, pleaco.builds.network) -------------------
+
+    def network_inspect(self, name: str) -> dict[str, object] | None:
+        try:
+            return dict(self._call(self._api.inspect_network, name))
+        except NotFound:
+            return None
+
+    def network_create(self, name: str, options: dict[str, str], labels: dict[str, str]) -> None:
+        self._call(self._api.create_network, name, driver="bridge", options=options, labels=labels,
+                   check_duplicate=True)
+
+    def network_remove(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._call(self._api.remove_network, name)
+
     # -- containers ----------------------------------------------------------------------
 
     def run_to_completion(self, image: str, command: list[str] | None, *, labels: dict[str, str],
-                          time_limit: float, cancel: Cancel, network: bool = False, mem_bytes: int = 0,
+                          time_limit: float, cancel: Cancel, network_mode: str | None = "none", mem_bytes: int = 0,
                           nano_cpus: int = 0, binds: list[str] | None = None,
                           log: LogFn | None = None) -> TestResult:
-        """Run a fresh container to its end (killed at ``time_limit``); it is always removed."""
+        """Run a fresh container to its end (killed at ``time_limit``); it is always removed.
+        ``network_mode``: "none" (the default: tests run without a network), a network's
+        name, or None for the engine's default bridge."""
         host_config = self._api.create_host_config(
-            network_mode=None if network else "none", mem_limit=mem_bytes or None,
+            network_mode=network_mode, mem_limit=mem_bytes or None,
             nano_cpus=nano_cpus or None, binds=binds, init=True,
         )
         created = self._call(self._api.create_container, image, command=command, labels=labels,
-                             host_config=host_config, network_disabled=not network, detach=True)
+                             host_config=host_config, network_disabled=network_mode == "none", detach=True)
         cid = str(created["Id"])
         timed_out = False
         try:

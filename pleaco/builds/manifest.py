@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from pleaco.errors import InvalidInput
+
 FILENAME = "pleaco.toml"
 SEVERITIES = ("none", "low", "medium", "high", "critical")
 _ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
@@ -28,7 +30,7 @@ SCHEMA: dict[str, frozenset[str]] = {
 }
 
 
-class ManifestError(ValueError):
+class ManifestError(InvalidInput, ValueError, code="invalid_manifest"):
     """pleaco.toml is missing or invalid; the message names the field."""
 
 

@@ -4,6 +4,9 @@
   of an app has exactly one build record: the same commit never builds twice.
 - ``build/repo/APP``: the app's connected repository (URL, branch, recent deliveries).
   Build ids never hold a '/', so the two never collide.
+
+``BuildStore`` is the one writer of both; it bounds the delivery list, so a connection
+record fits one gossip packet (``pleaco.store.MAX_RECORD_BYTES``) however many pushes come.
 - ``secret/webhook/APP``: the webhook secret (see ``pleaco.builds.secrets``).
 """
 
@@ -15,14 +18,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pleaco.store import Store
+from pleaco.store.record import MAX_RECORD_BYTES, gossip_size
+
+Write = tuple[str, str, dict[str, Any] | None]
 
 STATES = ("queued", "fetching", "building", "testing", "scanning", "pushing", "succeeded", "failed", "cancelled")
 ACTIVE = frozenset({"queued", "fetching", "building", "testing", "scanning", "pushing"})
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 REPO_PREFIX = "repo/"
-# Deliveries remembered per app, to answer a redelivery without building: GitHub redelivers
-# on request or after a timeout, within hours; 200 covers far more pushes than that.
-DELIVERIES_KEPT = 200
+# Deliveries remembered per app, to answer a redelivery without building. A delivery is
+# named by the SHA-256 of its signed body (the X-GitHub-Delivery header is not signed), cut
+# to DELIVERY_KEY_HEX hex digits: 80 bits, and only signed bodies are hashed, so a
+# collision cannot be made. GitHub redelivers on request, normally the latest pushes; an
+# older push is refused anyway (a webhook never moves an app back), so a few are enough:
+# 8 keys cost ~190 bytes of the connection record, which must fit in a gossip packet.
+DELIVERIES_KEPT = 8
+DELIVERY_KEY_HEX = 20
+# Longest repository URL `apps connect` takes (it is kept in every build record).
+REPO_CHARS = 256
 BRANCH = re.compile(r"^(?!/)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,255}(?<![/.])$")
 
 
@@ -69,10 +82,50 @@ class Build:
     def to_value(self) -> dict[str, Any]:
         return asdict(self)
 
+    def record_value(self) -> dict[str, Any]:
+        """The value the store keeps: fields at their empty default are left out (from_value
+        puts them back), and what only people read (test output, findings, the reason) is
+        trimmed until the record is within what the cluster replicates (the whole test
+        output stays in the build log on the building node)."""
+        value = {k: v for k, v in asdict(self).items() if k in _REQUIRED or v not in ("", 0, {}, [])}
+        for trim in _TRIMS:
+            if gossip_size("build", self.id, value) <= MAX_RECORD_BYTES:
+                break
+            trim(value)
+        return value
+
     @classmethod
     def from_value(cls, value: dict[str, Any]) -> Build:
         known = {k: v for k, v in value.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+_REQUIRED = frozenset({"id", "app", "commit", "repo", "branch", "state"})
+REASON_CHARS = 2000  # a build's reason as the record keeps it at the most (the log has it all)
+SUMMARY_CHARS = 200  # a finding's summary, likewise
+
+
+def _trim_texts(value: dict[str, Any]) -> None:
+    if isinstance(value.get("reason"), str):
+        value["reason"] = value["reason"][:REASON_CHARS]
+    scan = value.get("scan")
+    if isinstance(scan, dict) and isinstance(scan.get("findings"), list):
+        scan["findings"] = [{**f, "summary": str(f.get("summary", ""))[:SUMMARY_CHARS]} for f in scan["findings"]]
+
+
+def _trim_output(value: dict[str, Any]) -> None:
+    test = value.get("test")
+    if isinstance(test, dict) and isinstance(test.get("output"), str):
+        test["output"] = test["output"][-1024:]  # the end says why it failed
+
+
+def _trim_findings(value: dict[str, Any]) -> None:
+    scan = value.get("scan")
+    if isinstance(scan, dict) and isinstance(scan.get("findings"), list):
+        scan["findings"] = scan["findings"][:10]  # the worst first (scan.py sorts them)
+
+
+_TRIMS = (_trim_texts, _trim_output, _trim_findings)
 
 
 @dataclass
@@ -125,9 +178,13 @@ class BuildStore:
         return None if value is None else Build.from_value(value)
 
     def put(self, build: Build) -> Build:
-        build.updated_ms = now_ms()
-        self.store.put("build", build.id, build.to_value())
+        self.store.put_many([self.build_write(build)])
         return build
+
+    def build_write(self, build: Build) -> Write:
+        """The store write of ``build`` (for ``Store.put_many`` with other writes)."""
+        build.updated_ms = now_ms()
+        return ("build", build.id, build.record_value())
 
     def all(self, app: str | None = None) -> list[Build]:
         out = [Build.from_value(r.value) for r in self.store.records("build")
@@ -135,10 +192,6 @@ class BuildStore:
         if app is not None:
             out = [b for b in out if b.app == app]
         return sorted(out, key=lambda b: (b.created_ms, b.id), reverse=True)
-
-    def latest(self, app: str) -> Build | None:
-        found = self.all(app)
-        return found[0] if found else None
 
     def connection(self, app: str) -> Connection | None:
         value = self.store.value("build", REPO_PREFIX + app)
@@ -148,6 +201,13 @@ class BuildStore:
         return [Connection.from_value(r.value) for r in self.store.records("build")
                 if r.value is not None and r.key.startswith(REPO_PREFIX)]
 
-    def put_connection(self, conn: Connection) -> None:
+    def connection_write(self, conn: Connection) -> Write:
+        """The store write of a connection (for ``Store.put_many``); only the newest
+        DELIVERIES_KEPT deliveries are kept, so the record stays one packet however many
+        pushes the app gets."""
         conn.deliveries = conn.deliveries[-DELIVERIES_KEPT:]
-        self.store.put("build", REPO_PREFIX + conn.app, conn.to_value())
+        return ("build", REPO_PREFIX + conn.app, conn.to_value())
+
+    def put_push(self, conn: Connection, build: Build | None) -> None:
+        """A push: the connection (its delivery list) and, when one is queued, the build."""
+        self.store.put_many([self.connection_write(conn)] + ([self.build_write(build)] if build else []))

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import IO, Any
 
 from pleaco.builds.vulndb import SEVERITY_RANK, Advisory, affected_by, normalise_name
+from pleaco.errors import PleacoError
 
 DPKG_STATUS = "var/lib/dpkg/status"
 APK_INSTALLED = "lib/apk/db/installed"
@@ -122,13 +123,6 @@ def _read_fs(tar: tarfile.TarFile) -> _Layer:
     return layer
 
 
-def packages_from_tar(stream: IO[bytes]) -> list[Package]:
-    """Read the package databases out of a file system tar (streamed, one pass)."""
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        files = _read_fs(tar).files
-    return [p for pkgs in files.values() for p in pkgs]
-
-
 def _under(path: str, top: str) -> bool:
     return not top or path == top or path.startswith(top + "/")
 
@@ -198,7 +192,7 @@ def blocking(findings: Iterable[Finding], fail_on: str) -> list[Finding]:
     return [f for f in findings if max(SEVERITY_RANK[f.severity], 1) >= limit]
 
 
-class TrivyError(RuntimeError):
+class TrivyError(PleacoError, RuntimeError, code="scanner_failed"):
     pass
 
 

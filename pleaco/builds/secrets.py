@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from pleaco import logs
 from pleaco.cluster.trust import ClusterState, b64, secrets_aead, unb64
 from pleaco.cluster.wire import derive_key
+from pleaco.errors import PleacoError
 from pleaco.identity import write_secret_file
 from pleaco.store import Store
 
@@ -44,7 +45,7 @@ LOCAL_KEY_FILE = "secrets.key"
 SecretWrite = tuple[str, str, dict[str, Any]]
 
 
-class SecretError(RuntimeError):
+class SecretError(PleacoError, RuntimeError, code="secret_failed"):
     """A secret that cannot be sealed or opened here; the message names it and says why."""
 
 

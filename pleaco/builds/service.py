@@ -37,23 +37,29 @@ from pleaco import logs
 from pleaco.apps import AppStore, ValidationError, validate_name
 from pleaco.builds import scan as scanner
 from pleaco.builds import source as sourcemod
-from pleaco.builds.builders import BuildRequest, EngineBuilder, KanikoBuilder
+from pleaco.builds.builders import BuildRequest, EngineBuilder, KanikoBuilder, builder_for
 from pleaco.builds.config import BuildConfig
 from pleaco.builds.engine import BuildEngine, BuildFailed, Cancel, Cancelled, PushFailed
 from pleaco.builds.manifest import FILENAME, Manifest, ManifestError, parse
 from pleaco.builds.model import (
     BRANCH,
+    REPO_CHARS,
     Build,
     BuildStore,
     Connection,
+    Write,
     build_id,
+    canonical_repo,
     now_ms,
 )
 from pleaco.builds.secrets import SecretBox, SecretError
 from pleaco.builds.vulndb import load_db
+from pleaco.errors import InvalidInput, PleacoError
 from pleaco.metrics import Counter, Histogram, Registry
+from pleaco.placement import Owners
+from pleaco.reconcile.loop import Loop
 from pleaco.runtime import EngineUnavailable
-from pleaco.store import Store
+from pleaco.store import RecordTooLarge, Store
 
 log = logs.get("pleaco.builds")
 
@@ -66,20 +72,33 @@ RECORD_OUTPUT_BYTES = 8192
 RECORD_FINDINGS = 100
 
 
-class ConnectError(ValueError):
+class ConnectError(InvalidInput, ValueError):
     """Bad input to `apps connect`; the message names the field."""
 
 
-class StepFailed(RuntimeError):
+class StepFailed(PleacoError, RuntimeError, code="build_step_failed"):
     """A build step failed for a reason the user must fix; the message says which."""
 
 
 @dataclass(frozen=True)
 class PushResult:
     # queued | duplicate_delivery | already_built | already_running | already_failed |
-    # released_again | app_removed
+    # released_again | stale_push | app_removed
     outcome: str
     build: Build | None
+    reason: str = ""  # why nothing was built (stale_push)
+    released_commit: str = ""  # stale_push: the newer commit the app keeps
+
+
+@dataclass(frozen=True)
+class Connected:
+    """What `apps connect` did: the connection, the webhook secret, whether the app was
+    created, and whether credentials for the repository are kept."""
+
+    connection: Connection
+    secret: str
+    created: bool
+    private: bool
 
 
 class _BuildCancel(Cancel):
@@ -95,10 +114,21 @@ class _BuildCancel(Cancel):
         self.cancel(reason)
 
 
-class BuildService:
+class BuildService(Loop):
+    """The build queue: this node's queued builds, one per app at a time (a loop)."""
+
+    name = "builds"
+    # Queued builds are also dispatched when woken (a push, a finished build); the interval
+    # only catches what a wake missed.
+    interval = 5.0
+
     def __init__(self, cfg: BuildConfig, data_dir: Path, node_id: str, store: Store, apps: AppStore,
-                 engine: BuildEngine, registry: Registry | None = None, secretbox: SecretBox | None = None) -> None:
+                 engine: BuildEngine, registry: Registry | None = None, secretbox: SecretBox | None = None,
+                 owners: Owners | None = None) -> None:
+        super().__init__()
         self.cfg = cfg
+        # An app's builds run on its owner (pleaco.placement), whichever node took the push.
+        self.owners = owners or Owners(node_id, lambda: [node_id])
         self.secretbox = secretbox or SecretBox(data_dir)
         self.data_dir = data_dir
         self.node_id = node_id
@@ -113,8 +143,6 @@ class BuildService:
         self._running: dict[str, tuple[str, _BuildCancel]] = {}  # app -> (build id, cancel)
         self._lock = threading.Lock()
         self._push_lock = threading.Lock()
-        self._wake = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         registry = registry or Registry()
         self.m_builds = registry.register(
@@ -123,24 +151,26 @@ class BuildService:
         self.m_steps = registry.register(Histogram(
             "pleaco_build_step_duration_seconds", "Duration of build steps (fetch, build, test, scan).", ("step",),
             buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)))
-        self.builder: EngineBuilder | KanikoBuilder = (
-            KanikoBuilder(engine, cfg.kaniko_image, cfg.timeout) if cfg.backend == "kaniko" else EngineBuilder(engine)
-        )
+        self.builder: EngineBuilder | KanikoBuilder = builder_for(cfg, engine)
 
     # -- connecting ----------------------------------------------------------------------
 
     def connect(self, app: Any, repo: Any, branch: Any, secret: Any, repo_token: Any = None,
-                deploy_key: Any = None) -> tuple[Connection, str, bool]:
+                deploy_key: Any = None) -> Connected:
         """Connect (or re-connect) a repository; creates the app when missing.
-        Returns the connection, the webhook secret and whether the app was created.
         ``repo_token`` (HTTPS) or ``deploy_key`` (SSH private key text) reach a private
-        repository; both are kept as secrets, never in the connection record."""
+        repository; both are kept as secrets, never in the connection record. Credentials
+        belong to the repository they were given with: connecting the app to another
+        repository drops those not given again, so a token is never sent to a URL it was
+        not given for."""
         try:
             name = validate_name(app)
         except ValidationError as exc:
             raise ConnectError(str(exc)) from None
         if not isinstance(repo, str) or not repo.strip() or any(c in repo for c in "\n\r\x00 "):
             raise ConnectError(f"repo: {repo!r} is not a repository URL")
+        if len(repo) > REPO_CHARS:
+            raise ConnectError(f"repo: longer than {REPO_CHARS} characters")
         if repo.startswith("-"):
             raise ConnectError(f"repo: {repo!r} must not start with '-'")
         branch = "main" if branch is None else branch
@@ -162,24 +192,34 @@ class BuildService:
             except SecretError as exc:  # it cannot work as it is: a new one, which the answer shows
                 log.warning("build.webhook_secret_replaced", app=name, error=str(exc))
         secret = secret or secrets.token_hex(20)
-        conn = self.builds.connection(name) or Connection(app=name, repo=repo, branch=branch)
+        known = self.builds.connection(name)
+        same_repo = known is not None and canonical_repo(known.repo) == canonical_repo(repo)
+        conn = known or Connection(app=name, repo=repo, branch=branch)
         conn.repo, conn.branch = repo, branch
+        if not same_repo:
+            conn.deliveries, conn.last_commit = [], ""
         created = self.apps.get(name) is None
+        credentials = {f"repo-token/{name}": repo_token, f"deploy-key/{name}": deploy_key}
         try:
-            writes: list[tuple[str, str, dict[str, Any] | None]] = [
-                ("build", "repo/" + name, conn.to_value()), self.secretbox.put_write(key, secret)]
-            if repo_token is not None:
-                writes.append(self.secretbox.put_write(f"repo-token/{name}", repo_token))
-            if deploy_key is not None:
-                writes.append(self.secretbox.put_write(f"deploy-key/{name}", deploy_key))
+            writes: list[Write] = [self.builds.connection_write(conn), self.secretbox.put_write(key, secret)]
+            for ckey, given in credentials.items():
+                if given is not None:
+                    writes.append(self.secretbox.put_write(ckey, given))
+                elif not same_repo and self.store.value("secret", ckey) is not None:
+                    writes.append(("secret", ckey, None))  # another repository's: never sent to this one
         except SecretError as exc:
             raise ConnectError(str(exc)) from None
         if created:
-            writes += [("app", name, {"image": AWAITING_IMAGE, "port": None, "env": {}, "health": None,
-                                      "host": None, "revision": 0}), ("scale", name, {"replicas": 0})]
-        self.store.put_many(writes)
-        log.info("build.repo_connected", app=name, repo=repo, branch=branch, app_created=created)
-        return conn, secret, created
+            writes += self.apps.create_writes(name, AWAITING_IMAGE)
+        try:
+            self.store.put_many(writes)
+        except RecordTooLarge as exc:
+            field = {"deploy-key": "deploy_key", "repo-token": "repo_token"}.get(exc.key.split("/")[0], "repo")
+            raise ConnectError(f"{field}: too large to replicate ({exc})") from None
+        private = any(given is not None or (same_repo and self.store.value("secret", ckey) is not None)
+                      for ckey, given in credentials.items())
+        log.info("build.repo_connected", app=name, repo=repo, branch=branch, app_created=created, private=private)
+        return Connected(conn, secret, created, private)
 
     def git_auth(self, app: str) -> sourcemod.GitAuth:
         try:
@@ -196,9 +236,6 @@ class BuildService:
             log.warning("build.webhook_secret_unreadable", app=app, error=str(exc))
             return None
 
-    def find_connection(self, names: list[str]) -> list[Connection]:
-        return [c for c in self.builds.connections() if c.matches(names)]
-
     # -- pushes --------------------------------------------------------------------------
 
     def push(self, conn: Connection, commit: str, delivery: str = "", trigger: str = "webhook") -> PushResult:
@@ -213,13 +250,20 @@ class BuildService:
             # `apps rm` removed the app; a push must not bring it back.
             return PushResult("app_removed", None)
         fresh = self.builds.connection(conn.app) or conn
+        bid = build_id(conn.app, commit)
+        existing = self.builds.get(bid)
+        if (stale := self._stale(existing)) is not None:
+            # Before the delivery check: a replayed body is refused for what it asks.
+            reason = (f"commit {commit[:12]} is older than commit {stale.commit[:12]}, which build {stale.id} "
+                      f"released (revision {stale.release}); a push only moves an app forward: "
+                      f"`pleaco apps rollback {conn.app}` goes back")
+            log.warning("build.stale_push", app=conn.app, commit=commit, released=stale.commit, trigger=trigger)
+            return PushResult("stale_push", existing, reason, stale.commit)
         if delivery and delivery in fresh.deliveries:
-            return PushResult("duplicate_delivery", self.builds.get(build_id(conn.app, commit)))
+            return PushResult("duplicate_delivery", existing)
         if delivery:
             fresh.deliveries.append(delivery)
         fresh.last_commit = commit
-        bid = build_id(conn.app, commit)
-        existing = self.builds.get(bid)
         outcome = "queued"
         build: Build | None = existing
         if existing is not None and existing.active:
@@ -231,13 +275,9 @@ class BuildService:
         else:
             # New, or cancelled earlier (superseded, then pushed again): build it now.
             build = Build(id=bid, app=conn.app, commit=commit, repo=fresh.repo, branch=fresh.branch,
-                          trigger=trigger, delivery=delivery, node=self.node_id,
+                          trigger=trigger, delivery=delivery, node=self.owners.owner(conn.app) or self.node_id,
                           attempt=existing.attempt if existing else 0)
-        writes: list[tuple[str, str, dict[str, Any] | None]] = [("build", "repo/" + conn.app, fresh.to_value())]
-        if outcome == "queued":
-            assert build is not None
-            writes.append(("build", build.id, build.to_value()))
-        self.builds.store.put_many(writes)
+        self.builds.put_push(fresh, build if outcome == "queued" else None)
         if outcome == "queued":
             assert build is not None
             log.info("build.queued", app=conn.app, build=build.id, commit=commit, trigger=trigger)
@@ -246,6 +286,21 @@ class BuildService:
         elif outcome == "already_built" and existing is not None:
             outcome = self._release_again(existing)
         return PushResult(outcome, build)
+
+    def _stale(self, pushed: Build | None) -> Build | None:
+        """The newer released build that makes a push of ``pushed``'s commit a step back,
+        or None. Only a commit that was built before can be known to be older: it is older
+        when its build was queued before the newest build that released (pushes arrive in
+        the order they were made; the newest commit wins). A commit never built is new;
+        the newest released commit itself is not older (pushing it again after
+        `apps rollback` releases it again)."""
+        if pushed is None or pushed.state not in ("succeeded", "cancelled"):
+            return None  # new, running, or failed (which releases nothing)
+        released = [b for b in self.builds.all(pushed.app) if b.state == "succeeded" and b.release > 0]
+        newest = released[0] if released else None  # all() is newest first
+        if newest is None or newest.commit == pushed.commit:
+            return None
+        return newest if (pushed.created_ms, pushed.id) < (newest.created_ms, newest.id) else None
 
     def _supersede(self, app: str, newer: Build) -> None:
         reason = f"superseded by build {newer.id} (commit {newer.commit[:12]})"
@@ -283,10 +338,6 @@ class BuildService:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def wake(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
-
     def recover(self) -> None:
         """Resume (or fail) this node's builds that an earlier agent left unfinished."""
         with contextlib.suppress(EngineUnavailable):
@@ -305,28 +356,40 @@ class BuildService:
             self.builds.put(b)
             log.info("build.recovered", app=b.app, build=b.id, state=b.state, reason=b.reason)
 
-    async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    async def setup(self) -> None:
         await asyncio.to_thread(self.recover)
-        poller = asyncio.create_task(self._poll()) if self.cfg.poll_interval > 0 else None
-        try:
-            while True:
-                self._wake.clear()
-                self._dispatch()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 5.0)
-        finally:
-            if poller:
-                poller.cancel()
-            with self._lock:
-                running = list(self._running.values())
-            for _, cancel in running:
-                cancel.stop("the agent is stopping", None)
-            for t in list(self._tasks):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(asyncio.shield(t), 10)
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._scan_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def step(self) -> str | None:
+        await asyncio.to_thread(self.adopt)
+        self._dispatch()
+        return None
+
+    def adopt(self) -> None:
+        """Take over the unfinished builds of the apps this node owns now whose node left
+        the cluster (it died, or was removed): they are queued here, from the start."""
+        live = set(self.owners.live_nodes())
+        if not live:
+            return  # not knowing the members yet, nobody is known to be gone
+        for b in self.builds.all():
+            if not b.active or b.node in live or b.node == "" or not self.owners.owns(b.app):
+                continue
+            gone, was = b.node, b.state
+            b.node, b.state = self.node_id, "queued"
+            b.reason = f"taken over from node {gone[:12]}, which left the cluster (was {was})"
+            self.builds.put(b)
+            log.info("build.taken_over", app=b.app, build=b.id, from_node=gone, was=was)
+            self.wake()
+
+    async def teardown(self) -> None:
+        with self._lock:
+            running = list(self._running.values())
+        for _, cancel in running:
+            cancel.stop("the agent is stopping", None)
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(t), 10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._scan_pool.shutdown(wait=False, cancel_futures=True)
 
     def _dispatch(self) -> None:
         queued: dict[str, list[Build]] = {}
@@ -341,8 +404,7 @@ class BuildService:
                 cancel = _BuildCancel()
                 self._running[app] = (newest.id, cancel)
             self._supersede(app, newest)
-            assert self._loop is not None
-            fut = self._loop.run_in_executor(self._pool, self._execute, newest.id, cancel)
+            fut = asyncio.get_running_loop().run_in_executor(self._pool, self._execute, newest.id, cancel)
             task = asyncio.ensure_future(self._finish(app, fut))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -354,23 +416,6 @@ class BuildService:
             with self._lock:
                 self._running.pop(app, None)
             self.wake()
-
-    async def _poll(self) -> None:
-        last: dict[str, str] = {}
-        while True:
-            for conn in self.builds.connections():
-                try:
-                    head = await asyncio.to_thread(sourcemod.ls_remote, conn.repo, conn.branch, self.cfg.git_timeout,
-                                                   self.git_auth(conn.app), self.data_dir / "build" / "keys")
-                except sourcemod.SourceError as exc:
-                    log.warning("build.poll_failed", app=conn.app, repo=conn.repo, error=str(exc))
-                    continue
-                if head and head != last.get(conn.app) and head != conn.last_commit:
-                    result = await asyncio.to_thread(self.push, conn, head, "", "poll")
-                    log.info("build.poll_found", app=conn.app, commit=head, outcome=result.outcome)
-                if head:
-                    last[conn.app] = head
-            await asyncio.sleep(self.cfg.poll_interval)
 
     def cancel(self, bid: str, reason: str = "cancelled by the user") -> Build | None:
         b = self.builds.get(bid)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pleaco.builds.manifest import FILENAME
+from pleaco.errors import PleacoError
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 ZERO_COMMIT = "0" * 40
@@ -32,7 +33,7 @@ GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/true", "SSH_ASKPASS"
            "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new"}
 
 
-class SourceError(RuntimeError):
+class SourceError(PleacoError, RuntimeError, code="source_failed"):
     """The commit could not be fetched or archived; the message says why (git's words)."""
 
 

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pleaco.errors import InvalidInput
+
 SEVERITY_RANK = {"unknown": 0, "low": 1, "medium": 2, "high": 3, "critical": 4}
 # GitHub's advisories say MODERATE where others say MEDIUM.
 _SEVERITY_ALIASES = {"moderate": "medium", "important": "high", "negligible": "low"}
 
 
-class VulnDbError(ValueError):
+class VulnDbError(InvalidInput, ValueError, code="invalid_vulndb"):
     """An advisory file that is not valid OSV; the message names the file and field."""
 
 

@@ -1,4 +1,6 @@
-"""The cluster protocol's tunables, in one place, starting from memberlist's LAN defaults.
+"""The cluster's settings: where it listens and how it finds and joins others
+(``ClusterSettings``, top-level keys of pleaco.toml, which the agent's ``Config`` inherits),
+and the protocol's tunables (``GossipConfig``), starting from memberlist's LAN defaults.
 
 These are the ``[gossip]`` table of pleaco.toml (env ``PLEACO_GOSSIP_<NAME>``). The
 defaults start from hashicorp/memberlist's ``DefaultLANConfig``, which Consul and Nomad
@@ -9,7 +11,9 @@ network).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -57,8 +61,15 @@ class GossipConfig:
     placement_settle: float = 10.0
     # Seconds between retries of seeds when joining, doubling up to 30 s.
     seed_retry: float = 1.0
-    # Seconds a TCP exchange (push-pull, join) may take.
+    # Seconds a TCP exchange (push-pull, join) may take; also the time a connection has to
+    # prove who it is (its join request, or its stream's first sealed frame).
     stream_timeout: float = 10.0
+    # TCP connections on the gossip port that have not yet proven who they are, at once;
+    # more are closed unread (counted as drops, reason "busy"). Honest ones are a join now
+    # and then and the push-pulls in flight (about one per member every push_pull_interval,
+    # each a few milliseconds before it authenticates): 32 is far above that, and bounds
+    # what a flood of strangers holds to 32 x 64 KiB of buffered frames.
+    max_pending_streams: int = 32
 
     def validate(self) -> list[str]:
         """Problems with these values, one message each (empty when all is well)."""
@@ -70,9 +81,40 @@ class GossipConfig:
         if self.probe_timeout >= self.probe_interval:
             problems.append("gossip.probe_timeout: must be less than probe_interval")
         for name in ("indirect_checks", "gossip_nodes", "retransmit_mult", "suspicion_mult",
-                     "suspicion_max_timeout_mult", "awareness_max_multiplier"):
+                     "suspicion_max_timeout_mult", "awareness_max_multiplier", "max_pending_streams"):
             if getattr(self, name) < 1:
                 problems.append(f"gossip.{name}: must be at least 1")
         if not 512 <= self.max_packet <= 65000:
             problems.append("gossip.max_packet: must be between 512 and 65000")
         return problems
+
+
+@dataclass
+class ClusterSettings:
+    """What the cluster layer reads of the node's configuration (pleaco.config.Config is a
+    subclass: these are top-level keys of pleaco.toml, env ``PLEACO_<NAME>``)."""
+
+    # Where the node key, the store and the admin token live. Under /var/lib like other
+    # daemons' state, so it survives upgrades of /opt/pleaco.
+    data_dir: Path = Path("/var/lib/pleaco")
+    # Human name of the node; the host name is what operators recognise.
+    name: str = field(default_factory=socket.gethostname)
+    # The REST API. All interfaces: every node answers every call (DESIGN principle 1).
+    # Members announce it to each other.
+    api_listen: str = "0.0.0.0:7400"
+    # Gossip, UDP and TCP on one port.
+    gossip_listen: str = "0.0.0.0:7401"
+    # Address other nodes reach this one's gossip port at. Empty: the gossip_listen host,
+    # or this host's outbound address when that is 0.0.0.0.
+    advertise: str = ""
+    seeds: list[str] = field(default_factory=list)
+    join_token: str = ""
+    # How nodes find each other: mDNS on the LAN (plus seeds), seeds only, or neither.
+    discovery: str = "mdns"
+    # "manual": a node founds a cluster only on `pleaco cluster init`. "auto": nodes that
+    # see each other over mDNS without a cluster let the lowest node id found one and join
+    # it, proving they share bootstrap_secret (cloud-init writes it into every node).
+    bootstrap: str = "manual"
+    bootstrap_secret: str = ""
+    # The cluster protocol's tunables: the [gossip] table.
+    gossip: GossipConfig = field(default_factory=GossipConfig)

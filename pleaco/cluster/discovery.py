@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from pleaco import logs
+from pleaco import hostport, logs
 
 log = logs.get("pleaco.cluster.discovery")
 
@@ -45,15 +45,15 @@ class MdnsDiscovery:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _service_info(self, cluster_id: str) -> AsyncServiceInfo:
-        host, _, port = self.gossip.rpartition(":")
+        host, port = hostport.split(self.gossip)
         return AsyncServiceInfo(
-            SERVICE, f"{self.node_id}.{SERVICE}", addresses=[socket.inet_aton(host)], port=int(port),
-            properties={"cluster": cluster_id, "node": self.node_id, "name": self.name[:60], "gossip": port},
+            SERVICE, f"{self.node_id}.{SERVICE}", addresses=[socket.inet_aton(host)], port=port,
+            properties={"cluster": cluster_id, "node": self.node_id, "name": self.name[:60], "gossip": str(port)},
             server=f"pleaco-{self.node_id[:12]}.local.",
         )
 
     async def start(self, cluster_id: str) -> None:
-        host = self.gossip.rpartition(":")[0]
+        host = hostport.host_of(self.gossip)
         # Announce and listen on the gossip address's interface only: never on interfaces
         # the operator did not give to the cluster.
         interfaces = [host] if host not in ("0.0.0.0", "") else None

@@ -29,7 +29,7 @@ from pleaco import logs
 from pleaco.cluster import messages, wire
 from pleaco.cluster.broadcast import BroadcastQueue
 from pleaco.cluster.config import GossipConfig
-from pleaco.cluster.messages import MessageError, Packet, Update
+from pleaco.cluster.messages import MessageError, Notice, Packet, Update
 from pleaco.cluster.suspicion import Suspicion, suspicion_bounds
 from pleaco.cluster.transport import Transport, TransportError
 from pleaco.store.record import Record
@@ -64,6 +64,10 @@ class Delegate(Protocol):
     """What membership needs from the replicated store (pleaco.cluster.sync)."""
 
     def records_received(self, sender: str, records: Sequence[Record]) -> None: ...
+
+    def wanted(self, notices: Sequence[Notice]) -> list[list[str]]:
+        """The [kind, key] of the announced records this node lacks or has older."""
+        ...
 
     def digest(self) -> list[list[Any]]: ...
 
@@ -107,6 +111,7 @@ class Membership:
         self._probe_order: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._relays: set[asyncio.Task[None]] = set()
+        self._fetching: set[tuple[str, str]] = set()  # announced records being fetched
         self._leaving = False
         self.stats = {"probes": 0, "probe_failures": 0, "suspected": 0, "declared_dead": 0, "refuted": 0}
         self._queue_alive(self.me)
@@ -190,7 +195,9 @@ class Membership:
         if items:
             updates = tuple(i for i in items if isinstance(i, Update))
             records = tuple(i for i in items if isinstance(i, Record))
-            packet = Packet(packet.type, packet.seq, packet.target, packet.addr, packet.nack, updates, records)
+            notices = tuple(i for i in items if isinstance(i, Notice))
+            packet = Packet(packet.type, packet.seq, packet.target, packet.addr, packet.nack, updates, records,
+                            notices)
         return self.transport.send(addr, packet)
 
     def _queue(self, update: Update) -> None:
@@ -200,10 +207,15 @@ class Membership:
         self._queue(Update(ALIVE, m.node_id, m.incarnation, m.addr, m.meta))
 
     def queue_record(self, rec: Record) -> None:
-        """Spread a store record by gossip (push-pull catches whatever this misses)."""
+        """Spread a store record by gossip: in the packets when it fits one, else as a
+        notice that the receivers answer by fetching it from the sender over a stream
+        (so a large record spreads as fast as a small one, a hop at a time)."""
         size = len(messages.dumps(messages.record_to_json(rec)))
         if size <= self.cfg.max_packet - wire.OVERHEAD - PACKET_BASE:
             self.broadcasts.queue(f"r:{rec.kind}/{rec.key}", rec, size)
+            return
+        notice = Notice.of(rec)
+        self.broadcasts.queue(f"r:{rec.kind}/{rec.key}", notice, len(messages.dumps(notice.to_json())))
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -223,6 +235,8 @@ class Membership:
         if packet.records and self.delegate is not None:
             # Records first: a node's admission may arrive with its first alive update.
             self.delegate.records_received(sender, packet.records)
+        if packet.notices and self.delegate is not None and m is not None:
+            self._fetch_announced(sender, m.addr, packet.notices)
         for update in packet.updates:
             self.apply_update(update)
         reply_to = m.addr if m is not None else from_addr
@@ -254,7 +268,36 @@ class Membership:
             if self.delegate is not None:
                 self.delegate.records_received(sender, messages.decode_records(request.get("records"), "push"))
             return {"t": "ok"}
+        if kind == "get":  # records this node announced (notices)
+            records = self.delegate.records_for(request.get("keys")) if self.delegate is not None else []
+            return {"t": "records", "records": [messages.record_to_json(r) for r in records]}
         raise MessageError(f"unknown stream request {kind!r}")
+
+    # -- records announced by notices ----------------------------------------------------
+
+    def _fetch_announced(self, sender: str, addr: str, notices: Sequence[Notice]) -> None:
+        """Fetch, from the member that announced them, the records this node lacks; one
+        fetch per record at a time (the same notice arrives from several members)."""
+        assert self.delegate is not None
+        want = [k for k in self.delegate.wanted(notices) if (k[0], k[1]) not in self._fetching]
+        if not want:
+            return
+        keys = {(k[0], k[1]) for k in want}
+        self._fetching |= keys
+        task = asyncio.get_running_loop().create_task(self._fetch(sender, addr, want, keys))
+        self._relays.add(task)
+        task.add_done_callback(self._relays.discard)
+
+    async def _fetch(self, sender: str, addr: str, want: list[list[str]], keys: set[tuple[str, str]]) -> None:
+        assert self.delegate is not None
+        try:
+            answerer, answer = await self.transport.request(addr, {"t": "get", "keys": want}, self.cfg.stream_timeout)
+            self.delegate.records_received(answerer, messages.decode_records(answer.get("records", []), "get"))
+        except (TransportError, MessageError) as exc:
+            # Its next notice (it is retransmitted) or push-pull brings it; not an error.
+            log.debug("gossip.fetch_failed", member=sender, records=len(want), error=str(exc))
+        finally:
+            self._fetching -= keys
 
     # -- push-pull -----------------------------------------------------------------------
 

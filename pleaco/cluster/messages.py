@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pleaco.errors import InvalidInput
 from pleaco.store.hlc import Timestamp
 from pleaco.store.record import KINDS, Record
 
@@ -28,7 +29,7 @@ MAX_KEY = 512
 MAX_DEPTH = 32
 
 
-class MessageError(ValueError):
+class MessageError(InvalidInput, ValueError, code="invalid_message"):
     """A message that is not well formed; the text says which field."""
 
 
@@ -68,6 +69,30 @@ class Packet:
     nack: bool = False  # iping: answer with a nack if the target does not answer
     updates: tuple[Update, ...] = ()
     records: tuple[Record, ...] = ()
+    notices: tuple[Notice, ...] = ()
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A record too large for a packet, announced instead of carried: who has it, which
+    version. A node whose copy is older fetches it over a stream from the announcer."""
+
+    kind: str
+    key: str
+    wall_ms: int
+    counter: int
+    node: str
+
+    @classmethod
+    def of(cls, rec: Record) -> Notice:
+        return cls(rec.kind, rec.key, rec.ts.wall_ms, rec.ts.counter, rec.ts.node_id)
+
+    @property
+    def ts(self) -> tuple[int, int, str]:
+        return (self.wall_ms, self.counter, self.node)
+
+    def to_json(self) -> list[Any]:
+        return [self.kind, self.key, self.wall_ms, self.counter, self.node]
 
 
 PACKET_TYPES = frozenset({"ping", "iping", "ack", "nack", "gossip"})
@@ -121,6 +146,8 @@ def encode(packet: Packet) -> bytes:
         body["u"] = [u.to_json() for u in packet.updates]
     if packet.records:
         body["r"] = [record_to_json(r) for r in packet.records]
+    if packet.notices:
+        body["n"] = [n.to_json() for n in packet.notices]
     return dumps(body)
 
 
@@ -137,7 +164,7 @@ def loads(data: bytes) -> Any:
 
 
 def decode(data: bytes) -> Packet:
-    obj = _obj(loads(data), "packet", {"t", "q", "g", "a", "x", "u", "r"})
+    obj = _obj(loads(data), "packet", {"t", "q", "g", "a", "x", "u", "r", "n"})
     ptype = _str(obj, "t", "packet")
     if ptype not in PACKET_TYPES:
         raise MessageError(f"packet.t: unknown type {ptype!r}")
@@ -152,7 +179,21 @@ def decode(data: bytes) -> Packet:
     if ptype == "iping" and not addr:
         raise MessageError("packet: an iping needs the target's address")
     return Packet(ptype, seq, target, addr, nack, decode_updates(obj.get("u", [])),
-                  tuple(decode_records(obj.get("r", []), "packet.r", 4096)))
+                  tuple(decode_records(obj.get("r", []), "packet.r", 4096)), decode_notices(obj.get("n", [])))
+
+
+def decode_notices(raw: Any) -> tuple[Notice, ...]:
+    out = []
+    for item in _list(raw, "packet.n"):
+        if not (isinstance(item, list) and len(item) == 5):
+            raise MessageError("packet.n: expected [kind, key, wall_ms, counter, node] entries")
+        obj = dict(zip(("k", "y", "w", "c", "o"), item, strict=True))
+        kind = _str(obj, "k", "notice")
+        if kind not in KINDS:
+            raise MessageError(f"notice: unknown kind {kind!r}")
+        out.append(Notice(kind, _str(obj, "y", "notice", max_len=MAX_KEY), _int(obj, "w", "notice"),
+                          _int(obj, "c", "notice"), _node(obj, "o", "notice")))
+    return tuple(out)
 
 
 def decode_records(raw: Any, what: str, max_len: int = 1 << 20) -> list[Record]:

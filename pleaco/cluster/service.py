@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import socket
 import time
 from collections.abc import Callable
@@ -20,21 +19,30 @@ from typing import Any
 
 from zeroconf import NonUniqueNameException
 
-from pleaco import __version__, logs
+from pleaco import __version__, hostport, logs
 from pleaco.cluster import messages, trust
-from pleaco.cluster.config import GossipConfig
+from pleaco.cluster.config import ClusterSettings, GossipConfig
 from pleaco.cluster.discovery import MdnsDiscovery
-from pleaco.cluster.images import ImageTransfer
 from pleaco.cluster.membership import Member, Membership
 from pleaco.cluster.messages import MessageError
 from pleaco.cluster.sync import StoreSync
-from pleaco.cluster.transport import CHANNEL_IMAGE, CHANNEL_JOIN, NetTransport, TransportError, frame, read_frame
+from pleaco.cluster.transport import (
+    CHANNEL_JOIN,
+    MAX_FRAME,
+    ChannelHandler,
+    NetTransport,
+    SealedStream,
+    TransportError,
+    check_channel,
+    frame,
+    read_frame,
+)
 from pleaco.cluster.trust import ClusterState, JoinToken, TrustError
 from pleaco.cluster.wire import DROP_REASONS, Codec
-from pleaco.config import Config, parse_host_port
+from pleaco.errors import Conflict
+from pleaco.hostport import HostPortError, parse_host_port
 from pleaco.identity import Identity
 from pleaco.metrics import Counter, Gauge, Registry
-from pleaco.runtime import DockerRuntime
 from pleaco.store import Store
 
 log = logs.get("pleaco.cluster")
@@ -44,11 +52,11 @@ log = logs.get("pleaco.cluster")
 BOOTSTRAP_SETTLE = 3.0
 
 
-class ClusterError(RuntimeError):
+class ClusterError(Conflict, RuntimeError):
     """A cluster operation that cannot be done now (already founded, not a member, ...)."""
 
 
-def advertise_address(cfg: Config) -> str:
+def advertise_address(cfg: ClusterSettings) -> str:
     host, port = parse_host_port(cfg.gossip_listen, "gossip_listen")
     if cfg.advertise:
         return cfg.advertise if ":" in cfg.advertise else f"{cfg.advertise}:{port}"
@@ -60,25 +68,15 @@ def advertise_address(cfg: Config) -> str:
     return f"{host}:{port}"
 
 
-def names_registry(ref: str) -> bool:
-    """Whether an image reference starts with a registry host ("host.example:5000/app:tag",
-    "localhost/app"), as Docker tells one from a Docker Hub namespace; image ids do not."""
-    first, sep, _ = ref.partition("/")
-    return bool(sep) and ("." in first or ":" in first or first == "localhost")
-
-
 class Cluster:
     def __init__(
         self,
-        cfg: Config,
+        cfg: ClusterSettings,
         identity: Identity,
         store: Store,
         registry: Registry,
         on_change: Callable[[], None] = lambda: None,
-        runtime: DockerRuntime | None = None,
     ) -> None:
-        self.runtime = runtime
-        self.images: ImageTransfer | None = None
         self.cfg = cfg
         self.gossip: GossipConfig = cfg.gossip
         self.identity = identity
@@ -91,6 +89,7 @@ class Cluster:
         # secrets it sealed with its node-local key under the cluster key here.
         self.on_cluster: Callable[[], object] = lambda: None
         self.membership: Membership | None = None
+        self.transport: NetTransport | None = None
         self.sync = StoreSync(store, on_reject=self._count_drop)
         self._join_task: asyncio.Task[None] | None = None
         # False until this node has heard the cluster (or found nobody to hear): until then
@@ -99,10 +98,14 @@ class Cluster:
         self._seed_task: asyncio.Task[None] | None = None
         self._bootstrap_task: asyncio.Task[None] | None = None
         self.discovery: MdnsDiscovery | None = None
+        self._channels: dict[bytes, ChannelHandler] = {}
+        self._join_refused = logs.Burst(log, "cluster.join_refused")
         self.m_drops = registry.register(
             Counter("pleaco_gossip_dropped_total", "Gossip packets and records dropped, by reason.", ("reason",))
         )
-        for reason in (*DROP_REASONS, "record_rejected"):
+        # Beside the envelope's reasons: "busy" (a TCP connection closed unread, over
+        # gossip.max_pending_streams), "join_refused", "record_rejected".
+        for reason in (*DROP_REASONS, "busy", "join_refused", "record_rejected"):
             self.m_drops.inc(0, reason=reason)
         registry.register(Gauge("pleaco_gossip_members", "Cluster members by state, as this node sees them.",
                                 ("state",), collect=self._members_by_state))
@@ -205,14 +208,14 @@ class Cluster:
         packets = Codec(self.identity, self.state.cluster_id, self.state.secret, self.key_of,
                         g.replay_window, g.max_packet)
         streams = Codec(self.identity, self.state.cluster_id, self.state.secret, self.key_of,
-                        g.replay_window, 64 << 20, purpose=b"stream v1")
+                        g.replay_window, MAX_FRAME, purpose=b"stream v1")
         transport = NetTransport(packets, streams, parse_host_port(self.cfg.gossip_listen, "gossip_listen"),
                                  self.addr, self._count_drop, on_join=self._answer_join,
-                                 stream_timeout=g.stream_timeout)
+                                 stream_timeout=g.stream_timeout, max_pending=g.max_pending_streams)
+        for channel, handler in self._channels.items():
+            transport.register(channel, handler)
+        self.transport = transport
         # cpus is the node's capacity: placement gives a node a share of replicas in proportion.
-        if self.runtime is not None:
-            self.images = ImageTransfer(streams, self.runtime, g.stream_timeout)
-            transport.channels[CHANNEL_IMAGE] = self.images.serve
         meta = {"name": self.cfg.name, "api": self.cfg.api_listen, "version": __version__,
                 "cpus": str(os.cpu_count() or 1)}
         self.membership = Membership(
@@ -334,13 +337,18 @@ class Cluster:
 
     async def _join_via(self, seed: str, token: JoinToken) -> tuple[ClusterState, list[Any]]:
         req = trust.make_join_request(self.identity, token, self.cfg.name, self.addr, self.cfg.api_listen)
-        host, _, port = seed.rpartition(":")
+        try:
+            host, port = hostport.split(seed)
+        except HostPortError as exc:
+            raise TrustError(f"seed {seed!r}: {exc}") from None
         async with asyncio.timeout(self.gossip.stream_timeout):
-            reader, writer = await asyncio.open_connection(host, int(port))
+            reader, writer = await asyncio.open_connection(host, port)
             try:
                 writer.write(CHANNEL_JOIN + frame(json.dumps(req).encode()))
                 await writer.drain()
-                answer = await read_frame(reader, 1 << 16)
+                # The answer lists every node record (~0.4 KB each): 16 MiB is far beyond any
+                # cluster, and this side chose the seed it reads from.
+                answer = await read_frame(reader, 16 << 20)
             finally:
                 writer.close()
         return trust.open_join_answer(token.join_secret, req["nonce"], answer)
@@ -356,10 +364,10 @@ class Cluster:
             req = trust.check_join_request(messages.loads(raw), self.state.cluster_id, secret)
         except (TrustError, MessageError) as exc:
             self._count_drop("join_refused")
-            log.warning("cluster.join_refused", error=str(exc))
+            self._join_refused.warning(error=str(exc))
             return trust.refuse_join(str(exc))
         if self.store.revoked_at(req.node_id) is not None:
-            log.warning("cluster.join_refused", member=req.node_id, error="revoked")
+            self._join_refused.warning(member=req.node_id, error="revoked")
             return trust.refuse_join(f"node {req.node_id} was removed from the cluster")
         current = self.store.value("node", req.node_id) or {}
         if current.get("public_key") != req.public_key.hex():
@@ -371,32 +379,28 @@ class Cluster:
         members = [messages.record_to_json(r) for r in self.store.records("node")]
         return trust.seal_join_answer(secret, req.nonce, self.state, members)
 
-    # -- images --------------------------------------------------------------------------
+    # -- streams between members, for other parts ---------------------------------------
 
-    async def fetch_image(self, ref: str) -> bool:
-        """Fetch an image this node lacks from a member that has it, or else, when the
-        reference names a registry (a build pushed with ``build.registry``), pull it from
-        there; True when it did."""
-        if self.images is not None and self.membership is not None:
-            peers = [m for m in self.membership.live() if m.node_id != self.identity.node_id]
-            random.shuffle(peers)
-            for peer in peers:
-                try:
-                    size = await self.images.fetch(peer.addr, ref)
-                except TransportError as exc:
-                    log.debug("image.fetch_failed", image=ref, peer=peer.node_id, error=str(exc))
-                    continue
-                log.info("image.fetched", image=ref, peer=peer.node_id, bytes=size)
-                return True
-        if self.runtime is None or not names_registry(ref):
-            return False
-        try:
-            await asyncio.to_thread(self.runtime.pull_image, ref)
-        except RuntimeError as exc:
-            log.warning("image.pull_failed", image=ref, error=str(exc))
-            return False
-        log.info("image.pulled", image=ref)
-        return True
+    def register_channel(self, channel: bytes, handler: ChannelHandler) -> None:
+        """Serve ``channel`` (one byte, not S or J) on the gossip port: ``handler`` gets each
+        sealed stream once its opening header came from an admitted member, with that header."""
+        check_channel(channel)
+        self._channels[channel] = handler
+        if self.transport is not None:
+            self.transport.register(channel, handler)
+
+    async def open_stream(self, addr: str, channel: bytes, header: dict[str, Any]) -> SealedStream:
+        """A sealed stream to the member at ``addr`` on ``channel``, opened with ``header``.
+        Raises TransportError when it cannot be opened (or this node is not a member)."""
+        if self.transport is None:
+            raise TransportError("this node is not in a cluster")
+        return await self.transport.open_stream(addr, channel, header, self.gossip.stream_timeout)
+
+    def live_peers(self) -> list[Member]:
+        """The other members that are alive or suspect, as this node sees them."""
+        if self.membership is None:
+            return []
+        return [m for m in self.membership.live() if m.node_id != self.identity.node_id]
 
     # -- removal -------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pleaco import logs
-from pleaco.cluster.messages import MessageError
+from pleaco.cluster.messages import MessageError, Notice
 from pleaco.store import Record, Store
 
 log = logs.get("pleaco.cluster.sync")
@@ -51,6 +51,11 @@ class StoreSync:
         for rec, exc in rejected:
             self.on_reject("record_rejected")
             log.debug("gossip.record_rejected", sender=sender, kind=rec.kind, key=rec.key, error=str(exc))
+
+    def wanted(self, notices: Sequence[Notice]) -> list[list[str]]:
+        """The [kind, key] of announced records (too large for a packet) that are newer
+        than this node's copy, or that it lacks."""
+        return [[n.kind, n.key] for n in notices if _newer(n.ts, self.store.peek(n.kind, n.key))]
 
     def digest(self) -> list[list[Any]]:
         return [[r.kind, r.key, r.ts.wall_ms, r.ts.counter, r.ts.node_id] for r in self.store.peek_all()]

@@ -7,9 +7,18 @@ replay-checked), and whatever fails to open or decode is dropped and counted by 
 partitions, so the same protocol code runs a thousand nodes in one process (the split of
 memberlist's transport.go and mock_transport.go).
 
-A TCP connection starts with one channel byte: ``S`` for a sealed request/response
-exchange between members, ``J`` for a join request from a node that is not a member yet
-(handled by ``pleaco.cluster.trust``, which has its own encryption).
+A TCP connection starts with one channel byte: ``J`` for a join request from a node that
+is not a member yet (handled by ``pleaco.cluster.trust``, which has its own encryption);
+any other channel is a ``SealedStream`` between members: ``S`` for membership's
+request/response exchanges, and the channels other parts register (image transfer,
+``pleaco.builds.transfer``). A sealed stream opens with a small sealed header frame, and
+nothing larger is read until that frame opened with the key of an admitted member.
+
+What a stranger can make a node do is bounded: frames read before anything is
+authenticated are at most ``PREAUTH_FRAME`` bytes (refused on their length prefix, before
+the body is read, so the cost of parsing them is bounded too), at most
+``gossip.max_pending_streams`` connections are in that state at once (more are closed
+unread), and that state must end within ``gossip.stream_timeout``.
 """
 
 from __future__ import annotations
@@ -21,9 +30,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pleaco import logs
+from pleaco import hostport, logs
 from pleaco.cluster import messages, wire
 from pleaco.cluster.messages import MessageError, Packet
+from pleaco.errors import Unavailable
+from pleaco.hostport import HostPortError
 
 log = logs.get("pleaco.cluster.transport")
 
@@ -32,16 +43,101 @@ StreamHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]  # (s
 JoinHandler = Callable[[bytes], Awaitable[bytes]]
 DropCounter = Callable[[str], None]
 
+# Largest frame read before its sender has proven anything: a join request (under 2 KiB:
+# a key, a name, two addresses, a MAC and a signature) or the header frame a sealed stream
+# opens with (a small JSON object). 64 KiB leaves ample room and caps what a stranger makes
+# a node buffer, decrypt and parse per connection.
+PREAUTH_FRAME = 64 << 10
+# Largest frame once the stream's first frame opened with a member's key: push-pull of a
+# whole store, image chunks (1 MiB each). Members are admitted nodes of the same cluster.
 MAX_FRAME = 64 << 20
 CHANNEL_STREAM = b"S"
 CHANNEL_JOIN = b"J"
-CHANNEL_IMAGE = b"I"
-# A handler that owns the whole connection after its channel byte (image transfer).
-ChannelHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+RESERVED_CHANNELS = (CHANNEL_STREAM, CHANNEL_JOIN)
 
 
-class TransportError(ConnectionError):
+class TransportError(Unavailable, ConnectionError, code="peer_unreachable"):
     """A stream exchange failed: unreachable, timed out, or an answer that does not open."""
+
+
+class FrameTooLarge(TransportError):
+    """A frame's length prefix is over the limit of where it arrives: refused unread."""
+
+
+async def read_frame(reader: asyncio.StreamReader, max_size: int = MAX_FRAME) -> bytes:
+    (size,) = struct.unpack(">I", await reader.readexactly(4))
+    if size > max_size:
+        raise FrameTooLarge(f"frame of {size} bytes exceeds {max_size}")
+    return await reader.readexactly(size)
+
+
+def frame(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def check_channel(channel: bytes) -> None:
+    """A channel other parts may register: one byte, not one the transport itself serves."""
+    if len(channel) != 1 or channel in RESERVED_CHANNELS:
+        raise ValueError(f"channel {channel!r}: expected one byte other than S and J")
+
+
+def seal_packet(codec: wire.Codec, packet: Packet) -> bytes:
+    """A packet as it goes on the wire; ValueError when it exceeds the codec's size."""
+    return codec.seal(messages.encode(packet))
+
+
+def open_packet(codec: wire.Codec, data: bytes) -> tuple[str, Packet]:
+    """(sender, packet) of bytes off the wire; raises wire.Drop or MessageError."""
+    opened = codec.open(data)
+    return opened.sender, messages.decode(opened.payload)
+
+
+def json_object(payload: bytes) -> dict[str, Any]:
+    """A stream message: a JSON object, or MessageError."""
+    message = messages.loads(payload)
+    if not isinstance(message, dict):
+        raise MessageError("expected a JSON object")
+    return message
+
+
+class SealedStream:
+    """A TCP connection between two members after its channel byte: every frame sealed by
+    the stream codec, and every frame received from the node that sent the first one."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, codec: wire.Codec) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.codec = codec
+        self.sender = ""  # the member at the other end, once a frame from it opened
+
+    async def send(self, payload: bytes) -> None:
+        self.writer.write(frame(self.codec.seal(payload)))
+        await self.writer.drain()
+
+    async def send_message(self, message: dict[str, Any]) -> None:
+        await self.send(messages.dumps(message))
+
+    async def receive(self, limit: int = MAX_FRAME) -> bytes:
+        """The next frame's payload. Raises FrameTooLarge, wire.Drop (it does not open, or
+        comes from another node than the first frame), asyncio.IncompleteReadError."""
+        opened = self.codec.open(await read_frame(self.reader, limit))
+        if self.sender and opened.sender != self.sender:
+            raise wire.Drop("bad_signature", f"a frame from {opened.sender} in a stream from {self.sender}")
+        self.sender = opened.sender
+        return opened.payload
+
+    async def receive_message(self, limit: int = MAX_FRAME) -> dict[str, Any]:
+        """The next frame as a JSON object; MessageError for anything else."""
+        return json_object(await self.receive(limit))
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+# Serves one member channel: the stream (its sender known) and its opening header.
+ChannelHandler = Callable[[SealedStream, dict[str, Any]], Awaitable[None]]
 
 
 class Transport(ABC):
@@ -62,17 +158,6 @@ class Transport(ABC):
     async def close(self) -> None: ...
 
 
-async def read_frame(reader: asyncio.StreamReader, max_size: int = MAX_FRAME) -> bytes:
-    (size,) = struct.unpack(">I", await reader.readexactly(4))
-    if size > max_size:
-        raise TransportError(f"frame of {size} bytes exceeds {max_size}")
-    return await reader.readexactly(size)
-
-
-def frame(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
 class NetTransport(Transport):
     def __init__(
         self,
@@ -83,8 +168,11 @@ class NetTransport(Transport):
         count_drop: DropCounter,
         on_join: JoinHandler | None = None,
         stream_timeout: float = 10.0,
+        max_pending: int = 32,
     ) -> None:
         self.stream_timeout = stream_timeout
+        self.max_pending = max_pending
+        self._pending = 0  # connections that have not authenticated yet
         self.packets = packet_codec
         self.streams = stream_codec
         self.listen = listen
@@ -95,7 +183,9 @@ class NetTransport(Transport):
         self._tcp: asyncio.base_events.Server | None = None
         self._on_packet: PacketHandler | None = None
         self._on_stream: StreamHandler | None = None
-        self.channels: dict[bytes, ChannelHandler] = {}
+        self.channels: dict[bytes, ChannelHandler] = {CHANNEL_STREAM: self._serve_request}
+        # A flood of refused streams is one warning line per burst, with its count.
+        self._refused = logs.Burst(log, "gossip.stream_refused")
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -121,15 +211,19 @@ class NetTransport(Transport):
     def send(self, addr: str, packet: Packet) -> int:
         if self._udp is None:
             return 0
-        host, _, port = addr.rpartition(":")
         try:
-            data = self.packets.seal(messages.encode(packet))
+            dest = hostport.split(addr)
+        except HostPortError:
+            log.debug("gossip.send_failed", to=addr, error="not HOST:PORT")
+            return 0
+        try:
+            data = seal_packet(self.packets, packet)
         except ValueError:
             log.warning("gossip.packet_too_large", type=packet.type, updates=len(packet.updates),
                         records=len(packet.records))
             return 0
         try:
-            self._udp.sendto(data, (host.strip("[]"), int(port)))
+            self._udp.sendto(data, dest)
         except OSError as exc:
             log.debug("gossip.send_failed", to=addr, error=str(exc))
             return 0
@@ -139,8 +233,7 @@ class NetTransport(Transport):
     def _received(self, data: bytes, source: tuple[str, int]) -> None:
         self.bytes_received += len(data)
         try:
-            opened = self.packets.open(data)
-            packet = messages.decode(opened.payload)
+            sender, packet = open_packet(self.packets, data)
         except wire.Drop as drop:
             self.count_drop(drop.reason)
             return
@@ -149,77 +242,99 @@ class NetTransport(Transport):
             log.debug("gossip.malformed", error=str(exc))
             return
         assert self._on_packet is not None
-        self._on_packet(opened.sender, packet, f"{source[0]}:{source[1]}")
+        self._on_packet(sender, packet, f"{source[0]}:{source[1]}")
 
     # -- streams -------------------------------------------------------------------------
 
+    def register(self, channel: bytes, handler: ChannelHandler) -> None:
+        check_channel(channel)
+        self.channels[channel] = handler
+
+    async def open_stream(self, addr: str, channel: bytes, header: dict[str, Any], timeout: float) -> SealedStream:
+        """Connect to the member at ``addr`` on ``channel`` and send the opening header."""
+        try:
+            host, port = hostport.split(addr)
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+                stream = SealedStream(reader, writer, self.streams)
+                writer.write(channel)
+                await stream.send_message(header)
+        except (OSError, TimeoutError, HostPortError) as exc:
+            raise TransportError(f"stream to {addr}: {exc.__class__.__name__}: {exc}") from None
+        return stream
+
     async def request(self, addr: str, message: dict[str, Any], timeout: float) -> tuple[str, dict[str, Any]]:
-        host, _, port = addr.rpartition(":")
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+                stream = await self.open_stream(addr, CHANNEL_STREAM, {}, timeout)
                 try:
-                    writer.write(CHANNEL_STREAM + frame(self.streams.seal(messages.dumps(message))))
-                    await writer.drain()
-                    raw = await read_frame(reader)
+                    await stream.send_message(message)
+                    answer = await stream.receive_message()
                 finally:
-                    writer.close()
-                    with contextlib.suppress(Exception):
-                        await writer.wait_closed()
+                    await stream.close()
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             raise TransportError(f"stream to {addr}: {exc.__class__.__name__}: {exc}") from None
-        try:
-            opened = self.streams.open(raw)
-            answer = messages.loads(opened.payload)
         except wire.Drop as drop:
             self.count_drop(drop.reason)
             raise TransportError(f"answer from {addr} dropped: {drop.reason}") from None
         except MessageError as exc:
             self.count_drop("malformed")
             raise TransportError(f"answer from {addr}: {exc}") from None
-        if not isinstance(answer, dict):
-            self.count_drop("malformed")
-            raise TransportError(f"answer from {addr} is not an object")
-        return opened.sender, answer
+        return stream.sender, answer
+
+    async def _serve_request(self, stream: SealedStream, header: dict[str, Any]) -> None:
+        """Membership's channel: one request, one answer."""
+        async with asyncio.timeout(self.stream_timeout * 2):
+            request = await stream.receive_message()
+            assert self._on_stream is not None
+            await stream.send_message(await self._on_stream(stream.sender, request))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._pending >= self.max_pending:
+            # Refused before reading a byte: strangers cannot queue unbounded work.
+            self.count_drop("busy")
+            self._refused.warning(reason="busy", pending=self._pending)
+            writer.close()
+            return
+        self._pending += 1
+        authenticated = False
+        channel = b""
         try:
-            channel = await asyncio.wait_for(reader.readexactly(1), self.stream_timeout)
-            if channel in self.channels:
-                await self.channels[channel](reader, writer)
-                return
-            async with asyncio.timeout(self.stream_timeout * 2):
-                raw = await read_frame(reader)
+            # Everything before the peer is known, within one deadline.
+            async with asyncio.timeout(self.stream_timeout):
+                channel = await reader.readexactly(1)
                 if channel == CHANNEL_JOIN and self.on_join is not None:
+                    raw = await read_frame(reader, PREAUTH_FRAME)
                     writer.write(frame(await self.on_join(raw)))
                     await writer.drain()
                     return
-                if channel != CHANNEL_STREAM:
-                    self.count_drop("malformed")
-                    return
-                try:
-                    opened = self.streams.open(raw)
-                    request = messages.loads(opened.payload)
-                    if not isinstance(request, dict):
-                        raise MessageError("request is not an object")
-                except wire.Drop as drop:
-                    self.count_drop(drop.reason)
-                    return
-                except MessageError:
-                    self.count_drop("malformed")
-                    return
-                assert self._on_stream is not None
-                answer = await self._on_stream(opened.sender, request)
-                writer.write(frame(self.streams.seal(messages.dumps(answer))))
-                await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, TransportError):
-            pass
+                handler = self.channels.get(channel)
+                if handler is None:
+                    raise wire.Drop("malformed", f"unknown channel {channel!r}")
+                stream = SealedStream(reader, writer, self.streams)
+                header = await stream.receive_message(PREAUTH_FRAME)
+            self._pending -= 1
+            authenticated = True
+            await handler(stream, header)
+        except asyncio.IncompleteReadError:
+            if not authenticated:
+                self.count_drop("too_short")  # a frame cut short (or a bare connect)
+        except FrameTooLarge as exc:
+            self.count_drop("too_large")
+            self._refused.warning(reason="too_large", channel=channel.hex(), error=str(exc))
+        except wire.Drop as drop:
+            self.count_drop(drop.reason)
+            self._refused.warning(reason=drop.reason, channel=channel.hex(), error=str(drop))
         except MessageError as exc:
             self.count_drop("malformed")
-            log.debug("gossip.stream_rejected", error=str(exc))
+            self._refused.warning(reason="malformed", channel=channel.hex(), error=str(exc))
+        except (OSError, TimeoutError, TransportError):
+            pass
         except Exception as exc:  # a bug must not take the listener down
             log.error("gossip.stream_failed", exc_info=True, error=str(exc))
         finally:
+            if not authenticated:
+                self._pending -= 1
             writer.close()
 
 

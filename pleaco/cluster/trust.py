@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from pleaco.cluster.messages import ADDR
 from pleaco.cluster.wire import derive_key
+from pleaco.errors import InvalidInput
 from pleaco.identity import Identity, node_id_for, verify, write_secret_file
 from pleaco.store import Store
 
@@ -45,7 +46,7 @@ JOIN_SECRET_KEY = "cluster/join"
 JOIN_CLOCK_SKEW = 300  # seconds a join request's time may differ from ours
 
 
-class TrustError(ValueError):
+class TrustError(InvalidInput, ValueError, code="untrusted"):
     """A token, join request or answer that does not check out; the text says why."""
 
 

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from pleaco.errors import InvalidInput
 from pleaco.identity import Identity, verify
 
 MAGIC = b"PLC1"
@@ -44,7 +45,7 @@ DROP_REASONS = (
 )
 
 
-class Drop(Exception):
+class Drop(InvalidInput, code="dropped"):
     """A packet that is dropped, and why (one of DROP_REASONS)."""
 
     def __init__(self, reason: str, detail: str = "") -> None:

@@ -8,13 +8,21 @@ proxy still holds what pleaco applied (it forgets everything when its container 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from pleaco import hostport, logs
+from pleaco.apps import ValidationError, validate_hostname
+from pleaco.errors import PleacoError
 from pleaco.ingress.dns import srv_name
+from pleaco.urlpath import health_path_problem
+
+log = logs.get("pleaco.ingress.caddy")
 
 # Names Caddy's internal CA signs; anything else gets ACME (Let's Encrypt / ZeroSSL).
 INTERNAL_SUFFIXES = (".internal", ".local", ".localhost", ".test", ".home.arpa")
@@ -60,14 +68,13 @@ class ProxySettings:
 
 
 def _listen(addr: str) -> str:
-    host, _, port = addr.rpartition(":")
-    host = host.strip("[]")
+    host, port = hostport.split(addr)
     # Caddy's ":80" means every interface; an explicit 0.0.0.0 would exclude IPv6.
     return f":{port}" if host in ("", "0.0.0.0", "::") else f"{host}:{port}"
 
 
 def _port(addr: str) -> int:
-    return int(addr.rpartition(":")[2])
+    return hostport.split(addr)[1]
 
 
 def _proxy_handler(route: Route, s: ProxySettings) -> dict[str, Any]:
@@ -129,10 +136,75 @@ def _host_route(route: Route, s: ProxySettings, redirect: bool) -> dict[str, Any
             "match": [{"host": [route.host]}], "handle": handle, "terminal": True}
 
 
-def build_config(routes: list[Route], s: ProxySettings) -> dict[str, Any]:
+# Problems already logged by usable_routes (the config is built every pass; one line each).
+_reported: set[str] = set()
+
+
+def route_problems(route: Route) -> tuple[str | None, str | None]:
+    """(why the route cannot be served at all, why its health path cannot be used)."""
+    try:
+        host_ok = validate_hostname(route.host) == route.host
+    except ValidationError:
+        host_ok = False
+    bad_route = None if host_ok and route.https in HTTPS_MODES else f"host {route.host!r}, https {route.https!r}"
+    return bad_route, None if route.health is None else health_path_problem(route.health)
+
+
+def usable_routes(routes: list[Route]) -> list[Route]:
+    """The routes with nothing Caddy would refuse: the API validates every value, but a
+    record written before a rule existed must not make the proxy's boot file one Caddy
+    cannot start from (every app of the node would be unreachable). A bad health path
+    loses its active check only (pleaco's probes still decide what is routed); a route
+    that cannot be written at all is left out. Each is logged once as an error."""
+    out = []
+    for route in routes:
+        bad_route, bad_health = route_problems(route)
+        if bad_route:
+            _report("proxy.route_dropped", route.app, bad_route)
+            continue
+        if bad_health:
+            _report("proxy.health_check_dropped", route.app, bad_health)
+            route = dataclasses.replace(route, health=None)
+        out.append(route)
+    return out
+
+
+def _report(event: str, app: str, problem: str) -> None:
+    key = f"{event} {app} {problem}"
+    if key not in _reported:
+        if len(_reported) > 1000:
+            _reported.clear()
+        _reported.add(key)
+        log.error(event, app=app, error=problem)
+
+
+def identity_marker(node_id: str, nonce: str) -> str:
+    """The ``@id`` of the config's admin object: which agent (node, and which start of it)
+    loaded the config the admin API answers with. Caddy keeps ``@id`` in what ``GET
+    /config/`` returns and strips it before it applies the config."""
+    return f"{MARKER_PREFIX}{node_id}/{nonce}"
+
+
+MARKER_PREFIX = "pleaco-agent/"
+
+
+def config_marker(config: Any) -> tuple[str, str] | None:
+    """(node id, nonce) of the agent that loaded ``config``, None when it carries no marker."""
+    try:
+        marker = config["admin"]["@id"]
+    except (KeyError, TypeError):
+        return None
+    if not isinstance(marker, str) or not marker.startswith(MARKER_PREFIX):
+        return None
+    node, _, nonce = marker[len(MARKER_PREFIX):].partition("/")
+    return node, nonce
+
+
+def build_config(routes: list[Route], s: ProxySettings, marker: str = "") -> dict[str, Any]:
     """The complete Caddy config for these routes. Deterministic (sorted), so equal route
-    sets give equal documents and a comparison tells whether anything changed."""
-    routes = sorted(routes, key=lambda r: r.host)
+    sets give equal documents and a comparison tells whether anything changed. ``marker``
+    (identity_marker) names the agent that loads it."""
+    routes = sorted(usable_routes(routes), key=lambda r: r.host)
     # A host no app claims gets a 404 that says so (Caddy's own answer would be an empty 200).
     unknown = {"handle": [{"handler": "static_response", "status_code": 404,
                            "body": "no app is served under this host name\n"}]}
@@ -166,7 +238,7 @@ def build_config(routes: list[Route], s: ProxySettings) -> dict[str, Any]:
     config: dict[str, Any] = {
         # persist=false: pleaco holds the truth and re-applies it; a stale autosave must
         # never come back after a restart.
-        "admin": {"listen": s.admin_listen, "config": {"persist": False}},
+        "admin": {"listen": s.admin_listen, "config": {"persist": False}, **({"@id": marker} if marker else {})},
         "apps": apps,
     }
     if s.access_log:
@@ -192,18 +264,48 @@ ACCESS_LOG_DROPPED = ("request>headers", "request>tls", "request>remote_ip", "re
                       "bytes_read")
 
 
-class AdminError(RuntimeError):
+class AdminError(PleacoError, RuntimeError, code="proxy_admin_failed"):
     """Caddy's admin API refused a request or is not reachable."""
+
+
+class ForeignProxy(AdminError):
+    """The admin API answered with another agent's config: another proxy shares the
+    address (Caddy binds it with SO_REUSEPORT, so each connection lands on either)."""
+
+    def __init__(self, node: str, what: str) -> None:
+        super().__init__(f"another proxy answers on the admin address ({what})")
+        self.node = node  # the other agent's node id; "" when its config carries no marker
+
+
+def admin_session() -> aiohttp.ClientSession:
+    """A session for CaddyAdmin: one connection per request. A kept-alive connection stays
+    with one process, so with a second proxy on the same address (SO_REUSEPORT) every
+    request would go to whichever the first one reached, and the marker check would never
+    see the other."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
 
 class CaddyAdmin:
     """Caddy's admin API on loopback. Caddy checks the Origin/Host of admin requests;
-    talking to it from the same host by its listen address satisfies that."""
+    talking to it from the same host by its listen address satisfies that.
 
-    def __init__(self, session: aiohttp.ClientSession, listen: str, timeout: float) -> None:
+    With ``node_id`` and ``nonce`` it makes sure it talks to this agent's proxy: every
+    config it loads carries identity_marker(node_id, nonce) (the admin object's ``@id``) and
+    is read back after the load; ``config()`` answers only a config this agent loaded in
+    this start (None for any other of this node: boot file, earlier start, so it is loaded
+    again) and raises ForeignProxy for another node's. ``on_foreign`` hears of each.
+    A marker rather than a per-node admin address: the admin address is a documented
+    setting, an orphan made with the same flags has the same one, and only a check of what
+    answers tells the two processes behind it apart."""
+
+    def __init__(self, session: aiohttp.ClientSession, listen: str, timeout: float, node_id: str = "",
+                 nonce: str = "", on_foreign: Callable[[str], None] | None = None) -> None:
         self.base = f"http://{listen}"
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.node_id = node_id
+        self.marker = identity_marker(node_id, nonce) if node_id else ""
+        self.on_foreign = on_foreign
 
     async def _request(self, method: str, path: str, body: Any = None) -> bytes:
         data = None if body is None else json.dumps(body).encode()
@@ -219,12 +321,40 @@ class CaddyAdmin:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise AdminError(f"{method} {path}: {exc or type(exc).__name__}") from exc
 
-    async def config(self) -> Any:
+    async def _raw_config(self) -> Any:
         raw = await self._request("GET", "/config/")
         return json.loads(raw) if raw.strip() else None
 
+    def _foreign(self, node: str, what: str) -> ForeignProxy:
+        if self.on_foreign is not None:
+            self.on_foreign(node)
+        return ForeignProxy(node, what)
+
+    async def config(self) -> Any:
+        config = await self._raw_config()
+        if not self.marker or config is None:
+            return config
+        found = config_marker(config)
+        if found is not None and found[0] != self.node_id:
+            raise self._foreign(found[0], f"it holds node {found[0]}'s config")
+        if config.get("admin", {}).get("@id") != self.marker:
+            return None  # not loaded by this start: load it again
+        del config["admin"]["@id"]
+        return config
+
     async def load(self, config: dict[str, Any]) -> None:
-        await self._request("POST", "/load", config)
+        if not self.marker:
+            await self._request("POST", "/load", config)
+            return
+        marked = {**config, "admin": {**config.get("admin", {}), "@id": self.marker}}
+        await self._request("POST", "/load", marked)
+        # On a new connection: if another process shares the address, this read lands on
+        # either, and a config without this start's marker gives it away.
+        back = await self._raw_config()
+        found = config_marker(back)
+        if found != config_marker(marked):
+            node = found[0] if found is not None and found[0] != self.node_id else ""
+            raise self._foreign(node, "the config just loaded is not what it answers")
 
     async def metrics(self) -> str:
         return (await self._request("GET", "/metrics")).decode(errors="replace")

@@ -1,5 +1,4 @@
-"""The reconcile loops: desired state in the store against what is real on this host."""
+"""The reconcile loops: desired state in the store against what is real on this host.
 
-from pleaco.reconcile.apps import AppReconciler
-
-__all__ = ["AppReconciler"]
+The runner and the shape of a loop: pleaco.reconcile.loop.
+"""

@@ -1,6 +1,13 @@
-"""Automatic rollback: a release whose replicas on this node are not all healthy within
-``rollout.deadline`` seconds of this node first seeing it is rolled back to the release
-before it (``AppStore.rollback``, a new revision with the old spec and the reason).
+"""Automatic rollback, decided once for the whole cluster by the app's owner.
+
+A release whose replicas are not all healthy, anywhere in the cluster, within
+``rollout.deadline`` seconds of its creation is rolled back to the release before it
+(``AppStore.rollback``: a new revision with the old spec and the reason). Only the app's
+owner (rendezvous over the live nodes, pleaco.placement.Owners) judges it, from the
+cluster-wide health: this node's own view and the other nodes' ``route`` records. The
+deadline counts from the release record's creation time, so when the owner dies mid-rollout
+the next owner continues the same countdown; the verdict (``healthy``, ``rolled_back``,
+``failed``) is written into the release record, so no later owner judges it again.
 
 A rollback is itself never rolled back automatically, so two bad releases in a row cannot
 make pleaco flip between them; it stays, and ``apps show`` says what happened. While a new
@@ -10,99 +17,108 @@ their replacement is healthy), so a failed rollout costs no requests.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
+from collections.abc import Callable, Collection
 
 from pleaco import logs
 from pleaco.apps import AppSpec, AppStore, NoEarlierRelease, NotFound, ValidationError
-from pleaco.config import Config
 from pleaco.metrics import Counter, Registry
-from pleaco.placement import owned_replicas
-from pleaco.reconcile.apps import AppReconciler
+from pleaco.placement import Owners
+from pleaco.reconcile.config import RolloutConfig
+from pleaco.reconcile.loop import Loop
+from pleaco.reconcile.routes import InstanceStatus, RouteTable
+from pleaco.reconcile.status import local_instances
+from pleaco.reconcile.view import NodeView
 
 log = logs.get("pleaco.reconcile.rollout")
 
-CHECK_INTERVAL = 1.0  # seconds; the deadline is tens of seconds, this is precise enough
+# A release older than this many deadlines without a verdict predates verdicts (an agent
+# upgraded from before them) or was never judged: it is left alone rather than rolled
+# back long after the fact.
+STALE_AFTER_DEADLINES = 3
 
 
-class RolloutGuard:
-    def __init__(self, cfg: Config, apps: AppStore, reconciler: AppReconciler, registry: Registry) -> None:
+class RolloutGuard(Loop):
+    name = "rollouts"
+    interval = 1.0  # the deadline is tens of seconds; a second is precise enough
+
+    def __init__(self, cfg: RolloutConfig, view: NodeView, routes: RouteTable, owners: Owners,
+                 registry: Registry, live_nodes: Callable[[], Collection[str]],
+                 on_rollback: Callable[[], None] = lambda: None) -> None:
+        super().__init__()
         self.cfg = cfg
-        self.apps = apps
-        self.rec = reconciler
-        self.first_seen: dict[tuple[str, int], float] = {}
-        self.settled: set[tuple[str, int]] = set()  # healthy once, or given up on
+        self.view = view
+        self.apps: AppStore = view.apps
+        self.routes = routes
+        self.owners = owners
+        self.live_nodes = live_nodes
+        self.on_rollback = on_rollback
+        self.settled: set[tuple[str, int]] = set()  # judged (here or by an earlier owner)
         self.m_rollbacks = registry.register(
             Counter("pleaco_rollbacks_total", "Automatic rollbacks of releases that failed health.", ("app",))
         )
 
-    async def run(self) -> None:
-        while True:
-            with contextlib.suppress(Exception):
-                self.check(time.monotonic())
-            await asyncio.sleep(CHECK_INTERVAL)
+    async def step(self) -> str | None:
+        self.check(time.time())
+        return None
 
-    def _healthy_here(self, spec: AppSpec, nodes: list[str], weights: dict[str, float]) -> bool | None:
-        """True when every replica this node owns runs the current release healthily; None
-        when this node owns none (nothing to judge). ``nodes`` and ``weights``: the live
-        nodes and their weights, asked once per check rather than once per app."""
-        # The same placement the app reconciler computes, so both judge the same replicas.
-        owned = owned_replicas(spec.name, self.apps.replicas(spec.name), nodes, self.rec.node_id, weights)
-        if not owned:
+    def instances(self, spec: AppSpec) -> list[InstanceStatus]:
+        """Every replica of the app in the cluster: this node's view, the others' records."""
+        return local_instances(self.view, spec) + self.routes.instances(spec.name, set(self.live_nodes()))
+
+    def healthy(self, spec: AppSpec) -> bool | None:
+        """True when every wanted replica runs the current release healthily somewhere;
+        None when the app wants no replica (nothing to judge)."""
+        wanted = self.apps.replicas(spec.name)
+        if wanted == 0:
             return None
-        current = {c.replica: c for c in self.rec.observed.containers
-                   if c.app == spec.name and c.release == spec.revision and c.running}
-        for idx in owned:
-            st = self.rec.replicas.get((spec.name, idx))
-            c = current.get(idx)
-            if c is None or st is None or st.container_id != c.id or not st.healthy:
-                return False
-        return True
+        ok = {i.replica for i in self.instances(spec) if i.release == spec.revision and i.healthy}
+        return all(r in ok for r in range(wanted))
 
     def check(self, now: float) -> None:
-        if not self.rec.observed.engine_ok:
-            return  # the engine is down: no verdict on the release
+        """Judge the current release of every app this node owns (``now``: wall seconds)."""
+        if not self.view.observed.engine_ok:
+            return  # this node cannot see its own replicas: no verdict
         specs = self.apps.specs()
-        nodes, weights = list(self.rec.live_nodes()), self.rec.weights()
-        live = {(s.name, s.revision) for s in specs}
-        for key in list(self.first_seen):
-            if key not in live:
-                del self.first_seen[key]
-        self.settled &= live
+        self.settled &= {(s.name, s.revision) for s in specs}
         for spec in specs:
             key = (spec.name, spec.revision)
-            if key in self.settled:
+            if key in self.settled or not self.owners.owns(spec.name):
                 continue
-            seen = self.first_seen.setdefault(key, now)
-            healthy = self._healthy_here(spec, nodes, weights)
+            release = self.apps.release(spec.name, spec.revision)
+            if release is None or release.get("verdict"):
+                self.settled.add(key)
+                continue
+            age = now - int(release.get("created_ms", 0)) / 1000
+            healthy = self.healthy(spec)
             if healthy:
                 self.settled.add(key)
+                self.apps.record_verdict(spec.name, spec.revision, "healthy")
                 if spec.revision > 1:
-                    log.info("rollout.healthy", app=spec.name, revision=spec.revision,
-                             seconds=round(now - seen, 1))
-                continue
-            if healthy is None or now - seen < self.cfg.rollout.deadline:
-                continue
-            self.settled.add(key)
-            self._roll_back(spec, now - seen)
+                    log.info("rollout.healthy", app=spec.name, revision=spec.revision, seconds=round(age, 1))
+            elif age > self.cfg.deadline * STALE_AFTER_DEADLINES:
+                self.settled.add(key)
+            elif healthy is not None and age >= self.cfg.deadline:
+                self.settled.add(key)
+                self._roll_back(spec, release, age)
 
-    def _roll_back(self, spec: AppSpec, waited: float) -> None:
-        release = self.apps.release(spec.name, spec.revision) or {}
-        if not self.cfg.rollout.auto_rollback or "rollback_of" in release or spec.revision == 1:
+    def _roll_back(self, spec: AppSpec, release: dict[str, object], waited: float) -> None:
+        if not self.cfg.auto_rollback or "rollback_of" in release or spec.revision == 1:
             log.warning("rollout.failed", app=spec.name, revision=spec.revision, seconds=round(waited, 1),
                         rolled_back=False)
+            self.apps.record_verdict(spec.name, spec.revision, "failed",
+                                     f"not healthy within {self.cfg.deadline:g}s; not rolled back")
             return
-        problems = sorted({st.last_error for (app, _), st in self.rec.replicas.items()
-                           if app == spec.name and st.last_error})
-        reason = (f"revision {spec.revision} was not healthy within {self.cfg.rollout.deadline:g}s"
+        problems = sorted({i.error for i in self.instances(spec) if i.release == spec.revision and i.error})
+        reason = (f"revision {spec.revision} was not healthy within {self.cfg.deadline:g}s"
                   + (f" ({'; '.join(problems)})" if problems else ""))
         try:
             new = self.apps.rollback(spec.name, reason=reason)
         except (NoEarlierRelease, NotFound, ValidationError) as exc:
             log.warning("rollout.failed", app=spec.name, revision=spec.revision, rolled_back=False, error=str(exc))
             return
+        self.apps.record_verdict(spec.name, spec.revision, "rolled_back", reason)
         self.m_rollbacks.inc(app=spec.name)
         log.warning("rollout.rolled_back", app=spec.name, failed_revision=spec.revision,
                     revision=new.revision, image=new.image, reason=reason)
-        self.rec.wake()
+        self.on_rollback()

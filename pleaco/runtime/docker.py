@@ -18,6 +18,8 @@ import docker
 import docker.errors
 import requests
 
+from pleaco import errors
+
 LABEL_APP = "pleaco.app"
 LABEL_NODE = "pleaco.node"
 LABEL_RELEASE = "pleaco.release"
@@ -33,16 +35,25 @@ API_VERSION = "1.41"
 _EXIT_CODE = re.compile(r"Exited \((-?\d+)\)")
 
 
-class EngineUnavailable(RuntimeError):
+class EngineError(errors.PleacoError, code="engine_error", status=502):
+    """Docker Engine failed a call: the base of the four below. Each also keeps the builtin
+    base it always had, which callers' except clauses rely on."""
+
+
+class EngineUnavailable(errors.Unavailable, EngineError, RuntimeError, code="engine_unreachable"):
     """Docker Engine does not answer (down, socket missing, or timed out)."""
 
 
-class NotFound(LookupError):
+class NotFound(errors.NotFound, EngineError, LookupError):
     """The container or image does not exist."""
 
 
-class Conflict(RuntimeError):
+class Conflict(errors.Conflict, EngineError, RuntimeError):
     """The container name is taken (the container already exists)."""
+
+
+class EngineCallFailed(EngineError, RuntimeError):
+    """Docker Engine answered a call with an error other than the above."""
 
 
 @dataclass(frozen=True)
@@ -126,10 +137,17 @@ class InfraInfo:
     state: str
     started_at: str
     labels: dict[str, str]
+    # Bind mounts as (host path, container path): which data dir the container serves.
+    mounts: tuple[tuple[str, str], ...] = ()
 
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    @property
+    def node(self) -> str:
+        return self.labels.get(LABEL_NODE, "")
+
 
 def _wrap(exc: Exception) -> Exception:
     if isinstance(exc, docker.errors.NotFound | docker.errors.ImageNotFound):
@@ -137,7 +155,7 @@ def _wrap(exc: Exception) -> Exception:
     if isinstance(exc, docker.errors.APIError):
         if exc.status_code == 409:
             return Conflict(_explain(exc))
-        return RuntimeError(f"docker engine: {_explain(exc)}")
+        return EngineCallFailed(f"docker engine: {_explain(exc)}")
     if isinstance(exc, requests.RequestException | docker.errors.DockerException | OSError):
         return EngineUnavailable(f"docker engine unreachable: {exc}")
     return exc
@@ -257,10 +275,6 @@ class DockerRuntime:
         except NotFound:
             pass  # already gone: the goal is reached
 
-    def inspect_port(self, container_id: str, port: int) -> int | None:
-        info = self._call(self._api.inspect_container, container_id)
-        return _host_port_from_inspect(info, port)
-
     def save_image(self, ref: str) -> Iterator[bytes]:
         """The image as a ``docker save`` tar stream, in chunks."""
         stream = self._call(self._api.get_image, ref, chunk_size=1 << 20)
@@ -302,7 +316,29 @@ class DockerRuntime:
             state=str(state.get("Status", "unknown")),
             started_at=str(state.get("StartedAt", "")),
             labels=dict((info.get("Config") or {}).get("Labels") or {}),
+            mounts=tuple((str(m.get("Source", "")), str(m.get("Destination", "")))
+                         for m in info.get("Mounts") or []),
         )
+
+    def list_infra(self, role: str) -> list[InfraInfo]:
+        """Every node's containers of that role on this engine, in any state (one list
+        call, no inspect: ``started_at`` is empty). Several agents may share an engine, so
+        callers decide by the labels and mounts which of them are theirs to touch."""
+        rows = self._call(self._api.containers, all=True, filters={"label": [f"{LABEL_ROLE}={role}", LABEL_NODE]})
+        return [
+            InfraInfo(
+                id=str(row["Id"]),
+                name=str((row.get("Names") or ["/"])[0]).lstrip("/"),
+                image=str(row.get("Image", "")),
+                state=str(row.get("State", "unknown")),
+                started_at="",
+                labels=dict(row.get("Labels") or {}),
+                mounts=tuple((str(m.get("Source", "")), str(m.get("Destination", "")))
+                             for m in row.get("Mounts") or []),
+            )
+            for row in rows
+            if (row.get("Labels") or {}).get(LABEL_ROLE) == role
+        ]
 
     def run_infra(self, spec: InfraSpec) -> str:
         """Create and start an infrastructure container (host network); returns its id."""
@@ -371,11 +407,3 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
                  if n.get("IPAddress")), ""),
         host_ip=host_ip,
     )
-
-
-def _host_port_from_inspect(info: dict[str, Any], port: int) -> int | None:
-    bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{port}/tcp") or []
-    for b in bindings:
-        if b.get("HostPort"):
-            return int(b["HostPort"])
-    return None

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import aiohttp
+
+# The probe's shape, for whoever takes it as a parameter (the app loop; unit tests hand it
+# pleaco.runtime.memory.MemoryEngine.probe): (session, host, port, path, timeout) -> passed.
+Probe = Callable[[aiohttp.ClientSession, str, int, str, float], Awaitable[bool]]
 
 
 async def probe(session: aiohttp.ClientSession, host: str, port: int, path: str, timeout: float) -> bool:

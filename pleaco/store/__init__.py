@@ -2,6 +2,15 @@
 
 from pleaco.store.db import Store
 from pleaco.store.hlc import HLC, Timestamp
-from pleaco.store.record import KINDS, Record, RecordError, merge
+from pleaco.store.record import (
+    KINDS,
+    MAX_RECORD_BYTES,
+    PACKET_RECORD_BYTES,
+    Record,
+    RecordError,
+    RecordTooLarge,
+    merge,
+)
 
-__all__ = ["HLC", "KINDS", "Record", "RecordError", "Store", "Timestamp", "merge"]
+__all__ = ["HLC", "KINDS", "MAX_RECORD_BYTES", "PACKET_RECORD_BYTES", "Record", "RecordError", "RecordTooLarge",
+           "Store", "Timestamp", "merge"]

@@ -26,9 +26,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pleaco import logs
 from pleaco.identity import Identity, node_id_for
 from pleaco.store.hlc import HLC, Timestamp
-from pleaco.store.record import KINDS, Record, RecordError, Value, canonical_json
+from pleaco.store.record import KINDS, Record, RecordError, Value, canonical_json, check_size
+
+log = logs.get("pleaco.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -114,7 +117,12 @@ class Store:
         return self._write_local(kind, key, None)
 
     def put_many(self, items: list[tuple[str, str, Value]]) -> list[Record]:
-        """Several local writes in one transaction: all of them are durable, or none."""
+        """Several local writes in one transaction: all of them are durable, or none.
+
+        Raises RecordTooLarge (nothing written) when a record is larger than the cluster
+        replicates (``MAX_RECORD_BYTES``)."""
+        for kind, key, value in items:
+            check_size(kind, key, value)
         records = [Record.create(self.identity, k, key, v, self.hlc.now()) for k, key, v in items]
         with self._transaction():
             for rec in records:
@@ -232,9 +240,10 @@ class Store:
         rec = self.peek(kind, key)
         return None if rec is None or rec.value is None else _thaw(rec.value)
 
-    def records(self, kind: str, include_deleted: bool = False) -> list[Record]:
-        """The records of a kind in key order, their values copies."""
-        return [_copied(r) for r in self.peek_records(kind, include_deleted=include_deleted)]
+    def records(self, kind: str, include_deleted: bool = False, prefix: str = "") -> list[Record]:
+        """The records of a kind in key order, their values copies; with ``prefix``, only
+        keys that start with it (found by the sorted index: the other keys cost nothing)."""
+        return [_copied(r) for r in self.peek_records(kind, prefix=prefix, include_deleted=include_deleted)]
 
     def all(self) -> list[Record]:
         """Every record, tombstones included, in (kind, key) order, their values copies."""

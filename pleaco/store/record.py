@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pleaco.errors import InvalidInput
 from pleaco.identity import Identity, verify
 from pleaco.store.hlc import Timestamp
 
@@ -25,9 +26,59 @@ KINDS = frozenset(
 
 Value = dict[str, Any] | None
 
+# Records spread by gossip. One that fits in a packet rides in it (piggybacked); a larger
+# one is announced in the packets instead (a notice: kind, key, version) and each node
+# that lacks it fetches it over a stream from the node that announced it, at once, so it
+# spreads as fast, a hop at a time (pleaco.cluster.membership). Neither is left to
+# anti-entropy. The store is below the cluster, so the packet's figures are kept here;
+# tests/unit/test_record.py checks them against the cluster's own: GOSSIP_MAX_PACKET is
+# GossipConfig.max_packet's default (1400: under a 1500-byte MTU); the overhead is the
+# envelope (wire.OVERHEAD: header, AEAD tag, sender, seq and signature, 128 bytes), the
+# packet's own fields (membership.PACKET_BASE, 120) and the separator every piggybacked
+# item costs (1).
+GOSSIP_MAX_PACKET = 1400
+GOSSIP_PACKET_OVERHEAD = 128 + 120 + 1
+PACKET_RECORD_BYTES = GOSSIP_MAX_PACKET - GOSSIP_PACKET_OVERHEAD
+# The largest record the cluster replicates at all; a write of a larger one is refused
+# (RecordTooLarge, a 400 through the API) and nothing is written. 64 KiB holds an app with
+# a generous environment, and a build with its test output and findings (their writers
+# trim to fit), while every node holding every record in memory stays cheap.
+MAX_RECORD_BYTES = 64 << 10
+# What a record costs on the wire besides its kind, key and value: the field names and
+# punctuation of {"k":,"y":,"v":,"w":,"c":,"o":"","s":""} (40), the wall clock in ms
+# (13 digits until 2286), the HLC counter (at most 10 digits), the origin's node id (32 hex)
+# and the base64 of its 64-byte signature (88).
+_RECORD_FIXED_BYTES = 40 + 13 + 10 + 32 + 88
 
-class RecordError(ValueError):
+
+class RecordError(InvalidInput, ValueError, code="invalid_record"):
     """A record that is malformed, of an unknown kind, or whose signature does not verify."""
+
+
+class RecordTooLarge(RecordError):
+    """A write whose record is larger than the cluster replicates; nothing is written."""
+
+    def __init__(self, kind: str, key: str, size: int, limit: int = MAX_RECORD_BYTES) -> None:
+        super().__init__(f"record {kind}/{key} is {size} bytes as gossip carries it, over the limit of "
+                         f"{limit} bytes (the largest record the cluster replicates)")
+        self.kind, self.key, self.size, self.limit = kind, key, size, limit
+
+
+def _json_len(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+
+def gossip_size(kind: str, key: str, value: Value) -> int:
+    """The bytes the record ``(kind, key) -> value`` takes in a gossip packet, whoever
+    signs it and whenever (an upper bound: the clock and counter at their widest)."""
+    return _RECORD_FIXED_BYTES + _json_len(kind) + _json_len(key) + _json_len(value)
+
+
+def check_size(kind: str, key: str, value: Value) -> None:
+    """Raise RecordTooLarge when the record is larger than the cluster replicates."""
+    size = gossip_size(kind, key, value)
+    if size > MAX_RECORD_BYTES:
+        raise RecordTooLarge(kind, key, size)
 
 
 def canonical_json(value: Any) -> str:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,3 +167,36 @@ class AgentProcess:
             self.proc.wait(10)
         if self.node_id:
             remove_node_containers(self.node_id)
+
+
+# -- clusters of agents on 127.0.0.x ---------------------------------------------------
+
+def node_args(k: int) -> list[str]:
+    # Each agent on its own loopback address, without a proxy (its own tests cover it).
+    return ["--gossip-listen", f"127.0.0.{k}:{free_port()}", "--proxy-image=", "--discovery", "seeds"]
+
+
+def form_cluster(agent_factory: Callable[..., AgentProcess], n: int,
+                 env: dict[str, str] | None = None) -> list[AgentProcess]:
+    first = agent_factory("n0", extra_args=node_args(2), env=env)
+    first.client.request("POST", "/v1/cluster/init")
+    token = first.client.request("GET", "/v1/cluster/token")["token"]
+    agents = [first] + [agent_factory(f"n{i}", extra_args=[*node_args(i + 2), "--join-token", token], env=env)
+                        for i in range(1, n)]
+    ids = {x.node_id for x in agents}
+    wait_for(lambda: all(alive_ids(a) == ids for a in agents), 40, f"{n} nodes alive everywhere")
+    return agents
+
+
+def states(agent: AgentProcess) -> dict[str, str]:
+    return {n["id"]: n["state"] for n in agent.client.nodes()}
+
+
+def alive_ids(agent: AgentProcess) -> set[str]:
+    return {node for node, state in states(agent).items() if state == "alive"}
+
+
+def metric(agent: AgentProcess, line_prefix: str) -> float:
+    req = urllib.request.Request(agent.url + "/metrics", headers={"Authorization": f"Bearer {agent.token}"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix))

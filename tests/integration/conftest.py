@@ -31,6 +31,21 @@ def final_sweep() -> Iterator[None]:
         remove_node_containers(node)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def build_network() -> Iterator[None]:
+    """Remove, at the end, the isolated build network (and its firewall rules) the agents'
+    builds made: on a node it stays, like docker0."""
+    yield
+    from pleaco.builds.engine import BuildEngine
+    from pleaco.builds.network import BuildNetwork
+
+    engine = BuildEngine("unix:///var/run/docker.sock", 30, "tests")
+    try:
+        BuildNetwork(engine).remove()
+    finally:
+        engine.close()
+
+
 @pytest.fixture
 def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     """Start agents on demand; each is killed and its containers removed after the test."""

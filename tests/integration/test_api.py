@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 from agentproc import AgentProcess, node_containers, wait_for
 from conftest import HELLO
 
+from pleaco.api.builds import sign
 from pleaco.api.errors import ApiError
 
 
@@ -193,9 +196,36 @@ def test_metrics_expose_reconcile_containers_and_requests(agent: AgentProcess) -
     status, text = raw(agent, "GET", "/metrics")
     assert status == 200
     lines = text.splitlines()
+    # Every loop of the agent runs on the one runner, and shows.
+    for loop in ("apps", "proxy", "rollouts", "builds", "tombstones"):
+        assert any(line.startswith(f'pleaco_reconcile_runs_total{{loop="{loop}",result=') for line in lines), loop
     assert any(line.startswith('pleaco_reconcile_runs_total{loop="apps",result="ok"}') for line in lines)
     assert any(line.startswith('pleaco_reconcile_duration_seconds_bucket{loop="apps",le="+Inf"}') for line in lines)
     assert 'pleaco_containers{state="running"} 1' in lines
     assert "pleaco_engine_up 1" in lines
     assert 'pleaco_api_requests_total{route="/v1/apps/{name}",method="PUT",status="201"} 1' in lines
     assert 'pleaco_api_requests_total{route="/v1/apps/{name}",method="GET",status="404"} 1' in lines
+
+
+def test_deeply_nested_bodies_are_refused_naming_the_limit(agent: AgentProcess, tmp_path: Path) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for method, path in (("PUT", "/v1/apps/web"), ("POST", "/v1/apps/web/scale"), ("POST", "/v1/apps/web/connect")):
+        status, resp = raw(agent, method, path, deep)
+        assert status == 400 and resp["error"]["code"] == "invalid_json", (path, resp)
+        assert "deeper than 64 levels" in resp["error"]["message"], path
+    # Just within the limit is parsed (and refused for what it says, not for its depth).
+    status, resp = raw(agent, "PUT", "/v1/apps/web", b"[" * 64 + b"]" * 64)
+    assert status == 400 and resp["error"]["code"] == "invalid", resp
+    # The webhook parses its payload, once signed, with the same limit.
+    repo = tmp_path / "repo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    secret = "s3cret-for-the-depth-test"
+    agent.client.connect("built", {"repo": str(repo), "webhook_secret": secret})
+    req = urllib.request.Request(agent.url + "/v1/hooks/github", data=deep, method="POST",
+                                 headers={"X-Hub-Signature-256": sign(secret, deep), "X-GitHub-Event": "push"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    body = json.loads(err.value.read())
+    assert err.value.code == 400 and body["error"]["code"] == "invalid_json"
+    assert body["error"]["message"] == "payload nests deeper than 64 levels (the limit)"
+    assert [a["name"] for a in agent.client.apps()] == ["built"]

@@ -19,6 +19,7 @@ import docker.errors
 import pytest
 from agentproc import REPO, AgentProcess, docker_client, wait_for
 from gitserver import AppRepo, GitServer, HttpGitServer, deliver, ping_payload, push_payload
+from hostprobe import TOKEN, Listeners, host_addresses, probe_script
 
 SECRET = "s3cret-for-tests"
 
@@ -119,9 +120,9 @@ def test_push_builds_tests_scans_releases_and_serves(env: BuildEnv) -> None:
     assert 'pleaco_builds_total{state="succeeded"} 1' in metrics
     assert 'pleaco_build_step_duration_seconds_count{step="test"} 1' in metrics
 
-    # The same push again (a new delivery of the same commit) builds nothing.
+    # The same push again (a redelivery: the same signed body, a new delivery id) builds nothing.
     again = deliver(env.agent.url, SECRET, "push", push_payload(repo.url, repo.before, commit))
-    assert again.status == 200 and again.body["builds"][0]["outcome"] == "already_built"
+    assert again.status == 200 and again.body["builds"][0]["outcome"] == "duplicate_delivery"
     # A second commit: a new release with the new image; the first one is kept for rollback.
     second = env.push(repo, "second", change={"serve.sh": (repo.work / "serve.sh").read_text().replace(
         "GREETING:-pleaco", "GREETING:-v2")})
@@ -136,6 +137,27 @@ def serving2(env: BuildEnv, app: str) -> str | None:
     a = env.agent.client.app(app)
     ports = [i["host_port"] for i in a["instances"] if i["healthy"] and i["release"] == a["revision"]]
     return get(f"http://127.0.0.1:{ports[0]}/") if ports else None
+
+
+def test_a_dockerfile_cannot_reach_the_hosts_services(env: BuildEnv) -> None:
+    """A pushed Dockerfile whose RUN step connects to services on the host's addresses
+    (loopback, the engine's docker0 gateway, where a bridge container reaches the host, the
+    node's own): the agent's default build.network refuses it (the step would fail the
+    build had it reached one)."""
+    listeners = Listeners(host_addresses())
+    try:
+        app, repo = env.repo("hello")
+        dockerfile = (repo.work / "Dockerfile").read_text()
+        commit = env.push(repo, "probe", change={"Dockerfile": dockerfile.replace(
+            "COPY ", f"RUN {probe_script(listeners.targets())} | tee /probe; ! grep -q reached /probe\nCOPY ", 1)})
+        b = env.wait_done(app, commit)
+        log = env.log(b["id"])
+        assert b["state"] == "succeeded", (b["reason"], log)
+        for target in listeners.targets():
+            assert f"refused {target}" in log, log
+        assert TOKEN not in log and listeners.peers == []
+    finally:
+        listeners.close()
 
 
 def test_failing_tests_block_the_release(env: BuildEnv) -> None:
@@ -229,6 +251,30 @@ def test_newest_commit_wins(env: BuildEnv) -> None:
     b2 = env.wait_done(app, second)
     assert b2["state"] == "succeeded" and b2["release"] == 1, b2["reason"]
     assert env.agent.client.app(app)["image"] == b2["image"]
+
+
+def test_a_replayed_older_push_does_not_roll_the_app_back(env: BuildEnv) -> None:
+    """GitHub signs the body, not the X-GitHub-Delivery header: a captured push of an older
+    commit, sent again with a new delivery id, must not release that commit again."""
+    app, repo = env.repo("hello")
+    first = repo.commit_and_push("first")
+    captured = push_payload(repo.url, repo.before, first)
+    assert deliver(env.agent.url, SECRET, "push", captured).status == 202
+    b1 = env.wait_done(app, first)
+    assert b1["state"] == "succeeded", b1["reason"]
+    second = env.push(repo, "second", change={"serve.sh": (repo.work / "serve.sh").read_text().replace(
+        "GREETING:-pleaco", "GREETING:-v2")})
+    b2 = env.wait_done(app, second)
+    assert b2["state"] == "succeeded" and b2["release"] == 2 and b2["image"] != b1["image"], b2["reason"]
+
+    replay = deliver(env.agent.url, SECRET, "push", captured, delivery=str(uuid.uuid4()))
+    assert replay.status == 200, replay.body
+    (result,) = replay.body["builds"]
+    assert result["outcome"] == "stale_push" and result["released_commit"] == second, result
+    assert f"older than commit {second[:12]}" in result["reason"] and "apps rollback" in result["reason"]
+    shown = env.agent.client.app(app)
+    assert shown["image"] == b2["image"] and shown["revision"] == 2
+    assert env.build(app, first)["release"] == 1  # not released again
 
 
 def test_build_resumes_after_agent_restart(env: BuildEnv) -> None:

@@ -7,12 +7,23 @@ from __future__ import annotations
 import collections
 import json
 import os
+import random
 import socket
+import struct
+import threading
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from agentproc import AgentProcess, free_port, node_containers, wait_for
+from agentproc import (
+    AgentProcess,
+    form_cluster,
+    metric,
+    node_args,
+    node_containers,
+    states,
+    wait_for,
+)
 from conftest import HELLO
 
 from pleaco.api.errors import ApiError
@@ -21,36 +32,6 @@ from pleaco.cluster.trust import ClusterState, JoinToken
 from pleaco.identity import Identity
 
 Factory = Callable[..., AgentProcess]
-
-
-def node_args(k: int) -> list[str]:
-    # Each agent on its own loopback address, without a proxy (its own tests cover it).
-    return ["--gossip-listen", f"127.0.0.{k}:{free_port()}", "--proxy-image=", "--discovery", "seeds"]
-
-
-def form_cluster(agent_factory: Factory, n: int) -> list[AgentProcess]:
-    first = agent_factory("n0", extra_args=node_args(2))
-    first.client.request("POST", "/v1/cluster/init")
-    token = first.client.request("GET", "/v1/cluster/token")["token"]
-    agents = [first] + [agent_factory(f"n{i}", extra_args=[*node_args(i + 2), "--join-token", token])
-                        for i in range(1, n)]
-    ids = {x.node_id for x in agents}
-    wait_for(lambda: all(alive_ids(a) == ids for a in agents), 40, f"{n} nodes alive everywhere")
-    return agents
-
-
-def states(agent: AgentProcess) -> dict[str, str]:
-    return {n["id"]: n["state"] for n in agent.client.nodes()}
-
-
-def alive_ids(agent: AgentProcess) -> set[str]:
-    return {node for node, state in states(agent).items() if state == "alive"}
-
-
-def metric(agent: AgentProcess, line_prefix: str) -> float:
-    req = urllib.request.Request(agent.url + "/metrics", headers={"Authorization": f"Bearer {agent.token}"})
-    text = urllib.request.urlopen(req, timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix))
 
 
 def test_five_nodes_spread_an_app_survive_kill_and_catch_up(agent_factory: Factory) -> None:
@@ -186,3 +167,161 @@ def test_a_write_on_any_node_is_visible_on_every_node(agent_factory: Factory) ->
     wait_for(lambda: all({x["name"] for x in a.client.apps()} == expected for a in agents), 20,
              "every app on every node")
     assert all(isinstance(a.client.request("GET", "/v1/cluster/token")["token"], str) for a in agents)
+
+
+def gossip_addr(agent: AgentProcess) -> tuple[str, int]:
+    gossip = next(n["gossip"] for n in agent.client.nodes() if n["id"] == agent.node_id)
+    host, _, port = gossip.rpartition(":")
+    return host, int(port)
+
+
+def healthy(agent: AgentProcess) -> bool:
+    with urllib.request.urlopen(agent.url + "/healthz", timeout=5) as resp:
+        return bool(resp.status == 200)
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True once the other end closed (EOF or reset); False while it still waits for bytes."""
+    try:
+        return sock.recv(65536) == b""
+    except (TimeoutError, BlockingIOError):
+        return False
+    except OSError:
+        return True
+
+
+def accusations(observer: AgentProcess, member: AgentProcess) -> list[str]:
+    """The observer's log lines suspecting the member or declaring it dead."""
+    return [line for line in observer.log_path.read_text().splitlines()
+            if ("event=member.suspect" in line or "event=member.dead" in line) and f"member={member.node_id}" in line]
+
+
+# A long stream timeout: a node that waits for the body of an oversized frame (instead of
+# refusing it on its header) then holds the connection far past the deadlines below.
+PATIENT = {"PLEACO_GOSSIP_STREAM_TIMEOUT": "120"}
+
+
+def test_oversized_unauthenticated_frames_are_refused_unread(agent_factory: Factory) -> None:
+    a, b = form_cluster(agent_factory, 2, env=PATIENT)
+    addr = gossip_addr(a)
+    too_large = metric(a, 'pleaco_gossip_dropped_total{reason="too_large"}')
+    # 40 join requests at once, each announcing a 60 MB frame and sending its first 64 KiB.
+    socks = []
+    for _ in range(40):
+        s = socket.create_connection(addr, timeout=5)
+        s.sendall(b"J" + struct.pack(">I", 60 << 20) + os.urandom(64 << 10))
+        s.settimeout(0.05)
+        socks.append(s)
+    try:
+        # Each is closed on its header (or at once, past the cap on unauthenticated
+        # connections), not held open waiting for 60 MB.
+        wait_for(lambda: all(closed_by_peer(s) for s in socks), 15, "every oversized join frame refused")
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: metric(a, 'pleaco_gossip_dropped_total{reason="too_large"}') > too_large, 10,
+             "oversized frames counted as too_large")
+
+    # Fifteen senders pushing whole 60 MB frames, on the join and the stream channel, while
+    # the node's API and its membership are watched.
+    sent = [0] * 15
+
+    def flood(i: int) -> None:
+        body = bytes(1 << 20)
+        with socket.create_connection(addr, timeout=10) as s:
+            try:
+                s.sendall(b"JS"[i % 2:i % 2 + 1] + struct.pack(">I", 60 << 20))
+                for _ in range(60):
+                    s.sendall(body)
+                    sent[i] += len(body)
+            except OSError:
+                pass  # refused: what should happen
+
+    threads = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(15)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        assert healthy(a), "the node's API stopped answering"
+        assert states(b)[a.node_id] == "alive"
+        for t in threads:
+            t.join(0.2)
+    # The kernel's socket buffers take a few MB before the refusal reaches a sender; no
+    # sender got anywhere near a whole frame in.
+    assert max(sent) < 20 << 20, sent
+    assert healthy(a) and states(b)[a.node_id] == "alive" and states(a)[b.node_id] == "alive"
+    assert not accusations(b, a)
+
+
+def test_fuzzed_packets_and_frames_do_not_disturb_the_cluster(agent_factory: Factory) -> None:
+    """Random and truncated packets and frames, on UDP and TCP with every channel byte, at a
+    member of a 2-node cluster: its peer never suspects it, and the drops are counted."""
+    a, b = form_cluster(agent_factory, 2)
+    host, port = gossip_addr(a)
+    rng = random.Random(20261126)
+    ping = messages.encode(messages.Packet("ping", 1, target=a.node_id))
+    valid = [_sealed_as(b, ping) for _ in range(8)]
+    drops_before = metric(a, "pleaco_gossip_dropped_total")
+    too_large = metric(a, 'pleaco_gossip_dropped_total{reason="too_large"}')
+
+    def noise(max_len: int) -> bytes:
+        kind = rng.randrange(4)
+        if kind == 0:
+            return rng.randbytes(rng.randrange(max_len))
+        if kind == 1:  # a valid packet cut short
+            v = rng.choice(valid)
+            return v[: rng.randrange(len(v))]
+        if kind == 2:  # a valid packet with bytes flipped
+            v = bytearray(rng.choice(valid))
+            for _ in range(rng.randrange(1, 8)):
+                v[rng.randrange(len(v))] ^= 1 << rng.randrange(8)
+            return bytes(v)
+        return b"PLC1" + rng.randbytes(rng.randrange(max_len))
+
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(600):
+        udp.sendto(noise(1400), (host, port))
+    udp.close()
+    wait_for(lambda: metric(a, "pleaco_gossip_dropped_total") > drops_before, 10, "UDP drops counted")
+
+    for i in range(768):
+        channel = bytes([i % 256])
+        shape = rng.randrange(4)
+        if shape == 0:  # a frame header cut short
+            data = channel + rng.randbytes(rng.randrange(4))
+        elif shape == 1:  # a length beyond any limit
+            data = channel + struct.pack(">I", rng.randrange(1 << 20, 1 << 32)) + rng.randbytes(64)
+        elif shape == 2:  # a frame shorter than it says
+            body = noise(4096)
+            data = channel + struct.pack(">I", len(body) + rng.randrange(1, 1000)) + body
+        else:  # a whole frame of noise
+            body = noise(4096)
+            data = channel + struct.pack(">I", len(body)) + body
+        with socket.create_connection((host, port), timeout=5) as s:
+            try:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(4096):
+                    pass
+            except OSError:
+                pass
+        if i % 64 == 0:
+            assert states(b)[a.node_id] == "alive" and healthy(a)
+    wait_for(lambda: metric(a, 'pleaco_gossip_dropped_total{reason="too_large"}') > too_large, 10,
+             "oversized TCP frames counted")
+
+    # 200 well-framed join requests that do not check out: refused and counted each, but
+    # logged as one line per burst, not one line each.
+    refused = metric(a, 'pleaco_gossip_dropped_total{reason="join_refused"}')
+    for _ in range(200):
+        body = json.dumps({"cluster": "x", "nonce": rng.randbytes(8).hex()}).encode()
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(b"J" + struct.pack(">I", len(body)) + body)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(4096):
+                pass
+    wait_for(lambda: metric(a, 'pleaco_gossip_dropped_total{reason="join_refused"}') >= refused + 200, 10,
+             "every refused join counted")
+    lines = [x for x in a.log_path.read_text().splitlines() if "event=cluster.join_refused" in x]
+    assert len(lines) < 20, f"{len(lines)} log lines for 200 refused joins"
+    assert states(b)[a.node_id] == "alive" and states(a)[b.node_id] == "alive"
+    assert not accusations(b, a)

@@ -3,6 +3,8 @@ binary), a real agent process, real app containers, real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import ssl
 import subprocess
@@ -14,11 +16,13 @@ from pathlib import Path
 
 import docker.errors
 import pytest
-from agentproc import AgentProcess, docker_client, free_port, wait_for
+from agentproc import AgentProcess, docker_client, free_port, node_containers, remove_node_containers, wait_for
 from conftest import HELLO
 from proxyload import Load
 
 from pleaco.api.errors import ApiError
+from pleaco.identity import Identity
+from pleaco.store import Store
 
 CADDY = "pleaco/caddy:latest"
 ECHO = "pleaco-test/echo:latest"
@@ -92,13 +96,13 @@ def echo_image(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def start_proxied(agent_factory: Callable[..., AgentProcess], name: str,
-                  extra_args: list[str] | None = None) -> Proxied:
+                  extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> Proxied:
     http, https, admin = free_port(), free_port(), free_port()
     agent = agent_factory(
         name, extra_args=["--proxy-listen", f"127.0.0.1:{http}", "--proxy-image", CADDY, *(extra_args or [])],
         env={"PLEACO_PROXY_ADMIN_LISTEN": f"127.0.0.1:{admin}", "PLEACO_PROXY_HTTPS_LISTEN": f"127.0.0.1:{https}",
              "PLEACO_PROXY_HEALTH_INTERVAL": "1", "PLEACO_ROLLOUT_DRAIN_GRACE": "1",
-             "PLEACO_ROLLOUT_DEADLINE": "8", "PLEACO_HEALTH_GRACE": "3"},
+             "PLEACO_ROLLOUT_DEADLINE": "8", "PLEACO_HEALTH_GRACE": "3", **(env or {})},
     )
     p = Proxied(agent, http, https, admin)
     wait_for(lambda: agent.client.request("GET", "/v1/proxy")["up"], 30, "the proxy to be up")
@@ -228,6 +232,9 @@ BAD_BODIES = [
     ({"host": "bad_host!.test"}, "host"),
     ({"host": "-x.test"}, "host"),
     ({"health": "healthz"}, "health"),
+    ({"health": "/healthz#%zz"}, "health"),  # pleaco's probe never sends it; Caddy refuses the escape
+    ({"health": "/a%zz"}, "health"),
+    ({"health": "/a b"}, "health"),
     ({"https": "always"}, "https"),
     ({"https": True}, "https"),
 ]
@@ -364,3 +371,67 @@ def placed(nodes: list[Proxied], app: str) -> tuple[Proxied, Proxied]:
     assert not docker_client().containers.list(filters={"label": [f"pleaco.node={b.agent.node_id}",
                                                                   f"pleaco.app={app}"]})
     return a, b
+
+
+def test_a_new_identity_on_a_lost_data_dir_removes_the_old_proxy_and_replicas(
+    agent_factory: Callable[..., AgentProcess],
+) -> None:
+    """An agent with a proxy and an app is killed and its data dir lost; a new agent (a new
+    identity) starts with the same flags. The old proxy would bind the same ports (Caddy
+    uses SO_REUSEPORT) and take part of the traffic and of the admin requests: it must be
+    removed, every request must reach the new agent's app, and the old identity's replica
+    must go after the grace period."""
+    p = start_proxied(agent_factory, "lost", env={"PLEACO_PROXY_ORPHAN_GRACE": "3",
+                                                   "PLEACO_PROXY_ORPHAN_CHECK_INTERVAL": "1"})
+    agent, host = p.agent, "web.pleaco.internal"
+    spec = {"image": HELLO, "port": 8080, "health": "/healthz", "replicas": 2}
+    agent.client.deploy("web", {**spec, "env": {"GREETING": "old"}})
+    wait_for(lambda: len(routes(p).get(host, [])) == 2, 30, "2 old upstreams")
+    old_id = agent.node_id
+    try:
+        agent.kill()
+        shutil.rmtree(agent.data_dir)
+        agent.start()  # the same flags and ports; a new identity
+        assert agent.node_id != old_id
+        agent.client.deploy("web", {**spec, "env": {"GREETING": "new"}})
+        wait_for(lambda: len(routes(p).get(host, [])) == 2, 60, "2 new upstreams")
+        wait_for(lambda: "(new)" in p.get(host)[1], 30, "the new app through the proxy")
+        # One proxy is left, the new agent's, and the old identity's replicas go after the
+        # grace period: nothing carries the old node id any more.
+        wait_for(lambda: not node_containers(old_id), 60, "the old identity's proxy and replicas removed")
+        assert p.proxy_container().status == "running"
+        answers = [p.get(host) for _ in range(60)]
+        assert [a for a in answers if a[0] != 200 or "(new)" not in a[1]] == []
+        assert agent.client.request("GET", "/v1/proxy")["up"]
+        # Its admin API answers with the new agent's config only.
+        for _ in range(10):
+            admin = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{p.admin}/config/admin", timeout=5).read())
+            assert admin["@id"].startswith(f"pleaco-agent/{agent.node_id}/")
+    finally:
+        remove_node_containers(old_id)
+
+
+def test_a_proxy_restarted_from_its_boot_file_comes_back_whatever_the_health_path(proxied: Proxied) -> None:
+    """A health path Caddy cannot parse (written before the API refused it: put into the
+    store here while the agent is stopped) must not reach the boot file: the proxy, killed
+    and restarted by the engine from that file, comes back with its routes."""
+    agent, host = proxied.agent, "bh.test"
+    agent.client.deploy("bh", {"image": ECHO, "port": 8080, "health": "/healthz", "host": host})
+    wait_for(lambda: proxied.get(host, "/healthz")[0] == 200, 30, "bh through the proxy")
+    assert agent.stop() == 0
+    store = Store(agent.data_dir / "state.db", Identity.load_or_create(agent.data_dir))
+    try:
+        value = store.value("app", "bh")
+        assert value is not None
+        store.put("app", "bh", {**value, "health": "/healthz#%zz"})
+    finally:
+        store.close()
+    agent.start()
+    boot = agent.data_dir / "proxy" / "caddy.json"
+    wait_for(lambda: agent.client.request("GET", "/v1/proxy")["up"], 30, "the proxy up again")
+    # The boot file was written for the new spec (the valid check it had is gone).
+    wait_for(lambda: '"uri": "/healthz"' not in boot.read_text(), 30, "the boot file rewritten")
+    proxied.proxy_container().kill()  # the engine restarts it (unless-stopped), from the boot file
+    wait_for(lambda: proxied.proxy_container().status == "running", 30, "the proxy restarted")
+    wait_for(lambda: proxied.get(host, "/healthz")[0] == 200, 30, "bh through the proxy restarted from its boot file")
+    assert "%zz" not in boot.read_text()

@@ -19,7 +19,11 @@ from pleaco.apps import AppStore
 from pleaco.config import Config
 from pleaco.identity import Identity
 from pleaco.metrics import Registry
-from pleaco.reconcile.apps import AppReconciler, app_status
+from pleaco.reconcile.apps import AppReconciler
+from pleaco.reconcile.drain import Drain
+from pleaco.reconcile.routes import RouteTable
+from pleaco.reconcile.status import AppStatus, app_status
+from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime, RunSpec
 from pleaco.store import Store
 
@@ -39,24 +43,23 @@ class Harness:
     def restart(self) -> None:
         """A fresh agent life: the old one's actions are over (it is gone), the new
         reconciler has no memory of the replicas."""
-        assert self.rec._session is not None
-        self.loop.run_until_complete(self.rec.drain())
-        self.loop.run_until_complete(self.rec._session.close())
+        self.loop.run_until_complete(self.rec.wait_actions())
+        self.loop.run_until_complete(self.rec.teardown())
         self.rec = self.new_reconciler()
 
     def new_reconciler(self) -> AppReconciler:
-        rec = AppReconciler(self.cfg, self.node_id, self.apps, self.runtime, self.registry)
-        self.loop.run_until_complete(self._open(rec))
+        view = NodeView(self.node_id, self.apps, Drain(0.0))
+        rec = AppReconciler(self.cfg, view, RouteTable(self.store, self.node_id), self.runtime, self.registry)
+        self.loop.run_until_complete(rec.setup())
         return rec
 
-    @staticmethod
-    async def _open(rec: AppReconciler) -> None:
-        import aiohttp
+    def status(self, app: str, replicas: int) -> AppStatus:
+        spec = self.apps.get(app)
+        assert spec is not None
+        return app_status(self.rec.view, self.rec.routes, [self.node_id], spec, replicas)
 
-        rec._session = aiohttp.ClientSession()
-
-    def once(self) -> bool:
-        return self.loop.run_until_complete(self.rec.reconcile_once())
+    def once(self) -> str | None:
+        return self.loop.run_until_complete(self.rec.step())
 
     def settle(self, until: Any, passes: int = 200, what: str = "condition") -> None:
         """Run passes until ``until()`` holds (a bounded number of passes, not a sleep)."""
@@ -68,9 +71,8 @@ class Harness:
         raise AssertionError(f"reconciler did not reach: {what}")
 
     def close(self) -> None:
-        assert self.rec._session is not None
-        self.loop.run_until_complete(self.rec.drain())
-        self.loop.run_until_complete(self.rec._session.close())
+        self.loop.run_until_complete(self.rec.wait_actions())
+        self.loop.run_until_complete(self.rec.teardown())
         self.loop.close()
         remove_node_containers(self.node_id)
         self.store.close()
@@ -147,18 +149,18 @@ def test_foreign_containers_are_never_touched(h: Harness) -> None:
 def test_unhealthy_replica_is_restarted(h: Harness) -> None:
     # /missing answers 404: the replica never turns healthy and is restarted after the grace.
     h.apps.deploy("sick", {"image": HELLO, "replicas": 1, "port": 8080, "health": "/missing"})
-    h.settle(lambda: (h.rec.replicas.get(("sick", 0)) or _Never).restarts >= 1, what="a restart for failed health")
-    status = app_status(h.rec, h.apps.get("sick"), 1)  # type: ignore[arg-type]
+    h.settle(lambda: (h.rec.view.replicas.get(("sick", 0)) or _Never).restarts >= 1, what="a restart for failed health")
+    status = h.status("sick", 1)
     assert status.healthy == 0
     assert "health check /missing failed" in status.instances[0].error
 
 
 def test_new_reconciler_adopts_without_restarting(h: Harness) -> None:
     h.apps.deploy("web", {"image": HELLO, "replicas": 2, "port": 8080, "health": "/healthz"})
-    h.settle(lambda: app_status(h.rec, h.apps.get("web"), 2).healthy == 2, what="2 healthy")  # type: ignore[arg-type]
+    h.settle(lambda: h.status("web", 2).healthy == 2, what="2 healthy")
     before = {c.id: c.attrs["Status"] for c in node_containers(h.node_id, "web")}
     h.restart()
-    h.settle(lambda: app_status(h.rec, h.apps.get("web"), 2).healthy == 2, what="adopted, healthy")  # type: ignore[arg-type]
+    h.settle(lambda: h.status("web", 2).healthy == 2, what="adopted, healthy")
     assert set(running_ids(h, "web")) == set(before)
     # The first life started each replica once; the second started nothing.
     starts = [line for line in h.registry.render().splitlines() if line.startswith("pleaco_reconcile_actions_total")]

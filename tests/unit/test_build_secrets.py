@@ -244,5 +244,5 @@ def test_unreadable_secrets_fail_the_fetch_and_match_no_delivery(tmp_path: Path)
     with pytest.raises(SourceError, match=r"'deploy-key/web'.*connect the app again"):
         svc.git_auth("web")
     # Connecting again replaces the secret that cannot work.
-    _, secret, _ = svc.connect("web", "git@github.com:o/web.git", None, None, None, DEPLOY_KEY)
+    secret = svc.connect("web", "git@github.com:o/web.git", None, None, None, DEPLOY_KEY).secret
     assert len(secret) == 40 and svc.webhook_secret("web") == secret and svc.git_auth("web").ssh_key == DEPLOY_KEY

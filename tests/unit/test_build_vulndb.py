@@ -98,7 +98,7 @@ def _tar(files: dict[str, str]) -> io.BytesIO:
 
 
 def test_packages_from_an_image_file_system() -> None:
-    fs = _tar({
+    image = _save([("layer", {
         "var/lib/dpkg/status": (EXAMPLE / "dpkg" / "status").read_text()
         + "\nPackage: removed1\nStatus: deinstall ok config-files\nVersion: 1\n",
         "lib/apk/db/installed": "C:Q1abc=\nP:musl\nV:1.2.4-r2\nA:x86_64\n\nP:busybox\nV:1.36.1-r5\n",
@@ -106,8 +106,8 @@ def test_packages_from_an_image_file_system() -> None:
             (EXAMPLE / "site-packages/insecure_foo-1.0.dist-info/METADATA").read_text(),
         "usr/lib/python3.11/site-packages/Old.Pkg-0.1.egg-info/PKG-INFO": "Name: Old.Pkg\nVersion: 0.1\n",
         "etc/hostname": "x\n",
-    })
-    got = {(p.ecosystem, p.name, p.version) for p in scan.packages_from_tar(fs)}
+    })])
+    got = {(p.ecosystem, p.name, p.version) for p in scan.packages_from_image_tar(image)}
     assert got == {("Debian", "libfake1", "1.2.3-1"), ("Debian", "libsafe1", "2.0-1"), ("Alpine", "musl", "1.2.4-r2"),
                    ("Alpine", "busybox", "1.36.1-r5"), ("PyPI", "insecure-foo", "1.0"), ("PyPI", "old-pkg", "0.1")}
 

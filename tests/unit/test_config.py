@@ -215,3 +215,35 @@ def test_non_ascii_or_out_of_range_ports_are_refused(value: str) -> None:
 def test_non_finite_numbers_are_refused(value: str) -> None:
     with pytest.raises(ConfigError, match="reconcile_interval"):
         load(env={"PLEACO_RECONCILE_INTERVAL": value})
+
+
+def test_api_table_from_file_and_env(tmp_path: Path) -> None:
+    path = write(tmp_path, "[api]\nidle_timeout = 5\nmax_connections = 200\n")
+    cfg = load(path, env={"PLEACO_API_HEADER_TIMEOUT": "2.5"})
+    assert (cfg.api.idle_timeout, cfg.api.max_connections, cfg.api.header_timeout) == (5.0, 200, 2.5)
+    assert cfg.api.max_json_depth == 64
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ("[api]\nidle_timeout = 0\n", "api.idle_timeout"),
+    ("[api]\nmax_connections = 0\n", "api.max_connections"),
+    ("[api]\nmax_json_depth = 100000\n", "api.max_json_depth"),
+    ("[api]\nkeepalive = 3\n", "api.keepalive"),
+])
+def test_bad_api_settings_are_refused_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load(write(tmp_path, text), env={})
+
+
+def test_one_host_port_parser_for_settings_and_addresses() -> None:
+    from pleaco import hostport
+
+    assert hostport.split("10.0.0.5:7401") == ("10.0.0.5", 7401)
+    assert hostport.split("[::1]:80") == ("::1", 80)
+    assert hostport.split(":80") == ("", 80)
+    assert hostport.parse_host_port(":80", "proxy_listen") == ("0.0.0.0", 80)
+    for bad in ("10.0.0.5", "h:0", "h:65536", "h:x", "h:٣"):
+        with pytest.raises(hostport.HostPortError):
+            hostport.split(bad)
+    with pytest.raises(hostport.HostPortError, match="api_listen: expected HOST:PORT"):
+        hostport.parse_host_port("nope", "api_listen")

@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from pleaco import config
 from pleaco.apps import ValidationError, validate_deploy
 from pleaco.config import ConfigError, load
 from pleaco.ingress import dns
-from pleaco.ingress.caddy import ProxySettings, Route, Upstream, build_config, is_internal_name
+from pleaco.ingress.caddy import (
+    CaddyAdmin,
+    ForeignProxy,
+    ProxySettings,
+    Route,
+    Upstream,
+    admin_session,
+    build_config,
+    config_marker,
+    identity_marker,
+    is_internal_name,
+    route_problems,
+)
+from pleaco.ingress.config import ProxyConfig
+from pleaco.ingress.orphans import OrphanSweeper, config_addresses, find_orphans, overlap, parse_address
 from pleaco.ingress.traffic import TrafficStats
 from pleaco.metrics import Registry
+from pleaco.runtime.docker import ContainerInfo, InfraInfo
+from pleaco.urlpath import health_path_problem
 
 SETTINGS = ProxySettings(listen="0.0.0.0:80", https_listen="0.0.0.0:443", admin_listen="127.0.0.1:2019",
                          try_duration=5.0, health_interval=2.0)
@@ -206,3 +225,197 @@ def test_hosts_file_names_every_upstream_and_is_rewritten_in_place(tmp_path: Pat
     assert lines[0] == "127.0.0.1 localhost"
     assert "172.17.0.2 ip-172-17-0-2.pleaco" in lines and "10.0.0.6 ip-10-0-0-6.pleaco" in lines
     assert path.stat().st_ino == inode  # a bind mount keeps seeing it
+
+
+@pytest.mark.parametrize("path", ["/", "/healthz", "/healthz?x=1&y=%20", "/a%2Fb", "/~user/ready.json",
+                                  "/" + "a" * 1023])
+def test_health_paths_caddy_and_clients_accept(path: str) -> None:
+    assert health_path_problem(path) is None
+    validate_deploy("web", {"image": "x", "port": 80, "health": path}, 10)
+
+
+@pytest.mark.parametrize(("path", "says"), [
+    ("/healthz#%zz", "fragment"), ("/healthz#top", "fragment"), ("/a%zz", "'%'"), ("/a%2", "'%'"),
+    ("/a?q=%g0", "'%'"), ("/a b", "visible ASCII"), ("/a\tb", "visible ASCII"), ("/h\x7f", "visible ASCII"),
+    ("/ünï", "visible ASCII"), ("healthz", "starting with '/'"), ("", "starting with '/'"),
+    ("//evil.test/x", "'//'"), ("/" + "a" * 1024, "at most 1024"), (5, "string"),
+])
+def test_health_paths_refused_name_the_field_and_the_problem(path: object, says: str) -> None:
+    assert says in (health_path_problem(path) or "")
+    with pytest.raises(ValidationError) as err:
+        validate_deploy("web", {"image": "x", "port": 80, "health": path}, 10)
+    assert err.value.field == "health" and says in str(err.value)
+
+
+def test_boot_config_never_holds_a_value_caddy_refuses() -> None:
+    """A record written before a rule existed: the route keeps serving without Caddy's
+    active check; a route whose host cannot be written is left out."""
+    bad_health = dataclasses.replace(route("bh", "bh.test"), health="/healthz#%zz")
+    bad_host = dataclasses.replace(route("x", "x.test"), host="bad host")
+    cfg = build_config([bad_health, bad_host, route("ok", "ok.test")], SETTINGS)
+    assert "active" not in handler(cfg, "http", "bh.test")["health_checks"]
+    assert handler(cfg, "http", "ok.test")["health_checks"]["active"]["uri"] == "/healthz"
+    text = json.dumps(cfg)
+    assert "%zz" not in text and "bad host" not in text
+    assert route_problems(bad_health)[1] and route_problems(bad_host)[0]
+    assert route_problems(route("ok", "ok.test")) == (None, None)
+
+
+def test_identity_marker_round_trips_and_only_the_admin_object_carries_it() -> None:
+    cfg = build_config([route("web", "web.test")], SETTINGS, marker=identity_marker("n1", "abc"))
+    assert cfg["admin"]["@id"] == "pleaco-agent/n1/abc"
+    assert config_marker(cfg) == ("n1", "abc")
+    assert config_marker(build_config([], SETTINGS)) is None and config_marker(None) is None
+
+
+def _admin_server(answer: dict[str, Any]) -> tuple[web.Application, list[Any]]:
+    """A stand-in admin API: GET /config/ answers ``answer``; loads are recorded, not applied
+    (as when another process behind the same address took the read)."""
+    loads: list[Any] = []
+
+    async def get_config(request: web.Request) -> web.Response:
+        return web.json_response(answer)
+
+    async def post_load(request: web.Request) -> web.Response:
+        loads.append(await request.json())
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/config/", get_config)
+    app.router.add_post("/load", post_load)
+    return app, loads
+
+
+def _with_admin(answer: dict[str, Any], body: Callable[[CaddyAdmin], Awaitable[None]]) -> tuple[list[str], list[Any]]:
+    foreign: list[str] = []
+
+    async def main() -> list[Any]:
+        app, loads = _admin_server(answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with admin_session() as session:
+                await body(CaddyAdmin(session, f"127.0.0.1:{port}", 5, node_id="me", nonce="n1",
+                                      on_foreign=foreign.append))
+        finally:
+            await runner.cleanup()
+        return loads
+
+    return foreign, asyncio.run(main())
+
+
+def test_admin_client_refuses_another_agents_proxy() -> None:
+    other = build_config([], SETTINGS, marker=identity_marker("them", "x"))
+
+    async def check(admin: CaddyAdmin) -> None:
+        with pytest.raises(ForeignProxy) as err:
+            await admin.config()
+        assert err.value.node == "them"
+
+    foreign, _ = _with_admin(other, check)
+    assert foreign == ["them"]
+
+
+def test_admin_client_reads_its_load_back_and_knows_its_own_config() -> None:
+    mine = build_config([], SETTINGS, marker=identity_marker("me", "n1"))
+    earlier = build_config([], SETTINGS, marker=identity_marker("me", "n0"))
+
+    async def own(admin: CaddyAdmin) -> None:
+        assert await admin.config() == build_config([], SETTINGS)  # the marker taken off
+        await admin.load(build_config([], SETTINGS))
+
+    foreign, loads = _with_admin(mine, own)
+    assert foreign == [] and loads[0]["admin"]["@id"] == "pleaco-agent/me/n1"
+
+    async def stale(admin: CaddyAdmin) -> None:
+        assert await admin.config() is None  # an earlier start's config: load it again
+        with pytest.raises(ForeignProxy):  # the load did not reach what answers
+            await admin.load(build_config([], SETTINGS))
+
+    foreign, _ = _with_admin(earlier, stale)
+    assert foreign == [""]
+
+
+def _proxy(node: str, source: str, cid: str = "") -> InfraInfo:
+    return InfraInfo(id=cid or f"c-{node}", name=f"pleaco-proxy-{node}", image="caddy", state="running",
+                     started_at="", labels={"pleaco.role": "proxy", "pleaco.node": node},
+                     mounts=((source, "/etc/pleaco-proxy"), ("/x/hosts", "/etc/hosts")))
+
+
+def test_orphan_proxies_are_found_by_evidence_only(tmp_path: Path) -> None:
+    own = tmp_path / "me" / "proxy"
+    own.mkdir(parents=True)
+    (tmp_path / "answered" / "proxy").mkdir(parents=True)  # no boot file: no addresses to compare
+    mine = {("127.0.0.1", 8080), ("127.0.0.1", 8443), ("127.0.0.1", 2019)}
+    for name, listen, admin in [("other", "127.0.0.1:9080", "127.0.0.1:3019"),  # another agent
+                                ("clash", ":8080", "127.0.0.1:4019"),  # takes our HTTP port
+                                ("member", "127.0.0.1:8080", "127.0.0.1:5019")]:
+        (tmp_path / name / "proxy").mkdir(parents=True)
+        cfg = build_config([], dataclasses.replace(SETTINGS, listen=listen, admin_listen=admin))
+        (tmp_path / name / "proxy" / "caddy.json").write_text(json.dumps(cfg))
+    proxies = [_proxy("me", str(own)), _proxy("old", str(own)), _proxy("lost", str(tmp_path / "gone" / "proxy")),
+               *(_proxy(n, str(tmp_path / n / "proxy")) for n in ("other", "clash", "member", "answered"))]
+    orphans, conflicts = find_orphans(proxies, "me", {"me", "member"}, "/etc/pleaco-proxy", own, mine,
+                                      foreign={"answered"})
+    found = {o.container.node: (o.reason, o.identity_gone) for o in orphans}
+    assert found == {"old": ("same_data_dir", True), "lost": ("data_dir_gone", True),
+                     "clash": ("address_conflict", False), "answered": ("admin_answered", False)}
+    assert [p.node for p in conflicts] == ["member"]  # a member is never removed
+
+
+@pytest.mark.parametrize(("a", "b", "clash"), [
+    ("127.0.0.1:80", ":80", True), ("127.0.0.1:80", "127.0.0.2:80", False), ("0.0.0.0:80", "[::1]:80", True),
+    ("localhost:2019", "127.0.0.1:2019", True), ("127.0.0.1:80", "127.0.0.1:81", False),
+])
+def test_address_overlap(a: str, b: str, clash: bool) -> None:
+    pa, pb = parse_address(a), parse_address(b)
+    assert pa is not None and pb is not None
+    assert overlap({pa}, {pb}) is clash
+    assert config_addresses(build_config([], dataclasses.replace(SETTINGS, listen=a))) >= {pa}
+
+
+class FakeRuntime:
+    """The engine calls OrphanSweeper makes (the real engine: tests/integration/test_proxy.py)."""
+
+    def __init__(self, proxies: list[InfraInfo], replicas: dict[str, list[str]]) -> None:
+        self.proxies, self.replicas = proxies, replicas
+        self.removed: list[str] = []
+
+    def list_infra(self, role: str) -> list[InfraInfo]:
+        return list(self.proxies)
+
+    def remove_infra(self, cid: str, node: str, role: str) -> None:
+        self.proxies = [p for p in self.proxies if p.id != cid]
+        self.removed.append(cid)
+
+    def list_managed(self, node: str) -> list[ContainerInfo]:
+        return [ContainerInfo(id=c, name=c, app="web", node=node, release=1, replica=0, state="running",
+                              exit_code=None, image="x", host_port=None, created=0)
+                for c in self.replicas.get(node, [])]
+
+    def remove(self, cid: str, node: str) -> None:
+        self.replicas[node].remove(cid)
+        self.removed.append(cid)
+
+
+def test_a_gone_identitys_replicas_are_removed_after_the_grace_period_only(tmp_path: Path) -> None:
+    own = tmp_path / "proxy"
+    own.mkdir()
+    fake = FakeRuntime([_proxy("old", str(own), "p-old"), _proxy("me", str(own), "p-me")],
+                       {"old": ["r1", "r2"], "other": ["r3"]})
+    cfg = ProxyConfig(orphan_grace=3600, orphan_check_interval=0.001)
+    sweeper = OrphanSweeper(cfg, fake, "me", "proxy", "/etc/pleaco-proxy", own,  # type: ignore[arg-type]
+                            lambda: {"me"}, set)
+    asyncio.run(sweeper.sweep())
+    assert fake.removed == ["p-old"]  # the proxy at once; the replicas wait
+    assert "old" in json.loads((own / "orphans.json").read_text())
+    # A later agent start (a new sweeper) keeps counting from the first sighting.
+    later = OrphanSweeper(dataclasses.replace(cfg, orphan_grace=0), fake, "me", "proxy",  # type: ignore[arg-type]
+                          "/etc/pleaco-proxy", own, lambda: {"me"}, set)
+    asyncio.run(later.sweep())
+    assert fake.removed == ["p-old", "r1", "r2"] and fake.replicas["other"] == ["r3"]
+    asyncio.run(later.sweep())  # nothing left of it: forgotten
+    assert json.loads((own / "orphans.json").read_text()) == {}

@@ -5,6 +5,7 @@ is tests/integration/test_proxy.py::test_an_app_on_node_a_answers_through_node_b
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,13 +14,15 @@ import pytest
 from pleaco.apps import AppStore
 from pleaco.config import Config
 from pleaco.identity import Identity
-from pleaco.ingress import proxy as proxymod
-from pleaco.ingress.proxy import MESH_DELAY, ProxyReconciler
+from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
 from pleaco.metrics import Registry
-from pleaco.reconcile.apps import AppReconciler, ReplicaState
-from pleaco.reconcile.backoff import Backoff
+from pleaco.reconcile.apps import AppReconciler
+from pleaco.reconcile.drain import MESH_DELAY, Drain
 from pleaco.reconcile.publish import local_dial_host, mesh_address, publish_host
-from pleaco.runtime import ContainerInfo, DockerRuntime
+from pleaco.reconcile.routes import InstanceStatus, RouteTable
+from pleaco.reconcile.view import NodeView
+from pleaco.runtime import ContainerInfo
+from pleaco.runtime.memory import MemoryEngine
 from pleaco.store import Store
 
 OTHER, DEAD = "b" * 32, "d" * 32
@@ -36,51 +39,73 @@ def test_ports_are_published_on_the_advertised_address_never_on_all_interfaces_b
 
 
 class Node:
+    """One node's app loop and proxy loop over the engine twin (pleaco.runtime.memory). The
+    other node is live but runs none of the app's replicas (no capacity for it), so this
+    node places both; what the other node runs comes from its route record."""
+
     def __init__(self, tmp_path: Path, live: list[str]) -> None:
         identity = Identity.generate()
         self.id = identity.node_id
         self.cfg = Config(data_dir=tmp_path, proxy_image="")
-        self.cfg.rollout.drain_grace = 0.0
         self.store = Store(tmp_path / "state.db", identity)
         self.apps = AppStore(self.store, max_replicas=10)
         self.live = [self.id, *live]
-        self.rec = AppReconciler(self.cfg, self.id, self.apps, DockerRuntime("tcp://127.0.0.1:9"), Registry(),
-                                 live_nodes=lambda: self.live, advertise_host="10.0.0.5")
-        self.proxy = ProxyReconciler(self.cfg, self.id, self.apps, self.rec, self.rec.runtime, Registry())
-        self.rec.serving = self.proxy.serving
+        self.drain = Drain(0.0, proxy_delay=DNS_REFRESH, mesh=lambda: len(self.live) > 1)
+        self.view = NodeView(self.id, self.apps, self.drain, advertise_host="10.0.0.5")
+        self.engine = MemoryEngine(images=("img",))
+        self.loop = asyncio.new_event_loop()
+        self.routes = routes = RouteTable(self.store, self.id)
+        self.rec = AppReconciler(self.cfg, self.view, routes, self.engine, Registry(), live_nodes=lambda: self.live,
+                                 weights=lambda: dict.fromkeys(live, 0.0), probe=self.engine.probe)
+        self.loop.run_until_complete(self.rec.setup())
+        self.proxy = ProxyReconciler(self.cfg, tmp_path, self.view, routes, self.rec.runtime, Registry(),
+                                     live_nodes=lambda: self.live)
 
-    def run(self, app: str, replica: int, healthy: bool = True) -> ContainerInfo:
-        spec = self.apps.get(app)
-        assert spec is not None
-        c = ContainerInfo(id=f"{app}-{replica}" + "0" * 20, name=f"{app}-{replica}", app=app, node=self.id,
-                          release=spec.revision, replica=replica, state="running", exit_code=None, image=spec.image,
-                          host_port=31000 + replica, created=0, ip=f"172.17.0.{10 + replica}", host_ip="10.0.0.5")
-        self.rec.observed.containers.append(c)
-        self.rec.replicas[(app, replica)] = ReplicaState(Backoff(1, 60), healthy=healthy, container_id=c.id)
-        return c
+    def step(self) -> None:
+        """One app loop pass, and the container starts it decided."""
+        self.loop.run_until_complete(self.rec.step())
+        self.loop.run_until_complete(self.rec.wait_actions())
+
+    def up(self, app: str, unhealthy: frozenset[int] = frozenset()) -> dict[int, ContainerInfo]:
+        """Start the app's replicas and probe them; those in ``unhealthy`` fail their probe."""
+        self.step()  # starts them
+        containers = {c.replica: c for c in self.engine.list_managed(self.id, app)}
+        for idx in unhealthy:
+            self.engine.set_healthy(containers[idx].id, False)
+        self.step()  # probes them and publishes
+        return containers
+
+    def own_records(self, app: str) -> list[InstanceStatus]:
+        """This node's instances of ``app`` as its route records say."""
+        return self.routes.instances(app, self.live, include_own=True)
+
+    def publish(self, now: float = 0.0) -> None:
+        """What the app loop's pass ends with: the route records and the drain's view."""
+        self.rec.publish({s.name: s for s in self.apps.specs()}, self.view.observed.containers, now)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.rec.teardown())
+        self.loop.close()
+        self.store.close()
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path, [OTHER])
-    n.apps.deploy("web", {"image": "img", "replicas": 2, "port": 8080})
+    n.apps.deploy("web", {"image": "img", "replicas": 2, "port": 8080, "health": "/healthz"})
     yield n
-    n.store.close()
+    n.close()
 
 
 def test_route_records_say_where_replicas_are_dialled_and_whether_they_serve(node: Node) -> None:
-    node.run("web", 0)
-    node.run("web", 1, healthy=False)
-    node.rec._publish()
-    value = node.store.value("route", f"web/{node.id}")
-    assert value is not None
-    got = {i["replica"]: (i["address"], i["serving"]) for i in value["instances"]}
-    # Before the proxy computed routes, serving is the reconciler's own rule (healthy, current).
-    assert got == {0: ("10.0.0.5:31000", True), 1: ("10.0.0.5:31001", False)}
+    cs = node.up("web", unhealthy=frozenset({1}))
+    got = {i.replica: (i.address, i.serving) for i in node.own_records("web")}
+    # Serving is one rule for the record and the proxy (healthy, current, not draining).
+    assert got == {0: (f"10.0.0.5:{cs[0].host_port}", True), 1: (f"10.0.0.5:{cs[1].host_port}", False)}
 
 
 def test_proxy_routes_to_other_live_nodes_serving_replicas(node: Node) -> None:
-    node.run("web", 0)
+    own = node.up("web", unhealthy=frozenset({1}))[0]
     instance = {"replica": 1, "container": "c" * 12, "release": 1, "state": "running", "healthy": True,
                 "host_port": 32000, "restarts": 0, "last_exit_code": None, "backoff_s": 0.0, "error": ""}
     node.store.put("route", f"web/{OTHER}", {"app": "web", "node": OTHER, "instances": [
@@ -95,33 +120,46 @@ def test_proxy_routes_to_other_live_nodes_serving_replicas(node: Node) -> None:
     # Its own replica on the Docker network address; the other node's serving one where it
     # is published; not the one that node drains, not one on that node's loopback, nor
     # anything on a node that is not live.
-    assert [u.address for u in route.upstreams] == ["172.17.0.10:8080", "10.0.0.6:32000"]
+    assert [u.address for u in route.upstreams] == [f"{own.ip}:8080", "10.0.0.6:32000"]
 
 
-def test_a_replica_leaves_every_proxy_before_it_stops(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
-    c = node.run("web", 0)
-    now = [1000.0]
-    monkeypatch.setattr(proxymod.time, "monotonic", lambda: now[0])
-    node.proxy._publish(node.proxy.routes())
-    assert node.proxy.serving(c)
+def test_a_replica_leaves_every_proxy_before_it_stops(node: Node) -> None:
+    c = node.up("web", unhealthy=frozenset({1}))[0]
+    node.publish(now=1000.0)
+    spec = node.apps.get("web")
+    assert node.view.serving(c, spec)
     # No local proxy (proxy_image ""), but another node's proxy may route to it: drain first.
-    assert not node.proxy.may_remove(c, "scaled down")
-    node.proxy._publish(node.proxy.routes())  # the next pass leaves it out ...
-    assert not node.proxy.serving(c)
-    node.rec._publish()  # ... and the route record says so
-    value = node.store.value("route", f"web/{node.id}")
-    assert value is not None and not value["instances"][0]["serving"]
+    assert not node.drain.may_remove(c, "scaled down", now=1000.0)
+    assert not node.view.serving(c, spec)
+    writes = node.store.count()
+    node.publish(now=1000.0)  # the next pass leaves it out of the route record: one write
+    assert {i.replica: i.serving for i in node.own_records("web")} == {0: False, 1: False}
+    assert node.store.count() == writes  # the record was replaced, not added to
+    assert [u.address for u in node.proxy.routes()[0].upstreams] == []  # and of this node's proxy
     # The others need the record to reach them, then their DNS refresh.
-    now[0] += MESH_DELAY
-    assert not node.proxy.may_remove(c, "scaled down")
-    now[0] += proxymod.DNS_REFRESH
-    assert node.proxy.may_remove(c, "scaled down")
+    assert not node.drain.may_remove(c, "scaled down", now=1000.0 + MESH_DELAY)
+    assert node.drain.may_remove(c, "scaled down", now=1000.0 + MESH_DELAY + DNS_REFRESH)
+
+
+def test_a_health_change_is_one_route_record_write(node: Node) -> None:
+    c = node.up("web", unhealthy=frozenset({0, 1}))[0]
+    key = f"web/{node.id}/{c.id[:12]}"  # one record per instance
+    before = node.store.get("route", key)
+    node.engine.set_healthy(c.id, True)
+    node.step()  # the probe passes: healthy and serving, in one write
+    after = node.store.get("route", key)
+    assert before is not None and after is not None and after.ts > before.ts
+    assert after.value is not None and after.value["serving"] and after.value["healthy"]
+    node.publish()  # the proxy's pass, or the next app loop pass, writes nothing more
+    node.step()
+    assert node.store.get("route", key) == after
+    assert c.id in node.drain.serving
 
 
 def test_alone_without_a_proxy_nothing_waits(tmp_path: Path) -> None:
     n = Node(tmp_path, [])
     n.apps.deploy("web", {"image": "img", "replicas": 1, "port": 8080})
-    c = n.run("web", 0)
-    n.proxy._publish(n.proxy.routes())
-    assert n.proxy.may_remove(c, "scaled down")
-    n.store.close()
+    c = n.up("web")[0]
+    assert n.view.serving(c, n.apps.get("web"))
+    assert n.drain.may_remove(c, "scaled down")  # nothing routes to it: no drain
+    n.close()

@@ -11,7 +11,19 @@ from hypothesis import strategies as st
 
 from pleaco.identity import Identity
 from pleaco.store.hlc import Timestamp
-from pleaco.store.record import KINDS, Record, RecordError, canonical_json, merge
+from pleaco.store.record import (
+    GOSSIP_MAX_PACKET,
+    GOSSIP_PACKET_OVERHEAD,
+    KINDS,
+    MAX_RECORD_BYTES,
+    Record,
+    RecordError,
+    RecordTooLarge,
+    canonical_json,
+    check_size,
+    gossip_size,
+    merge,
+)
 
 IDENTITIES = [Identity.generate() for _ in range(3)]
 KEYS = {i.node_id: i.public_key for i in IDENTITIES}
@@ -266,3 +278,40 @@ def test_unencodable_record_is_a_record_error() -> None:
     rec = make()
     with pytest.raises(RecordError):
         dataclasses.replace(rec, key="\ud800").verify(known)
+
+
+# -- size: a record fits in one gossip packet -----------------------------------------
+
+
+def test_the_stores_packet_figures_are_the_clusters() -> None:
+    """The store keeps its own copy of the gossip packet figures (it is below the cluster):
+    they must be the cluster's."""
+    from pleaco.cluster import membership, wire
+    from pleaco.cluster.config import GossipConfig
+
+    assert GossipConfig().max_packet == GOSSIP_MAX_PACKET
+    assert wire.OVERHEAD + membership.PACKET_BASE + 1 == GOSSIP_PACKET_OVERHEAD
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.sampled_from(sorted(KINDS)), key=st.text(max_size=80),
+       value=st.none() | st.dictionaries(st.text(max_size=20), st.text(max_size=60) | st.integers(), max_size=6),
+       wall=st.integers(0, 10**13 - 1), counter=st.integers(0, 10**10 - 1))
+def test_gossip_size_bounds_what_gossip_sends(kind: str, key: str, value: Any, wall: int, counter: int) -> None:
+    from pleaco.cluster import messages
+
+    try:
+        rec = Record.create(ALICE, kind, key, value, Timestamp(wall, counter, ALICE.node_id))
+    except RecordError:  # text that is not UTF-8
+        return
+    sent = len(messages.dumps(messages.record_to_json(rec)))
+    assert sent <= gossip_size(kind, key, value) <= sent + 23  # exact but for the clock's width
+
+
+def test_too_large_names_kind_key_size_and_limit() -> None:
+    check_size("app", "web", {"env": {"A": "x" * 500}})
+    with pytest.raises(RecordTooLarge) as err:
+        check_size("app", "web", {"env": {"A": "x" * MAX_RECORD_BYTES}})
+    assert isinstance(err.value, RecordError)
+    msg = str(err.value)
+    assert "app/web" in msg and str(err.value.size) in msg and str(MAX_RECORD_BYTES) in msg

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pleaco.identity import Identity
-from pleaco.store import HLC, Record, RecordError, Store, Timestamp, merge
+from pleaco.store import HLC, MAX_RECORD_BYTES, Record, RecordError, RecordTooLarge, Store, Timestamp, merge
+from pleaco.store.record import gossip_size
 
 # Hypothesis runs many examples, each with fresh stores committing with synchronous=FULL;
 # on tmpfs the fsyncs cost nothing. Convergence does not depend on where the file is.
@@ -606,3 +607,19 @@ def test_apply_many_rolls_back_whole_on_a_disk_error(trusting_store: Store) -> N
     with pytest.raises(OSError):
         s.apply_many([peer_record(PEERS[0], key="a"), peer_record(PEERS[0], key="b")])
     assert s.all() == before and s.peek("app", "a") is None
+
+
+def test_a_record_larger_than_the_cluster_replicates_is_refused_and_nothing_is_written(store: Store) -> None:
+    before = store.all()
+    with pytest.raises(RecordTooLarge) as err:
+        store.put_many([("scale", "web", {"replicas": 1}), ("app", "web", {"env": {"A": "x" * MAX_RECORD_BYTES}})])
+    assert (err.value.kind, err.value.key, err.value.limit) == ("app", "web", MAX_RECORD_BYTES)
+    with pytest.raises(RecordTooLarge):
+        store.put("secret", "deploy-key/web", {"v": "k" * MAX_RECORD_BYTES})
+    assert store.all() == before
+    # A record exactly at the limit is written.
+    fits = {"v": ""}
+    fits["v"] = "x" * (MAX_RECORD_BYTES - gossip_size("secret", "k", fits))
+    assert gossip_size("secret", "k", fits) == MAX_RECORD_BYTES
+    store.put("secret", "k", fits)
+    assert store.value("secret", "k") == fits

@@ -1,5 +1,5 @@
-"""The build verbs of the ``pleaco`` command: ``apps connect``, ``builds ...``, ``vulndb
-import``, and the build line of ``apps show``. Kept here so pleaco/cli.py only routes."""
+"""The build verbs: ``apps connect``, ``builds ls|show|logs|cancel``, ``vulndb import``,
+and the build line of ``apps show``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from pleaco.api.client import Client
 from pleaco.api.errors import ApiError
+from pleaco.cli.output import print_json, table, when
 
 
 def add_apps_parsers(apps: Any) -> None:
@@ -62,10 +63,7 @@ def connect(client: Client, args: argparse.Namespace) -> int:
             raise ApiError(0, "usage", f"--deploy-key {args.deploy_key}: {exc.strerror or exc}") from None
     out = client.connect(args.name, body)
     if args.json:
-        import json
-
-        print(json.dumps(out, indent=2, sort_keys=True))
-        return 0
+        return print_json(out)
     print(f"connected {out['app']} to {out['repo']} (branch {out['branch']})"
           + (", app created" if out["app_created"] else ""))
     print("add this webhook to the repository (Settings > Webhooks), content type application/json:")
@@ -75,25 +73,21 @@ def connect(client: Client, args: argparse.Namespace) -> int:
 
 
 def dispatch(client: Client, args: argparse.Namespace) -> int:
-    import json
-
     if args.verb == "vulndb":
         return vulndb_import(args)
     verb = args.builds_verb
     if verb == "ls":
         builds = client.builds(args.app)
         if args.json:
-            print(json.dumps(builds, indent=2, sort_keys=True))
-            return 0
-        rows = [[b["id"], b["app"], b["commit"][:12], b["state"], _when(b["created_ms"]), _took(b),
+            return print_json(builds)
+        rows = [[b["id"], b["app"], b["commit"][:12], b["state"], when(b["created_ms"]), _took(b),
                  str(b["release"] or "-"), b["reason"][:60]] for b in builds]
-        _table(["ID", "APP", "COMMIT", "STATE", "CREATED", "TOOK", "RELEASE", "REASON"], rows)
+        table(["ID", "APP", "COMMIT", "STATE", "CREATED", "TOOK", "RELEASE", "REASON"], rows)
         return 0
     if verb == "show":
         b = client.build(args.id)
         if args.json:
-            print(json.dumps(b, indent=2, sort_keys=True))
-            return 0
+            return print_json(b)
         show(b)
         return 0
     if verb == "logs":
@@ -161,12 +155,8 @@ def app_build(client: Client, name: str) -> dict[str, Any] | None:
 def show_app_build(b: dict[str, Any] | None) -> None:
     if b is None:
         return
-    print(f"build      {b['id']} {b['state']} ({b['commit'][:12]}, {_when(b['created_ms'])})"
+    print(f"build      {b['id']} {b['state']} ({b['commit'][:12]}, {when(b['created_ms'])})"
           + (f": {b['reason']}" if b["reason"] else ""))
-
-
-def _when(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
 
 
 def _took(b: dict[str, Any]) -> str:
@@ -174,9 +164,3 @@ def _took(b: dict[str, Any]) -> str:
         return "-"
     end = b["finished_ms"] or int(time.time() * 1000)
     return f"{(end - b['started_ms']) / 1000:.1f}s"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())

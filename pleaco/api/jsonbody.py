@@ -1,0 +1,52 @@
+"""Parsing a JSON request body: the one place the API (and the webhook) turn bytes into
+JSON, with a nesting limit checked before the parser runs (Python's json recurses per level
+and a 100 000-deep body raised RecursionError, a 500)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from pleaco.api.errors import ApiError
+
+# The app's nesting limit ([api] max_json_depth), set by the ApiServer.
+MAX_JSON_DEPTH = web.AppKey("max_json_depth", int)
+
+# A JSON string literal: brackets inside one do not nest.
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+def nesting_depth(raw: bytes, limit: int) -> int:
+    """How deep the arrays and objects of ``raw`` nest, counting up to ``limit + 1`` (a
+    deeper document stops the count there)."""
+    brackets = _NOT_BRACKET.sub(b"", _STRING.sub(b"", raw))
+    depth = deepest = 0
+    for b in brackets:
+        if b in b"[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        else:
+            depth -= 1
+    return deepest
+
+
+def loads(raw: bytes, max_depth: int, what: str = "request body") -> Any:
+    """``raw`` as JSON, or an ApiError 400 ``invalid_json`` naming what is wrong."""
+    if nesting_depth(raw, max_depth) > max_depth:
+        raise ApiError(400, "invalid_json", f"{what} nests deeper than {max_depth} levels (the limit)")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"{what} is not valid JSON: {exc}") from None
+
+
+def parse(request: web.Request, raw: bytes, what: str = "request body") -> Any:
+    """``raw``, the body of ``request``, as JSON within the app's nesting limit."""
+    return loads(raw, request.app[MAX_JSON_DEPTH], what)

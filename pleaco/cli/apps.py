@@ -1,0 +1,129 @@
+"""The ``apps`` verbs: deploy, ls, show, scale, rollback, logs, rm (and connect, a build verb)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pleaco.api.client import Client
+from pleaco.cli import builds
+from pleaco.cli.output import print_json, table
+from pleaco.cli.usage import UsageError, parse_env
+
+
+def add_parsers(sub: Any) -> None:
+    apps = sub.add_parser("apps", help="deploy and manage apps").add_subparsers(
+        dest="apps_verb", metavar="VERB", required=True
+    )
+    p = apps.add_parser("ls", help="list apps")
+    p.add_argument("--json", action="store_true")
+    p = apps.add_parser("show", help="one app with its replicas")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p = apps.add_parser("rm", help="remove an app and its containers")
+    p.add_argument("name")
+    p = apps.add_parser("deploy", help="create or update an app from an image")
+    p.add_argument("name")
+    p.add_argument("--image", required=True)
+    p.add_argument("--replicas", type=int)
+    p.add_argument("--port", type=int)
+    p.add_argument("--env", action="append", default=[], metavar="K=V")
+    p.add_argument("--health", metavar="PATH")
+    p.add_argument("--host", metavar="HOSTNAME")
+    p.add_argument("--https", choices=["on", "off", "redirect"],
+                   help="HTTPS at the proxy: on (default), off, or redirect HTTP to HTTPS")
+    p.add_argument("--json", action="store_true")
+    p = apps.add_parser("scale", help="set an app's replica count")
+    p.add_argument("name")
+    p.add_argument("replicas", type=int)
+    p = apps.add_parser("rollback", help="go back to the previous release")
+    p.add_argument("name")
+    p = apps.add_parser("logs", help="an app's output, all replicas")
+    p.add_argument("name")
+    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--tail", default="100", help="lines per replica, or 'all' (default 100)")
+    builds.add_apps_parsers(apps)
+
+
+def dispatch(client: Client, args: argparse.Namespace) -> int:
+    verb = args.apps_verb
+    if verb == "ls":
+        apps = client.apps()
+        if args.json:
+            return print_json(apps)
+        rows = [[a["name"], a["image"], str(a["revision"]), f"{a['healthy']}/{a['replicas']}",
+                 a["state"], a["message"]] for a in apps]
+        table(["NAME", "IMAGE", "REV", "READY", "STATE", "MESSAGE"], rows)
+        return 0
+    if verb == "show":
+        app = client.app(args.name)
+        build = builds.app_build(client, args.name)
+        if args.json:
+            return print_json({**app, "build": build})
+        show(app)
+        builds.show_app_build(build)
+        return 0
+    if verb == "connect":
+        return builds.connect(client, args)
+    if verb == "rm":
+        client.remove(args.name)
+        print(f"removed {args.name}")
+        return 0
+    if verb == "deploy":
+        spec: dict[str, Any] = {"image": args.image}
+        for field_name in ("replicas", "port", "health", "host", "https"):
+            if getattr(args, field_name) is not None:
+                spec[field_name] = getattr(args, field_name)
+        if args.env:
+            spec["env"] = parse_env(args.env)
+        app = client.deploy(args.name, spec)
+        if args.json:
+            return print_json(app)
+        print(f"deployed {app['name']} revision {app['revision']}: {app['image']}, {app['replicas']} replicas")
+        print(f"see it with: pleaco apps show {app['name']}")
+        return 0
+    if verb == "scale":
+        app = client.scale(args.name, args.replicas)
+        print(f"scaled {app['name']} to {app['replicas']} replicas")
+        return 0
+    if verb == "rollback":
+        app = client.rollback(args.name)
+        print(f"rolled back {app['name']}: revision {app['revision']} runs {app['image']}")
+        return 0
+    if verb == "logs":
+        tail = args.tail
+        if tail != "all" and not str(tail).isdigit():
+            raise UsageError("--tail: expected a number or 'all'")
+        for chunk in client.logs(args.name, follow=args.follow, tail=tail):
+            sys.stdout.buffer.write(chunk)
+            if args.follow:
+                sys.stdout.buffer.flush()
+        return 0
+    raise UsageError(f"unknown apps verb {verb}")
+
+
+def show(app: dict[str, Any]) -> None:
+    print(f"name       {app['name']}")
+    print(f"image      {app['image']} (revision {app['revision']})")
+    print(f"state      {app['state']}" + (f": {app['message']}" if app["message"] else ""))
+    print(f"replicas   {app['healthy']} healthy, {app['running']} running, {app['replicas']} desired")
+    if app["port"]:
+        print(f"port       {app['port']}" + (f", health {app['health']}" if app["health"] else ""))
+    if app["host"]:
+        print(f"host       {app['host']}")
+    if app.get("https") and app["https"] != "on":
+        print(f"https      {app['https']}")
+    if app.get("rollback"):
+        rb = app["rollback"]
+        print(f"rollback   from revision {rb['from']} to {rb['to']}'s spec: {rb['reason']}")
+    for k, v in sorted(app["env"].items()):
+        print(f"env        {k}={v}")
+    if app["instances"]:
+        print()
+        rows = [[str(i["replica"]), i.get("node", "")[:12], i["container"], str(i["release"]), i["state"],
+                 "yes" if i["healthy"] else "no",
+                 f"127.0.0.1:{i['host_port']}" if i["host_port"] else "-",
+                 str(i["restarts"]), (f"retry in {i['backoff_s']}s " if i["backoff_s"] else "") + i["error"]]
+                for i in app["instances"]]
+        table(["REPLICA", "NODE", "CONTAINER", "REV", "STATE", "HEALTHY", "ADDRESS", "RESTARTS", "NOTE"], rows)

@@ -1,0 +1,118 @@
+"""What ``apps show`` says about an app: this node's view and the other nodes' route records.
+
+Apart from the app loop: the status is a read of ``NodeView`` and ``RouteTable``, computed
+when asked (the API) and when the app loop writes this node's route records.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from pleaco.apps import AppSpec
+from pleaco.reconcile.publish import mesh_address
+from pleaco.reconcile.routes import InstanceStatus, RouteTable
+from pleaco.reconcile.view import NodeView
+
+
+@dataclass(frozen=True)
+class AppStatus:
+    """An app as this node sees it: the spec, the desired count and its own replicas."""
+
+    spec: AppSpec
+    replicas: int
+    running: int
+    healthy: int
+    state: str  # running | starting | degraded | stopped | image_missing | crashloop | engine_unreachable
+    message: str
+    instances: list[InstanceStatus]
+    # Set when this release is a rollback: {"from": revision, "to": revision, "reason": why}.
+    rollback: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "image": self.spec.image,
+            "revision": self.spec.revision,
+            "port": self.spec.port,
+            "env": self.spec.env,
+            "health": self.spec.health,
+            "host": self.spec.host,
+            "https": self.spec.https or "on",
+            "rollback": self.rollback,
+            "replicas": self.replicas,
+            "running": self.running,
+            "healthy": self.healthy,
+            "state": self.state,
+            "message": self.message,
+            "instances": [i.to_json() for i in self.instances],
+        }
+
+
+def local_instances(view: NodeView, spec: AppSpec) -> list[InstanceStatus]:
+    """This node's replicas of an app, as the app loop last observed them."""
+    now = time.monotonic()
+    instances = []
+    for c in sorted(view.containers_of(spec.name), key=lambda c: (c.replica, c.release)):
+        st = view.replicas.get((c.app, c.replica))
+        instances.append(
+            InstanceStatus(
+                replica=c.replica,
+                container=c.id[:12],
+                release=c.release,
+                state=c.state,
+                healthy=view.healthy(c, spec),
+                host_port=c.host_port,
+                restarts=st.restarts if st else 0,
+                last_exit_code=st.last_exit_code if st else None,
+                backoff_s=round(max(0.0, st.backoff.next_attempt - now), 1) if st and not c.running else 0.0,
+                error=st.last_error if st else "",
+                node=view.node_id,
+                address=mesh_address(c.host_ip, c.host_port, view.advertise_host) if c.host_port else "",
+                serving=view.serving(c, spec),
+            )
+        )
+    return instances
+
+
+def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: AppSpec,
+               replicas: int) -> AppStatus:
+    """Summarise an app: this node's replicas as last observed, and the other live nodes'
+    replicas as their ``route`` records last said."""
+    instances = local_instances(view, spec) + routes.instances(spec.name, live)
+    instances.sort(key=lambda i: (i.replica, i.release, i.node))
+    wanted = [i for i in instances if i.release == spec.revision and i.replica < replicas]
+    # Distinct replicas: while a replica moves between nodes both copies may be seen.
+    running = len({i.replica for i in wanted if i.state == "running"})
+    healthy = len({i.replica for i in wanted if i.healthy})
+    crashing = [i for i in wanted if i.state != "running" and i.restarts + (i.last_exit_code is not None) > 0]
+    if not view.observed.engine_ok:
+        state, message = "engine_unreachable", view.observed.engine_error
+    elif view.image_missing(spec.image) and healthy < replicas:
+        state = "image_missing"
+        message = f"image {spec.image!r} is not present on this node; the app starts once it is"
+    elif replicas == 0:
+        state, message = "stopped", "scaled to 0"
+    elif crashing and healthy < replicas:
+        worst = max(crashing, key=lambda i: i.restarts)
+        state = "crashloop"
+        message = (
+            f"replica {worst.replica} {worst.error or 'crashed'}; "
+            f"restarted {worst.restarts} times, next try in {worst.backoff_s}s"
+        )
+    elif healthy >= replicas:
+        state, message = "running", ""
+    elif healthy > 0:
+        state, message = "degraded", f"{healthy} of {replicas} replicas healthy"
+    else:
+        state, message = "starting", f"0 of {replicas} replicas healthy"
+    rollback = None
+    release = view.apps.release(spec.name, spec.revision)
+    if release and "rollback_of" in release:
+        rollback = {"from": release.get("rolled_back_from"), "to": release["rollback_of"],
+                    "reason": release.get("reason", "by hand")}
+        if state == "running":
+            message = f"rolled back from revision {rollback['from']}: {rollback['reason']}"
+    return AppStatus(spec, replicas, running, healthy, state, message, instances, rollback)

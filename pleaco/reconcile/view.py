@@ -1,0 +1,114 @@
+"""This node's observed state: one object, one writer, one definition of healthy and serving.
+
+The app loop is the only writer: each pass it lists the node's containers, probes them,
+and records what it saw here. The proxy, the rollout guard, the route records and the API
+read it; none of them reaches into the loop. What it holds is memory only (lost on
+restart by design: a restarted agent gives every replica a fresh start and probes again).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pleaco import hostport
+from pleaco.apps import AppSpec, AppStore
+from pleaco.reconcile.backoff import Backoff
+from pleaco.reconcile.drain import Drain
+from pleaco.reconcile.publish import is_loopback, publish_host
+from pleaco.runtime import ContainerInfo
+
+ReplicaKey = tuple[str, int]  # (app, replica index)
+
+
+@dataclass
+class ReplicaState:
+    """What this node remembers about one replica between passes."""
+
+    backoff: Backoff
+    restarts: int = 0
+    last_exit_code: int | None = None
+    last_error: str = ""
+    crash_seen: str = ""  # id of the exited container already counted as a crash
+    stop_reason: str = ""  # why pleaco itself stopped the container, if it did
+    healthy: bool = False
+    health_failures: int = 0
+    running_since: float = 0.0
+    container_id: str = ""
+
+
+@dataclass
+class ImageState:
+    present: bool
+    checked: float
+
+
+@dataclass
+class Observation:
+    """The last pass's view of the engine."""
+
+    engine_ok: bool = False
+    engine_error: str = "not checked yet"
+    containers: list[ContainerInfo] = field(default_factory=list)
+    at: float = 0.0  # wall time of the pass; 0.0 before the first one
+
+
+class NodeView:
+    def __init__(self, node_id: str, apps: AppStore, drain: Drain, advertise_host: str = "127.0.0.1",
+                 configured_publish_host: str = "") -> None:
+        self.node_id = node_id
+        self.apps = apps
+        self.drain = drain
+        self.advertise_host = advertise_host
+        # Where replicas' ports are published (pleaco.reconcile.publish).
+        self.publish_host = publish_host(configured_publish_host, advertise_host)
+        self.observed = Observation()
+        self.replicas: dict[ReplicaKey, ReplicaState] = {}
+        self.images: dict[str, ImageState] = {}
+        # Containers that passed health while their release was current: an older
+        # release's container serves on during a rollout only if it was proven (a failed
+        # release rolled back must not get traffic).
+        self.proven: set[str] = set()
+        self.passes = 0  # whole passes of the app loop since start
+
+    # -- the one definition of healthy and serving -----------------------------------------
+
+    def healthy(self, c: ContainerInfo, spec: AppSpec | None) -> bool:
+        """A running replica of the current release whose probe passed (or that has no
+        health path), as the app loop last saw it."""
+        if spec is None or not c.running or c.release != spec.revision:
+            return False
+        st = self.replicas.get((c.app, c.replica))
+        return bool(st and st.container_id == c.id and st.healthy)
+
+    def serving(self, c: ContainerInfo, spec: AppSpec | None) -> bool:
+        """Whether this node's container takes traffic: what this node's proxy routes to and
+        what its ``route`` record tells the other nodes' proxies."""
+        if spec is None or spec.port is None or not c.running or c.host_port is None:
+            return False
+        if self.drain.draining(c.id):
+            return False
+        if c.release == spec.revision:
+            return self.healthy(c, spec)
+        return c.id in self.proven
+
+    # -- other reads ---------------------------------------------------------------------
+
+    @property
+    def warm(self) -> bool:
+        """True once the app loop finished a whole pass (it saw the containers and probed
+        them). Before that the view is empty or unprobed, and routing by it would take
+        every replica out of the proxy for a moment at each agent start."""
+        return self.passes > 0
+
+    def containers_of(self, app: str) -> list[ContainerInfo]:
+        return [c for c in self.observed.containers if c.app == app]
+
+    def image_missing(self, image: str) -> bool:
+        known = self.images.get(image)
+        return known is not None and not known.present
+
+    def reachable(self, address: str) -> bool:
+        """Another node's loopback address is only ours too when we share one machine (then
+        our advertised address is a loopback one as well); dialled from elsewhere it would
+        reach whatever listens on that port here."""
+        return not is_loopback(hostport.host_of(address)) or is_loopback(self.advertise_host)
