@@ -83,7 +83,9 @@ class RolloutGuard(Loop):
         self.settled &= {(s.name, s.revision) for s in specs}
         for spec in specs:
             key = (spec.name, spec.revision)
-            if key in self.settled or not self.owners.owns(spec.name):
+            # Cheapest test first: most apps of a large cluster are judged, or want no
+            # replica, and are passed over without hashing or reading their release.
+            if key in self.settled or self.apps.replicas(spec.name) == 0 or not self.owners.owns(spec.name):
                 continue
             release = self.apps.release(spec.name, spec.revision)
             if release is None or release.get("verdict"):
