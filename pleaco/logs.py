@@ -71,25 +71,26 @@ BURST_WINDOW = 10.0
 
 
 class Burst:
-    """Warnings of one event, one line per burst: the first is logged at once; those that
+    """Warnings (or errors) of one event, one line per burst: the first is logged at once; those that
     follow within ``window`` seconds are counted and reported together in one line
     (``repeated=N``, with the last one's fields) when the window ends. For events a
     stranger can cause at will (refused connections), so that a flood is not a log flood."""
 
-    def __init__(self, logger: EventLogger, event: str, window: float = BURST_WINDOW) -> None:
+    def __init__(self, logger: EventLogger, event: str, window: float = BURST_WINDOW, level: str = "warning") -> None:
         self.logger = logger
         self.event = event
         self.window = window
+        self.level = level  # the logger method: "warning" or "error"
         self._until = 0.0
         self._count = 0
         self._last: dict[str, Any] = {}
         self._timer: Any = None
 
-    def warning(self, **fields: Any) -> None:
+    def log(self, **fields: Any) -> None:
         now = time.monotonic()
         if now >= self._until and not self._count:
             self._until = now + self.window
-            self.logger.warning(self.event, **fields)
+            getattr(self.logger, self.level)(self.event, **fields)
             return
         self._count += 1
         self._last = fields
@@ -106,7 +107,7 @@ class Burst:
         """Report what was counted; the line opens a new window."""
         self._timer = None
         if self._count:
-            self.logger.warning(self.event, repeated=self._count, window_s=self.window, **self._last)
+            getattr(self.logger, self.level)(self.event, repeated=self._count, window_s=self.window, **self._last)
             self._count = 0
             self._until = time.monotonic() + self.window
 

@@ -195,14 +195,11 @@ class ConnectionGuard:
 
 class AcceptErrorLog:
     """An event loop exception handler that logs failed accepts (out of open files) once
-    per burst, with a count, instead of a traceback per attempt; everything else goes to
-    the handler it replaces."""
+    per burst, with a count (``logs.Burst``), instead of a traceback per attempt; everything
+    else goes to the handler it replaces. asyncio retries a failed accept every second."""
 
     def __init__(self, window: float = 10.0) -> None:
-        # A burst: the failures within ``window`` seconds of its first, logged at its start
-        # and counted at its end. asyncio retries a failed accept every second.
-        self.window = window
-        self.count = 0
+        self._burst = logs.Burst(log, "api.accept_failed", window, level="error")
         self._previous: Any = None
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -220,14 +217,5 @@ class AcceptErrorLog:
             else:
                 loop.default_exception_handler(context)
             return
-        self.count += 1
-        if self.count == 1:
-            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-            log.error("api.accept_failed", error=str(context.get("exception")), open_files_limit=soft,
-                      note=f"accept errors are counted for {self.window:g}s")
-            loop.call_later(self.window, self._end_burst)
-
-    def _end_burst(self) -> None:
-        if self.count > 1:
-            log.error("api.accept_failed", count=self.count, window_s=self.window)
-        self.count = 0
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self._burst.log(error=str(context.get("exception")), open_files_limit=soft)

@@ -55,7 +55,7 @@ class ImageTransfer:
     async def serve(self, stream: SealedStream, header: dict[str, Any]) -> None:
         ref = header.get("image")
         if not isinstance(ref, str) or not ref or len(ref) > MAX_REF:
-            self._refused.warning(peer=stream.sender, error="expected {\"image\": REF}")
+            self._refused.log(peer=stream.sender, error="expected {\"image\": REF}")
             return
         exists = await asyncio.to_thread(self.runtime.image_exists, ref)
         if not exists:

@@ -364,10 +364,10 @@ class Cluster:
             req = trust.check_join_request(messages.loads(raw), self.state.cluster_id, secret)
         except (TrustError, MessageError) as exc:
             self._count_drop("join_refused")
-            self._join_refused.warning(error=str(exc))
+            self._join_refused.log(error=str(exc))
             return trust.refuse_join(str(exc))
         if self.store.revoked_at(req.node_id) is not None:
-            self._join_refused.warning(member=req.node_id, error="revoked")
+            self._join_refused.log(member=req.node_id, error="revoked")
             return trust.refuse_join(f"node {req.node_id} was removed from the cluster")
         current = self.store.value("node", req.node_id) or {}
         if current.get("public_key") != req.public_key.hex():

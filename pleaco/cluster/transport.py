@@ -293,7 +293,7 @@ class NetTransport(Transport):
         if self._pending >= self.max_pending:
             # Refused before reading a byte: strangers cannot queue unbounded work.
             self.count_drop("busy")
-            self._refused.warning(reason="busy", pending=self._pending)
+            self._refused.log(reason="busy", pending=self._pending)
             writer.close()
             return
         self._pending += 1
@@ -321,13 +321,13 @@ class NetTransport(Transport):
                 self.count_drop("too_short")  # a frame cut short (or a bare connect)
         except FrameTooLarge as exc:
             self.count_drop("too_large")
-            self._refused.warning(reason="too_large", channel=channel.hex(), error=str(exc))
+            self._refused.log(reason="too_large", channel=channel.hex(), error=str(exc))
         except wire.Drop as drop:
             self.count_drop(drop.reason)
-            self._refused.warning(reason=drop.reason, channel=channel.hex(), error=str(drop))
+            self._refused.log(reason=drop.reason, channel=channel.hex(), error=str(drop))
         except MessageError as exc:
             self.count_drop("malformed")
-            self._refused.warning(reason="malformed", channel=channel.hex(), error=str(exc))
+            self._refused.log(reason="malformed", channel=channel.hex(), error=str(exc))
         except (OSError, TimeoutError, TransportError):
             pass
         except Exception as exc:  # a bug must not take the listener down

@@ -342,6 +342,18 @@ class CaddyAdmin:
         del config["admin"]["@id"]
         return config
 
+    async def holds_marker(self) -> bool:
+        """Whether the proxy still holds the config this start loaded, asked cheaply: its
+        admin object by ``@id`` (a small GET, however many routes there are). False
+        without a marker, or on any error (the caller then reads the whole config)."""
+        if not self.marker:
+            return False
+        try:
+            await self._request("GET", f"/id/{self.marker}")
+        except AdminError:
+            return False
+        return True
+
     async def load(self, config: dict[str, Any]) -> None:
         if not self.marker:
             await self._request("POST", "/load", config)

@@ -72,6 +72,10 @@ DNS_REFRESH = 1.0
 # (Debian 12 has 2.6.2) refuses the setting: then it is left out, and requests fail from
 # about a second after the agent dies until it answers again.
 DNS_GRACE = 600.0
+# Seconds between whole reads of the proxy's config when nothing changed here: in between,
+# a pass only asks whether the proxy still holds this start's config (its marker), so a pass
+# costs the same at 5 apps and at 5000; a config edited by hand is put back within this.
+FULL_CHECK_INTERVAL = 10.0
 LABEL_SETTINGS = "pleaco.proxy-settings"
 BOOT_DIR = "/etc/pleaco-proxy"  # where the boot config is mounted in the container
 
@@ -110,6 +114,10 @@ class ProxyReconciler(Loop):
         self.container: InfraInfo | None = None
         self.applied: dict[str, Any] | None = None
         self.applied_routes: list[Route] = []
+        # The routes as last computed, and what they were computed from (see routes()).
+        self._routes: list[Route] | None = None
+        self._routes_from: tuple[Any, ...] = ()
+        self._next_full_check = 0.0
         self._image_missing_logged = False
         self._image_checked = 0.0
         self._access_port = 0
@@ -163,7 +171,20 @@ class ProxyReconciler(Loop):
 
     def routes(self) -> list[Route]:
         """Every app with a port, routed to what this node serves (``NodeView.serving``) and
-        to what the other live nodes' ``route`` records say they serve."""
+        to what the other live nodes' ``route`` records say they serve. Computed again only
+        when what it is made from changed: the store, the live nodes, or this node's view
+        (the same list object otherwise, which tells the caller nothing changed)."""
+        view = self.view
+        made_from = (self.apps.store.generation, tuple(sorted(self.live_nodes())), tuple(view.observed.containers),
+                     frozenset(view.drain.requested), frozenset(view.proven),
+                     tuple((k, st.healthy, st.container_id) for k, st in sorted(view.replicas.items())))
+        if self._routes is not None and made_from == self._routes_from:
+            return self._routes
+        self._routes = self._compute_routes()
+        self._routes_from = made_from
+        return self._routes
+
+    def _compute_routes(self) -> list[Route]:
         view = self.view
         by_app: dict[str, list[ContainerInfo]] = {}
         for c in view.observed.containers:
@@ -338,6 +359,10 @@ class ProxyReconciler(Loop):
         if not self.view.warm:
             return
         routes = self.routes()
+        now = time.monotonic()
+        if routes is self.applied_routes and self.up and now < self._next_full_check and await admin.holds_marker():
+            return  # nothing changed here, and the proxy still holds what this start loaded
+        self._next_full_check = now + FULL_CHECK_INTERVAL
         self._serve(routes)
         boot = build_config(routes, self.settings(static=True))
         if boot != self._boot_written:

@@ -65,6 +65,9 @@ class Store:
         # agent's writes are small. check_same_thread=False lets worker threads read.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.RLock()
+        # Goes up with every change that took effect (local or merged): a reader that
+        # derives something from many records recomputes it only when this moved.
+        self.generation = 0
         self._listeners: list[Listener] = []
         # The decoded records, per kind and key (tombstones included), each kind's keys in
         # order, and the records written by the open transaction (cached once it commits).
@@ -97,6 +100,7 @@ class Store:
         self._listeners.append(listener)
 
     def _notify(self, record: Record) -> None:
+        self.generation += 1
         # The listeners get the cached record when it is this one (it nearly always is): what
         # they keep (the gossip queue keeps every change until it is sent) then shares its
         # value with the cache instead of holding a second copy.

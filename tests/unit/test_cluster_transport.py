@@ -181,7 +181,7 @@ def test_a_burst_of_warnings_is_one_line_and_then_one_count() -> None:
         rec = Recorder()
         burst = logs.Burst(rec, "x.refused", window=0.2)
         for i in range(50):
-            burst.warning(n=i)
+            burst.log(n=i)
         assert rec.lines == [("x.refused", {"n": 0})]
         for _ in range(100):
             if len(rec.lines) == 2:

@@ -163,3 +163,17 @@ def test_alone_without_a_proxy_nothing_waits(tmp_path: Path) -> None:
     assert n.view.serving(c, n.apps.get("web"))
     assert n.drain.may_remove(c, "scaled down")  # nothing routes to it: no drain
     n.close()
+
+
+def test_the_proxy_computes_its_routes_again_only_when_their_inputs_changed(node: Node) -> None:
+    node.up("web")
+    first = node.proxy.routes()
+    assert node.proxy.routes() is first  # nothing changed: the same list, no work
+    node.apps.deploy("api", {"image": "img", "replicas": 0, "port": 9090})  # a store change
+    second = node.proxy.routes()
+    assert second is not first and {r.app for r in second} == {"web", "api"}
+    c = node.engine.list_managed(node.id, "web")[0]
+    node.engine.set_healthy(c.id, False)
+    for _ in range(4):  # the probe fails health_failures times: this node's view changes
+        node.step()
+    assert node.proxy.routes() is not second
