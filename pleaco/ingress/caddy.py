@@ -343,16 +343,17 @@ class CaddyAdmin:
         return config
 
     async def holds_marker(self) -> bool:
-        """Whether the proxy still holds the config this start loaded, asked cheaply: its
-        admin object by ``@id`` (a small GET, however many routes there are). False
-        without a marker, or on any error (the caller then reads the whole config)."""
+        """Whether the proxy still holds the config this start loaded, asked cheaply: the
+        admin object's ``@id`` alone (``GET /config/admin/@id``, a few bytes however many
+        routes there are; ``/id/`` cannot name it: the marker holds slashes). False without
+        a marker, or on any error (the caller then reads the whole config)."""
         if not self.marker:
             return False
         try:
-            await self._request("GET", f"/id/{self.marker}")
-        except AdminError:
+            raw = await self._request("GET", "/config/admin/@id")
+            return bool(json.loads(raw) == self.marker)
+        except (AdminError, ValueError):
             return False
-        return True
 
     async def load(self, config: dict[str, Any]) -> None:
         if not self.marker:

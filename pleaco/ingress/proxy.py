@@ -139,6 +139,10 @@ class ProxyReconciler(Loop):
         self.m_applies = registry.register(
             Counter("pleaco_proxy_config_applies_total", "Proxy config loads by result.", ("result",))
         )
+        self.m_checks = registry.register(
+            Counter("pleaco_proxy_config_checks_total",
+                    "Checks that the proxy holds pleaco's config: by its marker, or by a whole read.", ("kind",))
+        )
         self.m_restarts = registry.register(
             Counter("pleaco_proxy_container_actions_total", "Proxy container actions.", ("action",))
         )
@@ -361,7 +365,9 @@ class ProxyReconciler(Loop):
         routes = self.routes()
         now = time.monotonic()
         if routes is self.applied_routes and self.up and now < self._next_full_check and await admin.holds_marker():
+            self.m_checks.inc(kind="marker")
             return  # nothing changed here, and the proxy still holds what this start loaded
+        self.m_checks.inc(kind="full")
         self._next_full_check = now + FULL_CHECK_INTERVAL
         self._serve(routes)
         boot = build_config(routes, self.settings(static=True))

@@ -163,6 +163,14 @@ def test_routes_by_host_to_healthy_replicas_with_forwarded_headers(proxied: Prox
                        and m, 10, "web's requests counted")
     assert 'pleaco_app_request_duration_seconds_count{app="echo"}' in metrics
     assert "pleaco_proxy_up 1" in metrics
+    # While nothing changes, a pass only asks the proxy for this start's marker (the real
+    # Caddy answers GET /id/MARKER), not for its whole config.
+    def marker_checks() -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in _metrics(proxied).splitlines()
+                   if line.startswith('pleaco_proxy_config_checks_total{kind="marker"}'))
+
+    before = marker_checks()
+    wait_for(lambda: marker_checks() >= before + 3, 10, "passes that only checked the marker")
 
     # busybox httpd closes every connection, so each request is a new dial by name: the
     # names are in the proxy's hosts file, so they cost no query to the agent's DNS (Go
