@@ -91,9 +91,9 @@ class Agent:
         me = identity.node_id
         runner = LoopRunner(registry)
         owners = Owners(me, cluster.placement_nodes)
-        # The drain waits for this node's proxy to drop a replica (its DNS refresh after its
-        # next pass) and, with other nodes, for theirs (MESH_DELAY).
-        drain = Drain(cfg.rollout.drain_grace, proxy_delay=DNS_REFRESH + cfg.proxy.interval if cfg.proxy_image else 0.0,
+        # The drain counts from when this node's proxy stopped routing a replica: its
+        # upstream cache (DNS_REFRESH) expires, and, with other nodes, theirs (MESH_DELAY).
+        drain = Drain(cfg.rollout.drain_grace, proxy_delay=DNS_REFRESH if cfg.proxy_image else 0.0,
                       mesh=lambda: any(n != me for n in cluster.placement_nodes()))
         view = NodeView(me, apps, drain, advertise_host=hostport.host_of(cluster.addr),
                         configured_publish_host=cfg.publish_host)

@@ -260,7 +260,7 @@ class ProxyReconciler(Loop):
         try:
             if not await self._ensure_container():
                 self.up = False
-                self.view.drain.proxy_routed = None
+                self.view.drain.proxy_applied(None)
                 return
             await self._ensure_config(admin)
         except EngineUnavailable as exc:
@@ -277,7 +277,7 @@ class ProxyReconciler(Loop):
             log.warning("proxy.down", error=error)
         self.up = False
         self.last_error = error
-        self.view.drain.proxy_routed = None  # it routes nothing now
+        self.view.drain.proxy_applied(None)  # it routes nothing now
 
     def _container_settings(self) -> str:
         """What the container was made with; a change (new image, admin address) replaces it."""
@@ -411,7 +411,7 @@ class ProxyReconciler(Loop):
         # Names first, then the DNS points at them: Caddy rarely has to ask for an address.
         self.hosts.ensure(ip for ups in upstreams.values() for ip, _ in ups)
         self.dns.set_upstreams(upstreams)
-        self.view.drain.proxy_routed = {u.container for r in routes for u in r.upstreams}
+        self.view.drain.proxy_applied({u.container for r in routes for u in r.upstreams})
 
     def _write_boot(self, config: dict[str, Any]) -> None:
         boot = {k: v for k, v in config.items() if k != "logging"}

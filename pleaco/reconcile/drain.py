@@ -10,11 +10,11 @@ Per container of this node, before the app loop may stop it:
 - **draining**: the app loop asked to stop it (``may_remove`` answered False and asked for
   the drain). ``NodeView.serving`` is False from now on, so the app loop's next record
   write and the proxy's next pass both leave it out.
-- **out**: it stopped being served at T (``observe_serving``), and this node's proxy no
-  longer routes to it (``proxy_routed``).
-- **removable**: ``wait()`` seconds after T: the requests in flight finished
-  (``drain_grace``), the proxies' upstream cache expired (``proxy_delay``), and, with other
-  nodes, the record travelled to them and their proxies applied it (``mesh_delay``).
+- **out**: since T, it is neither in this node's record (``observe_serving``) nor in what
+  this node's proxy routes to (``proxy_applied``): T is the later of the two.
+- **removable**: ``wait()`` seconds after T: the proxies' upstream cache expired
+  (``proxy_delay``), the requests in flight finished (``drain_grace``), and, with other
+  nodes, the record travelled to them and their proxies applied it (``MESH_DELAY``).
 
 Both sides get the same ``Drain`` at construction; neither calls into the other.
 """
@@ -66,6 +66,16 @@ class Drain:
         self.requested &= present
         for cid in [k for k in self.out_since if k not in present]:
             del self.out_since[cid]
+
+    def proxy_applied(self, routed: set[str] | None, now: float | None = None) -> None:
+        """What this node's proxy routes to now (None: nothing, it is down or there is
+        none). A container it stops routing to is out from now, if it was not already."""
+        now = time.monotonic() if now is None else now
+        if self.proxy_routed is not None and routed is not None:
+            for gone in self.proxy_routed - routed:
+                if gone not in self.serving:
+                    self.out_since[gone] = max(self.out_since.get(gone, now), now)
+        self.proxy_routed = routed
 
     def may_remove(self, c: ContainerInfo, reason: str, now: float | None = None) -> bool:
         """Whether the app loop may stop this container now; starts its drain if it serves."""

@@ -220,14 +220,14 @@ def test_scale_down_waits_for_the_drain(world: World) -> None:
     deploy(n, 3)
     up(n, 3)
     ids = {c.replica: c.id for c in n.containers()}
-    drain.proxy_routed = set(ids.values())  # this node's proxy routes to all three
+    drain.proxy_applied(set(ids.values()))  # this node's proxy routes to all three
     n.apps.scale("web", 1)
     n.step()
     # Asked to drain, not stopped: out of the route record at once, still running.
     assert {c.id for c in running(n)} == set(ids.values())
     assert drain.draining(ids[1]) and drain.draining(ids[2]) and not drain.draining(ids[0])
     assert serving_in_records(world, n) == {0: True, 1: False, 2: False}
-    drain.proxy_routed = {ids[0]}  # the proxy's next pass applied it
+    drain.proxy_applied({ids[0]})  # the proxy's next pass applied it
     n.settle(lambda: [c.id for c in n.containers()] == [ids[0]], "the drained replicas removed")
     assert n.status().state == "running" and n.replica(0).restarts == 0
 
