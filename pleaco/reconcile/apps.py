@@ -477,6 +477,10 @@ class AppReconciler(Loop):
             if ok:
                 if not st.healthy:
                     log.info("replica.healthy", app=c.app, replica=c.replica, container=c.id[:12])
+                    # This pass decided its actions before the probe: the next one, at once,
+                    # acts on it (an old release's replica replaced is drained now, not a
+                    # reconcile interval later).
+                    self.wake()
                 st.healthy, st.health_failures = True, 0
                 continue
             st.health_failures += 1
