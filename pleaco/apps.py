@@ -200,6 +200,9 @@ class AppStore:
         # name -> desired replicas, from the ``scale`` records (a reconcile pass asks for
         # every app's).
         self._replicas: dict[str, int] = {}
+        # The apps that want at least one replica: what a reconcile pass or a rollout check
+        # walks, so their cost follows the apps that run, not all the apps there are.
+        self._wanted: set[str] = set()
         self._lock = threading.Lock()
         store.subscribe(self._changed)
         for rec in store.peek_records("app"):
@@ -227,6 +230,13 @@ class AppStore:
                 self._replicas.pop(name, None)
             else:
                 self._replicas[name] = count
+            self._rewant(name)
+
+    def _rewant(self, name: str) -> None:
+        if name in self._specs and self._replicas.get(name, DEFAULT_REPLICAS) > 0:
+            self._wanted.add(name)
+        else:
+            self._wanted.discard(name)
 
     def _refresh(self, name: str) -> None:
         """Bring one app's cached spec in line with the store. It reads the store rather than
@@ -260,6 +270,7 @@ class AppStore:
                 self._specs[name] = (rec, spec)
                 if spec.host is not None:
                     self._hosts.setdefault(spec.host, set()).add(name)
+            self._rewant(name)
 
     def _unindex(self, spec: AppSpec) -> None:
         if spec.host is not None:
@@ -282,6 +293,11 @@ class AppStore:
             start = bisect.bisect_right(self._names, after) if after else 0
             end = None if limit is None else start + limit
             return self._ordered[start:end]
+
+    def wanted_specs(self) -> list[AppSpec]:
+        """The apps that want at least one replica, in name order."""
+        with self._lock:
+            return [self._specs[name][1] for name in sorted(self._wanted)]
 
     def count(self) -> int:
         return len(self._specs)

@@ -194,7 +194,12 @@ class AppReconciler(Loop):
             # The cluster layer does not know yet where replicas belong (this node is
             # still joining): observe, but neither start nor remove anything.
             return
-        specs = {spec.name: spec for spec in self.apps.specs()}
+        # The apps that want replicas, and those this node has containers of (to replace or
+        # remove them): a pass costs what runs here, not every app there is.
+        specs = {spec.name: spec for spec in self.apps.wanted_specs()}
+        for name in {c.app for c in containers} - set(specs):
+            if (other := self.apps.get(name)) is not None:
+                specs[name] = other
         weights = self.weights()
         for spec in specs.values():
             for idx in owned_replicas(spec.name, self.apps.replicas(spec.name), nodes, self.node_id, weights):

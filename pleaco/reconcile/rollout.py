@@ -79,13 +79,11 @@ class RolloutGuard(Loop):
         """Judge the current release of every app this node owns (``now``: wall seconds)."""
         if not self.view.observed.engine_ok:
             return  # this node cannot see its own replicas: no verdict
-        specs = self.apps.specs()
+        specs = self.apps.wanted_specs()  # an app that wants no replica has nothing to judge
         self.settled &= {(s.name, s.revision) for s in specs}
         for spec in specs:
             key = (spec.name, spec.revision)
-            # Cheapest test first: most apps of a large cluster are judged, or want no
-            # replica, and are passed over without hashing or reading their release.
-            if key in self.settled or self.apps.replicas(spec.name) == 0 or not self.owners.owns(spec.name):
+            if key in self.settled or not self.owners.owns(spec.name):
                 continue
             release = self.apps.release(spec.name, spec.revision)
             if release is None or release.get("verdict"):

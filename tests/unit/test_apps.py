@@ -452,3 +452,16 @@ def test_falsy_non_object_env_is_refused(env: Any) -> None:
     with pytest.raises(ValidationError) as exc:
         validate_deploy("web", body(env=env), MAX)
     assert exc.value.field == "env"
+
+
+def test_wanted_specs_are_the_apps_that_want_a_replica(apps: AppStore, store: Store) -> None:
+    apps.deploy("a", {"image": "img"})  # one replica by default
+    apps.deploy("b", {"image": "img", "replicas": 0})
+    apps.deploy("c", {"image": "img", "replicas": 3})
+    assert [s.name for s in apps.wanted_specs()] == ["a", "c"]
+    apps.scale("a", 0)
+    apps.scale("b", 2)
+    apps.remove("c")
+    assert [s.name for s in apps.wanted_specs()] == ["b"]
+    # Built again from the store (an agent's start): the same.
+    assert [s.name for s in AppStore(store, max_replicas=MAX).wanted_specs()] == ["b"]
