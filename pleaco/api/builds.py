@@ -62,7 +62,7 @@ class BuildRoutes:
     # -- connect and builds --------------------------------------------------------------
 
     async def connect(self, request: web.Request) -> web.Response:
-        raw = await request.read()
+        raw = await jsonbody.read(request)
         body = jsonbody.parse(request, raw) if raw else None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid", 'body: expected {"repo": URL, "branch": B, "webhook_secret": S}')
@@ -137,23 +137,6 @@ class BuildRoutes:
 
     # -- the webhook ---------------------------------------------------------------------
 
-    async def _read_limited(self, request: web.Request) -> bytes:
-        limit = self.service.cfg.webhook_max_body_bytes
-        too_large = ApiError(413, "body_too_large", f"webhook body too large (limit {limit} bytes)")
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            chunk = await request.content.read(65536)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            parts.append(chunk)
-        return b"".join(parts)
-
     def _signed_by(self, conns: list[Connection], body: bytes, given: str) -> list[Connection]:
         """The connections whose webhook secret signed ``body`` as ``given`` says."""
         signed_by = []
@@ -164,7 +147,7 @@ class BuildRoutes:
         return signed_by
 
     async def github_hook(self, request: web.Request) -> web.Response:
-        body = await self._read_limited(request)
+        body = await jsonbody.read(request, self.service.cfg.webhook_max_body_bytes, "webhook body")
         given = request.headers.get("X-Hub-Signature-256", "")
         if not given:
             raise ApiError(401, "unauthorized", "missing X-Hub-Signature-256 header")

@@ -1,9 +1,11 @@
-"""Parsing a JSON request body: the one place the API (and the webhook) turn bytes into
-JSON, with a nesting limit checked before the parser runs (Python's json recurses per level
-and a 100 000-deep body raised RecursionError, a 500)."""
+"""Request bodies: the one place the API (and the webhook) read a body, within a time limit
+(a client that sends its body slowly holds a connection and memory) and a size limit, and
+turn it into JSON, with a nesting limit checked before the parser runs (Python's json
+recurses per level and a 100 000-deep body raised RecursionError, a 500)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -12,8 +14,35 @@ from aiohttp import web
 
 from pleaco.api.errors import ApiError
 
-# The app's nesting limit ([api] max_json_depth), set by the ApiServer.
+# The app's nesting limit ([api] max_json_depth) and body time limit ([api] body_timeout),
+# set by the ApiServer.
 MAX_JSON_DEPTH = web.AppKey("max_json_depth", int)
+BODY_TIMEOUT = web.AppKey("body_timeout", float)
+DEFAULT_BODY_TIMEOUT = 10.0  # for an app made without the ApiServer (tests)
+
+
+async def read(request: web.Request, limit: int | None = None, what: str = "request body") -> bytes:
+    """The whole body within the app's time limit (408) and, with ``limit``, at most that
+    many bytes (413, told before reading when the client says its length); without
+    ``limit``, aiohttp's own client_max_size applies."""
+    try:
+        async with asyncio.timeout(request.app.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT)):
+            if limit is None:
+                return await request.read()
+            too_large = ApiError(413, "body_too_large", f"{what} too large (limit {limit} bytes)")
+            if request.content_length is not None and request.content_length > limit:
+                raise too_large
+            parts: list[bytes] = []
+            size = 0
+            while chunk := await request.content.read(65536):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                parts.append(chunk)
+            return b"".join(parts)
+    except TimeoutError:
+        timeout = request.app.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT)
+        raise ApiError(408, "body_timeout", f"{what} not received within {timeout:g}s") from None
 
 # A JSON string literal: brackets inside one do not nest.
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)

@@ -92,6 +92,7 @@ class ApiServer:
             middlewares=[self.connections.middleware, self._errors, self._auth],
         )
         self.app[jsonbody.MAX_JSON_DEPTH] = self.limits.max_json_depth
+        self.app[jsonbody.BODY_TIMEOUT] = self.limits.body_timeout
         r = self.app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/metrics", self.metrics)
@@ -187,12 +188,7 @@ class ApiServer:
     # -- helpers -------------------------------------------------------------------------
 
     async def _json_body(self, request: web.Request) -> Any:
-        try:
-            async with asyncio.timeout(self.limits.body_timeout):
-                raw = await request.read()  # raises 413 past client_max_size
-        except TimeoutError:
-            raise ApiError(408, "body_timeout",
-                           f"request body not received within {self.limits.body_timeout:g}s") from None
+        raw = await jsonbody.read(request)  # 413 past client_max_size, 408 past body_timeout
         if not raw:
             raise ApiError(400, "invalid_body", "request body is empty; expected a JSON object")
         return jsonbody.parse(request, raw)

@@ -306,3 +306,45 @@ def test_a_push_is_built_by_the_apps_owner_and_a_gone_owners_builds_are_taken_ov
     assert taken is not None and taken.node == successor and taken.state == "queued"
     assert f"taken over from node {owner[:12]}" in taken.reason
     store.close()
+
+
+def test_a_webhook_body_sent_too_slowly_gets_408(tmp_path: Path) -> None:
+    """A client that never finishes its body holds a connection and memory: the webhook
+    (like every API body) must arrive within [api] body_timeout."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from pleaco.api.builds import HOOK_PATH, add_routes
+    from pleaco.api.errors import ApiError
+    from pleaco.api.jsonbody import BODY_TIMEOUT, MAX_JSON_DEPTH
+
+    svc = _service(tmp_path)
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        except ApiError as exc:
+            return web.json_response(exc.to_json(), status=exc.status)
+
+    async def run() -> bytes:
+        app = web.Application(middlewares=[errors])
+        app[MAX_JSON_DEPTH], app[BODY_TIMEOUT] = 64, 0.2
+        add_routes(app, svc)
+        server = TestServer(app)
+        await server.start_server()
+        try:
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(f"POST {HOOK_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                         "X-Hub-Signature-256: sha256=00\r\n\r\n{\"ref\":".encode())
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(4096), 5)  # well before the client gives up
+            writer.close()
+            return answer
+        finally:
+            await server.close()
+
+    answer = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
