@@ -19,6 +19,7 @@ from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.server import ApiServer
 from pleaco.apps import AppStore
 from pleaco.builds.engine import BuildEngine
+from pleaco.builds.logship import BuildLogs
 from pleaco.builds.poller import RepoPoller
 from pleaco.builds.secrets import SecretBox
 from pleaco.builds.service import BuildService
@@ -137,7 +138,7 @@ class Agent:
         runner.add(builds)
         if cfg.build.poll_interval > 0:
             runner.add(RepoPoller(builds, owners))
-        add_build_routes(api.app, builds)
+        add_build_routes(api.app, builds, BuildLogs(cluster, builds))  # logs from the building node
 
         loop = asyncio.get_running_loop()
         try:

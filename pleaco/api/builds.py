@@ -16,8 +16,10 @@ microseconds); only the apps whose secret matches can be acted on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -25,9 +27,11 @@ from aiohttp import web
 from pleaco import logs
 from pleaco.api import jsonbody
 from pleaco.api.errors import ApiError
-from pleaco.builds.model import DELIVERY_KEY_HEX, TERMINAL, Build, Connection
+from pleaco.builds.logship import BuildLogs, LogNotFound, follow_log
+from pleaco.builds.model import DELIVERY_KEY_HEX, Build, Connection
 from pleaco.builds.service import BuildService
 from pleaco.builds.source import COMMIT, ZERO_COMMIT
+from pleaco.cluster.transport import TransportError
 
 log = logs.get("pleaco.api.builds")
 
@@ -47,8 +51,9 @@ def build_json(b: Build) -> dict[str, Any]:
 
 
 class BuildRoutes:
-    def __init__(self, service: BuildService) -> None:
+    def __init__(self, service: BuildService, logs: BuildLogs | None = None) -> None:
         self.service = service
+        self.logs = logs  # other nodes' build logs (none without a cluster)
 
     def add_to(self, app: web.Application) -> None:
         r = app.router
@@ -103,36 +108,35 @@ class BuildRoutes:
         return web.json_response(build_json(after or b))
 
     async def build_logs(self, request: web.Request) -> web.StreamResponse:
+        """The build's log, read here, or from the node that ran it (pleaco.builds.logship)."""
         b = self._build(request)
         follow = request.query.get("follow", "") in ("1", "true", "yes")
-        path = self.service.log_path(b.id)
-        if not path.exists():
-            if b.node and b.node != self.service.node_id:
-                raise ApiError(404, "not_here", f"the log of build {b.id} is kept on node {b.node}")
-            if b.state != "queued":
+        chunks: AsyncIterator[bytes]
+        if self.service.log_path(b.id).exists() or b.node in ("", self.service.node_id):
+            if b.state != "queued" and not self.service.log_path(b.id).exists():
                 raise ApiError(404, "no_log", f"build {b.id} has no log")
+            chunks = follow_log(self.service, b.id, follow)
+        elif self.logs is None:
+            raise ApiError(404, "not_here", f"the log of build {b.id} is kept on node {b.node}")
+        else:
+            chunks = self.logs.read_from(b.node, b.id, follow)
+            try:
+                first = await anext(chunks, b"")  # errors before the answer starts are the API's
+            except LogNotFound as exc:
+                raise ApiError(404, "not_here", str(exc)) from None
+            except TransportError as exc:
+                raise ApiError(503, "unavailable", str(exc)) from None
+            chunks = _prepend(first, chunks)
         resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await resp.prepare(request)
-        offset = 0
         try:
-            while True:
-                chunk = await asyncio.to_thread(_read_from, path, offset)
-                if chunk:
-                    offset += len(chunk)
-                    await resp.write(chunk)
-                    continue
-                if not follow:
-                    break
-                current = self.service.builds.get(b.id)
-                if current is None or current.state in TERMINAL:
-                    # One last read: the worker writes its last line before the state.
-                    chunk = await asyncio.to_thread(_read_from, path, offset)
-                    if chunk:
-                        await resp.write(chunk)
-                    break
-                await asyncio.sleep(0.2)
+            async for chunk in chunks:
+                await resp.write(chunk)
         except ConnectionResetError:
-            pass
+            pass  # the client went away
+        except (LogNotFound, TransportError) as exc:  # the building node went away mid-log
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write(f"\n(log stream ended: {exc})\n".encode())
         return resp
 
     # -- the webhook ---------------------------------------------------------------------
@@ -208,16 +212,14 @@ class BuildRoutes:
         return web.json_response({"event": "push", "commit": after, "builds": results}, status=202 if queued else 200)
 
 
-def _read_from(path: Any, offset: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(1 << 20)
-    except FileNotFoundError:
-        return b""
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
 
 
-def add_routes(app: web.Application, service: BuildService) -> BuildRoutes:
-    routes = BuildRoutes(service)
+def add_routes(app: web.Application, service: BuildService, logs: BuildLogs | None = None) -> BuildRoutes:
+    routes = BuildRoutes(service, logs)
     routes.add_to(app)
     return routes

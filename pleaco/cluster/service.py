@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -94,6 +95,9 @@ class Cluster:
         self._join_task: asyncio.Task[None] | None = None
         # False until this node has heard the cluster (or found nobody to hear): until then
         # it does not know where replicas belong and must not start or remove any.
+        # placement_nodes() as the event loop last worked it out, for other threads.
+        self._placement: list[str] = []
+        self._loop_thread = threading.get_ident()
         self.ready = False
         self._seed_task: asyncio.Task[None] | None = None
         self._bootstrap_task: asyncio.Task[None] | None = None
@@ -145,6 +149,8 @@ class Cluster:
             self.discovery = None
 
     async def start(self) -> None:
+        self._loop_thread = threading.get_ident()
+        self.placement_nodes()  # the first snapshot for other threads
         if self.state is not None or self.cfg.join_token or self.cfg.bootstrap == "auto":
             await self._start_discovery()
         if self.state is not None:
@@ -420,10 +426,19 @@ class Cluster:
     # -- views ---------------------------------------------------------------------------
 
     def placement_nodes(self) -> list[str]:
-        """The nodes replicas are placed on; empty while this node does not know yet."""
+        """The nodes replicas are placed on; empty while this node does not know yet.
+
+        Callable from any thread: membership lives on the event loop (its clock is the
+        loop's, its tables change there), so a worker thread (a webhook's push, a build)
+        gets the list as the loop last worked it out."""
+        if threading.get_ident() != self._loop_thread:
+            return list(self._placement)
         if self.membership is None:
-            return [] if self._join_task is not None and not self._join_task.done() else [self.identity.node_id]
-        return self.membership.placement_nodes() if self.ready else []
+            nodes = [] if self._join_task is not None and not self._join_task.done() else [self.identity.node_id]
+        else:
+            nodes = self.membership.placement_nodes() if self.ready else []
+        self._placement = nodes
+        return nodes
 
     def weights(self) -> dict[str, float]:
         """Placement weight of each member: its CPU count, as it announced it."""
