@@ -20,6 +20,8 @@ from pleaco.errors import Conflict, InvalidInput, PleacoError, Unavailable
 from pleaco.runtime import EngineCallFailed, EngineError, EngineUnavailable
 from pleaco.runtime import NotFound as EngineNotFound
 
+POLL = 0.01  # seconds between looks at a condition polled with a deadline
+
 
 def test_nesting_depth_ignores_brackets_in_strings() -> None:
     assert nesting_depth(b'{"a": [1, {"b": "[[[[{{"}], "c": "\\"["}', 64) == 3
@@ -117,7 +119,7 @@ def test_accept_errors_are_logged_once_per_burst_with_a_count() -> None:
             deadline = loop.time() + 5
             while "repeated=" not in out.getvalue():
                 assert loop.time() < deadline, "the burst was never reported"
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(POLL)
 
         loop.run_until_complete(failing_accepts())
         errors.uninstall(loop)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web as aiohttp_web
 
 from pleaco.api.builds import sign
 from pleaco.apps import AppStore
@@ -244,7 +245,6 @@ def test_a_large_signed_push_is_checked_off_the_loop_and_queued(tmp_path: Path) 
 
     from pleaco.api.builds import HOOK_PATH, INLINE_HMAC_BYTES, add_routes
     from pleaco.api.config import ApiConfig
-    from pleaco.api.errors import ApiError
     from pleaco.api.jsonbody import MAX_JSON_DEPTH
 
     svc = _service(tmp_path)
@@ -253,15 +253,8 @@ def test_a_large_signed_push_is_checked_off_the_loop_and_queued(tmp_path: Path) 
                "padding": "x" * INLINE_HMAC_BYTES}
     body = json.dumps(payload).encode()
 
-    @web.middleware
-    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            return await handler(request)  # type: ignore[no-any-return]
-        except ApiError as exc:
-            return web.json_response(exc.to_json(), status=exc.status)
-
     async def run() -> list[int]:
-        app = web.Application(middlewares=[errors])
+        app = web.Application(middlewares=[api_errors])
         app[MAX_JSON_DEPTH] = ApiConfig().max_json_depth  # what ApiServer sets
         add_routes(app, svc)
         async with TestClient(TestServer(app)) as client:
@@ -317,20 +310,12 @@ def test_a_webhook_body_sent_too_slowly_gets_408(tmp_path: Path) -> None:
     from aiohttp.test_utils import TestServer
 
     from pleaco.api.builds import HOOK_PATH, add_routes
-    from pleaco.api.errors import ApiError
     from pleaco.api.jsonbody import BODY_TIMEOUT, MAX_JSON_DEPTH
 
     svc = _service(tmp_path)
 
-    @web.middleware
-    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            return await handler(request)  # type: ignore[no-any-return]
-        except ApiError as exc:
-            return web.json_response(exc.to_json(), status=exc.status)
-
     async def run() -> bytes:
-        app = web.Application(middlewares=[errors])
+        app = web.Application(middlewares=[api_errors])
         app[MAX_JSON_DEPTH], app[BODY_TIMEOUT] = 64, 0.2
         add_routes(app, svc)
         server = TestServer(app)
@@ -348,3 +333,14 @@ def test_a_webhook_body_sent_too_slowly_gets_408(tmp_path: Path) -> None:
 
     answer = asyncio.run(run())
     assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
+
+
+@aiohttp_web.middleware
+async def api_errors(request: aiohttp_web.Request, handler: Any) -> aiohttp_web.StreamResponse:
+    """What the ApiServer's error middleware does, for the build routes alone."""
+    from pleaco.api.errors import ApiError
+
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except ApiError as exc:
+        return aiohttp_web.json_response(exc.to_json(), status=exc.status)

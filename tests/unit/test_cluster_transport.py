@@ -62,6 +62,8 @@ class Ends:
         for t in self.transports:
             await t.close()
 
+POLL = 0.01  # seconds between looks at a condition polled with a bound
+
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
@@ -145,11 +147,10 @@ def test_connections_over_the_pending_cap_are_closed_unread() -> None:
         server = await ends.server()
         host, _, port = server.addr.rpartition(":")
         idle = [await asyncio.open_connection(host, int(port)) for _ in range(2)]
-        await asyncio.sleep(0)  # let the server accept them (not synchronisation: polled below)
         for _ in range(100):
             if server._pending == 2:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(POLL)
         reader, writer = await asyncio.open_connection(host, int(port))
         assert await closed(reader)
         assert ends.drops == ["busy"]
@@ -159,7 +160,7 @@ def test_connections_over_the_pending_cap_are_closed_unread() -> None:
         for _ in range(100):
             if server._pending == 0:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(POLL)
         client = ends.transport(ends.b)
         assert (await client.request(server.addr, {"t": "pp"}, 5))[0] == ends.a.node_id
         await ends.close()
@@ -186,7 +187,7 @@ def test_a_burst_of_warnings_is_one_line_and_then_one_count() -> None:
         for _ in range(100):
             if len(rec.lines) == 2:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(POLL)
         assert rec.lines[1] == ("x.refused", {"repeated": 49, "window_s": 0.2, "n": 49})
 
     run(scenario())
