@@ -28,6 +28,7 @@ from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
 from pleaco.errors import PleacoError
+from pleaco.host.datadir import DataDirInUse, DataDirLock
 from pleaco.identity import Identity, write_secret_file
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
 from pleaco.metrics import Registry
@@ -73,12 +74,23 @@ class Agent:
 
     async def run(self) -> None:
         cfg = self.cfg
+        lock = DataDirLock(cfg.data_dir)
         try:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(cfg.data_dir, 0o700)
+            lock.acquire()  # before anything in it is read or written
             identity = Identity.load_or_create(cfg.data_dir)
+        except DataDirInUse as exc:
+            raise AgentError(str(exc)) from exc
         except OSError as exc:
+            lock.release()
             raise AgentError(f"data dir {cfg.data_dir}: {exc}") from exc
+        try:
+            await self._run(cfg, identity)
+        finally:
+            lock.release()
+
+    async def _run(self, cfg: Config, identity: Identity) -> None:
         logs.setup(cfg.log_level, identity.node_id, cfg.name)
         token = load_or_create_token(cfg)
         store = Store(cfg.db_path, identity)

@@ -13,7 +13,7 @@ LAYERS: list[set[str]] = [
     {"__init__", "logs", "metrics", "errors", "hostport", "urlpath", "identity"},  # foundations
     {"store"},  # the replicated state on disk
     {"cluster", "runtime"},  # gossip and trust; Docker Engine (neither knows the other)
-    {"apps", "placement"},  # what the state means: app specs, who runs and decides what
+    {"apps", "placement", "host"},  # what the state means: app specs, who runs and decides what; the host
     {"reconcile"},  # the loop runner and the app, rollout, tombstone loops
     {"ingress", "builds"},  # the proxy loop; the build pipeline and its loops
     {"api"},  # the HTTP API and its client

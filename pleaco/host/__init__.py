@@ -1,0 +1,1 @@
+"""The agent's host: one agent per data dir (and, later, systemd and releases)."""
