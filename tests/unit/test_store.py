@@ -70,6 +70,24 @@ def trusting_store(store: Store) -> Store:
 # -- local writes and reads --------------------------------------------------------------
 
 
+class FailingUpsert:
+    """Makes the store's ``n``-th row write from now on fail as a full disk would."""
+
+    def __init__(self, s: Store, n: int) -> None:
+        self.store, self.n, self.calls = s, n, 0
+        self.real = s._upsert
+        s._upsert = self.upsert  # type: ignore[method-assign]
+
+    def upsert(self, rec: Record) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            raise OSError("disk full")
+        self.real(rec)
+
+    def restore(self) -> None:
+        self.store._upsert = self.real  # type: ignore[method-assign]
+
+
 def test_put_get_value_delete(store: Store) -> None:
     rec = store.put("app", "web", {"image": "nginx:1"})
     assert rec.origin == ADMIN.node_id
@@ -407,23 +425,13 @@ def test_put_many_failing_mid_transaction_rolls_back(tmp_path: Path) -> None:
     before = s.all()
     fired: list[Record] = []
     s.subscribe(fired.append)
-    real_upsert = s._upsert
-    calls = 0
-
-    def failing_upsert(rec: Record) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise OSError("disk full")
-        real_upsert(rec)
-
-    s._upsert = failing_upsert  # type: ignore[method-assign]
+    failing = FailingUpsert(s, 3)
     with pytest.raises(OSError, match="disk full"):
         s.put_many([("app", "a", {"v": 1}), ("app", "keep", {"v": 2}), ("scale", "a", {"replicas": 1})])
-    assert calls == 3  # two rows really were written inside the transaction before the failure
+    assert failing.calls == 3  # two rows really were written inside the transaction before the failure
     assert s.all() == before
     assert fired == []
-    s._upsert = real_upsert  # type: ignore[method-assign]
+    failing.restore()
     s.put("app", "after", {"v": 3})  # the connection is usable again (no transaction left open)
     s.close()
     s2 = open_store(path)
@@ -593,17 +601,7 @@ def test_apply_many_checks_each_record_against_those_before_it(tmp_path: Path) -
 def test_apply_many_rolls_back_whole_on_a_disk_error(trusting_store: Store) -> None:
     s = trusting_store
     before = s.all()
-    real_upsert = s._upsert
-    calls = 0
-
-    def failing_upsert(rec: Record) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise OSError("disk full")
-        real_upsert(rec)
-
-    s._upsert = failing_upsert  # type: ignore[method-assign]
+    FailingUpsert(s, 2)
     with pytest.raises(OSError):
         s.apply_many([peer_record(PEERS[0], key="a"), peer_record(PEERS[0], key="b")])
     assert s.all() == before and s.peek("app", "a") is None
