@@ -15,8 +15,9 @@ if [ "${FORCE:-0}" != 1 ] && docker image inspect "$TAG" >/dev/null 2>&1; then
     exit 0
 fi
 if ! command -v debootstrap >/dev/null; then
-    echo "images: installing debootstrap" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+    # Not fatal: only test_systemd needs the image, and it says how to get it.
+    echo "images: skipped $TAG: debootstrap is not installed (make apt installs it)" >&2
+    exit 0
 fi
 root=$(mktemp -d /var/tmp/pleaco-systemd-node.XXXXXX)
 trap 'rm -rf "$root"' EXIT
