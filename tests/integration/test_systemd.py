@@ -105,7 +105,10 @@ class Node:
         assert self.c.put_archive(str(Path(path).parent), buf.getvalue())
 
     def show(self, *props: str) -> dict[str, str]:
-        out = self.run("systemctl", "show", "pleaco", *(f"--property={p}" for p in props))
+        return self.show_unit("pleaco", *props)
+
+    def show_unit(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.run("systemctl", "show", unit, *(f"--property={p}" for p in props))
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def journal(self) -> list[dict[str, Any]]:
@@ -228,3 +231,33 @@ def test_when_docker_is_down_at_start_the_agent_asks_systemd_to_start_it(node: N
     assert "ActiveState=active" in docker_unit, docker_unit
     # The engine answers the agent now: its app loop says so.
     wait_for(lambda: events(node, "engine.reachable"), 30, "engine.reachable after docker.service started")
+
+
+def test_a_loop_stuck_on_a_hung_engine_withholds_the_watchdog_and_systemd_restarts_the_agent(node: Node) -> None:
+    install_unit(node)
+    # A loop is stuck after 3 s in one step; an engine call waits up to 60 s.
+    node.put("/etc/systemd/system/pleaco.service.d/stuck.conf",
+             "[Service]\nEnvironment=PLEACO_LOOP_STUCK_AFTER=3\nEnvironment=PLEACO_DOCKER_TIMEOUT=60\n")
+    node.run("systemctl", "daemon-reload")
+    node.run("systemctl", "start", "pleaco")
+    first_pid = node.show("MainPID")["MainPID"]
+    wait_for(lambda: events(node, "engine.reachable"), 20, "the agent to reach the engine")
+    # Docker hangs: its process stopped, connections are accepted by the kernel and never
+    # answered, so the app loop's next engine call blocks. The agent itself runs on.
+    docker_pid = node.show_unit("docker", "MainPID")["MainPID"]
+    node.run("kill", "-STOP", docker_pid)
+    try:
+        withheld = wait_for(lambda: events(node, "systemd.watchdog_withheld"), 30, "systemd.watchdog_withheld")
+        assert "apps" in withheld[0]["PLEACO_LOOP"].split(","), withheld
+        assert withheld[0]["_PID"] == first_pid  # logged by the running agent: it was not hung itself
+        wait_for(lambda: int(node.show("NRestarts")["NRestarts"]) >= 1, 30, "systemd to restart the agent")
+        systemd_lines = node.run("journalctl", "-u", "pleaco", "--no-pager", "-o", "cat", "_PID=1")
+        assert "Watchdog timeout" in systemd_lines, systemd_lines
+    finally:
+        node.run("kill", "-CONT", docker_pid)
+
+    def running_again() -> bool:
+        now = node.show("ActiveState", "MainPID")
+        return now["ActiveState"] == "active" and now["MainPID"] not in ("0", first_pid)
+
+    wait_for(running_again, 60, "the agent to run again once Docker answers")
