@@ -184,6 +184,11 @@ def test_the_unit_starts_the_agent_reports_status_restarts_it_on_a_hang_and_logs
     status = client.status()
     node_id = status["node_id"]
     assert shown["StatusText"] == "0 apps, 0 replicas, cluster of 1", shown
+    # The unit's sandbox is in force (ProtectSystem=strict), and the agent registered its
+    # addresses where the unit lets it write (RuntimeDirectory=).
+    probe = node.run("nsenter", "-t", shown["MainPID"], "-m", "touch", "/etc/pleaco-probe", check=False)
+    assert "Read-only file system" in probe, probe
+    node.run("test", "-f", f"/run/pleaco/agents/{shown['MainPID']}.json")
 
     # The journal: structured fields on every entry, the node's id among them.
     started = wait_for(lambda: events(node, "agent.started"), 10, "agent.started in the journal")

@@ -53,6 +53,9 @@ def test_the_watchdog_pings_at_half_its_timeout_and_only_for_its_own_pid() -> No
     assert watchdog_interval({"WATCHDOG_USEC": "soon"}, me) is None
 
 
+POLL = 0.01  # seconds between looks at a condition (polled with a deadline)
+
+
 class Listener:
     """systemd's end: a datagram socket at NOTIFY_SOCKET's address."""
 
@@ -154,7 +157,7 @@ def test_stop_says_stopping_and_ends_the_pings(listener: Listener) -> None:
         got: list[dict[str, str]] = []
         while not any("WATCHDOG" in m for m in got):
             assert asyncio.get_running_loop().time() < deadline, "no ping"
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(POLL)
             got += listener.messages()
         await sup.stop()
         assert task.cancelled()  # the pinging task is over
