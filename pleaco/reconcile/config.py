@@ -77,8 +77,8 @@ class ReconcileSettings:
     # A loop whose one step has run this long (seconds) is stuck: the agent stops its
     # systemd watchdog pings (pleaco.host.systemd), so systemd restarts it. Far above the
     # longest bounded step: an engine call waits at most docker_timeout (30 s), a stop
-    # stop_timeout more, a repository poll git_timeout (120 s) per repository; builds run
-    # outside any step. Ten minutes of one step is a hang, not work.
+    # stop_timeout more; builds run outside any step, and the repository poller adds
+    # git_timeout per repository it polls. Ten minutes of one step is a hang, not work.
     loop_stuck_after: float = 600.0
     # The rollout pace, drain and automatic rollback: the [rollout] table.
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -92,6 +92,12 @@ class Loop:
         """Seconds until the next step when nobody wakes the loop."""
         return self.interval
 
+    def step_bound(self, default: float) -> float:
+        """Seconds one step may run before the runner calls this loop stuck (``default``:
+        the agent's ``loop_stuck_after``). A loop whose step grows with its work, each
+        piece bounded by a timeout of its own, says so here."""
+        return default
+
     def wants_settle(self) -> bool:
         """Whether to wait ``settle`` seconds after a wake (e.g. only while actions run)."""
         return self.settle > 0
@@ -145,11 +151,14 @@ class LoopRunner:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def stuck(self, now: float, after: float) -> list[str]:
-        """The loops whose current step started more than ``after`` seconds before ``now``
-        (``time.monotonic()``): hung on something that never answers. A loop waiting for
-        its next step, or backing off, is not stuck; builds run in the build service's own
-        pools, outside its step, so a long build does not count."""
-        return sorted(name for name, started in self._step_started.items() if now - started > after)
+        """The loops whose current step started more than ``after`` seconds (or the
+        loop's own ``step_bound``) before ``now`` (``time.monotonic()``): hung on
+        something that never answers. A loop waiting for its next step, or backing off,
+        is not stuck; builds run in the build service's own pools, outside its step, so a
+        long build does not count."""
+        loops = {loop.name: loop for loop in self.loops}
+        return sorted(name for name, started in self._step_started.items()
+                      if now - started > after and now - started > loops[name].step_bound(after))
 
     async def _supervise(self, loop: Loop) -> None:
         while True:

@@ -109,7 +109,9 @@ class Node:
 
     def show_unit(self, unit: str, *props: str) -> dict[str, str]:
         out = self.run("systemctl", "show", unit, *(f"--property={p}" for p in props))
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        shown = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        assert set(props) <= set(shown), f"systemctl show {unit} answered {out!r}"
+        return shown
 
     def journal(self) -> list[dict[str, Any]]:
         out = self.run("journalctl", "-o", "json", "-u", "pleaco", "--no-pager")

@@ -211,3 +211,25 @@ def test_stuck_names_only_the_loop_whose_step_has_run_longer_than_the_bound() ->
         assert runner.stuck(time.monotonic() + 1e6, after=60.0) == []  # a stopped loop runs no step
 
     asyncio.run(main())
+
+
+def test_a_loop_whose_step_grows_with_its_work_is_stuck_only_past_its_own_bound() -> None:
+    class Polling(Hanging):
+        name = "poll"
+
+        def step_bound(self, default: float) -> float:
+            return default + 5 * 120.0  # five repositories, each up to its git timeout
+
+    async def main() -> None:
+        runner = LoopRunner(Registry())
+        poll = runner.add(Polling())
+        runner.start()
+        try:
+            await until(lambda: poll.steps >= 2)
+            now = time.monotonic()
+            assert runner.stuck(now + 61.0, after=60.0) == []
+            assert runner.stuck(now + 661.0, after=60.0) == ["poll"]
+        finally:
+            await runner.stop()
+
+    asyncio.run(main())
