@@ -125,6 +125,8 @@ class Node:
 
 @pytest.fixture
 def node() -> Iterator[Node]:
+    if VENV == BASE_PYTHON:  # mounting the interpreter's own prefix (/usr) would hide the node's
+        pytest.fail("run the tests with the project's venv (.venv/bin/python -m pytest)", pytrace=False)
     engine = docker_client()
     try:
         engine.images.get(IMAGE)
