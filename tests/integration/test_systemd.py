@@ -150,12 +150,12 @@ def node() -> Iterator[Node]:
         wait_for(lambda: n.run("systemctl", "is-system-running", check=False).strip() in ("running", "degraded"),
                  60, "the node's systemd to finish booting", interval=0.2)
         yield n
-        node_id = next((e["PLEACO_NODE"] for e in n.journal() if "PLEACO_NODE" in e), "")
     finally:
         try:
             print("==== journal of pleaco in the node ====")
             print(n.run("journalctl", "-u", "pleaco", "--no-pager", "-n", "200", check=False))
-        except Exception as exc:
+            node_id = next((e["PLEACO_NODE"] for e in n.journal() if "PLEACO_NODE" in e), "")
+        except Exception as exc:  # the container is removed all the same
             print(f"(no journal: {exc})")
         container.remove(force=True)
         if node_id:
