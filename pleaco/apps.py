@@ -6,6 +6,10 @@ An app is two records, so that scaling and deploying never overwrite each other:
   up whenever anything but the replica count changes. Each revision is a release.
 - ``scale/NAME``: the desired replica count (written by ``apps scale``, ``apps deploy
   --replicas`` and, later, the autoscaler).
+- ``scale/NAME/autoscale``: the app's autoscale policy (``apps autoscale``), when it has
+  one. A record of its own, not a field of ``scale/NAME``: the autoscaler writes the count
+  often and the user the policy rarely, and with last-writer-wins per record neither write
+  may undo the other.
 
 Every release is also kept as ``release/NAME/REVISION`` for history and rollback.
 
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pleaco import errors, logs
+from pleaco.scale import AutoscalePolicy, PolicyError
 from pleaco.store import Record, Store
 from pleaco.urlpath import health_path_problem
 
@@ -39,6 +44,8 @@ DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host",
 # redirect to HTTPS, "off" serves HTTP only. Absent means "on".
 HTTPS_MODES = ("off", "on", "redirect")
 DEFAULT_REPLICAS = 1
+# The key of an app's autoscale policy under the ``scale`` kind: NAME + this.
+AUTOSCALE_SUFFIX = "/autoscale"
 
 
 class ValidationError(errors.InvalidInput, ValueError):
@@ -200,6 +207,8 @@ class AppStore:
         # name -> desired replicas, from the ``scale`` records (a reconcile pass asks for
         # every app's).
         self._replicas: dict[str, int] = {}
+        # name -> its autoscale policy, from the ``scale/NAME/autoscale`` records.
+        self._policies: dict[str, AutoscalePolicy] = {}
         # The apps that want at least one replica: what a reconcile pass or a rollout check
         # walks, so their cost follows the apps that run, not all the apps there are.
         self._wanted: set[str] = set()
@@ -208,13 +217,30 @@ class AppStore:
         for rec in store.peek_records("app"):
             self._refresh(rec.key)
         for rec in store.peek_records("scale"):
-            self._refresh_replicas(rec.key)
+            self._changed(rec)
 
     def _changed(self, rec: Record) -> None:
         if rec.kind == "app":
             self._refresh(rec.key)
+        elif rec.kind == "scale" and rec.key.endswith(AUTOSCALE_SUFFIX):
+            self._refresh_policy(rec.key.removesuffix(AUTOSCALE_SUFFIX))
         elif rec.kind == "scale":
             self._refresh_replicas(rec.key)
+
+    def _refresh_policy(self, name: str) -> None:
+        """Like ``_refresh``, for the autoscale policy."""
+        with self._lock:
+            value = self.store.value("scale", name + AUTOSCALE_SUFFIX)
+            policy = None
+            if value is not None:
+                try:
+                    policy = AutoscalePolicy.from_value(value)
+                except (PolicyError, TypeError) as exc:
+                    log.warning("autoscale.record_invalid", app=name, error=str(exc))
+            if policy is None:
+                self._policies.pop(name, None)
+            else:
+                self._policies[name] = policy
 
     def _refresh_replicas(self, name: str) -> None:
         """Like ``_refresh``, for the replica count."""
@@ -391,14 +417,56 @@ class AppStore:
         replicas = validate_replicas(replicas, self.max_replicas)
         if self.get(name) is None:
             raise NotFound(f"app {name!r} does not exist")
+        policy = self.autoscale(name)
+        if policy is not None and not policy.min_replicas <= replicas <= policy.max_replicas:
+            raise ValidationError(
+                "replicas", f"{replicas} is outside the app's autoscale range {policy.min_replicas}.."
+                f"{policy.max_replicas} (change it with apps autoscale, or turn it off with --off)")
         self.store.put("scale", name, {"replicas": replicas})
         return int(replicas)
+
+    # -- autoscale policy ------------------------------------------------------------------
+
+    def autoscale(self, name: str) -> AutoscalePolicy | None:
+        return self._policies.get(name)
+
+    def set_autoscale(self, name: Any, body: Any) -> AutoscalePolicy:
+        """Give an app an autoscale policy (the fields of ``AutoscalePolicy``), replacing
+        the one it had. The replica count is moved into the policy's range at once, in the
+        same write, so the app is within its bounds before the autoscaler first decides."""
+        validate_name(name)
+        policy = AutoscalePolicy.from_value(body)
+        if policy.max_replicas > self.max_replicas:
+            raise PolicyError("max_replicas", f"{policy.max_replicas} is above this cluster's max_replicas "
+                                              f"({self.max_replicas})")
+        if self.get(name) is None:
+            raise NotFound(f"app {name!r} does not exist")
+        writes: list[tuple[str, str, dict[str, Any] | None]] = [
+            ("scale", name + AUTOSCALE_SUFFIX, policy.to_value())]
+        count = self.replicas(name)
+        bounded = min(max(count, policy.min_replicas), policy.max_replicas)
+        if bounded != count:
+            writes.append(("scale", name, {"replicas": bounded}))
+        self.store.put_many(writes)
+        return policy
+
+    def clear_autoscale(self, name: str) -> bool:
+        """Turn autoscaling off (the count stays as it is); False when it was not on."""
+        validate_name(name)
+        if self.get(name) is None:
+            raise NotFound(f"app {name!r} does not exist")
+        if self.store.value("scale", name + AUTOSCALE_SUFFIX) is None:
+            return False
+        self.store.delete("scale", name + AUTOSCALE_SUFFIX)
+        return True
 
     def remove(self, name: str) -> None:
         validate_name(name)
         if self.get(name) is None:
             raise NotFound(f"app {name!r} does not exist")
         writes: list[tuple[str, str, dict[str, Any] | None]] = [("app", name, None), ("scale", name, None)]
+        if self.store.value("scale", name + AUTOSCALE_SUFFIX) is not None:
+            writes.append(("scale", name + AUTOSCALE_SUFFIX, None))
         writes += [("release", f"{name}/{r['revision']}", None) for r in self.releases(name)]
         self.store.put_many(writes)
 

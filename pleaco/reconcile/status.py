@@ -30,6 +30,8 @@ class AppStatus:
     instances: list[InstanceStatus]
     # Set when this release is a rollback: {"from": revision, "to": revision, "reason": why}.
     rollback: dict[str, Any] | None = None
+    # The autoscale policy (AutoscalePolicy.to_value()), None when the count is set by hand.
+    autoscale: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +44,7 @@ class AppStatus:
             "host": self.spec.host,
             "https": self.spec.https or "on",
             "rollback": self.rollback,
+            "autoscale": self.autoscale,
             "replicas": self.replicas,
             "running": self.running,
             "healthy": self.healthy,
@@ -115,4 +118,6 @@ def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: 
                     "reason": release.get("reason", "by hand")}
         if state == "running":
             message = f"rolled back from revision {rollback['from']}: {rollback['reason']}"
-    return AppStatus(spec, replicas, running, healthy, state, message, instances, rollback)
+    policy = view.apps.autoscale(spec.name)
+    return AppStatus(spec, replicas, running, healthy, state, message, instances, rollback,
+                     policy.to_value() if policy is not None else None)
