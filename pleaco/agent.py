@@ -98,7 +98,7 @@ class Agent:
 
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
-        apps = AppStore(store, cfg.max_replicas)
+        apps = AppStore(store, cfg.max_replicas, cfg.apps)
         cluster = Cluster(cfg, identity, store, registry)
         images = ImageTransfer(cluster, runtime)  # images between nodes, over the cluster's streams
         me = identity.node_id

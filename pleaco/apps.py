@@ -21,6 +21,7 @@ app, checking a host name and listing all of them cost nothing per app already t
 from __future__ import annotations
 
 import bisect
+import math
 import re
 import threading
 import time
@@ -39,11 +40,20 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 
-DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https"})
+DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https", "memory", "cpus", "pids"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
 # redirect to HTTPS, "off" serves HTTP only. Absent means "on".
 HTTPS_MODES = ("off", "on", "redirect")
 DEFAULT_REPLICAS = 1
+# Resource limits of every replica. Docker refuses a memory limit under 6 MiB (its
+# linuxMinMemory) and CPUs under 0.01; the process count is capped at the kernel's largest
+# pid_max (2^22). Sizes are Docker's: a number of bytes, or with b, k, m or g (powers of 1024).
+MIN_MEMORY = 6 << 20
+MAX_MEMORY = 1 << 50
+MIN_CPUS, MAX_CPUS = 0.01, 1024.0
+MAX_PIDS = 1 << 22
+_SIZE = re.compile(r"^([0-9]{1,16})([bkmg]?)$")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # The key of an app's autoscale policy under the ``scale`` kind: NAME + this.
 AUTOSCALE_SUFFIX = "/autoscale"
 
@@ -82,8 +92,13 @@ class AppSpec:
     health: str | None = None
     host: str | None = None
     revision: int = 1
-    # After revision so positional construction stays as it was (the field is additive).
+    # After revision so positional construction stays as it was (the fields are additive).
     https: str | None = None
+    # Limits of every replica (None: none): memory in bytes, CPUs (1.5 = one and a half
+    # cores' time), processes and threads.
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
@@ -101,6 +116,9 @@ class AppSpec:
             host=value.get("host"),
             https=value.get("https"),
             revision=int(value.get("revision", 1)),
+            memory=value.get("memory"),
+            cpus=value.get("cpus"),
+            pids=value.get("pids"),
         )
 
     def same_release(self, other: AppSpec) -> bool:
@@ -136,6 +154,76 @@ def validate_replicas(replicas: Any, max_replicas: int) -> int:
     if not 0 <= replicas <= max_replicas:
         raise ValidationError("replicas", f"{replicas} is out of range 0..{max_replicas}")
     return replicas
+
+
+def parse_memory(value: Any, field_name: str = "memory") -> int:
+    """A memory limit in bytes, from a number of bytes or a size such as "256m"."""
+    match = _SIZE.fullmatch(value.strip().lower()) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif match:
+        size = int(match[1]) * _UNITS[match[2]]
+    else:
+        raise ValidationError(field_name, f"{value!r} is not a size (bytes, or a number with k, m or g: 256m)")
+    if size < MIN_MEMORY:
+        raise ValidationError(field_name, f"{value!r} is below Docker's minimum of 6m")
+    if size > MAX_MEMORY:
+        raise ValidationError(field_name, f"{value!r} is more than any machine has")
+    return size
+
+
+def format_memory(size: int) -> str:
+    """Bytes as the largest unit that divides them: 268435456 -> "256m"."""
+    for unit in ("g", "m", "k"):
+        if size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return f"{size}b"
+
+
+def validate_cpus(value: Any, field_name: str = "cpus") -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValidationError(field_name, f"expected a number of CPUs such as 0.5, got {value!r}")
+    if not MIN_CPUS <= value <= MAX_CPUS:
+        raise ValidationError(field_name, f"{value!r} is out of range {MIN_CPUS}..{MAX_CPUS:g}")
+    return float(value)
+
+
+def validate_pids(value: Any, field_name: str = "pids") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PIDS:
+        raise ValidationError(field_name, f"expected a whole number 1..{MAX_PIDS}, got {value!r}")
+    return value
+
+
+@dataclass
+class AppDefaults:
+    """The ``[apps]`` table (env ``PLEACO_APPS_<NAME>``): limits every replica gets when
+    its deploy names none. Written into the app's spec at deploy, so every node runs (and
+    places) the app alike whatever its own config says."""
+
+    # No memory or CPU limit unless asked: what an app needs is the app's to say (a limit
+    # too small kills it), and a memory limit is what placement counts against a node.
+    memory: str = ""
+    cpus: float = 0.0
+    # Processes and threads per replica: a fork bomb in one replica cannot take the host's
+    # pid space (32768 on many kernels), while no web app comes near 4096. 0: no limit.
+    pids: int = 4096
+
+    def validate(self) -> list[str]:
+        try:
+            if self.memory:
+                parse_memory(self.memory, "apps.memory")
+            if self.cpus:
+                validate_cpus(self.cpus, "apps.cpus")
+            if self.pids:
+                validate_pids(self.pids, "apps.pids")
+        except ValidationError as exc:
+            return [str(exc)]
+        return []
+
+    def fill(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The deploy body with these defaults for the limits it does not name."""
+        defaults = {"memory": self.memory or None, "cpus": self.cpus or None, "pids": self.pids or None}
+        return {**{k: v for k, v in defaults.items() if v is not None and body.get(k) is None}, **body}
 
 
 def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, int | None]:
@@ -179,7 +267,17 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
     https = body.get("https")
     if https is not None and https not in HTTPS_MODES:
         raise ValidationError("https", f"{https!r} must be one of {', '.join(HTTPS_MODES)}")
-    spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0)
+    memory = body.get("memory")
+    if memory is not None:
+        memory = parse_memory(memory)
+    cpus = body.get("cpus")
+    if cpus is not None:
+        cpus = validate_cpus(cpus)
+    pids = body.get("pids")
+    if pids is not None:
+        pids = validate_pids(pids)
+    spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0,
+                   memory=memory, cpus=cpus, pids=pids)
     return spec, replicas
 
 
@@ -194,9 +292,11 @@ class DeployResult:
 class AppStore:
     """The app-level writes and reads over the replicated store."""
 
-    def __init__(self, store: Store, max_replicas: int) -> None:
+    def __init__(self, store: Store, max_replicas: int, defaults: AppDefaults | None = None) -> None:
         self.store = store
         self.max_replicas = max_replicas
+        # Limits for deploys that name none ([apps]); None: none.
+        self.defaults = defaults
         # name -> (the app record it was decoded from, the spec); the names in order and
         # their specs in the same order (a list insert moves pointers: cheap at any size);
         # host -> the apps claiming it (two, when two nodes took one host at the same time).
@@ -331,6 +431,8 @@ class AppStore:
     def deploy(self, name: Any, body: Any, release_info: dict[str, Any] | None = None) -> DeployResult:
         """Create or update an app. ``release_info`` (a build's commit and id) is kept in the
         release record when this deploy makes a new release."""
+        if self.defaults is not None and isinstance(body, dict):
+            body = self.defaults.fill(body)
         spec, replicas = validate_deploy(name, body, self.max_replicas)
         current = self.get(spec.name)
         if host_owner := self._host_owner(spec.host, spec.name):

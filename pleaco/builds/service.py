@@ -611,6 +611,10 @@ class BuildService(Loop):
             body["env"] = current.env
             if current.host:
                 body["host"] = current.host
+            # The limits set by deploy stay (a build changes the image, not what it may use).
+            for limit in ("memory", "cpus", "pids"):
+                if getattr(current, limit) is not None:
+                    body[limit] = getattr(current, limit)
         port = manifest.port if manifest.port is not None else (current.port if current else None)
         if port is not None:
             body["port"] = port

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from pleaco.api.client import Client
+from pleaco.apps import format_memory
 from pleaco.cli import builds
 from pleaco.cli.output import print_json, table
 from pleaco.cli.usage import UsageError, parse_env
@@ -34,6 +35,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--host", metavar="HOSTNAME")
     p.add_argument("--https", choices=["on", "off", "redirect"],
                    help="HTTPS at the proxy: on (default), off, or redirect HTTP to HTTPS")
+    p.add_argument("--memory", metavar="SIZE", help="memory limit of every replica: 256m, 1g (at least 6m)")
+    p.add_argument("--cpus", type=float, metavar="N", help="CPU limit of every replica: 0.5 is half a core's time")
+    p.add_argument("--pids", type=int, metavar="N", help="processes and threads per replica")
     p.add_argument("--json", action="store_true")
     p = apps.add_parser("scale", help="set an app's replica count")
     p.add_argument("name")
@@ -87,7 +91,7 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return 0
     if verb == "deploy":
         spec: dict[str, Any] = {"image": args.image}
-        for field_name in ("replicas", "port", "health", "host", "https"):
+        for field_name in ("replicas", "port", "health", "host", "https", "memory", "cpus", "pids"):
             if getattr(args, field_name) is not None:
                 spec[field_name] = getattr(args, field_name)
         if args.env:
@@ -160,6 +164,10 @@ def show(app: dict[str, Any]) -> None:
         print(f"host       {app['host']}")
     if app.get("https") and app["https"] != "on":
         print(f"https      {app['https']}")
+    limits = [f"memory {format_memory(app['memory'])}" if app.get("memory") else "",
+              f"cpus {app['cpus']:g}" if app.get("cpus") else "", f"pids {app['pids']}" if app.get("pids") else ""]
+    if any(limits):
+        print(f"limits     {', '.join(x for x in limits if x)}")
     if app.get("autoscale"):
         # The policy only: the loop that decides with it comes with the autoscaler (issue 11).
         print(f"autoscale  {describe_autoscale(app['autoscale'])} (no decisions yet)")

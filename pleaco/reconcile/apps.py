@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 
 from pleaco import logs
-from pleaco.apps import AppSpec, AppStore
+from pleaco.apps import AppSpec, AppStore, format_memory
 from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.placement import owned_replicas
 from pleaco.reconcile.backoff import Backoff
@@ -210,6 +210,7 @@ class AppReconciler(Loop):
             by_replica.setdefault((c.app, c.replica), []).append(c)
 
         removals: list[tuple[ContainerInfo, str]] = []
+        crashed: list[tuple[ContainerInfo, ReplicaState, AppSpec]] = []
         starts: list[tuple[AppSpec, int]] = []
         restarts: list[tuple[ContainerInfo, AppSpec]] = []
         # Rollout pace per app: replacements started and not serving yet (the surge), and
@@ -236,7 +237,8 @@ class AppReconciler(Loop):
             state = self._state(key)
             if current:
                 keep = current[0]
-                self._observe_replica(key, keep, state, now, spec)
+                if self._observe_replica(key, keep, state, now, spec):
+                    crashed.append((keep, state, spec))
                 if not keep.running and (keep.state == "created" or state.backoff.ready(now)):
                     restarts.append((keep, spec))
                 if self._serving(keep, state, spec):
@@ -275,6 +277,7 @@ class AppReconciler(Loop):
             if key not in desired and key not in by_replica:
                 del view.replicas[key]
 
+        await self._explain_exits(crashed)
         await self._probe_health(desired, now)
         drain = view.drain
         removals = [(c, reason) for c, reason in removals if not c.running or drain.may_remove(c, reason, now)]
@@ -320,7 +323,8 @@ class AppReconciler(Loop):
             self.view.replicas[key] = state
         return state
 
-    def _observe_replica(self, key: ReplicaKey, c: ContainerInfo, st: ReplicaState, now: float, spec: AppSpec) -> None:
+    def _observe_replica(self, key: ReplicaKey, c: ContainerInfo, st: ReplicaState, now: float, spec: AppSpec) -> bool:
+        """Update the replica's state from its container; True when it has just crashed."""
         if c.id != st.container_id:
             st.container_id = c.id
             st.healthy = False
@@ -333,7 +337,7 @@ class AppReconciler(Loop):
                 st.healthy = True
             if st.backoff.failures and now - st.running_since >= self.cfg.backoff_reset_after:
                 st.backoff.reset()
-            return
+            return False
         st.healthy = False
         st.running_since = 0.0
         if c.state in ("exited", "dead") and st.crash_seen != c.id + str(st.restarts):
@@ -346,6 +350,24 @@ class AppReconciler(Loop):
                 "replica.crashed", app=key[0], replica=key[1], container=c.id[:12],
                 exit_code=c.exit_code, failures=st.backoff.failures, backoff_s=round(delay, 1),
             )
+            return True
+        return False
+
+    async def _explain_exits(self, crashed: list[tuple[ContainerInfo, ReplicaState, AppSpec]]) -> None:
+        """Ask the engine why replicas that just exited did (one inspect per crash, not per
+        pass): one killed for its memory limit says so in ``apps show``, rather than
+        crash-looping with only an exit code to go by."""
+        for c, st, spec in crashed:
+            if spec.memory is None:
+                continue  # without a limit the kernel's OOM killer is the host's business
+            try:
+                info = await self.blocking(self.runtime.exit_info, c.id)
+            except NotFound:
+                continue
+            if info.oom_killed:
+                st.last_error = f"exited: out of memory (limit {format_memory(spec.memory)})"
+                log.warning("replica.out_of_memory", app=c.app, replica=c.replica, container=c.id[:12],
+                            limit=spec.memory)
 
     def _serving(self, c: ContainerInfo, st: ReplicaState, spec: AppSpec) -> bool:
         return c.running and (st.healthy or not spec.health)
@@ -379,6 +401,7 @@ class AppReconciler(Loop):
         run = RunSpec(
             app=spec.name, node=self.node_id, release=spec.revision, replica=replica,
             image=spec.image, port=spec.port, env=spec.env, publish_host=self.view.publish_host,
+            memory=spec.memory, nano_cpus=round(spec.cpus * 1e9) if spec.cpus else None, pids=spec.pids,
         )
         async with self._limit:
             if not self._still_wanted(spec, replica):
