@@ -3,12 +3,17 @@ the CLI, `docker inspect`, and bad input refused with nothing changed."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
+import docker.errors
 import pytest
-from agentproc import AgentProcess
-from conftest import HELLO
+from agentproc import AgentProcess, docker_client, node_containers, wait_for
+from conftest import BUSYBOX, HELLO
 from test_api import raw
 from test_cli import cli
 
@@ -91,3 +96,88 @@ def test_autoscale_cli(agent: AgentProcess) -> None:
     assert off.returncode == 0 and "autoscaling off" in off.stdout
     assert agent.client.app("web")["autoscale"] is None
     assert "autoscale" not in cli(agent, "apps", "show", "web").stdout
+
+
+# -- resource limits ----------------------------------------------------------------------
+
+def inspect_limits(agent: AgentProcess, app: str) -> list[tuple[int, int, int]]:
+    """(Memory, NanoCpus, PidsLimit) of each of the app's running containers, from Docker."""
+    api = docker_client().api
+    out = []
+    for c in node_containers(agent.node_id, app, all_states=False):
+        host = api.inspect_container(c.id)["HostConfig"]
+        out.append((host["Memory"], host["NanoCpus"], host["PidsLimit"]))
+    return out
+
+
+def test_limits_reach_docker_and_show(agent: AgentProcess) -> None:
+    out = cli(agent, "apps", "deploy", "web", "--image", HELLO, "--replicas", "2", "--port", "8080",
+              "--health", "/healthz", "--memory", "64m", "--cpus", "0.5", "--pids", "50")
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: agent.client.app("web")["healthy"] == 2, 60, "2 healthy replicas")
+    assert inspect_limits(agent, "web") == [(64 << 20, 500_000_000, 50)] * 2
+    # No swap on top of the memory limit: over it, the kernel kills, not swaps.
+    [c, _] = node_containers(agent.node_id, "web", all_states=False)
+    assert docker_client().api.inspect_container(c.id)["HostConfig"]["MemorySwap"] == 64 << 20
+    shown = cli(agent, "apps", "show", "web").stdout
+    assert "limits     memory 64m, cpus 0.5, pids 50" in shown
+    app = agent.client.app("web")
+    assert (app["memory"], app["cpus"], app["pids"]) == (64 << 20, 0.5, 50)
+
+
+def test_default_limits_from_the_config(agent_factory: Any) -> None:
+    agent = agent_factory(env={"PLEACO_APPS_MEMORY": "96m", "PLEACO_APPS_PIDS": "77"})
+    agent.client.deploy("web", {"image": HELLO, "replicas": 1, "port": 8080})
+    wait_for(lambda: inspect_limits(agent, "web"), 60, "a running replica")
+    assert inspect_limits(agent, "web") == [(96 << 20, 0, 77)]
+
+
+@pytest.fixture
+def memhog() -> Iterator[str]:
+    """An image that takes memory until it is killed (busybox's tail reading a file with
+    no line end keeps the whole line)."""
+    tag = f"pleaco-test/memhog:{uuid.uuid4().hex[:8]}"
+    dockerfile = f'FROM {BUSYBOX}\nCMD ["tail", "/dev/zero"]\n'.encode()
+    docker_client().images.build(fileobj=io.BytesIO(dockerfile), tag=tag, rm=True, network_mode="none")
+    try:
+        yield tag
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client().images.remove(tag, force=True)
+
+
+def test_a_limit_too_small_for_the_app_says_out_of_memory(agent: AgentProcess, memhog: str) -> None:
+    agent.client.deploy("hog", {"image": memhog, "replicas": 1, "memory": "8m"})
+    # (The pass that sees the exit asks the engine why just after: poll for the reason.)
+    app = wait_for(lambda: "out of memory" in (a := agent.client.app("hog"))["message"] and a, 60, "out of memory")
+    assert app["state"] == "crashloop"
+    assert app["message"].startswith("replica 0 exited: out of memory (limit 8m); restarted"), app["message"]
+    shown = cli(agent, "apps", "show", "hog").stdout
+    assert "exited: out of memory (limit 8m)" in shown
+
+
+BAD_LIMITS = [
+    (["--memory", "-1"], "memory: '-1' is not a size"),
+    (["--memory", "garbage"], "memory: 'garbage' is not a size"),
+    (["--memory", "0"], "memory: '0' is below Docker's minimum of 6m"),
+    (["--cpus", "0"], "cpus: 0.0 is out of range 0.01..1024"),
+    (["--cpus", "-2"], "cpus: -2.0 is out of range"),
+    (["--cpus", "nan"], "cpus: expected a number"),
+    (["--cpus", "half"], "invalid float value: 'half'"),
+    (["--pids", "0"], "pids: expected a whole number 1..4194304, got 0"),
+    (["--pids", "-5"], "pids: expected a whole number"),
+    (["--pids", "many"], "invalid int value: 'many'"),
+]
+
+
+def test_bad_limits_are_refused_and_change_nothing(agent: AgentProcess) -> None:
+    agent.client.deploy("web", {"image": HELLO, "replicas": 1, "memory": "64m"})
+    before = agent.client.app("web")
+    for args, message in BAD_LIMITS:
+        out = cli(agent, "apps", "deploy", "web", "--image", HELLO, *args)
+        assert out.returncode != 0 and message in out.stderr, (args, out.stderr)
+    for limits in ({"memory": -1}, {"memory": "0"}, {"cpus": 0}, {"pids": 0}, {"pids": True}):
+        status, err = raw(agent, "PUT", "/v1/apps/web", body(image=HELLO, **limits))
+        assert status == 400 and err["error"]["code"] == "invalid", (limits, err)
+    after = agent.client.app("web")
+    assert (after["revision"], after["memory"]) == (before["revision"], 64 << 20)
