@@ -44,6 +44,9 @@ from pleaco.runtime.health import Probe, probe
 
 log = logs.get("pleaco.reconcile.apps")
 
+# A replica's exit code when it was killed by SIGKILL (tini, its PID 1, exits 128 + 9).
+SIGKILL_EXIT_CODE = 137
+
 
 class AppReconciler(Loop):
     name = "apps"
@@ -344,19 +347,26 @@ class AppReconciler(Loop):
             st.crash_seen = c.id + str(st.restarts)
             st.last_exit_code = c.exit_code
             delay = st.backoff.fail(now)
+            crashed = not st.stop_reason  # else pleaco stopped it, and says why
             st.last_error = st.stop_reason or f"exited with code {c.exit_code}"
             st.stop_reason = ""
             log.warning(
                 "replica.crashed", app=key[0], replica=key[1], container=c.id[:12],
                 exit_code=c.exit_code, failures=st.backoff.failures, backoff_s=round(delay, 1),
             )
-            return True
+            return crashed
         return False
 
     async def _explain_exits(self, crashed: list[tuple[ContainerInfo, ReplicaState, AppSpec]]) -> None:
-        """Ask the engine why replicas that just exited did (one inspect per crash, not per
-        pass): one killed for its memory limit says so in ``apps show``, rather than
-        crash-looping with only an exit code to go by."""
+        """Ask the engine why replicas that just exited on their own did (one inspect per
+        crash, not per pass): one killed for its memory limit says so in ``apps show``,
+        rather than crash-looping with only an exit code to go by.
+
+        Docker's ``State.OOMKilled`` is set from the kernel's OOM event, which races the
+        exit event: Docker 20.10 here leaves it false for most replicas killed within a
+        second of their start (containerd#8180). So a replica with a memory limit that
+        exits 137 (SIGKILL through tini) without pleaco having stopped it is reported as
+        likely out of memory: nothing else in pleaco sends SIGKILL to a replica."""
         for c, st, spec in crashed:
             if spec.memory is None:
                 continue  # without a limit the kernel's OOM killer is the host's business
@@ -364,10 +374,15 @@ class AppReconciler(Loop):
                 info = await self.blocking(self.runtime.exit_info, c.id)
             except NotFound:
                 continue
+            limit = format_memory(spec.memory)
             if info.oom_killed:
-                st.last_error = f"exited: out of memory (limit {format_memory(spec.memory)})"
-                log.warning("replica.out_of_memory", app=c.app, replica=c.replica, container=c.id[:12],
-                            limit=spec.memory)
+                st.last_error = f"exited: out of memory (limit {limit})"
+            elif info.exit_code == SIGKILL_EXIT_CODE:
+                st.last_error = f"exited: killed (exit 137), likely out of memory (limit {limit})"
+            else:
+                continue
+            log.warning("replica.out_of_memory", app=c.app, replica=c.replica, container=c.id[:12],
+                        limit=spec.memory, oom_killed=info.oom_killed)
 
     def _serving(self, c: ContainerInfo, st: ReplicaState, spec: AppSpec) -> bool:
         return c.running and (st.healthy or not spec.health)

@@ -151,9 +151,13 @@ def test_a_limit_too_small_for_the_app_says_out_of_memory(agent: AgentProcess, m
     # (The pass that sees the exit asks the engine why just after: poll for the reason.)
     app = wait_for(lambda: "out of memory" in (a := agent.client.app("hog"))["message"] and a, 60, "out of memory")
     assert app["state"] == "crashloop"
-    assert app["message"].startswith("replica 0 exited: out of memory (limit 8m); restarted"), app["message"]
+    # "exited: out of memory (limit 8m)", or, when Docker's OOMKilled flag lost its race
+    # with the exit (most of the time for a replica killed at once), "exited: killed (exit
+    # 137), likely out of memory (limit 8m)".
+    assert app["message"].startswith("replica 0 exited: "), app["message"]
+    assert "out of memory (limit 8m); restarted" in app["message"]
     shown = cli(agent, "apps", "show", "hog").stdout
-    assert "exited: out of memory (limit 8m)" in shown
+    assert "out of memory (limit 8m)" in shown
 
 
 BAD_LIMITS = [

@@ -142,6 +142,11 @@ def test_out_of_memory_is_named_in_the_status(world: World) -> None:
     n.settle(lambda: len(running(n)) == 1, "restarted")
     world.engine.crash(running(n)[0].id, exit_code=3)
     n.settle(lambda: "exited with code 3" in n.status().message, "the plain crash's reason")
+    # Killed (137) with OOMKilled not set, which Docker does when the OOM event loses its
+    # race with the exit: likely out of memory, and said so.
+    n.settle(lambda: len(running(n)) == 1, "restarted")
+    world.engine.crash(running(n)[0].id, exit_code=137)
+    n.settle(lambda: "likely out of memory (limit 64m)" in n.status().message, "likely out of memory")
 
 
 def test_an_app_without_limits_runs_without(world: World) -> None:
