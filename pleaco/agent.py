@@ -112,7 +112,7 @@ class Agent:
                         configured_publish_host=cfg.publish_host)
         routes = RouteTable(store, me)
         reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,
-                                   weights=cluster.weights, fetch_image=images.fetch_image)
+                                   weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image)
         runner.add(reconciler)
         drain.on_request = reconciler.wake  # publish the drain at once
         cluster.on_change = reconciler.wake

@@ -29,7 +29,7 @@ import aiohttp
 from pleaco import logs
 from pleaco.apps import AppSpec, AppStore, format_memory
 from pleaco.metrics import Counter, Gauge, Registry
-from pleaco.placement import owned_replicas
+from pleaco.placement import Demand, plan
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.config import ReconcileSettings
 from pleaco.reconcile.loop import Loop
@@ -60,6 +60,7 @@ class AppReconciler(Loop):
         registry: Registry,
         live_nodes: Callable[[], Sequence[str]] | None = None,
         weights: Callable[[], dict[str, float]] | None = None,
+        memory: Callable[[], dict[str, int]] | None = None,
         fetch_image: Callable[[str], Awaitable[bool]] | None = None,
         probe: Probe = probe,
     ) -> None:
@@ -78,6 +79,9 @@ class AppReconciler(Loop):
         self.live_nodes = live_nodes or (lambda: [self.node_id])
         # Placement weight per node (its capacity); equal when not given.
         self.weights = weights or dict
+        # Each node's memory in bytes, which the replicas' memory limits placed on it may
+        # add up to; a node missing is not limited (nor is any when not given).
+        self.memory = memory or dict
         # Gets a missing image from another node (pleaco.builds.transfer); None: no cluster.
         self.fetch_image = fetch_image
         self._next_fetch: dict[str, float] = {}
@@ -203,10 +207,16 @@ class AppReconciler(Loop):
         for name in {c.app for c in containers} - set(specs):
             if (other := self.apps.get(name)) is not None:
                 specs[name] = other
-        weights = self.weights()
+        # Every node plans every app alike (pleaco.placement.plan) and runs its own part.
+        placed = plan([Demand(s.name, self.apps.replicas(s.name), s.memory) for s in specs.values()],
+                      nodes, self.weights(), self.memory())
+        view.unplaced = {}
         for spec in specs.values():
-            for idx in owned_replicas(spec.name, self.apps.replicas(spec.name), nodes, self.node_id, weights):
-                desired[(spec.name, idx)] = spec
+            for idx, node in enumerate(placed[spec.name]):
+                if node == self.node_id:
+                    desired[(spec.name, idx)] = spec
+                elif node is None:
+                    view.unplaced[spec.name] = view.unplaced.get(spec.name, 0) + 1
 
         by_replica: dict[ReplicaKey, list[ContainerInfo]] = {}
         for c in containers:

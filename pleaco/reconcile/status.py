@@ -11,7 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from pleaco.apps import AppSpec
+from pleaco.apps import AppSpec, format_memory
 from pleaco.reconcile.publish import mesh_address
 from pleaco.reconcile.routes import InstanceStatus, RouteTable
 from pleaco.reconcile.view import NodeView
@@ -110,6 +110,10 @@ def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: 
         )
     elif healthy >= replicas:
         state, message = "running", ""
+    elif (unplaced := view.unplaced.get(spec.name, 0)) and spec.memory:
+        state = "degraded" if healthy else "starting"
+        message = (f"{unplaced} of {replicas} replicas fit on no node: each needs {format_memory(spec.memory)} "
+                   "of memory and the nodes' is taken")
     elif healthy > 0:
         state, message = "degraded", f"{healthy} of {replicas} replicas healthy"
     else:

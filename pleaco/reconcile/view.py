@@ -69,6 +69,8 @@ class NodeView:
         # release rolled back must not get traffic).
         self.proven: set[str] = set()
         self.passes = 0  # whole passes of the app loop since start
+        # app -> its replicas that fit on no live node's memory, as the last pass planned.
+        self.unplaced: dict[str, int] = {}
 
     # -- the one definition of healthy and serving -----------------------------------------
 
