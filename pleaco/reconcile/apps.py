@@ -449,10 +449,12 @@ class AppReconciler(Loop):
                     raise
                 st = self._state((spec.name, replica))
                 st.last_error = str(exc)
+                st.start_error = f"release {spec.revision}: {exc}"
                 st.backoff.fail(time.monotonic())
                 self.m_actions.inc(action="start", result="error")
                 log.warning("replica.start_failed", app=spec.name, replica=replica, error=str(exc))
                 return
+        self._state((spec.name, replica)).start_error = ""
         self.m_actions.inc(action="start", result="ok")
         log.info("replica.started", app=spec.name, replica=replica, release=spec.revision, container=cid[:12])
 

@@ -110,6 +110,13 @@ def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: 
         )
     elif healthy >= replicas:
         state, message = "running", ""
+    elif refused := [(key[1], st) for key, st in sorted(view.replicas.items())
+                     if key[0] == spec.name and key[1] < replicas
+                     and st.start_error.startswith(f"release {spec.revision}: ")]:
+        idx, st = refused[0]
+        state = "degraded" if healthy else "starting"
+        message = (f"replica {idx} cannot start: {st.start_error.partition(': ')[2]}; "
+                   f"next try in {round(max(0.0, st.backoff.next_attempt - time.monotonic()), 1)}s")
     elif (unplaced := view.unplaced.get(spec.name, 0)) and spec.memory:
         state = "degraded" if healthy else "starting"
         message = (f"{unplaced} of {replicas} replicas fit on no node: each needs {format_memory(spec.memory)} "

@@ -12,7 +12,8 @@ loop's unit test exercises the same paths as against the real engine:
   new one at each start (Docker allocates them at start and frees them at stop);
 - a replica's limits (memory, CPUs, processes) are kept as ``run`` was given them, and a
   container the test ``crash``es with ``oom=True`` exits 137 marked OOM-killed, as the
-  kernel's OOM killer leaves one under Docker (``exit_info``);
+  kernel's OOM killer leaves one under Docker (``exit_info``); more CPUs than the engine
+  has (``cpus``, default 4) are refused, with Docker's message;
 - ``list_managed`` shows only containers with all four pleaco labels and that node's id,
   and ``stop``/``remove``/``remove_infra`` refuse (PermissionError) anything not the
   given node's: one twin can serve several nodes, as one engine serves several agents.
@@ -44,6 +45,7 @@ from pleaco.runtime.docker import (
     MANAGED_LABELS,
     Conflict,
     ContainerInfo,
+    EngineCallFailed,
     EngineUnavailable,
     ExitInfo,
     InfraInfo,
@@ -100,7 +102,8 @@ class MemoryContainer:
 class MemoryEngine:
     base_url = "memory://"
 
-    def __init__(self, images: tuple[str, ...] = ()) -> None:
+    def __init__(self, images: tuple[str, ...] = (), cpus: int = 4) -> None:
+        self.cpus = cpus  # the machine's CPUs: a replica may not ask for more
         self._lock = threading.Lock()  # the loops call from several executor threads at once
         self._containers: dict[str, MemoryContainer] = {}
         self._images: dict[str, bool] = {ref: True for ref in images}  # ref -> health of its replicas
@@ -204,6 +207,9 @@ class MemoryEngine:
     def run(self, spec: RunSpec) -> str:
         with self._lock:
             self._answer()
+            if spec.nano_cpus is not None and spec.nano_cpus > self.cpus * 10**9:
+                raise EngineCallFailed(f"docker engine: Range of CPUs is from 0.01 to {self.cpus}.00, as there are "
+                                       f"only {self.cpus} CPUs available")
             c = self._containers[self._create(spec.name, spec.image, spec.labels(), spec.port, spec.publish_host)]
             c.memory, c.nano_cpus, c.pids = spec.memory, spec.nano_cpus, spec.pids
             self._start(c)

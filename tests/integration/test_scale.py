@@ -185,3 +185,10 @@ def test_bad_limits_are_refused_and_change_nothing(agent: AgentProcess) -> None:
         assert status == 400 and err["error"]["code"] == "invalid", (limits, err)
     after = agent.client.app("web")
     assert (after["revision"], after["memory"]) == (before["revision"], 64 << 20)
+
+
+def test_a_limit_the_engine_refuses_is_named_in_the_status(agent: AgentProcess) -> None:
+    agent.client.deploy("web", {"image": HELLO, "replicas": 1, "port": 8080, "cpus": 1000})
+    app = wait_for(lambda: "cannot start" in (a := agent.client.app("web"))["message"] and a, 60, "the refusal")
+    assert app["message"].startswith("replica 0 cannot start: docker engine: Range of CPUs is from 0.01 to "), app
+    assert node_containers(agent.node_id, "web") == []

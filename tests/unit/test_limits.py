@@ -155,3 +155,15 @@ def test_an_app_without_limits_runs_without(world: World) -> None:
     n.settle(lambda: len(running(n)) == 1, "running")
     made = world.engine.inspect(running(n)[0].id)
     assert (made.memory, made.nano_cpus, made.pids) == (None, None, None)
+
+
+def test_limits_the_engine_refuses_are_named_in_the_status(world: World) -> None:
+    n = world.node()  # the twin has 4 CPUs, and refuses more as Docker does
+    n.apps.deploy("web", {"image": IMG, "replicas": 1, "port": 8080, "cpus": 8})
+    n.settle(lambda: "cannot start" in n.status().message, "the refusal in the status")
+    st = n.status()
+    assert st.state == "starting" and st.message.startswith(
+        "replica 0 cannot start: docker engine: Range of CPUs is from 0.01 to 4.00"), st.message
+    # A new release that fits starts, and the old refusal is not its message.
+    n.apps.deploy("web", {"image": IMG, "replicas": 1, "port": 8080, "cpus": 2})
+    n.settle(lambda: n.status().state == "running", "running")
