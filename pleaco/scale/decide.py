@@ -127,12 +127,17 @@ class AutoscalePolicy:
             object.__setattr__(self, "target", DEFAULT_TARGETS[self.metric])
         elif _number("target", self.target) <= 0:
             raise PolicyError("target", f"must be greater than 0, got {self.target!r}")
+        for name in ("target", "stable_window", "panic_window", "panic_threshold", "tolerance", "scale_down_rate",
+                     "scale_to_zero_after"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))  # 50 and 50.0 are one policy
         for name in ("stable_window", "panic_window"):
             if _number(name, getattr(self, name)) <= 0:
                 raise PolicyError(name, f"must be greater than 0 seconds, got {getattr(self, name)!r}")
         if self.panic_window > self.stable_window:
-            raise PolicyError("panic_window", f"{self.panic_window} s is longer than the stable window "
-                                              f"({self.stable_window} s)")
+            raise PolicyError("panic_window", f"{self.panic_window:g} s is longer than the stable window "
+                                              f"({self.stable_window:g} s)")
         tolerance = _number("tolerance", self.tolerance)
         if not 0 <= tolerance < 1:
             raise PolicyError("tolerance", f"must be at least 0 and below 1, got {tolerance}")
