@@ -12,10 +12,12 @@ from typing import Any
 
 import docker.errors
 import pytest
-from agentproc import AgentProcess, docker_client, node_containers, wait_for
+from agentproc import AgentProcess, docker_client, form_cluster, node_containers, wait_for
 from conftest import BUSYBOX, HELLO
 from test_api import raw
 from test_cli import cli
+
+from pleaco.cluster.service import total_memory
 
 
 def body(**fields: Any) -> bytes:
@@ -192,3 +194,19 @@ def test_a_limit_the_engine_refuses_is_named_in_the_status(agent: AgentProcess) 
     app = wait_for(lambda: "cannot start" in (a := agent.client.app("web"))["message"] and a, 60, "the refusal")
     assert app["message"].startswith("replica 0 cannot start: docker engine: Range of CPUs is from 0.01 to "), app
     assert node_containers(agent.node_id, "web") == []
+
+
+def test_a_cluster_places_no_more_than_each_nodes_memory_holds(agent_factory: Any) -> None:
+    # Two nodes on this machine, each advertising its memory: a limit of 60 % of it lets
+    # each node hold one replica, so of three one fits nowhere (and is not started).
+    agents = form_cluster(agent_factory, 2)
+    limit = (total_memory() * 6 // 10) >> 20 << 20
+    agents[0].client.deploy("web", {"image": HELLO, "replicas": 3, "port": 8080, "health": "/healthz",
+                                    "memory": limit})
+    for a in agents:
+        wait_for(lambda a=a: len(node_containers(a.node_id, "web", all_states=False)) == 1, 60,
+                 "one replica on each node")
+    expected = f"1 of 3 replicas fit on no node: each needs {limit >> 20}m of memory"
+    for a in agents:
+        wait_for(lambda a=a: expected in a.client.app("web")["message"], 30, "the unplaced replica named")
+    assert sum(len(node_containers(a.node_id, "web")) for a in agents) == 2
