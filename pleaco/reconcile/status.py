@@ -110,8 +110,8 @@ def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: 
         )
     elif healthy >= replicas:
         state, message = "running", ""
-    elif refused := [(key[1], st) for key, st in sorted(view.replicas.items())
-                     if key[0] == spec.name and key[1] < replicas
+    elif refused := [(idx, st) for idx in range(replicas)
+                     if (st := view.replicas.get((spec.name, idx))) is not None
                      and st.start_error.startswith(f"release {spec.revision}: ")]:
         idx, st = refused[0]
         state = "degraded" if healthy else "starting"
