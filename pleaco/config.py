@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pleaco.api.config import ApiConfig
+from pleaco.apps import AppDefaults
 from pleaco.builds.config import BuildConfig
 from pleaco.cluster.config import ClusterSettings
 from pleaco.errors import InvalidInput
@@ -56,6 +57,8 @@ class Config(ClusterSettings, IngressSettings):
     api: ApiConfig = field(default_factory=ApiConfig)
     # The build pipeline's tunables: the [build] table (see pleaco/builds/config.py).
     build: BuildConfig = field(default_factory=BuildConfig)
+    # Every replica's limits when its deploy names none: the [apps] table (pleaco/apps.py).
+    apps: AppDefaults = field(default_factory=AppDefaults)
 
     @property
     def api_host_port(self) -> tuple[str, int]:
