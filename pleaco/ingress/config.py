@@ -41,9 +41,19 @@ class ProxyConfig:
     health_interval: float = 2.0
     # Seconds to wait for the admin API (a config load builds TLS state, hence generous).
     admin_timeout: float = 10.0
-    # Caddy access logs feed per-app traffic metrics; off saves the agent parsing one JSON
-    # line per request (measurable only at thousands of requests per second).
+    # Caddy access logs feed per-app traffic metrics (requests/s, concurrency, latency: what
+    # /metrics, `apps show` and the autoscaler read); off, the agent reads nothing and the
+    # apps' load is unknown. Since the lean lines and the batched reader the measured cost
+    # is within the noise of a bare Caddy (benchmarks/README.md, "per-app metrics").
     access_metrics: bool = True
+    # Connections the proxy opens to one replica at most (Caddy's max_conns_per_host; more
+    # requests wait in the proxy for one to free up); 0: no limit, Caddy's default. A
+    # server with a short accept backlog (busybox httpd listens with 9) drops the SYNs of a
+    # burst beyond it, and each dropped SYN costs its request a 1 s retransmission: 8 takes
+    # the close-per-request benchmark's p99 from about 1 s to within 2x of direct. Not the
+    # default, because it also caps requests in flight per replica through this proxy
+    # (a long poll or WebSocket holds one): the right number is the app's.
+    upstream_max_conns: int = 0
     # Seconds between looks for other agents' proxies that take this node's addresses (a
     # proxy left behind by an agent whose data dir was lost: both would bind the ports and
     # split the traffic). One container listing per look; a look also happens at once
@@ -72,6 +82,8 @@ class ProxyConfig:
         for name in ("interval", "try_duration", "health_interval", "admin_timeout", "orphan_check_interval"):
             if not getattr(self, name) > 0:
                 problems.append(f"proxy.{name}: must be greater than 0")
+        if self.upstream_max_conns < 0:
+            problems.append("proxy.upstream_max_conns: must be at least 0 (0: no limit)")
         if self.orphan_grace < 0:
             problems.append("proxy.orphan_grace: must be at least 0")
         return problems

@@ -171,6 +171,7 @@ class ProxyReconciler(Loop):
             access_log=f"127.0.0.1:{self._access_port}" if self._access_port and not static else "",
             dns=f"127.0.0.1:{self._dns_port}" if self._dns_port and not static else "",
             dns_refresh=DNS_REFRESH, dns_grace=DNS_GRACE if self._grace_supported else 0.0,
+            upstream_max_conns=p.upstream_max_conns,
         )
 
     def routes(self) -> list[Route]:
