@@ -54,6 +54,11 @@ class ProxyConfig:
     # default, because it also caps requests in flight per replica through this proxy
     # (a long poll or WebSocket holds one): the right number is the app's.
     upstream_max_conns: int = 0
+    # Seconds between this node's load reports (pleaco.ingress.load): its per-app traffic,
+    # replicas and their CPU and memory, gossiped to every node. The autoscaler's panic
+    # window is 6 s: a report every 2 s gives it three samples per window, at one small
+    # piggybacked gossip item per node (no store write).
+    load_interval: float = 2.0
     # Seconds between looks for other agents' proxies that take this node's addresses (a
     # proxy left behind by an agent whose data dir was lost: both would bind the ports and
     # split the traffic). One container listing per look; a look also happens at once
@@ -79,7 +84,8 @@ class ProxyConfig:
                 problems.append("proxy.admin_listen: must be a loopback address (the admin API controls every route)")
         if _split(self.https_listen) is None:
             problems.append(f"proxy.https_listen: expected HOST:PORT, got {self.https_listen!r}")
-        for name in ("interval", "try_duration", "health_interval", "admin_timeout", "orphan_check_interval"):
+        for name in ("interval", "try_duration", "health_interval", "admin_timeout", "orphan_check_interval",
+                     "load_interval"):
             if not getattr(self, name) > 0:
                 problems.append(f"proxy.{name}: must be greater than 0")
         if self.upstream_max_conns < 0:
