@@ -16,7 +16,7 @@ from aiohttp import web
 from pleaco import config
 from pleaco.apps import ValidationError, validate_deploy
 from pleaco.config import ConfigError, load
-from pleaco.ingress import dns
+from pleaco.ingress import dns, traffic
 from pleaco.ingress.caddy import (
     CaddyAdmin,
     ForeignProxy,
@@ -32,7 +32,6 @@ from pleaco.ingress.caddy import (
 )
 from pleaco.ingress.config import ProxyConfig
 from pleaco.ingress.orphans import OrphanSweeper, config_addresses, find_orphans, overlap, parse_address
-from pleaco.ingress import traffic
 from pleaco.ingress.traffic import TrafficStats
 from pleaco.metrics import Registry
 from pleaco.runtime.docker import ContainerInfo, InfraInfo
