@@ -46,6 +46,16 @@ class ProxyConfig:
     # apps' load is unknown. Since the lean lines and the batched reader the measured cost
     # is within the noise of a bare Caddy (benchmarks/README.md, "per-app metrics").
     access_metrics: bool = True
+    # The access log is sampled above this many requests per second on this node (per log
+    # level: 4xx and 5xx lines are counted apart): up to it every request is written and
+    # counted exactly, beyond it one request in access_log_every. The agent weighs each
+    # line by what it stands for (pleaco.ingress.traffic), so the figures stay estimates
+    # within about access_log_every requests per second per node. Writing a line costs
+    # Caddy about a third of what proxying the request does (benchmarks/README.md), so
+    # sampling is what keeps the proxy within 0.9x of a bare Caddy under load; below 100
+    # requests/s the cost is noise and the figures exact. 1 writes every request.
+    access_log_first: int = 100
+    access_log_every: int = 10
     # Connections the proxy opens to one replica at most (Caddy's max_conns_per_host; more
     # requests wait in the proxy for one to free up); 0: no limit, Caddy's default. A
     # server with a short accept backlog (busybox httpd listens with 9) drops the SYNs of a
@@ -88,6 +98,10 @@ class ProxyConfig:
                      "load_interval"):
             if not getattr(self, name) > 0:
                 problems.append(f"proxy.{name}: must be greater than 0")
+        if self.access_log_first < 1:
+            problems.append("proxy.access_log_first: must be at least 1")
+        if self.access_log_every < 1:
+            problems.append("proxy.access_log_every: must be at least 1 (1: every request)")
         if self.upstream_max_conns < 0:
             problems.append("proxy.upstream_max_conns: must be at least 0 (0: no limit)")
         if self.orphan_grace < 0:

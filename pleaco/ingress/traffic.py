@@ -51,7 +51,39 @@ BATCH_INTERVAL = 0.05
 
 # Caddy writes the fields in this order (the encoder keeps its field order); the pattern
 # is the fast path, JSON the fallback.
-_LINE = re.compile(rb'\{"request":\{"host":"([^"\\]*)"\},"duration":([0-9.eE+-]+),"status":([0-9]{1,3})\}\s*\Z')
+_LINE = re.compile(rb'\{"level":"([a-z]{1,8})","ts":([0-9.eE+-]+),"request":\{"host":"([^"\\]*)"\},'
+                   rb'"duration":([0-9.eE+-]+),"status":([0-9]{1,3})\}\s*\Z')
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The access log's sampling, as the proxy is configured with it (zap's sampler, which
+    Caddy's logs take): per ``interval`` seconds and log level, the first ``first`` lines are
+    written, then one in ``every``. ``every`` 1 writes every request."""
+
+    first: int = 100
+    every: int = 1
+    interval: float = 1.0
+
+
+class _Tick:
+    """zap's sampler counter for one level, mirrored from the lines it let through: the
+    line that resets the counter is always written (it is number 1 of its tick), so its
+    time starts the tick here too; line k of a tick stands for one request up to ``first``,
+    and for ``every`` requests after (itself and the every - 1 dropped before it)."""
+
+    __slots__ = ("n", "reset_at")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.reset_at = float("-inf")
+
+    def weight(self, ts: float, s: Sampling) -> int:
+        if ts >= self.reset_at:
+            self.n, self.reset_at = 1, ts + s.interval
+            return 1
+        self.n += 1
+        return 1 if self.n <= s.first else s.every
 
 
 @dataclass(frozen=True)
@@ -100,11 +132,15 @@ def quantile(buckets: list[int], q: float) -> float | None:
 
 
 class TrafficStats:
-    def __init__(self, registry: Registry, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, registry: Registry, clock: Callable[[], float] = time.monotonic,
+                 sampling: Sampling | None = None) -> None:
         self.hosts: dict[str, str] = {}
         self.clock = clock
+        self.sampling = sampling or Sampling()
+        self._ticks: dict[str, _Tick] = {}  # per log level
         self.m_requests = registry.register(
-            Counter("pleaco_app_requests_total", "Requests this node's proxy served, by app and status class.",
+            Counter("pleaco_app_requests_total", "Requests this node's proxy served, by app and status class "
+                    "(estimated from the sampled access log above [proxy] access_log_first requests/s).",
                     ("app", "code"))
         )
         self.m_duration = registry.register(
@@ -142,6 +178,7 @@ class TrafficStats:
         batch: dict[str, _Slot] = {}
         codes: dict[tuple[str, str], int] = {}
         hosts = self.hosts
+        sampling = self.sampling
         for line in lines:
             if not line.strip():
                 continue
@@ -149,7 +186,13 @@ class TrafficStats:
             if parsed is None:
                 unparsed += 1
                 continue
-            host, duration, status = parsed
+            level, ts, host, duration, status = parsed
+            weight = 1
+            if sampling.every > 1 and ts is not None:
+                tick = self._ticks.get(level)
+                if tick is None:
+                    tick = self._ticks[level] = _Tick()
+                weight = tick.weight(ts, sampling)
             app = hosts.get(host)
             if app is None:
                 unknown += 1
@@ -157,17 +200,17 @@ class TrafficStats:
             slot = batch.get(app)
             if slot is None:
                 slot = batch[app] = _Slot()
-            slot.count += 1
-            slot.duration += duration
-            slot.buckets[bisect.bisect_left(LATENCY_BUCKETS, duration)] += 1
+            slot.count += weight
+            slot.duration += duration * weight
+            slot.buckets[bisect.bisect_left(LATENCY_BUCKETS, duration)] += weight
             key = (app, f"{status // 100}xx" if status else "0")
-            codes[key] = codes.get(key, 0) + 1
+            codes[key] = codes.get(key, 0) + weight
         for (app, code), n in codes.items():
             self.m_requests.inc(n, app=app, code=code)
         for app, got in batch.items():
             self.m_duration.add(got.buckets, got.duration, app=app)
             self._slot(app, slot_no).merge(got)
-        for result, n in (("ok", sum(s.count for s in batch.values())), ("unknown_host", unknown),
+        for result, n in (("ok", sum(codes.values())), ("unknown_host", unknown),
                           ("unparsed", unparsed)):
             if n:
                 self.m_lines.inc(n, result=result)
@@ -251,19 +294,24 @@ class TrafficStats:
         return {(app, ): round(t.concurrency, 3) for app, t in self.snapshot().items()}
 
 
-def _parse(line: bytes) -> tuple[str, float, int] | None:
-    """(host without port, lower case; duration in seconds; status) of one access-log line."""
+def _parse(line: bytes) -> tuple[str, float | None, str, float, int] | None:
+    """(level, time, host without port and lower case, duration in seconds, status) of one
+    access-log line; the time is None when the line has none."""
     m = _LINE.match(line)
+    ts: float | None
     try:
         if m is not None:
-            host, duration, status = m.group(1).decode(), float(m.group(2)), int(m.group(3))
+            level, ts = m.group(1).decode(), float(m.group(2))
+            host, duration, status = m.group(3).decode(), float(m.group(4)), int(m.group(5))
         else:
             entry = json.loads(line)
             host = str(entry["request"].get("host", ""))
             duration = float(entry.get("duration", 0.0))
             status = int(entry.get("status", 0))
+            level = str(entry.get("level", "info"))
+            ts = float(entry["ts"]) if "ts" in entry else None
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return None
-    if not duration >= 0.0 or duration == float("inf"):
+    if not 0.0 <= duration < float("inf") or (ts is not None and not abs(ts) < float("inf")):
         return None
-    return host.rsplit(":", 1)[0].lower() if not host.endswith("]") else host.lower(), duration, status
+    return level, ts, host.rsplit(":", 1)[0].lower() if not host.endswith("]") else host.lower(), duration, status
