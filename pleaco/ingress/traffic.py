@@ -174,7 +174,7 @@ class TrafficStats:
         """A batch of lines: counted per app in one time slot, the metrics updated once per
         app and status class rather than once per line."""
         slot_no = int(self.clock() / SLOT)
-        unknown = unparsed = 0
+        ok = unknown = unparsed = 0
         batch: dict[str, _Slot] = {}
         codes: dict[tuple[str, str], int] = {}
         hosts = self.hosts
@@ -197,6 +197,7 @@ class TrafficStats:
             if app is None:
                 unknown += 1
                 continue
+            ok += 1
             slot = batch.get(app)
             if slot is None:
                 slot = batch[app] = _Slot()
@@ -210,7 +211,7 @@ class TrafficStats:
         for app, got in batch.items():
             self.m_duration.add(got.buckets, got.duration, app=app)
             self._slot(app, slot_no).merge(got)
-        for result, n in (("ok", sum(codes.values())), ("unknown_host", unknown),
+        for result, n in (("ok", ok), ("unknown_host", unknown),
                           ("unparsed", unparsed)):
             if n:
                 self.m_lines.inc(n, result=result)
