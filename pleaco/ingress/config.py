@@ -46,17 +46,18 @@ class ProxyConfig:
     # apps' load is unknown. Since the lean lines and the batched reader the measured cost
     # is within the noise of a bare Caddy (benchmarks/README.md, "per-app metrics").
     access_metrics: bool = True
-    # Sampling of the access log, off by default (access_log_every = 1: every request is
-    # written and counted exactly). With access_log_every = N > 1, up to access_log_first
-    # lines per second (per log level: 4xx and 5xx lines are counted apart) are written,
-    # then one request in N; the agent weighs each line by the requests it stands for
-    # (pleaco.ingress.traffic), so the figures stay within about N requests per second per
-    # node. What it saves is the agent's reading (about 7 microseconds of CPU a line, 14 %
-    # of a core at 20 000 requests/s), not Caddy's: Caddy 2.6 does most of a line's work
-    # (recording the response, encoding the request) before its sampler decides, so on
-    # this machine the proxy's throughput did not move with it (benchmarks/README.md).
+    # The access log is sampled above access_log_first requests per second on this node
+    # (per log level: 4xx and 5xx lines are counted apart): up to it every request is
+    # written and counted exactly, beyond it one request in access_log_every. The agent
+    # weighs each line by the requests it stands for (pleaco.ingress.traffic), so the
+    # figures stay within about access_log_every requests per second per node of the truth.
+    # A written line costs Caddy about 40 microseconds of CPU, a third of what proxying the
+    # request costs; one in 10 takes the proxy from about 0.75x to about 0.85-0.9x of a bare
+    # Caddy's CPU per request (benchmarks/README.md; some of a line's work, recording the
+    # response and encoding the request, happens before the sampler decides). Below 100
+    # requests/s its cost is noise and the figures exact. access_log_every = 1 writes all.
     access_log_first: int = 100
-    access_log_every: int = 1
+    access_log_every: int = 10
     # Connections the proxy opens to one replica at most (Caddy's max_conns_per_host; more
     # requests wait in the proxy for one to free up); 0: no limit, Caddy's default. A
     # server with a short accept backlog (busybox httpd listens with 9) drops the SYNs of a
