@@ -40,6 +40,7 @@ ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 LIVE = (ALIVE, SUSPECT)
 # Room left in a packet for its own fields before piggybacked items.
 PACKET_BASE = 120
+LOAD_FIELD = 8
 
 
 @dataclass
@@ -197,7 +198,9 @@ class Membership:
         their retransmit limit unless ``count`` is False)."""
         budget = self.cfg.max_packet - wire.OVERHEAD - PACKET_BASE
         items, used = self.broadcasts.take_sized(budget, count=count)
-        loads = self.load_broadcasts.take(budget - used, count=count) if budget - used > 64 else []
+        # LOAD_FIELD: the packet's own "l":[...] around the load reports.
+        room = budget - used - LOAD_FIELD
+        loads = self.load_broadcasts.take(room, count=count) if room > 64 else []
         if items or loads:
             updates = tuple(i for i in items if isinstance(i, Update))
             records = tuple(i for i in items if isinstance(i, Record))
