@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -20,6 +20,7 @@ from pleaco import hostport, logs
 from pleaco.apps import ValidationError, validate_hostname
 from pleaco.errors import PleacoError
 from pleaco.ingress.dns import srv_name
+from pleaco.ingress.traffic import Sampling
 from pleaco.urlpath import health_path_problem
 
 log = logs.get("pleaco.ingress.caddy")
@@ -65,6 +66,11 @@ class ProxySettings:
     # Seconds Caddy keeps the last upstream list when the DNS does not answer (the agent
     # killed and restarting); 0 leaves it out: Caddy before 2.7.5 refuses the field.
     dns_grace: float = 0.0
+    # Connections the proxy holds to one upstream at most (Caddy's max_conns_per_host); 0:
+    # no limit. See ProxyConfig.upstream_max_conns.
+    upstream_max_conns: int = 0
+    # The access log's sampling (see pleaco.ingress.traffic.Sampling).
+    log_sampling: Sampling = field(default_factory=Sampling)
 
 
 def _listen(addr: str) -> str:
@@ -106,6 +112,8 @@ def _proxy_handler(route: Route, s: ProxySettings) -> dict[str, Any]:
         handler["transport"] = {"protocol": "http", "resolver": resolver}
     else:
         handler["upstreams"] = [{"dial": u.address} for u in route.upstreams]
+    if s.upstream_max_conns:
+        handler.setdefault("transport", {"protocol": "http"})["max_conns_per_host"] = s.upstream_max_conns
     if route.health and not s.dns:
         # Caddy runs active checks on static upstreams only; with DNS upstreams pleaco's own
         # probes (every reconcile pass) decide what is listed at all.
@@ -249,15 +257,21 @@ def build_config(routes: list[Route], s: ProxySettings, marker: str = "") -> dic
                     "writer": {"output": "net", "address": f"tcp/{s.access_log}"},
                     # Only what pleaco.ingress.traffic reads (host, status, duration): the
                     # agent parses a line per request, and headers made most of each line.
-                    "encoder": {"format": "filter", "wrap": {"format": "json"},
+                    # No logger name or message either: a lean line is less
+                    # for Caddy to write and for the agent to read (pleaco.ingress.traffic).
+                    "encoder": {"format": "filter", "wrap": {"format": "json", **LEAN_KEYS},
                                 "fields": {name: {"filter": "delete"} for name in ACCESS_LOG_DROPPED}},
                     "include": ["http.log.access.pleaco_access"],
+                    **({"sampling": {"interval": int(s.log_sampling.interval * 1e9), "first": s.log_sampling.first,
+                                     "thereafter": s.log_sampling.every}} if s.log_sampling.every > 1 else {}),
                 },
             }
         }
     return config
 
 
+# The JSON encoder's own keys, left out (an empty key omits the field).
+LEAN_KEYS = {"message_key": "", "name_key": ""}
 # Access log fields the agent does not read (Caddy's filter encoder deletes them).
 ACCESS_LOG_DROPPED = ("request>headers", "request>tls", "request>remote_ip", "request>remote_port",
                       "request>proto", "request>method", "request>uri", "resp_headers", "user_id", "size",
