@@ -38,6 +38,7 @@ from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
 from pleaco.metrics import Registry
 from pleaco.placement import Owners
 from pleaco.reconcile.apps import AppReconciler
+from pleaco.reconcile.autoscale import Autoscaler
 from pleaco.reconcile.drain import Drain
 from pleaco.reconcile.loop import LoopRunner
 from pleaco.reconcile.rollout import RolloutGuard
@@ -146,6 +147,8 @@ class Agent:
         runner.add(RolloutGuard(cfg.rollout, view, routes, owners, registry, cluster.placement_nodes,
                                 on_rollback=reconciler.wake))
         runner.add(TombstoneCollector(store, cfg.tombstone_ttl))
+        autoscaler = Autoscaler(cfg.autoscale, apps, cluster.loads.cluster, owners, registry)
+        runner.add(autoscaler)
 
         def on_change(rec: Record) -> None:
             if rec.kind in RECONCILE_KINDS:
@@ -158,6 +161,7 @@ class Agent:
             identity=identity, node_name=cfg.name, store=store, apps=apps, reconciler=reconciler,
             runtime=runtime, registry=registry, token=token, max_body_bytes=cfg.max_body_bytes, limits=cfg.api,
             app_load=lambda name: (load.to_json() if (load := cluster.loads.cluster(name)) else None),
+            app_scaling=lambda name: (f.to_json() if (f := autoscaler.figures(name)) else None),
         )
         add_cluster_routes(api.app, cluster, lambda: {"containers": len(view.observed.containers)})
         add_proxy_routes(api.app, proxy)

@@ -10,6 +10,8 @@ An app is two records, so that scaling and deploying never overwrite each other:
   one. A record of its own, not a field of ``scale/NAME``: the autoscaler writes the count
   often and the user the policy rarely, and with last-writer-wins per record neither write
   may undo the other.
+- ``scale/NAME/decision``: the autoscaler's last decisions and the state the next one
+  continues from (pleaco.reconcile.autoscale), written with the count it changes.
 
 Every release is also kept as ``release/NAME/REVISION`` for history and rollback.
 
@@ -56,6 +58,8 @@ _SIZE = re.compile(r"^([0-9]{1,16})([bkmg]?)$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # The key of an app's autoscale policy under the ``scale`` kind: NAME + this.
 AUTOSCALE_SUFFIX = "/autoscale"
+# ... and of its autoscaler's decision record.
+DECISION_SUFFIX = "/decision"
 
 
 class ValidationError(errors.InvalidInput, ValueError):
@@ -324,6 +328,8 @@ class AppStore:
             self._refresh(rec.key)
         elif rec.kind == "scale" and rec.key.endswith(AUTOSCALE_SUFFIX):
             self._refresh_policy(rec.key.removesuffix(AUTOSCALE_SUFFIX))
+        elif rec.kind == "scale" and rec.key.endswith(DECISION_SUFFIX):
+            pass  # read when asked for (decision()): nothing is derived from it
         elif rec.kind == "scale":
             self._refresh_replicas(rec.key)
 
@@ -532,6 +538,34 @@ class AppStore:
     def autoscale(self, name: str) -> AutoscalePolicy | None:
         return self._policies.get(name)
 
+    def autoscaled(self) -> dict[str, AutoscalePolicy]:
+        """Every app with an autoscale policy (that still exists), by name."""
+        with self._lock:
+            return {name: p for name, p in self._policies.items() if name in self._specs}
+
+    def decision(self, name: str) -> dict[str, Any] | None:
+        """The autoscaler's decision record of an app (pleaco.reconcile.autoscale), if any."""
+        return self.store.value("scale", name + DECISION_SUFFIX)
+
+    def record_decision(self, name: str, based_on: int, desired: int, record: dict[str, Any]) -> bool:
+        """The autoscaler's write: the desired count (the record ``scale`` writes) and the
+        decision record, in one transaction, only while the app is autoscaled and its count
+        is still ``based_on``, the count the decision was made from. False, and nothing
+        written, when it is not: someone changed the count (``apps scale``, another owner)
+        or the policy went away since, and the next tick decides again from what is now."""
+        policy = self.autoscale(name)
+        if self.get(name) is None or policy is None or self.replicas(name) != based_on:
+            return False
+        desired = validate_replicas(desired, self.max_replicas)
+        if not policy.min_replicas <= desired <= policy.max_replicas:
+            raise ValidationError("replicas", f"{desired} is outside the app's autoscale range "
+                                              f"{policy.min_replicas}..{policy.max_replicas}")
+        writes: list[tuple[str, str, dict[str, Any] | None]] = [("scale", name + DECISION_SUFFIX, record)]
+        if desired != based_on:
+            writes.insert(0, ("scale", name, {"replicas": desired}))
+        self.store.put_many(writes)
+        return True
+
     def set_autoscale(self, name: Any, body: Any) -> AutoscalePolicy:
         """Give an app an autoscale policy (the fields of ``AutoscalePolicy``), replacing
         the one it had. The replica count is moved into the policy's range at once, in the
@@ -559,7 +593,10 @@ class AppStore:
             raise NotFound(f"app {name!r} does not exist")
         if self.store.value("scale", name + AUTOSCALE_SUFFIX) is None:
             return False
-        self.store.delete("scale", name + AUTOSCALE_SUFFIX)
+        writes: list[tuple[str, str, dict[str, Any] | None]] = [("scale", name + AUTOSCALE_SUFFIX, None)]
+        if self.decision(name) is not None:  # its decisions went with it
+            writes.append(("scale", name + DECISION_SUFFIX, None))
+        self.store.put_many(writes)
         return True
 
     def remove(self, name: str) -> None:
@@ -567,8 +604,9 @@ class AppStore:
         if self.get(name) is None:
             raise NotFound(f"app {name!r} does not exist")
         writes: list[tuple[str, str, dict[str, Any] | None]] = [("app", name, None), ("scale", name, None)]
-        if self.store.value("scale", name + AUTOSCALE_SUFFIX) is not None:
-            writes.append(("scale", name + AUTOSCALE_SUFFIX, None))
+        for suffix in (AUTOSCALE_SUFFIX, DECISION_SUFFIX):
+            if self.store.value("scale", name + suffix) is not None:
+                writes.append(("scale", name + suffix, None))
         writes += [("release", f"{name}/{r['revision']}", None) for r in self.releases(name)]
         self.store.put_many(writes)
 

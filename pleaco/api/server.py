@@ -69,10 +69,13 @@ class ApiServer:
         max_body_bytes: int,
         limits: ApiConfig | None = None,
         app_load: Callable[[str], dict[str, Any] | None] | None = None,
+        app_scaling: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> None:
         self.identity = identity
         # An app's cluster-wide load for `apps show` (pleaco.cluster.load), None: unknown.
         self.app_load = app_load or (lambda name: None)
+        # What the autoscaler sees of an app now (pleaco.reconcile.autoscale), None: not autoscaled.
+        self.app_scaling = app_scaling or (lambda name: None)
         self.node_name = node_name
         self.store = store
         self.apps = apps
@@ -264,7 +267,10 @@ class ApiServer:
 
     async def show_app(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        return web.json_response({**self._app_json(name), "load": self.app_load(name)})
+        shown = self._app_json(name)
+        if shown.get("autoscaler") is not None:
+            shown["autoscaler"]["figures"] = self.app_scaling(name)
+        return web.json_response({**shown, "load": self.app_load(name)})
 
     async def deploy_app(self, request: web.Request) -> web.Response:
         body = await self._json_body(request)

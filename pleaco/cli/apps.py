@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 from pleaco.api.client import Client
@@ -153,6 +154,29 @@ def describe_autoscale(p: dict[str, Any]) -> str:
     return text
 
 
+def describe_autoscaler(policy: dict[str, Any], scaler: dict[str, Any]) -> list[str]:
+    """The autoscaler's lines of ``apps show``: the metric now and over its windows, who
+    decides, and the last decisions with their reasons."""
+    lines = []
+    fig = scaler.get("figures")
+    if fig:
+        def num(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3g}"
+
+        lines.append(f"metric     {fig['metric']} {num(fig['value'])} now, {num(fig['stable_average'])} over "
+                     f"{policy['stable_window']:g}s, {num(fig['panic_average'])} over {policy['panic_window']:g}s"
+                     + ("; panic" if scaler.get("panic") else "")
+                     + (f"; decided by {fig['owner'][:12]}" if fig.get("owner") else ""))
+    decisions = scaler.get("decisions") or []
+    if not decisions:
+        lines.append("decisions  (none yet)")
+    for i, d in enumerate(reversed(decisions)):  # newest first
+        when = time.strftime("%H:%M:%S", time.localtime(d["at_ms"] / 1000))
+        lines.append(f"{'decisions' if i == 0 else '':<10} {when} {d['from']} -> {d['to']} on {d['node']}: "
+                     f"{d['reason']}")
+    return lines
+
+
 def show(app: dict[str, Any]) -> None:
     print(f"name       {app['name']}")
     print(f"image      {app['image']} (revision {app['revision']})")
@@ -169,8 +193,9 @@ def show(app: dict[str, Any]) -> None:
     if any(limits):
         print(f"limits     {', '.join(x for x in limits if x)}")
     if app.get("autoscale"):
-        # The policy only: the loop that decides with it comes with the autoscaler (issue 11).
-        print(f"autoscale  {describe_autoscale(app['autoscale'])} (no decisions yet)")
+        print(f"autoscale  {describe_autoscale(app['autoscale'])}")
+        for line in describe_autoscaler(app["autoscale"], app.get("autoscaler") or {}):
+            print(line)
     if app.get("rollback"):
         rb = app["rollback"]
         print(f"rollback   from revision {rb['from']} to {rb['to']}'s spec: {rb['reason']}")

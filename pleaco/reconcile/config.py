@@ -1,6 +1,6 @@
 """The app loop's and the rollouts' settings: top-level keys of pleaco.toml (the agent's
-``Config`` inherits ``ReconcileSettings``), and the ``[rollout]`` table (env
-``PLEACO_ROLLOUT_<NAME>``)."""
+``Config`` inherits ``ReconcileSettings``), the ``[rollout]`` table (env
+``PLEACO_ROLLOUT_<NAME>``) and the ``[autoscale]`` table (env ``PLEACO_AUTOSCALE_<NAME>``)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,28 @@ class RolloutConfig:
             problems.append("rollout.drain_grace: must be at least 0")
         if not self.deadline > 0:
             problems.append("rollout.deadline: must be greater than 0")
+        return problems
+
+
+@dataclass
+class AutoscaleConfig:
+    # Seconds between the autoscaler's ticks (pleaco.reconcile.autoscale). Every node
+    # samples each autoscaled app's cluster-wide figure once a tick, and the app's owner
+    # decides once a tick. The figures themselves move every [proxy] load_interval (2 s);
+    # 1 s gives the 6 s panic window six samples, and a step costs a dictionary look-up
+    # per autoscaled app (a store write only when a decision changes something).
+    interval: float = 1.0
+    # Samples kept per app, at most: one a tick over the longest window the app's policy
+    # names (stable window, idle window). 7200 covers a 2-hour window at 1 s; a longer one
+    # is averaged over its newest 7200 samples rather than growing without bound.
+    max_samples: int = 7200
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.interval > 0:
+            problems.append("autoscale.interval: must be greater than 0")
+        if self.max_samples < 1:
+            problems.append("autoscale.max_samples: must be at least 1")
         return problems
 
 
@@ -82,3 +104,5 @@ class ReconcileSettings:
     loop_stuck_after: float = 600.0
     # The rollout pace, drain and automatic rollback: the [rollout] table.
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # The autoscaler's tick and memory: the [autoscale] table.
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)

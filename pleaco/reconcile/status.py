@@ -32,6 +32,10 @@ class AppStatus:
     rollback: dict[str, Any] | None = None
     # The autoscale policy (AutoscalePolicy.to_value()), None when the count is set by hand.
     autoscale: dict[str, Any] | None = None
+    # What the autoscaler did, from its decision record (None when the app is not
+    # autoscaled): {"panic": bool, "decided_by": node, "decisions": [{at_ms, node, from,
+    # to, panic, reason}, ...] oldest first}. The API adds the live figures to it.
+    autoscaler: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +52,7 @@ class AppStatus:
             "pids": self.spec.pids,
             "rollback": self.rollback,
             "autoscale": self.autoscale,
+            "autoscaler": self.autoscaler,
             "replicas": self.replicas,
             "running": self.running,
             "healthy": self.healthy,
@@ -133,5 +138,13 @@ def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: 
         if state == "running":
             message = f"rolled back from revision {rollback['from']}: {rollback['reason']}"
     policy = view.apps.autoscale(spec.name)
+    autoscaler = None
+    if policy is not None:
+        record = view.apps.decision(spec.name) or {}
+        last = record.get("state")
+        if not isinstance(last, dict):
+            last = {}
+        autoscaler = {"panic": bool(last.get("panic")), "decided_by": record.get("node"),
+                      "decisions": list(record.get("history") or [])}
     return AppStatus(spec, replicas, running, healthy, state, message, instances, rollback,
-                     policy.to_value() if policy is not None else None)
+                     policy.to_value() if policy is not None else None, autoscaler)

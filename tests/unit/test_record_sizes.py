@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from pleaco.apps import AppStore
+from pleaco.apps import AUTOSCALE_SUFFIX, DECISION_SUFFIX, AppStore
 from pleaco.builds.model import REPO_CHARS, Build
 from pleaco.builds.scan import Finding
 from pleaco.builds.secrets import SecretBox
 from pleaco.builds.service import RECORD_FINDINGS, RECORD_OUTPUT_BYTES
 from pleaco.errors import InvalidInput
 from pleaco.identity import Identity
+from pleaco.reconcile.autoscale import HISTORY, decision_record
 from pleaco.reconcile.routes import InstanceStatus, RouteTable
+from pleaco.scale import AutoscalePolicy, Decision
 from pleaco.store import KINDS, MAX_RECORD_BYTES, PACKET_RECORD_BYTES, RecordTooLarge, Store
 from pleaco.store.record import gossip_size
 
@@ -78,8 +80,22 @@ def largest_node(store: Store) -> int:
 
 
 def largest_scale(store: Store) -> int:
+    """The count, the autoscale policy and the autoscaler's decision record (its history
+    cut to fit by its writer), each at its largest."""
     store.put("scale", LONG_APP, {"replicas": 10**6})
-    return gossip_size("scale", LONG_APP, {"replicas": 10**6})
+    sizes = [gossip_size("scale", LONG_APP, {"replicas": 10**6})]
+    big = 1.7976931348623157e308
+    policy = AutoscalePolicy(min_replicas=10**6, max_replicas=10**6, metric="concurrency", target=big,
+                             stable_window=big, panic_window=big, panic_threshold=big, tolerance=0.9999999999999999,
+                             scale_down_rate=big)
+    sizes.append(gossip_size("scale", LONG_APP + AUTOSCALE_SUFFIX, policy.to_value()))
+    record = None
+    for i in range(2 * HISTORY):
+        decision = Decision(desired=10**6, reason="r" * 100_000, panic=True, panic_last=-big, window_start=-big,
+                            window_high=10**6)
+        record = decision_record(LONG_APP, decision, 10**6, policy, NODE, 1e15 + i, record)
+        sizes.append(gossip_size("scale", LONG_APP + DECISION_SUFFIX, record))
+    return max(sizes)
 
 
 def apps_refuse_what_is_too_large(store: Store) -> int:
