@@ -90,6 +90,13 @@ def test_only_the_owner_decides_and_writes_every_node_samples(apps: AppStore) ->
     # The figures apps show shows, from either node.
     fig = w.nodes[B].figures("web")
     assert fig is not None and fig.owner == A and fig.value == 7.0 and fig.samples == 5
+    # A goes quiet (not yet declared dead): B, not the owner, writes nothing whatever the load.
+    before = versions(apps)
+    w.concurrency = 30.0
+    for _ in range(10):
+        w.now += 1
+        w.nodes[B].tick()
+    assert versions(apps) == before and apps.replicas("web") == 4 and w.decisions(B) == 0
 
 
 def test_nothing_is_written_while_nothing_changes(apps: AppStore) -> None:

@@ -1,0 +1,109 @@
+"""The autoscaler with real parts: an agent with its proxy (a real Caddy container), an app
+whose every request takes a second (a busybox httpd CGI that sleeps), and an open-loop load
+generator through the proxy. Concurrency is the metric: at 7 requests/s of 1 s each, 7
+requests are in flight whatever the replica count, so at a target of 2 per replica the app
+needs 4 replicas, deterministically. Short windows (6 s stable, 2 s panic) come from the
+policy, the short load interval and tick from the agent's env config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agentproc import AgentProcess, wait_for
+from proxyload import Load
+from test_cli import cli
+from test_proxy import start_proxied
+
+SLOW = "pleaco-test/slow:latest"
+SLOW_SERVER = """#!/bin/sh
+# /cgi-bin/slow answers after a second; /healthz at once.
+mkdir -p /www/cgi-bin
+echo ok > /www/healthz
+printf '#!/bin/sh\\nsleep 1\\nprintf "Content-Type: text/plain\\\\r\\\\n\\\\r\\\\n"\\n' > /www/cgi-bin/slow
+echo 'echo "slow from $(hostname)"' >> /www/cgi-bin/slow
+chmod +x /www/cgi-bin/slow
+exec httpd -f -p 8080 -h /www
+"""
+HOST = "slow.pleaco.internal"
+POLICY = {"min_replicas": 1, "max_replicas": 6, "metric": "concurrency", "target": 2, "stable_window": 6,
+          "panic_window": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slow_image(tmp_path_factory: pytest.TempPathFactory) -> None:
+    ctx: Path = tmp_path_factory.mktemp("slow")
+    (ctx / "serve.sh").write_text(SLOW_SERVER)
+    (ctx / "Dockerfile").write_text(
+        'FROM pleaco/busybox:latest\nCOPY serve.sh /serve.sh\nCMD ["/bin/sh", "/serve.sh"]\n')
+    subprocess.run(["docker", "build", "-q", "-t", SLOW, str(ctx)], check=True, capture_output=True,
+                   env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
+
+
+def metrics(agent: AgentProcess) -> dict[str, float]:
+    req = urllib.request.Request(agent.url + "/metrics", headers={"Authorization": f"Bearer {agent.token}"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_replicas_follow_a_load_step_up_and_back_down_with_no_failed_request(
+        agent_factory: Callable[..., AgentProcess]) -> None:
+    p = start_proxied(agent_factory, "as", env={"PLEACO_PROXY_LOAD_INTERVAL": "0.5",
+                                                "PLEACO_AUTOSCALE_INTERVAL": "0.5"})
+    client = p.agent.client
+    client.deploy("slow", {"image": SLOW, "port": 8080, "health": "/healthz"})
+    wait_for(lambda: p.get(HOST, "/cgi-bin/slow")[0] == 200, 60, "slow through the proxy")
+    shown = client.autoscale("slow", POLICY)
+    assert shown["autoscaler"] == {"panic": False, "decided_by": None, "decisions": []}
+    # Idle: nothing to decide, one replica.
+    idle = wait_for(lambda: (a := client.app("slow"))["autoscaler"]["figures"]["samples"] >= 4 and a, 30,
+                    "the autoscaler to sample the idle app")
+    assert idle["replicas"] == 1 and idle["autoscaler"]["decisions"] == []
+
+    with Load(f"http://127.0.0.1:{p.http}/cgi-bin/slow", HOST, rate=7, max_seconds=120) as load:
+        up = wait_for(lambda: (a := client.app("slow"))["replicas"] >= 4 and a["healthy"] >= 4 and a, 90,
+                      "4 healthy replicas under the load")
+        # The load goes on: the panic ends (a stable window without a surge) and the count
+        # stays, 7 in flight being within what 4 replicas serve at 2 each.
+        calm = wait_for(lambda: (a := client.app("slow"))["autoscaler"]["panic"] is False and a, 60,
+                        "the panic to end under the steady load")
+        assert calm["replicas"] >= 4 and calm["autoscaler"]["decisions"][-1]["to"] >= 4
+        result = load.stop()
+    assert result.failures == [], result.failures[:5]
+    assert result.ok > 0
+    # Up in panic (entered at 2x what the current replicas serve), possibly in steps while
+    # the 2 s panic average climbs with the load; never down while it lasts.
+    ups = up["autoscaler"]["decisions"]
+    first = ups[0]
+    assert first["from"] == 1 and first["to"] > 1 and first["reason"].startswith("panic"), ups
+    assert all(d["panic"] and d["to"] > d["from"] for d in ups), ups
+    assert ups[-1]["to"] == up["replicas"] and all(d["node"] == p.agent.node_id[:12] for d in ups)
+    m = metrics(p.agent)
+    assert m['pleaco_autoscale_decisions_total{app="slow",direction="up"}'] >= 1
+    assert m['pleaco_autoscale_desired_replicas{app="slow"}'] >= 4
+    assert m['pleaco_autoscale_metric{app="slow",metric="concurrency"}'] > 0
+
+    # The load stops: after the panic ends (a stable window without a surge) the count goes
+    # down, at most halving per stable window, to the minimum.
+    down = wait_for(lambda: (a := client.app("slow"))["replicas"] == 1 and a, 120, "the scale-down to 1")
+    decisions: list[dict[str, Any]] = down["autoscaler"]["decisions"]
+    assert decisions[-1]["to"] == 1 and decisions[-1]["from"] > 1
+    assert all(d["reason"] for d in decisions)
+    assert any("average" in d["reason"] for d in decisions if d["to"] < d["from"])
+    assert down["autoscaler"]["panic"] is False
+    wait_for(lambda: client.app("slow")["running"] == 1, 60, "the extra replicas stopped")
+    # apps show prints the metric, the windows and the decisions with their reasons.
+    out = cli(p.agent, "apps", "show", "slow")
+    assert out.returncode == 0, out.stderr
+    assert "concurrency target 2 per replica, windows 6s stable / 2s panic" in out.stdout
+    assert "metric     concurrency" in out.stdout
+    for d in decisions:  # the last few (the record keeps at most 5), newest first
+        assert f"{d['from']} -> {d['to']} on {d['node']}: {d['reason']}" in out.stdout
+    as_json = json.loads(cli(p.agent, "apps", "show", "slow", "--json").stdout)
+    assert as_json["autoscaler"]["decisions"][-1] == decisions[-1]
