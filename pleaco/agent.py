@@ -28,8 +28,10 @@ from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
 from pleaco.errors import PleacoError
+from pleaco.host import journal
 from pleaco.host.addresses import AddressInUse, AddressRegistry, Listener
 from pleaco.host.datadir import DataDirInUse, DataDirLock
+from pleaco.host.systemd import Notifier, Supervision, ensure_docker, status_line
 from pleaco.identity import Identity, write_secret_file
 from pleaco.ingress.load import LoadReporter
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
@@ -107,14 +109,15 @@ class Agent:
             lock.release()
 
     async def _run(self, cfg: Config, identity: Identity) -> None:
-        logs.setup(cfg.log_level, identity.node_id, cfg.name)
+        logs.setup(cfg.log_level, identity.node_id, cfg.name, handler=journal.handler_if_journal())
         token = load_or_create_token(cfg)
         store = Store(cfg.db_path, identity)
         self._register_node(store, identity)
 
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
-        apps = AppStore(store, cfg.max_replicas)
+        await asyncio.to_thread(ensure_docker, runtime.ping, cfg.docker_url)  # docker.service, if it is down
+        apps = AppStore(store, cfg.max_replicas, cfg.apps)
         cluster = Cluster(cfg, identity, store, registry)
         images = ImageTransfer(cluster, runtime)  # images between nodes, over the cluster's streams
         me = identity.node_id
@@ -128,7 +131,7 @@ class Agent:
                         configured_publish_host=cfg.publish_host)
         routes = RouteTable(store, me)
         reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,
-                                   weights=cluster.weights, fetch_image=images.fetch_image)
+                                   weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image)
         runner.add(reconciler)
         drain.on_request = reconciler.wake  # publish the drain at once
         cluster.on_change = reconciler.wake
@@ -172,6 +175,12 @@ class Agent:
             runner.add(RepoPoller(builds, owners))
         add_build_routes(api.app, builds, BuildLogs(cluster, builds))  # logs from the building node
 
+        supervision = Supervision(
+            Notifier(),
+            status=lambda: status_line(apps.count(), sum(c.running for c in view.observed.containers),
+                                       max(1, len(cluster.placement_nodes()))),
+            stuck=lambda now: runner.stuck(now, cfg.loop_stuck_after),
+        )
         loop = asyncio.get_running_loop()
         try:
             try:
@@ -186,6 +195,8 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             runner.start()
+            supervision.ready()  # the API answers and the loops run
+            supervision.start()
             log.info(
                 "agent.started", version=__version__, name=cfg.name, data_dir=str(cfg.data_dir),
                 api=cfg.api_listen, docker=cfg.docker_url, loops=",".join(lp.name for lp in runner.loops),
@@ -193,6 +204,7 @@ class Agent:
             await self._stop.wait()
         finally:
             log.info("agent.stopping")
+            await supervision.stop()
             # Each step on its own: whatever one raises, the others still run, and the
             # store (the durable state) is always closed last.
             for what, close in (("loops", runner.stop), ("cluster", cluster.stop), ("api", api.stop)):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pleaco.api.config import ApiConfig
+from pleaco.apps import AppDefaults
 from pleaco.builds.config import BuildConfig
 from pleaco.cluster.config import ClusterSettings
 from pleaco.errors import InvalidInput
@@ -56,6 +57,8 @@ class Config(ClusterSettings, IngressSettings):
     api: ApiConfig = field(default_factory=ApiConfig)
     # The build pipeline's tunables: the [build] table (see pleaco/builds/config.py).
     build: BuildConfig = field(default_factory=BuildConfig)
+    # Every replica's limits when its deploy names none: the [apps] table (pleaco/apps.py).
+    apps: AppDefaults = field(default_factory=AppDefaults)
 
     @property
     def api_host_port(self) -> tuple[str, int]:
@@ -211,7 +214,7 @@ def validate(cfg: Config) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name}: must be a finite number, got {value}")
     for name in ("reconcile_interval", "backoff_base", "backoff_max", "health_timeout", "health_grace",
-                 "docker_timeout", "image_recheck_interval", "tombstone_ttl"):
+                 "docker_timeout", "image_recheck_interval", "tombstone_ttl", "loop_stuck_after"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")
     for name in _TABLES:

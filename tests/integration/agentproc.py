@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -91,16 +90,23 @@ CLEANED_NODES: set[str] = set()
 
 def remove_node_containers(node_id: str) -> None:
     CLEANED_NODES.add(node_id)
-    for c in node_containers(node_id):
-        try:
-            c.remove(force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as exc:
-            # Another agent (one that found this node's proxy orphaned) is removing it already.
-            if "already in progress" not in str(exc):
-                raise
-    wait_for(lambda: not node_containers(node_id), 30, f"node {node_id}'s containers to be removed")
+
+    def removed() -> bool:
+        # Removed again at every look: the engine may make a container the killed agent
+        # asked for after the first look (its create was in flight).
+        left = node_containers(node_id)
+        for c in left:
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                # Another agent (one that found this node's proxy orphaned) is removing it already.
+                if "already in progress" not in str(exc):
+                    raise
+        return not left
+
+    wait_for(removed, 30, f"node {node_id}'s containers to be removed")
 
 
 @dataclass
@@ -179,6 +185,25 @@ class AgentProcess:
             self.proc.wait(10)
         if self.node_id:
             remove_node_containers(self.node_id)
+
+
+CADDY = "pleaco/caddy:latest"  # made by scripts/images.sh
+
+
+@dataclass(frozen=True)
+class ProxyPorts:
+    """A proxy's three addresses on 127.0.0.1, each its own (agents on one host must not share them)."""
+
+    http: int = field(default_factory=free_port)
+    https: int = field(default_factory=free_port)
+    admin: int = field(default_factory=free_port)
+
+    def args(self, image: str = CADDY) -> list[str]:
+        return ["--proxy-image", image, "--proxy-listen", f"127.0.0.1:{self.http}"]
+
+    def env(self) -> dict[str, str]:
+        return {"PLEACO_PROXY_HTTPS_LISTEN": f"127.0.0.1:{self.https}",
+                "PLEACO_PROXY_ADMIN_LISTEN": f"127.0.0.1:{self.admin}"}
 
 
 # -- clusters of agents on 127.0.0.x ---------------------------------------------------

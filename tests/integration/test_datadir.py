@@ -8,10 +8,9 @@ import signal
 from collections.abc import Callable
 
 import pytest
-from agentproc import AgentProcess, free_port
+from agentproc import AgentProcess, ProxyPorts
 
 Factory = Callable[..., AgentProcess]
-CADDY = "pleaco/caddy:latest"  # made by scripts/images.sh
 
 
 def test_a_second_agent_on_a_data_dir_in_use_refuses_naming_the_first(agent_factory: Factory) -> None:
@@ -32,25 +31,18 @@ def test_a_second_agent_on_a_data_dir_in_use_refuses_naming_the_first(agent_fact
         second.cleanup()
 
 
-def proxy_args(http: int, https: int, admin: int) -> tuple[list[str], dict[str, str]]:
-    return (["--proxy-image", CADDY, "--proxy-listen", f"127.0.0.1:{http}"],
-            {"PLEACO_PROXY_HTTPS_LISTEN": f"127.0.0.1:{https}", "PLEACO_PROXY_ADMIN_LISTEN": f"127.0.0.1:{admin}"})
-
-
 @pytest.mark.parametrize("shared", ["proxy", "proxy https", "proxy admin", "gossip"])
 def test_a_second_agent_on_an_address_in_use_refuses_naming_the_first(agent_factory: Factory, shared: str) -> None:
-    ports = {"proxy": free_port(), "proxy https": free_port(), "proxy admin": free_port()}
-    args, env = proxy_args(ports["proxy"], ports["proxy https"], ports["proxy admin"])
-    first = agent_factory("first", extra_args=args, env=env)
+    mine = ProxyPorts()
+    first = agent_factory("first", extra_args=mine.args(), env=mine.env())
     assert first.proc is not None
     # The second: its own data dir and ports, but for the one it shares with the first.
-    theirs = {role: free_port() for role in ports}
-    if shared in ports:
-        theirs[shared] = ports[shared]
-    args2, env2 = proxy_args(theirs["proxy"], theirs["proxy https"], theirs["proxy admin"])
+    roles = {"proxy": "http", "proxy https": "https", "proxy admin": "admin"}
+    theirs = ProxyPorts(**({roles[shared]: getattr(mine, roles[shared])} if shared in roles else {}))
+    args2 = theirs.args()
     if shared == "gossip":
         args2 += ["--gossip-listen", f"0.0.0.0:{first.gossip_port}"]  # the wildcard overlaps 127.0.0.1
-    second = agent_factory("second", extra_args=args2, env=env2, start=False)
+    second = agent_factory("second", extra_args=args2, env=theirs.env(), start=False)
     with pytest.raises(RuntimeError, match="exited"):
         second.start()
     assert second.proc is not None and second.proc.returncode not in (0, None)
