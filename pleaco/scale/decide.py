@@ -40,7 +40,8 @@ What is changed, and why:
   only when the samples cover the whole idle window and every one in it is zero. It is
   not held back by the scale-down rate: zero demand for the whole window is explicit.
   With ``min_replicas`` 0 and some demand (or no proof of idleness) the count stays at
-  least 1; an app at 0 stays at 0 until demand shows in the samples.
+  least 1; an app at 0 stays at 0 until demand shows in the samples of the last
+  min(panic window, idle window) seconds (older ones predate the idleness).
 - A scale-down must be wanted by both windows: never below what the panic window's load
   needs. After a panic ends during a steady ramp, KPA's stable average (lagging the ramp by
   half a window) brings the count down while the load still rises, and the next panic
@@ -245,6 +246,14 @@ def decide(policy: AutoscalePolicy, current: int, samples: Sequence[Sample], now
     panic_avg = _average(samples, now, policy.panic_window)
     if panic_avg is None:
         panic_avg = stable
+    if current == 0 and policy.scale_to_zero_after is not None:
+        # At zero only the demand since the app went idle counts: with an idle window
+        # shorter than the stable (or panic) window, those windows still hold the traffic
+        # from before it, which would bring the app straight back (a flap seen in
+        # tests/integration/test_autoscale.py). The last min(panic, idle) seconds were all
+        # zero when the app went to zero, so any demand in them is new.
+        recent = _average(samples, now, min(policy.panic_window, policy.scale_to_zero_after))
+        stable = panic_avg = recent if recent is not None else 0.0
     want_stable = _replicas_for(stable, target)
     want_panic = _replicas_for(panic_avg, target)
     capacity = max(1, current)

@@ -107,3 +107,41 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_failed_request(
         assert f"{d['from']} -> {d['to']} on {d['node']}: {d['reason']}" in out.stdout
     as_json = json.loads(cli(p.agent, "apps", "show", "slow", "--json").stdout)
     assert as_json["autoscaler"]["decisions"][-1] == decisions[-1]
+
+
+def test_scale_to_zero_when_idle_a_request_then_gets_a_503_and_wakes_the_app(
+        agent_factory: Callable[..., AgentProcess]) -> None:
+    """An idle app with min 0 goes to 0 replicas after its idle window, and stays there (the
+    traffic from before the idle window does not bring it back). The activator that holds
+    a request while the first replica starts comes later: until then the proxy answers a
+    request for an app at zero at once with a 503 naming it; that request is traffic the
+    proxy reports, so the autoscaler starts a replica, and requests succeed once it is
+    healthy."""
+    p = start_proxied(agent_factory, "zero", env={"PLEACO_PROXY_LOAD_INTERVAL": "0.5",
+                                                  "PLEACO_AUTOSCALE_INTERVAL": "0.5"})
+    client = p.agent.client
+    client.deploy("slow", {"image": SLOW, "port": 8080, "health": "/healthz"})
+    wait_for(lambda: p.get(HOST, "/healthz")[0] == 200, 60, "slow through the proxy")
+    # Requests per second: a 503 takes no time, so it shows as a request, not as concurrency.
+    client.autoscale("slow", {**POLICY, "metric": "rps", "target": 5, "min_replicas": 0, "scale_to_zero_after": 3})
+    # Some traffic the autoscaler sees, then none: the idle window (3 s) is shorter than the
+    # stable window (6 s), which still holds this traffic when the app goes to zero.
+    wait_for(lambda: p.get(HOST, "/healthz")[0] == 200 and client.app("slow")["autoscaler"]["figures"]["value"],
+             30, "the autoscaler to see the traffic")
+    zero = wait_for(lambda: (a := client.app("slow"))["replicas"] == 0 and a, 60, "the scale to zero")
+    last = zero["autoscaler"]["decisions"][-1]
+    assert (last["from"], last["to"]) == (1, 0) and "scale to zero" in last["reason"]
+    assert zero["state"] == "stopped"
+    wait_for(lambda: client.app("slow")["running"] == 0, 60, "the replica stopped")
+    # Idle at zero: it stays there, over more than a stable window of the autoscaler's ticks.
+    ticks = 'pleaco_reconcile_runs_total{loop="autoscale",result="ok"}'
+    start = metrics(p.agent)[ticks]
+    wait_for(lambda: metrics(p.agent)[ticks] >= start + 16, 30, "8 s of autoscaler ticks")
+    still = client.app("slow")
+    assert still["replicas"] == 0 and still["autoscaler"]["decisions"][-1] == last, still["autoscaler"]
+    status, body, _ = p.get(HOST, "/healthz")
+    assert (status, body) == (503, "no healthy replica of slow\n")
+    woken = wait_for(lambda: (a := client.app("slow"))["replicas"] == 1 and a, 30, "the 503's traffic to wake the app")
+    assert (woken["autoscaler"]["decisions"][-1]["from"], woken["autoscaler"]["decisions"][-1]["to"]) == (0, 1)
+    assert "at zero replicas" in woken["autoscaler"]["decisions"][-1]["reason"]
+    wait_for(lambda: p.get(HOST, "/cgi-bin/slow")[0] == 200, 60, "a request answered by the new replica")

@@ -121,6 +121,20 @@ def test_at_zero_stays_without_demand_and_starts_with_it() -> None:
     assert d.desired == 3 and d.panic  # 120 at target 50 is 2.4x one replica
 
 
+def test_at_zero_the_traffic_from_before_the_idle_window_does_not_bring_it_back() -> None:
+    """An idle window shorter than the stable window: the stable window still holds the
+    demand from before the app went idle; at zero it must not count (it did: 1 -> 0 -> 1)."""
+    p = policy(min_replicas=0, scale_to_zero_after=3.0, stable_window=6.0, panic_window=2.0, target=2.0)
+    load = [Sample(-10 + i * 0.5, 1.0 if i <= 12 else 0.0) for i in range(21)]  # zeros from -3.5
+    d = decide(p, 1, load, 0.0)
+    assert d.desired == 0 and "scale to zero" in d.reason
+    later = [*load, Sample(0.5, 0.0), Sample(1.0, 0.0)]
+    assert decide(p, 0, later, 0.5, d).desired == 0
+    assert decide(p, 0, later, 1.0, d).desired == 0
+    # New demand at zero still starts it.
+    assert decide(p, 0, [*later, Sample(1.5, 0.5)], 1.5, d).desired == 1
+
+
 def test_no_samples_keeps_the_count_within_the_bounds() -> None:
     assert decide(policy(), 3, [], 0.0).desired == 3
     assert "no concurrency samples" in decide(policy(), 3, [], 0.0).reason
