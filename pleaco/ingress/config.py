@@ -52,10 +52,9 @@ class ProxyConfig:
     # weighs each line by the requests it stands for (pleaco.ingress.traffic), so the
     # figures stay within about access_log_every requests per second per node of the truth.
     # A written line costs Caddy about 40 microseconds of CPU, a third of what proxying the
-    # request costs; one in 10 takes the proxy from about 0.75x to about 0.85-0.9x of a bare
-    # Caddy's CPU per request (benchmarks/README.md; some of a line's work, recording the
-    # response and encoding the request, happens before the sampler decides). Below 100
-    # requests/s its cost is noise and the figures exact. access_log_every = 1 writes all.
+    # request costs: writing all, the proxy did 0.77x of a bare Caddy's requests/s, one in
+    # 10 1.01x (benchmarks/README.md). Below 100 requests/s the cost is noise and the
+    # figures exact. access_log_every = 1 writes every request.
     access_log_first: int = 100
     access_log_every: int = 10
     # Connections the proxy opens to one replica at most (Caddy's max_conns_per_host; more

@@ -2,16 +2,17 @@
 
 Caddy 2.6's own metrics are per server and handler, not per host (and Debian's 2.6.2 emits
 no ``caddy_http_*`` series at all); its ``/reverse_proxy/upstreams`` lists static upstreams
-only, and pleaco's come from DNS. Its access log does name the host: the proxy writes one
-lean JSON line per request (``{"request":{"host":H},"duration":D,"status":S}``, every other
-field, level, time and message left out) to a loopback TCP port of the agent.
+only, and pleaco's come from DNS. Its access log does name the host: the proxy writes JSON
+lines (level, time, the request, duration, status, ...) to a loopback TCP port of the agent,
+every request up to ``Sampling.first`` a second and one in ``Sampling.every`` beyond, and
+the agent weighs each line by the requests it stands for (``_Tick``).
 
-What made that cost 35-40 % of the proxy's throughput was the agent's side (measured in
-benchmarks/README.md): one ``readline`` and one ``json.loads`` per request in Python, on the
-same cores as Caddy. Now the agent reads whatever has arrived in one chunk (under load,
-hundreds of lines per read) and takes the three fields with one compiled pattern, falling
-back to JSON only for a line that does not match it; the figures are kept in coarse time
-slots per app, not per request.
+What it costs was measured candidate by candidate (benchmarks/README.md): on Caddy's side a
+written line, and the filter encoder even for a line the sampler drops; on the agent's side
+one ``readline`` and one JSON parse per request in Python, on the same cores as Caddy. So
+the lines are sampled, Caddy's plain encoder is used, and the agent reads whatever has
+arrived in one chunk at most every BATCH_INTERVAL (under load, many lines per read),
+counting per app in coarse time slots, not per request.
 
 Figures per app over the last ``window`` seconds: requests per second, concurrency (mean
 requests in flight, by Little's law: the time the completed requests spent in flight
@@ -24,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,18 +42,12 @@ WINDOW = 2.0
 SLOT = 0.25  # seconds per time slot the counts are kept in
 HISTORY = 16.0  # seconds of slots kept (the longest window asked for)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-MAX_LINE = 64 * 1024  # a longer line is not one of Caddy's lean access-log lines
+MAX_LINE = 64 * 1024  # a longer line is not one of Caddy's access-log lines (headers are capped far below)
 READ_SIZE = 256 * 1024
 # Seconds between reads of the access-log stream after a short one. Caddy's writes land in
 # the socket's receive buffer meanwhile (80 bytes a request: 10 000 requests/s fill 40 KB,
 # far below the kernel's autotuned buffer, so the proxy never waits on the agent).
 BATCH_INTERVAL = 0.05
-
-# Caddy writes the fields in this order (the encoder keeps its field order); the pattern
-# is the fast path, JSON the fallback.
-_LINE = re.compile(rb'\{"level":"([a-z]{1,8})","ts":([0-9.eE+-]+),"request":\{"host":"([^"\\]*)"\},'
-                   rb'"duration":([0-9.eE+-]+),"status":([0-9]{1,3})\}\s*\Z')
-
 
 @dataclass(frozen=True)
 class Sampling:
@@ -298,19 +292,14 @@ class TrafficStats:
 def _parse(line: bytes) -> tuple[str, float | None, str, float, int] | None:
     """(level, time, host without port and lower case, duration in seconds, status) of one
     access-log line; the time is None when the line has none."""
-    m = _LINE.match(line)
     ts: float | None
     try:
-        if m is not None:
-            level, ts = m.group(1).decode(), float(m.group(2))
-            host, duration, status = m.group(3).decode(), float(m.group(4)), int(m.group(5))
-        else:
-            entry = json.loads(line)
-            host = str(entry["request"].get("host", ""))
-            duration = float(entry.get("duration", 0.0))
-            status = int(entry.get("status", 0))
-            level = str(entry.get("level", "info"))
-            ts = float(entry["ts"]) if "ts" in entry else None
+        entry = json.loads(line)
+        host = str(entry["request"].get("host", ""))
+        duration = float(entry.get("duration", 0.0))
+        status = int(entry.get("status", 0))
+        level = str(entry.get("level", "info"))
+        ts = float(entry["ts"]) if "ts" in entry else None
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return None
     if not 0.0 <= duration < float("inf") or (ts is not None and not abs(ts) < float("inf")):

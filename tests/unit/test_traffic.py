@@ -24,9 +24,12 @@ class Clock:
 
 def line(host: str, duration: float = 0.004, status: int = 200, ts: float = 1_800_000_000.0,
          level: str = "info") -> bytes:
-    # Exactly as Caddy's JSON encoder writes a lean line (key order included).
-    return (f'{{"level":"{level}","ts":{ts},"request":{{"host":"{host}"}},"duration":{duration},'
-            f'"status":{status}}}').encode()
+    # As Caddy 2.6's JSON encoder writes an access-log line (key order included, without
+    # logger name and message; credentials redacted by Caddy).
+    return (f'{{"level":"{level}","ts":{ts},"request":{{"remote_ip":"127.0.0.1","remote_port":"52582",'
+            f'"proto":"HTTP/1.1","method":"GET","host":"{host}","uri":"/?q=\\"x\\"","headers":{{'
+            f'"User-Agent":["curl/7.88.1"],"Authorization":[]}}}},"user_id":"","duration":{duration},"size":33,'
+            f'"status":{status},"resp_headers":{{"Server":["Caddy"]}}}}').encode()
 
 
 def stats(sampling: Sampling | None = None) -> tuple[TrafficStats, Clock, Registry]:
@@ -36,7 +39,7 @@ def stats(sampling: Sampling | None = None) -> tuple[TrafficStats, Clock, Regist
     return s, clock, registry
 
 
-def test_lean_lines_and_json_fallback_become_per_app_figures() -> None:
+def test_access_log_lines_become_per_app_figures() -> None:
     s, _, registry = stats()
     s.feed_lines([line("web.test", 0.004), line("WEB.test:8080", 0.004), line("api.test", 0.2, 503),
                   json.dumps({"request": {"host": "web.test"}, "duration": 0.004, "status": 200}).encode(),
@@ -126,7 +129,7 @@ def test_the_config_carries_the_sampling_the_agent_weighs_lines_by() -> None:
                       log_sampling=Sampling(first=100, every=10))
     log = build_config([], s)["logging"]["logs"]["pleaco_access"]
     assert log["sampling"] == {"interval": 1_000_000_000, "first": 100, "thereafter": 10}
-    assert log["encoder"]["wrap"] == {"format": "json", "message_key": "", "name_key": ""}
+    assert log["encoder"] == {"format": "json", "message_key": "", "name_key": ""}
     every = ProxySettings(**{**s.__dict__, "log_sampling": Sampling(first=100, every=1)})
     assert "sampling" not in build_config([], every)["logging"]["logs"]["pleaco_access"]
 
