@@ -7,6 +7,7 @@ policy, the short load interval and tick from the agent's env config."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import urllib.request
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, wait_for
+from agentproc import AgentProcess, alive_ids, free_port, states, wait_for
 from proxyload import Load
 from test_cli import cli
 from test_proxy import start_proxied
+
+from pleaco.placement import app_owner
 
 SLOW = "pleaco-test/slow:latest"
 SLOW_SERVER = """#!/bin/sh
@@ -145,3 +148,51 @@ def test_scale_to_zero_when_idle_a_request_then_gets_a_503_and_wakes_the_app(
     assert (woken["autoscaler"]["decisions"][-1]["from"], woken["autoscaler"]["decisions"][-1]["to"]) == (0, 1)
     assert "at zero replicas" in woken["autoscaler"]["decisions"][-1]["reason"]
     wait_for(lambda: p.get(HOST, "/cgi-bin/slow")[0] == 200, 60, "a request answered by the new replica")
+
+
+def test_the_next_owner_continues_deciding_when_the_owner_dies_under_load(
+        agent_factory: Callable[..., AgentProcess]) -> None:
+    """Three agents, each with its proxy; the load goes through a node that does not own the
+    app. The owner scales the app up and is killed; the next owner (which sampled all along)
+    continues: it takes the app down when the load stops. The decisions form one chain
+    (each starts from the count the one before left), by the two owners only."""
+    env = {"PLEACO_PROXY_LOAD_INTERVAL": "0.5", "PLEACO_AUTOSCALE_INTERVAL": "0.5"}
+
+    def gossip(k: int) -> list[str]:
+        return ["--gossip-listen", f"127.0.0.{k}:{free_port()}", "--discovery", "seeds"]
+
+    first = start_proxied(agent_factory, "fo0", gossip(2), env=env)
+    first.agent.client.request("POST", "/v1/cluster/init")
+    token = first.agent.client.request("GET", "/v1/cluster/token")["token"]
+    nodes = [first] + [start_proxied(agent_factory, f"fo{i}", [*gossip(i + 2), "--join-token", token], env=env)
+                       for i in (1, 2)]
+    ids = {p.agent.node_id for p in nodes}
+    wait_for(lambda: all(alive_ids(p.agent) == ids for p in nodes), 60, "3 nodes alive everywhere")
+    by_id = {p.agent.node_id: p for p in nodes}
+    owner = by_id[app_owner("slow", sorted(ids))]
+    survivors = [p for p in nodes if p is not owner]
+    next_owner = by_id[app_owner("slow", sorted(p.agent.node_id for p in survivors))]
+    entry = next(p for p in survivors if p is not next_owner)  # the load comes in through neither owner
+    client = entry.agent.client
+    client.deploy("slow", {"image": SLOW, "port": 8080, "health": "/healthz"})
+    wait_for(lambda: entry.get(HOST, "/healthz")[0] == 200, 90, "slow through the entry node's proxy")
+    client.autoscale("slow", POLICY)
+
+    with Load(f"http://127.0.0.1:{entry.http}/cgi-bin/slow", HOST, rate=7, max_seconds=150) as load:
+        up = wait_for(lambda: (a := client.app("slow"))["replicas"] >= 4 and a, 90, "the owner's scale-up")
+        assert up["autoscaler"]["decided_by"] == owner.agent.node_id
+        # The next owner sampled the app all along.
+        assert next_owner.agent.client.app("slow")["autoscaler"]["figures"]["samples"] > 4
+        owner.agent.kill()
+        wait_for(lambda: all(states(p.agent)[owner.agent.node_id] == "dead" for p in survivors), 60,
+                 "the owner declared dead")
+        load.stop()
+    down = wait_for(lambda: (a := client.app("slow"))["replicas"] == 1 and a, 120, "the next owner's scale-down")
+    assert down["autoscaler"]["decided_by"] == next_owner.agent.node_id
+    decisions = down["autoscaler"]["decisions"]
+    assert decisions[-1]["node"] == next_owner.agent.node_id[:12] and decisions[-1]["to"] == 1
+    assert {d["node"] for d in decisions} <= {owner.agent.node_id[:12], next_owner.agent.node_id[:12]}
+    assert all(b["from"] == a["to"] for a, b in itertools.pairwise(decisions)), decisions
+    # The next owner wrote its decisions; the third node none.
+    assert metrics(entry.agent).get('pleaco_autoscale_decisions_total{app="slow",direction="down"}', 0) == 0
+    assert metrics(next_owner.agent)['pleaco_autoscale_decisions_total{app="slow",direction="down"}'] >= 1
