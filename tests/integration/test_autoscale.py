@@ -187,7 +187,10 @@ def test_the_next_owner_continues_deciding_when_the_owner_dies_under_load(
         wait_for(lambda: all(states(p.agent)[owner.agent.node_id] == "dead" for p in survivors), 60,
                  "the owner declared dead")
         load.stop()
-    down = wait_for(lambda: (a := client.app("slow"))["replicas"] == 1 and a, 120, "the next owner's scale-down")
+    # The count and the decision record are written in one transaction but replicate as two
+    # records: wait for both.
+    down = wait_for(lambda: (a := client.app("slow"))["replicas"] == 1
+                    and a["autoscaler"]["decisions"][-1]["to"] == 1 and a, 120, "the next owner's scale-down")
     assert down["autoscaler"]["decided_by"] == next_owner.agent.node_id
     decisions = down["autoscaler"]["decisions"]
     assert decisions[-1]["node"] == next_owner.agent.node_id[:12] and decisions[-1]["to"] == 1
