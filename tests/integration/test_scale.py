@@ -81,7 +81,8 @@ def test_autoscale_cli(agent: AgentProcess) -> None:
     assert out.returncode == 0, out.stderr
     assert "autoscale 0..5 replicas, concurrency target 20 per replica" in out.stdout
     shown = cli(agent, "apps", "show", "web").stdout
-    assert "windows 40s stable / 4s panic, to zero after 300s idle (no decisions yet)" in shown
+    assert "windows 40s stable / 4s panic, to zero after 300s idle\n" in shown
+    assert "decisions  (none yet)" in shown
     # Bad input: a clear message, exit code 1 or 2, and the policy as it was.
     for args, message in [
         (["--min", "4", "--max", "2"], "min_replicas: 4 is above max_replicas 2"),
