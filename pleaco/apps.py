@@ -547,14 +547,14 @@ class AppStore:
         """The autoscaler's decision record of an app (pleaco.reconcile.autoscale), if any."""
         return self.store.value("scale", name + DECISION_SUFFIX)
 
-    def record_decision(self, name: str, based_on: int, desired: int, record: dict[str, Any]) -> bool:
+    def record_decision(self, name: str, policy: AutoscalePolicy, based_on: int, desired: int,
+                        record: dict[str, Any]) -> bool:
         """The autoscaler's write: the desired count (the record ``scale`` writes) and the
-        decision record, in one transaction, only while the app is autoscaled and its count
-        is still ``based_on``, the count the decision was made from. False, and nothing
-        written, when it is not: someone changed the count (``apps scale``, another owner)
-        or the policy went away since, and the next tick decides again from what is now."""
-        policy = self.autoscale(name)
-        if self.get(name) is None or policy is None or self.replicas(name) != based_on:
+        decision record, in one transaction, only while the app's policy is still ``policy``
+        and its count still ``based_on``, what the decision was made from. False, and nothing
+        written, when they are not: someone changed the count (``apps scale``, another
+        owner) or the policy since, and the next tick decides again from what is now."""
+        if self.get(name) is None or self.autoscale(name) != policy or self.replicas(name) != based_on:
             return False
         desired = validate_replicas(desired, self.max_replicas)
         if not policy.min_replicas <= desired <= policy.max_replicas:

@@ -15,7 +15,9 @@ panic state does. Every write is a durable replicated record, so a tick that cha
 nothing writes nothing. The decision record holds the state the next decision continues
 from (panic, the scale-down window): the owner keeps it in memory between its writes, and
 a node that becomes owner reads it from the record as ``previous``, so an owner's death
-loses neither a panic under way nor the scale-down limit. It also keeps the last
+loses neither a panic under way nor the scale-down limit (the record's last surge time
+is the last write's, so a successor whose load has calmed may end a panic up to a stable
+window earlier than the old owner would have). It also keeps the last
 ``HISTORY`` decisions with their reasons, for ``apps show``.
 
 No double decision: a node decides only while it is the owner, and a write carries the
@@ -203,12 +205,20 @@ class Autoscaler(Loop):
                        average(policy.panic_window), len(window), self.owners.owner(app))
 
     def _previous(self, app: str, tag: str, policy: AutoscalePolicy, stored: dict[str, Any] | None) -> Decision | None:
+        """This node's own last decision while it has owned the app since; else the record's."""
         mine = self._mine.get(app)
-        newer_elsewhere = (stored is not None and stored.get("node") != self.owners.me and mine is not None
-                           and stored.get("history") and stored["history"][-1].get("at_ms", 0) >= mine.at * 1000)
-        if mine is not None and mine.tag == tag and not newer_elsewhere:
-            return mine.decision
-        return previous_of(stored, policy)
+        if mine is None or mine.tag != tag or self._written_elsewhere_since(stored, mine.at):
+            return previous_of(stored, policy)
+        return mine.decision
+
+    def _written_elsewhere_since(self, stored: dict[str, Any] | None, since: float) -> bool:
+        """Whether another node wrote the record after ``since`` (it believed itself owner
+        while the live nodes changed): its decision, not this node's older one, is the
+        state to continue from."""
+        if stored is None or stored.get("node") == self.owners.me:
+            return False
+        history = stored.get("history") or [{}]
+        return bool(int(history[-1].get("at_ms", 0)) >= since * 1000)
 
     def decide(self, app: str, policy: AutoscalePolicy, now: float) -> None:
         current = self.apps.replicas(app)
@@ -221,9 +231,9 @@ class Autoscaler(Loop):
         if decision.desired == current and decision.panic == stored_panic:
             return  # nothing changed: no write
         record = decision_record(app, decision, current, policy, self.owners.me, now, stored)
-        if not self.apps.record_decision(app, current, decision.desired, record):
+        if not self.apps.record_decision(app, policy, current, decision.desired, record):
             log.info("autoscale.skipped", app=app, based_on=current, now=self.apps.replicas(app),
-                     reason="the count changed since it was read")
+                     reason="the count or the policy changed since they were read")
             self._mine.pop(app, None)
             return
         direction = ("up" if decision.desired > current else "down" if decision.desired < current else "hold")

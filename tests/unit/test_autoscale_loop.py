@@ -186,14 +186,21 @@ def test_a_decision_from_a_count_that_changed_meanwhile_is_not_written(apps: App
     assert record is not None and record["history"][0]["from"] == 2
 
 
-def test_record_decision_checks_the_count_and_the_bounds(apps: AppStore) -> None:
-    assert not apps.record_decision("web", 3, 4, {"x": 1})  # the count is 1, not 3
+def test_record_decision_checks_the_count_the_policy_and_the_bounds(apps: AppStore) -> None:
+    policy = apps.autoscale("web")
+    assert policy is not None
+    assert not apps.record_decision("web", policy, 3, 4, {"x": 1})  # the count is 1, not 3
+    other = AutoscalePolicy.from_value({**POLICY, "max_replicas": 3})
+    assert not apps.record_decision("web", other, 1, 4, {"x": 1})  # decided under another policy
     assert apps.replicas("web") == 1 and apps.decision("web") is None
     with pytest.raises(ValueError, match="outside the app's autoscale range"):
-        apps.record_decision("web", 1, 7, {"x": 1})
+        apps.record_decision("web", policy, 1, 7, {"x": 1})
     assert apps.replicas("web") == 1 and apps.decision("web") is None
+    assert apps.record_decision("web", policy, 1, 3, {"x": 1})
+    assert apps.replicas("web") == 3 and apps.decision("web") == {"x": 1}
     apps.clear_autoscale("web")
-    assert not apps.record_decision("web", 1, 2, {"x": 1})  # not autoscaled any more
+    assert apps.decision("web") is None
+    assert not apps.record_decision("web", policy, 3, 2, {"x": 1})  # not autoscaled any more
 
 
 def test_a_new_policy_starts_afresh_and_turning_it_off_drops_the_decisions(apps: AppStore) -> None:
