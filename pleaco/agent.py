@@ -147,7 +147,7 @@ class Agent:
         runner.add(RolloutGuard(cfg.rollout, view, routes, owners, registry, cluster.placement_nodes,
                                 on_rollback=reconciler.wake))
         runner.add(TombstoneCollector(store, cfg.tombstone_ttl))
-        autoscaler = Autoscaler(cfg.autoscale, apps, cluster.loads.cluster, owners, registry)
+        autoscaler = Autoscaler(cfg.autoscale, apps, cluster.loads.all, owners, registry)
         runner.add(autoscaler)
 
         def on_change(rec: Record) -> None:

@@ -137,13 +137,13 @@ class _Mine:
 class Autoscaler(Loop):
     name = "autoscale"
 
-    def __init__(self, cfg: AutoscaleConfig, apps: AppStore, load: Callable[[str], AppLoad | None], owners: Owners,
+    def __init__(self, cfg: AutoscaleConfig, apps: AppStore, loads: Callable[[], dict[str, AppLoad]], owners: Owners,
                  registry: Registry, clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.cfg = cfg
         self.interval = cfg.interval
         self.apps = apps
-        self.load = load
+        self.loads = loads  # every app's cluster-wide load (LoadView.all), read once a tick
         self.owners = owners
         self.clock = clock
         self.windows: dict[str, deque[Sample]] = {}
@@ -167,20 +167,21 @@ class Autoscaler(Loop):
     def tick(self) -> None:
         now = self.clock()
         policies = self.apps.autoscaled()
+        loads = self.loads() if policies else {}
         for gone in set(self.windows) - set(policies):
             del self.windows[gone]
         for gone in set(self._mine) - set(policies):
             del self._mine[gone]
         for app, policy in sorted(policies.items()):
-            self.sample(app, policy, now)
+            self.sample(app, policy, loads.get(app), now)
             if self.owners.owns(app):
                 self.decide(app, policy, now)
             else:
                 self._mine.pop(app, None)  # the next time it is ours, the record says where we are
 
-    def sample(self, app: str, policy: AutoscalePolicy, now: float) -> None:
+    def sample(self, app: str, policy: AutoscalePolicy, load: AppLoad | None, now: float) -> None:
+        """Add the app's figure now to its window (none when no live node reports the app)."""
         window = self.windows.setdefault(app, deque(maxlen=self.cfg.max_samples))
-        load = self.load(app)
         if load is not None:
             window.append(Sample(now, metric_value(load, policy.metric)))
         # Keep what the longest window needs, and one sample before it: the idle rule asks

@@ -37,15 +37,15 @@ class World:
         self.concurrency: float | None = 0.0
         self.live = [A]
         self.registries = {A: Registry(), B: Registry()}
-        self.nodes = {n: Autoscaler(AutoscaleConfig(), apps, self.load,
+        self.nodes = {n: Autoscaler(AutoscaleConfig(), apps, self.loads,
                                     Owners(n, lambda: self.live[:1]), self.registries[n], clock=lambda: self.now)
                       for n in (A, B)}
 
-    def load(self, app: str) -> AppLoad | None:
+    def loads(self) -> dict[str, AppLoad]:
         if self.concurrency is None:
-            return None
-        return AppLoad(app=app, rps=0.0, concurrency=self.concurrency, p50=None, p99=None, replicas=0, cpu=0.0,
-                       memory=0, nodes=1, sampled_at=self.now, age=0.0)
+            return {}
+        return {"web": AppLoad(app="web", rps=0.0, concurrency=self.concurrency, p50=None, p99=None, replicas=0,
+                               cpu=0.0, memory=0, nodes=1, sampled_at=self.now, age=0.0)}
 
     def tick(self, seconds: float = 1.0, times: int = 1) -> None:
         for _ in range(times):
@@ -84,6 +84,9 @@ def test_only_the_owner_decides_and_writes_every_node_samples(apps: AppStore) ->
     assert (last["from"], last["to"], last["node"]) == (1, 4, A[:12]) and last["reason"].startswith("panic")
     assert w.decisions(A) == 1 and w.decisions(B) == 0
     assert w.nodes[A].m_decisions.value(app="web", direction="up") == 1
+    text = w.registries[B].render()  # every node shows the desired count and the figure it sampled
+    assert 'pleaco_autoscale_desired_replicas{app="web"} 4' in text
+    assert 'pleaco_autoscale_metric{app="web",metric="concurrency"} 7' in text
     # B sampled every tick too, so it would start with the same history.
     assert [s.value for s in w.nodes[B].windows["web"]] == [s.value for s in w.nodes[A].windows["web"]]
     assert len(w.nodes[B].windows["web"]) == 5
