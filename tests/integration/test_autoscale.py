@@ -179,7 +179,8 @@ def test_the_next_owner_continues_deciding_when_the_owner_dies_under_load(
     client.autoscale("slow", POLICY)
 
     with Load(f"http://127.0.0.1:{entry.http}/cgi-bin/slow", HOST, rate=7, max_seconds=150) as load:
-        up = wait_for(lambda: (a := client.app("slow"))["replicas"] >= 4 and a, 90, "the owner's scale-up")
+        up = wait_for(lambda: (a := client.app("slow"))["replicas"] >= 4 and a["autoscaler"]["decisions"]
+                      and a["autoscaler"]["decisions"][-1]["to"] == a["replicas"] and a, 90, "the owner's scale-up")
         assert up["autoscaler"]["decided_by"] == owner.agent.node_id
         # The next owner sampled the app all along.
         assert next_owner.agent.client.app("slow")["autoscaler"]["figures"]["samples"] > 4

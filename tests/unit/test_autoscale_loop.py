@@ -13,6 +13,7 @@ import pytest
 
 from pleaco.apps import DECISION_SUFFIX, AppStore
 from pleaco.cluster.load import AppLoad
+from pleaco.config import ConfigError, load
 from pleaco.identity import Identity
 from pleaco.metrics import Registry
 from pleaco.placement import Owners
@@ -251,3 +252,12 @@ def test_the_decision_record_fits_a_gossip_packet_and_keeps_the_last_decisions()
         d = Decision(desired=i, reason="short", panic=False)
         short = decision_record("web", d, i, policy, "f" * 32, 1e9 + i, short)
     assert short is not None and [h["to"] for h in short["history"]] == list(range(3, HISTORY + 3))
+
+
+def test_the_autoscale_table_is_validated() -> None:
+    cfg = load(env={"PLEACO_AUTOSCALE_INTERVAL": "0.5", "PLEACO_AUTOSCALE_MAX_SAMPLES": "100"})
+    assert (cfg.autoscale.interval, cfg.autoscale.max_samples) == (0.5, 100)
+    for env, message in [({"PLEACO_AUTOSCALE_INTERVAL": "0"}, "autoscale.interval: must be greater than 0"),
+                         ({"PLEACO_AUTOSCALE_MAX_SAMPLES": "0"}, "autoscale.max_samples: must be at least 1")]:
+        with pytest.raises(ConfigError, match=message):
+            load(env=env)
