@@ -17,6 +17,7 @@ from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.server import ApiServer
+from pleaco.api.upgrade import UpgradeRoutes
 from pleaco.apps import AppStore
 from pleaco.builds.engine import BuildEngine
 from pleaco.builds.logship import BuildLogs
@@ -28,6 +29,7 @@ from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
 from pleaco.errors import PleacoError
+from pleaco.host.bundleship import BundleShelf
 from pleaco.host.datadir import DataDirInUse, DataDirLock
 from pleaco.identity import Identity, write_secret_file
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
@@ -39,6 +41,14 @@ from pleaco.reconcile.loop import LoopRunner
 from pleaco.reconcile.rollout import RolloutGuard
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.tombstones import TombstoneCollector
+from pleaco.reconcile.upgrade import (
+    LocalUpgrades,
+    NodeUpgrade,
+    PlanMarks,
+    UpgradeRollout,
+    current_upgrade,
+    node_record_value,
+)
 from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime
 from pleaco.store import Record, Store
@@ -94,7 +104,9 @@ class Agent:
         logs.setup(cfg.log_level, identity.node_id, cfg.name)
         token = load_or_create_token(cfg)
         store = Store(cfg.db_path, identity)
-        self._register_node(store, identity)
+        local = self._local_upgrades()
+        marks = PlanMarks(cfg.data_dir)
+        self._register_node(store, identity, current_upgrade(marks, local))
 
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
@@ -124,12 +136,19 @@ class Agent:
         runner.add(RolloutGuard(cfg.rollout, view, routes, owners, registry, cluster.placement_nodes,
                                 on_rollback=reconciler.wake))
         runner.add(TombstoneCollector(store, cfg.tombstone_ttl))
+        # Cluster upgrades: bundles between nodes (channel U), the plan's turns, the API.
+        shelf = BundleShelf(cfg.data_dir, cluster)
+        upgrades = UpgradeRollout(cfg.cluster_upgrade, store, me, lambda: self._node_base(identity), cluster.members,
+                                 local, shelf, marks)
+        runner.add(upgrades)
 
         def on_change(rec: Record) -> None:
             if rec.kind in RECONCILE_KINDS:
                 reconciler.wake()
             if rec.kind == "route":
                 proxy.wake()  # replicas changed (here or elsewhere): the proxy's upstreams
+            if rec.kind in ("upgrade", "node"):
+                upgrades.wake()  # a plan, or a node's upgrade state: maybe this node's turn
 
         store.subscribe(on_change)
         api = ApiServer(
@@ -138,6 +157,7 @@ class Agent:
         )
         add_cluster_routes(api.app, cluster, lambda: {"containers": len(view.observed.containers)})
         add_proxy_routes(api.app, proxy)
+        UpgradeRoutes(cfg.cluster_upgrade, store, me, shelf, local, cluster.members, upgrades.wake).add_to(api.app)
         build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)
         # Secrets are sealed with the cluster key once there is one, with a node-local key
         # before; founding or joining re-seals the local ones, and so does this start
@@ -190,14 +210,23 @@ class Agent:
                 loop.remove_signal_handler(sig)
             log.info("agent.stopped")
 
-    def _register_node(self, store: Store, identity: Identity) -> None:
-        """Write this node's ``node`` record (its admitted key and how to reach it) if changed."""
-        value = {
+    def _local_upgrades(self) -> LocalUpgrades | None:
+        """The one-node upgrade (pleaco.host), when this node is set up for it."""
+        return None
+
+    def _node_base(self, identity: Identity) -> dict[str, str]:
+        return {
             "name": self.cfg.name,
             "public_key": identity.public_key.hex(),
             "address": self.cfg.api_listen,
             "gossip": advertise_address(self.cfg),
             "version": __version__,
         }
-        if store.value("node", identity.node_id) != value:
+
+    def _register_node(self, store: Store, identity: Identity, upgrade: NodeUpgrade) -> None:
+        """Write this node's ``node`` record (its admitted key, how to reach it, its version
+        and upgrade state) if changed."""
+        current = store.value("node", identity.node_id)
+        value = node_record_value(current, self._node_base(identity), upgrade)
+        if current != value:
             store.put("node", identity.node_id, value)

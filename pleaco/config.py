@@ -25,6 +25,7 @@ from pleaco.errors import InvalidInput
 from pleaco.hostport import HostPortError
 from pleaco.hostport import parse_host_port as parse_host_port  # re-exported: the agent's and tests' HOST:PORT parser
 from pleaco.ingress.config import IngressSettings
+from pleaco.reconcile.config import ClusterUpgradeConfig
 
 DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
 
@@ -56,6 +57,8 @@ class Config(ClusterSettings, IngressSettings):
     api: ApiConfig = field(default_factory=ApiConfig)
     # The build pipeline's tunables: the [build] table (see pleaco/builds/config.py).
     build: BuildConfig = field(default_factory=BuildConfig)
+    # The cluster rollout of release bundles: the [cluster_upgrade] table (pleaco/reconcile/config.py).
+    cluster_upgrade: ClusterUpgradeConfig = field(default_factory=ClusterUpgradeConfig)
 
     @property
     def api_host_port(self) -> tuple[str, int]:
