@@ -45,6 +45,7 @@ class BundleShelf:
 
     def __init__(self, data_dir: Path, cluster: Cluster | None = None) -> None:
         self.dir = data_dir / "upgrades"
+        self.dir.mkdir(mode=0o700, exist_ok=True)  # now: an upload that is refused changes nothing here
         self.cluster = cluster
         self._refused = logs.Burst(log, "bundle.request_refused")
         if cluster is not None:
@@ -56,7 +57,6 @@ class BundleShelf:
 
     def temp_path(self) -> Path:
         """A new file name for a bundle being received (renamed by ``keep``)."""
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self.dir / f".incoming-{os.getpid()}-{os.urandom(6).hex()}"
 
     def keep(self, temp: Path, sha256: str) -> Path:
