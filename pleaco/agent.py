@@ -11,6 +11,9 @@ import asyncio
 import os
 import secrets
 import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
 
 from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
@@ -29,6 +32,7 @@ from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
 from pleaco.errors import PleacoError
 from pleaco.host.datadir import DataDirInUse, DataDirLock
+from pleaco.host.trial import LocalUpgrade, local_url
 from pleaco.identity import Identity, write_secret_file
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
 from pleaco.metrics import Registry
@@ -65,12 +69,30 @@ def load_or_create_token(cfg: Config) -> str:
 
 
 class Agent:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, argv: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         self._stop = asyncio.Event()
+        # The agent's arguments (after the program name): an upgrade starts the new version
+        # with the same ones.
+        self.argv = list(sys.argv[1:] if argv is None else argv)
+        # Set by request_restart: the command to exec once the agent has stopped (the
+        # caller of run() does the exec, after the data dir lock is released).
+        self.restart_command: list[str] | None = None
+        # This node's upgrades (pleaco/host/trial.py): set while the agent runs.
+        self.upgrade: LocalUpgrade | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_restart(self, command: list[str]) -> None:
+        """Stop as on SIGTERM, then run ``command`` in this process (exec). Callable from
+        any thread (an upgrade runs in a worker thread)."""
+        self.restart_command = command
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        else:
+            self._stop.set()
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -132,6 +154,11 @@ class Agent:
                 proxy.wake()  # replicas changed (here or elsewhere): the proxy's upstreams
 
         store.subscribe(on_change)
+        upgrade = LocalUpgrade(cfg.data_dir, cfg.upgrade, node_id=me, engine=runtime,
+                               live_nodes=cluster.placement_nodes, restart=self.request_restart, argv=self.argv,
+                               api_url=local_url(cfg.api_listen))
+        upgrade.recover()  # an upgrade interrupted here: resolved before anything runs
+        self.upgrade = upgrade
         api = ApiServer(
             identity=identity, node_name=cfg.name, store=store, apps=apps, reconciler=reconciler,
             runtime=runtime, registry=registry, token=token, max_body_bytes=cfg.max_body_bytes, limits=cfg.api,
@@ -152,7 +179,14 @@ class Agent:
             runner.add(RepoPoller(builds, owners))
         add_build_routes(api.app, builds, BuildLogs(cluster, builds))  # logs from the building node
 
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        upgrade_tasks: set[asyncio.Task[None]] = set()
+
+        def upgrade_task(coro: Any) -> None:
+            task = asyncio.create_task(coro)
+            upgrade_tasks.add(task)
+            task.add_done_callback(upgrade_tasks.discard)
+
         try:
             try:
                 await cluster.start()
@@ -166,6 +200,8 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             runner.start()
+            upgrade_task(upgrade.confirm())  # a trial of this version: confirmed once healthy
+            loop.add_signal_handler(signal.SIGUSR1, lambda: upgrade_task(upgrade.apply_request()))
             log.info(
                 "agent.started", version=__version__, name=cfg.name, data_dir=str(cfg.data_dir),
                 api=cfg.api_listen, docker=cfg.docker_url, loops=",".join(lp.name for lp in runner.loops),
@@ -173,6 +209,8 @@ class Agent:
             await self._stop.wait()
         finally:
             log.info("agent.stopping")
+            for task in upgrade_tasks:
+                task.cancel()
             # Each step on its own: whatever one raises, the others still run, and the
             # store (the durable state) is always closed last.
             for what, close in (("loops", runner.stop), ("cluster", cluster.stop), ("api", api.stop)):
@@ -186,7 +224,7 @@ class Agent:
                     sync_close()
                 except Exception:
                     log.error("agent.stop_failed", exc_info=True, part=what)
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             log.info("agent.stopped")
 
