@@ -11,6 +11,10 @@ import asyncio
 import os
 import secrets
 import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
@@ -29,8 +33,11 @@ from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
 from pleaco.errors import PleacoError
+from pleaco.host.bundle import verify_bundle
 from pleaco.host.bundleship import BundleShelf
+from pleaco.host.config import UpgradeSettings
 from pleaco.host.datadir import DataDirInUse, DataDirLock
+from pleaco.host.trial import LocalUpgrade, local_url
 from pleaco.identity import Identity, write_secret_file
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
 from pleaco.metrics import Registry
@@ -42,7 +49,7 @@ from pleaco.reconcile.rollout import RolloutGuard
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.tombstones import TombstoneCollector
 from pleaco.reconcile.upgrade import (
-    LocalUpgrades,
+    LocalState,
     NodeUpgrade,
     PlanMarks,
     UpgradeRollout,
@@ -74,13 +81,50 @@ def load_or_create_token(cfg: Config) -> str:
     return token
 
 
+class HostUpgrades:
+    """The one-node upgrade (pleaco.host.trial) as the cluster rollout uses it
+    (pleaco.reconcile.upgrade.LocalUpgrades)."""
+
+    def __init__(self, upgrade: LocalUpgrade, settings: UpgradeSettings) -> None:
+        self.upgrade = upgrade
+        self.settings = settings
+
+    def verify(self, path: Path) -> str:
+        return verify_bundle(path, self.settings.trusted_keys, __version__).version
+
+    def state(self) -> LocalState | None:
+        st = self.upgrade.state()
+        return None if st is None else LocalState(st.phase, st.to_version, st.reason)
+
+    def begin(self, path: Path) -> None:
+        self.upgrade.begin(path)
+
+
 class Agent:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, argv: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         self._stop = asyncio.Event()
+        # The agent's arguments (after the program name): an upgrade starts the new version
+        # with the same ones.
+        self.argv = list(sys.argv[1:] if argv is None else argv)
+        # Set by request_restart: the command to exec once the agent has stopped (the
+        # caller of run() does the exec, after the data dir lock is released).
+        self.restart_command: list[str] | None = None
+        # This node's upgrades (pleaco/host/trial.py): set while the agent runs.
+        self.upgrade: LocalUpgrade | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_restart(self, command: list[str]) -> None:
+        """Stop as on SIGTERM, then run ``command`` in this process (exec). Callable from
+        any thread (an upgrade runs in a worker thread)."""
+        self.restart_command = command
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        else:
+            self._stop.set()
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -104,9 +148,6 @@ class Agent:
         logs.setup(cfg.log_level, identity.node_id, cfg.name)
         token = load_or_create_token(cfg)
         store = Store(cfg.db_path, identity)
-        local = self._local_upgrades()
-        marks = PlanMarks(cfg.data_dir)
-        self._register_node(store, identity, current_upgrade(marks, local))
 
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
@@ -136,6 +177,15 @@ class Agent:
         runner.add(RolloutGuard(cfg.rollout, view, routes, owners, registry, cluster.placement_nodes,
                                 on_rollback=reconciler.wake))
         runner.add(TombstoneCollector(store, cfg.tombstone_ttl))
+        upgrade = LocalUpgrade(cfg.data_dir, cfg.upgrade, node_id=me, engine=runtime,
+                               live_nodes=cluster.placement_nodes, restart=self.request_restart, argv=self.argv,
+                               api_url=local_url(cfg.api_listen))
+        upgrade.recover()  # an upgrade interrupted here: resolved before anything runs
+        self.upgrade = upgrade
+        # This node's record, with its version and upgrade state as recovered.
+        local = HostUpgrades(upgrade, cfg.upgrade)
+        marks = PlanMarks(cfg.data_dir)
+        self._register_node(store, identity, current_upgrade(marks, local))
         # Cluster upgrades: bundles between nodes (channel U), the plan's turns, the API.
         shelf = BundleShelf(cfg.data_dir, cluster)
         upgrades = UpgradeRollout(cfg.cluster_upgrade, store, me, lambda: self._node_base(identity), cluster.members,
@@ -172,7 +222,14 @@ class Agent:
             runner.add(RepoPoller(builds, owners))
         add_build_routes(api.app, builds, BuildLogs(cluster, builds))  # logs from the building node
 
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        upgrade_tasks: set[asyncio.Task[None]] = set()
+
+        def upgrade_task(coro: Any) -> None:
+            task = asyncio.create_task(coro)
+            upgrade_tasks.add(task)
+            task.add_done_callback(upgrade_tasks.discard)
+
         try:
             try:
                 await cluster.start()
@@ -186,6 +243,8 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             runner.start()
+            upgrade_task(upgrade.confirm())  # a trial of this version: confirmed once healthy
+            loop.add_signal_handler(signal.SIGUSR1, lambda: upgrade_task(upgrade.apply_request()))
             log.info(
                 "agent.started", version=__version__, name=cfg.name, data_dir=str(cfg.data_dir),
                 api=cfg.api_listen, docker=cfg.docker_url, loops=",".join(lp.name for lp in runner.loops),
@@ -193,6 +252,8 @@ class Agent:
             await self._stop.wait()
         finally:
             log.info("agent.stopping")
+            for task in upgrade_tasks:
+                task.cancel()
             # Each step on its own: whatever one raises, the others still run, and the
             # store (the durable state) is always closed last.
             for what, close in (("loops", runner.stop), ("cluster", cluster.stop), ("api", api.stop)):
@@ -206,13 +267,9 @@ class Agent:
                     sync_close()
                 except Exception:
                     log.error("agent.stop_failed", exc_info=True, part=what)
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             log.info("agent.stopped")
-
-    def _local_upgrades(self) -> LocalUpgrades | None:
-        """The one-node upgrade (pleaco.host), when this node is set up for it."""
-        return None
 
     def _node_base(self, identity: Identity) -> dict[str, str]:
         return {

@@ -401,7 +401,13 @@ class UpgradeRollout(Loop):
         self.marks.write(NodeUpgrade(plan.id, "installing", plan.version))
         self.publish()
         self._begun = plan.id
-        await self.blocking(self._begin, path)
+        try:
+            # Returns once the restart into the new version is asked for (this agent then
+            # stops). A failed install is recorded by the one-node upgrade itself.
+            await self.blocking(self._begin, path)
+        except InvalidInput as exc:
+            self._fail(plan, str(exc))
+            return "failed"
         return "started"
 
     def verify(self, path: Path) -> str:
