@@ -12,6 +12,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ from pleaco.runtime import DockerRuntime
 from pleaco.store import Record, Store
 
 log = logs.get("pleaco.agent")
+
+# Seconds after a rollback was decided during which a stop counts as the guard's restart
+# into the previous release (it stops the new agent and starts the old one at once).
+RESTART_WINDOW = 60.0
 
 # Record kinds whose change can alter what this node should run.
 RECONCILE_KINDS = frozenset({"app", "scale", "release", "node"})
@@ -256,7 +261,8 @@ class Agent:
                 task.cancel()
             # Each step on its own: whatever one raises, the others still run, and the
             # store (the durable state) is always closed last.
-            for what, close in (("loops", runner.stop), ("cluster", cluster.stop), ("api", api.stop)):
+            leave = not self._restarting()
+            for what, close in (("loops", runner.stop), ("cluster", lambda: cluster.stop(leave)), ("api", api.stop)):
                 try:
                     await close()
                 except Exception:
@@ -270,6 +276,18 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             log.info("agent.stopped")
+
+    def _restarting(self) -> bool:
+        """Whether this stop is a restart into another release (an upgrade, or its
+        rollback): by exec, or by systemd during the trial. The node is back within a
+        second or two, so it does not leave the cluster: the others would start its
+        replicas elsewhere at once and stop them again when it is back."""
+        if self.restart_command is not None:
+            return True
+        state = self.upgrade.state() if self.upgrade is not None else None
+        if state is None:
+            return False
+        return state.phase == "trial" or (state.phase == "rolled_back" and time.time() - state.updated < RESTART_WINDOW)
 
     def _node_base(self, identity: Identity) -> dict[str, str]:
         return {

@@ -191,14 +191,17 @@ class Cluster:
                 await self.init(join_secret=self._bootstrap_secret())
                 return
 
-    async def stop(self) -> None:
+    async def stop(self, leave: bool = True) -> None:
+        """Stop; with ``leave``, tell the members this node is gone (they then place its
+        replicas elsewhere at once). An agent restarting into another release does not:
+        it is back before anyone suspects it."""
         for task in (self._join_task, self._seed_task, self._bootstrap_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self.membership is not None:
-            await self.membership.stop(leave=True)
+            await self.membership.stop(leave=leave)
         if self.discovery is not None:
             await self.discovery.stop()
 
