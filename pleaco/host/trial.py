@@ -401,6 +401,9 @@ class LocalUpgrade:
         log.info("upgrade.confirming", version=self.version, deadline=round(deadline - time.time(), 1))
         last = ""
         while True:
+            now_state = self.state()
+            if now_state is None or now_state.phase != "trial":
+                return  # decided elsewhere (the guard): it stops this agent
             problem = await self.health(state)
             if problem is None:
                 done = transition(self.data_dir, ("trial",), phase="confirmed", last_error="",
@@ -413,7 +416,7 @@ class LocalUpgrade:
                 last = problem
                 log.info("upgrade.not_healthy_yet", version=self.version, problem=problem)
                 if transition(self.data_dir, ("trial",), last_error=problem) is None:
-                    return  # decided elsewhere (the guard): it stops this agent
+                    return
             if time.time() > deadline and not guard_alive(state):
                 reason = f"{self.version} not healthy within {self.settings.health_deadline:.0f} s: {problem}"
                 if transition(self.data_dir, ("trial",), phase="rolled_back", reason=reason) is not None:
