@@ -41,29 +41,36 @@ class Releases:
     manifests: dict[str, Manifest] = field(default_factory=dict)
 
 
-def _broken_tree(dest: Path) -> Path:
-    """A copy of this tree whose agent exits as it starts."""
+def _patched_tree(dest: Path, rel: str, anchor: str, insert: str) -> Path:
+    """A copy of this tree with ``insert`` put after ``anchor`` in ``rel``: a broken release."""
     shutil.copytree(REPO / "pleaco", dest / "pleaco", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, dest / name)
-    cli = dest / "pleaco" / "cli" / "agent.py"
-    text = cli.read_text()
-    start = "def run(args: argparse.Namespace) -> int:\n"
-    assert text.count(start) == 1, "the agent's entry point moved: update this test's patch"
-    cli.write_text(text.replace(start, start + '    raise SystemExit("this build is broken on purpose")\n'))
+    path = dest / rel
+    text = path.read_text()
+    assert text.count(anchor) == 1, f"{rel} changed: update this test's patch"
+    path.write_text(text.replace(anchor, anchor + insert))
     return dest
 
 
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    """Signed bundles built from this tree: 0.2.0, 0.3.0, and a broken 0.3.0."""
+    """Signed bundles built from this tree: 0.2.0, 0.3.0, and two broken 0.3.0s."""
     out = tmp_path_factory.mktemp("releases")
     private, public = keygen(out)
     bundles = {"0.2.0": out / "pleaco-0.2.0.tar", "0.3.0": out / "pleaco-0.3.0.tar",
-               "broken": out / "pleaco-0.3.0-broken.tar"}
+               "exits": out / "pleaco-0.3.0-exits.tar", "unhealthy": out / "pleaco-0.3.0-unhealthy.tar"}
     build_bundle(REPO, private, bundles["0.2.0"], "0.2.0")
     build_bundle(REPO, private, bundles["0.3.0"], "0.3.0")
-    build_bundle(_broken_tree(out / "broken-tree"), private, bundles["broken"], "0.3.0")
+    # Its agent exits as it starts.
+    exits = _patched_tree(out / "exits", "pleaco/cli/agent.py", "def run(args: argparse.Namespace) -> int:\n",
+                          '    raise SystemExit("this build is broken on purpose")\n')
+    build_bundle(exits, private, bundles["exits"], "0.3.0")
+    # Its agent runs but never proves healthy.
+    unhealthy = _patched_tree(out / "unhealthy", "pleaco/host/trial.py",
+                              "    async def health(self, state: TrialState) -> str | None:\n",
+                              '        return "broken on purpose: never healthy"\n')
+    build_bundle(unhealthy, private, bundles["unhealthy"], "0.3.0")
     return Releases(public.read_text().strip(), bundles)
 
 
@@ -146,7 +153,9 @@ def _is_ours(pid: int, data_dir: Path) -> bool:
 
 
 @pytest.fixture
-def slot_agent(tmp_path: Path, releases: Releases) -> Iterator[SlotAgent]:
+def slot_agent(request: pytest.FixtureRequest, tmp_path: Path, releases: Releases) -> Iterator[SlotAgent]:
+    """The agent on a 0.2.0 slot; ``[upgrade] health_deadline`` is the param (default 60)."""
+    deadline = getattr(request, "param", 60)
     root = tmp_path / "opt"
     slots = Slots(root)
     manifest = verify_bundle(releases.bundles["0.2.0"], [releases.public_key], "0.1.0")
@@ -154,7 +163,7 @@ def slot_agent(tmp_path: Path, releases: Releases) -> Iterator[SlotAgent]:
     slots.flip("0.2.0")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the slot's code, never this tree's
     env.update({"PLEACO_UPGRADE_TRUSTED_KEYS": releases.public_key, "PLEACO_UPGRADE_ROOT": str(root),
-                "PLEACO_UPGRADE_HEALTH_DEADLINE": "60", "PLEACO_LOG_LEVEL": "debug"})
+                "PLEACO_UPGRADE_HEALTH_DEADLINE": str(deadline), "PLEACO_LOG_LEVEL": "debug"})
     agent = SlotAgent(root, tmp_path / "node", env)
     try:
         agent.start()
@@ -185,6 +194,15 @@ def test_upgrade_comes_back_on_the_new_slot_and_adopts_the_replica(slot_agent: S
     before = _replica(agent)
     pid = agent.pid()
 
+    # Refused bundles change nothing: not newer, then cut short.
+    refused = agent.apply(releases.bundles["0.2.0"])
+    assert refused.returncode == 1 and "0.2.0 is not newer than the running 0.2.0" in refused.stderr
+    cut = agent.data_dir.parent / "cut.tar"
+    cut.write_bytes(releases.bundles["0.3.0"].read_bytes()[:1_000_000])
+    refused = agent.apply(cut)
+    assert refused.returncode == 1 and "truncated" in refused.stderr, refused.stderr
+    assert agent.state() == {} and agent.pid() == pid and Slots(agent.root).versions() == ["0.2.0"]
+
     done = agent.apply(releases.bundles["0.3.0"])
     assert done.returncode == 0, done.stderr + agent.log_tail()
     assert "switched to 0.3.0" in done.stdout
@@ -204,18 +222,9 @@ def test_upgrade_comes_back_on_the_new_slot_and_adopts_the_replica(slot_agent: S
     assert agent.client.app("web")["healthy"] == 1
 
 
-def test_a_release_whose_agent_fails_rolls_back_by_itself(slot_agent: SlotAgent, releases: Releases) -> None:
-    agent = slot_agent
-    before = _replica(agent)
-    first_pid = agent.pid()
-
-    done = agent.apply(releases.bundles["broken"])
-    assert done.returncode == 0, done.stderr + agent.log_tail()
-
-    # The broken 0.3.0 exits at start; the guard (from the 0.2.0 slot) notices the data dir
-    # unheld, switches back and starts the 0.2.0 agent again.
-    wait_for(lambda: agent.state().get("phase") == "rolled_back", 120, "the rollback")
-    assert "0.3.0 agent exited before it was healthy" in agent.state()["reason"]
+def _rolled_back(agent: SlotAgent, before: tuple[str, str], first_pid: int | None, reason: str) -> None:
+    wait_for(lambda: agent.state().get("phase") == "rolled_back", 180, "the rollback")
+    assert reason in agent.state()["reason"]
     wait_for(lambda: agent.pid() not in (None, first_pid) and agent.version() == "0.2.0", 60,
              "the 0.2.0 agent back and answering")
     assert Slots(agent.root).current() == "0.2.0"
@@ -224,3 +233,27 @@ def test_a_release_whose_agent_fails_rolls_back_by_itself(slot_agent: SlotAgent,
     assert _started(agent) == before
     wait_for(lambda: agent.client.app("web")["healthy"] == 1, 30, "the replica adopted by the old agent")
     assert agent.state()["phase"] == "rolled_back"  # the old agent leaves the record as it is
+
+
+def test_a_release_whose_agent_exits_at_start_rolls_back_by_itself(slot_agent: SlotAgent, releases: Releases) -> None:
+    agent = slot_agent
+    before = _replica(agent)
+    first_pid = agent.pid()
+    done = agent.apply(releases.bundles["exits"])
+    assert done.returncode == 0, done.stderr + agent.log_tail()
+    # The broken 0.3.0 exits at start; the guard (from the 0.2.0 slot) notices the data dir
+    # unheld, switches back and starts the 0.2.0 agent again.
+    _rolled_back(agent, before, first_pid, "0.3.0 agent exited before it was healthy")
+
+
+@pytest.mark.parametrize("slot_agent", [15], indirect=True)
+def test_a_release_never_healthy_rolls_back_at_the_deadline(slot_agent: SlotAgent, releases: Releases) -> None:
+    agent = slot_agent
+    before = _replica(agent)
+    first_pid = agent.pid()
+    done = agent.apply(releases.bundles["unhealthy"])
+    assert done.returncode == 0, done.stderr + agent.log_tail()
+    # The 0.3.0 agent runs (and answers) but never confirms: at the deadline the guard stops
+    # it, switches back and starts the 0.2.0 agent again.
+    wait_for(lambda: agent.version() == "0.3.0", 60, "the 0.3.0 agent answering")
+    _rolled_back(agent, before, first_pid, "0.3.0 not healthy within 15 s: broken on purpose: never healthy")
