@@ -91,6 +91,10 @@ class UpgradeInProgress(Conflict, code="upgrade_in_progress"):
     """An upgrade of this node is already under way."""
 
 
+class NoRollbackSlot(Conflict, code="no_rollback_slot"):
+    """The running version has no slot: a failed upgrade would have nothing to go back to."""
+
+
 @dataclass(frozen=True)
 class TrialState:
     phase: str  # installing | trial | confirmed | rolled_back | failed
@@ -99,6 +103,7 @@ class TrialState:
     reason: str = ""
     started: float = 0.0  # epoch seconds, when begin() accepted the bundle
     deadline: float = 0.0  # epoch seconds: the new version must be confirmed by then
+    health_deadline: float = 0.0  # the seconds it was given ([upgrade] health_deadline), for the reason
     containers: tuple[str, ...] = ()  # ids of the app containers running here before the restart
     peers: bool = False  # the node had other live cluster members before the restart
     argv: tuple[str, ...] = ()  # the agent's arguments (after the program name), to start it again
@@ -277,13 +282,17 @@ class LocalUpgrade:
     def begin(self, bundle: Path) -> Manifest:
         """Verify, install, switch to and restart into the bundle's version (blocking).
 
-        Answers the manifest once the restart is asked for; raises BundleError (nothing
-        changed), UpgradeInProgress, or UpgradeError (recorded as ``failed``)."""
+        Answers the manifest once the restart is asked for; raises BundleError,
+        UpgradeInProgress or NoRollbackSlot (nothing changed), or UpgradeError (recorded as
+        ``failed``; still on the running version)."""
         current = self.state()
         if current is not None and current.open:
             raise UpgradeInProgress(f"an upgrade to {current.to_version} is {current.phase} on this node")
         manifest = verify_bundle(bundle, self.settings.trusted_keys, self.version)
         to = manifest.version
+        if not self.slots.complete(self.version):
+            raise NoRollbackSlot(f"the running version {self.version} has no slot under {self.slots.releases}: "
+                               "nothing to roll back to (install it from its bundle first)")
         with _state_lock(self.data_dir):
             current = read_state(self.data_dir)
             if current is not None and current.open:
@@ -294,15 +303,13 @@ class LocalUpgrade:
         log.info("upgrade.installing", version=to, running=self.version)
         try:
             self.slots.install(bundle, manifest)
-            if not self.slots.complete(self.version):
-                raise UpgradeError(f"the running version {self.version} has no slot under {self.slots.releases}: "
-                                   "nothing to roll back to (install it from its bundle first)")
             containers = tuple(sorted(c.id for c in self.engine.list_managed(self.node_id) if c.running))
             peers = any(n != self.node_id for n in self.live_nodes())
         except Exception as exc:
             self._fail(f"install of {to} failed: {exc}")
             raise UpgradeError(f"install of {to} failed: {exc}") from exc
         transition(self.data_dir, ("installing",), phase="trial", containers=containers, peers=peers,
+                   health_deadline=self.settings.health_deadline,
                    deadline=time.time() + self.settings.health_deadline + GUARD_START_TIMEOUT)
         try:
             self._start_guard()
@@ -401,6 +408,9 @@ class LocalUpgrade:
         log.info("upgrade.confirming", version=self.version, deadline=round(deadline - time.time(), 1))
         last = ""
         while True:
+            now_state = self.state()
+            if now_state is None or now_state.phase != "trial":
+                return  # decided elsewhere (the guard): it stops this agent
             problem = await self.health(state)
             if problem is None:
                 done = transition(self.data_dir, ("trial",), phase="confirmed", last_error="",
@@ -413,7 +423,7 @@ class LocalUpgrade:
                 last = problem
                 log.info("upgrade.not_healthy_yet", version=self.version, problem=problem)
                 if transition(self.data_dir, ("trial",), last_error=problem) is None:
-                    return  # decided elsewhere (the guard): it stops this agent
+                    return
             if time.time() > deadline and not guard_alive(state):
                 reason = f"{self.version} not healthy within {self.settings.health_deadline:.0f} s: {problem}"
                 if transition(self.data_dir, ("trial",), phase="rolled_back", reason=reason) is not None:
@@ -515,7 +525,7 @@ def run_guard(data_dir: Path) -> int:
 
 
 def _trial_seconds(state: TrialState) -> str:
-    return f"{state.deadline - state.started:.0f}" if state.started else "?"
+    return f"{state.health_deadline:.0f}" if state.health_deadline else "the deadline's"
 
 
 def roll_back(data_dir: Path, reason: str) -> int:
