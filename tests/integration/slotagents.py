@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +48,6 @@ def build_releases(workdir: Path, versions: list[str], broken: str) -> Releases:
     its health check (/healthz answers 503); the first two versions installed to share."""
     private, public = bundle.keygen(workdir / "keys")
     bundles = {v: workdir / f"pleaco-{v}.bundle" for v in versions}
-    for version, path in bundles.items():
-        bundle.build_bundle(REPO, private, path, version=version)
     tree = workdir / "broken-tree"
     shutil.copytree(REPO / "pleaco", tree / "pleaco", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
@@ -59,7 +58,11 @@ def build_releases(workdir: Path, versions: list[str], broken: str) -> Releases:
     assert healthz in text, "the healthz handler moved: update the broken release's patch"
     server.write_text(text.replace(healthz, healthz + "        return web.Response(status=503, text='broken')\n"))
     bundles[broken] = workdir / f"pleaco-{broken}.bundle"
-    bundle.build_bundle(tree, private, bundles[broken], version=broken)
+    # Built side by side (pip runs in processes of its own), then the shared slots.
+    with ThreadPoolExecutor(len(bundles)) as pool:
+        for done in [pool.submit(bundle.build_bundle, tree if v == broken else REPO, private, path, version=v)
+                     for v, path in bundles.items()]:
+            done.result()
     shared = Slots(workdir / "shared")
     for version in versions[:2]:
         path = bundles[version]

@@ -26,7 +26,8 @@ from pleaco.host.slots import Slots
 
 pytestmark = pytest.mark.docker
 
-Make = Callable[[str, list[str]], SlotAgent]
+# (name, start version, extra agent flags[, health deadline]) -> a started agent
+MakeAgent = Callable[..., SlotAgent]
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +36,12 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
 
 
 @pytest.fixture
-def slot_agents(tmp_path: Path, releases: Releases) -> Iterator[Callable[[str, str, list[str]], SlotAgent]]:
+def slot_agents(tmp_path: Path, releases: Releases) -> Iterator[MakeAgent]:
     agents: list[SlotAgent] = []
 
-    def make(name: str, version: str, extra: list[str]) -> SlotAgent:
+    def make(name: str, version: str, extra: list[str], health_deadline: float = 20.0) -> SlotAgent:
         root = releases.root_at(tmp_path / f"{name}-root", version)
-        agent = SlotAgent(root, tmp_path / name, releases.public_key, extra)
+        agent = SlotAgent(root, tmp_path / name, releases.public_key, extra, health_deadline)
         agents.append(agent)
         return agent.start()
 
@@ -67,7 +68,7 @@ def app_containers(agents: list[SlotAgent]) -> dict[str, str]:
 
 
 def test_three_nodes_upgrade_one_at_a_time_and_nothing_of_the_apps_restarts(
-        slot_agents: Callable[[str, str, list[str]], SlotAgent], releases: Releases) -> None:
+        slot_agents: MakeAgent, releases: Releases) -> None:
     agents = form_slot_cluster(lambda name, extra: slot_agents(name, "0.2.0", extra), 3)
     origin = agents[0]
     origin.client.deploy("web", {"image": HELLO, "replicas": 3, "port": 8080, "health": "/healthz"})
@@ -98,8 +99,9 @@ def test_three_nodes_upgrade_one_at_a_time_and_nothing_of_the_apps_restarts(
 
 
 def test_a_release_that_fails_its_health_check_rolls_back_and_stops_the_rollout(
-        slot_agents: Callable[[str, str, list[str]], SlotAgent], releases: Releases) -> None:
-    agents = form_slot_cluster(lambda name, extra: slot_agents(name, "0.3.0", extra), 3)
+        slot_agents: MakeAgent, releases: Releases) -> None:
+    # A short health deadline: the broken release never passes, the test waits it out.
+    agents = form_slot_cluster(lambda name, extra: slot_agents(name, "0.3.0", extra, 8.0), 3)
     origin = agents[0]
     first = min(agents[1:], key=lambda a: a.node_id)
     failed = cli(origin, "upgrade", "--bundle", str(releases.bundles["0.4.0"]))
@@ -135,7 +137,7 @@ def _rewrite(src: Path, dst: Path, change: Callable[[str, bytes], bytes]) -> Pat
 
 
 def test_bad_bundles_are_refused_and_change_nothing(
-        slot_agents: Callable[[str, str, list[str]], SlotAgent], releases: Releases, tmp_path: Path) -> None:
+        slot_agents: MakeAgent, releases: Releases, tmp_path: Path) -> None:
     agent = slot_agents("solo", "0.3.0", ["--proxy-image=", "--discovery", "none"])
     good = releases.bundles["0.4.0"]
 
