@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +149,7 @@ class BundleShelf:
                 temp.unlink()
 
 
-def file_digest(path: Path, on_chunk: Callable[[int], None] = lambda n: None) -> tuple[str, int]:
+def file_digest(path: Path) -> tuple[str, int]:
     """SHA-256 (hex) and size of a file, read in chunks."""
     digest = hashlib.sha256()
     size = 0
@@ -158,7 +157,6 @@ def file_digest(path: Path, on_chunk: Callable[[int], None] = lambda n: None) ->
         while chunk := f.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
-            on_chunk(len(chunk))
     return digest.hexdigest(), size
 
 

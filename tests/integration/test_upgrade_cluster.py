@@ -169,4 +169,5 @@ def test_bad_bundles_are_refused_and_change_nothing(
     assert Slots(agent.root).versions() == ["0.3.0"]
     after = (agent.client.request("GET", "/v1/nodes"), sorted(p.name for p in (agent.data_dir).iterdir()))
     assert [n["upgrade"] for n in after[0]] == [n["upgrade"] for n in before[0]] == [None]
-    assert after[1] == before[1]  # no bundle, plan mark or upgrade state left in the data dir
+    assert after[1] == before[1]  # no plan mark or upgrade state left in the data dir
+    assert not any((agent.data_dir / "upgrades").iterdir())  # and no bundle, whole or partial

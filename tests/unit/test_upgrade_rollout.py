@@ -345,3 +345,77 @@ def test_post_without_the_one_node_upgrade_is_unavailable(store: Store, tmp_path
     app, _ = api_app(store, tmp_path, None, [])
     [(status, body)] = post(app, b"x")
     assert status == 503 and "not available" in body["error"]["message"]
+
+
+# -- bundles between nodes -------------------------------------------------------------------
+
+@dataclass
+class FakeStream:
+    """A member's answer on channel U: a header, then chunks, then the end."""
+
+    frames: list[bytes]
+    header: dict[str, Any] = field(default_factory=lambda: {"ok": True})
+
+    async def receive_message(self) -> dict[str, Any]:
+        return self.header
+
+    async def receive(self) -> bytes:
+        return self.frames.pop(0) if self.frames else b""
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeCluster:
+    streams: dict[str, FakeStream]
+    asked: list[str] = field(default_factory=list)
+
+    @dataclass
+    class Gossip:
+        stream_timeout: float = 5.0
+
+    gossip: Gossip = field(default_factory=Gossip)
+
+    def register_channel(self, channel: bytes, handler: Any) -> None:
+        pass
+
+    def live_peers(self) -> list[Any]:
+        @dataclass
+        class Peer:
+            node_id: str
+            addr: str
+
+        return [Peer(n, n) for n in self.streams]
+
+    async def open_stream(self, addr: str, channel: bytes, header: dict[str, Any]) -> FakeStream:
+        assert channel == b"U" and header == {"bundle": SHA}
+        self.asked.append(addr)
+        return self.streams[addr]
+
+
+BODY = b"bundle bytes " * 1000
+SHA = hashlib.sha256(BODY).hexdigest()
+
+
+def test_a_bundle_is_fetched_from_the_origin_first_and_kept_whole(tmp_path: Path) -> None:
+    cluster = FakeCluster({A: FakeStream([BODY]), C: FakeStream([BODY[:5000], BODY[5000:]])})
+    shelf = BundleShelf(tmp_path, cluster)  # type: ignore[arg-type]
+    path = asyncio.run(shelf.fetch(SHA, len(BODY), C))
+    assert cluster.asked == [C] and path.read_bytes() == BODY and path == shelf.path(SHA)
+    assert asyncio.run(shelf.fetch(SHA, len(BODY), C)) == path and cluster.asked == [C]  # kept: not fetched again
+    assert [p.name for p in shelf.dir.iterdir()] == [f"{SHA}.bundle"]
+
+
+def test_a_bundle_that_is_not_the_one_named_is_refused_and_not_kept(tmp_path: Path) -> None:
+    for i, frames in enumerate(([BODY[:-1] + b"X"], [BODY[:-1]], [BODY, b"more"])):  # digest, short, long
+        (tmp_path / str(i)).mkdir()
+        shelf = BundleShelf(tmp_path / str(i), FakeCluster({A: FakeStream(list(frames))}))  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput, match="bundle"):
+            asyncio.run(shelf.fetch(SHA, len(BODY), A))
+        assert list(shelf.dir.iterdir()) == []  # neither the bundle nor a partial file
+    # A member that does not have it: the next one is asked.
+    cluster = FakeCluster({A: FakeStream([], {"error": "not kept here"}), B: FakeStream([BODY])})
+    (tmp_path / "next").mkdir()
+    shelf = BundleShelf(tmp_path / "next", cluster)  # type: ignore[arg-type]
+    assert asyncio.run(shelf.fetch(SHA, len(BODY), A)).read_bytes() == BODY and cluster.asked == [A, B]
