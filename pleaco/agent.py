@@ -196,6 +196,7 @@ class Agent:
         upgrades = UpgradeRollout(cfg.cluster_upgrade, store, me, lambda: self._node_base(identity), cluster.members,
                                  local, shelf, marks)
         runner.add(upgrades)
+        cluster.hold = upgrades.holds  # a node restarting into a release keeps its replicas
 
         def on_change(rec: Record) -> None:
             if rec.kind in RECONCILE_KINDS:

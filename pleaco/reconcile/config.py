@@ -92,6 +92,10 @@ class ClusterUpgradeConfig:
     # cluster). Longer than an upgrading node's restart plus its health deadline (tens of
     # seconds), so a node restarting into a new release is never taken for gone.
     absent_after: float = 300.0
+    # Seconds a node restarting into a new release keeps its replicas while the others see
+    # it dead or back but settling (placement_settle): an agent restarts in 1-3 s and is
+    # confirmed a second later; past this its replicas move as for any dead node.
+    restart_hold: float = 30.0
 
     def validate(self) -> list[str]:
         problems = []
@@ -99,4 +103,6 @@ class ClusterUpgradeConfig:
             problems.append("cluster_upgrade.max_bundle_bytes: must be at least 1")
         if not self.absent_after > 0:
             problems.append("cluster_upgrade.absent_after: must be greater than 0")
+        if self.restart_hold < 0:
+            problems.append("cluster_upgrade.restart_hold: must be at least 0")
         return problems

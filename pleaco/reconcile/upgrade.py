@@ -250,6 +250,22 @@ def check_no_running_plan(store: Store, members: Sequence[dict[str, Any]], absen
                           " one upgrade at a time: see `pleaco upgrade status`")
 
 
+def restarting(store: Store, node_id: str, away_for: float, hold: float, now: float) -> bool:
+    """Whether ``node_id`` is restarting into a new release, so placement keeps its
+    replicas while it is away (``away_for`` seconds, less than ``hold``) or back and
+    settling (confirmed or rolled back less than ``hold`` seconds ago): its record says so."""
+    rec = store.peek("node", node_id)
+    if rec is None or rec.value is None or away_for >= hold:
+        return False
+    up = NodeUpgrade.from_value(rec.value.get("upgrade"))
+    if not up.plan:
+        return False
+    if up.phase in IN_PROGRESS:
+        return True
+    # Back after the restart (confirmed, or started again on the old release): it settles.
+    return up.phase in ("confirmed", "rolled_back") and now - rec.ts.wall_ms / 1000 < hold
+
+
 # -- this node's side ------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -352,6 +368,10 @@ class UpgradeRollout(Loop):
         self.marks = marks
         self._announced = ""
         self._begun = ""  # the plan whose one-node upgrade this process began
+
+    def holds(self, node_id: str, away_for: float) -> bool:
+        """Cluster.hold: placement keeps the replicas of a node restarting into a release."""
+        return restarting(self.store, node_id, away_for, self.cfg.restart_hold, time.time())
 
     def publish(self) -> None:
         """Write this node's record when its version or upgrade state changed."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from pleaco.reconcile.upgrade import (
     plan_order,
     progress,
     read_plan,
+    restarting,
 )
 from pleaco.store import Store
 
@@ -419,3 +421,53 @@ def test_a_bundle_that_is_not_the_one_named_is_refused_and_not_kept(tmp_path: Pa
     (tmp_path / "next").mkdir()
     shelf = BundleShelf(tmp_path / "next", cluster)  # type: ignore[arg-type]
     assert asyncio.run(shelf.fetch(SHA, len(BODY), A)).read_bytes() == BODY and cluster.asked == [A, B]
+
+
+# -- placement keeps a restarting node's replicas ----------------------------------------------
+
+def test_a_node_restarting_into_a_release_keeps_its_replicas_for_a_while(store: Store) -> None:
+    now = time.time()
+    assert not restarting(store, A, 0.0, 30.0, now)  # no record
+    store_other_node(store, A, "0.2.0")
+    assert not restarting(store, A, 0.0, 30.0, now)  # not upgrading
+    store_other_node(store, A, "0.2.0", NodeUpgrade("p1", "trial", "0.3.0"))
+    assert restarting(store, A, 2.0, 30.0, now)  # away for its restart
+    assert not restarting(store, A, 31.0, 30.0, now)  # away too long: a dead node like any other
+    store_other_node(store, A, "0.3.0", NodeUpgrade("p1", "confirmed", "0.3.0"))
+    assert restarting(store, A, 0.0, 30.0, now)  # back and settling
+    assert not restarting(store, A, 0.0, 30.0, now + 31)  # long confirmed: nothing to hold
+    store_other_node(store, A, "0.2.0", NodeUpgrade("p1", "failed", "0.3.0", "refused"))
+    assert not restarting(store, A, 0.0, 30.0, now)  # it never restarted
+
+
+def test_cluster_placement_keeps_a_held_member(tmp_path: Path) -> None:
+    from pleaco.cluster.config import ClusterSettings
+    from pleaco.cluster.membership import DEAD, Member
+    from pleaco.cluster.service import Cluster
+    from pleaco.metrics import Registry
+
+    ident = Identity.generate()
+    s = Store(tmp_path / "c.db", ident)
+    try:
+        cluster = Cluster(ClusterSettings(data_dir=tmp_path, gossip_listen="127.0.0.1:7401"), ident, s, Registry())
+
+        class FakeMembership:
+            loop_time = 100.0
+            members = {A: Member(A, "x:1", 1, DEAD, {}, since=95.0)}
+
+            def placement_nodes(self) -> list[str]:
+                return [ident.node_id]
+
+        cluster.membership = FakeMembership()  # type: ignore[assignment]
+        cluster.ready = True
+        asked: list[tuple[str, float]] = []
+
+        def hold(node: str, away_for: float) -> bool:
+            asked.append((node, away_for))
+            return True
+
+        assert cluster.placement_nodes() == [ident.node_id]  # the default holds nobody
+        cluster.hold = hold
+        assert cluster.placement_nodes() == sorted([ident.node_id, A]) and asked == [(A, 5.0)]
+    finally:
+        s.close()
