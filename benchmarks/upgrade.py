@@ -251,7 +251,7 @@ def measure(workdir: Path, key: str, bundles: dict[str, Path], shared: Slots) ->
             watch = stack.enter_context(ApiWatch(agents))
             time.sleep(2)  # 2 s of load before the command: the steady state, for comparison
             started = time.monotonic()
-            proc = subprocess.run([*pleaco_command(), "--api", first.url, "--token", first.token, "upgrade",
+            proc = subprocess.run([*pleaco_command(), "--api", first.url, f"--token={first.token}", "upgrade",
                                    "--bundle", str(bundles["0.3.0"])], capture_output=True, text=True, timeout=900,
                                   env=clean_env())
             total = time.monotonic() - started

@@ -53,7 +53,8 @@ def slot_agents(tmp_path: Path, releases: Releases) -> Iterator[MakeAgent]:
 
 def cli(agent: SlotAgent, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """The pleaco CLI of this tree against ``agent``, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "pleaco", "--api", agent.url, "--token", agent.client.token or "",
+    # --token=T: a token may start with "-", which argparse takes for an option otherwise.
+    return subprocess.run([sys.executable, "-m", "pleaco", "--api", agent.url, f"--token={agent.client.token}",
                            *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
