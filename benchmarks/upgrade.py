@@ -14,6 +14,8 @@ comes. The app is the keep-alive app (common.KEEPALIVE) with 3 replicas and a he
 - **API unavailability**: a thread asks every node's ``GET /v1/status`` every 0.1 s (2 s
   timeout); per node, the longest run of failed asks (and their total), and for the cluster
   the time during which no node answered (goal: 0; each node at most a few seconds).
+- **App containers churned**: the app's containers before and after, by id and start time:
+  any started, stopped or restarted during the upgrade counts (goal: 0).
 - **App requests failed**: ``GET /`` at 20 requests/s through each node's proxy (60/s in
   all) from before the upgrade until after it; failed: a connection error, a timeout (5 s)
   or a status other than 2xx (goal: 0). The proxies are containers: they keep serving while
@@ -43,6 +45,7 @@ from benchmarks.common import (
     BenchError,
     Row,
     clean_env,
+    engine,
     free_port,
     keepalive_image,
     log,
@@ -198,6 +201,12 @@ class ApiWatch:
         return longest, total
 
 
+def app_containers() -> dict[str, str]:
+    """The app's containers on the engine, running or not: id -> StartedAt."""
+    found = engine().containers(all=True, filters={"label": f"pleaco.app={APP}"})
+    return {c["Id"]: engine().inspect_container(c["Id"])["State"]["StartedAt"] for c in found}
+
+
 def prepare(workdir: Path) -> tuple[str, dict[str, Path], Slots]:
     log("upgrade: building the 0.2.0 and 0.3.0 bundles of this tree")
     private, public = bundle.keygen(workdir / "keys")
@@ -243,6 +252,7 @@ def measure(workdir: Path, key: str, bundles: dict[str, Path], shared: Slots) ->
             return True
 
         wait_until(served_everywhere, 120, "the app served through every node's proxy", interval=0.5)
+        before = app_containers()
         loads = [Load(f"http://{LOOPBACK}:{a.proxy_port}/", host, RATE_PER_PROXY) for a in agents]
         log("upgrade: 3 nodes from 0.2.0 to 0.3.0 under load")
         with contextlib.ExitStack() as stack:
@@ -261,6 +271,8 @@ def measure(workdir: Path, key: str, bundles: dict[str, Path], shared: Slots) ->
         versions = {a.name: a.client.status()["version"] for a in agents}
         if set(versions.values()) != {"0.3.0"}:
             raise BenchError(f"not every node runs 0.3.0 after the upgrade: {versions}")
+        after = app_containers()
+        churned = len(set(before) ^ set(after)) + sum(1 for c in set(before) & set(after) if before[c] != after[c])
         per_node = {a.name: watch.down([up[i] for _, up in watch.rounds]) for i, a in enumerate(agents)}
         cluster_longest, cluster_total = watch.down([any(up) for _, up in watch.rounds])
         samples = [s for load in loads for s in load.samples]
@@ -270,6 +282,7 @@ def measure(workdir: Path, key: str, bundles: dict[str, Path], shared: Slots) ->
                    "per_node_total_s": {k: round(v[1], 2) for k, v in per_node.items()},
                    "cluster_longest_s": round(cluster_longest, 2), "requests": len(samples),
                    "failed": len(failed), "errors": sorted({s.error for s in failed})[:5],
+                   "app_containers_before": len(before), "app_containers_after": len(after),
                    "cli_output": proc.stdout.strip().splitlines()}
         log(f"upgrade: {total:.1f} s; API down per node {details['per_node_longest_s']}, cluster "
             f"{cluster_total:.2f} s; {len(failed)} of {len(samples)} app requests failed")
@@ -280,6 +293,8 @@ def measure(workdir: Path, key: str, bundles: dict[str, Path], shared: Slots) ->
                 met=cluster_total == 0.0),
             Row("cluster upgrade: app requests failed (60 req/s through the 3 proxies)", "requests",
                 float(len(failed)), goal="0", met=not failed),
+            Row("cluster upgrade: app containers started, stopped or restarted", "containers", float(churned),
+                goal="0", met=churned == 0),
         ]
     finally:
         for a in agents:
