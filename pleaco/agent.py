@@ -106,6 +106,9 @@ class Agent:
 
     async def run(self) -> None:
         cfg = self.cfg
+        # SIGUSR1 asks for an upgrade (`pleaco release apply`); until the agent handles it,
+        # and after, it is ignored rather than fatal (its default), across an exec too.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         lock = DataDirLock(cfg.data_dir)
         addresses = AddressRegistry()
         try:
@@ -241,6 +244,7 @@ class Agent:
                     log.error("agent.stop_failed", exc_info=True, part=what)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             log.info("agent.stopped")
 
     def _register_node(self, store: Store, identity: Identity) -> None:
