@@ -249,6 +249,13 @@ def test_a_release_whose_agent_exits_at_start_rolls_back_by_itself(slot_agent: S
     # unheld, switches back and starts the 0.2.0 agent again.
     _rolled_back(agent, before, first_pid, "0.3.0 agent exited before it was healthy")
 
+    # The fixed 0.3.0 (another bundle of the same version) replaces the broken slot and goes through.
+    done = agent.apply(releases.bundles["0.3.0"])
+    assert done.returncode == 0, done.stderr + agent.log_tail()
+    wait_for(lambda: agent.state().get("phase") == "confirmed", 120, "the fixed 0.3.0 confirmed")
+    wait_for(lambda: agent.version() == "0.3.0", 30, "the node record on 0.3.0")
+    assert _started(agent) == before
+
 
 @pytest.mark.parametrize("slot_agent", [15], indirect=True)
 def test_a_release_never_healthy_rolls_back_at_the_deadline(slot_agent: SlotAgent, releases: Releases) -> None:
