@@ -34,6 +34,7 @@ from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
 from pleaco.errors import PleacoError
+from pleaco.host.addresses import AddressInUse, AddressRegistry, Listener
 from pleaco.host.bundle import verify_bundle
 from pleaco.host.bundleship import BundleShelf
 from pleaco.host.config import UpgradeSettings
@@ -105,6 +106,15 @@ class HostUpgrades:
         self.upgrade.begin(path)
 
 
+def listeners(cfg: Config) -> list[Listener]:
+    """Every address this agent will listen on (the proxy's only when it runs one)."""
+    found = [Listener("api", cfg.api_listen), Listener("gossip", cfg.gossip_listen)]
+    if cfg.proxy_image:
+        found += [Listener("proxy", cfg.proxy_listen), Listener("proxy https", cfg.proxy.https_listen),
+                  Listener("proxy admin", cfg.proxy.admin_listen)]
+    return found
+
+
 class Agent:
     def __init__(self, cfg: Config, argv: Sequence[str] | None = None) -> None:
         self.cfg = cfg
@@ -133,20 +143,28 @@ class Agent:
 
     async def run(self) -> None:
         cfg = self.cfg
+        # SIGUSR1 asks for an upgrade (`pleaco release apply`); until the agent handles it,
+        # and after, it is ignored rather than fatal (its default), across an exec too.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         lock = DataDirLock(cfg.data_dir)
+        addresses = AddressRegistry()
         try:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(cfg.data_dir, 0o700)
             lock.acquire()  # before anything in it is read or written
+            addresses.claim(listeners(cfg), cfg.data_dir)  # before anything binds
             identity = Identity.load_or_create(cfg.data_dir)
-        except DataDirInUse as exc:
+        except (DataDirInUse, AddressInUse) as exc:
+            lock.release()
             raise AgentError(str(exc)) from exc
         except OSError as exc:
+            addresses.release()
             lock.release()
             raise AgentError(f"data dir {cfg.data_dir}: {exc}") from exc
         try:
             await self._run(cfg, identity)
         finally:
+            addresses.release()
             lock.release()
 
     async def _run(self, cfg: Config, identity: Identity) -> None:
@@ -276,6 +294,7 @@ class Agent:
                     log.error("agent.stop_failed", exc_info=True, part=what)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             log.info("agent.stopped")
 
     def _restarting(self) -> bool:

@@ -285,13 +285,12 @@ Progress = Callable[[str], None]
 
 
 def _patch_version(tree: Path, version: str) -> None:
-    for rel, pattern in (("pleaco/__init__.py", r'^__version__ = "[^"]*"'), ("pyproject.toml", r'^version = "[^"]*"')):
+    """Set the version in the (copied) tree: ``__version__`` and pyproject's ``version``."""
+    for rel, name in (("pleaco/__init__.py", "__version__"), ("pyproject.toml", "version")):
         path = tree / rel
-        text = path.read_text()
-        new, count = re.subn(pattern, pattern.split(" = ")[0].lstrip("^") + f' = "{version}"', text,
-                             count=1, flags=re.M)
+        new, count = re.subn(rf'^{name} = "[^"]*"', f'{name} = "{version}"', path.read_text(), count=1, flags=re.M)
         if count != 1:
-            raise BuildError(f"{rel}: no version line to set")
+            raise BuildError(f"{rel}: no {name} line to set")
         path.write_text(new)
 
 

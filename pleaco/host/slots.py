@@ -76,17 +76,20 @@ class Slots:
     def install(self, bundle: Path, manifest: Manifest) -> Path:
         """Install a verified bundle's pleaco into ``releases/VERSION`` and answer its path.
 
-        A complete slot of that version is reused as it is; a half-made one is replaced.
+        A complete slot of that very bundle (the same signed manifest) is reused as it is;
+        a half-made one, or one of another bundle of the same version (a release rebuilt
+        after a failed one), is replaced.
         """
         version = manifest.version
         parse_version(version)  # a version is a path component: never anything but digits and dots
         slot = self.path(version)
         with self._locked():
-            if self.complete(version):
+            if self.complete(version) and self._holds(version, manifest):
                 log.info("slot.reused", version=version, path=str(slot))
                 return slot
             if slot.exists() or slot.is_symlink():
-                log.warning("slot.replacing_partial", version=version, path=str(slot))
+                log.warning("slot.replacing", version=version, path=str(slot),
+                            why="another bundle" if self.complete(version) else "half-made")
                 _remove(slot)
             try:
                 self._build(bundle, manifest, slot)
@@ -108,6 +111,12 @@ class Slots:
                  f"installing pleaco {manifest.version} into its slot")
         (slot / MANIFEST).write_bytes(manifest.to_json())  # what this slot is, for people and `upgrade status`
         _write_synced(slot / COMPLETE, manifest.version + "\n")
+
+    def _holds(self, version: str, manifest: Manifest) -> bool:
+        try:
+            return (self.path(version) / MANIFEST).read_bytes() == manifest.to_json()
+        except OSError:
+            return False
 
     def current(self) -> str | None:
         return _link_version(self.root / "current")

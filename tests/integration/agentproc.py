@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -92,8 +91,15 @@ CLEANED_NODES: set[str] = set()
 def remove_node_containers(node_id: str) -> None:
     CLEANED_NODES.add(node_id)
     for c in node_containers(node_id):
-        with contextlib.suppress(docker.errors.NotFound):
+        try:
             c.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            # Another agent (one that found this node's proxy orphaned) is removing it already.
+            if "already in progress" not in str(exc):
+                raise
+    wait_for(lambda: not node_containers(node_id), 30, f"node {node_id}'s containers to be removed")
 
 
 @dataclass
@@ -104,6 +110,7 @@ class AgentProcess:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    gossip_port: int = field(default_factory=free_port)
     # Where the API listens, and a command prefix (e.g. ``ip netns exec NS`` to run the
     # agent on a test host in a network namespace).
     host: str = "127.0.0.1"
@@ -131,8 +138,12 @@ class AgentProcess:
     def start(self) -> AgentProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
+        # Each agent on a host holds its own addresses (a second one on the same gossip or
+        # proxy address refuses to start): its own gossip port, and no proxy unless the test
+        # asks for one. The test's own arguments come last and win.
         cmd = [*self.prefix, sys.executable, "-m", "pleaco", "agent", "--data-dir", str(self.data_dir),
-               "--api-listen", f"{self.host}:{self.port}", "--name", self.data_dir.name, *self.extra_args]
+               "--api-listen", f"{self.host}:{self.port}", "--name", self.data_dir.name,
+               "--gossip-listen", f"{self.host}:{self.gossip_port}", "--proxy-image=", *self.extra_args]
         env = {**os.environ, "PLEACO_LOG_LEVEL": "debug", **self.env}
         with open(self.log_path, "ab") as log:
             log.write(f"--- start {self.starts} ---\n".encode())
@@ -167,6 +178,25 @@ class AgentProcess:
             self.proc.wait(10)
         if self.node_id:
             remove_node_containers(self.node_id)
+
+
+CADDY = "pleaco/caddy:latest"  # made by scripts/images.sh
+
+
+@dataclass(frozen=True)
+class ProxyPorts:
+    """A proxy's three addresses on 127.0.0.1, each its own (agents on one host must not share them)."""
+
+    http: int = field(default_factory=free_port)
+    https: int = field(default_factory=free_port)
+    admin: int = field(default_factory=free_port)
+
+    def args(self, image: str = CADDY) -> list[str]:
+        return ["--proxy-image", image, "--proxy-listen", f"127.0.0.1:{self.http}"]
+
+    def env(self) -> dict[str, str]:
+        return {"PLEACO_PROXY_HTTPS_LISTEN": f"127.0.0.1:{self.https}",
+                "PLEACO_PROXY_ADMIN_LISTEN": f"127.0.0.1:{self.admin}"}
 
 
 # -- clusters of agents on 127.0.0.x ---------------------------------------------------

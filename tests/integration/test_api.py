@@ -6,11 +6,12 @@ import json
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, node_containers, wait_for
+from agentproc import AgentProcess, ProxyPorts, node_containers, wait_for
 from conftest import HELLO
 
 from pleaco.api.builds import sign
@@ -189,7 +190,9 @@ def test_update_is_a_new_release_and_replaces_containers(agent: AgentProcess) ->
         assert "(v2)" in resp.read().decode()
 
 
-def test_metrics_expose_reconcile_containers_and_requests(agent: AgentProcess) -> None:
+def test_metrics_expose_reconcile_containers_and_requests(agent_factory: Callable[..., AgentProcess]) -> None:
+    ports = ProxyPorts()
+    agent = agent_factory(extra_args=ports.args(), env=ports.env())  # with a proxy: its loop shows too
     agent.client.deploy("web", {"image": HELLO, "replicas": 1, "port": 8080})
     wait_for(lambda: agent.client.app("web")["running"] == 1, 30, "1 running replica")
     raw(agent, "GET", "/v1/apps/ghost")

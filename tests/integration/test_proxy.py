@@ -16,7 +16,16 @@ from pathlib import Path
 
 import docker.errors
 import pytest
-from agentproc import AgentProcess, docker_client, free_port, node_containers, remove_node_containers, wait_for
+from agentproc import (
+    CADDY,
+    AgentProcess,
+    ProxyPorts,
+    docker_client,
+    free_port,
+    node_containers,
+    remove_node_containers,
+    wait_for,
+)
 from conftest import HELLO
 from proxyload import Load
 
@@ -24,7 +33,6 @@ from pleaco.api.errors import ApiError
 from pleaco.identity import Identity
 from pleaco.store import Store
 
-CADDY = "pleaco/caddy:latest"
 ECHO = "pleaco-test/echo:latest"
 ECHO_SERVER = """#!/bin/sh
 # Answers /cgi-bin/env with the request headers busybox httpd passes to CGI (HTTP_*).
@@ -97,14 +105,13 @@ def echo_image(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 def start_proxied(agent_factory: Callable[..., AgentProcess], name: str,
                   extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> Proxied:
-    http, https, admin = free_port(), free_port(), free_port()
+    ports = ProxyPorts()
     agent = agent_factory(
-        name, extra_args=["--proxy-listen", f"127.0.0.1:{http}", "--proxy-image", CADDY, *(extra_args or [])],
-        env={"PLEACO_PROXY_ADMIN_LISTEN": f"127.0.0.1:{admin}", "PLEACO_PROXY_HTTPS_LISTEN": f"127.0.0.1:{https}",
-             "PLEACO_PROXY_HEALTH_INTERVAL": "1", "PLEACO_ROLLOUT_DRAIN_GRACE": "1",
+        name, extra_args=[*ports.args(), *(extra_args or [])],
+        env={**ports.env(), "PLEACO_PROXY_HEALTH_INTERVAL": "1", "PLEACO_ROLLOUT_DRAIN_GRACE": "1",
              "PLEACO_ROLLOUT_DEADLINE": "8", "PLEACO_HEALTH_GRACE": "3", **(env or {})},
     )
-    p = Proxied(agent, http, https, admin)
+    p = Proxied(agent, ports.http, ports.https, ports.admin)
     wait_for(lambda: agent.client.request("GET", "/v1/proxy")["up"], 30, "the proxy to be up")
     return p  # agent_factory's cleanup removes the proxy too: it carries pleaco.node
 

@@ -29,7 +29,7 @@ from conftest import HELLO
 from pleaco.api.client import Client
 from pleaco.host.bundle import Manifest, build_bundle, keygen, verify_bundle
 from pleaco.host.slots import Slots
-from pleaco.host.trial import STATE_FILE
+from pleaco.host.trial import STATE_FILE, agent_pid
 
 pytestmark = pytest.mark.docker
 
@@ -104,6 +104,10 @@ class SlotAgent:
 
     def pid(self) -> int | None:
         """The pid holding the data dir (the same process after an exec; another after a respawn)."""
+        return agent_pid(self.data_dir)
+
+    def recorded_pid(self) -> int | None:
+        """The pid agent.lock names (the last agent that held it, even when it is gone)."""
         try:
             return int((self.data_dir / "agent.lock").read_text().split()[0])
         except (OSError, ValueError, IndexError):
@@ -133,7 +137,7 @@ class SlotAgent:
     def cleanup(self) -> None:
         """Stop every process this test's upgrade made: the agent (whichever pid holds the
         data dir now), a guard, the first process; then the app's containers."""
-        pids = {self.pid(), self.state().get("guard_pid"), self.proc.pid if self.proc else None}
+        pids = {self.pid(), self.recorded_pid(), self.state().get("guard_pid"), self.proc.pid if self.proc else None}
         for pid in pids:
             if pid and _is_ours(pid, self.data_dir):
                 with contextlib.suppress(ProcessLookupError):
@@ -245,6 +249,13 @@ def test_a_release_whose_agent_exits_at_start_rolls_back_by_itself(slot_agent: S
     # unheld, switches back and starts the 0.2.0 agent again.
     _rolled_back(agent, before, first_pid, "0.3.0 agent exited before it was healthy")
 
+    # The fixed 0.3.0 (another bundle of the same version) replaces the broken slot and goes through.
+    done = agent.apply(releases.bundles["0.3.0"])
+    assert done.returncode == 0, done.stderr + agent.log_tail()
+    wait_for(lambda: agent.state().get("phase") == "confirmed", 120, "the fixed 0.3.0 confirmed")
+    wait_for(lambda: agent.version() == "0.3.0", 30, "the node record on 0.3.0")
+    assert _started(agent) == before
+
 
 @pytest.mark.parametrize("slot_agent", [15], indirect=True)
 def test_a_release_never_healthy_rolls_back_at_the_deadline(slot_agent: SlotAgent, releases: Releases) -> None:
@@ -257,3 +268,70 @@ def test_a_release_never_healthy_rolls_back_at_the_deadline(slot_agent: SlotAgen
     # it, switches back and starts the 0.2.0 agent again.
     wait_for(lambda: agent.version() == "0.3.0", 60, "the 0.3.0 agent answering")
     _rolled_back(agent, before, first_pid, "0.3.0 not healthy within 15 s: broken on purpose: never healthy")
+
+
+def _kill_processes_under(path: Path) -> None:
+    """SIGKILL every process whose command line names ``path`` (what a killed agent's
+    install left running: its venv's pip)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if str(path).encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+
+
+def test_a_node_killed_while_installing_stays_on_its_slot_and_upgrades_later(
+        slot_agent: SlotAgent, releases: Releases) -> None:
+    agent = slot_agent
+    before = _replica(agent)
+    cmd = [str(agent.root / "current" / "bin" / "pleaco"), "release", "apply", "--bundle",
+           str(releases.bundles["0.3.0"]), "--data-dir", str(agent.data_dir)]
+    apply = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent.env)
+    try:
+        wait_for(lambda: agent.state().get("phase") == "installing", 60, "the install to begin")
+        pid = agent.pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # the node dies mid-install
+        wait_for(lambda: agent.pid() is None, 20, "the agent gone")
+        _kill_processes_under(agent.root / "releases" / "0.3.0")
+    finally:
+        apply.kill()
+        apply.wait()
+    assert agent.proc is not None
+    agent.proc.wait(10)
+
+    agent.start()  # from ROOT/current, as systemd would: still 0.2.0
+    assert agent.version() == "0.2.0"
+    state = agent.state()
+    assert state["phase"] == "failed" and "interrupted while installing 0.3.0; still on 0.2.0" in state["reason"]
+    slots = Slots(agent.root)
+    assert slots.current() == "0.2.0" and not slots.complete("0.3.0")
+    assert _started(agent) == before
+
+    # The half-made 0.3.0 slot is replaced by the next attempt, which goes through.
+    done = agent.apply(releases.bundles["0.3.0"])
+    assert done.returncode == 0, done.stderr + agent.log_tail()
+    wait_for(lambda: agent.state().get("phase") == "confirmed", 120, "the trial confirmed")
+    assert slots.current() == "0.3.0" and slots.complete("0.3.0")
+    assert _started(agent) == before
+
+
+@pytest.mark.parametrize("slot_agent", [15], indirect=True)
+def test_a_new_agent_whose_guard_died_decides_itself(slot_agent: SlotAgent, releases: Releases) -> None:
+    agent = slot_agent
+    before = _replica(agent)
+    pid = agent.pid()
+    done = agent.apply(releases.bundles["unhealthy"])
+    assert done.returncode == 0, done.stderr + agent.log_tail()
+    wait_for(lambda: agent.version() == "0.3.0", 60, "the 0.3.0 agent answering")
+    guard = agent.state()["guard_pid"]
+    os.kill(guard, signal.SIGKILL)  # the guard dies: the new agent must decide by itself
+
+    # Never healthy: at the deadline the 0.3.0 agent rolls itself back, by exec into the
+    # 0.2.0 slot (the same process again).
+    wait_for(lambda: agent.state().get("phase") == "rolled_back", 120, "the rollback")
+    assert "0.3.0 not healthy within 15 s: broken on purpose: never healthy" in agent.state()["reason"]
+    wait_for(lambda: agent.version() == "0.2.0", 60, "the 0.2.0 agent back")
+    assert agent.pid() == pid and b"/releases/0.2.0/bin/python" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert Slots(agent.root).current() == "0.2.0"
+    assert _started(agent) == before

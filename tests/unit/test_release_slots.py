@@ -4,6 +4,7 @@ current and the previous slot."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import threading
@@ -46,6 +47,12 @@ def test_install_makes_a_venv_slot_that_runs_that_version(tmp_path: Path, releas
     marker = slot / "bin" / "untouched"
     marker.write_text("x")
     assert slots.install(*release) == slot and marker.exists()
+
+    # A slot of another bundle of the same version (a rebuilt release) is replaced.
+    rebuilt = dataclasses.replace(release[1], created="2000-01-01T00:00:00Z")
+    assert slots.install(release[0], rebuilt) == slot
+    assert not marker.exists() and (slot / "manifest.json").read_bytes() == rebuilt.to_json()
+    marker.write_text("x")
 
     # A half-made slot (no .complete: a crash mid-install) is replaced.
     (slot / COMPLETE).unlink()
