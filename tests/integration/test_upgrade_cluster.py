@@ -1,7 +1,8 @@
 """Cluster upgrades with real agents run from their own slots: three nodes rolled from
 0.2.0 to 0.3.0 one at a time with the API answering throughout and no app container
 restarted; a 0.4.0 whose agent fails its health check rolled back by itself on the first
-node, which stops the rollout; and bad bundles refused by POST /v1/upgrade, changing nothing.
+node, which stops the rollout; a single agent upgraded the same way (a plan of one); and
+bad bundles refused by POST /v1/upgrade, changing nothing.
 
 The bundles are this tree at those versions (0.4.0 patched so /healthz answers 503), built
 once for the module; the start versions are installed once and linked into each node's slot
@@ -172,3 +173,18 @@ def test_bad_bundles_are_refused_and_change_nothing(
     assert [n["upgrade"] for n in after[0]] == [n["upgrade"] for n in before[0]] == [None]
     assert after[1] == before[1]  # no plan mark or upgrade state left in the data dir
     assert not any((agent.data_dir / "upgrades").iterdir())  # and no bundle, whole or partial
+
+
+def test_a_single_agent_upgrades_the_same_way(slot_agents: MakeAgent, releases: Releases) -> None:
+    agent = slot_agents("single", "0.2.0", ["--proxy-image=", "--discovery", "none"])
+    agent.client.deploy("web", {"image": HELLO, "replicas": 1, "port": 8080, "health": "/healthz"})
+    wait_for(lambda: agent.client.app("web")["healthy"] == 1, 60, "1 healthy replica")
+    before = app_containers([agent])
+    done = cli(agent, "upgrade", "--bundle", str(releases.bundles["0.3.0"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    # A plan of one: the node asked, which keeps the bundle, follows its own restart.
+    assert "1 node(s)" in done.stdout and "done: every node runs 0.3.0" in done.stdout
+    status = agent.client.request("GET", "/v1/upgrade")
+    assert status["plan"]["order"] == [agent.node_id] and status["status"] == "done"
+    assert agent.version() == "0.3.0" and Slots(agent.root).current() == "0.3.0"
+    assert app_containers([agent]) == before
