@@ -471,3 +471,55 @@ def test_cluster_placement_keeps_a_held_member(tmp_path: Path) -> None:
         assert cluster.placement_nodes() == sorted([ident.node_id, A]) and asked == [(A, 5.0)]
     finally:
         s.close()
+
+
+def test_an_agent_restarting_into_a_release_does_not_leave_the_cluster(tmp_path: Path) -> None:
+    from pleaco.agent import RESTART_WINDOW, Agent
+    from pleaco.config import load
+    from pleaco.host.trial import TrialState
+
+    agent = Agent(load(env={}, overrides={"data_dir": str(tmp_path)}), argv=[])
+    assert not agent._restarting()  # a plain stop: it leaves
+    agent.restart_command = ["python", "-m", "pleaco", "agent"]
+    assert agent._restarting()  # exec into another slot
+
+    @dataclass
+    class Upgrade:
+        current: TrialState | None
+
+        def state(self) -> TrialState | None:
+            return self.current
+
+    agent.restart_command = None
+    agent.upgrade = Upgrade(TrialState("trial", "0.2.0", "0.3.0"))  # type: ignore[assignment]
+    assert agent._restarting()  # systemd restarts the unit during the trial
+    agent.upgrade = Upgrade(TrialState("rolled_back", "0.2.0", "0.3.0", updated=time.time()))  # type: ignore[assignment]
+    assert agent._restarting()  # the guard restarts the old release
+    agent.upgrade = Upgrade(TrialState("rolled_back", "0.2.0", "0.3.0",  # type: ignore[assignment]
+                                       updated=time.time() - RESTART_WINDOW - 1))
+    assert not agent._restarting()
+    agent.upgrade = Upgrade(TrialState("confirmed", "0.2.0", "0.3.0"))  # type: ignore[assignment]
+    assert not agent._restarting()
+
+
+def test_cluster_stop_leaves_only_when_asked(tmp_path: Path) -> None:
+    from pleaco.cluster.config import ClusterSettings
+    from pleaco.cluster.service import Cluster
+    from pleaco.metrics import Registry
+
+    ident = Identity.generate()
+    s = Store(tmp_path / "c.db", ident)
+    left: list[bool] = []
+
+    class FakeMembership:
+        async def stop(self, leave: bool = True) -> None:
+            left.append(leave)
+
+    try:
+        for leave in (False, True):
+            cluster = Cluster(ClusterSettings(data_dir=tmp_path, gossip_listen="127.0.0.1:7401"), ident, s, Registry())
+            cluster.membership = FakeMembership()  # type: ignore[assignment]
+            asyncio.run(cluster.stop(leave))
+        assert left == [False, True]
+    finally:
+        s.close()
