@@ -34,11 +34,13 @@ from pleaco.cluster.service import Cluster, ClusterError, advertise_address
 from pleaco.cluster.trust import TrustError
 from pleaco.config import Config
 from pleaco.errors import PleacoError
+from pleaco.host import journal
 from pleaco.host.addresses import AddressInUse, AddressRegistry, Listener
 from pleaco.host.bundle import verify_bundle
 from pleaco.host.bundleship import BundleShelf
 from pleaco.host.config import UpgradeSettings
 from pleaco.host.datadir import DataDirInUse, DataDirLock
+from pleaco.host.systemd import Notifier, Supervision, ensure_docker, status_line
 from pleaco.host.trial import LocalUpgrade, local_url
 from pleaco.identity import Identity, write_secret_file
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
@@ -168,12 +170,13 @@ class Agent:
             lock.release()
 
     async def _run(self, cfg: Config, identity: Identity) -> None:
-        logs.setup(cfg.log_level, identity.node_id, cfg.name)
+        logs.setup(cfg.log_level, identity.node_id, cfg.name, handler=journal.handler_if_journal())
         token = load_or_create_token(cfg)
         store = Store(cfg.db_path, identity)
 
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
+        await asyncio.to_thread(ensure_docker, runtime.ping, cfg.docker_url)  # docker.service, if it is down
         apps = AppStore(store, cfg.max_replicas)
         cluster = Cluster(cfg, identity, store, registry)
         images = ImageTransfer(cluster, runtime)  # images between nodes, over the cluster's streams
@@ -246,6 +249,12 @@ class Agent:
             runner.add(RepoPoller(builds, owners))
         add_build_routes(api.app, builds, BuildLogs(cluster, builds))  # logs from the building node
 
+        supervision = Supervision(
+            Notifier(),
+            status=lambda: status_line(apps.count(), sum(c.running for c in view.observed.containers),
+                                       max(1, len(cluster.placement_nodes()))),
+            stuck=lambda now: runner.stuck(now, cfg.loop_stuck_after),
+        )
         loop = self._loop = asyncio.get_running_loop()
         upgrade_tasks: set[asyncio.Task[None]] = set()
 
@@ -269,6 +278,8 @@ class Agent:
             runner.start()
             upgrade_task(upgrade.confirm())  # a trial of this version: confirmed once healthy
             loop.add_signal_handler(signal.SIGUSR1, lambda: upgrade_task(upgrade.apply_request()))
+            supervision.ready()  # the API answers and the loops run
+            supervision.start()
             log.info(
                 "agent.started", version=__version__, name=cfg.name, data_dir=str(cfg.data_dir),
                 api=cfg.api_listen, docker=cfg.docker_url, loops=",".join(lp.name for lp in runner.loops),
@@ -276,6 +287,7 @@ class Agent:
             await self._stop.wait()
         finally:
             log.info("agent.stopping")
+            await supervision.stop()
             for task in upgrade_tasks:
                 task.cancel()
             # Each step on its own: whatever one raises, the others still run, and the

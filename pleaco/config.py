@@ -217,7 +217,7 @@ def validate(cfg: Config) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name}: must be a finite number, got {value}")
     for name in ("reconcile_interval", "backoff_base", "backoff_max", "health_timeout", "health_grace",
-                 "docker_timeout", "image_recheck_interval", "tombstone_ttl"):
+                 "docker_timeout", "image_recheck_interval", "tombstone_ttl", "loop_stuck_after"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")
     for name in _TABLES:

@@ -24,7 +24,10 @@ def _quote(value: Any) -> str:
 
 
 class LogfmtFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
+    def event_fields(self, record: logging.LogRecord) -> dict[str, Any]:
+        """An event's fields, in line order: ts, level, event, the node's, the caller's,
+        and for an error its last line and whole traceback. Also the journal's
+        (pleaco.host.journal), so both carry the same fields."""
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         fields: dict[str, Any] = {
             "ts": f"{ts}.{int(record.msecs):03d}Z",
@@ -39,7 +42,14 @@ class LogfmtFormatter(logging.Formatter):
             trace = self.formatException(record.exc_info)
             fields["error"] = trace.splitlines()[-1]
             fields["traceback"] = trace
-        return " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+        return fields
+
+    def format(self, record: logging.LogRecord) -> str:
+        return logfmt(self.event_fields(record))
+
+
+def logfmt(fields: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
 
 
 class EventLogger:
@@ -50,7 +60,9 @@ class EventLogger:
 
     def _emit(self, level: int, event: str, exc_info: bool, fields: dict[str, Any]) -> None:
         if self._log.isEnabledFor(level):
-            self._log.log(level, event, extra={"fields": fields}, exc_info=exc_info)
+            # stacklevel: the record names the caller of debug()/info()/..., not this
+            # wrapper (the journal's CODE_FILE, CODE_LINE, CODE_FUNC).
+            self._log.log(level, event, extra={"fields": fields}, exc_info=exc_info, stacklevel=3)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._emit(logging.DEBUG, event, False, fields)
@@ -116,14 +128,17 @@ def get(name: str) -> EventLogger:
     return EventLogger(name)
 
 
-def setup(level: str = "info", node_id: str | None = None, node_name: str | None = None) -> None:
-    """Send pleaco's logs to standard error in logfmt."""
+def setup(level: str = "info", node_id: str | None = None, node_name: str | None = None,
+          handler: logging.Handler | None = None) -> None:
+    """Send pleaco's logs to ``handler``; by default, to standard error in logfmt. (The
+    agent hands in the journal's when systemd runs it: pleaco.host.journal.)"""
     if node_id:
         _node_fields["node"] = node_id
     if node_name:
         _node_fields["node_name"] = node_name
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter())
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(LogfmtFormatter())
     root = logging.getLogger("pleaco")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

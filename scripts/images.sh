@@ -58,3 +58,6 @@ DOCKERFILE
         echo "images: built pleaco/caddy:latest"
     fi
 fi
+# pleaco/systemd-node:bookworm: the Debian node with systemd as PID 1 of
+# tests/integration/test_systemd.py (debootstrap; about a minute, once).
+scripts/systemd-image.sh

@@ -27,10 +27,18 @@ class RepoPoller(Loop):
         self.owners = owners
         self.interval = service.cfg.poll_interval
         self.last: dict[str, str] = {}  # app -> head seen at the last poll
+        self._polling = 0  # repositories the running step polls, one after the other
+
+    def step_bound(self, default: float) -> float:
+        # Each repository may take git_timeout when its host does not answer: a git host
+        # down must not make the agent look stuck (pleaco.reconcile.loop.LoopRunner.stuck).
+        return default + self._polling * self.service.cfg.git_timeout
 
     async def step(self) -> str | None:
         svc = self.service
-        for conn in svc.builds.connections():
+        connections = svc.builds.connections()
+        self._polling = len(connections)
+        for conn in connections:
             if not self.owners.owns(conn.app):
                 self.last.pop(conn.app, None)
                 continue

@@ -106,8 +106,10 @@ class Slots:
             # venv when pleaco runs from a slot): venvs are not nested.
             base = getattr(sys, "_base_executable", sys.executable)
             _run([base, "-m", "venv", str(slot)], f"making the venv of {manifest.version}")
-            _run([str(slot / "bin" / "python"), "-I", "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                  "--no-index", "--find-links", str(Path(tmp) / "wheels"), f"pleaco=={manifest.version}"],
+            # No cache: the wheels are local, and under systemd the home directory is read-only.
+            _run([str(slot / "bin" / "python"), "-I", "-m", "pip", "install", "--disable-pip-version-check",
+                  "--no-cache-dir", "-q", "--no-index", "--find-links", str(Path(tmp) / "wheels"),
+                  f"pleaco=={manifest.version}"],
                  f"installing pleaco {manifest.version} into its slot")
         (slot / MANIFEST).write_bytes(manifest.to_json())  # what this slot is, for people and `upgrade status`
         _write_synced(slot / COMPLETE, manifest.version + "\n")

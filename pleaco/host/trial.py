@@ -239,7 +239,8 @@ def _restart_unit() -> None:
 
     unit = Unit(UNIT.encode(), _autoload=True)
     # A release whose agent crashed at every start has made systemd restart it until the
-    # unit hit its start limit and failed; a restart job on it would be refused.
+    # unit hit its start limit and failed; within StartLimitIntervalSec a restart job on
+    # it would be refused.
     unit.Unit.ResetFailed()
     unit.Unit.Restart(b"replace")
 

@@ -74,6 +74,12 @@ class ReconcileSettings:
     stop_timeout: int = 10
     # A missing image is looked up again after this many seconds, not on every tick.
     image_recheck_interval: float = 2.0
+    # A loop whose one step has run this long (seconds) is stuck: the agent stops its
+    # systemd watchdog pings (pleaco.host.systemd), so systemd restarts it. Far above the
+    # longest bounded step: an engine call waits at most docker_timeout (30 s), a stop
+    # stop_timeout more; builds run outside any step, and the repository poller adds
+    # git_timeout per repository it polls. Ten minutes of one step is a hang, not work.
+    loop_stuck_after: float = 600.0
     # The rollout pace, drain and automatic rollback: the [rollout] table.
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 

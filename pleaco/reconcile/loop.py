@@ -92,6 +92,12 @@ class Loop:
         """Seconds until the next step when nobody wakes the loop."""
         return self.interval
 
+    def step_bound(self, default: float) -> float:
+        """Seconds one step may run before the runner calls this loop stuck (``default``:
+        the agent's ``loop_stuck_after``). A loop whose step grows with its work, each
+        piece bounded by a timeout of its own, says so here."""
+        return default
+
     def wants_settle(self) -> bool:
         """Whether to wait ``settle`` seconds after a wake (e.g. only while actions run)."""
         return self.settle > 0
@@ -104,6 +110,7 @@ class LoopRunner:
         self.cfg = cfg or RunnerConfig()
         self.loops: list[Loop] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._step_started: dict[str, float] = {}  # loop -> monotonic start of its running step
         self._stopping = False
         self.executor = ThreadPoolExecutor(self.cfg.engine_threads, thread_name_prefix="engine")
         self.m_runs = registry.register(
@@ -143,6 +150,16 @@ class LoopRunner:
         self._tasks.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
+    def stuck(self, now: float, after: float) -> list[str]:
+        """The loops whose current step started more than ``after`` seconds (or the
+        loop's own ``step_bound``) before ``now`` (``time.monotonic()``): hung on
+        something that never answers. A loop waiting for its next step, or backing off,
+        is not stuck; builds run in the build service's own pools, outside its step, so a
+        long build does not count."""
+        loops = {loop.name: loop for loop in self.loops}
+        return sorted(name for name, started in self._step_started.items()
+                      if now - started > after and now - started > loops[name].step_bound(after))
+
     async def _supervise(self, loop: Loop) -> None:
         while True:
             try:
@@ -168,6 +185,7 @@ class LoopRunner:
                 loop._wake.clear()
                 started = time.monotonic()
                 wait = loop.next_wait()
+                self._step_started[loop.name] = started
                 try:
                     result = await loop.step() or "ok"
                     if failures:
@@ -185,6 +203,7 @@ class LoopRunner:
                         last_error = error
                     wait = min(self.cfg.max_backoff, max(loop.interval, 0.1) * 2.0 ** min(failures - 1, 16))
                 finally:
+                    self._step_started.pop(loop.name, None)
                     self.m_duration.observe(time.monotonic() - started, loop=loop.name)
                 self.m_runs.inc(loop=loop.name, result=result)
                 if failures:

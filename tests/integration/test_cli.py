@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from agentproc import REPO, AgentProcess, node_containers, wait_for
+from agentproc import REPO, AgentProcess, free_port, node_containers, wait_for
 from conftest import HELLO
 
 
@@ -128,8 +129,18 @@ def test_agent_refuses_unknown_config_key(tmp_path: Path) -> None:
 
 
 def test_agent_reports_a_taken_port(agent: AgentProcess, tmp_path: Path) -> None:
+    # Taken by another agent: named from the host's registry of agents' addresses.
     out = cli(None, "agent", "--data-dir", str(tmp_path / "other"), "--api-listen", f"127.0.0.1:{agent.port}")
-    assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{agent.port}" in out.stderr
+    assert out.returncode == 1, out.stderr
+    assert f"api address 127.0.0.1:{agent.port} is in use by another agent on this host (pid " in out.stderr
+    # Taken by something else: the bind's own error.
+    with socket.socket() as taker:
+        taker.bind(("127.0.0.1", 0))
+        taker.listen()
+        port = taker.getsockname()[1]
+        out = cli(None, "agent", "--data-dir", str(tmp_path / "third"), "--api-listen", f"127.0.0.1:{port}",
+                  "--proxy-image=", "--gossip-listen", f"127.0.0.1:{free_port()}")
+    assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
 
 
 def test_client_reads_the_token_file_of_the_data_dir(agent: AgentProcess) -> None:

@@ -177,3 +177,59 @@ def test_stop_finishes_and_tears_every_loop_down_whatever_one_raises(caplog: pyt
     logging.getLogger("pleaco").propagate = False
     assert fine.torn_down
     assert [r.getMessage() for r in caplog.records] == ["loop.stop_failed"]
+
+
+class Hanging(Loop):
+    """A loop whose second step never returns (an engine call that never answers)."""
+
+    name = "hanging"
+    interval = 0.01
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    async def step(self) -> str | None:
+        self.steps += 1
+        if self.steps >= 2:
+            await asyncio.Event().wait()
+        return None
+
+
+def test_stuck_names_only_the_loop_whose_step_has_run_longer_than_the_bound() -> None:
+    async def main() -> None:
+        runner = LoopRunner(Registry())
+        hanging, idle = runner.add(Hanging()), runner.add(Counting())
+        runner.start()
+        try:
+            await until(lambda: hanging.steps >= 2 and idle.steps >= 1)
+            now = time.monotonic()  # the clock is an argument: the bound is passed without waiting
+            assert runner.stuck(now, after=60.0) == []  # the step started just now
+            assert runner.stuck(now + 61.0, after=60.0) == ["hanging"]  # idle waits for its next step: not stuck
+        finally:
+            await runner.stop()
+        assert runner.stuck(time.monotonic() + 1e6, after=60.0) == []  # a stopped loop runs no step
+
+    asyncio.run(main())
+
+
+def test_a_loop_whose_step_grows_with_its_work_is_stuck_only_past_its_own_bound() -> None:
+    class Polling(Hanging):
+        name = "poll"
+
+        def step_bound(self, default: float) -> float:
+            return default + 5 * 120.0  # five repositories, each up to its git timeout
+
+    async def main() -> None:
+        runner = LoopRunner(Registry())
+        poll = runner.add(Polling())
+        runner.start()
+        try:
+            await until(lambda: poll.steps >= 2)
+            now = time.monotonic()
+            assert runner.stuck(now + 61.0, after=60.0) == []
+            assert runner.stuck(now + 661.0, after=60.0) == ["poll"]
+        finally:
+            await runner.stop()
+
+    asyncio.run(main())
