@@ -177,7 +177,7 @@ class Agent:
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
         await asyncio.to_thread(ensure_docker, runtime.ping, cfg.docker_url)  # docker.service, if it is down
-        apps = AppStore(store, cfg.max_replicas)
+        apps = AppStore(store, cfg.max_replicas, cfg.apps)
         cluster = Cluster(cfg, identity, store, registry)
         images = ImageTransfer(cluster, runtime)  # images between nodes, over the cluster's streams
         me = identity.node_id
@@ -191,7 +191,7 @@ class Agent:
                         configured_publish_host=cfg.publish_host)
         routes = RouteTable(store, me)
         reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,
-                                   weights=cluster.weights, fetch_image=images.fetch_image)
+                                   weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image)
         runner.add(reconciler)
         drain.on_request = reconciler.wake  # publish the drain at once
         cluster.on_change = reconciler.wake

@@ -6,6 +6,10 @@ An app is two records, so that scaling and deploying never overwrite each other:
   up whenever anything but the replica count changes. Each revision is a release.
 - ``scale/NAME``: the desired replica count (written by ``apps scale``, ``apps deploy
   --replicas`` and, later, the autoscaler).
+- ``scale/NAME/autoscale``: the app's autoscale policy (``apps autoscale``), when it has
+  one. A record of its own, not a field of ``scale/NAME``: the autoscaler writes the count
+  often and the user the policy rarely, and with last-writer-wins per record neither write
+  may undo the other.
 
 Every release is also kept as ``release/NAME/REVISION`` for history and rollback.
 
@@ -17,6 +21,7 @@ app, checking a host name and listing all of them cost nothing per app already t
 from __future__ import annotations
 
 import bisect
+import math
 import re
 import threading
 import time
@@ -24,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pleaco import errors, logs
+from pleaco.scale import AutoscalePolicy, PolicyError
 from pleaco.store import Record, Store
 from pleaco.urlpath import health_path_problem
 
@@ -34,11 +40,22 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 
-DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https"})
+DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https", "memory", "cpus", "pids"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
 # redirect to HTTPS, "off" serves HTTP only. Absent means "on".
 HTTPS_MODES = ("off", "on", "redirect")
 DEFAULT_REPLICAS = 1
+# Resource limits of every replica. Docker refuses a memory limit under 6 MiB (its
+# linuxMinMemory) and CPUs under 0.01; the process count is capped at the kernel's largest
+# pid_max (2^22). Sizes are Docker's: a number of bytes, or with b, k, m or g (powers of 1024).
+MIN_MEMORY = 6 << 20
+MAX_MEMORY = 1 << 50
+MIN_CPUS, MAX_CPUS = 0.01, 1024.0
+MAX_PIDS = 1 << 22
+_SIZE = re.compile(r"^([0-9]{1,16})([bkmg]?)$")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+# The key of an app's autoscale policy under the ``scale`` kind: NAME + this.
+AUTOSCALE_SUFFIX = "/autoscale"
 
 
 class ValidationError(errors.InvalidInput, ValueError):
@@ -75,8 +92,13 @@ class AppSpec:
     health: str | None = None
     host: str | None = None
     revision: int = 1
-    # After revision so positional construction stays as it was (the field is additive).
+    # After revision so positional construction stays as it was (the fields are additive).
     https: str | None = None
+    # Limits of every replica (None: none): memory in bytes, CPUs (1.5 = one and a half
+    # cores' time), processes and threads.
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
@@ -94,6 +116,9 @@ class AppSpec:
             host=value.get("host"),
             https=value.get("https"),
             revision=int(value.get("revision", 1)),
+            memory=value.get("memory"),
+            cpus=value.get("cpus"),
+            pids=value.get("pids"),
         )
 
     def same_release(self, other: AppSpec) -> bool:
@@ -129,6 +154,76 @@ def validate_replicas(replicas: Any, max_replicas: int) -> int:
     if not 0 <= replicas <= max_replicas:
         raise ValidationError("replicas", f"{replicas} is out of range 0..{max_replicas}")
     return replicas
+
+
+def parse_memory(value: Any, field_name: str = "memory") -> int:
+    """A memory limit in bytes, from a number of bytes or a size such as "256m"."""
+    match = _SIZE.fullmatch(value.strip().lower()) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif match:
+        size = int(match[1]) * _UNITS[match[2]]
+    else:
+        raise ValidationError(field_name, f"{value!r} is not a size (bytes, or a number with k, m or g: 256m)")
+    if size < MIN_MEMORY:
+        raise ValidationError(field_name, f"{value!r} is below Docker's minimum of 6m")
+    if size > MAX_MEMORY:
+        raise ValidationError(field_name, f"{value!r} is more than any machine has")
+    return size
+
+
+def format_memory(size: int) -> str:
+    """Bytes as the largest unit that divides them: 268435456 -> "256m"."""
+    for unit in ("g", "m", "k"):
+        if size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return f"{size}b"
+
+
+def validate_cpus(value: Any, field_name: str = "cpus") -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValidationError(field_name, f"expected a number of CPUs such as 0.5, got {value!r}")
+    if not MIN_CPUS <= value <= MAX_CPUS:
+        raise ValidationError(field_name, f"{value!r} is out of range {MIN_CPUS}..{MAX_CPUS:g}")
+    return float(value)
+
+
+def validate_pids(value: Any, field_name: str = "pids") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PIDS:
+        raise ValidationError(field_name, f"expected a whole number 1..{MAX_PIDS}, got {value!r}")
+    return value
+
+
+@dataclass
+class AppDefaults:
+    """The ``[apps]`` table (env ``PLEACO_APPS_<NAME>``): limits every replica gets when
+    its deploy names none. Written into the app's spec at deploy, so every node runs (and
+    places) the app alike whatever its own config says."""
+
+    # No memory or CPU limit unless asked: what an app needs is the app's to say (a limit
+    # too small kills it), and a memory limit is what placement counts against a node.
+    memory: str = ""
+    cpus: float = 0.0
+    # Processes and threads per replica: a fork bomb in one replica cannot take the host's
+    # pid space (32768 on many kernels), while no web app comes near 4096. 0: no limit.
+    pids: int = 4096
+
+    def validate(self) -> list[str]:
+        try:
+            if self.memory:
+                parse_memory(self.memory, "apps.memory")
+            if self.cpus:
+                validate_cpus(self.cpus, "apps.cpus")
+            if self.pids:
+                validate_pids(self.pids, "apps.pids")
+        except ValidationError as exc:
+            return [str(exc)]
+        return []
+
+    def fill(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The deploy body with these defaults for the limits it does not name."""
+        defaults = {"memory": self.memory or None, "cpus": self.cpus or None, "pids": self.pids or None}
+        return {**{k: v for k, v in defaults.items() if v is not None and body.get(k) is None}, **body}
 
 
 def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, int | None]:
@@ -172,7 +267,17 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
     https = body.get("https")
     if https is not None and https not in HTTPS_MODES:
         raise ValidationError("https", f"{https!r} must be one of {', '.join(HTTPS_MODES)}")
-    spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0)
+    memory = body.get("memory")
+    if memory is not None:
+        memory = parse_memory(memory)
+    cpus = body.get("cpus")
+    if cpus is not None:
+        cpus = validate_cpus(cpus)
+    pids = body.get("pids")
+    if pids is not None:
+        pids = validate_pids(pids)
+    spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0,
+                   memory=memory, cpus=cpus, pids=pids)
     return spec, replicas
 
 
@@ -187,9 +292,11 @@ class DeployResult:
 class AppStore:
     """The app-level writes and reads over the replicated store."""
 
-    def __init__(self, store: Store, max_replicas: int) -> None:
+    def __init__(self, store: Store, max_replicas: int, defaults: AppDefaults | None = None) -> None:
         self.store = store
         self.max_replicas = max_replicas
+        # Limits for deploys that name none ([apps]); None: none.
+        self.defaults = defaults
         # name -> (the app record it was decoded from, the spec); the names in order and
         # their specs in the same order (a list insert moves pointers: cheap at any size);
         # host -> the apps claiming it (two, when two nodes took one host at the same time).
@@ -200,6 +307,8 @@ class AppStore:
         # name -> desired replicas, from the ``scale`` records (a reconcile pass asks for
         # every app's).
         self._replicas: dict[str, int] = {}
+        # name -> its autoscale policy, from the ``scale/NAME/autoscale`` records.
+        self._policies: dict[str, AutoscalePolicy] = {}
         # The apps that want at least one replica: what a reconcile pass or a rollout check
         # walks, so their cost follows the apps that run, not all the apps there are.
         self._wanted: set[str] = set()
@@ -208,13 +317,30 @@ class AppStore:
         for rec in store.peek_records("app"):
             self._refresh(rec.key)
         for rec in store.peek_records("scale"):
-            self._refresh_replicas(rec.key)
+            self._changed(rec)
 
     def _changed(self, rec: Record) -> None:
         if rec.kind == "app":
             self._refresh(rec.key)
+        elif rec.kind == "scale" and rec.key.endswith(AUTOSCALE_SUFFIX):
+            self._refresh_policy(rec.key.removesuffix(AUTOSCALE_SUFFIX))
         elif rec.kind == "scale":
             self._refresh_replicas(rec.key)
+
+    def _refresh_policy(self, name: str) -> None:
+        """Like ``_refresh``, for the autoscale policy."""
+        with self._lock:
+            value = self.store.value("scale", name + AUTOSCALE_SUFFIX)
+            policy = None
+            if value is not None:
+                try:
+                    policy = AutoscalePolicy.from_value(value)
+                except (PolicyError, TypeError) as exc:
+                    log.warning("autoscale.record_invalid", app=name, error=str(exc))
+            if policy is None:
+                self._policies.pop(name, None)
+            else:
+                self._policies[name] = policy
 
     def _refresh_replicas(self, name: str) -> None:
         """Like ``_refresh``, for the replica count."""
@@ -305,6 +431,8 @@ class AppStore:
     def deploy(self, name: Any, body: Any, release_info: dict[str, Any] | None = None) -> DeployResult:
         """Create or update an app. ``release_info`` (a build's commit and id) is kept in the
         release record when this deploy makes a new release."""
+        if self.defaults is not None and isinstance(body, dict):
+            body = self.defaults.fill(body)
         spec, replicas = validate_deploy(name, body, self.max_replicas)
         current = self.get(spec.name)
         if host_owner := self._host_owner(spec.host, spec.name):
@@ -391,14 +519,56 @@ class AppStore:
         replicas = validate_replicas(replicas, self.max_replicas)
         if self.get(name) is None:
             raise NotFound(f"app {name!r} does not exist")
+        policy = self.autoscale(name)
+        if policy is not None and not policy.min_replicas <= replicas <= policy.max_replicas:
+            raise ValidationError(
+                "replicas", f"{replicas} is outside the app's autoscale range {policy.min_replicas}.."
+                f"{policy.max_replicas} (change it with apps autoscale, or turn it off with --off)")
         self.store.put("scale", name, {"replicas": replicas})
         return int(replicas)
+
+    # -- autoscale policy ------------------------------------------------------------------
+
+    def autoscale(self, name: str) -> AutoscalePolicy | None:
+        return self._policies.get(name)
+
+    def set_autoscale(self, name: Any, body: Any) -> AutoscalePolicy:
+        """Give an app an autoscale policy (the fields of ``AutoscalePolicy``), replacing
+        the one it had. The replica count is moved into the policy's range at once, in the
+        same write, so the app is within its bounds before the autoscaler first decides."""
+        validate_name(name)
+        policy = AutoscalePolicy.from_value(body)
+        if policy.max_replicas > self.max_replicas:
+            raise PolicyError("max_replicas", f"{policy.max_replicas} is above this cluster's max_replicas "
+                                              f"({self.max_replicas})")
+        if self.get(name) is None:
+            raise NotFound(f"app {name!r} does not exist")
+        writes: list[tuple[str, str, dict[str, Any] | None]] = [
+            ("scale", name + AUTOSCALE_SUFFIX, policy.to_value())]
+        count = self.replicas(name)
+        bounded = min(max(count, policy.min_replicas), policy.max_replicas)
+        if bounded != count:
+            writes.append(("scale", name, {"replicas": bounded}))
+        self.store.put_many(writes)
+        return policy
+
+    def clear_autoscale(self, name: str) -> bool:
+        """Turn autoscaling off (the count stays as it is); False when it was not on."""
+        validate_name(name)
+        if self.get(name) is None:
+            raise NotFound(f"app {name!r} does not exist")
+        if self.store.value("scale", name + AUTOSCALE_SUFFIX) is None:
+            return False
+        self.store.delete("scale", name + AUTOSCALE_SUFFIX)
+        return True
 
     def remove(self, name: str) -> None:
         validate_name(name)
         if self.get(name) is None:
             raise NotFound(f"app {name!r} does not exist")
         writes: list[tuple[str, str, dict[str, Any] | None]] = [("app", name, None), ("scale", name, None)]
+        if self.store.value("scale", name + AUTOSCALE_SUFFIX) is not None:
+            writes.append(("scale", name + AUTOSCALE_SUFFIX, None))
         writes += [("release", f"{name}/{r['revision']}", None) for r in self.releases(name)]
         self.store.put_many(writes)
 

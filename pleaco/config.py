@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pleaco.api.config import ApiConfig
+from pleaco.apps import AppDefaults
 from pleaco.builds.config import BuildConfig
 from pleaco.cluster.config import ClusterSettings
 from pleaco.errors import InvalidInput
@@ -60,6 +61,8 @@ class Config(ClusterSettings, IngressSettings):
     build: BuildConfig = field(default_factory=BuildConfig)
     # Release bundles, slots and the trial after a switch: the [upgrade] table (pleaco/host/config.py).
     upgrade: UpgradeSettings = field(default_factory=UpgradeSettings)
+    # Every replica's limits when its deploy names none: the [apps] table (pleaco/apps.py).
+    apps: AppDefaults = field(default_factory=AppDefaults)
     # The cluster rollout of release bundles: the [cluster_upgrade] table (pleaco/reconcile/config.py).
     cluster_upgrade: ClusterUpgradeConfig = field(default_factory=ClusterUpgradeConfig)
 

@@ -4,6 +4,14 @@ Every node computes, from the same replicated state, which node owns each replic
 only its own. Rendezvous hashing moves only the replicas of a node that joins or leaves.
 Weights let a bigger node take proportionally more replicas (Schindelhauer & Schomaker's
 weighted HRW: score = -weight / ln(h), h uniform in (0, 1)).
+
+Memory: a replica with a memory limit reserves that much of its node's memory (the total
+the node advertises, from /proc/meminfo), and a node is given no more replicas than its
+memory holds (``plan``). Apps are placed in name order, each against what the apps before
+it left, so every node, with the same records, reaches the same plan. Kept simple: the
+limits are counted against the node's whole memory (no reserve for the host, as Docker's
+own limits are not), replicas without a limit are not counted, and a replica that fits on
+no live node is left unplaced (None) rather than overcommitting one.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 
 def _score(app: str, replica: int, node_id: str, weight: float) -> float:
@@ -35,6 +44,15 @@ def assign(app: str, replicas: int, nodes: Sequence[str], weights: Mapping[str, 
     that is still below its fair share, ceil(replicas * weight / total weight). The result
     depends only on the inputs, so every node computes the same assignment.
     """
+    placed = _assign(app, replicas, nodes, weights, None)
+    return [n for n in placed if n is not None]
+
+
+def _assign(app: str, replicas: int, nodes: Sequence[str], weights: Mapping[str, float] | None,
+            room: Mapping[str, int] | None) -> list[str | None]:
+    """``assign``, where a node takes at most ``room[node]`` of the replicas (None: no
+    limit) and a replica with no room anywhere is None. A node short of room gives its
+    share to the next-ranked nodes that have some."""
     if not nodes:
         raise ValueError("no live nodes to place on")
     weights = weights or {}
@@ -44,14 +62,50 @@ def assign(app: str, replicas: int, nodes: Sequence[str], weights: Mapping[str, 
     # first nodes that want one more, so shares differ by at most one (equal weights).
     floor = {n: math.floor(replicas * weights.get(n, 1.0) / total) for n in ordered}
     load = dict.fromkeys(ordered, 0)
-    out = []
+    out: list[str | None] = []
     for i in range(replicas):
         ranked = sorted(ordered, key=lambda n: (_score(app, i, n, weights.get(n, 1.0)), n), reverse=True)
+        if room is not None:
+            ranked = [n for n in ranked if load[n] < room.get(n, replicas)]
+            if not ranked:
+                out.append(None)
+                continue
         chosen = next((n for n in ranked if load[n] < floor[n]), None)
         if chosen is None:
             chosen = next((n for n in ranked if load[n] == floor[n]), ranked[0])
         load[chosen] += 1
         out.append(chosen)
+    return out
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one app asks of the cluster: replicas, and the memory each reserves (None:
+    not counted)."""
+
+    app: str
+    replicas: int
+    memory: int | None = None
+
+
+def plan(demands: Sequence[Demand], nodes: Sequence[str], weights: Mapping[str, float] | None = None,
+         memory: Mapping[str, int] | None = None) -> dict[str, list[str | None]]:
+    """The node of every replica of every app (None: fits on no node), given each node's
+    memory (bytes; a node missing from ``memory`` is not limited). Without memory limits
+    it is ``assign`` for each app."""
+    free = {n: memory[n] for n in nodes if memory is not None and n in memory}
+    out: dict[str, list[str | None]] = {}
+    for d in sorted(demands, key=lambda d: d.app):
+        if not d.memory or not free:
+            out[d.app] = list(assign(d.app, d.replicas, nodes, weights)) if nodes else []
+            continue
+        each = d.memory
+        room = {n: max(0, free[n]) // each for n in free}
+        placed = _assign(d.app, d.replicas, nodes, weights, room)
+        for n in placed:
+            if n is not None and n in free:
+                free[n] -= each
+        out[d.app] = placed
     return out
 
 

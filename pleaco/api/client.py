@@ -105,6 +105,12 @@ class Client:
     def scale(self, name: str, replicas: int) -> dict[str, Any]:
         return self.request("POST", f"/v1/apps/{_q(name)}/scale", {"replicas": replicas})  # type: ignore[no-any-return]
 
+    def autoscale(self, name: str, policy: dict[str, Any]) -> dict[str, Any]:
+        return self.request("PUT", f"/v1/apps/{_q(name)}/autoscale", policy)  # type: ignore[no-any-return]
+
+    def autoscale_off(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/apps/{_q(name)}/autoscale")  # type: ignore[no-any-return]
+
     def rollback(self, name: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/apps/{_q(name)}/rollback")  # type: ignore[no-any-return]
 

@@ -11,6 +11,8 @@ Routes (all but /healthz need ``Authorization: Bearer TOKEN``):
     PUT    /v1/apps/{name}                deploy (create or update)
     POST   /v1/apps/{name}/scale          {"replicas": N}
     POST   /v1/apps/{name}/rollback       back to the previous release
+    PUT    /v1/apps/{name}/autoscale      {"min_replicas", "max_replicas", "metric", "target", ...} (POST too)
+    DELETE /v1/apps/{name}/autoscale      autoscaling off; the count stays
     DELETE /v1/apps/{name}                remove
     GET    /v1/apps/{name}/logs           ?tail=N&follow=1, text/plain
 """
@@ -102,6 +104,9 @@ class ApiServer:
         r.add_put("/v1/apps/{name}", self.deploy_app)
         r.add_post("/v1/apps/{name}/scale", self.scale_app)
         r.add_post("/v1/apps/{name}/rollback", self.rollback_app)
+        r.add_put("/v1/apps/{name}/autoscale", self.autoscale_app)
+        r.add_post("/v1/apps/{name}/autoscale", self.autoscale_app)
+        r.add_delete("/v1/apps/{name}/autoscale", self.autoscale_off)
         r.add_delete("/v1/apps/{name}", self.remove_app)
         r.add_get("/v1/apps/{name}/logs", self.app_logs)
         self._runner: web.AppRunner | None = None
@@ -275,6 +280,21 @@ class ApiServer:
         log.info("app.scaled", app=request.match_info["name"], replicas=n)
         self.reconciler.wake()
         return web.json_response(self._app_json(request.match_info["name"]))
+
+    async def autoscale_app(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = await self._json_body(request)
+        policy = self.apps.set_autoscale(name, body)
+        log.info("app.autoscale_set", app=name, min=policy.min_replicas, max=policy.max_replicas,
+                 metric=policy.metric, target=policy.target)
+        self.reconciler.wake()
+        return web.json_response(self._app_json(name))
+
+    async def autoscale_off(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if self.apps.clear_autoscale(name):
+            log.info("app.autoscale_off", app=name)
+        return web.json_response(self._app_json(name))
 
     async def rollback_app(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

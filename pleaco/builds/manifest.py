@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pleaco.errors import InvalidInput
+from pleaco.scale import AutoscalePolicy, PolicyError
 
 FILENAME = "pleaco.toml"
 SEVERITIES = ("none", "low", "medium", "high", "critical")
@@ -25,7 +26,9 @@ SCHEMA: dict[str, frozenset[str]] = {
     "build": frozenset({"dockerfile", "args"}),
     "test": frozenset({"command", "timeout"}),
     "run": frozenset({"port", "health", "replicas"}),
-    "scale": frozenset({"min", "max", "target_concurrency"}),
+    # min, max and target_concurrency as DESIGN.md has them; the rest as `apps autoscale`.
+    "scale": frozenset({"min", "max", "target_concurrency", "metric", "target", "stable_window", "panic_window",
+                        "scale_to_zero_after"}),
     "scan": frozenset({"fail_on"}),
 }
 
@@ -48,6 +51,8 @@ class Manifest:
     scale_max: int | None = None
     target_concurrency: int | None = None
     fail_on: str = "critical"
+    # [scale] as the policy a release gives the app (None: the manifest has no [scale]).
+    autoscale: AutoscalePolicy | None = None
 
 
 def _int(table: str, name: str, value: Any, lo: int, hi: int) -> int:
@@ -60,6 +65,25 @@ def _str(table: str, name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ManifestError(f"{FILENAME}: [{table}] {name}: expected a non-empty string, got {value!r}")
     return value
+
+
+def _policy(scale: dict[str, Any]) -> AutoscalePolicy:
+    """The autoscale policy of a [scale] table, checked as `apps autoscale` checks one."""
+    if "max" not in scale:
+        raise ManifestError(f"{FILENAME}: [scale] max: missing (a [scale] table needs at least max)")
+    fields: dict[str, Any] = {"min_replicas": scale.get("min", 1), "max_replicas": scale["max"]}
+    if "target_concurrency" in scale:
+        if scale.get("metric", "concurrency") != "concurrency" or "target" in scale:
+            raise ManifestError(f"{FILENAME}: [scale] target_concurrency: give it, or metric and target, not both")
+        fields |= {"metric": "concurrency", "target": scale["target_concurrency"]}
+    names = {"metric": "metric", "target": "target", "stable_window": "stable_window",
+             "panic_window": "panic_window", "scale_to_zero_after": "scale_to_zero_after"}
+    fields |= {field: scale[key] for key, field in names.items() if key in scale}
+    try:
+        return AutoscalePolicy(**fields)
+    except PolicyError as exc:
+        key = {"min_replicas": "min", "max_replicas": "max"}.get(exc.field, exc.field)
+        raise ManifestError(f"{FILENAME}: [scale] {key}: {str(exc).partition(': ')[2]}") from None
 
 
 def parse(text: str) -> Manifest:
@@ -121,6 +145,8 @@ def parse(text: str) -> Manifest:
             out[key] = _int("scale", name, scale[name], 0 if name == "min" else 1, 100_000)
     if "scale_min" in out and "scale_max" in out and out["scale_min"] > out["scale_max"]:
         raise ManifestError(f"{FILENAME}: [scale] min: {out['scale_min']} is above max {out['scale_max']}")
+    if scale:
+        out["autoscale"] = _policy(scale)
     if "fail_on" in scan:
         fail_on = scan["fail_on"]
         if fail_on not in SEVERITIES:

@@ -611,6 +611,10 @@ class BuildService(Loop):
             body["env"] = current.env
             if current.host:
                 body["host"] = current.host
+            # The limits set by deploy stay (a build changes the image, not what it may use).
+            for limit in ("memory", "cpus", "pids"):
+                if getattr(current, limit) is not None:
+                    body[limit] = getattr(current, limit)
         port = manifest.port if manifest.port is not None else (current.port if current else None)
         if port is not None:
             body["port"] = port
@@ -624,6 +628,14 @@ class BuildService(Loop):
         info: dict[str, Any] = {"commit": b.commit, "build": b.id}
         if b.pushed:
             info |= {"image_id": b.image, "digest": b.pushed_digest}
+        policy = manifest.autoscale
+        if policy is not None and policy.max_replicas > self.apps.max_replicas:
+            raise StepFailed(f"pleaco.toml: [scale] max: {policy.max_replicas} is above this cluster's "
+                             f"max_replicas ({self.apps.max_replicas}); nothing released")
         result = self.apps.deploy(b.app, body, release_info=info)
+        if policy is not None:
+            # The repository's [scale] is the app's policy from this release on (a manifest
+            # without one leaves the policy `apps autoscale` set).
+            self.apps.set_autoscale(b.app, policy.to_value())
         b.release = result.spec.revision
         log.info("build.released", app=b.app, build=b.id, commit=b.commit, revision=b.release, image=body["image"])

@@ -1,4 +1,5 @@
-"""The ``apps`` verbs: deploy, ls, show, scale, rollback, logs, rm (and connect, a build verb)."""
+"""The ``apps`` verbs: deploy, ls, show, scale, autoscale, rollback, logs, rm (and connect, a
+build verb)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from typing import Any
 
 from pleaco.api.client import Client
+from pleaco.apps import format_memory
 from pleaco.cli import builds
 from pleaco.cli.output import print_json, table
 from pleaco.cli.usage import UsageError, parse_env
@@ -33,10 +35,27 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--host", metavar="HOSTNAME")
     p.add_argument("--https", choices=["on", "off", "redirect"],
                    help="HTTPS at the proxy: on (default), off, or redirect HTTP to HTTPS")
+    p.add_argument("--memory", metavar="SIZE", help="memory limit of every replica: 256m, 1g (at least 6m)")
+    p.add_argument("--cpus", type=float, metavar="N", help="CPU limit of every replica: 0.5 is half a core's time")
+    p.add_argument("--pids", type=int, metavar="N", help="processes and threads per replica")
     p.add_argument("--json", action="store_true")
     p = apps.add_parser("scale", help="set an app's replica count")
     p.add_argument("name")
     p.add_argument("replicas", type=int)
+    p = apps.add_parser("autoscale", help="scale an app with its traffic between --min and --max replicas")
+    p.add_argument("name")
+    p.add_argument("--min", type=int, dest="min_replicas", metavar="N")
+    p.add_argument("--max", type=int, dest="max_replicas", metavar="N")
+    p.add_argument("--metric", choices=["concurrency", "rps", "cpu"],
+                   help="what a replica's target counts: in-flight requests (default), requests/s, CPU cores")
+    p.add_argument("--target", type=float, metavar="X",
+                   help="per replica (defaults: concurrency 100, rps 200, cpu 0.7)")
+    p.add_argument("--stable-window", type=float, metavar="S", help="seconds averaged (default 60)")
+    p.add_argument("--panic-window", type=float, metavar="S", help="seconds averaged for surges (default 6)")
+    p.add_argument("--scale-to-zero-after", type=float, metavar="S",
+                   help="seconds without traffic before 0 replicas (needs --min 0)")
+    p.add_argument("--off", action="store_true", help="stop autoscaling; the replica count stays")
+    p.add_argument("--json", action="store_true")
     p = apps.add_parser("rollback", help="go back to the previous release")
     p.add_argument("name")
     p = apps.add_parser("logs", help="an app's output, all replicas")
@@ -72,7 +91,7 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return 0
     if verb == "deploy":
         spec: dict[str, Any] = {"image": args.image}
-        for field_name in ("replicas", "port", "health", "host", "https"):
+        for field_name in ("replicas", "port", "health", "host", "https", "memory", "cpus", "pids"):
             if getattr(args, field_name) is not None:
                 spec[field_name] = getattr(args, field_name)
         if args.env:
@@ -87,6 +106,8 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         app = client.scale(args.name, args.replicas)
         print(f"scaled {app['name']} to {app['replicas']} replicas")
         return 0
+    if verb == "autoscale":
+        return autoscale(client, args)
     if verb == "rollback":
         app = client.rollback(args.name)
         print(f"rolled back {app['name']}: revision {app['revision']} runs {app['image']}")
@@ -103,6 +124,35 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
     raise UsageError(f"unknown apps verb {verb}")
 
 
+AUTOSCALE_OPTIONS = ("min_replicas", "max_replicas", "metric", "target", "stable_window", "panic_window",
+                     "scale_to_zero_after")
+
+
+def autoscale(client: Client, args: argparse.Namespace) -> int:
+    given = {k: getattr(args, k) for k in AUTOSCALE_OPTIONS if getattr(args, k) is not None}
+    if args.off:
+        if given:
+            raise UsageError("--off takes no other option")
+        app = client.autoscale_off(args.name)
+    else:
+        if "min_replicas" not in given or "max_replicas" not in given:
+            raise UsageError("--min N and --max N are required (or --off)")
+        app = client.autoscale(args.name, given)
+    if args.json:
+        return print_json(app)
+    print(f"{app['name']}: " + (f"autoscale {describe_autoscale(app['autoscale'])}" if app.get("autoscale")
+                                else f"autoscaling off, {app['replicas']} replicas"))
+    return 0
+
+
+def describe_autoscale(p: dict[str, Any]) -> str:
+    text = (f"{p['min_replicas']}..{p['max_replicas']} replicas, {p['metric']} target {p['target']:g} per replica, "
+            f"windows {p['stable_window']:g}s stable / {p['panic_window']:g}s panic")
+    if p.get("scale_to_zero_after") is not None:
+        text += f", to zero after {p['scale_to_zero_after']:g}s idle"
+    return text
+
+
 def show(app: dict[str, Any]) -> None:
     print(f"name       {app['name']}")
     print(f"image      {app['image']} (revision {app['revision']})")
@@ -114,6 +164,13 @@ def show(app: dict[str, Any]) -> None:
         print(f"host       {app['host']}")
     if app.get("https") and app["https"] != "on":
         print(f"https      {app['https']}")
+    limits = [f"memory {format_memory(app['memory'])}" if app.get("memory") else "",
+              f"cpus {app['cpus']:g}" if app.get("cpus") else "", f"pids {app['pids']}" if app.get("pids") else ""]
+    if any(limits):
+        print(f"limits     {', '.join(x for x in limits if x)}")
+    if app.get("autoscale"):
+        # The policy only: the loop that decides with it comes with the autoscaler (issue 11).
+        print(f"autoscale  {describe_autoscale(app['autoscale'])} (no decisions yet)")
     if app.get("rollback"):
         rb = app["rollback"]
         print(f"rollback   from revision {rb['from']} to {rb['to']}'s spec: {rb['reason']}")

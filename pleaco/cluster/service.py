@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from zeroconf import NonUniqueNameException
@@ -229,9 +230,12 @@ class Cluster:
         for channel, handler in self._channels.items():
             transport.register(channel, handler)
         self.transport = transport
-        # cpus is the node's capacity: placement gives a node a share of replicas in proportion.
+        # cpus is the node's capacity: placement gives a node a share of replicas in proportion;
+        # mem (bytes) is what the memory limits of the replicas placed on it may add up to.
         meta = {"name": self.cfg.name, "api": self.cfg.api_listen, "version": __version__,
                 "cpus": str(os.cpu_count() or 1)}
+        if total := total_memory():
+            meta["mem"] = str(total)
         self.membership = Membership(
             self.identity.node_id, self.addr, meta, g, transport, delegate=self.sync,
             admitted=lambda n: self.key_of(n) is not None, on_change=self._member_changed,
@@ -463,6 +467,19 @@ class Cluster:
             out[m.node_id] = float(cpus) if cpus.isascii() and cpus.isdigit() and 0 < int(cpus) < 4096 else 1.0
         return out
 
+    def memory(self) -> dict[str, int]:
+        """Each member's memory in bytes, as it announced it; a member that did not (an
+        older version) is missing, and placement does not limit it."""
+        if self.membership is None:
+            total = total_memory()
+            return {self.identity.node_id: total} if total else {}
+        out = {}
+        for m in self.membership.members.values():
+            mem = m.meta.get("mem", "")
+            if mem.isascii() and mem.isdigit() and 0 < int(mem) < 1 << 60:
+                out[m.node_id] = int(mem)
+        return out
+
     def members(self) -> list[dict[str, Any]]:
         """Every node this one knows, with its state and what it says about itself."""
         known: dict[str, dict[str, Any]] = {}
@@ -494,3 +511,16 @@ class Cluster:
         if m.node_id == self.identity.node_id:
             return time.time()
         return m.last_heard or float(entry.get("last_seen", 0))
+
+
+def total_memory(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """This machine's memory in bytes (MemTotal, which the kernel gives in kB), 0 when it
+    cannot be read."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            fields = line.split()
+            if len(fields) == 3 and fields[0] == "MemTotal:" and fields[2] == "kB":
+                return int(fields[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0

@@ -27,9 +27,9 @@ from typing import Any
 import aiohttp
 
 from pleaco import logs
-from pleaco.apps import AppSpec, AppStore
+from pleaco.apps import AppSpec, AppStore, format_memory
 from pleaco.metrics import Counter, Gauge, Registry
-from pleaco.placement import owned_replicas
+from pleaco.placement import Demand, plan
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.config import ReconcileSettings
 from pleaco.reconcile.loop import Loop
@@ -44,6 +44,9 @@ from pleaco.runtime.health import Probe, probe
 
 log = logs.get("pleaco.reconcile.apps")
 
+# A replica's exit code when it was killed by SIGKILL (tini, its PID 1, exits 128 + 9).
+SIGKILL_EXIT_CODE = 137
+
 
 class AppReconciler(Loop):
     name = "apps"
@@ -57,6 +60,7 @@ class AppReconciler(Loop):
         registry: Registry,
         live_nodes: Callable[[], Sequence[str]] | None = None,
         weights: Callable[[], dict[str, float]] | None = None,
+        memory: Callable[[], dict[str, int]] | None = None,
         fetch_image: Callable[[str], Awaitable[bool]] | None = None,
         probe: Probe = probe,
     ) -> None:
@@ -75,6 +79,9 @@ class AppReconciler(Loop):
         self.live_nodes = live_nodes or (lambda: [self.node_id])
         # Placement weight per node (its capacity); equal when not given.
         self.weights = weights or dict
+        # Each node's memory in bytes, which the replicas' memory limits placed on it may
+        # add up to; a node missing is not limited (nor is any when not given).
+        self.memory = memory or dict
         # Gets a missing image from another node (pleaco.builds.transfer); None: no cluster.
         self.fetch_image = fetch_image
         self._next_fetch: dict[str, float] = {}
@@ -200,16 +207,23 @@ class AppReconciler(Loop):
         for name in {c.app for c in containers} - set(specs):
             if (other := self.apps.get(name)) is not None:
                 specs[name] = other
-        weights = self.weights()
+        # Every node plans every app alike (pleaco.placement.plan) and runs its own part.
+        placed = plan([Demand(s.name, self.apps.replicas(s.name), s.memory) for s in specs.values()],
+                      nodes, self.weights(), self.memory())
+        view.unplaced = {}
         for spec in specs.values():
-            for idx in owned_replicas(spec.name, self.apps.replicas(spec.name), nodes, self.node_id, weights):
-                desired[(spec.name, idx)] = spec
+            for idx, node in enumerate(placed[spec.name]):
+                if node == self.node_id:
+                    desired[(spec.name, idx)] = spec
+                elif node is None:
+                    view.unplaced[spec.name] = view.unplaced.get(spec.name, 0) + 1
 
         by_replica: dict[ReplicaKey, list[ContainerInfo]] = {}
         for c in containers:
             by_replica.setdefault((c.app, c.replica), []).append(c)
 
         removals: list[tuple[ContainerInfo, str]] = []
+        crashed: list[tuple[ContainerInfo, ReplicaState, AppSpec]] = []
         starts: list[tuple[AppSpec, int]] = []
         restarts: list[tuple[ContainerInfo, AppSpec]] = []
         # Rollout pace per app: replacements started and not serving yet (the surge), and
@@ -236,7 +250,8 @@ class AppReconciler(Loop):
             state = self._state(key)
             if current:
                 keep = current[0]
-                self._observe_replica(key, keep, state, now, spec)
+                if self._observe_replica(key, keep, state, now, spec):
+                    crashed.append((keep, state, spec))
                 if not keep.running and (keep.state == "created" or state.backoff.ready(now)):
                     restarts.append((keep, spec))
                 if self._serving(keep, state, spec):
@@ -275,6 +290,7 @@ class AppReconciler(Loop):
             if key not in desired and key not in by_replica:
                 del view.replicas[key]
 
+        await self._explain_exits(crashed)
         await self._probe_health(desired, now)
         drain = view.drain
         removals = [(c, reason) for c, reason in removals if not c.running or drain.may_remove(c, reason, now)]
@@ -320,7 +336,8 @@ class AppReconciler(Loop):
             self.view.replicas[key] = state
         return state
 
-    def _observe_replica(self, key: ReplicaKey, c: ContainerInfo, st: ReplicaState, now: float, spec: AppSpec) -> None:
+    def _observe_replica(self, key: ReplicaKey, c: ContainerInfo, st: ReplicaState, now: float, spec: AppSpec) -> bool:
+        """Update the replica's state from its container; True when it has just crashed."""
         if c.id != st.container_id:
             st.container_id = c.id
             st.healthy = False
@@ -333,19 +350,49 @@ class AppReconciler(Loop):
                 st.healthy = True
             if st.backoff.failures and now - st.running_since >= self.cfg.backoff_reset_after:
                 st.backoff.reset()
-            return
+            return False
         st.healthy = False
         st.running_since = 0.0
         if c.state in ("exited", "dead") and st.crash_seen != c.id + str(st.restarts):
             st.crash_seen = c.id + str(st.restarts)
             st.last_exit_code = c.exit_code
             delay = st.backoff.fail(now)
+            crashed = not st.stop_reason  # else pleaco stopped it, and says why
             st.last_error = st.stop_reason or f"exited with code {c.exit_code}"
             st.stop_reason = ""
             log.warning(
                 "replica.crashed", app=key[0], replica=key[1], container=c.id[:12],
                 exit_code=c.exit_code, failures=st.backoff.failures, backoff_s=round(delay, 1),
             )
+            return crashed
+        return False
+
+    async def _explain_exits(self, crashed: list[tuple[ContainerInfo, ReplicaState, AppSpec]]) -> None:
+        """Ask the engine why replicas that just exited on their own did (one inspect per
+        crash, not per pass): one killed for its memory limit says so in ``apps show``,
+        rather than crash-looping with only an exit code to go by.
+
+        Docker's ``State.OOMKilled`` is set from the kernel's OOM event, which races the
+        exit event: Docker 20.10 here leaves it false for most replicas killed within a
+        second of their start (containerd#8180). So a replica with a memory limit that
+        exits 137 (SIGKILL through tini) without pleaco having stopped it is reported as
+        likely out of memory: nothing else in pleaco sends SIGKILL to a replica."""
+        for c, st, spec in crashed:
+            if spec.memory is None:
+                continue  # without a limit the kernel's OOM killer is the host's business
+            try:
+                info = await self.blocking(self.runtime.exit_info, c.id)
+            except NotFound:
+                continue
+            limit = format_memory(spec.memory)
+            if info.oom_killed:
+                st.last_error = f"exited: out of memory (limit {limit})"
+            elif info.exit_code == SIGKILL_EXIT_CODE:
+                st.last_error = f"exited: killed (exit 137), likely out of memory (limit {limit})"
+            else:
+                continue
+            log.warning("replica.out_of_memory", app=c.app, replica=c.replica, container=c.id[:12],
+                        limit=spec.memory, oom_killed=info.oom_killed)
 
     def _serving(self, c: ContainerInfo, st: ReplicaState, spec: AppSpec) -> bool:
         return c.running and (st.healthy or not spec.health)
@@ -379,6 +426,7 @@ class AppReconciler(Loop):
         run = RunSpec(
             app=spec.name, node=self.node_id, release=spec.revision, replica=replica,
             image=spec.image, port=spec.port, env=spec.env, publish_host=self.view.publish_host,
+            memory=spec.memory, nano_cpus=round(spec.cpus * 1e9) if spec.cpus else None, pids=spec.pids,
         )
         async with self._limit:
             if not self._still_wanted(spec, replica):
@@ -401,10 +449,12 @@ class AppReconciler(Loop):
                     raise
                 st = self._state((spec.name, replica))
                 st.last_error = str(exc)
+                st.start_error = f"release {spec.revision}: {exc}"
                 st.backoff.fail(time.monotonic())
                 self.m_actions.inc(action="start", result="error")
                 log.warning("replica.start_failed", app=spec.name, replica=replica, error=str(exc))
                 return
+        self._state((spec.name, replica)).start_error = ""
         self.m_actions.inc(action="start", result="ok")
         log.info("replica.started", app=spec.name, replica=replica, release=spec.revision, container=cid[:12])
 

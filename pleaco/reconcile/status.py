@@ -11,7 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from pleaco.apps import AppSpec
+from pleaco.apps import AppSpec, format_memory
 from pleaco.reconcile.publish import mesh_address
 from pleaco.reconcile.routes import InstanceStatus, RouteTable
 from pleaco.reconcile.view import NodeView
@@ -30,6 +30,8 @@ class AppStatus:
     instances: list[InstanceStatus]
     # Set when this release is a rollback: {"from": revision, "to": revision, "reason": why}.
     rollback: dict[str, Any] | None = None
+    # The autoscale policy (AutoscalePolicy.to_value()), None when the count is set by hand.
+    autoscale: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,7 +43,11 @@ class AppStatus:
             "health": self.spec.health,
             "host": self.spec.host,
             "https": self.spec.https or "on",
+            "memory": self.spec.memory,
+            "cpus": self.spec.cpus,
+            "pids": self.spec.pids,
             "rollback": self.rollback,
+            "autoscale": self.autoscale,
             "replicas": self.replicas,
             "running": self.running,
             "healthy": self.healthy,
@@ -104,6 +110,17 @@ def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: 
         )
     elif healthy >= replicas:
         state, message = "running", ""
+    elif refused := [(idx, st) for idx in range(replicas)
+                     if (st := view.replicas.get((spec.name, idx))) is not None
+                     and st.start_error.startswith(f"release {spec.revision}: ")]:
+        idx, st = refused[0]
+        state = "degraded" if healthy else "starting"
+        message = (f"replica {idx} cannot start: {st.start_error.partition(': ')[2]}; "
+                   f"next try in {round(max(0.0, st.backoff.next_attempt - time.monotonic()), 1)}s")
+    elif (unplaced := view.unplaced.get(spec.name, 0)) and spec.memory:
+        state = "degraded" if healthy else "starting"
+        message = (f"{unplaced} of {replicas} replicas fit on no node: each needs {format_memory(spec.memory)} "
+                   "of memory and the nodes' is taken")
     elif healthy > 0:
         state, message = "degraded", f"{healthy} of {replicas} replicas healthy"
     else:
@@ -115,4 +132,6 @@ def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: 
                     "reason": release.get("reason", "by hand")}
         if state == "running":
             message = f"rolled back from revision {rollback['from']}: {rollback['reason']}"
-    return AppStatus(spec, replicas, running, healthy, state, message, instances, rollback)
+    policy = view.apps.autoscale(spec.name)
+    return AppStatus(spec, replicas, running, healthy, state, message, instances, rollback,
+                     policy.to_value() if policy is not None else None)

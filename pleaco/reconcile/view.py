@@ -30,6 +30,9 @@ class ReplicaState:
     last_error: str = ""
     crash_seen: str = ""  # id of the exited container already counted as a crash
     stop_reason: str = ""  # why pleaco itself stopped the container, if it did
+    # Why the engine refused to make the replica's container ("release N: ..."), until
+    # one is made: a limit the engine refuses leaves no container to show it on.
+    start_error: str = ""
     healthy: bool = False
     health_failures: int = 0
     running_since: float = 0.0
@@ -69,6 +72,8 @@ class NodeView:
         # release rolled back must not get traffic).
         self.proven: set[str] = set()
         self.passes = 0  # whole passes of the app loop since start
+        # app -> its replicas that fit on no live node's memory, as the last pass planned.
+        self.unplaced: dict[str, int] = {}
 
     # -- the one definition of healthy and serving -----------------------------------------
 

@@ -11,6 +11,7 @@ from pleaco.runtime.docker import (
     EngineCallFailed,
     EngineError,
     EngineUnavailable,
+    ExitInfo,
     NotFound,
     RunSpec,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "EngineCallFailed",
     "EngineError",
     "EngineUnavailable",
+    "ExitInfo",
     "NotFound",
     "RunSpec",
 ]

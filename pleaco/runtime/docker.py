@@ -101,6 +101,11 @@ class RunSpec:
     port: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     publish_host: str = "127.0.0.1"
+    # Limits (None: none): memory in bytes (swap included: no swap beyond it), CPU time in
+    # billionths of a CPU (Docker's NanoCpus: --cpus 0.5 is 500000000), processes.
+    memory: int | None = None
+    nano_cpus: int | None = None
+    pids: int | None = None
 
     @property
     def name(self) -> str:
@@ -113,6 +118,15 @@ class RunSpec:
             LABEL_RELEASE: str(self.release),
             LABEL_REPLICA: str(self.replica),
         }
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """Why a container stopped, as the engine recorded it."""
+
+    exit_code: int | None
+    oom_killed: bool  # the kernel killed it for going over its memory limit
+    error: str = ""  # the engine's own error starting it, if any
 
 
 @dataclass(frozen=True)
@@ -234,6 +248,12 @@ class DockerRuntime:
             log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
             # tini as PID 1: forwards SIGTERM to the app (so stops are quick) and reaps zombies.
             init=True,
+            mem_limit=spec.memory,
+            # Equal to the memory limit: no swap on top of it (Docker's default allows as
+            # much swap again), so a replica over its limit is OOM-killed, not slowed down.
+            memswap_limit=spec.memory,
+            nano_cpus=spec.nano_cpus,
+            pids_limit=spec.pids,
         )
         created = self._call(
             self._api.create_container,
@@ -251,6 +271,13 @@ class DockerRuntime:
 
     def start(self, container_id: str) -> None:
         self._call(self._api.start, container_id)
+
+    def exit_info(self, container_id: str) -> ExitInfo:
+        """Why the container stopped (``docker ps`` rows do not say it was OOM-killed)."""
+        state = self._call(self._api.inspect_container, container_id).get("State") or {}
+        code = state.get("ExitCode")
+        return ExitInfo(exit_code=int(code) if code is not None else None,
+                        oom_killed=bool(state.get("OOMKilled")), error=str(state.get("Error") or ""))
 
     def _inspect_owned(self, container_id: str, node_id: str) -> dict[str, Any]:
         """Inspect a container, refusing one that is not this node's pleaco container."""

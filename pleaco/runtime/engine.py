@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from pleaco.runtime.docker import ContainerInfo, DockerRuntime, InfraInfo, InfraSpec, RunSpec
+from pleaco.runtime.docker import ContainerInfo, DockerRuntime, ExitInfo, InfraInfo, InfraSpec, RunSpec
 
 
 class Engine(Protocol):
@@ -41,6 +41,11 @@ class Engine(Protocol):
 
     def start(self, container_id: str) -> None:
         """Start a created or exited container (no-op when it runs); NotFound when gone."""
+        ...
+
+    def exit_info(self, container_id: str) -> ExitInfo:
+        """Why a container stopped: its exit code, and whether it was OOM-killed; NotFound
+        when gone."""
         ...
 
     def stop(self, container_id: str, node_id: str, stop_timeout: int = 10) -> None:

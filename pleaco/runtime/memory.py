@@ -10,6 +10,10 @@ loop's unit test exercises the same paths as against the real engine:
   replicas with ``init``);
 - a replica's published host port and its network address exist while it runs only, a
   new one at each start (Docker allocates them at start and frees them at stop);
+- a replica's limits (memory, CPUs, processes) are kept as ``run`` was given them, and a
+  container the test ``crash``es with ``oom=True`` exits 137 marked OOM-killed, as the
+  kernel's OOM killer leaves one under Docker (``exit_info``); more CPUs than the engine
+  has (``cpus``, default 4) are refused, with Docker's message;
 - ``list_managed`` shows only containers with all four pleaco labels and that node's id,
   and ``stop``/``remove``/``remove_infra`` refuse (PermissionError) anything not the
   given node's: one twin can serve several nodes, as one engine serves several agents.
@@ -41,7 +45,9 @@ from pleaco.runtime.docker import (
     MANAGED_LABELS,
     Conflict,
     ContainerInfo,
+    EngineCallFailed,
     EngineUnavailable,
+    ExitInfo,
     InfraInfo,
     InfraSpec,
     NotFound,
@@ -55,6 +61,8 @@ FIRST_HOST_PORT = 32768
 BRIDGE_PREFIX = "172.17.0."
 # Exit code of a replica stopped with SIGTERM (tini exits 128 + the signal's number).
 STOPPED_EXIT_CODE = 143
+# Exit code of a replica the kernel killed for its memory limit (SIGKILL: 128 + 9).
+OOM_EXIT_CODE = 137
 # The twin's clock, in Unix seconds: each creation and start is one second after the last
 # one, so ``created`` orders containers by creation, as Docker's does.
 EPOCH = 1_700_000_000
@@ -80,6 +88,11 @@ class MemoryContainer:
     healthy: bool = True  # what the health probe answers while it runs
     output: list[bytes] = field(default_factory=list)
     mounts: tuple[tuple[str, str], ...] = ()  # infrastructure containers' bind mounts
+    # HostConfig's Memory, NanoCpus and PidsLimit (None: no limit), as ``run`` set them.
+    memory: int | None = None
+    nano_cpus: int | None = None
+    pids: int | None = None
+    oom_killed: bool = False
 
     @property
     def running(self) -> bool:
@@ -89,7 +102,8 @@ class MemoryContainer:
 class MemoryEngine:
     base_url = "memory://"
 
-    def __init__(self, images: tuple[str, ...] = ()) -> None:
+    def __init__(self, images: tuple[str, ...] = (), cpus: int = 4) -> None:
+        self.cpus = cpus  # the machine's CPUs: a replica may not ask for more
         self._lock = threading.Lock()  # the loops call from several executor threads at once
         self._containers: dict[str, MemoryContainer] = {}
         self._images: dict[str, bool] = {ref: True for ref in images}  # ref -> health of its replicas
@@ -114,13 +128,17 @@ class MemoryEngine:
         with self._lock:
             self._down = down
 
-    def crash(self, container_id: str, exit_code: int = 1) -> None:
-        """The container's process exits on its own with ``exit_code``."""
+    def crash(self, container_id: str, exit_code: int = 1, oom: bool = False) -> None:
+        """The container's process exits on its own with ``exit_code``; with ``oom`` the
+        kernel killed it for its memory limit (exit 137, SIGKILL through tini)."""
         with self._lock:
             c = self._get(container_id)
             if not c.running:
                 raise ValueError(f"container {container_id[:12]} is {c.state}, not running: it cannot crash")
-            self._exit(c, exit_code)
+            if oom and c.memory is None:
+                raise ValueError(f"container {container_id[:12]} has no memory limit: it cannot be OOM-killed")
+            self._exit(c, OOM_EXIT_CODE if oom else exit_code)
+            c.oom_killed = oom
 
     def set_healthy(self, container_id: str, healthy: bool) -> None:
         with self._lock:
@@ -147,7 +165,9 @@ class MemoryEngine:
         """Create a replica's container without starting it, as ``run`` would name and
         label it: what an agent killed between Docker's create and start leaves behind."""
         with self._lock:
-            return self._create(spec.name, spec.image, spec.labels(), spec.port, spec.publish_host)
+            c = self._containers[self._create(spec.name, spec.image, spec.labels(), spec.port, spec.publish_host)]
+            c.memory, c.nano_cpus, c.pids = spec.memory, spec.nano_cpus, spec.pids
+            return c.id
 
     def run_by_hand(self, image: str, name: str, labels: dict[str, str] | None = None,
                     port: int | None = None, publish_host: str = "127.0.0.1") -> str:
@@ -187,10 +207,20 @@ class MemoryEngine:
     def run(self, spec: RunSpec) -> str:
         with self._lock:
             self._answer()
+            if spec.nano_cpus is not None and spec.nano_cpus > self.cpus * 10**9:
+                raise EngineCallFailed(f"docker engine: Range of CPUs is from 0.01 to {self.cpus}.00, as there are "
+                                       f"only {self.cpus} CPUs available")
             c = self._containers[self._create(spec.name, spec.image, spec.labels(), spec.port, spec.publish_host)]
+            c.memory, c.nano_cpus, c.pids = spec.memory, spec.nano_cpus, spec.pids
             self._start(c)
             self.actions.append(("run", c.name))
             return c.id
+
+    def exit_info(self, container_id: str) -> ExitInfo:
+        with self._lock:
+            self._answer()
+            c = self._get(container_id)
+            return ExitInfo(exit_code=c.exit_code, oom_killed=c.oom_killed)
 
     def start(self, container_id: str) -> None:
         with self._lock:
@@ -311,7 +341,7 @@ class MemoryEngine:
             c.host_port = next(p for p in range(FIRST_HOST_PORT, 65536) if p not in taken_ports)
         if LABEL_ROLE not in c.labels:  # infrastructure runs in the host's network: no address
             c.ip = next(f"{BRIDGE_PREFIX}{n}" for n in range(2, 255) if f"{BRIDGE_PREFIX}{n}" not in taken_ips)
-        c.state, c.exit_code = "running", None
+        c.state, c.exit_code, c.oom_killed = "running", None, False
         c.starts += 1
         self._made += 1  # the clock: a start is a second after the last event
         c.started_at = datetime.fromtimestamp(EPOCH + self._made, UTC).isoformat()

@@ -90,16 +90,23 @@ CLEANED_NODES: set[str] = set()
 
 def remove_node_containers(node_id: str) -> None:
     CLEANED_NODES.add(node_id)
-    for c in node_containers(node_id):
-        try:
-            c.remove(force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as exc:
-            # Another agent (one that found this node's proxy orphaned) is removing it already.
-            if "already in progress" not in str(exc):
-                raise
-    wait_for(lambda: not node_containers(node_id), 30, f"node {node_id}'s containers to be removed")
+
+    def removed() -> bool:
+        # Removed again at every look: the engine may make a container the killed agent
+        # asked for after the first look (its create was in flight).
+        left = node_containers(node_id)
+        for c in left:
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                # Another agent (one that found this node's proxy orphaned) is removing it already.
+                if "already in progress" not in str(exc):
+                    raise
+        return not left
+
+    wait_for(removed, 30, f"node {node_id}'s containers to be removed")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pleaco.builds.manifest import Manifest, ManifestError, parse
+from pleaco.scale import AutoscalePolicy
 
 FULL = """
 [app]
@@ -32,7 +33,17 @@ def test_full_manifest() -> None:
     m = parse(FULL)
     assert m == Manifest(name="hello", dockerfile="docker/Dockerfile", build_args={"VERSION": "1.2"},
                          test_command=["sh", "-c", "./run-tests"], test_timeout=30.0, port=8080, health="/healthz",
-                         replicas=2, scale_min=1, scale_max=10, target_concurrency=50, fail_on="high")
+                         replicas=2, scale_min=1, scale_max=10, target_concurrency=50, fail_on="high",
+                         autoscale=AutoscalePolicy(1, 10, metric="concurrency", target=50.0))
+
+
+def test_scale_is_an_autoscale_policy() -> None:
+    m = parse('[scale]\nmin = 0\nmax = 4\nmetric = "rps"\ntarget = 300\nstable_window = 30\n'
+              'panic_window = 3\nscale_to_zero_after = 600\n')
+    assert m.autoscale == AutoscalePolicy(0, 4, metric="rps", target=300.0, stable_window=30.0, panic_window=3.0,
+                                          scale_to_zero_after=600.0)
+    assert parse("[scale]\nmax = 3\n").autoscale == AutoscalePolicy(1, 3)
+    assert parse("[run]\nreplicas = 2\n").autoscale is None
 
 
 def test_defaults_and_string_command() -> None:
@@ -55,6 +66,13 @@ def test_defaults_and_string_command() -> None:
     ("[test]\ncommand = []", "[test] command: expected a list of strings"),
     ("[test]\ncommand = [1]", "[test] command: expected a list of strings"),
     ("[scale]\nmin = 5\nmax = 2", "[scale] min: 5 is above max 2"),
+    ("[scale]\nmin = 1", "[scale] max: missing"),
+    ("[scale]\nmax = 2\nmetric = 'memory'", "[scale] metric: 'memory' is not one of"),
+    ("[scale]\nmax = 2\ntarget = -1", "[scale] target: must be greater than 0"),
+    ("[scale]\nmax = 2\ntarget = nan", "[scale] target: must be a finite number"),
+    ("[scale]\nmin = 0\nmax = 2", "[scale] min: 0 scales the app to zero"),
+    ("[scale]\nmax = 2\ntarget_concurrency = 5\ntarget = 3", "[scale] target_concurrency: give it, or"),
+    ("[scale]\nmax = 2\npanic_window = 90", "[scale] panic_window: 90 s is longer"),
     ("test = 1", "test: expected a table [test]"),
     ("[run\nport = 1", "not valid TOML"),
 ])
