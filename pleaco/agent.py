@@ -11,12 +11,18 @@ import asyncio
 import os
 import secrets
 import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.server import ApiServer
+from pleaco.api.upgrade import UpgradeRoutes
 from pleaco.apps import AppStore
 from pleaco.builds.engine import BuildEngine
 from pleaco.builds.logship import BuildLogs
@@ -30,8 +36,12 @@ from pleaco.config import Config
 from pleaco.errors import PleacoError
 from pleaco.host import journal
 from pleaco.host.addresses import AddressInUse, AddressRegistry, Listener
+from pleaco.host.bundle import verify_bundle
+from pleaco.host.bundleship import BundleShelf
+from pleaco.host.config import UpgradeSettings
 from pleaco.host.datadir import DataDirInUse, DataDirLock
 from pleaco.host.systemd import Notifier, Supervision, ensure_docker, status_line
+from pleaco.host.trial import LocalUpgrade, local_url
 from pleaco.identity import Identity, write_secret_file
 from pleaco.ingress.load import LoadReporter
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
@@ -44,11 +54,23 @@ from pleaco.reconcile.loop import LoopRunner
 from pleaco.reconcile.rollout import RolloutGuard
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.tombstones import TombstoneCollector
+from pleaco.reconcile.upgrade import (
+    LocalState,
+    NodeUpgrade,
+    PlanMarks,
+    UpgradeRollout,
+    current_upgrade,
+    node_record_value,
+)
 from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime
 from pleaco.store import Record, Store
 
 log = logs.get("pleaco.agent")
+
+# Seconds after a rollback was decided during which a stop counts as the guard's restart
+# into the previous release (it stops the new agent and starts the old one at once).
+RESTART_WINDOW = 60.0
 
 # Record kinds whose change can alter what this node should run.
 RECONCILE_KINDS = frozenset({"app", "scale", "release", "node"})
@@ -69,6 +91,25 @@ def load_or_create_token(cfg: Config) -> str:
     return token
 
 
+class HostUpgrades:
+    """The one-node upgrade (pleaco.host.trial) as the cluster rollout uses it
+    (pleaco.reconcile.upgrade.LocalUpgrades)."""
+
+    def __init__(self, upgrade: LocalUpgrade, settings: UpgradeSettings) -> None:
+        self.upgrade = upgrade
+        self.settings = settings
+
+    def verify(self, path: Path) -> str:
+        return verify_bundle(path, self.settings.trusted_keys, __version__).version
+
+    def state(self) -> LocalState | None:
+        st = self.upgrade.state()
+        return None if st is None else LocalState(st.phase, st.to_version, st.reason)
+
+    def begin(self, path: Path) -> None:
+        self.upgrade.begin(path)
+
+
 def listeners(cfg: Config) -> list[Listener]:
     """Every address this agent will listen on (the proxy's only when it runs one)."""
     found = [Listener("api", cfg.api_listen), Listener("gossip", cfg.gossip_listen)]
@@ -79,15 +120,36 @@ def listeners(cfg: Config) -> list[Listener]:
 
 
 class Agent:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, argv: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         self._stop = asyncio.Event()
+        # The agent's arguments (after the program name): an upgrade starts the new version
+        # with the same ones.
+        self.argv = list(sys.argv[1:] if argv is None else argv)
+        # Set by request_restart: the command to exec once the agent has stopped (the
+        # caller of run() does the exec, after the data dir lock is released).
+        self.restart_command: list[str] | None = None
+        # This node's upgrades (pleaco/host/trial.py): set while the agent runs.
+        self.upgrade: LocalUpgrade | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
 
+    def request_restart(self, command: list[str]) -> None:
+        """Stop as on SIGTERM, then run ``command`` in this process (exec). Callable from
+        any thread (an upgrade runs in a worker thread)."""
+        self.restart_command = command
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        else:
+            self._stop.set()
+
     async def run(self) -> None:
         cfg = self.cfg
+        # SIGUSR1 asks for an upgrade (`pleaco release apply`); until the agent handles it,
+        # and after, it is ignored rather than fatal (its default), across an exec too.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         lock = DataDirLock(cfg.data_dir)
         addresses = AddressRegistry()
         try:
@@ -113,7 +175,6 @@ class Agent:
         logs.setup(cfg.log_level, identity.node_id, cfg.name, handler=journal.handler_if_journal())
         token = load_or_create_token(cfg)
         store = Store(cfg.db_path, identity)
-        self._register_node(store, identity)
 
         registry = Registry()
         runtime = DockerRuntime(cfg.docker_url, cfg.docker_timeout)
@@ -149,12 +210,29 @@ class Agent:
         runner.add(TombstoneCollector(store, cfg.tombstone_ttl))
         autoscaler = Autoscaler(cfg.autoscale, apps, cluster.loads.all, owners, registry)
         runner.add(autoscaler)
+        upgrade = LocalUpgrade(cfg.data_dir, cfg.upgrade, node_id=me, engine=runtime,
+                               live_nodes=cluster.placement_nodes, restart=self.request_restart, argv=self.argv,
+                               api_url=local_url(cfg.api_listen))
+        upgrade.recover()  # an upgrade interrupted here: resolved before anything runs
+        self.upgrade = upgrade
+        # This node's record, with its version and upgrade state as recovered.
+        local = HostUpgrades(upgrade, cfg.upgrade)
+        marks = PlanMarks(cfg.data_dir)
+        self._register_node(store, identity, current_upgrade(marks, local))
+        # Cluster upgrades: bundles between nodes (channel U), the plan's turns, the API.
+        shelf = BundleShelf(cfg.data_dir, cluster)
+        upgrades = UpgradeRollout(cfg.cluster_upgrade, store, me, lambda: self._node_base(identity), cluster.members,
+                                 local, shelf, marks)
+        runner.add(upgrades)
+        cluster.hold = upgrades.holds  # a node restarting into a release keeps its replicas
 
         def on_change(rec: Record) -> None:
             if rec.kind in RECONCILE_KINDS:
                 reconciler.wake()
             if rec.kind == "route":
                 proxy.wake()  # replicas changed (here or elsewhere): the proxy's upstreams
+            if rec.kind in ("upgrade", "node"):
+                upgrades.wake()  # a plan, or a node's upgrade state: maybe this node's turn
 
         store.subscribe(on_change)
         api = ApiServer(
@@ -165,6 +243,7 @@ class Agent:
         )
         add_cluster_routes(api.app, cluster, lambda: {"containers": len(view.observed.containers)})
         add_proxy_routes(api.app, proxy)
+        UpgradeRoutes(cfg.cluster_upgrade, store, me, shelf, local, cluster.members, upgrades.wake).add_to(api.app)
         build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)
         # Secrets are sealed with the cluster key once there is one, with a node-local key
         # before; founding or joining re-seals the local ones, and so does this start
@@ -185,7 +264,14 @@ class Agent:
                                        max(1, len(cluster.placement_nodes()))),
             stuck=lambda now: runner.stuck(now, cfg.loop_stuck_after),
         )
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        upgrade_tasks: set[asyncio.Task[None]] = set()
+
+        def upgrade_task(coro: Any) -> None:
+            task = asyncio.create_task(coro)
+            upgrade_tasks.add(task)
+            task.add_done_callback(upgrade_tasks.discard)
+
         try:
             try:
                 await cluster.start()
@@ -199,6 +285,8 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             runner.start()
+            upgrade_task(upgrade.confirm())  # a trial of this version: confirmed once healthy
+            loop.add_signal_handler(signal.SIGUSR1, lambda: upgrade_task(upgrade.apply_request()))
             supervision.ready()  # the API answers and the loops run
             supervision.start()
             log.info(
@@ -209,9 +297,12 @@ class Agent:
         finally:
             log.info("agent.stopping")
             await supervision.stop()
+            for task in upgrade_tasks:
+                task.cancel()
             # Each step on its own: whatever one raises, the others still run, and the
             # store (the durable state) is always closed last.
-            for what, close in (("loops", runner.stop), ("cluster", cluster.stop), ("api", api.stop)):
+            leave = not self._restarting()
+            for what, close in (("loops", runner.stop), ("cluster", lambda: cluster.stop(leave)), ("api", api.stop)):
                 try:
                     await close()
                 except Exception:
@@ -222,18 +313,36 @@ class Agent:
                     sync_close()
                 except Exception:
                     log.error("agent.stop_failed", exc_info=True, part=what)
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             log.info("agent.stopped")
 
-    def _register_node(self, store: Store, identity: Identity) -> None:
-        """Write this node's ``node`` record (its admitted key and how to reach it) if changed."""
-        value = {
+    def _restarting(self) -> bool:
+        """Whether this stop is a restart into another release (an upgrade, or its
+        rollback): by exec, or by systemd during the trial. The node is back within a
+        second or two, so it does not leave the cluster: the others would start its
+        replicas elsewhere at once and stop them again when it is back."""
+        if self.restart_command is not None:
+            return True
+        state = self.upgrade.state() if self.upgrade is not None else None
+        if state is None:
+            return False
+        return state.phase == "trial" or (state.phase == "rolled_back" and time.time() - state.updated < RESTART_WINDOW)
+
+    def _node_base(self, identity: Identity) -> dict[str, str]:
+        return {
             "name": self.cfg.name,
             "public_key": identity.public_key.hex(),
             "address": self.cfg.api_listen,
             "gossip": advertise_address(self.cfg),
             "version": __version__,
         }
-        if store.value("node", identity.node_id) != value:
+
+    def _register_node(self, store: Store, identity: Identity, upgrade: NodeUpgrade) -> None:
+        """Write this node's ``node`` record (its admitted key, how to reach it, its version
+        and upgrade state) if changed."""
+        current = store.value("node", identity.node_id)
+        value = node_record_value(current, self._node_base(identity), upgrade)
+        if current != value:
             store.put("node", identity.node_id, value)

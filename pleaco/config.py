@@ -23,9 +23,11 @@ from pleaco.apps import AppDefaults
 from pleaco.builds.config import BuildConfig
 from pleaco.cluster.config import ClusterSettings
 from pleaco.errors import InvalidInput
+from pleaco.host.config import UpgradeSettings
 from pleaco.hostport import HostPortError
 from pleaco.hostport import parse_host_port as parse_host_port  # re-exported: the agent's and tests' HOST:PORT parser
 from pleaco.ingress.config import IngressSettings
+from pleaco.reconcile.config import ClusterUpgradeConfig
 
 DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
 
@@ -57,8 +59,12 @@ class Config(ClusterSettings, IngressSettings):
     api: ApiConfig = field(default_factory=ApiConfig)
     # The build pipeline's tunables: the [build] table (see pleaco/builds/config.py).
     build: BuildConfig = field(default_factory=BuildConfig)
+    # Release bundles, slots and the trial after a switch: the [upgrade] table (pleaco/host/config.py).
+    upgrade: UpgradeSettings = field(default_factory=UpgradeSettings)
     # Every replica's limits when its deploy names none: the [apps] table (pleaco/apps.py).
     apps: AppDefaults = field(default_factory=AppDefaults)
+    # The cluster rollout of release bundles: the [cluster_upgrade] table (pleaco/reconcile/config.py).
+    cluster_upgrade: ClusterUpgradeConfig = field(default_factory=ClusterUpgradeConfig)
 
     @property
     def api_host_port(self) -> tuple[str, int]:

@@ -11,9 +11,9 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pleaco.api.errors import ApiError
 
@@ -62,6 +62,27 @@ class Client:
     def request(self, method: str, path: str, body: Any = None) -> Any:
         with self._open(method, path, body) as resp:
             raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def upload(self, path: str, file: Path, on_progress: Callable[[int, int], None] = lambda sent, total: None,
+               timeout: float | None = None) -> Any:
+        """POST a file as the raw body, streamed, calling ``on_progress(sent, total)``."""
+        total = file.stat().st_size
+        with open(file, "rb") as f:
+            body = _Progress(f, total, on_progress)
+            req = urllib.request.Request(self.base_url + path, data=body, method="POST")
+            req.add_header("Content-Type", "application/octet-stream")
+            req.add_header("Content-Length", str(total))
+            if self.token:
+                req.add_header("Authorization", f"Bearer {self.token}")
+            try:
+                with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                    raw = resp.read()
+            except urllib.error.HTTPError as exc:
+                raise _error_from(exc) from None
+            except (urllib.error.URLError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                raise ApiError(0, "unreachable", f"cannot reach the pleaco API at {self.base_url}: {reason}") from None
         return json.loads(raw) if raw else None
 
     # -- verbs ---------------------------------------------------------------------------
@@ -124,6 +145,19 @@ class Client:
         with resp:
             while chunk := resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536):
                 yield chunk
+
+
+class _Progress:
+    """A file read by urllib in blocks, telling how far it got."""
+
+    def __init__(self, f: BinaryIO, total: int, on_progress: Callable[[int, int], None]) -> None:
+        self.f, self.total, self.sent, self.on_progress = f, total, 0, on_progress
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.f.read(size if size and size > 0 else 1 << 16)
+        self.sent += len(chunk)
+        self.on_progress(self.sent, self.total)
+        return chunk
 
 
 def _q(name: str) -> str:

@@ -1,6 +1,6 @@
 """API routes for the cluster: members, founding, join tokens, removal.
 
-    GET    /v1/nodes              every known node: id, name, state, address, version, last_seen, load
+    GET    /v1/nodes              every known node: id, name, state, address, version, last_seen, load, upgrade
     DELETE /v1/nodes/{node}       revoke a node's key (id, unique id prefix, or name)
     POST   /v1/cluster/init       found a cluster with this node as its first member
     GET    /v1/cluster/token      a join token for new nodes
@@ -35,7 +35,9 @@ def add_routes(app: web.Application, cluster: Cluster, load: Callable[[], dict[s
         out = []
         for m in cluster.members():
             me = m["id"] == cluster.identity.node_id
-            out.append({**m, "self": me, "load": load() if me else {"containers": replicas.get(m["id"], 0)}})
+            record = cluster.store.value("node", m["id"]) or {}
+            out.append({**m, "self": me, "load": load() if me else {"containers": replicas.get(m["id"], 0)},
+                        "upgrade": record.get("upgrade")})  # its last upgrade: plan, phase, version, reason
         return web.json_response(out)
 
     async def remove_node(request: web.Request) -> web.Response:

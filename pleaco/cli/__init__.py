@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pleaco import __version__
 from pleaco.api.client import DEFAULT_API, Client, resolve_token
 from pleaco.api.errors import ApiError
-from pleaco.cli import agent, apps, builds, cluster
+from pleaco.cli import agent, apps, builds, cluster, release, upgrade
 from pleaco.cli.usage import UsageError
 
 __all__ = ["UsageError", "build_parser", "dispatch", "main"]
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_parsers(sub)
     apps.add_parsers(sub)
     builds.add_parsers(sub)
+    release.add_parsers(sub)
+    upgrade.add_parsers(sub)
     return parser
 
 
@@ -39,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verb == "agent":
         return agent.run(args)
+    if args.verb == "release":  # local: keys and bundles
+        return release.run(args)
     base = args.api or os.environ.get("PLEACO_API") or DEFAULT_API
     client = Client(base, resolve_token(args.token))
     try:
@@ -66,4 +70,6 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return apps.dispatch(client, args)
     if args.verb in ("builds", "vulndb"):
         return builds.dispatch(client, args)
+    if args.verb == "upgrade":
+        return upgrade.dispatch(client, args)
     raise UsageError(f"unknown verb {args.verb}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,14 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: config: {exc}", file=sys.stderr)
         return 2
+    agent = Agent(cfg)
     try:
-        asyncio.run(Agent(cfg).run())
+        asyncio.run(agent.run())
     except AgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if agent.restart_command:  # an upgrade (or its rollback): the same process, the other slot
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(agent.restart_command[0], agent.restart_command)
     return 0

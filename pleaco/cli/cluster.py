@@ -7,6 +7,7 @@ from typing import Any
 
 from pleaco.api.client import Client
 from pleaco.cli.output import ago, print_json, table
+from pleaco.cli.upgrade import upgrade_column
 
 
 def add_parsers(sub: Any) -> None:
@@ -45,8 +46,8 @@ def nodes(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         return print_json(members)
     rows = [[n["id"][:12], n["name"], n["state"], n["address"], n["version"],
-             ago(n["last_seen"]), str(n.get("load", {}).get("containers", "-"))] for n in members]
-    table(["ID", "NAME", "STATE", "ADDRESS", "VERSION", "LAST SEEN", "CONTAINERS"], rows)
+             upgrade_column(n), ago(n["last_seen"]), str(n.get("load", {}).get("containers", "-"))] for n in members]
+    table(["ID", "NAME", "STATE", "ADDRESS", "VERSION", "UPGRADE", "LAST SEEN", "CONTAINERS"], rows)
     return 0
 
 

@@ -26,7 +26,7 @@ from pleaco.cluster import messages, trust
 from pleaco.cluster.config import ClusterSettings, GossipConfig
 from pleaco.cluster.discovery import MdnsDiscovery
 from pleaco.cluster.load import LoadView
-from pleaco.cluster.membership import Member, Membership
+from pleaco.cluster.membership import LIVE, Member, Membership
 from pleaco.cluster.messages import AppLoadEntry, MessageError, split_load
 from pleaco.cluster.sync import StoreSync
 from pleaco.cluster.transport import (
@@ -91,6 +91,11 @@ class Cluster:
         # cluster, or joined and merged the cluster's records): the agent re-seals the
         # secrets it sealed with its node-local key under the cluster key here.
         self.on_cluster: Callable[[], object] = lambda: None
+        # Whether a member that is away (or back and settling) for the given seconds keeps
+        # its replicas anyway: it is restarting into a new release (the agent wires the
+        # cluster upgrade's rule here), and moving its replicas would start them elsewhere
+        # only to stop them again a second later.
+        self.hold: Callable[[str, float], bool] = lambda node, away_for: False
         self.membership: Membership | None = None
         self.transport: NetTransport | None = None
         self.sync = StoreSync(store, on_reject=self._count_drop)
@@ -196,14 +201,17 @@ class Cluster:
                 await self.init(join_secret=self._bootstrap_secret())
                 return
 
-    async def stop(self) -> None:
+    async def stop(self, leave: bool = True) -> None:
+        """Stop; with ``leave``, tell the members this node is gone (they then place its
+        replicas elsewhere at once). An agent restarting into another release does not:
+        it is back before anyone suspects it."""
         for task in (self._join_task, self._seed_task, self._bootstrap_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self.membership is not None:
-            await self.membership.stop(leave=True)
+            await self.membership.stop(leave=leave)
         if self.discovery is not None:
             await self.discovery.stop()
 
@@ -455,6 +463,11 @@ class Cluster:
             nodes = [] if self._join_task is not None and not self._join_task.done() else [self.identity.node_id]
         else:
             nodes = self.membership.placement_nodes() if self.ready else []
+            if nodes:
+                now = self.membership.loop_time
+                held = [m.node_id for m in self.membership.members.values() if m.node_id not in nodes
+                        and self.hold(m.node_id, 0.0 if m.state in LIVE else now - m.since)]
+                nodes = sorted([*nodes, *held]) if held else nodes
         self._placement = nodes
         return nodes
 

@@ -21,6 +21,7 @@ from pleaco.errors import InvalidInput
 from pleaco.identity import Identity
 from pleaco.reconcile.autoscale import HISTORY, decision_record
 from pleaco.reconcile.routes import InstanceStatus, RouteTable
+from pleaco.reconcile.upgrade import MAX_PLAN_NODES, MAX_REASON, MAX_VERSION, PLAN_KEY, NodeUpgrade, new_plan
 from pleaco.scale import AutoscalePolicy, Decision
 from pleaco.store import KINDS, MAX_RECORD_BYTES, PACKET_RECORD_BYTES, RecordTooLarge, Store
 from pleaco.store.record import gossip_size
@@ -73,10 +74,22 @@ def largest_secret(store: Store, tmp_path: Path) -> int:
 
 
 def largest_node(store: Store) -> int:
+    upgrade = NodeUpgrade.from_value({"plan": "p" * 1000, "phase": "rolled_back", "version": "v" * 1000,
+                                      "reason": "r" * 100_000})  # as the writer trims it
     value = {"name": "n" * 255, "public_key": "f" * 64, "address": "h" * 255 + ":65535",
-             "gossip": "h" * 255 + ":65535", "version": "v" * 64, "admitted_by": NODE}
+             "gossip": "h" * 255 + ":65535", "version": "v" * 64, "admitted_by": NODE,
+             "upgrade": upgrade.to_value()}
     store.put("node", NODE, value)
     return gossip_size("node", NODE, value)
+
+
+def largest_upgrade(store: Store) -> int:
+    """The plan: its node order is the part that grows, bounded by MAX_PLAN_NODES."""
+    nodes = [f"{i:032x}" for i in range(MAX_PLAN_NODES)]
+    plan = new_plan("9" * MAX_VERSION, "f" * 64, 2**62, nodes[0], nodes, 4e9)
+    store.put("upgrade", PLAN_KEY, plan.to_value())
+    assert len(NodeUpgrade.from_value({"reason": "r" * 100_000}).reason) == MAX_REASON
+    return gossip_size("upgrade", PLAN_KEY, plan.to_value())
 
 
 def largest_scale(store: Store) -> int:
@@ -123,7 +136,7 @@ WORST: dict[str, tuple[Callable[[Store, Path], int], int]] = {
     "app": (lambda s, _: apps_refuse_what_is_too_large(s), MAX_RECORD_BYTES),
     "release": (lambda s, _: apps_refuse_what_is_too_large(s), MAX_RECORD_BYTES),
     # Kinds DESIGN.md names that nothing writes yet: their writers must add a worst case.
-    "upgrade": (lambda s, _: 0, MAX_RECORD_BYTES),
+    "upgrade": (lambda s, _: largest_upgrade(s), MAX_RECORD_BYTES),
     "subnet": (lambda s, _: 0, MAX_RECORD_BYTES),
 }
 

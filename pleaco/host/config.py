@@ -1,0 +1,38 @@
+"""Self-upgrade's tunables: the ``[upgrade]`` table of pleaco.toml (env ``PLEACO_UPGRADE_<NAME>``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pleaco.host.bundle import BundleError, trusted_public_keys
+
+
+@dataclass(frozen=True)
+class UpgradeSettings:
+    # The release keys whose bundles this node installs: each 64 hex digits (a raw Ed25519
+    # public key, the one line of a `pleaco release keygen` release.pub) or the path of such
+    # a file. Empty (the default): no bundle is trusted, so the node never upgrades itself
+    # until the image or the operator names the key it was built to trust.
+    trusted_keys: list[str] = field(default_factory=list)
+    # Where the release slots live: ROOT/releases/VERSION (a venv each) and ROOT/current,
+    # the symlink systemd/pleaco.service runs (ExecStart=/opt/pleaco/current/bin/pleaco).
+    root: Path = Path("/opt/pleaco")
+    # Seconds from the switch to the new version until it must be confirmed healthy (API
+    # answering, cluster rejoined, every app container adopted unchanged); otherwise it is
+    # rolled back. An agent starts and answers in 1-3 s and rejoins its cluster within a few
+    # gossip rounds; 60 s leaves room for a loaded host and a slow Docker Engine listing
+    # while keeping a broken release's outage to a minute.
+    health_deadline: float = 60.0
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.health_deadline > 0:
+            problems.append("upgrade.health_deadline: must be greater than 0")
+        if not self.root.is_absolute():
+            problems.append(f"upgrade.root: must be an absolute path, got {str(self.root)!r}")
+        try:
+            trusted_public_keys(self.trusted_keys)
+        except BundleError as exc:
+            problems.append(f"upgrade.trusted_keys: {exc}")
+        return problems
