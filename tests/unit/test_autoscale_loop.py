@@ -261,3 +261,29 @@ def test_the_autoscale_table_is_validated() -> None:
                          ({"PLEACO_AUTOSCALE_MAX_SAMPLES": "0"}, "autoscale.max_samples: must be at least 1")]:
         with pytest.raises(ConfigError, match=message):
             load(env=env)
+
+
+def test_a_decision_another_node_wrote_meanwhile_is_the_state_to_continue_from(apps: AppStore) -> None:
+    """While the live nodes change, two nodes may each believe they own the app for a tick:
+    the owner's own state in memory is then older than the record the other wrote."""
+    w = World(apps)
+    apps.store.put("scale", "web", {"replicas": 4})
+    w.concurrency = 8.0  # 2 per replica at 4: within the band, nothing to write
+    w.tick(times=8)
+    assert apps.decision("web") is None and apps.replicas("web") == 4
+    # For a moment B takes itself for the owner and sees a surge: panic, up to the max.
+    w.live = [B]
+    w.concurrency = 30.0
+    for _ in range(2):
+        w.now += 1
+        w.nodes[B].tick()
+    written = apps.decision("web")
+    assert apps.replicas("web") == 6 and written is not None and written["node"] == B
+    # A is the owner again (it never stopped believing so) and the surge is gone: it
+    # continues B's panic (holds 6) rather than its own calm state (which would go to 4).
+    w.live = [A]
+    w.concurrency = 8.0
+    for _ in range(2):
+        w.now += 1
+        w.nodes[A].tick()
+    assert apps.replicas("web") == 6
