@@ -166,7 +166,7 @@ def describe_autoscaler(policy: dict[str, Any], scaler: dict[str, Any]) -> list[
         lines.append(f"metric     {fig['metric']} {num(fig['value'])} now, {num(fig['stable_average'])} over "
                      f"{policy['stable_window']:g}s, {num(fig['panic_average'])} over {policy['panic_window']:g}s"
                      + ("; panic" if scaler.get("panic") else "")
-                     + (f"; decided by {fig['owner'][:12]}" if fig.get("owner") else ""))
+                     + (f"; owner {fig['owner'][:12]}" if fig.get("owner") else ""))
     decisions = scaler.get("decisions") or []
     if not decisions:
         lines.append("decisions  (none yet)")
