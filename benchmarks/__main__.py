@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import build, gossip, idle, proxy, scale, state, upgrade
+from benchmarks import build, gossip, idle, load, proxy, scale, state, upgrade
 from benchmarks.common import REPO, Row, log, machine
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "scale": scale.run, "idle": idle.run, "build": build.run, "gossip": gossip.run, "proxy": proxy.run,
-    "state": state.run, "upgrade": upgrade.run,
+    "load": load.run, "state": state.run, "upgrade": upgrade.run,
 }
 HEADER = ["benchmark", "pleaco", "baseline", "ratio", "goal"]
 

@@ -43,6 +43,7 @@ from pleaco.host.datadir import DataDirInUse, DataDirLock
 from pleaco.host.systemd import Notifier, Supervision, ensure_docker, status_line
 from pleaco.host.trial import LocalUpgrade, local_url
 from pleaco.identity import Identity, write_secret_file
+from pleaco.ingress.load import LoadReporter
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
 from pleaco.metrics import Registry
 from pleaco.placement import Owners
@@ -200,6 +201,9 @@ class Agent:
             runner.add(proxy)
         else:
             log.info("proxy.disabled")
+        runner.add(LoadReporter(cfg.proxy.load_interval, view,
+                                proxy.traffic if proxy.enabled and cfg.proxy.access_metrics else None,
+                                cluster.publish_load, cluster.loads, registry))
         runner.add(RolloutGuard(cfg.rollout, view, routes, owners, registry, cluster.placement_nodes,
                                 on_rollback=reconciler.wake))
         runner.add(TombstoneCollector(store, cfg.tombstone_ttl))
@@ -231,6 +235,7 @@ class Agent:
         api = ApiServer(
             identity=identity, node_name=cfg.name, store=store, apps=apps, reconciler=reconciler,
             runtime=runtime, registry=registry, token=token, max_body_bytes=cfg.max_body_bytes, limits=cfg.api,
+            app_load=lambda name: (load.to_json() if (load := cluster.loads.cluster(name)) else None),
         )
         add_cluster_routes(api.app, cluster, lambda: {"containers": len(view.observed.containers)})
         add_proxy_routes(api.app, proxy)

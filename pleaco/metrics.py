@@ -127,6 +127,18 @@ class Histogram(_Metric):
             counts[bisect.bisect_left(self.buckets, value)] += 1
             self._sums[key] = self._sums.get(key, 0.0) + value
 
+    def add(self, counts: list[int], total: float, **labels: str) -> None:
+        """Many observations at once: ``counts[i]`` values fell in bucket i (the index
+        ``bisect_left(buckets, value)`` gives; the last one is +Inf), summing to ``total``."""
+        key = self._key(labels)
+        if len(counts) != len(self.buckets) + 1:
+            raise ValueError(f"{self.name}: {len(counts)} bucket counts for {len(self.buckets) + 1} buckets")
+        with self._lock:
+            mine = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
+            for i, n in enumerate(counts):
+                mine[i] += n
+            self._sums[key] = self._sums.get(key, 0.0) + total
+
     def count(self, **labels: str) -> int:
         return sum(self._counts.get(self._key(labels), []))
 

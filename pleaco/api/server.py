@@ -68,8 +68,11 @@ class ApiServer:
         token: str,
         max_body_bytes: int,
         limits: ApiConfig | None = None,
+        app_load: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> None:
         self.identity = identity
+        # An app's cluster-wide load for `apps show` (pleaco.cluster.load), None: unknown.
+        self.app_load = app_load or (lambda name: None)
         self.node_name = node_name
         self.store = store
         self.apps = apps
@@ -260,7 +263,8 @@ class ApiServer:
         return resp
 
     async def show_app(self, request: web.Request) -> web.Response:
-        return web.json_response(self._app_json(request.match_info["name"]))
+        name = request.match_info["name"]
+        return web.json_response({**self._app_json(name), "load": self.app_load(name)})
 
     async def deploy_app(self, request: web.Request) -> web.Response:
         body = await self._json_body(request)

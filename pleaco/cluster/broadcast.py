@@ -48,8 +48,13 @@ class BroadcastQueue:
     def take(self, budget: int, per_item_overhead: int = 1, count: bool = True) -> list[Any]:
         """Items that fit in ``budget`` bytes, least sent (then newest) first. With ``count``
         False the sends are not counted against the limit (packets to dead members)."""
+        return self.take_sized(budget, per_item_overhead, count)[0]
+
+    def take_sized(self, budget: int, per_item_overhead: int = 1, count: bool = True) -> tuple[list[Any], int]:
+        """``take``, and the bytes the items use (so a second queue can fill the rest)."""
         if not self._items:
-            return []
+            return [], 0
+        start = budget
         limit = self.limit()
         out = []
         for item in sorted(self._items.values(), key=lambda i: (i.transmits, -i.order)):
@@ -64,4 +69,4 @@ class BroadcastQueue:
                     del self._items[item.key]
             if budget < 32:
                 break
-        return out
+        return out, start - budget

@@ -71,11 +71,17 @@ class GossipConfig:
     # what a flood of strangers holds to 32 x 64 KiB of buffered frames.
     max_pending_streams: int = 32
 
+    # Seconds a node's load report (pleaco.cluster.load) counts in the cluster-wide figures
+    # without a newer one: nodes report every [proxy] load_interval (2 s) and a report
+    # reaches every node within a second or two, so 10 s outlasts a few lost reports and
+    # drops a silent node's traffic soon after; a dead node's goes when it is declared dead.
+    load_stale_after: float = 10.0
+
     def validate(self) -> list[str]:
         """Problems with these values, one message each (empty when all is well)."""
         problems = []
         for name in ("probe_interval", "probe_timeout", "gossip_interval", "push_pull_interval",
-                     "replay_window", "seed_retry", "stream_timeout"):
+                     "replay_window", "seed_retry", "stream_timeout", "load_stale_after"):
             if not getattr(self, name) > 0:
                 problems.append(f"gossip.{name}: must be greater than 0")
         if self.probe_timeout >= self.probe_interval:

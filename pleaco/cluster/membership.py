@@ -29,7 +29,7 @@ from pleaco import logs
 from pleaco.cluster import messages, wire
 from pleaco.cluster.broadcast import BroadcastQueue
 from pleaco.cluster.config import GossipConfig
-from pleaco.cluster.messages import MessageError, Notice, Packet, Update
+from pleaco.cluster.messages import LoadReport, MessageError, Notice, Packet, Update
 from pleaco.cluster.suspicion import Suspicion, suspicion_bounds
 from pleaco.cluster.transport import Transport, TransportError
 from pleaco.store.record import Record
@@ -40,6 +40,7 @@ ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 LIVE = (ALIVE, SUSPECT)
 # Room left in a packet for its own fields before piggybacked items.
 PACKET_BASE = 120
+LOAD_FIELD = 8
 
 
 @dataclass
@@ -103,6 +104,11 @@ class Membership:
         self.me = Member(node_id, addr, inc, ALIVE, dict(meta))
         self.members: dict[str, Member] = {node_id: self.me}
         self.broadcasts = BroadcastQueue(cfg.retransmit_mult, lambda: len(self.members))
+        # Load reports (pleaco.cluster.load) fill what room the packet has left: they are
+        # ephemeral and replaced every few seconds, membership and records come first.
+        self.load_broadcasts = BroadcastQueue(cfg.retransmit_mult, lambda: len(self.members))
+        # Hears each load report received; True when it was news (then it is passed on).
+        self.on_load: Callable[[LoadReport], bool] = lambda report: False
         self.awareness = 0
         self._seq = 0
         self._acks: dict[int, asyncio.Future[None]] = {}
@@ -191,14 +197,30 @@ class Membership:
         """Send a packet with as many queued broadcasts piggybacked as fit (counted against
         their retransmit limit unless ``count`` is False)."""
         budget = self.cfg.max_packet - wire.OVERHEAD - PACKET_BASE
-        items = self.broadcasts.take(budget, count=count)
-        if items:
+        items, used = self.broadcasts.take_sized(budget, count=count)
+        # LOAD_FIELD: the packet's own "l":[...] around the load reports.
+        room = budget - used - LOAD_FIELD
+        loads = self.load_broadcasts.take(room, count=count) if room > 64 else []
+        if items or loads:
             updates = tuple(i for i in items if isinstance(i, Update))
             records = tuple(i for i in items if isinstance(i, Record))
             notices = tuple(i for i in items if isinstance(i, Notice))
             packet = Packet(packet.type, packet.seq, packet.target, packet.addr, packet.nack, updates, records,
-                            notices)
+                            notices, tuple(loads))
         return self.transport.send(addr, packet)
+
+    def load_budget(self) -> int:
+        """Bytes a load report part may take: half a packet's room for piggybacked items, so
+        a part always fits beside some membership news."""
+        return (self.cfg.max_packet - wire.OVERHEAD - PACKET_BASE) // 2
+
+    def publish_load(self, reports: Sequence[LoadReport]) -> None:
+        """Spread this node's load report (its parts), replacing the previous one."""
+        for report in reports:
+            self._queue_load(report)
+
+    def _queue_load(self, report: LoadReport) -> None:
+        self.load_broadcasts.queue(f"l:{report.node}:{report.part}", report, len(messages.dumps(report.to_json())))
 
     def _queue(self, update: Update) -> None:
         self.broadcasts.queue("m:" + update.node, update, len(messages.dumps(update.to_json())))
@@ -239,6 +261,10 @@ class Membership:
             self._fetch_announced(sender, m.addr, packet.notices)
         for update in packet.updates:
             self.apply_update(update)
+        for report in packet.loads:
+            # News is passed on (an epidemic, as updates are); the sender's own report, too.
+            if report.node != self.node_id and self.on_load(report):
+                self._queue_load(report)
         reply_to = m.addr if m is not None else from_addr
         if packet.type == "ping":
             if packet.target == self.node_id:
@@ -541,7 +567,7 @@ class Membership:
     async def _gossip_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.gossip_interval)
-            if not len(self.broadcasts):
+            if not len(self.broadcasts) and not len(self.load_broadcasts):
                 continue
             now = self.loop_time
             for m in self._sample(LIVE, self.cfg.gossip_nodes):

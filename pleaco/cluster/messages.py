@@ -70,6 +70,43 @@ class Packet:
     updates: tuple[Update, ...] = ()
     records: tuple[Record, ...] = ()
     notices: tuple[Notice, ...] = ()
+    loads: tuple[LoadReport, ...] = ()
+
+
+@dataclass(frozen=True)
+class AppLoadEntry:
+    """One app's load at one node: what its proxy served over the last window, and its
+    replicas there. Ephemeral figures, gossiped and never stored (pleaco.cluster.load)."""
+
+    app: str
+    rps: float  # requests per second through this node's proxy
+    concurrency: float  # mean requests in flight through it
+    p50: float | None  # latency quantiles, seconds; None without requests
+    p99: float | None
+    replicas: int  # this node's running replicas of the app
+    cpu: float  # cores those replicas used (mean over the last sample interval)
+    memory: int  # bytes those replicas use
+
+    def to_json(self) -> list[Any]:
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(v * 1000, 2)
+
+        return [self.app, round(self.rps, 2), round(self.concurrency, 3), ms(self.p50), ms(self.p99),
+                self.replicas, round(self.cpu, 3), self.memory]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """A node's load report, or one part of it: a report with more apps than fit in a
+    packet is split into parts, each carrying whole entries (see split_load)."""
+
+    node: str  # the reporting node
+    wall_ms: int  # when it sampled (its clock): a newer report replaces an older one
+    part: int  # which part of the report (0 when it fits one)
+    entries: tuple[AppLoadEntry, ...]
+
+    def to_json(self) -> list[Any]:
+        return [self.node, self.wall_ms, self.part, [e.to_json() for e in self.entries]]
 
 
 @dataclass(frozen=True)
@@ -148,6 +185,8 @@ def encode(packet: Packet) -> bytes:
         body["r"] = [record_to_json(r) for r in packet.records]
     if packet.notices:
         body["n"] = [n.to_json() for n in packet.notices]
+    if packet.loads:
+        body["l"] = [r.to_json() for r in packet.loads]
     return dumps(body)
 
 
@@ -164,7 +203,7 @@ def loads(data: bytes) -> Any:
 
 
 def decode(data: bytes) -> Packet:
-    obj = _obj(loads(data), "packet", {"t", "q", "g", "a", "x", "u", "r", "n"})
+    obj = _obj(loads(data), "packet", {"t", "q", "g", "a", "x", "u", "r", "n", "l"})
     ptype = _str(obj, "t", "packet")
     if ptype not in PACKET_TYPES:
         raise MessageError(f"packet.t: unknown type {ptype!r}")
@@ -179,7 +218,78 @@ def decode(data: bytes) -> Packet:
     if ptype == "iping" and not addr:
         raise MessageError("packet: an iping needs the target's address")
     return Packet(ptype, seq, target, addr, nack, decode_updates(obj.get("u", [])),
-                  tuple(decode_records(obj.get("r", []), "packet.r", 4096)), decode_notices(obj.get("n", [])))
+                  tuple(decode_records(obj.get("r", []), "packet.r", 4096)), decode_notices(obj.get("n", [])),
+                  decode_loads(obj.get("l", [])))
+
+
+# -- load reports ---------------------------------------------------------------------------
+
+APP_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")  # a DNS label, as app names are
+MAX_FIGURE = 1e12  # no real figure (requests/s, ms, cores) comes near; bounds what arithmetic sees
+MAX_LOAD_ENTRIES = 256  # per report part: more cannot fit a packet anyway
+
+
+def decode_loads(raw: Any) -> tuple[LoadReport, ...]:
+    out = []
+    for item in _list(raw, "packet.l", 64):
+        if not (isinstance(item, list) and len(item) == 4):
+            raise MessageError("packet.l: expected [node, wall_ms, part, entries] reports")
+        obj = dict(zip(("o", "w", "p"), item[:3], strict=True))
+        node, wall_ms, part = _node(obj, "o", "load"), _int(obj, "w", "load"), _int(obj, "p", "load")
+        if part > 0xFFFF:
+            raise MessageError("load.p: expected a part number below 65536")
+        entries = []
+        for e in _list(item[3], "load.entries", MAX_LOAD_ENTRIES):
+            if not (isinstance(e, list) and len(e) == 8):
+                raise MessageError("load.entries: expected [app, rps, concurrency, p50, p99, replicas, cpu, memory]")
+            app = e[0]
+            if not isinstance(app, str) or not APP_NAME.match(app):
+                raise MessageError("load.entries: the app is not an app name")
+            replicas, memory = (_int({"v": v}, "v", "load.entries") for v in (e[5], e[7]))
+            p50, p99 = (None if v is None else _figure(v) / 1000 for v in (e[3], e[4]))
+            entries.append(AppLoadEntry(app, _figure(e[1]), _figure(e[2]), p50, p99, replicas, _figure(e[6]),
+                                        memory))
+        out.append(LoadReport(node, wall_ms, part, tuple(entries)))
+    return tuple(out)
+
+
+def _figure(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_FIGURE:
+        raise MessageError(f"load.entries: expected a figure in 0..{MAX_FIGURE:g}")
+    return float(value)
+
+
+def _sendable(e: AppLoadEntry) -> AppLoadEntry:
+    """The entry with every figure inside what decode_loads accepts (a receiver drops a
+    whole packet it cannot decode)."""
+    def clamp(v: float) -> float:
+        return min(MAX_FIGURE, v) if v >= 0 else 0.0  # NaN fails v >= 0
+
+    def q(v: float | None) -> float | None:
+        return None if v is None else clamp(v * 1000) / 1000
+
+    return AppLoadEntry(e.app, clamp(e.rps), clamp(e.concurrency), q(e.p50), q(e.p99),
+                        min(max(0, e.replicas), MAX_INT), clamp(e.cpu), min(max(0, e.memory), MAX_INT))
+
+
+def split_load(node: str, wall_ms: int, entries: list[AppLoadEntry], budget: int) -> list[LoadReport]:
+    """A node's report in parts of at most ``budget`` bytes encoded, each with whole entries
+    (largest apps first, so that when not every part arrives the busiest are the likeliest
+    to). An entry alone larger than the budget cannot happen with bounded names; it would
+    get a part of its own."""
+    ordered = sorted((_sendable(e) for e in entries if APP_NAME.match(e.app)),
+                     key=lambda e: (-e.rps, -e.replicas, e.app))
+    head = len(dumps(LoadReport(node, wall_ms, 0xFFFF, ()).to_json()))
+    parts: list[list[AppLoadEntry]] = [[]]
+    used = head
+    for entry in ordered:
+        size = len(dumps(entry.to_json())) + 1
+        if parts[-1] and used + size > budget:
+            parts.append([])
+            used = head
+        parts[-1].append(entry)
+        used += size
+    return [LoadReport(node, wall_ms, i, tuple(p)) for i, p in enumerate(parts)]
 
 
 def decode_notices(raw: Any) -> tuple[Notice, ...]:

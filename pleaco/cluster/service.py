@@ -25,8 +25,9 @@ from pleaco import __version__, hostport, logs
 from pleaco.cluster import messages, trust
 from pleaco.cluster.config import ClusterSettings, GossipConfig
 from pleaco.cluster.discovery import MdnsDiscovery
+from pleaco.cluster.load import LoadView
 from pleaco.cluster.membership import LIVE, Member, Membership
-from pleaco.cluster.messages import MessageError
+from pleaco.cluster.messages import AppLoadEntry, MessageError, split_load
 from pleaco.cluster.sync import StoreSync
 from pleaco.cluster.transport import (
     CHANNEL_JOIN,
@@ -98,6 +99,9 @@ class Cluster:
         self.membership: Membership | None = None
         self.transport: NetTransport | None = None
         self.sync = StoreSync(store, on_reject=self._count_drop)
+        # Every node's latest load report, summed per app (ephemeral, by gossip).
+        self.loads = LoadView(identity.node_id, cfg.gossip.load_stale_after,
+                              live=lambda: [m.node_id for m in self.membership.live()] if self.membership else [])
         self._join_task: asyncio.Task[None] | None = None
         # False until this node has heard the cluster (or found nobody to hear): until then
         # it does not know where replicas belong and must not start or remove any.
@@ -246,6 +250,7 @@ class Cluster:
             self.membership = None
             raise ClusterError(f"cannot listen on {self.cfg.gossip_listen} for gossip: {exc.strerror or exc}") from exc
         self.sync.attach(self.membership.queue_record)
+        self.membership.on_load = self.loads.received
         log.info("cluster.started", cluster=self.state.cluster_id, addr=self.addr)
         self._seed_task = asyncio.create_task(self._seed_loop(), name="cluster-seeds")
 
@@ -413,6 +418,15 @@ class Cluster:
         if self.transport is None:
             raise TransportError("this node is not in a cluster")
         return await self.transport.open_stream(addr, channel, header, self.gossip.stream_timeout)
+
+    def publish_load(self, entries: list[AppLoadEntry]) -> None:
+        """This node's per-app load: into its own view at once, and to the others by gossip
+        (split into parts that fit a packet; see messages.split_load)."""
+        budget = self.membership.load_budget() if self.membership is not None else 1 << 16
+        reports = split_load(self.identity.node_id, int(time.time() * 1000), entries, budget)
+        self.loads.set_local(reports)
+        if self.membership is not None:
+            self.membership.publish_load(reports)
 
     def live_peers(self) -> list[Member]:
         """The other members that are alive or suspect, as this node sees them."""

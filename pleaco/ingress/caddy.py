@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -20,6 +20,7 @@ from pleaco import hostport, logs
 from pleaco.apps import ValidationError, validate_hostname
 from pleaco.errors import PleacoError
 from pleaco.ingress.dns import srv_name
+from pleaco.ingress.traffic import Sampling
 from pleaco.urlpath import health_path_problem
 
 log = logs.get("pleaco.ingress.caddy")
@@ -65,6 +66,11 @@ class ProxySettings:
     # Seconds Caddy keeps the last upstream list when the DNS does not answer (the agent
     # killed and restarting); 0 leaves it out: Caddy before 2.7.5 refuses the field.
     dns_grace: float = 0.0
+    # Connections the proxy holds to one upstream at most (Caddy's max_conns_per_host); 0:
+    # no limit. See ProxyConfig.upstream_max_conns.
+    upstream_max_conns: int = 0
+    # The access log's sampling (see pleaco.ingress.traffic.Sampling).
+    log_sampling: Sampling = field(default_factory=Sampling)
 
 
 def _listen(addr: str) -> str:
@@ -106,6 +112,8 @@ def _proxy_handler(route: Route, s: ProxySettings) -> dict[str, Any]:
         handler["transport"] = {"protocol": "http", "resolver": resolver}
     else:
         handler["upstreams"] = [{"dial": u.address} for u in route.upstreams]
+    if s.upstream_max_conns:
+        handler.setdefault("transport", {"protocol": "http"})["max_conns_per_host"] = s.upstream_max_conns
     if route.health and not s.dns:
         # Caddy runs active checks on static upstreams only; with DNS upstreams pleaco's own
         # probes (every reconcile pass) decide what is listed at all.
@@ -247,21 +255,23 @@ def build_config(routes: list[Route], s: ProxySettings, marker: str = "") -> dic
                 "default": {"exclude": ["http.log.access.pleaco_access"]},
                 "pleaco_access": {
                     "writer": {"output": "net", "address": f"tcp/{s.access_log}"},
-                    # Only what pleaco.ingress.traffic reads (host, status, duration): the
-                    # agent parses a line per request, and headers made most of each line.
-                    "encoder": {"format": "filter", "wrap": {"format": "json"},
-                                "fields": {name: {"filter": "delete"} for name in ACCESS_LOG_DROPPED}},
+                    # Caddy's plain JSON encoder, without logger name and message. Not
+                    # the filter encoder that would leave out the fields the agent does
+                    # not read: it costs Caddy more per request than the fields do, even
+                    # for requests the sampler then drops (benchmarks/README.md). Caddy
+                    # 2.6 redacts Authorization, Cookie and Set-Cookie itself.
+                    "encoder": {"format": "json", **LEAN_KEYS},
                     "include": ["http.log.access.pleaco_access"],
+                    **({"sampling": {"interval": int(s.log_sampling.interval * 1e9), "first": s.log_sampling.first,
+                                     "thereafter": s.log_sampling.every}} if s.log_sampling.every > 1 else {}),
                 },
             }
         }
     return config
 
 
-# Access log fields the agent does not read (Caddy's filter encoder deletes them).
-ACCESS_LOG_DROPPED = ("request>headers", "request>tls", "request>remote_ip", "request>remote_port",
-                      "request>proto", "request>method", "request>uri", "resp_headers", "user_id", "size",
-                      "bytes_read")
+# The JSON encoder's own keys, left out (an empty key omits the field).
+LEAN_KEYS = {"message_key": "", "name_key": ""}
 
 
 class AdminError(PleacoError, RuntimeError, code="proxy_admin_failed"):

@@ -41,9 +41,35 @@ class ProxyConfig:
     health_interval: float = 2.0
     # Seconds to wait for the admin API (a config load builds TLS state, hence generous).
     admin_timeout: float = 10.0
-    # Caddy access logs feed per-app traffic metrics; off saves the agent parsing one JSON
-    # line per request (measurable only at thousands of requests per second).
+    # Caddy access logs feed per-app traffic metrics (requests/s, concurrency, latency: what
+    # /metrics, `apps show` and the autoscaler read); off, the agent reads nothing and the
+    # apps' load is unknown. Since the lean lines and the batched reader the measured cost
+    # is within the noise of a bare Caddy (benchmarks/README.md, "per-app metrics").
     access_metrics: bool = True
+    # The access log is sampled above access_log_first requests per second on this node
+    # (per log level: 4xx and 5xx lines are counted apart): up to it every request is
+    # written and counted exactly, beyond it one request in access_log_every. The agent
+    # weighs each line by the requests it stands for (pleaco.ingress.traffic), so the
+    # figures stay within about access_log_every requests per second per node of the truth.
+    # A written line costs Caddy about 40 microseconds of CPU, a third of what proxying the
+    # request costs: writing all, the proxy did 0.77x of a bare Caddy's requests/s, one in
+    # 10 1.01x (benchmarks/README.md). Below 100 requests/s the cost is noise and the
+    # figures exact. access_log_every = 1 writes every request.
+    access_log_first: int = 100
+    access_log_every: int = 10
+    # Connections the proxy opens to one replica at most (Caddy's max_conns_per_host; more
+    # requests wait in the proxy for one to free up); 0: no limit, Caddy's default. A
+    # server with a short accept backlog (busybox httpd listens with 9) drops the SYNs of a
+    # burst beyond it, and each dropped SYN costs its request a 1 s retransmission: 8 takes
+    # the close-per-request benchmark's p99 from about 1 s to within 2x of direct. Not the
+    # default, because it also caps requests in flight per replica through this proxy
+    # (a long poll or WebSocket holds one): the right number is the app's.
+    upstream_max_conns: int = 0
+    # Seconds between this node's load reports (pleaco.ingress.load): its per-app traffic,
+    # replicas and their CPU and memory, gossiped to every node. The autoscaler's panic
+    # window is 6 s: a report every 2 s gives it three samples per window, at one small
+    # piggybacked gossip item per node (no store write).
+    load_interval: float = 2.0
     # Seconds between looks for other agents' proxies that take this node's addresses (a
     # proxy left behind by an agent whose data dir was lost: both would bind the ports and
     # split the traffic). One container listing per look; a look also happens at once
@@ -69,9 +95,16 @@ class ProxyConfig:
                 problems.append("proxy.admin_listen: must be a loopback address (the admin API controls every route)")
         if _split(self.https_listen) is None:
             problems.append(f"proxy.https_listen: expected HOST:PORT, got {self.https_listen!r}")
-        for name in ("interval", "try_duration", "health_interval", "admin_timeout", "orphan_check_interval"):
+        for name in ("interval", "try_duration", "health_interval", "admin_timeout", "orphan_check_interval",
+                     "load_interval"):
             if not getattr(self, name) > 0:
                 problems.append(f"proxy.{name}: must be greater than 0")
+        if self.access_log_first < 1:
+            problems.append("proxy.access_log_first: must be at least 1")
+        if self.access_log_every < 1:
+            problems.append("proxy.access_log_every: must be at least 1 (1: every request)")
+        if self.upstream_max_conns < 0:
+            problems.append("proxy.upstream_max_conns: must be at least 0 (0: no limit)")
         if self.orphan_grace < 0:
             problems.append("proxy.orphan_grace: must be at least 0")
         return problems

@@ -50,7 +50,7 @@ from pleaco.ingress.config import IngressSettings
 from pleaco.ingress.dns import UpstreamDNS
 from pleaco.ingress.hosts import MOUNT_AT, HostsFile
 from pleaco.ingress.orphans import OrphanSweeper, known_members, settings_addresses
-from pleaco.ingress.traffic import TrafficStats
+from pleaco.ingress.traffic import Sampling, TrafficStats
 from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.reconcile.loop import Loop
 from pleaco.reconcile.publish import local_dial_host
@@ -108,7 +108,7 @@ class ProxyReconciler(Loop):
         self.live_nodes = live_nodes or (lambda: [self.node_id])
         self.runtime = runtime
         self.dir = data_dir / "proxy"
-        self.traffic = TrafficStats(registry)
+        self.traffic = TrafficStats(registry, sampling=Sampling(cfg.proxy.access_log_first, cfg.proxy.access_log_every))
         self.up = False  # the proxy runs and holds the applied config
         self.last_error = "not checked yet"
         self.container: InfraInfo | None = None
@@ -171,6 +171,7 @@ class ProxyReconciler(Loop):
             access_log=f"127.0.0.1:{self._access_port}" if self._access_port and not static else "",
             dns=f"127.0.0.1:{self._dns_port}" if self._dns_port and not static else "",
             dns_refresh=DNS_REFRESH, dns_grace=DNS_GRACE if self._grace_supported else 0.0,
+            upstream_max_conns=p.upstream_max_conns, log_sampling=self.traffic.sampling,
         )
 
     def routes(self) -> list[Route]:

@@ -16,7 +16,7 @@ from aiohttp import web
 from pleaco import config
 from pleaco.apps import ValidationError, validate_deploy
 from pleaco.config import ConfigError, load
-from pleaco.ingress import dns
+from pleaco.ingress import dns, traffic
 from pleaco.ingress.caddy import (
     CaddyAdmin,
     ForeignProxy,
@@ -183,7 +183,7 @@ def test_access_log_lines_become_per_app_metrics() -> None:
     assert 'pleaco_app_request_duration_seconds_bucket{app="web",le="0.005"} 4' in text
     assert 'pleaco_proxy_access_log_lines_total{result="unknown_host"} 1' in text
     assert 'pleaco_proxy_access_log_lines_total{result="unparsed"} 1' in text
-    assert stats.in_flight()[("web",)] == pytest.approx(4 * 0.003 / 10, abs=0.001)
+    assert stats.in_flight()[("web",)] == pytest.approx(4 * 0.003 / traffic.WINDOW, abs=0.001)
 
 
 def test_proxy_and_rollout_settings_load_from_env_and_are_validated() -> None:
