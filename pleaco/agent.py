@@ -221,7 +221,7 @@ class Agent:
         self._register_node(store, identity, current_upgrade(marks, local))
         # Cluster upgrades: bundles between nodes (channel U), the plan's turns, the API.
         shelf = BundleShelf(cfg.data_dir, cluster)
-        upgrades = UpgradeRollout(cfg.cluster_upgrade, store, me, lambda: self._node_base(identity), cluster.members,
+        upgrades = UpgradeRollout(cfg.upgrade, store, me, lambda: self._node_base(identity), cluster.members,
                                  local, shelf, marks)
         runner.add(upgrades)
         cluster.hold = upgrades.holds  # a node restarting into a release keeps its replicas
@@ -243,7 +243,7 @@ class Agent:
         )
         add_cluster_routes(api.app, cluster, lambda: {"containers": len(view.observed.containers)})
         add_proxy_routes(api.app, proxy)
-        UpgradeRoutes(cfg.cluster_upgrade, store, me, shelf, local, cluster.members, upgrades.wake).add_to(api.app)
+        UpgradeRoutes(cfg.upgrade, store, me, shelf, local, cluster.members, upgrades.wake).add_to(api.app)
         build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)
         # Secrets are sealed with the cluster key once there is one, with a node-local key
         # before; founding or joining re-seals the local ones, and so does this start

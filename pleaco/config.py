@@ -27,7 +27,6 @@ from pleaco.host.config import UpgradeSettings
 from pleaco.hostport import HostPortError
 from pleaco.hostport import parse_host_port as parse_host_port  # re-exported: the agent's and tests' HOST:PORT parser
 from pleaco.ingress.config import IngressSettings
-from pleaco.reconcile.config import ClusterUpgradeConfig
 
 DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
 
@@ -63,8 +62,6 @@ class Config(ClusterSettings, IngressSettings):
     upgrade: UpgradeSettings = field(default_factory=UpgradeSettings)
     # Every replica's limits when its deploy names none: the [apps] table (pleaco/apps.py).
     apps: AppDefaults = field(default_factory=AppDefaults)
-    # The cluster rollout of release bundles: the [cluster_upgrade] table (pleaco/reconcile/config.py).
-    cluster_upgrade: ClusterUpgradeConfig = field(default_factory=ClusterUpgradeConfig)
 
     @property
     def api_host_port(self) -> tuple[str, int]:

@@ -3,7 +3,7 @@
     POST /v1/upgrade     the body is a release bundle: verified, kept here, and a plan written
     GET  /v1/upgrade     the plan and each node's state
 
-The bundle is streamed to a file in the data dir (``[cluster_upgrade] max_bundle_bytes``
+The bundle is streamed to a file in the data dir (``[upgrade] max_bundle_bytes``
 at most, each read within ``[api] body_timeout``), never held in memory, and verified
 (signature, digests, newer than the running version) before anything else: a refused
 bundle is a 400 naming the problem and changes nothing, no plan and no file left.
@@ -26,7 +26,7 @@ from pleaco.api import jsonbody
 from pleaco.api.errors import ApiError
 from pleaco.errors import InvalidInput, Unavailable
 from pleaco.host.bundleship import BundleShelf
-from pleaco.reconcile.config import ClusterUpgradeConfig
+from pleaco.host.config import UpgradeSettings
 from pleaco.reconcile.upgrade import (
     PLAN_KEY,
     LocalUpgrades,
@@ -45,7 +45,7 @@ LIVE = ("alive", "suspect")
 
 
 class UpgradeRoutes:
-    def __init__(self, cfg: ClusterUpgradeConfig, store: Store, node_id: str, shelf: BundleShelf,
+    def __init__(self, cfg: UpgradeSettings, store: Store, node_id: str, shelf: BundleShelf,
                  local: LocalUpgrades | None, members: Callable[[], list[dict[str, Any]]],
                  on_plan: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
@@ -99,7 +99,7 @@ class UpgradeRoutes:
         reading when the client says its length), 408 when a read stalls."""
         limit = self.cfg.max_bundle_bytes
         too_large = ApiError(413, "body_too_large", f"bundle too large (limit {limit} bytes, "
-                                                    "[cluster_upgrade] max_bundle_bytes)")
+                                                    "[upgrade] max_bundle_bytes)")
         if request.content_length is not None and request.content_length > limit:
             raise too_large
         timeout = request.app.get(jsonbody.BODY_TIMEOUT, jsonbody.DEFAULT_BODY_TIMEOUT)

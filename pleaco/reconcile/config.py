@@ -106,33 +106,3 @@ class ReconcileSettings:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     # The autoscaler's tick and memory: the [autoscale] table.
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
-
-
-@dataclass
-class ClusterUpgradeConfig:
-    """The cluster rollout of a release bundle (pleaco/reconcile/upgrade.py, POST
-    /v1/upgrade): the ``[cluster_upgrade]`` table. The one-node upgrade's own settings
-    (trusted keys, slots, health deadline) are the ``[upgrade]`` table."""
-
-    # Largest bundle POST /v1/upgrade accepts (bytes). A bundle is pleaco's wheels and
-    # those of its dependencies, about 15 MiB; 256 MiB leaves room for growth and still
-    # stops a wrong file (a disk image) before it fills the data dir.
-    max_bundle_bytes: int = 256 << 20
-    # A node of the plan not heard from for this many seconds is skipped (it left the
-    # cluster). Longer than an upgrading node's restart plus its health deadline (tens of
-    # seconds), so a node restarting into a new release is never taken for gone.
-    absent_after: float = 300.0
-    # Seconds a node restarting into a new release keeps its replicas while the others see
-    # it dead or back but settling (placement_settle): an agent restarts in 1-3 s and is
-    # confirmed a second later; past this its replicas move as for any dead node.
-    restart_hold: float = 30.0
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.max_bundle_bytes < 1:
-            problems.append("cluster_upgrade.max_bundle_bytes: must be at least 1")
-        if not self.absent_after > 0:
-            problems.append("cluster_upgrade.absent_after: must be greater than 0")
-        if self.restart_hold < 0:
-            problems.append("cluster_upgrade.restart_hold: must be at least 0")
-        return problems

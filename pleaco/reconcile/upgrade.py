@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from pleaco import __version__, logs
 from pleaco.errors import Conflict, InvalidInput
-from pleaco.reconcile.config import ClusterUpgradeConfig
+from pleaco.host.config import UpgradeSettings
 from pleaco.reconcile.loop import Loop
 from pleaco.store import Store
 
@@ -354,7 +354,7 @@ class UpgradeRollout(Loop):
     name = "upgrades"
     interval = 1.0  # a turn starts within a second of the node before finishing
 
-    def __init__(self, cfg: ClusterUpgradeConfig, store: Store, node_id: str, base_record: Callable[[], dict[str, Any]],
+    def __init__(self, cfg: UpgradeSettings, store: Store, node_id: str, base_record: Callable[[], dict[str, Any]],
                  members: Callable[[], list[dict[str, Any]]], local: LocalUpgrades | None, bundles: Bundles,
                  marks: PlanMarks) -> None:
         super().__init__()

@@ -21,8 +21,8 @@ from pleaco.api.server import ApiServer
 from pleaco.api.upgrade import UpgradeRoutes
 from pleaco.errors import InvalidInput
 from pleaco.host.bundleship import BundleShelf
+from pleaco.host.config import UpgradeSettings
 from pleaco.identity import Identity
-from pleaco.reconcile.config import ClusterUpgradeConfig
 from pleaco.reconcile.upgrade import (
     MAX_PLAN_NODES,
     PLAN_KEY,
@@ -182,7 +182,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def make_loop(store: Store, tmp_path: Path, local: FakeLocal | None, members: list[dict[str, Any]]) -> UpgradeRollout:
     me = store.identity.node_id
     base = {"name": "me", "public_key": store.identity.public_key.hex(), "version": __version__}
-    return UpgradeRollout(ClusterUpgradeConfig(), store, me, lambda: dict(base), lambda: members, local,
+    return UpgradeRollout(UpgradeSettings(), store, me, lambda: dict(base), lambda: members, local,
                           FakeBundles(tmp_path), PlanMarks(tmp_path))
 
 
@@ -288,7 +288,7 @@ def api_app(store: Store, tmp_path: Path, local: FakeLocal | None,
             members: list[dict[str, Any]]) -> tuple[web.Application, BundleShelf]:
     shelf = BundleShelf(tmp_path)
     server = _bare_server(store)  # its auth and error middlewares
-    UpgradeRoutes(ClusterUpgradeConfig(max_bundle_bytes=1000), store, store.identity.node_id, shelf, local,
+    UpgradeRoutes(UpgradeSettings(max_bundle_bytes=1000), store, store.identity.node_id, shelf, local,
                   lambda: members).add_to(server.app)
     return server.app, shelf
 
