@@ -59,9 +59,17 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
         return agent.start() if start else agent
 
     yield make
+    # Every agent is cleaned up whatever one's cleanup raises (a leaked agent would hold
+    # its addresses and containers for the rest of the session); the first error is raised.
+    errors: list[Exception] = []
     for agent in agents:
         print(f"==== log of agent {agent.data_dir.name} ====\n{agent.log_tail(200)}")
-        agent.cleanup()
+        try:
+            agent.cleanup()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture
