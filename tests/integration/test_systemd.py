@@ -69,6 +69,8 @@ def dropin() -> str:
         "ExecStart=",
         f"ExecStart={VENV}/bin/pleaco agent",
         f"Environment=PYTHONPATH={REPO}",  # this checkout, not the venv's editable install's
+        # The unit's PrivateTmp hides the node's /tmp, where a CI clone (and its venv) may be.
+        "BindReadOnlyPaths=" + " ".join(sorted({str(REPO), str(VENV), str(BASE_PYTHON)})),
         "Environment=PLEACO_PROXY_IMAGE=",  # no proxy: it would publish ports on the host's engine
         "Environment=PLEACO_DISCOVERY=none",
         f"Environment=PLEACO_API_LISTEN=0.0.0.0:{API_PORT}",
