@@ -87,6 +87,8 @@ def load_or_create_token(cfg: Config) -> str:
         if token:
             return token
     token = secrets.token_urlsafe(32)
+    while token.startswith("-"):  # `pleaco --token -x...` would read as an option (1 token in 64)
+        token = secrets.token_urlsafe(32)
     write_secret_file(path, (token + "\n").encode())
     return token
 
