@@ -118,6 +118,8 @@ def listeners(cfg: Config) -> list[Listener]:
     if cfg.proxy_image:
         found += [Listener("proxy", cfg.proxy_listen), Listener("proxy https", cfg.proxy.https_listen),
                   Listener("proxy admin", cfg.proxy.admin_listen)]
+        if cfg.proxy.activator_listen:
+            found.append(Listener("proxy activator", cfg.proxy.activator_listen))
     return found
 
 
@@ -204,9 +206,14 @@ class Agent:
             runner.add(proxy)
         else:
             log.info("proxy.disabled")
-        runner.add(LoadReporter(cfg.proxy.load_interval, view,
-                                proxy.traffic if proxy.enabled and cfg.proxy.access_metrics else None,
-                                cluster.publish_load, cluster.loads, registry))
+        activator = proxy.activator if proxy.enabled else None
+        load_reporter = LoadReporter(cfg.proxy.load_interval, view,
+                                     proxy.traffic if proxy.enabled and cfg.proxy.access_metrics else None,
+                                     cluster.publish_load, cluster.loads, registry,
+                                     held=activator.held if activator is not None else None)
+        runner.add(load_reporter)
+        if activator is not None:
+            activator.on_wake = load_reporter.wake  # the held demand reported before the wake is written
         runner.add(RolloutGuard(cfg.rollout, view, routes, owners, registry, cluster.placement_nodes,
                                 on_rollback=reconciler.wake))
         runner.add(TombstoneCollector(store, cfg.tombstone_ttl))

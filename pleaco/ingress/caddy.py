@@ -19,6 +19,7 @@ import aiohttp
 from pleaco import hostport, logs
 from pleaco.apps import ValidationError, validate_hostname
 from pleaco.errors import PleacoError
+from pleaco.ingress.activator import APP_HEADER
 from pleaco.ingress.dns import srv_name
 from pleaco.ingress.traffic import Sampling
 from pleaco.urlpath import health_path_problem
@@ -49,6 +50,9 @@ class Route:
     https: str  # off | on | redirect
     health: str | None
     upstreams: tuple[Upstream, ...]
+    # The app scales to zero: without upstreams its requests go to the activator (when
+    # the settings name one), not to the immediate 503.
+    activate: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class ProxySettings:
     upstream_max_conns: int = 0
     # The access log's sampling (see pleaco.ingress.traffic.Sampling).
     log_sampling: Sampling = field(default_factory=Sampling)
+    # HOST:PORT of the agent's activator (pleaco.ingress.activator); empty: none (and in the
+    # boot file, which must work without the agent).
+    activator: str = ""
 
 
 def _listen(addr: str) -> str:
@@ -136,6 +143,13 @@ def _host_route(route: Route, s: ProxySettings, redirect: bool) -> dict[str, Any
         }]
     elif route.upstreams:
         handle = [_proxy_handler(route, s)]
+    elif route.activate and s.activator:
+        # Scaled to zero: the activator holds the request while a first replica starts.
+        # The app's name travels in a header Caddy sets (a client's own is replaced).
+        handle = [{"handler": "reverse_proxy", "upstreams": [{"dial": s.activator}],
+                   "headers": {"request": {"set": {APP_HEADER: [route.app]}}},
+                   # Stream the answer as it comes (the app's, once released to it).
+                   "flush_interval": -1}]
     else:
         # Known host, nothing healthy yet: say so rather than fall through to a 404.
         handle = [{"handler": "static_response", "status_code": 503,

@@ -21,6 +21,13 @@ def _split(value: str) -> tuple[str, int] | None:
         return None
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class ProxyConfig:
     # Caddy's admin API. Caddy's own default address; loopback only (validated), because
@@ -80,6 +87,20 @@ class ProxyConfig:
     # them until the cluster declares that node dead (seconds) and drains them (drain_grace
     # plus the mesh delay); a minute covers that with room, and they only cost resources.
     orphan_grace: float = 60.0
+    # The activator (pleaco.ingress.activator): where this node's proxy sends the requests
+    # for an app scaled to zero, on the agent's loopback (validated), held there while the
+    # first replica starts. Next to Caddy's admin port (2019), away from the API (7400)
+    # and gossip (7401). Empty: no activator, such a request gets a 503 at once.
+    activator_listen: str = "127.0.0.1:2020"
+    # Requests held per app on this node at most; one more gets a 503 naming the bound.
+    # Knative's activator buffers without a per-revision bound; a bound keeps a burst on a
+    # cold app from holding the agent's memory and file descriptors: 100 is far more than
+    # one replica answers in a start, and a held request costs two sockets.
+    activator_max_held: int = 100
+    # Seconds a held request waits for a first healthy replica, then a 503 naming the
+    # timeout. A start is about a second for a small image already present, tens of seconds
+    # with a pull or a slow health check; 30 s is before most clients give up on their own.
+    activator_hold_timeout: float = 30.0
 
     def validate(self) -> list[str]:
         problems = []
@@ -87,11 +108,7 @@ class ProxyConfig:
         if admin is None:
             problems.append(f"proxy.admin_listen: expected HOST:PORT, got {self.admin_listen!r}")
         else:
-            try:
-                loopback = admin[0] == "localhost" or ipaddress.ip_address(admin[0]).is_loopback
-            except ValueError:
-                loopback = False
-            if not loopback:
+            if not _loopback(admin[0]):
                 problems.append("proxy.admin_listen: must be a loopback address (the admin API controls every route)")
         if _split(self.https_listen) is None:
             problems.append(f"proxy.https_listen: expected HOST:PORT, got {self.https_listen!r}")
@@ -105,6 +122,17 @@ class ProxyConfig:
             problems.append("proxy.access_log_every: must be at least 1 (1: every request)")
         if self.upstream_max_conns < 0:
             problems.append("proxy.upstream_max_conns: must be at least 0 (0: no limit)")
+        if self.activator_listen:
+            activator = _split(self.activator_listen)
+            if activator is None:
+                problems.append(f"proxy.activator_listen: expected HOST:PORT or empty, got {self.activator_listen!r}")
+            elif not _loopback(activator[0]):
+                problems.append("proxy.activator_listen: must be a loopback address (only this node's proxy "
+                                "sends requests to it)")
+        if self.activator_max_held < 1:
+            problems.append("proxy.activator_max_held: must be at least 1")
+        if not self.activator_hold_timeout > 0:
+            problems.append("proxy.activator_hold_timeout: must be greater than 0")
         if self.orphan_grace < 0:
             problems.append("proxy.orphan_grace: must be at least 0")
         return problems

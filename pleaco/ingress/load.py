@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from pleaco.cluster.load import LoadView
 from pleaco.cluster.messages import AppLoadEntry
-from pleaco.ingress.traffic import TrafficStats
+from pleaco.ingress.traffic import WINDOW, TrafficStats
 from pleaco.metrics import Gauge, Registry
 from pleaco.reconcile.loop import Loop
 from pleaco.reconcile.view import NodeView
@@ -42,7 +42,8 @@ class LoadReporter(Loop):
 
     def __init__(self, interval: float, view: NodeView, traffic: TrafficStats | None,
                  publish: Callable[[list[AppLoadEntry]], None], loads: LoadView, registry: Registry,
-                 usage: CgroupUsage | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 usage: CgroupUsage | None = None, clock: Callable[[], float] = time.monotonic,
+                 held: Callable[[], dict[str, int]] | None = None) -> None:
         super().__init__()
         self.interval = interval
         self.view = view
@@ -51,6 +52,8 @@ class LoadReporter(Loop):
         self.loads = loads
         self.usage = usage or CgroupUsage()
         self.clock = clock
+        # The activator's held requests by app (pleaco.ingress.activator): demand too.
+        self.held = held or dict
         self._cpu: dict[str, tuple[float, float]] = {}  # container id -> (clock, cpu seconds)
         self.replicas: list[ReplicaUsage] = []
         self._reported: set[str] = set()
@@ -100,13 +103,19 @@ class LoadReporter(Loop):
         for c in self.view.observed.containers:
             if c.running:
                 running[c.app] = running.get(c.app, 0) + 1
-        apps = set(traffic) | set(running)
+        held = self.held()
+        apps = set(traffic) | set(running) | set(held)
         out = []
         for app in sorted(apps | self._reported):
             t = traffic.get(app)
             mine = replicas.get(app, [])
+            # A held request has not reached the access log (a line is written when it
+            # ends): it counts as one in flight, and as the one request it will be in the
+            # traffic window, so an app woken from zero is not idle while it starts.
+            waiting = held.get(app, 0)
             out.append(AppLoadEntry(
-                app=app, rps=t.rps if t else 0.0, concurrency=t.concurrency if t else 0.0,
+                app=app, rps=(t.rps if t else 0.0) + waiting / WINDOW,
+                concurrency=(t.concurrency if t else 0.0) + waiting,
                 p50=t.p50 if t else None, p99=t.p99 if t else None, replicas=running.get(app, 0),
                 cpu=sum(r.cpu or 0.0 for r in mine), memory=sum(r.memory for r in mine)))
         self._reported = apps

@@ -45,6 +45,7 @@ from typing import Any
 import aiohttp
 
 from pleaco import hostport, logs
+from pleaco.ingress.activator import Activator, ActivatorSettings
 from pleaco.ingress.caddy import AdminError, CaddyAdmin, ProxySettings, Route, Upstream, admin_session, build_config
 from pleaco.ingress.config import IngressSettings
 from pleaco.ingress.dns import UpstreamDNS
@@ -128,6 +129,12 @@ class ProxyReconciler(Loop):
         self._admin: CaddyAdmin | None = None
         self._grace_supported = True  # until the proxy refuses grace_period (Caddy < 2.7.5)
         self.dns = UpstreamDNS()
+        # Holds the requests for apps at zero (started in setup when configured).
+        self.activator: Activator | None = None
+        if cfg.proxy.activator_listen:
+            p = cfg.proxy
+            self.activator = Activator(ActivatorSettings(p.activator_listen, p.activator_max_held,
+                                                         p.activator_hold_timeout), self.apps, self.serving, registry)
         self.hosts = HostsFile.for_host(self.dir / "hosts")
         self._boot_written: dict[str, Any] | None = None
         # This start's part of the admin identity marker (see CaddyAdmin), and the cleanup
@@ -172,6 +179,7 @@ class ProxyReconciler(Loop):
             dns=f"127.0.0.1:{self._dns_port}" if self._dns_port and not static else "",
             dns_refresh=DNS_REFRESH, dns_grace=DNS_GRACE if self._grace_supported else 0.0,
             upstream_max_conns=p.upstream_max_conns, log_sampling=self.traffic.sampling,
+            activator=p.activator_listen if self.activator is not None and not static else "",
         )
 
     def routes(self) -> list[Route]:
@@ -218,8 +226,15 @@ class ProxyReconciler(Loop):
             for inst in self.route_table.instances(spec.name, live):
                 if inst.serving and inst.address and view.reachable(inst.address):
                     ups.append(Upstream(inst.address, f"{inst.node}/{inst.container}"))
-            out.append(Route(spec.name, name, getattr(spec, "https", None) or "on", spec.health, tuple(ups)))
+            policy = self.apps.autoscale(spec.name)
+            out.append(Route(spec.name, name, getattr(spec, "https", None) or "on", spec.health, tuple(ups),
+                             activate=policy is not None and policy.scale_to_zero_after is not None))
         return out
+
+    def serving(self, app: str) -> list[str]:
+        """Where the app's serving replicas are (HOST:PORT, this node's and the others'),
+        as the routes have them: what the activator releases held requests to."""
+        return [u.address for r in self.routes() if r.app == app for u in r.upstreams]
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -231,6 +246,15 @@ class ProxyReconciler(Loop):
             self._server = await asyncio.start_server(self.traffic.handle, "127.0.0.1", 0)
             self._access_port = int(self._server.sockets[0].getsockname()[1])
         self._dns_transport = await self._start_dns(asyncio.get_running_loop())
+        if self.activator is not None:
+            try:
+                await self.activator.start()
+            except OSError as exc:
+                # Apps at zero then get the proxy's immediate 503, as without an activator.
+                log.error("activator.listen_failed", address=self.cfg.proxy.activator_listen,
+                          error=exc.strerror or str(exc))
+                await self.activator.stop()
+                self.activator = None
         self._session = admin_session()
         self._admin = CaddyAdmin(self._session, self.cfg.proxy.admin_listen, self.cfg.proxy.admin_timeout,
                                  node_id=self.node_id, nonce=self.nonce, on_foreign=self.orphans.note_foreign)
@@ -245,6 +269,8 @@ class ProxyReconciler(Loop):
                                                                        self.settings(static=True))))
                     log.info("proxy.static_config_applied", reason="agent stopping")
         finally:
+            if self.activator is not None:
+                await self.activator.stop()
             if self._dns_transport is not None:
                 self._dns_transport.close()
             if self._server is not None:
