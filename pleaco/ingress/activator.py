@@ -2,9 +2,13 @@
 
 An app autoscaled with scale to zero (``--min 0 --scale-to-zero-after S``) that has no
 serving replica is routed by the proxy (every node's, pleaco.ingress.caddy) to this
-server, on the agent's loopback (``[proxy] activator_listen``), with the app's name in the
-``X-Pleaco-Activate`` header, as Knative routes a revision at zero to its activator. For
-each request it:
+server, on the agent's loopback (``[proxy] activator_listen``), as Knative routes a
+revision at zero to its activator: the app's route is the same reverse proxy with or
+without replicas, and the agent's DNS (pleaco.ingress.dns) answers with the activator's
+address while there are none. So the config never changes between zero and one replica: a
+reload would cut the requests in flight to the activator just as it releases them (seen in
+tests/integration/test_activator.py with a separate activator route). Caddy passes the
+Host header on, which names the app. For each request the activator:
 
 1. takes a place in the app's queue on this node: at most ``activator_max_held`` requests
    are held at once; one more gets a 503 at once naming the bound, with a Retry-After;
@@ -51,9 +55,6 @@ from pleaco.metrics import Counter, Gauge, Registry
 
 log = logs.get("pleaco.ingress.activator")
 
-# The header the proxy's route to the activator sets (pleaco.ingress.caddy): which app the
-# request is for. Set by Caddy on its way here, so a client cannot choose it.
-APP_HEADER = "X-Pleaco-Activate"
 # Seconds between looks at the routes (and wakes) while requests are held: a replica that
 # turns healthy is seen within this, a small part of a container's start.
 POLL = 0.05
@@ -85,10 +86,12 @@ class _Queue:
 
 
 class Activator:
-    def __init__(self, settings: ActivatorSettings, apps: AppStore, upstreams: Callable[[str], list[str]],
-                 registry: Registry, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: ActivatorSettings, apps: AppStore, app_of: Callable[[str], str | None],
+                 upstreams: Callable[[str], list[str]], registry: Registry,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.apps = apps
+        self.app_of = app_of  # host name (a Host header) -> the app served under it
         self.upstreams = upstreams  # app -> the addresses (HOST:PORT) of its serving replicas
         self.clock = clock
         self.queues: dict[str, _Queue] = {}
@@ -159,7 +162,7 @@ class Activator:
                             headers={"Retry-After": retry_after(self.settings.hold_timeout)})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        app = request.headers.get(APP_HEADER, "")
+        app = self.app_of(request.host) or ""
         if not app or self.apps.get(app) is None:
             return web.Response(status=404, text="no app is served under this host name\n")
         s = self.settings
@@ -220,7 +223,7 @@ class Activator:
     async def _forward(self, app: str, address: str, request: web.Request, arrived: float) -> web.StreamResponse:
         assert self._session is not None
         headers = [(k, v) for k, v in request.headers.items()
-                   if k.lower() not in HOP_BY_HOP and k.lower() != APP_HEADER.lower()]
+                   if k.lower() not in HOP_BY_HOP]
         body = request.content if request.body_exists else None
         response: web.StreamResponse | None = None
         try:

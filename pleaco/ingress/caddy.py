@@ -19,7 +19,6 @@ import aiohttp
 from pleaco import hostport, logs
 from pleaco.apps import ValidationError, validate_hostname
 from pleaco.errors import PleacoError
-from pleaco.ingress.activator import APP_HEADER
 from pleaco.ingress.dns import srv_name
 from pleaco.ingress.traffic import Sampling
 from pleaco.urlpath import health_path_problem
@@ -51,7 +50,7 @@ class Route:
     health: str | None
     upstreams: tuple[Upstream, ...]
     # The app scales to zero: without upstreams its requests go to the activator (when
-    # the settings name one), not to the immediate 503.
+    # the settings name one, with the agent's DNS), not to the immediate 503.
     activate: bool = False
 
 
@@ -143,13 +142,11 @@ def _host_route(route: Route, s: ProxySettings, redirect: bool) -> dict[str, Any
         }]
     elif route.upstreams:
         handle = [_proxy_handler(route, s)]
-    elif route.activate and s.activator:
-        # Scaled to zero: the activator holds the request while a first replica starts.
-        # The app's name travels in a header Caddy sets (a client's own is replaced).
-        handle = [{"handler": "reverse_proxy", "upstreams": [{"dial": s.activator}],
-                   "headers": {"request": {"set": {APP_HEADER: [route.app]}}},
-                   # Stream the answer as it comes (the app's, once released to it).
-                   "flush_interval": -1}]
+    elif route.activate and s.activator and s.dns:
+        # Scales to zero: the same handler with or without replicas, so going to zero and
+        # back changes no config (a reload would cut the requests the activator is just
+        # releasing); with none, the agent's DNS answers with the activator instead.
+        handle = [_proxy_handler(route, s)]
     else:
         # Known host, nothing healthy yet: say so rather than fall through to a 404.
         handle = [{"handler": "static_response", "status_code": 503,

@@ -134,7 +134,8 @@ class ProxyReconciler(Loop):
         if cfg.proxy.activator_listen:
             p = cfg.proxy
             self.activator = Activator(ActivatorSettings(p.activator_listen, p.activator_max_held,
-                                                         p.activator_hold_timeout), self.apps, self.serving, registry)
+                                                         p.activator_hold_timeout), self.apps, self.app_of,
+                                       self.serving, registry)
         self.hosts = HostsFile.for_host(self.dir / "hosts")
         self._boot_written: dict[str, Any] | None = None
         # This start's part of the admin identity marker (see CaddyAdmin), and the cleanup
@@ -230,6 +231,11 @@ class ProxyReconciler(Loop):
             out.append(Route(spec.name, name, getattr(spec, "https", None) or "on", spec.health, tuple(ups),
                              activate=policy is not None and policy.scale_to_zero_after is not None))
         return out
+
+    def app_of(self, host: str) -> str | None:
+        """The app served under this host name (as a request's Host header has it)."""
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return next((r.app for r in self.routes() if r.host == name.lower()), None)
 
     def serving(self, app: str) -> list[str]:
         """Where the app's serving replicas are (HOST:PORT, this node's and the others'),
@@ -431,10 +437,7 @@ class ProxyReconciler(Loop):
     def _serve(self, routes: list[Route]) -> None:
         """Answer the proxy's upstream lookups with these routes (Caddy has them within
         DNS_REFRESH), and tell the drain which of this node's containers it routes to."""
-        upstreams = {
-            r.app: [hostport.split(u.address) for u in r.upstreams]
-            for r in routes
-        }
+        upstreams = dns_upstreams(routes, self.cfg.proxy.activator_listen if self.activator is not None else "")
         # Names first, then the DNS points at them: Caddy rarely has to ask for an address.
         self.hosts.ensure(ip for ups in upstreams.values() for ip, _ in ups)
         self.dns.set_upstreams(upstreams)
@@ -461,6 +464,19 @@ class ProxyReconciler(Loop):
                 for r in self.applied_routes
             ],
         }
+
+
+def dns_upstreams(routes: list[Route], activator: str) -> dict[str, list[tuple[str, int]]]:
+    """What the agent's DNS answers for each app: its replicas; for an app that scales to
+    zero and has none, the activator (``activator``, empty: none), which holds its
+    requests while a first replica starts."""
+    out = {}
+    for r in routes:
+        ups = [hostport.split(u.address) for u in r.upstreams]
+        if not ups and r.activate and activator:
+            ups = [hostport.split(activator)]
+        out[r.app] = ups
+    return out
 
 
 def boot_upstreams_ips(path: Path) -> list[str]:

@@ -250,6 +250,7 @@ class AppReconciler(Loop):
             state = self._state(key)
             if current:
                 keep = current[0]
+                view.drain.cancel(keep)  # if it was being drained: wanted again, it serves again
                 if self._observe_replica(key, keep, state, now, spec):
                     crashed.append((keep, state, spec))
                 if not keep.running and (keep.state == "created" or state.backoff.ready(now)):

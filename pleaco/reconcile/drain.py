@@ -51,6 +51,16 @@ class Drain:
     def draining(self, cid: str) -> bool:
         return cid in self.requested
 
+    def cancel(self, c: ContainerInfo) -> None:
+        """The app loop wants this container again before it was stopped (an app scaled to
+        zero and woken at once, ``apps scale`` down and up): it serves again as soon as it is
+        healthy, rather than staying out of every route until a restart."""
+        if c.id in self.requested:
+            self.requested.discard(c.id)
+            log.info("replica.drain_cancelled", app=c.app, replica=c.replica, release=c.release,
+                     container=c.id[:12], reason="wanted again")
+            self.on_request()
+
     def wait(self) -> float:
         return self.grace + self.proxy_delay + (MESH_DELAY if self.mesh() else 0.0)
 

@@ -192,18 +192,21 @@ CADDY = "pleaco/caddy:latest"  # made by scripts/images.sh
 
 @dataclass(frozen=True)
 class ProxyPorts:
-    """A proxy's three addresses on 127.0.0.1, each its own (agents on one host must not share them)."""
+    """A proxy's addresses on 127.0.0.1 (and its activator's), each its own (agents on one
+    host must not share them)."""
 
     http: int = field(default_factory=free_port)
     https: int = field(default_factory=free_port)
     admin: int = field(default_factory=free_port)
+    activator: int = field(default_factory=free_port)
 
     def args(self, image: str = CADDY) -> list[str]:
         return ["--proxy-image", image, "--proxy-listen", f"127.0.0.1:{self.http}"]
 
     def env(self) -> dict[str, str]:
         return {"PLEACO_PROXY_HTTPS_LISTEN": f"127.0.0.1:{self.https}",
-                "PLEACO_PROXY_ADMIN_LISTEN": f"127.0.0.1:{self.admin}"}
+                "PLEACO_PROXY_ADMIN_LISTEN": f"127.0.0.1:{self.admin}",
+                "PLEACO_PROXY_ACTIVATOR_LISTEN": f"127.0.0.1:{self.activator}"}
 
 
 # -- clusters of agents on 127.0.0.x ---------------------------------------------------

@@ -115,13 +115,14 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_failed_request(
 def test_scale_to_zero_when_idle_a_request_then_gets_a_503_and_wakes_the_app(
         agent_factory: Callable[..., AgentProcess]) -> None:
     """An idle app with min 0 goes to 0 replicas after its idle window, and stays there (the
-    traffic from before the idle window does not bring it back). The activator that holds
-    a request while the first replica starts comes later: until then the proxy answers a
+    traffic from before the idle window does not bring it back). Without an activator
+    ([proxy] activator_listen empty; with one, see test_activator.py) the proxy answers a
     request for an app at zero at once with a 503 naming it; that request is traffic the
     proxy reports, so the autoscaler starts a replica, and requests succeed once it is
     healthy."""
     p = start_proxied(agent_factory, "zero", env={"PLEACO_PROXY_LOAD_INTERVAL": "0.5",
-                                                  "PLEACO_AUTOSCALE_INTERVAL": "0.5"})
+                                                  "PLEACO_AUTOSCALE_INTERVAL": "0.5",
+                                                  "PLEACO_PROXY_ACTIVATOR_LISTEN": ""})
     client = p.agent.client
     client.deploy("slow", {"image": SLOW, "port": 8080, "health": "/healthz"})
     wait_for(lambda: p.get(HOST, "/healthz")[0] == 200, 60, "slow through the proxy")

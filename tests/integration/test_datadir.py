@@ -31,13 +31,13 @@ def test_a_second_agent_on_a_data_dir_in_use_refuses_naming_the_first(agent_fact
         second.cleanup()
 
 
-@pytest.mark.parametrize("shared", ["proxy", "proxy https", "proxy admin", "gossip"])
+@pytest.mark.parametrize("shared", ["proxy", "proxy https", "proxy admin", "proxy activator", "gossip"])
 def test_a_second_agent_on_an_address_in_use_refuses_naming_the_first(agent_factory: Factory, shared: str) -> None:
     mine = ProxyPorts()
     first = agent_factory("first", extra_args=mine.args(), env=mine.env())
     assert first.proc is not None
     # The second: its own data dir and ports, but for the one it shares with the first.
-    roles = {"proxy": "http", "proxy https": "https", "proxy admin": "admin"}
+    roles = {"proxy": "http", "proxy https": "https", "proxy admin": "admin", "proxy activator": "activator"}
     theirs = ProxyPorts(**({roles[shared]: getattr(mine, roles[shared])} if shared in roles else {}))
     args2 = theirs.args()
     if shared == "gossip":

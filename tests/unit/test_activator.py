@@ -22,9 +22,11 @@ from pleaco.apps import AppStore
 from pleaco.cluster.load import LoadView
 from pleaco.config import ConfigError, load
 from pleaco.identity import Identity
-from pleaco.ingress.activator import APP_HEADER, Activator, ActivatorSettings
+from pleaco.ingress.activator import Activator, ActivatorSettings
 from pleaco.ingress.caddy import ProxySettings, Route, Upstream, build_config
+from pleaco.ingress.dns import srv_name
 from pleaco.ingress.load import LoadReporter
+from pleaco.ingress.proxy import dns_upstreams
 from pleaco.metrics import Registry
 from pleaco.store import Store
 
@@ -50,6 +52,7 @@ def port() -> int:
 
 def activator(apps: AppStore, upstreams: list[str], max_held: int = 2, hold_timeout: float = 10.0) -> Activator:
     return Activator(ActivatorSettings(f"127.0.0.1:{port()}", max_held, hold_timeout), apps,
+                     lambda host: {"web.test": "web", "ghost.test": "ghost"}.get(host.split(":")[0]),
                      lambda app: list(upstreams), Registry())
 
 
@@ -76,7 +79,7 @@ def test_the_wake_writes_one_only_at_zero_and_only_once(apps: AppStore) -> None:
 
 async def _get(url: str, app: str = "web", **kw: Any) -> tuple[int, str, dict[str, str]]:
     async with aiohttp.ClientSession() as s, s.request(kw.pop("method", "GET"), url,
-                                                       headers={APP_HEADER: app, **kw.pop("headers", {})},
+                                                       headers={"Host": f"{app}.test", **kw.pop("headers", {})},
                                                        **kw) as r:
         return r.status, await r.text(), dict(r.headers)
 
@@ -146,7 +149,7 @@ def test_held_requests_are_released_to_the_first_replica_with_method_headers_and
     assert all(h["X-App"] == "yes" for _, _, h in got)
     post = next(r for r in seen if r["method"] == "POST")
     assert post["path"] == "/a/b?c=1" and post["body"] == b"payload" and post["headers"]["X-Mine"] == "1"
-    assert all(APP_HEADER not in r["headers"] for r in seen)
+    assert all(r["headers"]["Host"] == "web.test" for r in seen)
 
 
 def test_requests_for_no_app_are_refused(apps: AppStore) -> None:
@@ -184,20 +187,23 @@ def _handler(cfg: dict[str, Any], host: str) -> dict[str, Any]:
     return dict(found["handle"][0])
 
 
-def test_the_proxy_routes_an_app_at_zero_to_the_activator_and_one_with_replicas_straight() -> None:
+def test_the_proxy_routes_an_app_at_zero_to_the_activator_with_no_config_change() -> None:
     zero = Route("web", "web.test", "off", "/healthz", (), activate=True)
+    up = dataclasses.replace(zero, upstreams=(Upstream("127.0.0.1:3000", "c1"),))
     plain = Route("other", "other.test", "off", "/healthz", ())
     cfg = build_config([zero, plain], SETTINGS)
+    # The same reverse proxy with or without replicas (no reload between zero and one) ...
     h = _handler(cfg, "web.test")
-    assert h["handler"] == "reverse_proxy" and h["upstreams"] == [{"dial": "127.0.0.1:2020"}]
-    assert h["headers"] == {"request": {"set": {APP_HEADER: ["web"]}}}
-    # Without the policy, or in the boot file (no activator there): the immediate 503.
+    assert h["handler"] == "reverse_proxy" and h["dynamic_upstreams"]["name"] == srv_name("web")
+    assert build_config([up, plain], SETTINGS) == cfg
+    # ... whose upstreams the agent's DNS answers: the activator while there is no replica.
+    assert dns_upstreams([zero, plain], "127.0.0.1:2020") == {"web": [("127.0.0.1", 2020)], "other": []}
+    assert dns_upstreams([up], "127.0.0.1:2020") == {"web": [("127.0.0.1", 3000)]}
+    assert dns_upstreams([zero], "") == {"web": []}
+    # Without the policy, without an activator, or in the boot file: the immediate 503.
     assert _handler(cfg, "other.test")["status_code"] == 503
-    boot = build_config([zero], dataclasses.replace(SETTINGS, activator=""))
-    assert _handler(boot, "web.test")["status_code"] == 503
-    # With a replica: straight to the replicas.
-    up = dataclasses.replace(zero, upstreams=(Upstream("127.0.0.1:3000", "c1"),))
-    assert "dynamic_upstreams" in _handler(build_config([up], SETTINGS), "web.test")
+    for settings in (dataclasses.replace(SETTINGS, activator=""), dataclasses.replace(SETTINGS, dns="")):
+        assert _handler(build_config([zero], settings), "web.test")["status_code"] == 503
 
 
 @pytest.mark.parametrize(("env", "says"), [

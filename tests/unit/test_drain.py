@@ -33,3 +33,17 @@ def test_alone_and_without_a_proxy_nothing_waits() -> None:
     d = Drain(grace=5.0, proxy_delay=1.0)
     d.observe_serving({C.id}, {C.id}, now=0.0)
     assert d.may_remove(C, "scaled down", now=0.0)
+
+
+def test_a_replica_wanted_again_while_draining_serves_again() -> None:
+    """Scaled to zero and woken at once (or scaled down and up): the container being drained
+    is kept, and must not stay out of every route for good."""
+    asked: list[int] = []
+    d = Drain(grace=5.0, proxy_delay=1.0, on_request=lambda: asked.append(1))
+    d.observe_serving({C.id}, {C.id}, now=0.0)
+    d.proxy_applied({C.id}, now=0.0)
+    assert not d.may_remove(C, "scaled down", now=0.0) and d.draining(C.id)
+    d.cancel(C)
+    assert not d.draining(C.id) and asked == [1, 1]  # the change is published at once
+    d.cancel(C)  # not draining: nothing
+    assert asked == [1, 1]
