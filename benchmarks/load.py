@@ -47,7 +47,7 @@ RPS_SEEN = 10.0
 
 def proxy_config() -> str:
     return (f'proxy_image = "{CADDY}"\n[proxy]\nadmin_listen = "{LOOPBACK}:{free_port()}"\n'
-            f'https_listen = "{LOOPBACK}:{free_port()}"\n')
+            f'https_listen = "{LOOPBACK}:{free_port()}"\nactivator_listen = "{LOOPBACK}:{free_port()}"\n')
 
 
 def cluster_rps(agent: Agent) -> float | None:

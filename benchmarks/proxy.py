@@ -277,7 +277,7 @@ def run(opts: argparse.Namespace) -> list[Row]:
     require_image(CADDY)
     workdir = Path(tempfile.mkdtemp(prefix="pleaco-bench-proxy-"))
     config = (f'proxy_image = "{CADDY}"\n[proxy]\nadmin_listen = "{LOOPBACK}:{free_port()}"\n'
-              f'https_listen = "{LOOPBACK}:{free_port()}"\n')
+              f'https_listen = "{LOOPBACK}:{free_port()}"\nactivator_listen = "{LOOPBACK}:{free_port()}"\n')
     try:
         with keepalive_image(), Agent(workdir, "bench-proxy", config_text=config) as agent:
             rows = measure_latency(opts, agent, workdir)

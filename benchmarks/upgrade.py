@@ -101,6 +101,7 @@ class SlotAgent:
         config.write_text(f'proxy_image = "{CADDY}"\n'
                           f'[proxy]\nadmin_listen = "{LOOPBACK}:{free_port()}"\n'
                           f'https_listen = "{LOOPBACK}:{free_port()}"\n'
+                          f'activator_listen = "{LOOPBACK}:{free_port()}"\n'
                           f'[upgrade]\ntrusted_keys = ["{self.public_key}"]\nroot = "{self.root}"\n')
         cmd = [str(self.root / "current" / "bin" / "pleaco"), "agent", "--config", str(config),
                "--data-dir", str(self.data_dir), "--name", self.name, "--api-listen", f"{LOOPBACK}:{self.port}",
