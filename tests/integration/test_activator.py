@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from agentproc import AgentProcess, wait_for
+from agentproc import AgentProcess, alive_ids, free_port, wait_for
 from conftest import HELLO
 from test_autoscale import metrics
 from test_proxy import Proxied, routes, start_proxied
@@ -115,3 +115,41 @@ def test_a_request_to_an_app_at_zero_is_held_until_its_first_replica_answers_it(
     m = metrics(p.agent)
     assert m['pleaco_activator_requests_total{app="hello",result="full"}'] == n - MAX_HELD
     assert m[proxied] == before + MAX_HELD
+
+
+def test_requests_through_every_nodes_proxy_are_held_and_answered_by_a_replica_on_any_node(
+        agent_factory: Callable[..., AgentProcess]) -> None:
+    """Two nodes, each with its proxy and activator; the app at zero. One request through
+    each proxy at once: both are held, the app is woken (once: the count is 1), and both
+    are answered by its one replica, which runs on one of the nodes: the other node's
+    activator forwards to it across nodes, at the address its route record gives."""
+    env = {"PLEACO_PROXY_LOAD_INTERVAL": "0.5", "PLEACO_AUTOSCALE_INTERVAL": "0.5"}
+
+    def gossip(k: int) -> list[str]:
+        return ["--gossip-listen", f"127.0.0.{k}:{free_port()}", "--discovery", "seeds"]
+
+    first = start_proxied(agent_factory, "m0", gossip(2), env=env)
+    first.agent.client.request("POST", "/v1/cluster/init")
+    token = first.agent.client.request("GET", "/v1/cluster/token")["token"]
+    second = start_proxied(agent_factory, "m1", [*gossip(3), "--join-token", token], env=env)
+    nodes = [first, second]
+    ids = {p.agent.node_id for p in nodes}
+    wait_for(lambda: all(alive_ids(p.agent) == ids for p in nodes), 60, "2 nodes alive everywhere")
+    client = first.agent.client
+    client.deploy("hello", {"image": HELLO, "port": 8080, "health": "/healthz"})
+    wait_for(lambda: all(p.get(HOST)[0] == 200 for p in nodes), 90, "hello through both proxies")
+    client.autoscale("hello", {**POLICY, "max_replicas": 1})
+    for p in nodes:
+        at_zero(p)
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(timed_get, nodes))
+    assert [a.status for a in answers] == [200, 200], answers
+    assert all(a.body.startswith("hello from ") for a in answers), answers
+    app = client.app("hello")
+    assert app["replicas"] == 1
+    (replica_node,) = {i["node"] for i in app["instances"]}
+    other = next(p for p in nodes if p.agent.node_id != replica_node)
+    # The node without the replica held its request and forwarded it across.
+    assert metrics(other.agent)['pleaco_activator_requests_total{app="hello",result="proxied"}'] == 1
+    print("cold start through two proxies (replica on one node), first byte: "
+          + ", ".join(f"{a.first_byte * 1000:.0f} ms" for a in answers))
