@@ -6,9 +6,10 @@ server, on the agent's loopback (``[proxy] activator_listen``), as Knative route
 revision at zero to its activator: the app's route is the same reverse proxy with or
 without replicas, and the agent's DNS (pleaco.ingress.dns) answers with the activator's
 address while there are none. So the config never changes between zero and one replica: a
-reload would cut the requests in flight to the activator just as it releases them (seen in
-tests/integration/test_activator.py with a separate activator route). Caddy passes the
-Host header on, which names the app. For each request the activator:
+reload would cut the requests in flight to the activator just as it releases them (Caddy
+answered them 502 when the activator had a route of its own, swapped for the replicas'
+when the first one turned healthy). Caddy passes the Host header on, which names the app.
+For each request the activator:
 
 1. takes a place in the app's queue on this node: at most ``activator_max_held`` requests
    are held at once; one more gets a 503 at once naming the bound, with a Retry-After;
@@ -141,10 +142,12 @@ class Activator:
         await self._runner.setup()
         host, port = hostport.split(self.settings.listen)
         await web.TCPSite(self._runner, host, port).start()
-        # No pooling limit: held requests go out together once a replica is there. No
-        # decompression: the body is passed on as the replica sent it.
+        # No pooling limit: held requests go out together once a replica is there. A new
+        # connection each (only the requests of a cold start come here): a kept one could
+        # outlive its replica, and a later one at the same address would get a dead socket.
+        # No decompression: the body is passed on as the replica sent it.
         self._session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None),
-                                              connector=aiohttp.TCPConnector(limit=0))
+                                              connector=aiohttp.TCPConnector(limit=0, force_close=True))
         log.info("activator.listening", address=self.settings.listen)
 
     async def stop(self) -> None:
