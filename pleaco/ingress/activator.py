@@ -33,10 +33,11 @@ requests/s. The samples of the idle window then hold demand, and once the reques
 answered the proxy's own figures take over. That needs no new record and no change to the
 decision rules: the woken app is simply busy. (The ``cpu`` metric sees none of this: an app
 scaled on CPU may go back to 0 before its first request is answered, and is woken again
-while the request is held.)
+while the request is held.) The report goes out at once when a wake is written
+(``on_wake``), rather than at the next load interval.
 
-Once the app has a serving replica the proxy's next config routes its host straight to the
-replicas; the activator only ever sees the requests that arrived while there were none.
+Once the app has a serving replica the agent's DNS answers with the replicas, which the
+proxy has within its DNS refresh (1 s); what still comes here meanwhile is forwarded at once.
 """
 
 from __future__ import annotations
