@@ -21,6 +21,12 @@ def host_of(addr: str) -> str:
     return split(addr)[0]
 
 
+def request_host(value: str) -> str:
+    """The host name an HTTP Host header (or an access log's request host) names: lower
+    case, without its port; an IPv6 literal keeps its brackets."""
+    return value.rsplit(":", 1)[0].lower() if not value.endswith("]") else value.lower()
+
+
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
     """(host, port) of a setting; an empty host means all interfaces ("0.0.0.0"). ``what``
     names the setting in the error."""

@@ -234,8 +234,8 @@ class ProxyReconciler(Loop):
 
     def app_of(self, host: str) -> str | None:
         """The app served under this host name (as a request's Host header has it)."""
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        return next((r.app for r in self.routes() if r.host == name.lower()), None)
+        name = hostport.request_host(host)
+        return next((r.app for r in self.routes() if r.host == name), None)
 
     def serving(self, app: str) -> list[str]:
         """Where the app's serving replicas are (HOST:PORT, this node's and the others'),

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pleaco import logs
+from pleaco import hostport, logs
 from pleaco.metrics import Counter, Gauge, Histogram, Registry
 
 log = logs.get("pleaco.ingress.traffic")
@@ -304,4 +304,4 @@ def _parse(line: bytes) -> tuple[str, float | None, str, float, int] | None:
         return None
     if not 0.0 <= duration < float("inf") or (ts is not None and not abs(ts) < float("inf")):
         return None
-    return level, ts, host.rsplit(":", 1)[0].lower() if not host.endswith("]") else host.lower(), duration, status
+    return level, ts, hostport.request_host(host), duration, status
