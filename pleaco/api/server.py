@@ -256,8 +256,9 @@ class ApiServer:
         await resp.prepare(request)
         sep = "["
         for start in range(0, len(specs), LIST_CHUNK):
-            chunk = [app_status(rec.view, rec.routes, live, spec, self.apps.replicas(spec.name)).to_json()
-                     for spec in specs[start:start + LIST_CHUNK]]
+            chunk = [self._with_live_figures(
+                spec.name, app_status(rec.view, rec.routes, live, spec, self.apps.replicas(spec.name)).to_json())
+                for spec in specs[start:start + LIST_CHUNK]]
             await resp.write((sep + json.dumps(chunk)[1:-1]).encode())
             sep = ","
             await asyncio.sleep(0)  # let waiting requests in even when the socket buffer took it all
@@ -267,10 +268,15 @@ class ApiServer:
 
     async def show_app(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        shown = self._app_json(name)
+        return web.json_response(self._with_live_figures(name, self._app_json(name)))
+
+    def _with_live_figures(self, name: str, shown: dict[str, Any]) -> dict[str, Any]:
+        """An app's status with what is measured now: its cluster-wide load and, when it is
+        autoscaled, the autoscaler's figures (the same in `apps show` and `apps list`)."""
         if shown.get("autoscaler") is not None:
             shown["autoscaler"]["figures"] = self.app_scaling(name)
-        return web.json_response({**shown, "load": self.app_load(name)})
+        shown["load"] = self.app_load(name)
+        return shown
 
     async def deploy_app(self, request: web.Request) -> web.Response:
         body = await self._json_body(request)
