@@ -265,7 +265,7 @@ def measure_scaling(agent: Agent) -> tuple[list[Row], dict[str, Any]]:
         before = client.app(APP)
         log(f"autoscale: step to {2 * STEADY_RATE:g} requests/s from {before['replicas']} replicas")
         rate["value"] = 2 * STEADY_RATE
-        step = time.monotonic()
+        step, step_wall = time.monotonic(), time.time()
         seen_max = int(before["replicas"])
 
         def enough() -> bool:
@@ -283,7 +283,9 @@ def measure_scaling(agent: Agent) -> tuple[list[Row], dict[str, Any]]:
             time.sleep(0.5)
         decisions = client.app(APP)["autoscaler"]["decisions"]
         load.stop()
-    details = {"flap_counts": counts, "decisions": decisions, "requests_ok": load.ok,
+    # When each decision after the step was taken: the reaction is deciding plus starting.
+    decided_after = [round(d["at_ms"] / 1000 - step_wall, 2) for d in decisions if d["at_ms"] / 1000 >= step_wall]
+    details = {"flap_counts": counts, "decisions": decisions, "decided_after_step_s": decided_after, "requests_ok": load.ok,
                "requests_failed": len(load.failures), "failures": load.failures[:5]}
     if load.failures:
         details["errors"] = [f"{len(load.failures)} requests failed under the autoscaled load: {load.failures[:3]}"]
