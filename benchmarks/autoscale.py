@@ -285,8 +285,8 @@ def measure_scaling(agent: Agent) -> tuple[list[Row], dict[str, Any]]:
         load.stop()
     # When each decision after the step was taken: the reaction is deciding plus starting.
     decided_after = [round(d["at_ms"] / 1000 - step_wall, 2) for d in decisions if d["at_ms"] / 1000 >= step_wall]
-    details = {"flap_counts": counts, "decisions": decisions, "decided_after_step_s": decided_after, "requests_ok": load.ok,
-               "requests_failed": len(load.failures), "failures": load.failures[:5]}
+    details = {"flap_counts": counts, "decisions": decisions, "decided_after_step_s": decided_after,
+               "requests_ok": load.ok, "requests_failed": len(load.failures), "failures": load.failures[:5]}
     if load.failures:
         details["errors"] = [f"{len(load.failures)} requests failed under the autoscaled load: {load.failures[:3]}"]
     agent.remove_app(APP)
