@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import build, gossip, idle, load, proxy, scale, state, upgrade
+from benchmarks import autoscale, build, gossip, idle, load, proxy, scale, state, upgrade
 from benchmarks.common import REPO, Row, log, machine
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "scale": scale.run, "idle": idle.run, "build": build.run, "gossip": gossip.run, "proxy": proxy.run,
-    "load": load.run, "state": state.run, "upgrade": upgrade.run,
+    "load": load.run, "state": state.run, "upgrade": upgrade.run, "autoscale": autoscale.run,
 }
 HEADER = ["benchmark", "pleaco", "baseline", "ratio", "goal"]
 
@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
-    digits = {"s": 2, "MB": 1, "%": 2, "requests": 0}.get(unit, 2)
+    digits = {"s": 2, "MB": 1, "%": 2, "requests": 0, "replicas": 0, "per hour": 0}.get(unit, 2)
     return f"{value:.{digits}f} {unit}".rstrip()
 
 
