@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from pleaco import hostport, logs
-from pleaco.apps import ValidationError, validate_hostname
+from pleaco.apps import ValidationError, validate_hostname, validate_max_conns
 from pleaco.errors import PleacoError
 from pleaco.ingress.dns import srv_name
 from pleaco.ingress.traffic import Sampling
@@ -179,8 +179,9 @@ def usable_routes(routes: list[Route]) -> list[Route]:
     """The routes with nothing Caddy would refuse: the API validates every value, but a
     record written before a rule existed must not make the proxy's boot file one Caddy
     cannot start from (every app of the node would be unreachable). A bad health path
-    loses its active check only (pleaco's probes still decide what is routed); a route
-    that cannot be written at all is left out. Each is logged once as an error."""
+    loses its active check only (pleaco's probes still decide what is routed), a bad
+    connection cap is replaced by the proxy's default; a route that cannot be written at
+    all is left out. Each is logged once as an error."""
     out = []
     for route in routes:
         bad_route, bad_health = route_problems(route)
@@ -190,6 +191,12 @@ def usable_routes(routes: list[Route]) -> list[Route]:
         if bad_health:
             _report("proxy.health_check_dropped", route.app, bad_health)
             route = dataclasses.replace(route, health=None)
+        if route.max_conns is not None:
+            try:
+                validate_max_conns(route.max_conns)
+            except ValidationError as exc:
+                _report("proxy.max_conns_dropped", route.app, str(exc))
+                route = dataclasses.replace(route, max_conns=None)
         out.append(route)
     return out
 

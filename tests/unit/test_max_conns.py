@@ -59,6 +59,14 @@ def test_the_apps_cap_else_the_proxys_default_else_none(settings: ProxySettings)
     assert t["protocol"] == "http" and ("resolver" in t) == bool(settings.dns)
 
 
+@pytest.mark.parametrize("bad", [-1, 70000, "8", 2.5, True])
+def test_a_record_with_a_cap_caddy_would_refuse_gets_the_proxys_default(bad: Any) -> None:
+    # The API refuses these; a record written around it must not make the whole config fail.
+    default = dataclasses.replace(DYNAMIC, upstream_max_conns=8)
+    assert transport([route("odd", bad)], default, "odd.test")["max_conns_per_host"] == 8
+    assert "max_conns_per_host" not in transport([route("odd", bad)], DYNAMIC, "odd.test")
+
+
 @pytest.mark.parametrize(("value", "message"), [
     (-1, "expected a whole number 0..65535 (0: no cap), got -1"),
     (MAX_CONNS + 1, "got 65536"),
