@@ -42,7 +42,8 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 
-DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https", "memory", "cpus", "pids"})
+DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https", "memory", "cpus", "pids",
+                           "max_conns"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
 # redirect to HTTPS, "off" serves HTTP only. Absent means "on".
 HTTPS_MODES = ("off", "on", "redirect")
@@ -54,6 +55,9 @@ MIN_MEMORY = 6 << 20
 MAX_MEMORY = 1 << 50
 MIN_CPUS, MAX_CPUS = 0.01, 1024.0
 MAX_PIDS = 1 << 22
+# Connections each proxy opens to one replica at most: past the 64k ports one proxy can
+# connect from to one address a cap means nothing, and a larger number is a typo.
+MAX_CONNS = 65535
 _SIZE = re.compile(r"^([0-9]{1,16})([bkmg]?)$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # The key of an app's autoscale policy under the ``scale`` kind: NAME + this.
@@ -103,6 +107,10 @@ class AppSpec:
     memory: int | None = None
     cpus: float | None = None
     pids: int | None = None
+    # Connections each node's proxy opens to one replica at most (Caddy's
+    # max_conns_per_host): the requests it has in flight through that proxy; more wait in
+    # the proxy. None: the proxy's [proxy] upstream_max_conns; 0: no cap whatever that says.
+    max_conns: int | None = None
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
@@ -123,6 +131,7 @@ class AppSpec:
             memory=value.get("memory"),
             cpus=value.get("cpus"),
             pids=value.get("pids"),
+            max_conns=value.get("max_conns"),
         )
 
     def same_release(self, other: AppSpec) -> bool:
@@ -195,6 +204,12 @@ def validate_cpus(value: Any, field_name: str = "cpus") -> float:
 def validate_pids(value: Any, field_name: str = "pids") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PIDS:
         raise ValidationError(field_name, f"expected a whole number 1..{MAX_PIDS}, got {value!r}")
+    return value
+
+
+def validate_max_conns(value: Any, field_name: str = "max_conns") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CONNS:
+        raise ValidationError(field_name, f"expected a whole number 0..{MAX_CONNS} (0: no cap), got {value!r}")
     return value
 
 
@@ -280,8 +295,11 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
     pids = body.get("pids")
     if pids is not None:
         pids = validate_pids(pids)
+    max_conns = body.get("max_conns")
+    if max_conns is not None:
+        max_conns = validate_max_conns(max_conns)
     spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0,
-                   memory=memory, cpus=cpus, pids=pids)
+                   memory=memory, cpus=cpus, pids=pids, max_conns=max_conns)
     return spec, replicas
 
 

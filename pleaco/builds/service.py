@@ -612,7 +612,7 @@ class BuildService(Loop):
             if current.host:
                 body["host"] = current.host
             # The limits set by deploy stay (a build changes the image, not what it may use).
-            for limit in ("memory", "cpus", "pids"):
+            for limit in ("memory", "cpus", "pids", "max_conns"):
                 if getattr(current, limit) is not None:
                     body[limit] = getattr(current, limit)
         port = manifest.port if manifest.port is not None else (current.port if current else None)

@@ -39,6 +39,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--memory", metavar="SIZE", help="memory limit of every replica: 256m, 1g (at least 6m)")
     p.add_argument("--cpus", type=float, metavar="N", help="CPU limit of every replica: 0.5 is half a core's time")
     p.add_argument("--pids", type=int, metavar="N", help="processes and threads per replica")
+    p.add_argument("--max-conns", type=int, metavar="N",
+                   help="connections each proxy opens to one replica at most, more requests wait in the proxy "
+                        "(0: no cap; default: [proxy] upstream_max_conns)")
     p.add_argument("--json", action="store_true")
     p = apps.add_parser("scale", help="set an app's replica count")
     p.add_argument("name")
@@ -92,7 +95,8 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return 0
     if verb == "deploy":
         spec: dict[str, Any] = {"image": args.image}
-        for field_name in ("replicas", "port", "health", "host", "https", "memory", "cpus", "pids"):
+        for field_name in ("replicas", "port", "health", "host", "https", "memory", "cpus", "pids",
+                           "max_conns"):
             if getattr(args, field_name) is not None:
                 spec[field_name] = getattr(args, field_name)
         if args.env:
@@ -192,6 +196,9 @@ def show(app: dict[str, Any]) -> None:
               f"cpus {app['cpus']:g}" if app.get("cpus") else "", f"pids {app['pids']}" if app.get("pids") else ""]
     if any(limits):
         print(f"limits     {', '.join(x for x in limits if x)}")
+    if app.get("max_conns") is not None:
+        print("max conns  " + (f"{app['max_conns']} per replica from each proxy" if app["max_conns"]
+                               else "no cap (whatever [proxy] upstream_max_conns says)"))
     if app.get("autoscale"):
         print(f"autoscale  {describe_autoscale(app['autoscale'])}")
         for line in describe_autoscaler(app["autoscale"], app.get("autoscaler") or {}):

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from pleaco import hostport, logs
-from pleaco.apps import ValidationError, validate_hostname
+from pleaco.apps import ValidationError, validate_hostname, validate_max_conns
 from pleaco.errors import PleacoError
 from pleaco.ingress.dns import srv_name
 from pleaco.ingress.traffic import Sampling
@@ -52,6 +52,9 @@ class Route:
     # The app scales to zero: without upstreams its requests go to the activator (when
     # the settings name one, with the agent's DNS), not to the immediate 503.
     activate: bool = False
+    # Connections to one upstream at most (the app's ``max_conns``): None takes the
+    # settings' upstream_max_conns, 0 is no cap whatever they say.
+    max_conns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,8 @@ class ProxySettings:
     # Seconds Caddy keeps the last upstream list when the DNS does not answer (the agent
     # killed and restarting); 0 leaves it out: Caddy before 2.7.5 refuses the field.
     dns_grace: float = 0.0
-    # Connections the proxy holds to one upstream at most (Caddy's max_conns_per_host); 0:
-    # no limit. See ProxyConfig.upstream_max_conns.
+    # Connections the proxy holds to one upstream at most (Caddy's max_conns_per_host) for
+    # an app that names none; 0: no limit. See ProxyConfig.upstream_max_conns.
     upstream_max_conns: int = 0
     # The access log's sampling (see pleaco.ingress.traffic.Sampling).
     log_sampling: Sampling = field(default_factory=Sampling)
@@ -118,8 +121,11 @@ def _proxy_handler(route: Route, s: ProxySettings) -> dict[str, Any]:
         handler["transport"] = {"protocol": "http", "resolver": resolver}
     else:
         handler["upstreams"] = [{"dial": u.address} for u in route.upstreams]
-    if s.upstream_max_conns:
-        handler.setdefault("transport", {"protocol": "http"})["max_conns_per_host"] = s.upstream_max_conns
+    # The cap is the app's (how many requests one replica takes at once); the proxy's
+    # setting is the default for apps that name none.
+    max_conns = s.upstream_max_conns if route.max_conns is None else route.max_conns
+    if max_conns:
+        handler.setdefault("transport", {"protocol": "http"})["max_conns_per_host"] = max_conns
     if route.health and not s.dns:
         # Caddy runs active checks on static upstreams only; with DNS upstreams pleaco's own
         # probes (every reconcile pass) decide what is listed at all.
@@ -173,8 +179,9 @@ def usable_routes(routes: list[Route]) -> list[Route]:
     """The routes with nothing Caddy would refuse: the API validates every value, but a
     record written before a rule existed must not make the proxy's boot file one Caddy
     cannot start from (every app of the node would be unreachable). A bad health path
-    loses its active check only (pleaco's probes still decide what is routed); a route
-    that cannot be written at all is left out. Each is logged once as an error."""
+    loses its active check only (pleaco's probes still decide what is routed), a bad
+    connection cap is replaced by the proxy's default; a route that cannot be written at
+    all is left out. Each is logged once as an error."""
     out = []
     for route in routes:
         bad_route, bad_health = route_problems(route)
@@ -184,6 +191,12 @@ def usable_routes(routes: list[Route]) -> list[Route]:
         if bad_health:
             _report("proxy.health_check_dropped", route.app, bad_health)
             route = dataclasses.replace(route, health=None)
+        if route.max_conns is not None:
+            try:
+                validate_max_conns(route.max_conns)
+            except ValidationError as exc:
+                _report("proxy.max_conns_dropped", route.app, str(exc))
+                route = dataclasses.replace(route, max_conns=None)
         out.append(route)
     return out
 

@@ -229,7 +229,8 @@ class ProxyReconciler(Loop):
                     ups.append(Upstream(inst.address, f"{inst.node}/{inst.container}"))
             policy = self.apps.autoscale(spec.name)
             out.append(Route(spec.name, name, getattr(spec, "https", None) or "on", spec.health, tuple(ups),
-                             activate=policy is not None and policy.scale_to_zero_after is not None))
+                             activate=policy is not None and policy.scale_to_zero_after is not None,
+                             max_conns=spec.max_conns))
         return out
 
     def app_of(self, host: str) -> str | None:

@@ -50,6 +50,7 @@ class AppStatus:
             "memory": self.spec.memory,
             "cpus": self.spec.cpus,
             "pids": self.spec.pids,
+            "max_conns": self.spec.max_conns,
             "rollback": self.rollback,
             "autoscale": self.autoscale,
             "autoscaler": self.autoscaler,

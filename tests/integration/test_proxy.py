@@ -3,6 +3,7 @@ binary), a real agent process, real app containers, real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
 import socket
@@ -28,6 +29,7 @@ from agentproc import (
 )
 from conftest import HELLO
 from proxyload import Load
+from test_cli import cli
 
 from pleaco.api.errors import ApiError
 from pleaco.identity import Identity
@@ -40,7 +42,17 @@ mkdir -p /www/cgi-bin
 echo ok > /www/healthz
 printf '#!/bin/sh\\nprintf "Content-Type: text/plain\\\\r\\\\n\\\\r\\\\n"\\nenv | grep ^HTTP_ | sort\\n' \\
     > /www/cgi-bin/env
-chmod +x /www/cgi-bin/env
+cat > /www/cgi-bin/inflight <<'END'
+#!/bin/sh
+# Answers, after a second, how many requests are in here at once (this one included).
+mkdir -p /tmp/inflight
+touch /tmp/inflight/$$
+sleep 1
+n=$(ls /tmp/inflight | wc -l)
+rm /tmp/inflight/$$
+printf 'Content-Type: text/plain\r\n\r\n%s\n' "$n"
+END
+chmod +x /www/cgi-bin/env /www/cgi-bin/inflight
 exec httpd -f -p 8080 -h /www
 """
 
@@ -273,6 +285,49 @@ def test_bad_proxy_input_is_refused_and_changes_nothing(proxied: Proxied) -> Non
     assert (client.app("web")["revision"], routes(proxied)) == before
     assert [a["name"] for a in client.apps()] == ["web"]
     assert proxied.get("web.test")[0] == 200
+
+
+def _live_transport(p: Proxied, app: str) -> dict[str, object]:
+    """The transport of the app's route in the config the running Caddy holds."""
+    live = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{p.admin}/config/", timeout=5).read())
+    for r in live["apps"]["http"]["servers"]["http"]["routes"]:
+        if r.get("@id") == f"pleaco-{app}-proxy":
+            return dict(r["handle"][0].get("transport", {}))
+    raise AssertionError(f"no route of {app} in the live config")
+
+
+def test_an_apps_max_conns_caps_the_proxys_connections_to_each_replica(
+        agent_factory: Callable[..., AgentProcess]) -> None:
+    p = start_proxied(agent_factory, "px", env={"PLEACO_PROXY_UPSTREAM_MAX_CONNS": "8"})
+    out = cli(p.agent, "apps", "deploy", "capped", "--image", ECHO, "--port", "8080", "--health", "/healthz",
+              "--host", "capped.test", "--max-conns", "2")
+    assert out.returncode == 0, out.stderr
+    p.agent.client.deploy("plain", {"image": ECHO, "port": 8080, "health": "/healthz", "host": "plain.test"})
+    wait_for(lambda: p.get("capped.test", "/healthz")[0] == 200 and p.get("plain.test", "/healthz")[0] == 200,
+             30, "both apps through the proxy")
+    # The app's own cap, and the [proxy] default for the app that names none.
+    assert wait_for(lambda: _live_transport(p, "capped").get("max_conns_per_host") == 2, 10, "the app's cap")
+    assert _live_transport(p, "plain")["max_conns_per_host"] == 8
+    assert "max conns  2 per replica from each proxy" in cli(p.agent, "apps", "show", "capped").stdout
+    # Six requests at once to a replica capped at 2: all are answered (those past the cap
+    # wait in Caddy for a connection), and the replica never has more than 2 at a time.
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: p.get("capped.test", "/cgi-bin/inflight", timeout=30), range(6)))
+    assert [a[0] for a in answers] == [200] * 6, answers
+    assert max(int(a[1]) for a in answers) <= 2, answers
+    # Bad caps are refused, naming the field, and change nothing.
+    before = (p.agent.client.app("capped")["revision"], _live_transport(p, "capped"))
+    out = cli(p.agent, "apps", "deploy", "capped", "--image", ECHO, "--port", "8080", "--max-conns", "-1")
+    assert out.returncode == 1 and out.stderr.startswith("error: max_conns: expected a whole number 0..65535"), \
+        out.stderr
+    out = cli(p.agent, "apps", "deploy", "capped", "--image", ECHO, "--port", "8080", "--max-conns", "lots")
+    assert out.returncode == 2 and "--max-conns" in out.stderr
+    for bad in (65536, 10**12, "8", 2.5, True):
+        with pytest.raises(ApiError) as err:
+            p.agent.client.deploy("capped", {"image": ECHO, "port": 8080, "max_conns": bad})
+        assert err.value.status == 400 and err.value.message.startswith("max_conns:"), bad
+    assert (p.agent.client.app("capped")["revision"], _live_transport(p, "capped")) == before
+    assert p.get("capped.test", "/healthz")[0] == 200
 
 
 def test_agent_stopped_or_killed_the_proxy_keeps_or_regains_its_routes(proxied: Proxied) -> None:
