@@ -57,6 +57,7 @@ from pleaco.host.bundle import Manifest, verify_bundle
 from pleaco.host.config import UpgradeSettings
 from pleaco.host.datadir import LOCK_FILE
 from pleaco.host.slots import Slots
+from pleaco.identity import write_secret_file  # durable and atomic, 0600
 from pleaco.runtime.engine import Engine
 
 log = logs.get("pleaco.host.trial")
@@ -143,23 +144,7 @@ def read_state(data_dir: Path) -> TrialState | None:
 
 def write_state(data_dir: Path, state: TrialState) -> None:
     state = dataclasses.replace(state, updated=time.time())
-    _write_atomic(data_dir / STATE_FILE, json.dumps(state.to_dict(), indent=1).encode() + b"\n")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_secret_file(data_dir / STATE_FILE, json.dumps(state.to_dict(), indent=1).encode() + b"\n")
 
 
 @contextlib.contextmanager
@@ -494,7 +479,7 @@ class LocalUpgrade:
         return Path(bundle) if isinstance(bundle, str) else None
 
     def reply(self, outcome: dict[str, Any]) -> None:
-        _write_atomic(self.data_dir / REPLY_FILE, json.dumps(outcome).encode() + b"\n")
+        write_secret_file(self.data_dir / REPLY_FILE, json.dumps(outcome).encode() + b"\n")
 
 
 # -- the guard ------------------------------------------------------------------------------
