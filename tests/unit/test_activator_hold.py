@@ -30,6 +30,8 @@ from pleaco.ingress.proxy import dns_upstreams
 from pleaco.metrics import Registry
 from pleaco.store import Store
 
+POLL = 0.01  # seconds between looks while a condition settles
+
 ZERO = {"min_replicas": 0, "max_replicas": 3, "metric": "concurrency", "scale_to_zero_after": 5}
 
 
@@ -95,7 +97,7 @@ def test_beyond_max_held_and_after_the_timeout_a_clear_503_with_retry_after(apps
             for _ in range(200):
                 if act.held().get("web") == 2:
                     break
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(POLL)
             assert act.held() == {"web": 2}
             over = await _get(url)  # the third, while two are held
             return [over, *await asyncio.gather(*held)]
@@ -136,7 +138,7 @@ def test_held_requests_are_released_to_the_first_replica_with_method_headers_and
             for _ in range(200):
                 if act.held().get("web") == 2:
                     break
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(POLL)
             assert act.held() == {"web": 2} and apps.replicas("web") == 1 and seen == []
             upstreams.append(f"127.0.0.1:{replica_port}")  # the first replica is serving
             return list(await asyncio.gather(*tasks))

@@ -20,6 +20,8 @@ from pleaco.cluster.membership import PACKET_BASE
 from pleaco.cluster.messages import AppLoadEntry, LoadReport, MessageError, Packet, decode, encode, split_load
 from pleaco.cluster.simnet import SimNetwork, VirtualTimeLoop, sim_cluster
 
+POLL = 0.05  # seconds between looks while gossip spreads
+
 N1 = "0123456789abcdef0123456789abcdef"
 N2 = "fedcba9876543210fedcba9876543210"
 N3 = "00000000000000000000000000000003"
@@ -202,7 +204,7 @@ def test_a_nodes_load_reaches_every_node_and_does_not_delay_records() -> None:
         while not all((w := v.cluster("web")) is not None and w.nodes == 10 and v.cluster("app-39") is not None
                       for v in views):
             assert loop.time() - t0 < 10, "load reports did not reach every node"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(POLL)
         took = loop.time() - t0
         assert all(v.cluster("web").rps == sum(range(10)) for v in views)  # type: ignore[union-attr]
         for m in nodes:

@@ -27,6 +27,8 @@ from pleaco.host.slots import COMPLETE, Slots
 from pleaco.host.trial import LocalUpgrade, TrialState, read_state, write_state
 from pleaco.runtime import ContainerInfo
 
+POLL = 0.05  # seconds between looks while a condition settles
+
 ME = "node-a"
 
 
@@ -248,7 +250,11 @@ def test_the_new_agent_leaves_a_decision_to_a_live_guard(node: Node, api: str) -
 
         async def confirm_then_guard_decides() -> None:
             task = asyncio.create_task(up.confirm())
-            await asyncio.sleep(0.3)
+            deadline = time.monotonic() + 10
+            while "no longer running" not in (node.state.last_error or ""):  # confirm() has checked, and waits
+                assert not task.done(), "confirm() ended before the guard decided"
+                assert time.monotonic() < deadline, "confirm() never checked the containers"
+                await asyncio.sleep(POLL)
             trial.transition(node.data_dir, ("trial",), phase="rolled_back", reason="by the guard")
             await asyncio.wait_for(task, 10)
 
@@ -263,7 +269,7 @@ def _wait(cond: Any, what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        time.sleep(POLL)
 
 
 def test_the_guard_rolls_back_a_trial_past_its_deadline(node: Node) -> None:

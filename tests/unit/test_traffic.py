@@ -13,6 +13,8 @@ from pleaco.ingress import traffic
 from pleaco.ingress.traffic import LATENCY_BUCKETS, Sampling, TrafficStats, quantile
 from pleaco.metrics import Registry
 
+POLL = 0.05  # seconds between looks while lines are read
+
 
 class Clock:
     def __init__(self) -> None:
@@ -162,7 +164,7 @@ def test_the_stream_is_read_in_batches_whatever_the_chunking() -> None:
             snap = s.snapshot(traffic.HISTORY)
             if "api" in snap:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(POLL)
         server.close()
         await server.wait_closed()
         snap = s.snapshot(traffic.HISTORY)
