@@ -1,0 +1,6 @@
+"""The node's network: container subnets, routes and WireGuard between nodes, service names
+across the cluster, and the isolation of app containers from the host's own services.
+
+- ``config``: the ``[network]`` table.
+- ``peer``: what the mesh needs to know of another node (``Peer``) and the ``Mesh`` seam.
+"""
