@@ -156,10 +156,7 @@ class BuildNetwork:
         try:
             firewall.restore("iptables-restore", [self.chain_in, self.chain_fwd], v4, "the build network's rules")
             firewall.hook("iptables", "INPUT", self.chain_in, ["-i", self.bridge])
-            # DOCKER-USER is where the engine lets rules go before its own (FORWARD's first
-            # jump, restored by the engine when it restarts); FORWARD if the engine has none.
-            forward = "DOCKER-USER" if firewall.has_chain("iptables", "DOCKER-USER") else "FORWARD"
-            firewall.hook("iptables", forward, self.chain_fwd, ["-i", self.bridge])
+            firewall.hook("iptables", firewall.forward_parent(), self.chain_fwd, ["-i", self.bridge])
             # The network has no IPv6, but the host's link-local IPv6 addresses on the bridge
             # answer anyone on it: refused as well.
             if firewall.has_ipv6():

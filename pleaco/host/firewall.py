@@ -79,5 +79,12 @@ def rules(tool: str, chain: str, table: str = "filter") -> list[str]:
     return [ln for ln in res.stdout.splitlines() if ln.startswith("-A ")] if res.returncode == 0 else []
 
 
+def forward_parent() -> str:
+    """Where rules on forwarded packets go: DOCKER-USER comes before the engine's own
+    FORWARD rules (and the engine restores the jump to it when it restarts); FORWARD on a
+    host without the engine's chains."""
+    return "DOCKER-USER" if has_chain("iptables", "DOCKER-USER") else "FORWARD"
+
+
 def has_ipv6() -> bool:
     return os.path.exists("/proc/net/if_inet6")

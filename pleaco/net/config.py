@@ -42,6 +42,11 @@ class NetworkSettings:
     # WireGuard's UDP port and interface name on every node.
     wireguard_port: int = 51820
     wireguard_interface: str = "pleaco-wg"
+    # The routing protocol number on every route the mesh makes (``ip route ... proto
+    # 210``): how the agent finds its own routes after a restart and never touches anyone
+    # else's. 210 is unassigned in iproute2's rt_protos (the routing daemons use 8-18, 42,
+    # 99 and 186-192) and recalls the default cidr.
+    route_protocol: int = 210
     # Publish app ports on the host as well. Off (the default) while the network is
     # enabled: proxies dial replicas on their cluster addresses through the mesh, so no
     # host port is needed and the client IP still reaches the app. With the network
@@ -69,4 +74,6 @@ class NetworkSettings:
         if not re.fullmatch(r"[A-Za-z0-9_=+.-]{1,15}", self.wireguard_interface):
             problems.append(f"network.wireguard_interface: {self.wireguard_interface!r} is not an "
                             "interface name (1-15 letters, digits, _=+.-)")
+        if not 5 <= self.route_protocol <= 254:
+            problems.append(f"network.route_protocol: must be 5..254 (0-4 are the kernel's), got {self.route_protocol}")
         return problems
