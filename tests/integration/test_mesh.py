@@ -125,6 +125,9 @@ def nodes() -> Iterator[list[Node]]:
         made: list[Node] = []
         try:
             for h in hosts:
+                # As on a stock Docker host (the engine sets it when it turns forwarding on;
+                # in these namespaces forwarding was on already, so it left ACCEPT).
+                h.sh("iptables", "-P", "FORWARD", "DROP")
                 made.append(Node(h, Path(tmp) / f"n{h.index}"))
             yield made
         finally:
