@@ -14,11 +14,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pleaco.net import wireguard
 from tests.integration.agentproc import wait_for
+from tests.integration.meshhosts import run_mesh
 from tests.integration.nethosts import EngineHost, engine_hosts
 
 pytestmark = pytest.mark.skipif(subprocess.run(["which", "wireguard-go"], capture_output=True).returncode != 0,
@@ -28,23 +30,6 @@ POLL = 0.05
 NETWORK = "plms"
 BRIDGE = "plms-br"
 LISTEN = 7000
-
-# Runs in a host's namespace: one KernelMesh call, as the network loop would make it
-# (a fresh object each time, like an agent after a restart).
-MESH = """
-import ipaddress, json, sys
-from pathlib import Path
-from pleaco.net.config import NetworkSettings
-from pleaco.net.mesh import KernelMesh
-from pleaco.net.peer import Peer
-a = json.loads(sys.argv[1])
-mesh = KernelMesh(NetworkSettings(**a["settings"]), Path(a["data"]))
-peer = lambda d: Peer(d["node_id"], d["host"], ipaddress.IPv4Network(d["subnet"]), d["wg_key"], d["wg_port"])
-if a["op"] == "apply":
-    mesh.apply(peer(a["me"]), [peer(p) for p in a["peers"]])
-else:
-    mesh.close()
-"""
 
 ISOLATE = """
 import json, sys
@@ -80,15 +65,13 @@ class Node:
         self.ip: str = self.container.attrs["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
         client.close()
 
-    def peer(self) -> dict[str, object]:
+    def peer(self) -> dict[str, Any]:
         return {"node_id": f"node{self.host.index}", "host": self.host.ip, "subnet": subnet(self.host.index),
                 "wg_key": self.wg_key, "wg_port": 51820}
 
     def mesh(self, op: str, peers: list[Node] | None = None, mode: str = "auto") -> None:
-        args = {"op": op, "data": str(self.data), "me": self.peer(), "peers": [p.peer() for p in peers or []],
-                "settings": {"mesh": mode, "wireguard_interface": self.iface}}
-        res = self.host.sh(sys.executable, "-c", MESH, json.dumps(args), check=False)
-        assert res.returncode == 0, res.stderr
+        run_mesh(self.host, self.data, op, self.peer(), [p.peer() for p in peers or []],
+                 {"mesh": mode, "wireguard_interface": self.iface})
 
     def isolate(self, op: str, hosts: list[str] | None = None) -> None:
         args = {"op": op, "bridge": BRIDGE, "subnet": subnet(self.host.index), "hosts": hosts or []}
