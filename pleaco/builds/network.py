@@ -40,7 +40,7 @@ from typing import Protocol
 from pleaco import logs
 from pleaco.builds.config import NETWORK_MODES
 from pleaco.builds.engine import BuildFailed
-from pleaco.host import firewall
+from pleaco.net import firewall
 
 log = logs.get("pleaco.builds")
 

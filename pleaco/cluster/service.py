@@ -98,9 +98,6 @@ class Cluster:
         self.hold: Callable[[str, float], bool] = lambda node, away_for: False
         self.membership: Membership | None = None
         self.transport: NetTransport | None = None
-        # What other parts announce about this node in its gossip meta, set before start
-        # (the network: this node's signed WireGuard key, pleaco/net/wireguard.py).
-        self.extra_meta: dict[str, str] = {}
         self.sync = StoreSync(store, on_reject=self._count_drop)
         # Every node's latest load report, summed per app (ephemeral, by gossip).
         self.loads = LoadView(identity.node_id, cfg.gossip.load_stale_after,
@@ -243,7 +240,6 @@ class Cluster:
                 "cpus": str(os.cpu_count() or 1)}
         if total := total_memory():
             meta["mem"] = str(total)
-        meta.update(self.extra_meta)
         self.membership = Membership(
             self.identity.node_id, self.addr, meta, g, transport, delegate=self.sync,
             admitted=lambda n: self.key_of(n) is not None, on_change=self._member_changed,
@@ -484,11 +480,6 @@ class Cluster:
             cpus = m.meta.get("cpus", "1")
             out[m.node_id] = float(cpus) if cpus.isascii() and cpus.isdigit() and 0 < int(cpus) < 4096 else 1.0
         return out
-
-    def member_meta(self, node_id: str) -> dict[str, str]:
-        """What a member announces about itself ({} when it is not a live member)."""
-        m = self.membership.members.get(node_id) if self.membership is not None else None
-        return dict(m.meta) if m is not None else {}
 
     def memory(self) -> dict[str, int]:
         """Each member's memory in bytes, as it announced it; a member that did not (an

@@ -4,7 +4,7 @@ They reach other apps' containers (on this node over the bridge, on other nodes 
 the mesh) and the outside world, but none of the hosts' own services: the agent's API,
 the proxy's admin API and activator, the Docker Engine's TCP port if any, the gossip port,
 whatever else listens on the host. Two chains the agent owns and rewrites whole at every
-pass (pleaco/host/firewall.py):
+pass (pleaco/net/firewall.py):
 
 - ``PLEACO-BRIDGE-in`` (INPUT, packets from the bridge to any address of this host):
   answers to connections the host opened (the proxy and health checks dialling replicas)
@@ -23,7 +23,7 @@ import threading
 from collections.abc import Sequence
 
 from pleaco import logs
-from pleaco.host import firewall
+from pleaco.net import firewall
 
 log = logs.get("pleaco.net")
 

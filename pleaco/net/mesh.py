@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pleaco import logs
-from pleaco.host import firewall
-from pleaco.net import routes, wireguard
+from pleaco.net import firewall, routes, wireguard
 from pleaco.net.config import NetworkSettings
 from pleaco.net.peer import Peer
 

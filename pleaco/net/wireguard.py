@@ -2,10 +2,10 @@
 whose peers are made to match a list.
 
 The key pair is made at first start and kept in ``DATA_DIR/wireguard.key`` (0600, the
-base64 form ``wg`` reads). The public key and port travel in the node's gossip meta
-(``wg`` = ``KEY:PORT``), signed with the node's Ed25519 identity (``wg_sig``): a member
-takes a peer's WireGuard key only when that signature checks against the public key the
-cluster admitted for that node, so nobody can slip their own key in for someone else's
+base64 form ``wg`` reads). The public key and port travel in the node's ``node`` record
+(``wg_key``, ``wg_port``), signed with the node's Ed25519 identity (``wg_sig``): a member
+takes a peer's WireGuard key only when that signature checks against the record's public
+key, which must be the one the node id is derived from, so nobody can slip their own key in for someone else's
 node id (and receive its traffic).
 
 The interface is kernel WireGuard where the kernel has it, else ``wireguard-go`` (a
@@ -24,7 +24,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -32,13 +31,15 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pleaco import logs
-from pleaco.identity import Identity, verify, write_secret_file
+from pleaco.identity import Identity, node_id_for, verify, write_secret_file
 
 log = logs.get("pleaco.net")
 
 KEY_FILE = "wireguard.key"
-META_KEY = "wg"
-META_SIG = "wg_sig"
+# The node record's fields (pleaco/agent.py writes them, the network loop reads them).
+FIELD_KEY = "wg_key"
+FIELD_PORT = "wg_port"
+FIELD_SIG = "wg_sig"
 _SIGNED = b"pleaco wireguard key v1\n"
 # WireGuard's recommended keepalive (wg(8)): keeps NAT and stateful firewall mappings open
 # between nodes that only answer each other.
@@ -85,43 +86,34 @@ def _message(node_id: str, key: str, port: int) -> bytes:
     return _SIGNED + f"{node_id}\n{key}\n{port}".encode()
 
 
-def signed_meta(identity: Identity, public_key: str, port: int) -> dict[str, str]:
-    """The gossip meta that announces this node's WireGuard key and port."""
+def record_fields(identity: Identity, public_key: str, port: int) -> dict[str, str]:
+    """The fields of this node's ``node`` record that announce its WireGuard key and port,
+    signed with its identity."""
     sig = identity.sign(_message(identity.node_id, public_key, port))
-    return {META_KEY: f"{public_key}:{port}", META_SIG: base64.b64encode(sig).decode()}
+    return {FIELD_KEY: public_key, FIELD_PORT: str(port), FIELD_SIG: base64.b64encode(sig).decode()}
 
 
-def verified_key(node_id: str, meta: Mapping[str, str], node_key: bytes | None) -> tuple[str, int]:
-    """The (WireGuard key, port) a member announced, when signed by ``node_key`` (the
-    Ed25519 key admitted for ``node_id``); ("", 0) when missing, malformed or forged."""
-    if node_key is None:
+def verified_key(node_id: str, record: Mapping[str, object]) -> tuple[str, int]:
+    """The (WireGuard key, port) in ``node_id``'s ``node`` record when signed by the
+    Ed25519 key of that record, which must be the node id's own (the id is a hash of
+    it); ("", 0) when missing, malformed or forged."""
+    key, port_text, sig_text, node_key = (record.get(f) for f in (FIELD_KEY, FIELD_PORT, FIELD_SIG, "public_key"))
+    if not (isinstance(key, str) and isinstance(sig_text, str) and isinstance(node_key, str)
+            and isinstance(port_text, str | int) and not isinstance(port_text, bool)):
         return "", 0
-    key, _, port_text = meta.get(META_KEY, "").rpartition(":")
     try:
         raw = base64.b64decode(key, validate=True)
-        sig = base64.b64decode(meta.get(META_SIG, ""), validate=True)
+        sig = base64.b64decode(sig_text, validate=True)
+        public = bytes.fromhex(node_key)
         port = int(port_text)
-    except (binascii.Error, ValueError):
+    except ValueError:  # binascii.Error is one
         return "", 0
     if len(raw) != 32 or not 1 <= port <= 65535:
         return "", 0
-    if not verify(node_key, sig, _message(node_id, key, port)):
+    if node_id_for(public) != node_id or not verify(public, sig, _message(node_id, key, port)):
         log.warning("mesh.wireguard_key_refused", member=node_id, error="bad signature")
         return "", 0
     return key, port
-
-
-class Members(Protocol):
-    """What member_key needs of the cluster (ClusterService has it)."""
-
-    def key_of(self, node_id: str) -> bytes | None: ...
-
-    def member_meta(self, node_id: str) -> Mapping[str, str]: ...
-
-
-def member_key(cluster: Members, node_id: str) -> tuple[str, int]:
-    """A live member's verified WireGuard key and port, for Peer.wg_key / wg_port."""
-    return verified_key(node_id, cluster.member_meta(node_id), cluster.key_of(node_id))
 
 
 @dataclass(frozen=True)

@@ -101,17 +101,25 @@ def test_signed_key_is_verified_and_a_bad_signature_refused(tmp_path: Path) -> N
     ident = Identity.generate()
     other = Identity.generate()
     key = wireguard.load_or_create_key(tmp_path).public
-    meta = wireguard.signed_meta(ident, key, 51820)
-    assert wireguard.verified_key(ident.node_id, meta, ident.public_key) == (key, 51820)
-    # Signed by someone else, claimed for another node, tampered with, or missing: refused.
-    assert wireguard.verified_key(ident.node_id, meta, other.public_key) == ("", 0)
-    assert wireguard.verified_key(other.node_id, meta, ident.public_key) == ("", 0)
-    forged = wireguard.signed_meta(other, key, 51820)
-    assert wireguard.verified_key(ident.node_id, forged, ident.public_key) == ("", 0)
-    assert wireguard.verified_key(ident.node_id, {**meta, "wg": f"{key}:51821"}, ident.public_key) == ("", 0)
-    assert wireguard.verified_key(ident.node_id, {}, ident.public_key) == ("", 0)
-    assert wireguard.verified_key(ident.node_id, meta, None) == ("", 0)
-    assert wireguard.verified_key(ident.node_id, {**meta, "wg_sig": "%%%"}, ident.public_key) == ("", 0)
+
+    def record(signer: Identity, owner: Identity, **extra: object) -> dict[str, object]:
+        return {"public_key": owner.public_key.hex(), **wireguard.record_fields(signer, key, 51820), **extra}
+
+    good = record(ident, ident)
+    assert good["wg_port"] == "51820"
+    assert wireguard.verified_key(ident.node_id, good) == (key, 51820)
+    assert wireguard.verified_key(ident.node_id, {**good, "wg_port": 51820}) == (key, 51820)
+    # Signed by another node, a record whose key is not the node id's, claimed for
+    # another node, tampered with, or missing: refused.
+    assert wireguard.verified_key(ident.node_id, record(other, ident)) == ("", 0)
+    assert wireguard.verified_key(ident.node_id, record(other, other)) == ("", 0)
+    assert wireguard.verified_key(other.node_id, good) == ("", 0)
+    assert wireguard.verified_key(ident.node_id, {**good, "wg_port": "51821"}) == ("", 0)
+    assert wireguard.verified_key(ident.node_id, {**good, "wg_key": "A" * 43 + "="}) == ("", 0)
+    assert wireguard.verified_key(ident.node_id, {**good, "wg_sig": "%%%"}) == ("", 0)
+    assert wireguard.verified_key(ident.node_id, {**good, "wg_port": True}) == ("", 0)
+    assert wireguard.verified_key(ident.node_id, {"public_key": ident.public_key.hex()}) == ("", 0)
+    assert wireguard.verified_key(ident.node_id, {}) == ("", 0)
 
 
 def test_route_protocol_is_validated() -> None:
