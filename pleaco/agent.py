@@ -46,8 +46,11 @@ from pleaco.identity import Identity, write_secret_file
 from pleaco.ingress.load import LoadReporter
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
 from pleaco.metrics import Registry
+from pleaco.net import wireguard
 from pleaco.net.addresses import read_host_tables
-from pleaco.net.peer import NoMesh
+from pleaco.net.config import BRIDGE
+from pleaco.net.isolation import DNS_PORT, Isolation
+from pleaco.net.mesh import KernelMesh
 from pleaco.placement import Owners
 from pleaco.reconcile.apps import AppReconciler
 from pleaco.reconcile.autoscale import Autoscaler
@@ -129,6 +132,8 @@ def listeners(cfg: Config) -> list[Listener]:
 class Agent:
     def __init__(self, cfg: Config, argv: Sequence[str] | None = None) -> None:
         self.cfg = cfg
+        # This node's signed WireGuard key and port for its node record (set with the mesh).
+        self._wireguard: dict[str, str] = {}
         self._stop = asyncio.Event()
         # The agent's arguments (after the program name): an upgrade starts the new version
         # with the same ones.
@@ -213,7 +218,7 @@ class Agent:
                 store.close()
                 raise
             network = NetworkLoop(
-                cfg.network, store, view, runtime, NoMesh(), advertised=lambda: cluster.addr,
+                cfg.network, store, view, runtime, self._mesh(cfg, identity), advertised=lambda: cluster.addr,
                 live_members=lambda: [LiveMember(m.node_id, m.addr) for m in cluster.live_peers()],
                 ready=lambda: bool(cluster.placement_nodes()), on_ready=reconciler.wake)
             runner.add(network)
@@ -355,6 +360,17 @@ class Agent:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             log.info("agent.stopped")
 
+    def _mesh(self, cfg: Config, identity: Identity) -> KernelMesh:
+        """Routes and WireGuard to the other nodes, and the app network's isolation: its
+        containers may open the DNS and the proxy's public ports on the hosts, nothing else.
+        The node record announces the WireGuard key, signed (pleaco.net.wireguard)."""
+        ports = [DNS_PORT]
+        if cfg.proxy_image:
+            ports += [hostport.split(cfg.proxy_listen)[1], hostport.split(cfg.proxy.https_listen)[1]]
+        mesh = KernelMesh(cfg.network, cfg.data_dir, Isolation(BRIDGE, ports))
+        self._wireguard = wireguard.record_fields(identity, mesh.key.public, cfg.network.wireguard_port)
+        return mesh
+
     async def _check_network(self, cfg: Config, runtime: DockerRuntime, store: Store) -> None:
         """Refuse to start, before anything is made, with a cluster CIDR that overlaps the
         host's networks or Docker's, or that is too small for the nodes this one knows."""
@@ -388,6 +404,7 @@ class Agent:
             "address": self.cfg.api_listen,
             "gossip": advertise_address(self.cfg),
             "version": __version__,
+            **self._wireguard,
         }
 
     def _register_node(self, store: Store, identity: Identity, upgrade: NodeUpgrade) -> None:

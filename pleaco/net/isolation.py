@@ -13,7 +13,12 @@ pass (pleaco/net/firewall.py):
   (REJECT: "connection refused" at once, not a hang).
 - ``PLEACO-BRIDGE-fwd`` (DOCKER-USER, packets from the bridge forwarded elsewhere): new
   connections to other nodes' host addresses are refused (their agent, proxy admin and
-  gossip listen there); answers to connections those hosts opened pass.
+  gossip listen there) but for the open ports; answers to connections those hosts opened
+  pass.
+
+The rules stay when the agent stops (like the Docker network and the replicas on it,
+which outlive the agent): an app is never left unisolated during a restart or upgrade.
+``close()`` is for tests and for turning the network off.
 """
 
 from __future__ import annotations
@@ -34,36 +39,39 @@ DNS_PORT = 53
 class Isolation:
     """The isolation rules of one bridge: ``apply()`` them (again and again), ``close()``."""
 
-    def __init__(self, bridge: str) -> None:
+    def __init__(self, bridge: str, open_ports: Sequence[int] = (DNS_PORT,)) -> None:
         if not 1 <= len(bridge) <= 15:  # Linux interface names
             raise ValueError(f"bridge name {bridge!r} must be 1-15 characters")
+        for port in open_ports:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is not 1..65535")
         self.bridge = bridge
+        self.open_ports = sorted(set(open_ports))
         self.chain_in = f"PLEACO-{bridge}-in"
         self.chain_fwd = f"PLEACO-{bridge}-fwd"
         self._lock = threading.Lock()
 
-    def rules(self, hosts: Sequence[str], open_ports: Sequence[int]) -> tuple[list[str], list[str]]:
+    def rules(self, hosts: Sequence[str]) -> tuple[list[str], list[str]]:
         """The (INPUT, forward) chains' rules."""
         for h in hosts:
             ipaddress.IPv4Address(h)  # a clear ValueError before anything is written
-        for port in open_ports:
-            if not 1 <= port <= 65535:
-                raise ValueError(f"port {port} is not 1..65535")
         answers = "-m conntrack --ctstate ESTABLISHED,RELATED -j RETURN"
         inp = [f"-A {self.chain_in} {answers}"]
-        for port in sorted(set(open_ports)):
-            inp += [f"-A {self.chain_in} -p {proto} -m {proto} --dport {port} -j RETURN" for proto in ("udp", "tcp")]
-        inp += [f"-A {self.chain_in} -p tcp -j REJECT --reject-with tcp-reset", f"-A {self.chain_in} -j REJECT"]
         fwd = [f"-A {self.chain_fwd} {answers}"]
+        for port in self.open_ports:
+            for chain in (inp, fwd):
+                name = self.chain_in if chain is inp else self.chain_fwd
+                chain += [f"-A {name} -p {proto} -m {proto} --dport {port} -j RETURN" for proto in ("udp", "tcp")]
+        inp += [f"-A {self.chain_in} -p tcp -j REJECT --reject-with tcp-reset", f"-A {self.chain_in} -j REJECT"]
         for h in sorted(set(hosts)):
             fwd += [f"-A {self.chain_fwd} -d {h}/32 -p tcp -j REJECT --reject-with tcp-reset",
                     f"-A {self.chain_fwd} -d {h}/32 -j REJECT"]
         return inp, fwd
 
-    def apply(self, hosts: Sequence[str] = (), open_ports: Sequence[int] = (DNS_PORT,)) -> None:
+    def apply(self, hosts: Sequence[str] = ()) -> None:
         """Refuse the bridge's containers this host's services and the ``hosts`` (the
-        other nodes' host addresses), except ``open_ports`` on this host."""
-        inp, fwd = self.rules(hosts, open_ports)
+        other nodes' host addresses), except the open ports."""
+        inp, fwd = self.rules(hosts)
         with self._lock:
             firewall.restore("iptables-restore", [self.chain_in, self.chain_fwd], inp + fwd,
                              "the app network's isolation rules")

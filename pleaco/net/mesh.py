@@ -23,6 +23,7 @@ from pathlib import Path
 from pleaco import logs
 from pleaco.net import firewall, routes, wireguard
 from pleaco.net.config import NetworkSettings
+from pleaco.net.isolation import Isolation
 from pleaco.net.peer import Peer
 
 log = logs.get("pleaco.net")
@@ -94,8 +95,11 @@ def forward_rules(subnet: ipaddress.IPv4Network, cidr: str) -> list[str]:
 class KernelMesh:
     """The Mesh of pleaco/net/peer.py, in the calling process's network namespace."""
 
-    def __init__(self, settings: NetworkSettings, data_dir: Path) -> None:
+    def __init__(self, settings: NetworkSettings, data_dir: Path, isolation: Isolation | None = None) -> None:
         self.settings = settings
+        # The app network's isolation, applied with the peers' host addresses at each pass
+        # (their services are refused too); left in place by close(), see isolation.py.
+        self.isolation = isolation
         self.table = routes.RouteTable(settings.route_protocol)
         self.key = wireguard.load_or_create_key(data_dir)
         self.wg = wireguard.Interface(settings.wireguard_interface, settings.wireguard_port,
@@ -116,6 +120,8 @@ class KernelMesh:
         if not p.wg_peers:
             self.wg.remove()
         self._rules(me.subnet)
+        if self.isolation is not None:
+            self.isolation.apply([p.host for p in peers if p.node_id != me.node_id])
 
     def _rules(self, subnet: ipaddress.IPv4Network) -> None:
         cidr = str(ipaddress.IPv4Network(self.settings.cidr))

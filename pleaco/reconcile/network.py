@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pleaco import hostport, logs
+from pleaco.net import wireguard
 from pleaco.net.addresses import HostTables, host_networks
 from pleaco.net.config import BRIDGE, DOCKER_NETWORK, NetworkSettings
 from pleaco.net.peer import Mesh, Peer
@@ -63,14 +64,11 @@ def check_host(settings: NetworkSettings, tables: HostTables, docker_subnets: Se
     return check_cidr(settings, host, [(n, s) for n, s in docker_subnets if n != DOCKER_NETWORK], nodes)
 
 
-def mesh_fields(node_record: dict[str, object]) -> tuple[str, int]:
-    """A peer's WireGuard public key and port, from its ``node`` record: the mesh adds
-    ``wg_key`` and ``wg_port`` there (and verifies the key against the node's identity).
-    ("", 0) for a node that runs no WireGuard."""
-    key = node_record.get("wg_key")
-    port = node_record.get("wg_port")
-    return (key if isinstance(key, str) else "",
-            port if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536 else 0)
+def mesh_fields(node_id: str, node_record: dict[str, object]) -> tuple[str, int]:
+    """A peer's WireGuard public key and port, from its ``node`` record, verified against
+    the node's identity (pleaco.net.wireguard). ("", 0) for a node that runs no WireGuard
+    or whose key does not check."""
+    return wireguard.verified_key(node_id, node_record)
 
 
 class NetworkLoop(Loop):
@@ -151,7 +149,7 @@ class NetworkLoop(Loop):
         return sorted(out, key=lambda p: p.node_id)
 
     def _mesh_fields(self, node_id: str) -> tuple[str, int]:
-        return mesh_fields(self.store.value("node", node_id) or {})
+        return mesh_fields(node_id, self.store.value("node", node_id) or {})
 
     def _fail(self, error: str) -> None:
         if error != self.last_error:

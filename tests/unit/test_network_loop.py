@@ -13,6 +13,7 @@ import pytest
 
 from pleaco.apps import AppStore
 from pleaco.identity import Identity
+from pleaco.net import wireguard
 from pleaco.net.config import NetworkSettings
 from pleaco.net.peer import Peer
 from pleaco.reconcile.drain import Drain
@@ -83,11 +84,14 @@ def make_loop(store: Store, members: list[LiveMember], ready: bool = True) -> tu
     return loop, engine, mesh, woken
 
 
-def test_the_first_step_claims_a_subnet_and_makes_the_network_on_it(store: Store) -> None:
-    store.put("subnet", "peer-b", {"subnet": "10.210.0.0/24"})
+def test_the_first_step_claims_a_subnet_and_makes_the_network_on_it(store: Store, tmp_path: Path) -> None:
+    b = Identity.generate()
+    key = wireguard.load_or_create_key(tmp_path / "b").public
+    store.put("subnet", b.node_id, {"subnet": "10.210.0.0/24"})
     store.put("subnet", "peer-gone", {"subnet": "10.210.5.0/24"})  # a member not alive: no peer
-    store.put("node", "peer-b", {"wg_key": "a2V5", "wg_port": 51820})
-    loop, engine, mesh, woken = make_loop(store, [LiveMember("peer-b", "192.0.2.3:7401")])
+    # Its node record announces its WireGuard key, signed (a forged one is refused: test_net_mesh.py).
+    store.put("node", b.node_id, {"public_key": b.public_key.hex(), **wireguard.record_fields(b, key, 51820)})
+    loop, engine, mesh, woken = make_loop(store, [LiveMember(b.node_id, "192.0.2.3:7401")])
     assert asyncio.run(loop.step()) is None
     me = store.identity.node_id
     assert store.value("subnet", me) == {"subnet": "10.210.1.0/24"}
@@ -96,7 +100,7 @@ def test_the_first_step_claims_a_subnet_and_makes_the_network_on_it(store: Store
     assert loop.view.network == "pleaco" and woken == [1]
     own, peers = mesh.applied[-1]
     assert own == Peer(me, "192.0.2.2", net("10.210.1.0/24"))
-    assert peers == [Peer("peer-b", "192.0.2.3", net("10.210.0.0/24"), "a2V5", 51820)]
+    assert peers == [Peer(b.node_id, "192.0.2.3", net("10.210.0.0/24"), key, 51820)]
     # Again: nothing changes, nothing is written.
     written = store.get("subnet", me)
     assert asyncio.run(loop.step()) is None
