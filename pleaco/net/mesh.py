@@ -15,8 +15,10 @@ publish a port for).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +134,18 @@ class KernelMesh:
         firewall.hook("iptables", firewall.forward_parent(), FWD_CHAIN)
 
     def close(self) -> None:
+        """Remove the routes, the WireGuard interface and the mesh's rules. Callable from
+        an event loop's thread (the agent's stop): pyroute2's synchronous API runs an event
+        loop of its own, which cannot start there, so the work goes to a thread then."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._close()
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="mesh-close") as pool:
+            pool.submit(self._close).result()
+
+    def _close(self) -> None:
         self.table.clear()
         self.wg.remove()
         firewall.remove("iptables", "POSTROUTING", NAT_CHAIN, table="nat")

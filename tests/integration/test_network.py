@@ -110,10 +110,18 @@ def test_three_nodes_get_their_own_subnets_and_run_replicas_there(agent_factory:
             h = by_node[inst["node"]]
             answer = h.sh("curl", "-sf", "--max-time", "5", f"http://{inst['address']}/").stdout
             assert answer.strip(), inst
+            # And from the other nodes, through the mesh (pleaco/net/mesh.py).
+            for other in hosts:
+                answer = other.sh("curl", "-sf", "--max-time", "5", f"http://{inst['address']}/").stdout
+                assert answer.strip(), (inst, other.ns)
 
         # A CIDR too small for the cluster's three nodes: n2 refuses to start, naming it,
         # and its network stays as it was.
         loner.stop()
+        # Its route goes from the others' tables once it left; it leaves no route behind.
+        wait_for(lambda: held[loner.node_id] not in hosts[0].sh("ip", "route", "show", "proto", "210").stdout, 20,
+                 "n2's route gone from n0")
+        assert hosts[2].sh("ip", "route", "show", "proto", "210").stdout == ""
         before = pleaco_subnet(hosts[2])
         loner.env["PLEACO_NETWORK_CIDR"] = "10.210.0.0/23"
         with pytest.raises((AssertionError, RuntimeError)) as small:
