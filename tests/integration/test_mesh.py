@@ -129,6 +129,9 @@ def answered(text: str) -> bool:
 def test_host_gw_keeps_the_container_address_and_follows_the_list(nodes: list[Node]) -> None:
     a, _, c = nodes
     assert not answered(a.ask(c.ip))  # no route yet
+    # A route someone else made, inside the cluster CIDR: the mesh never touches it.
+    foreign = "10.210.99.0/24 via 10.77.71.1 dev eth0"
+    a.host.sh("ip", "route", "add", *foreign.split())
     try:
         for n in nodes:
             n.mesh("apply", nodes)
@@ -144,9 +147,11 @@ def test_host_gw_keeps_the_container_address_and_follows_the_list(nodes: list[No
         assert not answered(a.ask(c.ip))
         a.mesh("apply", nodes[:2])  # again: nothing changes, nothing fails
         assert subnet(1) in a.routes()
+        assert foreign in a.host.sh("ip", "route").stdout
     finally:
         for n in nodes:
             n.mesh("close")
+        a.host.sh("ip", "route", "del", "10.210.99.0/24", check=False)
     for n in nodes:
         assert n.leftovers() == []
 
