@@ -112,15 +112,15 @@ class NodeView:
         (HOST:PORT), "" when it cannot be dialled: on the cluster network its container
         address and port, there only; else the address its port is published on."""
         if self.cluster_network:
-            on_network = bool(c.ip) and bool(self.network) and c.network == self.network
-            return f"{c.ip}:{spec.port}" if on_network and spec is not None and spec.port else ""
+            ip = c.address_on(self.network) if self.network else ""
+            return f"{ip}:{spec.port}" if ip and spec is not None and spec.port else ""
         return mesh_address(c.host_ip, c.host_port, self.advertise_host) if c.host_port else ""
 
     def probe_target(self, c: ContainerInfo, spec: AppSpec) -> tuple[str, int] | None:
         """Where this node probes a replica's health: where it dials it."""
         if self.cluster_network:
             address = self.address(c, spec)
-            return (c.ip, spec.port or 0) if address else None
+            return hostport.split(address) if address else None
         return (local_dial_host(self.publish_host), c.host_port) if c.host_port else None
 
     # -- other reads ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pleaco.net.peer import Peer
 from pleaco.reconcile.drain import Drain
 from pleaco.reconcile.network import LiveMember, NetworkLoop
 from pleaco.reconcile.view import NodeView
-from pleaco.runtime.docker import NetworkInfo, NetworkSpec
+from pleaco.runtime.docker import ContainerInfo, NetworkInfo, NetworkSpec
 from pleaco.store import Store
 
 net = ipaddress.IPv4Network
@@ -29,6 +29,8 @@ class FakeNetworks:
         self.node = node
         self.networks: dict[str, NetworkInfo] = {}
         self.removed: list[str] = []
+        self.replicas: list[ContainerInfo] = []
+        self.connected: list[str] = []
 
     def find_network(self, name: str) -> NetworkInfo | None:
         return self.networks.get(name)
@@ -53,6 +55,13 @@ class FakeNetworks:
         info = self.networks["pleaco"]
         self.networks["pleaco"] = NetworkInfo(info.id, info.name, info.driver, info.subnets, info.bridge,
                                               info.labels, tuple(c for c in info.containers if c != container_id))
+
+
+    def list_managed(self, node_id: str, app: str | None = None) -> list[ContainerInfo]:
+        return [c for c in self.replicas if c.node == node_id]
+
+    def connect_network(self, network: str, container_id: str, node_id: str) -> None:
+        self.connected.append(container_id)
 
 
 class FakeMesh:
@@ -145,3 +154,22 @@ def test_a_full_cidr_claims_nothing_and_says_why(store: Store) -> None:
     assert asyncio.run(loop.step()) == "no_subnet"
     assert store.value("subnet", me) is None and not engine.networks
     assert "no free subnet of /24 is left in network.cidr 10.210.0.0/24" in loop.last_error
+
+
+def replica(node: str, name: str, state: str, addresses: tuple[tuple[str, str], ...]) -> ContainerInfo:
+    return ContainerInfo(name, name, "web", node, 1, 0, state, None, "img", None, 0,
+                         ip=addresses[0][1] if addresses else "", network=addresses[0][0] if addresses else "",
+                         addresses=addresses)
+
+
+def test_running_replicas_of_an_earlier_version_join_the_network_without_a_restart(store: Store) -> None:
+    me = store.identity.node_id
+    loop, engine, _, _ = make_loop(store, [])
+    engine.replicas = [
+        replica(me, "old-bridge", "running", (("bridge", "172.17.0.5"),)),
+        replica(me, "on-it", "running", (("pleaco", "10.210.0.2"),)),
+        replica(me, "exited", "exited", ()),
+        replica("other-node", "theirs", "running", (("bridge", "172.17.0.6"),)),
+    ]
+    assert asyncio.run(loop.step()) is None
+    assert engine.connected == ["old-bridge"]
