@@ -112,6 +112,14 @@ class NetworkLoop(Loop):
         return out
 
     async def step(self) -> str | None:
+        try:
+            return await self._step()
+        except Exception as exc:
+            # The runner logs it and retries; apps show says why replicas wait.
+            self.view.network_error = f"{type(exc).__name__}: {exc}"
+            raise
+
+    async def _step(self) -> str | None:
         if not self.ready():
             return "waiting"
         claims = self.claims()
@@ -137,7 +145,7 @@ class NetworkLoop(Loop):
         if not ready:
             return "moving"
         await self.blocking(self._connect_replicas)
-        self.last_error = ""
+        self.last_error = self.view.network_error = ""
         me = Peer(self.me, hostport.host_of(self.advertised()), subnet, *self._mesh_fields(self.me))
         await self.blocking(self.mesh.apply, me, self.peers(claims))
         return None
@@ -160,7 +168,7 @@ class NetworkLoop(Loop):
         if error != self.last_error:
             log.error("network.failed", error=error)
             self.last_error = error
-        self.view.network = ""
+        self.view.network, self.view.network_error = "", error
 
     # -- the Docker network --------------------------------------------------------------
 

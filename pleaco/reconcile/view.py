@@ -71,6 +71,8 @@ class NodeView:
         # The Docker network replicas run on, once the network loop made it on this node's
         # subnet ("" until then: replicas wait for it); always "" without the cluster network.
         self.network = ""
+        # Why it is not there, as the network loop last said ("" when it is, or no error yet).
+        self.network_error = ""
         # Whether replicas' ports are published on the host as well ([network] publish_ports).
         self.publish_ports = not cluster_network
         self.observed = Observation()

@@ -17,6 +17,8 @@ from pleaco.net.config import NetworkSettings
 from pleaco.net.peer import Peer
 from pleaco.reconcile.drain import Drain
 from pleaco.reconcile.network import LiveMember, NetworkLoop
+from pleaco.reconcile.routes import RouteTable
+from pleaco.reconcile.status import app_status
 from pleaco.reconcile.view import NodeView
 from pleaco.runtime.docker import ContainerInfo, NetworkInfo, NetworkSpec
 from pleaco.store import Store
@@ -136,7 +138,7 @@ def test_containers_of_others_on_an_old_network_are_an_error(store: Store) -> No
     with pytest.raises(RuntimeError, match="containers pleaco does not manage are attached"):
         asyncio.run(loop.step())
     assert store.value("subnet", me) == {"subnet": "10.210.0.0/24"}
-    assert loop.view.network == ""
+    assert loop.view.network == "" and "containers pleaco does not manage" in loop.view.network_error
 
 
 def test_nothing_is_claimed_before_the_node_heard_the_cluster(store: Store) -> None:
@@ -154,6 +156,7 @@ def test_a_full_cidr_claims_nothing_and_says_why(store: Store) -> None:
     assert asyncio.run(loop.step()) == "no_subnet"
     assert store.value("subnet", me) is None and not engine.networks
     assert "no free subnet of /24 is left in network.cidr 10.210.0.0/24" in loop.last_error
+    assert loop.view.network_error == loop.last_error
 
 
 def replica(node: str, name: str, state: str, addresses: tuple[tuple[str, str], ...]) -> ContainerInfo:
@@ -173,3 +176,19 @@ def test_running_replicas_of_an_earlier_version_join_the_network_without_a_resta
     ]
     assert asyncio.run(loop.step()) is None
     assert engine.connected == ["old-bridge"]
+
+
+def test_apps_show_says_replicas_wait_for_the_network_and_why(store: Store) -> None:
+    me = store.identity.node_id
+    loop, engine, _, _ = make_loop(store, [])
+    loop.view.apps.deploy("web", {"image": "img", "replicas": 2, "port": 8080})
+    loop.view.observed.engine_ok = True
+    engine.networks["pleaco"] = NetworkInfo("old", "pleaco", "bridge", ("10.99.0.0/24",), "pleaco0", {},
+                                            ("someone-elses",))
+    with pytest.raises(RuntimeError):
+        asyncio.run(loop.step())
+    spec = loop.view.apps.get("web")
+    assert spec is not None
+    status = app_status(loop.view, RouteTable(store, me), [me], spec, 2)
+    assert status.state == "starting"
+    assert status.message.startswith("replicas wait for this node's network: NetworkError: Docker network 'pleaco'")
