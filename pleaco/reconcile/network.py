@@ -176,6 +176,10 @@ class NetworkLoop(Loop):
         """Make the ``pleaco`` network sit on ``subnet``; True once it does. False while
         this node's replicas on an old subnet are being removed (the next step re-makes it)."""
         info = self.runtime.find_network(DOCKER_NETWORK)
+        owner = info.labels.get(LABEL_NODE, "") if info is not None else ""
+        if owner and owner != self.me:
+            raise NetworkError(f"Docker network {DOCKER_NETWORK!r} on this engine is node {owner[:12]}'s: agents "
+                               "that share one engine must run with [network] enabled = false")
         if info is not None and info.driver == "bridge" and info.subnets == (str(subnet),):
             return True  # right already (made by an earlier life of this agent, or adopted)
         if info is not None:

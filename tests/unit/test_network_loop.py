@@ -192,3 +192,12 @@ def test_apps_show_says_replicas_wait_for_the_network_and_why(store: Store) -> N
     status = app_status(loop.view, RouteTable(store, me), [me], spec, 2)
     assert status.state == "starting"
     assert status.message.startswith("replicas wait for this node's network: NetworkError: Docker network 'pleaco'")
+
+
+def test_another_nodes_network_on_a_shared_engine_is_left_alone(store: Store) -> None:
+    loop, engine, _, _ = make_loop(store, [])
+    theirs = NetworkInfo("x", "pleaco", "bridge", ("10.210.0.0/24",), "pleaco0", {"pleaco.node": "other-node"}, ())
+    engine.networks["pleaco"] = theirs
+    with pytest.raises(RuntimeError, match="node other-node's: agents that share one engine must run with"):
+        asyncio.run(loop.step())
+    assert engine.networks["pleaco"] is theirs and loop.view.network == ""
