@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from pleaco import hostport
 from pleaco.apps import AppSpec, AppStore
+from pleaco.net.config import DOCKER_NETWORK
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.drain import Drain
 from pleaco.reconcile.publish import is_loopback, local_dial_host, mesh_address, publish_host
@@ -114,7 +115,10 @@ class NodeView:
         (HOST:PORT), "" when it cannot be dialled: on the cluster network its container
         address and port, there only; else the address its port is published on."""
         if self.cluster_network:
-            ip = c.address_on(self.network) if self.network else ""
+            # By the network's fixed name, not ``network``: that is set by the network
+            # loop's first step, and at an agent start the app loop's first pass (and the
+            # proxy's routes) must not take the running replicas out of service.
+            ip = c.address_on(DOCKER_NETWORK)
             return f"{ip}:{spec.port}" if ip and spec is not None and spec.port else ""
         return mesh_address(c.host_ip, c.host_port, self.advertise_host) if c.host_port else ""
 

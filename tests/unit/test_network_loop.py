@@ -201,3 +201,17 @@ def test_another_nodes_network_on_a_shared_engine_is_left_alone(store: Store) ->
     with pytest.raises(RuntimeError, match="node other-node's: agents that share one engine must run with"):
         asyncio.run(loop.step())
     assert engine.networks["pleaco"] is theirs and loop.view.network == ""
+
+
+def test_a_replica_keeps_its_address_before_the_loops_first_step_after_a_restart(store: Store) -> None:
+    """At an agent start the app loop's first pass runs before the network loop's: the
+    replicas already on the network keep their address (and so their routes)."""
+    me = store.identity.node_id
+    loop, _, _, _ = make_loop(store, [])
+    loop.view.apps.deploy("web", {"image": "img", "replicas": 1, "port": 8080})
+    spec = loop.view.apps.get("web")
+    assert spec is not None and loop.view.network == ""
+    on_it = replica(me, "on-it", "running", (("bridge", "172.17.0.5"), ("pleaco", "10.210.0.2")))
+    assert loop.view.address(on_it, spec) == "10.210.0.2:8080"
+    assert loop.view.probe_target(on_it, spec) == ("10.210.0.2", 8080)
+    assert loop.view.address(replica(me, "old", "running", (("bridge", "172.17.0.5"),)), spec) == ""
