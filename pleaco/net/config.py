@@ -81,6 +81,9 @@ class NetworkSettings:
         if not re.fullmatch(r"[A-Za-z0-9_=+.-]{1,15}", self.wireguard_interface):
             problems.append(f"network.wireguard_interface: {self.wireguard_interface!r} is not an "
                             "interface name (1-15 letters, digits, _=+.-)")
+        if self.encrypt and self.mesh == "host-gw":
+            problems.append('network.encrypt = true needs WireGuard, but network.mesh = "host-gw" never makes it '
+                            '(use mesh = "auto" or "wireguard")')
         if not 5 <= self.route_protocol <= 254:
             problems.append(f"network.route_protocol: must be 5..254 (0-4 are the kernel's), got {self.route_protocol}")
         return problems

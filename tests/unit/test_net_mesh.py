@@ -129,3 +129,4 @@ def test_signed_key_is_verified_and_a_bad_signature_refused(tmp_path: Path) -> N
 def test_route_protocol_is_validated() -> None:
     assert NetworkSettings().validate() == []
     assert "network.route_protocol" in NetworkSettings(route_protocol=2).validate()[0]
+    assert "network.encrypt = true needs WireGuard" in NetworkSettings(encrypt=True, mesh="host-gw").validate()[0]
