@@ -1,7 +1,8 @@
 """The mesh as the agents run it, over WireGuard: three hosts, each a network namespace with
 its own Docker Engine and agent (network on, ``mesh = "wireguard"``). Each agent announces
 its signed WireGuard key in its node record, the others verify it and make it their peer;
-a replica on one node answers from the others through the tunnel; a node that dies loses
+a replica on one node answers from the others through the tunnel; an app container
+cannot open the agents' API or gossip ports; a node that dies loses
 its WireGuard peer and route on the others within the failure detection; an agent that
 stops leaves no interface, route or rule behind."""
 
@@ -74,6 +75,20 @@ def test_agents_make_a_wireguard_mesh_that_follows_membership(agent_factory: Fac
             transfer = hosts[0].sh("wg", "show", iface(hosts[0]), "transfer").stdout.split("\n")
             far_key = keys[by_id[far["node"]]]
             assert any(ln.split()[:1] == [far_key] and int(ln.split()[2]) > 0 for ln in transfer if ln), transfer
+
+            # An app container on node 0's network: the agents' API and gossip ports refuse it
+            # (its own host's and another node's), another node's replica answers it.
+            probe = hosts[0].docker().containers.run("pleaco/busybox:latest", ["sleep", "120"], network="pleaco",
+                                                     detach=True)
+            try:
+                for target in (f"{hosts[0].ip} {agents[0].port}", f"{hosts[0].ip} 7401",
+                               f"{hosts[1].ip} {agents[1].port}"):
+                    out = probe.exec_run(["sh", "-c", f"echo | nc -w 2 {target}"]).output.decode()
+                    assert "refused" in out, (target, out)
+                page = probe.exec_run(["wget", "-q", "-O", "-", f"http://{far['address']}/"]).output.decode()
+                assert page.strip() == answer.strip(), page
+            finally:
+                probe.remove(force=True)
 
             # Node 2 dies: the others drop its peer and route once they declare it dead.
             gone = agents[2]
