@@ -27,6 +27,7 @@ from pleaco.host.config import UpgradeSettings
 from pleaco.hostport import HostPortError
 from pleaco.hostport import parse_host_port as parse_host_port  # re-exported: the agent's and tests' HOST:PORT parser
 from pleaco.ingress.config import IngressSettings
+from pleaco.ui.config import UiConfig
 
 DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
 
@@ -62,6 +63,8 @@ class Config(ClusterSettings, IngressSettings):
     upgrade: UpgradeSettings = field(default_factory=UpgradeSettings)
     # Every replica's limits when its deploy names none: the [apps] table (pleaco/apps.py).
     apps: AppDefaults = field(default_factory=AppDefaults)
+    # The web dashboard's history and live views: the [ui] table (see pleaco/ui/config.py).
+    ui: UiConfig = field(default_factory=UiConfig)
 
     @property
     def api_host_port(self) -> tuple[str, int]:
