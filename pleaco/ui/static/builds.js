@@ -36,17 +36,18 @@ async function loadList() {
   }
 }
 
+function summary(b) {
+  return h("dl", { class: "summary", id: "build-summary" },
+    h("dt", {}, "State"), h("dd", { id: "build-state" }, badge(b.state)),
+    h("dt", {}, "Commit"), h("dd", { class: "mono" }, `${b.commit} (${b.branch})`),
+    h("dt", {}, "Node"), h("dd", { class: "mono" }, b.node ? b.node.slice(0, 12) : "—"),
+    h("dt", {}, "Steps"), h("dd", {}, Object.entries(b.steps || {}).map(([k, v]) => `${k} ${v} s`).join(", ") || "—"),
+    h("dt", {}, "Release"), h("dd", {}, b.release ? `revision ${b.release}` : "—"),
+    b.reason ? [h("dt", {}, "Reason"), h("dd", { class: "err" }, b.reason)] : null);
+}
+
 function renderBuild(b) {
-  const parts = [
-    h("h2", {}, b.id),
-    h("dl", { class: "summary" },
-      h("dt", {}, "State"), h("dd", { id: "build-state" }, badge(b.state)),
-      h("dt", {}, "Commit"), h("dd", { class: "mono" }, `${b.commit} (${b.branch})`),
-      h("dt", {}, "Node"), h("dd", { class: "mono" }, b.node ? b.node.slice(0, 12) : "—"),
-      h("dt", {}, "Steps"), h("dd", {}, Object.entries(b.steps || {}).map(([k, v]) => `${k} ${v} s`).join(", ") || "—"),
-      h("dt", {}, "Release"), h("dd", {}, b.release ? `revision ${b.release}` : "—"),
-      b.reason ? [h("dt", {}, "Reason"), h("dd", { class: "err" }, b.reason)] : null),
-  ];
+  const parts = [h("h2", {}, b.id), summary(b)];
   if (active(b)) {
     parts.push(h("button", { type: "button", id: "cancel-build", class: "danger", onclick: () => cancel(b.id) }, "Cancel build"));
   }
@@ -58,12 +59,13 @@ function renderBuild(b) {
 function renderResults(b) {
   document.getElementById("build-results")?.remove();
   const box = h("div", { id: "build-results" });
+  const parts = [];
   if (b.test && Object.keys(b.test).length) {
-    box.append(h("h3", {}, `Tests (exit code ${b.test.exit_code})`), h("pre", { id: "test-output", class: "log" }, b.test.output || ""));
+    parts.push(h("h3", {}, `Tests (exit code ${b.test.exit_code})`), h("pre", { id: "test-output", class: "log" }, b.test.output || ""));
   }
   if (b.scan && Object.keys(b.scan).length) {
     const findings = b.scan.findings || [];
-    box.append(
+    parts.push(
       h("h3", {}, `Scan: ${b.scan.scanner}`),
       h("p", { id: "scan-summary" }, `${b.scan.packages ?? "?"} packages, ${findings.length} findings, ${b.scan.blocking} at or above ${b.scan.fail_on}`),
       findings.length
@@ -74,6 +76,7 @@ function renderResults(b) {
         : null,
     );
   }
+  box.append(...parts.filter(Boolean));
   section.append(box);
 }
 
@@ -95,7 +98,7 @@ async function openBuild(id) {
   if (shown !== id) return;
   try {
     const done = await api("GET", `/v1/builds/${encodeURIComponent(id)}`);
-    document.getElementById("build-state").replaceChildren(badge(done.state));
+    document.getElementById("build-summary").replaceWith(summary(done));
     document.getElementById("cancel-build")?.remove();
     renderResults(done);
     loadList();
