@@ -298,3 +298,23 @@ def test_charts_page_draws_an_apps_history(page: Page) -> None:
         for chart in ("#chart-rps", "#chart-latency", "#chart-replicas"):
             assert page.page.locator(f"{chart} svg").count() == 1
         page.shot("charts")
+
+
+def test_live_events_history_and_releases_answer_and_refuse_bad_input(agent: AgentProcess) -> None:
+    req = urllib.request.Request(agent.url + "/v1/events?topics=nodes",
+                                 headers={"Cookie": f"{session.COOKIE}={session.session_value(agent.token)}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        event, data = resp.readline().decode(), resp.readline().decode()
+    assert event == "event: nodes\n" and data.startswith("data: ")
+    assert [n["id"] for n in json.loads(data.removeprefix("data: "))] == [n["id"] for n in agent.client.nodes()]
+
+    status, _, body = raw(agent, "GET", "/v1/events?topics=nodes,bogus")
+    assert status == 400 and "bogus unknown (known: apps, nodes)" in body
+    assert raw(agent, "GET", "/v1/apps/nosuchapp/history")[0] == 404
+    assert raw(agent, "GET", "/v1/apps/nosuchapp/releases")[0] == 404
+    with app_named(agent, replicas=0) as app:
+        status, _, body = raw(agent, "GET", f"/v1/apps/{app}/history?since=yesterday")
+        assert status == 400 and "since" in body
+        status, _, body = raw(agent, "GET", f"/v1/apps/{app}/releases")
+        assert status == 200 and [(r["revision"], r["image"]) for r in json.loads(body)] == [(1, HELLO)]
