@@ -163,6 +163,22 @@ def test_a_wrong_token_is_refused_and_the_right_one_opens_the_live_cluster_page(
         assert page.still_marked()
         page.shot("cluster")
 
+    page.page.click("#logout")
+    page.page.wait_for_url(page.agent.url + "/ui/login")
+    assert page.context.cookies() == []
+    page.goto("/ui/charts")
+    assert page.page.url.endswith("/ui/login")
+
+
+def test_a_login_posted_from_another_site_is_refused(agent: AgentProcess) -> None:
+    req = urllib.request.Request(agent.url + "/ui/login", data=f"token={agent.token}".encode(), method="POST",
+                                 headers={"Origin": "http://evil.example",
+                                          "Content-Type": "application/x-www-form-urlencoded"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 403 and "Set-Cookie" not in err.value.headers
+    assert "Origin http://evil.example is not this server" in err.value.read().decode()
+
 
 def test_pages_carry_a_strict_csp_and_no_inline_code(agent: AgentProcess) -> None:
     for path in ("/ui/", "/ui/apps", "/ui/builds", "/ui/charts", "/ui/login"):
@@ -213,6 +229,9 @@ def test_apps_page_shows_replicas_scales_rolls_back_and_removes(page: Page) -> N
         wait_for(lambda: replica_rows(page) == 1 and page.page.inner_text("#app-revision") == "2", 60,
                  "one healthy replica of revision 2 on the page")
         page.mark()
+        wait_for(lambda: page.page.inner_text("#app-https") == "HTTP and HTTPS · no proxy on this node", 10,
+                 "the HTTPS state as this node's proxy (none here) serves it")
+        assert page.page.inner_text("#app-host") == f"{app}.<cluster domain>"
 
         page.page.fill("#scale-replicas", "2")
         page.page.click("#scale-button")

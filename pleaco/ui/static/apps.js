@@ -9,6 +9,7 @@ const selected = param("app");
 let current = null; // the selected app as the last event showed it
 let releasesOf = null; // the revision whose release list is shown
 let nodeNames = {};
+let proxy = null; // GET /v1/proxy as last read: this node's proxy and its routes
 
 function renderList(apps) {
   fill(
@@ -82,8 +83,8 @@ function renderApp(a) {
     ...term("Image", h("span", { class: "mono", id: "app-image" }, a.image)),
     ...term("Revision", h("span", { id: "app-revision" }, String(a.revision))),
     ...term("Replicas", h("span", { id: "app-replicas" }, `${a.healthy} healthy, ${a.running} running, ${a.replicas} wanted`)),
-    ...term("Host", a.host || `${a.name}.<cluster domain> (default)`),
-    ...term("HTTPS", a.https),
+    ...term("Host", h("span", { id: "app-host" }, served(a).host)),
+    ...term("HTTPS", h("span", { id: "app-https" }, served(a).https)),
     ...term("Port", a.port ? `${a.port}${a.health ? `, health ${a.health}` : ""}` : "none"),
     ...(a.rollback ? term("Rolled back", `from ${a.rollback.from} to ${a.rollback.to}: ${a.rollback.reason || ""}`) : []),
   );
@@ -111,7 +112,31 @@ function renderApp(a) {
   if (releasesOf !== a.revision) {
     releasesOf = a.revision;
     loadReleases(a.name);
+    loadProxy(); // the host and HTTPS mode are part of the release
   }
+}
+
+// The app's host name and HTTPS state as this node's proxy serves it.
+function served(a) {
+  const route = proxy?.routes?.find((r) => r.app === a.name);
+  const host = route ? route.host : a.host || `${a.name}.<cluster domain>`;
+  const mode = { on: "HTTP and HTTPS", redirect: "HTTPS (HTTP redirects)", off: "HTTP only" }[a.https] || a.https;
+  let state;
+  if (!proxy) state = "";
+  else if (!proxy.enabled) state = " · no proxy on this node";
+  else if (!proxy.up) state = ` · proxy down${proxy.error ? `: ${proxy.error}` : ""}`;
+  else if (!route) state = " · not routed yet";
+  else state = ` · served on ${proxy.listen}${a.https !== "off" ? ` and ${proxy.https_listen}` : ""}, ${route.upstreams.length} upstreams`;
+  return { host, https: mode + state };
+}
+
+async function loadProxy() {
+  try {
+    proxy = await api("GET", "/v1/proxy");
+  } catch (e) {
+    showError("Reading the proxy's routes", e);
+  }
+  if (current) renderApp(current);
 }
 
 function renderAutoscale(a) {
