@@ -18,7 +18,7 @@ Routes (all but /healthz need ``Authorization: Bearer TOKEN``):
     GET    /v1/apps/{name}/releases       the release history, oldest first
 
 The dashboard (pleaco/ui) calls these same routes from the browser, authenticated by its
-session cookie instead of the bearer token (pleaco/ui/session.py: a change needs its CSRF
+session cookie instead of the bearer token (pleaco/api/session.py: a change needs its CSRF
 proof too); its own pages under /ui/ check the session themselves.
 """
 

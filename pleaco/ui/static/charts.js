@@ -27,7 +27,8 @@ function fmt(v) {
 // One line chart: series [{name, cls, values: [[t, v|null]]}], time from now-span to now.
 function chart(id, title, unit, series, now, span) {
   const all = series.flatMap((s) => s.values.map(([, v]) => v)).filter((v) => v !== null);
-  const max = Math.max(1, ...all) * 1.1;
+  const top = Math.max(1, ...all);
+  const max = top * 1.1;
   const x = (t) => PAD.l + ((t - (now - span)) / span) * (W - PAD.l - PAD.r);
   const y = (v) => H - PAD.b - (v / max) * (H - PAD.t - PAD.b);
   const lines = series.map((s) => {
@@ -42,7 +43,8 @@ function chart(id, title, unit, series, now, span) {
   const axes = [
     svg("line", { class: "axis", x1: PAD.l, y1: H - PAD.b, x2: W - PAD.r, y2: H - PAD.b }),
     svg("line", { class: "axis", x1: PAD.l, y1: PAD.t, x2: PAD.l, y2: H - PAD.b }),
-    svg("text", { class: "tick", x: PAD.l - 4, y: PAD.t + 8, "text-anchor": "end" }, fmt(max)),
+    svg("line", { class: "axis", x1: PAD.l - 3, y1: y(top), x2: PAD.l, y2: y(top) }),
+    svg("text", { class: "tick", x: PAD.l - 4, y: y(top) + 3, "text-anchor": "end" }, fmt(top)),
     svg("text", { class: "tick", x: PAD.l - 4, y: H - PAD.b, "text-anchor": "end" }, "0"),
     svg("text", { class: "tick", x: PAD.l, y: H - 4 }, span >= HOUR ? "1 h ago" : `${Math.round(span / 60)} min ago`),
     svg("text", { class: "tick", x: W - PAD.r, y: H - 4, "text-anchor": "end" }, "now"),
