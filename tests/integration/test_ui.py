@@ -337,3 +337,28 @@ def test_live_events_history_and_releases_answer_and_refuse_bad_input(agent: Age
         assert status == 400 and "since" in body
         status, _, body = raw(agent, "GET", f"/v1/apps/{app}/releases")
         assert status == 200 and [(r["revision"], r["image"]) for r in json.loads(body)] == [(1, HELLO)]
+
+
+def test_apps_page_shows_the_autoscaling_policy(page: Page) -> None:
+    agent = page.agent
+    with app_named(agent, replicas=0) as app:
+        page.login()
+        page.page.wait_for_url(agent.url + "/ui/")
+        page.goto(f"/ui/apps?app={app}")
+        page.page.wait_for_selector("#autoscale:has-text('set by hand')")
+        # Scale to zero allowed, no traffic: the policy holds the app at 0, no container starts.
+        agent.client.autoscale(app, {"min_replicas": 0, "max_replicas": 2, "scale_to_zero_after": 30})
+        page.page.wait_for_selector("#autoscale-policy:has-text('0 to 2 replicas, concurrency target 100 per replica')")
+        page.shot("apps-autoscaled")
+
+
+@pytest.mark.parametrize("path", ["/ui/", "/ui/apps", "/ui/builds", "/ui/charts"])
+def test_every_page_fits_a_phone_screen(page: Page, path: str) -> None:
+    page.page.set_viewport_size(PHONE)
+    with app_named(page.agent, replicas=0) as app:
+        page.login()
+        page.page.wait_for_url(page.agent.url + "/ui/")
+        page.goto(f"{path}?app={app}")
+        page.page.wait_for_selector("main table tbody tr, #charts figure")
+        assert page.page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        page.shot(f"phone-{path.strip('/').replace('/', '-')}")

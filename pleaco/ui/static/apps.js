@@ -148,7 +148,7 @@ function renderAutoscale(a) {
   const s = a.autoscaler || {};
   const decisions = [...(s.decisions || [])].reverse();
   el.autoscale.replaceChildren(
-    h("p", {}, `${p.min_replicas}–${p.max_replicas} replicas, ${p.metric} target ${p.target} per replica` +
+    h("p", { id: "autoscale-policy" }, `${p.min_replicas} to ${p.max_replicas} replicas, ${p.metric} target ${p.target} per replica` +
       (s.panic ? " (panic)" : "") + (s.decided_by ? `, decided by ${nodeNames[s.decided_by] || s.decided_by.slice(0, 12)}` : "")),
     decisions.length
       ? h("ul", { class: "decisions" }, decisions.map((d) =>
