@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, wait_for
+from agentproc import AgentProcess, metric, wait_for
 from gitserver import AppRepo, GitServer, deliver, push_payload
 from test_build import stop_and_clean
 
@@ -214,6 +214,10 @@ def test_a_cookie_change_without_the_csrf_token_is_refused_and_changes_nothing(a
         assert status == 200, body
 
 
+def api_calls(agent: AgentProcess, method: str, route: str) -> float:
+    return metric(agent, f'pleaco_api_requests_total{{route="{route}",method="{method}",status="200"}}')
+
+
 def replica_rows(page: Page, healthy: bool = True) -> int:
     rows = page.page.locator("#replicas tbody tr[data-replica]")
     return sum(1 for i in range(rows.count()) if not healthy or "healthy" in rows.nth(i).inner_text().split())
@@ -233,15 +237,20 @@ def test_apps_page_shows_replicas_scales_rolls_back_and_removes(page: Page) -> N
                  "the HTTPS state as this node's proxy (none here) serves it")
         assert page.page.inner_text("#app-host") == f"{app}.<cluster domain>"
 
+        # The page's actions are the CLI's API calls: the same routes count them.
+        scales = api_calls(agent, "POST", "/v1/apps/{name}/scale")
         page.page.fill("#scale-replicas", "2")
         page.page.click("#scale-button")
         wait_for(lambda: replica_rows(page) == 2, 60, "two healthy replicas on the page")
         assert agent.client.app(app)["replicas"] == 2
+        assert api_calls(agent, "POST", "/v1/apps/{name}/scale") == scales + 1
         page.shot("apps")
 
+        rollbacks = api_calls(agent, "POST", "/v1/apps/{name}/rollback")
         page.page.once("dialog", lambda d: d.accept())
         page.page.click("#rollback")
         wait_for(lambda: page.page.inner_text("#app-revision") == "3", 30, "revision 3 on the page")
+        assert api_calls(agent, "POST", "/v1/apps/{name}/rollback") == rollbacks + 1
         shown = agent.client.app(app)
         assert shown["revision"] == 3 and shown["env"] == {}  # release 1's spec again
         page.page.wait_for_selector('#releases tr[data-revision="3"]:has-text("rollback to 1")')
