@@ -76,8 +76,11 @@ source "docker" "local" {
   image  = var.docker_base_image
   pull   = false
   commit = true
+  # packer runs the build container with --entrypoint=/bin/sh, and the commit keeps it:
+  # the entry point is set back to systemd.
   changes = [
-    "CMD [\"/sbin/init\"]",
+    "ENTRYPOINT [\"/sbin/init\"]",
+    "CMD []",
     "ENV container=docker",
     "LABEL org.opencontainers.image.title=pleaco org.opencontainers.image.version=${var.version}",
   ]

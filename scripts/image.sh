@@ -33,5 +33,5 @@ if [ -n "${VULNDB:-}" ]; then
     mkdir -p "$STAGE/vulndb" && cp -r "$VULNDB"/. "$STAGE/vulndb/"
 fi
 echo "image: packer build (docker source, version $VERSION)"
-PACKER_LOG=0 packer build -only=docker.local -var "version=$VERSION" packer/ | sed -u 's/^/  /'
+PACKER_LOG=0 packer build -color=false -only=docker.local -var "version=$VERSION" packer/ | sed -u 's/^/  /'
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' pleaco/node
