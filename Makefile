@@ -65,7 +65,7 @@ lint: venv
 unit: venv
 	$(VENV)/bin/pytest tests/unit -q
 
-test: deps lint
+test: deps image lint
 	$(VENV)/bin/pytest -q
 
 # -- the demo ---------------------------------------------------------------------------

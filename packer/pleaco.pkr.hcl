@@ -32,6 +32,12 @@ variable "stage_dir" {
   description = "What scripts/image.sh staged: pleaco.bundle, release.pub, vulndb/, images/."
 }
 
+variable "source_hash" {
+  type        = string
+  default     = ""
+  description = "A hash of the sources the image is built from (scripts/image.sh), kept as a label: an unchanged tree is not rebuilt."
+}
+
 variable "docker_base_image" {
   type        = string
   default     = "pleaco/image-base:bookworm"
@@ -82,7 +88,7 @@ source "docker" "local" {
     "ENTRYPOINT [\"/sbin/init\"]",
     "CMD []",
     "ENV container=docker",
-    "LABEL org.opencontainers.image.title=pleaco org.opencontainers.image.version=${var.version}",
+    "LABEL org.opencontainers.image.title=pleaco org.opencontainers.image.version=${var.version} pleaco.source-hash=${var.source_hash}",
   ]
 }
 

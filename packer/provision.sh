@@ -23,7 +23,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 
 need=""
-for pkg in docker.io python3 python3-venv iptables iproute2 wireguard-tools ca-certificates; do
+for pkg in docker.io git python3 python3-venv iptables iproute2 wireguard-tools ca-certificates; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
 done
 if [ -n "$need" ]; then

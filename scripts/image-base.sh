@@ -2,7 +2,8 @@
 # Build pleaco/image-base:bookworm, the base of the golden image's docker source
 # (packer/pleaco.pkr.hcl, source docker.local): a Debian 12 root file system made by
 # debootstrap from the Debian mirror (no container registry), with systemd as PID 1 and
-# what a node runs: Docker Engine, Python 3.11 with venv, iptables, iproute2, WireGuard.
+# what a node runs: Docker Engine, git (builds fetch apps' repositories), Python 3.11 with
+# venv, iptables, iproute2, WireGuard.
 # The VM sources start from Debian's cloud images instead. Kept once built (FORCE=1 rebuilds).
 set -eu
 TAG=${IMAGE_BASE:-pleaco/image-base:bookworm}
@@ -16,7 +17,7 @@ trap 'rm -rf "$root"' EXIT
 log=/tmp/pleaco-image-base.log
 echo "image: debootstrap of Debian 12 with systemd and Docker Engine (about a minute; log $log)"
 debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,libsystemd0,python3,python3-venv,procps,iproute2,iptables,docker.io,fuse-overlayfs,ca-certificates,wireguard-tools,wireguard-go,kmod \
+    --include=systemd,systemd-sysv,dbus,libsystemd0,python3,python3-venv,procps,iproute2,iptables,docker.io,git,fuse-overlayfs,ca-certificates,wireguard-tools,wireguard-go,kmod \
     bookworm "$root" "$MIRROR" >"$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }
 # A container node needs none of these; without them boot is quicker and quieter.
 for unit in systemd-timesyncd.service systemd-networkd.service systemd-resolved.service \

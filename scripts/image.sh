@@ -16,6 +16,16 @@ STAGE=build/image
 VERSION=$("${PYTHON:-$PWD/.venv/bin/python}" -c 'import pleaco; print(pleaco.__version__)')
 
 scripts/image-base.sh
+# Rebuilt only when what goes into it changed (FORCE=1 rebuilds): pleaco's sources, the
+# template and its files, the unit, the bundled images.
+hash=$( { git ls-files -s pleaco packer systemd pyproject.toml scripts/image.sh scripts/image-base.sh
+          docker image inspect -f '{{.Id}}' pleaco/caddy:latest pleaco/busybox:latest pleaco/image-base:bookworm
+          git diff HEAD -- pleaco packer systemd pyproject.toml; } | sha256sum | cut -c1-16)
+have=$(docker image inspect -f '{{ index .Config.Labels "pleaco.source-hash" }}' "pleaco/node:$VERSION" 2>/dev/null || true)
+if [ "${FORCE:-0}" != 1 ] && [ "$have" = "$hash" ]; then
+    echo "image: pleaco/node:$VERSION is up to date"
+    exit 0
+fi
 rm -rf "$STAGE"
 mkdir -p "$STAGE/images" build/keys
 key=${RELEASE_KEY:-build/keys/release.key}
@@ -33,5 +43,5 @@ if [ -n "${VULNDB:-}" ]; then
     mkdir -p "$STAGE/vulndb" && cp -r "$VULNDB"/. "$STAGE/vulndb/"
 fi
 echo "image: packer build (docker source, version $VERSION)"
-PACKER_LOG=0 packer build -color=false -only=docker.local -var "version=$VERSION" packer/ | sed -u 's/^/  /'
+PACKER_LOG=0 packer build -color=false -only=docker.local -var "version=$VERSION" -var "source_hash=$hash" packer/ | sed -u 's/^/  /'
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' pleaco/node
