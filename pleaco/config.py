@@ -211,8 +211,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(str(exc)) from None
     if cfg.discovery not in ("mdns", "seeds", "none"):
         raise ConfigError(f"discovery: expected mdns, seeds or none, got {cfg.discovery!r}")
-    if cfg.bootstrap not in ("manual", "auto"):
-        raise ConfigError(f"bootstrap: expected manual or auto, got {cfg.bootstrap!r}")
+    if cfg.bootstrap not in ("manual", "auto", "first"):
+        raise ConfigError(f"bootstrap: expected manual, auto or first, got {cfg.bootstrap!r}")
+    if cfg.bootstrap == "first" and cfg.join_token:
+        raise ConfigError("bootstrap: 'first' founds a new cluster, so it takes no join_token (remove one of them)")
     if cfg.bootstrap == "auto" and (cfg.discovery != "mdns" or len(cfg.bootstrap_secret) < 8):
         raise ConfigError("bootstrap: 'auto' needs discovery = \"mdns\" and a bootstrap_secret of 8+ characters")
     if cfg.max_replicas < 0:
