@@ -17,8 +17,6 @@ SUBNET=10.79.0
 GATEWAY=$SUBNET.1
 WORK=/var/tmp/pleaco-demo
 GIT_PORT=9418
-VERSION=$("$PY" -c 'import pleaco; print(pleaco.__version__)')
-IMAGE=pleaco/node:$VERSION
 NODES=(1 2 3)
 APP=hello
 HOST=$APP.pleaco.internal
@@ -41,6 +39,8 @@ if [ "${1:-}" = stop ]; then
     exit 0
 fi
 
+VERSION=$("$PY" -c 'import pleaco; print(pleaco.__version__)')
+IMAGE=pleaco/node:$VERSION
 node_ip() { echo "$SUBNET.$((10 + $1))"; }
 api() { echo "http://$(node_ip "$1"):7400"; }
 token() { docker exec "pleaco-demo-$1" cat /var/lib/pleaco/admin.token 2>/dev/null; }
