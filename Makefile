@@ -70,7 +70,7 @@ test: deps image lint
 
 # -- the demo ---------------------------------------------------------------------------
 
-demo: deps
+demo: deps image
 	@scripts/demo.sh
 
 demo-stop:
