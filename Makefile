@@ -66,7 +66,7 @@ unit: venv
 	$(VENV)/bin/pytest tests/unit -q
 
 test: deps image lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=30
 
 # -- the demo ---------------------------------------------------------------------------
 
