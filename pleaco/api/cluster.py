@@ -21,24 +21,29 @@ from pleaco.errors import InvalidInput, NotFound
 log = logs.get("pleaco.api.cluster")
 
 
+def nodes_json(cluster: Cluster, load: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every known node as ``GET /v1/nodes`` answers it (the dashboard's live view too)."""
+    # Other nodes' load as their route records (their replicas, gossiped) tell it.
+    replicas: dict[str, int] = {}
+    for rec in cluster.store.records("route"):
+        value = rec.value or {}
+        node = value.get("node")
+        if isinstance(node, str):
+            replicas[node] = replicas.get(node, 0) + len(value.get("instances") or [])
+    out = []
+    for m in cluster.members():
+        me = m["id"] == cluster.identity.node_id
+        record = cluster.store.value("node", m["id"]) or {}
+        out.append({**m, "self": me, "load": load() if me else {"containers": replicas.get(m["id"], 0)},
+                    "upgrade": record.get("upgrade")})  # its last upgrade: plan, phase, version, reason
+    return out
+
+
 def add_routes(app: web.Application, cluster: Cluster, load: Callable[[], dict[str, Any]]) -> None:
     """``load`` gives this node's own load figures (containers and so on) for /v1/nodes."""
 
     async def nodes(request: web.Request) -> web.Response:
-        # Other nodes' load as their route records (their replicas, gossiped) tell it.
-        replicas: dict[str, int] = {}
-        for rec in cluster.store.records("route"):
-            value = rec.value or {}
-            node = value.get("node")
-            if isinstance(node, str):
-                replicas[node] = replicas.get(node, 0) + len(value.get("instances") or [])
-        out = []
-        for m in cluster.members():
-            me = m["id"] == cluster.identity.node_id
-            record = cluster.store.value("node", m["id"]) or {}
-            out.append({**m, "self": me, "load": load() if me else {"containers": replicas.get(m["id"], 0)},
-                        "upgrade": record.get("upgrade")})  # its last upgrade: plan, phase, version, reason
-        return web.json_response(out)
+        return web.json_response(nodes_json(cluster, load))
 
     async def remove_node(request: web.Request) -> web.Response:
         wanted = request.match_info["node"]

@@ -19,6 +19,7 @@ LAYERS: list[set[str]] = [
     {"reconcile"},  # the loop runner and the app, rollout, tombstone loops
     {"ingress", "builds"},  # the proxy loop; the build pipeline and its loops
     {"api"},  # the HTTP API and its client
+    {"ui"},  # the web dashboard: pages over the API's own handlers
     {"config"},  # the agent's settings, made of the parts' own
     {"agent"},  # wires the parts together and runs them
     {"cli"},  # the pleaco command: client verbs, and the agent
