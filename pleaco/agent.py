@@ -21,6 +21,7 @@ from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
+from pleaco.api.secrets import add_routes as add_secret_routes
 from pleaco.api.server import ApiServer
 from pleaco.api.upgrade import UpgradeRoutes
 from pleaco.apps import AppStore
@@ -64,6 +65,7 @@ from pleaco.reconcile.upgrade import (
 )
 from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime
+from pleaco.stacks.secrets import AppSecrets
 from pleaco.store import Record, Store
 
 log = logs.get("pleaco.agent")
@@ -73,7 +75,8 @@ log = logs.get("pleaco.agent")
 RESTART_WINDOW = 60.0
 
 # Record kinds whose change can alter what this node should run.
-RECONCILE_KINDS = frozenset({"app", "scale", "release", "node"})
+# "secret": a replica waiting for its app's secret starts once it arrives.
+RECONCILE_KINDS = frozenset({"app", "scale", "release", "node", "secret"})
 
 
 class AgentError(PleacoError, RuntimeError, code="agent_failed"):
@@ -196,8 +199,14 @@ class Agent:
         view = NodeView(me, apps, drain, advertise_host=hostport.host_of(cluster.addr),
                         configured_publish_host=cfg.publish_host)
         routes = RouteTable(store, me)
+        # Secrets are sealed with the cluster key once there is one, with a node-local key
+        # before; founding or joining re-seals the local ones, and so does this start
+        # (plain ones from earlier versions, local ones a crash left behind).
+        secretbox = SecretBox(cfg.data_dir, lambda: cluster.state)
+        app_secrets = AppSecrets(store, apps, secretbox, cfg.data_dir)
         reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,
-                                   weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image)
+                                   weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image,
+                                   secrets=app_secrets)
         runner.add(reconciler)
         drain.on_request = reconciler.wake  # publish the drain at once
         cluster.on_change = reconciler.wake
@@ -254,10 +263,6 @@ class Agent:
         add_proxy_routes(api.app, proxy)
         UpgradeRoutes(cfg.upgrade, store, me, shelf, local, cluster.members, upgrades.wake).add_to(api.app)
         build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)
-        # Secrets are sealed with the cluster key once there is one, with a node-local key
-        # before; founding or joining re-seals the local ones, and so does this start
-        # (plain ones from earlier versions, local ones a crash left behind).
-        secretbox = SecretBox(cfg.data_dir, lambda: cluster.state)
         cluster.on_cluster = lambda: secretbox.reseal(store)
         secretbox.reseal(store)
         builds = BuildService(cfg.build, cfg.data_dir, identity.node_id, store, apps, build_engine, registry,
@@ -266,6 +271,7 @@ class Agent:
         if cfg.build.poll_interval > 0:
             runner.add(RepoPoller(builds, owners))
         add_build_routes(api.app, builds, BuildLogs(cluster, builds))  # logs from the building node
+        add_secret_routes(api.app, app_secrets, reconciler.wake)
 
         supervision = Supervision(
             Notifier(),

@@ -27,7 +27,7 @@ import math
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pleaco import errors, logs
@@ -64,6 +64,8 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 AUTOSCALE_SUFFIX = "/autoscale"
 # ... and of its autoscaler's decision record.
 DECISION_SUFFIX = "/decision"
+# The keys of an app's secrets under the ``secret`` kind: this + NAME/KEY (pleaco.stacks.secrets).
+SECRET_PREFIX = "app/"
 
 
 class ValidationError(errors.InvalidInput, ValueError):
@@ -111,6 +113,11 @@ class AppSpec:
     # max_conns_per_host): the requests it has in flight through that proxy; more wait in
     # the proxy. None: the proxy's [proxy] upstream_max_conns; 0: no cap whatever that says.
     max_conns: int | None = None
+    # The app's secrets (pleaco.stacks.secrets) as KEY -> the stamp of the value this
+    # release runs with, never the value: setting or removing a secret writes a new release
+    # (so the replicas roll like a deploy), and a node starts a replica only once it holds
+    # that version of each secret. Not a deploy field: only the secrets verbs change it.
+    secrets: dict[str, str] = field(default_factory=dict)
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
@@ -132,6 +139,7 @@ class AppSpec:
             cpus=value.get("cpus"),
             pids=value.get("pids"),
             max_conns=value.get("max_conns"),
+            secrets=dict(value.get("secrets") or {}),
         )
 
     def same_release(self, other: AppSpec) -> bool:
@@ -461,6 +469,8 @@ class AppStore:
         current = self.get(spec.name)
         if host_owner := self._host_owner(spec.host, spec.name):
             raise ValidationError("host", f"{spec.host!r} is already used by app {host_owner!r}")
+        if current is not None:  # set by the secrets verbs, not by deploys
+            spec = replace(spec, secrets=current.secrets)
         writes: list[tuple[str, str, dict[str, Any] | None]] = []
         new_release = current is None or not current.same_release(spec)
         if new_release:
@@ -495,6 +505,17 @@ class AppStore:
                    "spec": spec.to_value(), "created_ms": int(time.time() * 1000), **extra}
         return [("app", spec.name, spec.to_value()), ("release", f"{spec.name}/{spec.revision}", release)]
 
+    def secrets_writes(self, name: str, secrets: dict[str, str],
+                       **extra: Any) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """The writes that give app ``name`` these secret stamps (pleaco.stacks.secrets): a new
+        release, so its replicas roll like a deploy (none while it has no release yet)."""
+        current = self.get(name)
+        if current is None:
+            raise NotFound(f"app {name!r} does not exist")
+        if current.revision == 0:
+            return [("app", name, replace(current, secrets=secrets).to_value())]
+        return self._release_writes(replace(current, secrets=secrets, revision=current.revision + 1), **extra)
+
     def releases(self, name: str) -> list[dict[str, Any]]:
         """The app's release history, oldest first."""
         found = [self.store.value("release", r.key) for r in self.store.peek_records("release", prefix=name + "/")]
@@ -514,7 +535,10 @@ class AppStore:
         if not earlier:
             raise NoEarlierRelease(f"app {name!r} has no release before revision {current.revision}")
         target = earlier[-1]
-        spec = AppSpec.from_value(name, {**target["spec"], "revision": current.revision + 1})
+        # The secrets stay as they are now: a rollback restores the release, and a secret's
+        # value is only ever its latest (pleaco.stacks.secrets).
+        spec = AppSpec.from_value(name, {**target["spec"], "revision": current.revision + 1,
+                                         "secrets": current.secrets})
         if host_owner := self._host_owner(spec.host, name):
             raise ValidationError("host", f"{spec.host!r} is now used by app {host_owner!r}")
         extra: dict[str, Any] = {"rollback_of": int(target["revision"]), "rolled_back_from": current.revision}
@@ -626,6 +650,9 @@ class AppStore:
             if self.store.value("scale", name + suffix) is not None:
                 writes.append(("scale", name + suffix, None))
         writes += [("release", f"{name}/{r['revision']}", None) for r in self.releases(name)]
+        # Its secrets (pleaco.stacks.secrets) go with it.
+        writes += [("secret", r.key, None)
+                   for r in self.store.peek_records("secret", prefix=f"{SECRET_PREFIX}{name}/")]
         self.store.put_many(writes)
 
     def _host_owner(self, host: str | None, name: str) -> str | None:

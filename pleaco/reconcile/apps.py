@@ -41,6 +41,7 @@ from pleaco.runtime import Conflict, ContainerInfo, EngineUnavailable, NotFound,
 from pleaco.runtime.docker import container_name
 from pleaco.runtime.engine import Engine
 from pleaco.runtime.health import Probe, probe
+from pleaco.stacks.secrets import AppSecrets, SecretsNotReady
 
 log = logs.get("pleaco.reconcile.apps")
 
@@ -63,8 +64,11 @@ class AppReconciler(Loop):
         memory: Callable[[], dict[str, int]] | None = None,
         fetch_image: Callable[[str], Awaitable[bool]] | None = None,
         probe: Probe = probe,
+        secrets: AppSecrets | None = None,
     ) -> None:
         super().__init__()
+        # The apps' secrets (pleaco.stacks.secrets): given to each replica at its start.
+        self.secrets = secrets
         self.cfg = cfg
         self.interval = cfg.reconcile_interval
         # Coalesce a burst of wake-ups (50 finished starts) into one pass (wants_settle).
@@ -124,6 +128,9 @@ class AppReconciler(Loop):
 
     async def setup(self) -> None:
         self._session = aiohttp.ClientSession()
+        if self.secrets is not None:  # secret files of containers removed while the agent was down
+            names = {c.name for c in await self.blocking(self.runtime.list_managed, self.node_id)}
+            await self.blocking(self.secrets.sweep, names)
 
     async def teardown(self) -> None:
         await self.wait_actions(cancel=True)
@@ -301,6 +308,8 @@ class AppReconciler(Loop):
 
         self.publish(specs, containers, now)
         view.passes += 1
+        if self.secrets is not None and not self._inflight:  # no start is writing its files now
+            await self.blocking(self.secrets.sweep, {c.name for c in containers})
         for c, reason in removals:
             self._spawn(f"remove/{c.id}", self._remove(c, reason))
         for spec, idx in starts:
@@ -432,6 +441,14 @@ class AppReconciler(Loop):
         async with self._limit:
             if not self._still_wanted(spec, replica):
                 return
+            if self.secrets is not None:
+                try:
+                    run = await self.blocking(self.secrets.give, spec, run)
+                except SecretsNotReady as exc:  # the next pass tries again
+                    st = self._state((spec.name, replica))
+                    st.last_error, st.start_error = str(exc), f"release {spec.revision}: {exc}"
+                    log.debug("replica.waiting_for_secret", app=spec.name, replica=replica, reason=str(exc))
+                    return
             try:
                 cid = await self.blocking(self.runtime.run, run)
             except Conflict:
@@ -494,6 +511,8 @@ class AppReconciler(Loop):
                 self.m_actions.inc(action="remove", result="error")
                 log.warning("replica.remove_failed", app=c.app, replica=c.replica, error=str(exc))
                 return
+        if self.secrets is not None:  # its secret files go with it
+            await self.blocking(self.secrets.remove_files, c.name)
         self.m_actions.inc(action="remove", result="ok")
         log.info(
             "replica.removed", app=c.app, replica=c.replica, release=c.release, container=c.id[:12], reason=reason

@@ -106,6 +106,8 @@ class RunSpec:
     memory: int | None = None
     nano_cpus: int | None = None
     pids: int | None = None
+    # Bind mounts as (host path, container path, "ro" | "rw"): an app's secret files.
+    binds: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -254,6 +256,7 @@ class DockerRuntime:
             memswap_limit=spec.memory,
             nano_cpus=spec.nano_cpus,
             pids_limit=spec.pids,
+            binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds] or None,
         )
         created = self._call(
             self._api.create_container,
