@@ -33,6 +33,7 @@ from pleaco.placement import Demand, plan
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.config import ReconcileSettings
 from pleaco.reconcile.loop import Loop
+from pleaco.reconcile.provision import NotProvisioned, Provisioner
 from pleaco.reconcile.publish import local_dial_host
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.status import local_instances
@@ -41,7 +42,6 @@ from pleaco.runtime import Conflict, ContainerInfo, EngineUnavailable, NotFound,
 from pleaco.runtime.docker import container_name
 from pleaco.runtime.engine import Engine
 from pleaco.runtime.health import Probe, probe
-from pleaco.stacks.secrets import AppSecrets, SecretsNotReady
 
 log = logs.get("pleaco.reconcile.apps")
 
@@ -64,10 +64,11 @@ class AppReconciler(Loop):
         memory: Callable[[], dict[str, int]] | None = None,
         fetch_image: Callable[[str], Awaitable[bool]] | None = None,
         probe: Probe = probe,
-        secrets: AppSecrets | None = None,
+        secrets: Provisioner | None = None,
     ) -> None:
         super().__init__()
-        # The apps' secrets (pleaco.stacks.secrets): given to each replica at its start.
+        # What each replica gets at its start beside its spec: the app's secrets
+        # (pleaco.stacks.secrets). None: nothing.
         self.secrets = secrets
         self.cfg = cfg
         self.interval = cfg.reconcile_interval
@@ -444,7 +445,7 @@ class AppReconciler(Loop):
             if self.secrets is not None:
                 try:
                     run = await self.blocking(self.secrets.give, spec, run)
-                except SecretsNotReady as exc:  # the next pass tries again
+                except NotProvisioned as exc:  # the next pass tries again
                     st = self._state((spec.name, replica))
                     st.last_error, st.start_error = str(exc), f"release {spec.revision}: {exc}"
                     log.debug("replica.waiting_for_secret", app=spec.name, replica=replica, reason=str(exc))

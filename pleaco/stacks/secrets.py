@@ -31,6 +31,7 @@ from typing import Any
 from pleaco import errors, logs
 from pleaco.apps import ENV_NAME, SECRET_PREFIX, AppSpec, AppStore, validate_name
 from pleaco.builds.secrets import SecretBox, SecretError
+from pleaco.reconcile.provision import NotProvisioned
 from pleaco.runtime.docker import RunSpec
 from pleaco.store import Store
 
@@ -55,7 +56,7 @@ class SecretNotFound(errors.NotFound, LookupError):
     pass
 
 
-class SecretsNotReady(RuntimeError):
+class SecretsNotReady(NotProvisioned):
     """The app's release names a version of a secret this node does not hold yet."""
 
 

@@ -17,6 +17,7 @@ LAYERS: list[set[str]] = [
     {"apps", "placement", "host"},  # what the state means: app specs, who runs and decides what; the host
     {"reconcile"},  # the loop runner and the app, rollout, tombstone loops
     {"ingress", "builds"},  # the proxy loop; the build pipeline and its loops
+    {"stacks"},  # real apps: app secrets (given to replicas through the app loop's seam)
     {"api"},  # the HTTP API and its client
     {"config"},  # the agent's settings, made of the parts' own
     {"agent"},  # wires the parts together and runs them
