@@ -20,6 +20,7 @@ from typing import Any
 from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
+from pleaco.api.labels import add_routes as add_label_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.secrets import add_routes as add_secret_routes
 from pleaco.api.server import ApiServer
@@ -65,6 +66,7 @@ from pleaco.reconcile.upgrade import (
 )
 from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime
+from pleaco.stacks.labels import NodeLabels
 from pleaco.stacks.secrets import AppSecrets
 from pleaco.store import Record, Store
 
@@ -204,9 +206,10 @@ class Agent:
         # (plain ones from earlier versions, local ones a crash left behind).
         secretbox = SecretBox(cfg.data_dir, lambda: cluster.state)
         app_secrets = AppSecrets(store, apps, secretbox, cfg.data_dir)
+        node_labels = NodeLabels(store)
         reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,
                                    weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image,
-                                   secrets=app_secrets)
+                                   secrets=app_secrets, labels=node_labels.all)
         runner.add(reconciler)
         drain.on_request = reconciler.wake  # publish the drain at once
         cluster.on_change = reconciler.wake
@@ -259,7 +262,8 @@ class Agent:
             app_load=lambda name: (load.to_json() if (load := cluster.loads.cluster(name)) else None),
             app_scaling=lambda name: (f.to_json() if (f := autoscaler.figures(name)) else None),
         )
-        add_cluster_routes(api.app, cluster, lambda: {"containers": len(view.observed.containers)})
+        add_cluster_routes(api.app, cluster, lambda: {"containers": len(view.observed.containers)}, node_labels.of)
+        add_label_routes(api.app, node_labels, cluster.members, reconciler.wake)
         add_proxy_routes(api.app, proxy)
         UpgradeRoutes(cfg.upgrade, store, me, shelf, local, cluster.members, upgrades.wake).add_to(api.app)
         build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pleaco import errors, logs
+from pleaco.constraints import Constraint, ConstraintError
+from pleaco.constraints import parse_all as parse_constraints
 from pleaco.scale import AutoscalePolicy, PolicyError
 from pleaco.store import Record, Store
 from pleaco.urlpath import health_path_problem
@@ -43,7 +45,7 @@ IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 
 DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https", "memory", "cpus", "pids",
-                           "max_conns"})
+                           "max_conns", "constraints"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
 # redirect to HTTPS, "off" serves HTTP only. Absent means "on".
 HTTPS_MODES = ("off", "on", "redirect")
@@ -118,11 +120,18 @@ class AppSpec:
     # (so the replicas roll like a deploy), and a node starts a replica only once it holds
     # that version of each secret. Not a deploy field: only the secrets verbs change it.
     secrets: dict[str, str] = field(default_factory=dict)
+    # Placement constraints over node labels, canonical text (pleaco.constraints):
+    # ("node.labels.disk==ssd",). Only the nodes that meet them all run its replicas.
+    constraints: tuple[str, ...] = ()
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
         del value["name"]
+        value["constraints"] = list(self.constraints)
         return value
+
+    def placement_constraints(self) -> tuple[Constraint, ...]:
+        return parse_constraints(list(self.constraints)) if self.constraints else ()
 
     @classmethod
     def from_value(cls, name: str, value: dict[str, Any]) -> AppSpec:
@@ -140,6 +149,7 @@ class AppSpec:
             pids=value.get("pids"),
             max_conns=value.get("max_conns"),
             secrets=dict(value.get("secrets") or {}),
+            constraints=tuple(str(c) for c in parse_constraints(list(value.get("constraints") or ()))),
         )
 
     def same_release(self, other: AppSpec) -> bool:
@@ -306,8 +316,13 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
     max_conns = body.get("max_conns")
     if max_conns is not None:
         max_conns = validate_max_conns(max_conns)
+    constraints = body.get("constraints")
+    try:
+        constraints = tuple(str(c) for c in parse_constraints(constraints)) if constraints is not None else ()
+    except ConstraintError as exc:
+        raise ValidationError("constraints", str(exc)) from None
     spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0,
-                   memory=memory, cpus=cpus, pids=pids, max_conns=max_conns)
+                   memory=memory, cpus=cpus, pids=pids, max_conns=max_conns, constraints=constraints)
     return spec, replicas
 
 

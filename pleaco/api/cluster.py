@@ -21,8 +21,21 @@ from pleaco.errors import InvalidInput, NotFound
 log = logs.get("pleaco.api.cluster")
 
 
-def add_routes(app: web.Application, cluster: Cluster, load: Callable[[], dict[str, Any]]) -> None:
-    """``load`` gives this node's own load figures (containers and so on) for /v1/nodes."""
+def find_member(members: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
+    """The member named by id, unique id prefix (6+ characters) or name; 404 or 400 else."""
+    matches = [m for m in members if m["id"] == wanted or m["name"] == wanted
+               or (len(wanted) >= 6 and m["id"].startswith(wanted))]
+    if not matches:
+        raise NotFound(f"no node {wanted!r}")
+    if len(matches) > 1:
+        raise ApiError(400, "ambiguous", f"{wanted!r} matches {len(matches)} nodes; give the full id")
+    return matches[0]
+
+
+def add_routes(app: web.Application, cluster: Cluster, load: Callable[[], dict[str, Any]],
+               labels: Callable[[str], dict[str, str]] = lambda node: {}) -> None:
+    """``load`` gives this node's own load figures (containers and so on) for /v1/nodes,
+    ``labels`` a node's labels (pleaco.stacks.labels)."""
 
     async def nodes(request: web.Request) -> web.Response:
         # Other nodes' load as their route records (their replicas, gossiped) tell it.
@@ -37,24 +50,19 @@ def add_routes(app: web.Application, cluster: Cluster, load: Callable[[], dict[s
             me = m["id"] == cluster.identity.node_id
             record = cluster.store.value("node", m["id"]) or {}
             out.append({**m, "self": me, "load": load() if me else {"containers": replicas.get(m["id"], 0)},
-                        "upgrade": record.get("upgrade")})  # its last upgrade: plan, phase, version, reason
+                        # its last upgrade: plan, phase, version, reason
+                        "upgrade": record.get("upgrade"), "labels": labels(m["id"])})
         return web.json_response(out)
 
     async def remove_node(request: web.Request) -> web.Response:
-        wanted = request.match_info["node"]
-        matches = [m for m in cluster.members() if m["id"] == wanted or m["name"] == wanted
-                   or (len(wanted) >= 6 and m["id"].startswith(wanted))]
-        if not matches:
-            raise NotFound(f"no node {wanted!r}")
-        if len(matches) > 1:
-            raise ApiError(400, "ambiguous", f"{wanted!r} matches {len(matches)} nodes; give the full id")
+        member = find_member(cluster.members(), request.match_info["node"])
         try:
-            cluster.revoke(matches[0]["id"])
+            cluster.revoke(member["id"])
         except ClusterError as exc:
             # A conflict elsewhere, but here only the request can be wrong (a node naming itself).
             raise InvalidInput(str(exc)) from None
-        log.info("node.removed", member=matches[0]["id"])
-        return web.json_response({"removed": matches[0]["id"]})
+        log.info("node.removed", member=member["id"])
+        return web.json_response({"removed": member["id"]})
 
     async def init(request: web.Request) -> web.Response:
         cluster_id = await cluster.init()

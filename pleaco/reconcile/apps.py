@@ -28,6 +28,7 @@ import aiohttp
 
 from pleaco import logs
 from pleaco.apps import AppSpec, AppStore, format_memory
+from pleaco.constraints import eligible
 from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.placement import Demand, plan
 from pleaco.reconcile.backoff import Backoff
@@ -65,11 +66,14 @@ class AppReconciler(Loop):
         fetch_image: Callable[[str], Awaitable[bool]] | None = None,
         probe: Probe = probe,
         secrets: Provisioner | None = None,
+        labels: Callable[[], dict[str, dict[str, str]]] | None = None,
     ) -> None:
         super().__init__()
         # What each replica gets at its start beside its spec: the app's secrets
         # (pleaco.stacks.secrets). None: nothing.
         self.secrets = secrets
+        # Each node's labels, for the apps' placement constraints; none when not given.
+        self.labels = labels or dict
         self.cfg = cfg
         self.interval = cfg.reconcile_interval
         # Coalesce a burst of wake-ups (50 finished starts) into one pass (wants_settle).
@@ -216,9 +220,13 @@ class AppReconciler(Loop):
             if (other := self.apps.get(name)) is not None:
                 specs[name] = other
         # Every node plans every app alike (pleaco.placement.plan) and runs its own part.
-        placed = plan([Demand(s.name, self.apps.replicas(s.name), s.memory) for s in specs.values()],
-                      nodes, self.weights(), self.memory())
+        labels = self.labels()
+        placed = plan([Demand(s.name, self.apps.replicas(s.name), s.memory, s.placement_constraints())
+                       for s in specs.values()], nodes, self.weights(), self.memory(), labels)
         view.unplaced = {}
+        view.unschedulable = {
+            s.name: f"no live node meets {' and '.join(s.constraints)}" for s in specs.values()
+            if s.constraints and not eligible(s.placement_constraints(), nodes, labels)}
         for spec in specs.values():
             for idx, node in enumerate(placed[spec.name]):
                 if node == self.node_id:

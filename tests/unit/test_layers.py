@@ -11,7 +11,9 @@ import pleaco
 # Bottom to top. A part is a top-level module or subpackage of pleaco.
 LAYERS: list[set[str]] = [
     {"__init__", "logs", "metrics", "errors", "hostport", "urlpath", "identity"},  # foundations
-    {"scale"},  # pure decisions over the foundations: the autoscaler's (pleaco/scale/decide.py)
+    # pure decisions over the foundations: the autoscaler's (pleaco/scale/decide.py); node
+    # labels and placement constraints (pleaco/constraints.py)
+    {"scale", "constraints"},
     {"store"},  # the replicated state on disk
     {"cluster", "runtime"},  # gossip and trust; Docker Engine (neither knows the other)
     {"apps", "placement", "host"},  # what the state means: app specs, who runs and decides what; the host
