@@ -20,6 +20,7 @@ from typing import Any
 from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
+from pleaco.api.jobs import add_routes as add_job_routes
 from pleaco.api.labels import add_routes as add_label_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.secrets import add_routes as add_secret_routes
@@ -66,6 +67,7 @@ from pleaco.reconcile.upgrade import (
 )
 from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime
+from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
 from pleaco.stacks.labels import NodeLabels
 from pleaco.stacks.secrets import AppSecrets
 from pleaco.store import Record, Store
@@ -276,6 +278,8 @@ class Agent:
             runner.add(RepoPoller(builds, owners))
         add_build_routes(api.app, builds, BuildLogs(cluster, builds))  # logs from the building node
         add_secret_routes(api.app, app_secrets, reconciler.wake)
+        jobs = OneOffJobs(me, apps, AppSecrets(store, apps, secretbox, cfg.data_dir, JOB_FILES_DIR), runtime)
+        add_job_routes(api.app, jobs)
 
         supervision = Supervision(
             Notifier(),
@@ -296,6 +300,7 @@ class Agent:
                 await cluster.start()
             except (ClusterError, TrustError) as exc:
                 raise AgentError(str(exc)) from exc
+            await asyncio.to_thread(jobs.sweep)  # jobs an earlier life of this agent left behind
             host, port = cfg.api_host_port
             try:
                 await api.start(host, port)

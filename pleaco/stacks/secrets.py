@@ -117,11 +117,13 @@ def _stamp_ms(stamp: str) -> int:
 class AppSecrets:
     """The secrets verbs over the store, and a replica's secrets on this node."""
 
-    def __init__(self, store: Store, apps: AppStore, box: SecretBox, data_dir: Path) -> None:
+    def __init__(self, store: Store, apps: AppStore, box: SecretBox, data_dir: Path, files: str = FILES_DIR) -> None:
         self.store = store
         self.apps = apps
         self.box = box
-        self.files_dir = data_dir / FILES_DIR
+        # Where the containers' secret files are, a directory per container; ``files``
+        # tells apart whose they are (replicas', jobs'), so each sweeps only its own.
+        self.files_dir = data_dir / files
 
     # -- the verbs -------------------------------------------------------------------------
 
