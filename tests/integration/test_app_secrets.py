@@ -11,9 +11,10 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from agentproc import REPO, AgentProcess, docker_client, node_containers, wait_for
+from agentproc import REPO, AgentProcess, docker_client, form_cluster, node_containers, wait_for
 from conftest import HELLO
 
 from pleaco.api.errors import ApiError
@@ -143,3 +144,18 @@ def test_bad_secret_requests_change_nothing(agent: AgentProcess) -> None:
         assert exc.code == 404
     else:
         raise AssertionError("secrets of a missing app were listed")
+
+
+def test_a_secret_set_on_one_node_reaches_the_replicas_on_every_node(
+        agent_factory: Callable[..., AgentProcess]) -> None:
+    a, b = form_cluster(agent_factory, 2)
+    value = "cluster-" + uuid.uuid4().hex
+    a.client.deploy("sec", {"image": HELLO, "replicas": 2, "port": 8080})
+    done = cli(a, "secrets", "set", "sec", "API_KEY", stdin=value.encode())
+    assert done.returncode == 0, done.stderr
+    # Sealed under the cluster's key, opened by b; each node's replica of release 2 has it.
+    for node in (a, b):
+        c = running(node, "sec", 2)
+        assert f"API_KEY={value}" in exec_out(c, "env")[1].splitlines()
+        assert value.encode() not in b"".join(p.read_bytes() for p in node.data_dir.glob("state.db*"))
+        assert value.encode() not in node.log_path.read_bytes()
