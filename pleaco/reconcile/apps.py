@@ -317,7 +317,9 @@ class AppReconciler(Loop):
 
         self.publish(specs, containers, now)
         view.passes += 1
-        if self.secrets is not None and not self._inflight:  # no start is writing its files now
+        # Only when no action ran since the containers were listed: a start that finished
+        # meanwhile made a container this pass's list does not hold, and its files stay.
+        if self.secrets is not None and not self._inflight and not self._busy_when_observed:
             await self.blocking(self.secrets.sweep, {c.name for c in containers})
         for c, reason in removals:
             self._spawn(f"remove/{c.id}", self._remove(c, reason))
