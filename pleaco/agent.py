@@ -20,6 +20,7 @@ from typing import Any
 from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
+from pleaco.api.cluster import nodes_json
 from pleaco.api.jobs import add_routes as add_job_routes
 from pleaco.api.labels import add_routes as add_label_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
@@ -71,6 +72,9 @@ from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
 from pleaco.stacks.labels import NodeLabels
 from pleaco.stacks.secrets import AppSecrets
 from pleaco.store import Record, Store
+from pleaco.ui.events import LiveEvents
+from pleaco.ui.history import HistorySampler
+from pleaco.ui.pages import UiRoutes
 
 log = logs.get("pleaco.agent")
 
@@ -264,8 +268,19 @@ class Agent:
             app_load=lambda name: (load.to_json() if (load := cluster.loads.cluster(name)) else None),
             app_scaling=lambda name: (f.to_json() if (f := autoscaler.figures(name)) else None),
         )
-        add_cluster_routes(api.app, cluster, lambda: {"containers": len(view.observed.containers)}, node_labels.of)
+        def node_load() -> dict[str, Any]:
+            return {"containers": len(view.observed.containers)}
+
+        add_cluster_routes(api.app, cluster, node_load, node_labels.of)
         add_label_routes(api.app, node_labels, cluster.members, reconciler.wake)
+        # The dashboard (pleaco/ui): its pages, live events and the apps' history, all from
+        # what the API's own handlers answer.
+        history = HistorySampler(cfg.ui, api.apps_json)
+        runner.add(history)
+        UiRoutes(token, cfg.name, history.history, lambda name: apps.get(name) is not None,
+                 cfg.ui.history_interval).add_to(api.app)
+        LiveEvents(cfg.ui.live_interval, {"nodes": lambda: nodes_json(cluster, node_load, node_labels.of),
+                                          "apps": api.apps_json}).add_to(api.app)
         add_proxy_routes(api.app, proxy)
         UpgradeRoutes(cfg.upgrade, store, me, shelf, local, cluster.members, upgrades.wake).add_to(api.app)
         build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)

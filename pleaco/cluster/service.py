@@ -170,6 +170,9 @@ class Cluster:
             self._join_task = asyncio.create_task(self._join_loop(token), name="cluster-join")
         elif self.cfg.bootstrap == "auto" and self.discovery is not None:
             self._bootstrap_task = asyncio.create_task(self._bootstrap_loop(), name="cluster-bootstrap")
+        elif self.cfg.bootstrap == "first":
+            log.info("cluster.bootstrap_first")
+            await self.init()
 
     def _bootstrap_secret(self) -> bytes:
         return hashlib.sha256(b"pleaco bootstrap v1\0" + self.cfg.bootstrap_secret.encode()).digest()
