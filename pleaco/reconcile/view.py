@@ -86,6 +86,8 @@ class NodeView:
         self.passes = 0  # whole passes of the app loop since start
         # app -> its replicas that fit on no live node's memory, as the last pass planned.
         self.unplaced: dict[str, int] = {}
+        # App -> why none of its replicas can be placed: no live node meets its constraints.
+        self.unschedulable: dict[str, str] = {}
 
     # -- the one definition of healthy and serving -----------------------------------------
 
