@@ -106,6 +106,10 @@ class RunSpec:
     memory: int | None = None
     nano_cpus: int | None = None
     pids: int | None = None
+    # The container's resolvers (HostConfig Dns; empty: the engine's default). On a
+    # user-defined network the engine's embedded DNS answers container names and asks
+    # these for everything else: the agent's service names (pleaco.net.names).
+    dns: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -254,6 +258,7 @@ class DockerRuntime:
             memswap_limit=spec.memory,
             nano_cpus=spec.nano_cpus,
             pids_limit=spec.pids,
+            dns=list(spec.dns) or None,
         )
         created = self._call(
             self._api.create_container,
