@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,8 +14,17 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pleaco.apps import AppStore
+from pleaco.identity import Identity
 from pleaco.net import dnswire
 from pleaco.net.names import HostResolvers, NameServer, parse_resolv_conf
+from pleaco.reconcile.backoff import Backoff
+from pleaco.reconcile.drain import Drain
+from pleaco.reconcile.names import service_lookup
+from pleaco.reconcile.routes import RouteTable
+from pleaco.reconcile.view import NodeView, ReplicaState
+from pleaco.runtime.docker import ContainerInfo
+from pleaco.store import Store
 
 APPS = {"web": ["10.210.3.5", "10.210.7.9"], "idle": []}
 UPSTREAM_ANSWER = bytes([192, 0, 2, 77])
@@ -423,3 +433,43 @@ def test_without_upstreams_the_server_uses_the_host_resolv_conf(tmp_path: Path) 
     conf.write_text("nameserver 10.210.4.1\nnameserver 192.0.2.1\n")
     s = NameServer("10.210.4.1", 53, lookup, clients=["10.210.4.0/24"], resolv_conf=conf)
     assert s.upstreams() == [("192.0.2.1", 53)]
+
+
+# -- the real lookup: this node's view and the other nodes' route records ------------------
+
+
+def test_service_lookup_reads_the_view_and_the_live_nodes_route_records(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db", Identity.generate())
+    try:
+        apps = AppStore(store, 100)
+        apps.deploy("web", {"image": "img", "port": 8080})
+        apps.deploy("worker", {"image": "img"})
+        spec = apps.get("web")
+        assert spec is not None
+        view = NodeView("n1", apps, Drain(0.0), advertise_host="10.0.0.1")
+        mine = ContainerInfo("c1" * 6, "pleaco-web", "web", "n1", spec.revision, 0, "running", None, "img", 31000, 0,
+                             ip="172.17.0.2", host_ip="10.0.0.1")
+        sick = dataclasses.replace(mine, id="c2" * 6, replica=1, host_port=31001)
+        view.observed.containers = [mine, sick]
+        view.replicas[("web", 0)] = ReplicaState(Backoff(1.0, 60.0), healthy=True, container_id=mine.id)
+        view.replicas[("web", 1)] = ReplicaState(Backoff(1.0, 60.0), healthy=False, container_id=sick.id)
+        routes = RouteTable(store, "n1")
+        for node, container, address, serving in [("n2", "a", "10.210.2.5:8080", True),
+                                                  ("n2", "b", "10.210.2.6:8080", False),
+                                                  ("n3", "c", "10.210.3.5:8080", True),  # n3 is dead
+                                                  ("n4", "d", "not an address", True)]:
+            store.put("route", f"web/{node}/{container}", {
+                "app": "web", "node": node, "replica": 0, "container": container, "release": 1, "state": "running",
+                "healthy": serving, "host_port": None, "address": address, "serving": serving})
+        live = {"n1", "n2", "n4"}
+        lookup = service_lookup(view, routes, lambda: live)
+        # This node's healthy replica (at its address: the published port until the
+        # cluster network gives it its container address) and n2's serving one.
+        assert lookup("web") == ["10.0.0.1", "10.210.2.5"]
+        assert lookup("worker") == [] and lookup("ghost") is None
+        live.add("n3")
+        assert lookup("web") == ["10.0.0.1", "10.210.2.5", "10.210.3.5"]
+        apps.remove("web")
+        assert lookup("web") is None
+    finally:
+        store.close()
