@@ -46,11 +46,14 @@ from pleaco.identity import Identity, write_secret_file
 from pleaco.ingress.load import LoadReporter
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
 from pleaco.metrics import Registry
+from pleaco.net.addresses import read_host_tables
+from pleaco.net.peer import NoMesh
 from pleaco.placement import Owners
 from pleaco.reconcile.apps import AppReconciler
 from pleaco.reconcile.autoscale import Autoscaler
 from pleaco.reconcile.drain import Drain
 from pleaco.reconcile.loop import LoopRunner
+from pleaco.reconcile.network import LiveMember, NetworkLoop, check_host
 from pleaco.reconcile.rollout import RolloutGuard
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.tombstones import TombstoneCollector
@@ -194,13 +197,35 @@ class Agent:
         drain = Drain(cfg.rollout.drain_grace, proxy_delay=DNS_REFRESH if cfg.proxy_image else 0.0,
                       mesh=lambda: any(n != me for n in cluster.placement_nodes()))
         view = NodeView(me, apps, drain, advertise_host=hostport.host_of(cluster.addr),
-                        configured_publish_host=cfg.publish_host)
+                        configured_publish_host=cfg.publish_host, cluster_network=cfg.network.enabled)
+        view.publish_ports = not cfg.network.enabled or cfg.network.publish_ports
         routes = RouteTable(store, me)
         reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,
                                    weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image)
         runner.add(reconciler)
         drain.on_request = reconciler.wake  # publish the drain at once
-        cluster.on_change = reconciler.wake
+        network: NetworkLoop | None = None
+        if cfg.network.enabled:
+            try:
+                await self._check_network(cfg, runtime, store)
+            except AgentError:
+                runtime.close()
+                store.close()
+                raise
+            network = NetworkLoop(
+                cfg.network, store, view, runtime, NoMesh(), advertised=lambda: cluster.addr,
+                live_members=lambda: [LiveMember(m.node_id, m.addr) for m in cluster.live_peers()],
+                ready=lambda: bool(cluster.placement_nodes()), on_ready=reconciler.wake)
+            runner.add(network)
+        else:
+            log.info("network.disabled")
+
+        def cluster_changed() -> None:
+            reconciler.wake()
+            if network is not None:
+                network.wake()  # a member came or went: the mesh's peers
+
+        cluster.on_change = cluster_changed
         proxy = ProxyReconciler(cfg, cfg.data_dir, view, routes, runtime, registry, live_nodes=cluster.placement_nodes)
         if proxy.enabled:
             runner.add(proxy)
@@ -238,6 +263,8 @@ class Agent:
         def on_change(rec: Record) -> None:
             if rec.kind in RECONCILE_KINDS:
                 reconciler.wake()
+            if network is not None and rec.kind in ("subnet", "node"):
+                network.wake()  # a claim (maybe on this node's subnet), or a peer's keys
             if rec.kind == "route":
                 proxy.wake()  # replicas changed (here or elsewhere): the proxy's upstreams
             if rec.kind in ("upgrade", "node"):
@@ -316,7 +343,8 @@ class Agent:
                     await close()
                 except Exception:
                     log.error("agent.stop_failed", exc_info=True, part=what)
-            for what, sync_close in (("build_engine", build_engine.close), ("runtime", runtime.close),
+            for what, sync_close in (("network", network.close if network is not None else lambda: None),
+                                     ("build_engine", build_engine.close), ("runtime", runtime.close),
                                      ("store", store.close)):
                 try:
                     sync_close()
@@ -326,6 +354,20 @@ class Agent:
                 loop.remove_signal_handler(sig)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             log.info("agent.stopped")
+
+    async def _check_network(self, cfg: Config, runtime: DockerRuntime, store: Store) -> None:
+        """Refuse to start, before anything is made, with a cluster CIDR that overlaps the
+        host's networks or Docker's, or that is too small for the nodes this one knows."""
+        try:
+            tables = await asyncio.to_thread(read_host_tables)
+            docker_subnets = await asyncio.to_thread(runtime.network_subnets)
+        except (OSError, PleacoError) as exc:
+            raise AgentError(f"network: cannot read the host's or Docker's networks: {exc}") from exc
+        nodes = max(1, sum(1 for rec in store.records("node")
+                           if "/" not in rec.key and store.revoked_at(rec.key) is None))
+        problems = check_host(cfg.network, tables, docker_subnets, nodes)
+        if problems:
+            raise AgentError("; ".join(problems))
 
     def _restarting(self) -> bool:
         """Whether this stop is a restart into another release (an upgrade, or its

@@ -60,10 +60,10 @@ done
 echo
 "$PLEACO" apps show hello
 echo
-echo "demo: each replica answers on its own address:"
-for port in $("$PLEACO" apps show hello --json | "$PWD/.venv/bin/python" -c \
-        'import json,sys; print(" ".join(str(i["host_port"]) for i in json.load(sys.stdin)["instances"]))'); do
-    printf '  curl http://127.0.0.1:%s/  ->  %s\n' "$port" "$(curl -sf "http://127.0.0.1:$port/")"
+echo "demo: each replica answers on its own cluster address (the pleaco network, 10.210.x.y):"
+for addr in $("$PLEACO" apps show hello --json | "$PWD/.venv/bin/python" -c \
+        'import json,sys; print(" ".join(i["address"] for i in json.load(sys.stdin)["instances"]))'); do
+    printf '  curl http://%s/  ->  %s\n' "$addr" "$(curl -sf "http://$addr/")"
 done
 echo
 echo "demo: and all of them through the proxy on :80, by host name (hello.pleaco.internal):"

@@ -212,7 +212,7 @@ def show(app: dict[str, Any]) -> None:
         print()
         rows = [[str(i["replica"]), i.get("node", "")[:12], i["container"], str(i["release"]), i["state"],
                  "yes" if i["healthy"] else "no",
-                 f"127.0.0.1:{i['host_port']}" if i["host_port"] else "-",
+                 i.get("address") or (f"127.0.0.1:{i['host_port']}" if i["host_port"] else "-"),
                  str(i["restarts"]), (f"retry in {i['backoff_s']}s " if i["backoff_s"] else "") + i["error"]]
                 for i in app["instances"]]
         table(["REPLICA", "NODE", "CONTAINER", "REV", "STATE", "HEALTHY", "ADDRESS", "RESTARTS", "NOTE"], rows)

@@ -46,8 +46,9 @@ def nodes(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         return print_json(members)
     rows = [[n["id"][:12], n["name"], n["state"], n["address"], n["version"],
-             upgrade_column(n), ago(n["last_seen"]), str(n.get("load", {}).get("containers", "-"))] for n in members]
-    table(["ID", "NAME", "STATE", "ADDRESS", "VERSION", "UPGRADE", "LAST SEEN", "CONTAINERS"], rows)
+             upgrade_column(n), ago(n["last_seen"]), str(n.get("load", {}).get("containers", "-")),
+             n.get("subnet") or "-"] for n in members]
+    table(["ID", "NAME", "STATE", "ADDRESS", "VERSION", "UPGRADE", "LAST SEEN", "CONTAINERS", "SUBNET"], rows)
     return 0
 
 

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 
 MESH_MODES = ("auto", "host-gw", "wireguard")
 
+# The Docker network replicas run on, and its Linux bridge (its own, not docker0: the
+# default bridge's subnet and rules are the engine's, and a bridge of our name is easy to
+# tell apart in `ip link`). Fixed names, not settings: every node's is the same, and other
+# parts (service names, isolation rules) find them here.
+DOCKER_NETWORK = "pleaco"
+BRIDGE = "pleaco0"
+
 
 @dataclass(frozen=True)
 class NetworkSettings:

@@ -33,7 +33,6 @@ from pleaco.placement import Demand, plan
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.config import ReconcileSettings
 from pleaco.reconcile.loop import Loop
-from pleaco.reconcile.publish import local_dial_host
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.status import local_instances
 from pleaco.reconcile.view import ImageState, NodeView, Observation, ReplicaKey, ReplicaState
@@ -298,6 +297,11 @@ class AppReconciler(Loop):
 
         # Check images of wanted-but-missing replicas before trying to start them.
         starts = [s for s in starts if await self._image_present(s[0].image, now)]
+        if starts and view.cluster_network and not view.network:
+            # Replicas run on the node's own network only: the network loop makes it once
+            # this node holds a subnet, and wakes this loop.
+            log.debug("replicas.waiting_for_network", starts=len(starts))
+            starts = []
 
         self.publish(specs, containers, now)
         view.passes += 1
@@ -427,6 +431,7 @@ class AppReconciler(Loop):
         run = RunSpec(
             app=spec.name, node=self.node_id, release=spec.revision, replica=replica,
             image=spec.image, port=spec.port, env=spec.env, publish_host=self.view.publish_host,
+            publish=self.view.publish_ports, network=self.view.network,
             memory=spec.memory, nano_cpus=round(spec.cpus * 1e9) if spec.cpus else None, pids=spec.pids,
         )
         async with self._limit:
@@ -517,18 +522,18 @@ class AppReconciler(Loop):
             spec = desired.get((c.app, c.replica))
             if spec is None or c.release != spec.revision or not c.running or not spec.health:
                 continue
-            if c.host_port is None:
+            target = self.view.probe_target(c, spec)
+            if target is None:
                 continue
-            targets.append((c, spec))
+            targets.append((c, spec, target))
         if not targets:
             return
-        host = local_dial_host(self.view.publish_host)
         timeout = self.cfg.health_timeout
         results = await asyncio.gather(
-            *(self.probe(self._session, host, c.host_port or 0, spec.health or "/", timeout) for c, spec in targets)
+            *(self.probe(self._session, host, port, spec.health or "/", timeout) for _, spec, (host, port) in targets)
         )
         stops = []
-        for (c, spec), ok in zip(targets, results, strict=True):
+        for (c, spec, _), ok in zip(targets, results, strict=True):
             st = self._state((c.app, c.replica))
             if ok:
                 if not st.healthy:

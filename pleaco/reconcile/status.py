@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pleaco.apps import AppSpec, format_memory
-from pleaco.reconcile.publish import mesh_address
 from pleaco.reconcile.routes import InstanceStatus, RouteTable
 from pleaco.reconcile.view import NodeView
 
@@ -82,7 +81,7 @@ def local_instances(view: NodeView, spec: AppSpec) -> list[InstanceStatus]:
                 backoff_s=round(max(0.0, st.backoff.next_attempt - now), 1) if st and not c.running else 0.0,
                 error=st.last_error if st else "",
                 node=view.node_id,
-                address=mesh_address(c.host_ip, c.host_port, view.advertise_host) if c.host_port else "",
+                address=view.address(c, spec),
                 serving=view.serving(c, spec),
             )
         )

@@ -14,7 +14,7 @@ from pleaco import hostport
 from pleaco.apps import AppSpec, AppStore
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.drain import Drain
-from pleaco.reconcile.publish import is_loopback, publish_host
+from pleaco.reconcile.publish import is_loopback, local_dial_host, mesh_address, publish_host
 from pleaco.runtime import ContainerInfo
 
 ReplicaKey = tuple[str, int]  # (app, replica index)
@@ -57,13 +57,22 @@ class Observation:
 
 class NodeView:
     def __init__(self, node_id: str, apps: AppStore, drain: Drain, advertise_host: str = "127.0.0.1",
-                 configured_publish_host: str = "") -> None:
+                 configured_publish_host: str = "", cluster_network: bool = False) -> None:
         self.node_id = node_id
         self.apps = apps
         self.drain = drain
         self.advertise_host = advertise_host
         # Where replicas' ports are published (pleaco.reconcile.publish).
         self.publish_host = publish_host(configured_publish_host, advertise_host)
+        # Whether replicas run on the agent's own network (pleaco.reconcile.network) and are
+        # dialled on their cluster address (container IP and port); else on the engine's
+        # default bridge, dialled on their published port (the network disabled).
+        self.cluster_network = cluster_network
+        # The Docker network replicas run on, once the network loop made it on this node's
+        # subnet ("" until then: replicas wait for it); always "" without the cluster network.
+        self.network = ""
+        # Whether replicas' ports are published on the host as well ([network] publish_ports).
+        self.publish_ports = not cluster_network
         self.observed = Observation()
         self.replicas: dict[ReplicaKey, ReplicaState] = {}
         self.images: dict[str, ImageState] = {}
@@ -88,13 +97,31 @@ class NodeView:
     def serving(self, c: ContainerInfo, spec: AppSpec | None) -> bool:
         """Whether this node's container takes traffic: what this node's proxy routes to and
         what its ``route`` record tells the other nodes' proxies."""
-        if spec is None or spec.port is None or not c.running or c.host_port is None:
+        if spec is None or spec.port is None or not c.running or not self.address(c, spec):
             return False
         if self.drain.draining(c.id):
             return False
         if c.release == spec.revision:
             return self.healthy(c, spec)
         return c.id in self.proven
+
+    # -- where a replica is reached ---------------------------------------------------------
+
+    def address(self, c: ContainerInfo, spec: AppSpec | None) -> str:
+        """Where proxies (this node's and the others', through the mesh) dial a replica
+        (HOST:PORT), "" when it cannot be dialled: on the cluster network its container
+        address and port, there only; else the address its port is published on."""
+        if self.cluster_network:
+            on_network = bool(c.ip) and bool(self.network) and c.network == self.network
+            return f"{c.ip}:{spec.port}" if on_network and spec is not None and spec.port else ""
+        return mesh_address(c.host_ip, c.host_port, self.advertise_host) if c.host_port else ""
+
+    def probe_target(self, c: ContainerInfo, spec: AppSpec) -> tuple[str, int] | None:
+        """Where this node probes a replica's health: where it dials it."""
+        if self.cluster_network:
+            address = self.address(c, spec)
+            return (c.ip, spec.port or 0) if address else None
+        return (local_dial_host(self.publish_host), c.host_port) if c.host_port else None
 
     # -- other reads ---------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 import requests
 
 from pleaco import errors
@@ -76,6 +77,8 @@ class ContainerInfo:
     # The host address its port is published on (0.0.0.0 for every address): other nodes'
     # proxies dial HOST_IP:HOST_PORT (the routing mesh).
     host_ip: str = ""
+    # The Docker network ``ip`` is on ("" when none).
+    network: str = ""
 
     @property
     def running(self) -> bool:
@@ -101,6 +104,12 @@ class RunSpec:
     port: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     publish_host: str = "127.0.0.1"
+    # Publish the port on the host (publish_host:random). Off when proxies dial the
+    # replica on its cluster address instead ([network] publish_ports).
+    publish: bool = True
+    # The Docker network to run on ("": the engine's default bridge): pleaco's own, on the
+    # node's subnet, when the agent manages the network.
+    network: str = ""
     # Limits (None: none): memory in bytes (swap included: no swap beyond it), CPU time in
     # billionths of a CPU (Docker's NanoCpus: --cpus 0.5 is 500000000), processes.
     memory: int | None = None
@@ -122,6 +131,28 @@ class RunSpec:
             LABEL_RELEASE: str(self.release),
             LABEL_REPLICA: str(self.replica),
         }
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A bridge network of the agent's own: its subnet, its gateway, its Linux bridge."""
+
+    name: str
+    subnet: str  # CIDR
+    gateway: str
+    bridge: str  # the Linux bridge's name (com.docker.network.bridge.name)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    id: str
+    name: str
+    driver: str
+    subnets: tuple[str, ...]  # CIDRs of its IPAM config
+    bridge: str
+    labels: dict[str, str]
+    containers: tuple[str, ...]  # ids of the containers attached
 
 
 @dataclass(frozen=True)
@@ -247,7 +278,8 @@ class DockerRuntime:
         """
         ports = [spec.port] if spec.port else None
         host_config = self._api.create_host_config(
-            port_bindings={spec.port: (spec.publish_host, None)} if spec.port else None,
+            port_bindings={spec.port: (spec.publish_host, None)} if spec.port and spec.publish else None,
+            network_mode=spec.network or None,
             restart_policy={"Name": "no"},
             log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
             # tini as PID 1: forwards SIGTERM to the app (so stops are quick) and reaps zombies.
@@ -268,11 +300,48 @@ class DockerRuntime:
             environment=spec.env or None,
             ports=ports,
             host_config=host_config,
+            networking_config=self._api.create_networking_config(
+                {spec.network: self._api.create_endpoint_config()}) if spec.network else None,
             detach=True,
         )
         cid = str(created["Id"])
         self._call(self._api.start, cid)
         return cid
+
+    # -- networks --------------------------------------------------------------------------
+
+    def find_network(self, name: str) -> NetworkInfo | None:
+        """The network of that exact name (Docker's lookup also matches id prefixes)."""
+        try:
+            raw = self._call(self._api.inspect_network, name)
+        except NotFound:
+            return None
+        info = _parse_network(raw)
+        return info if info.name == name else None
+
+    def network_subnets(self) -> list[tuple[str, str]]:
+        """Every network's (name, subnet) on this engine, one pair per IPAM subnet."""
+        return [(str(raw.get("Name", "")), str(cfg["Subnet"])) for raw in self._call(self._api.networks)
+                for cfg in ((raw.get("IPAM") or {}).get("Config") or []) if cfg.get("Subnet")]
+
+    def create_network(self, spec: NetworkSpec) -> str:
+        """Create a bridge network with its own Linux bridge; returns its id. Conflict when
+        one of that name exists; EngineCallFailed when the engine refuses (its subnet
+        overlaps another network's)."""
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=spec.subnet,
+                                                                           gateway=spec.gateway)])
+        created = self._call(self._api.create_network, spec.name, driver="bridge", ipam=ipam,
+                             check_duplicate=True, labels=spec.labels or None,
+                             options={"com.docker.network.bridge.name": spec.bridge})
+        return str(created["Id"])
+
+    def remove_network(self, name: str) -> None:
+        """Remove a network (no-op when it is gone); Conflict or EngineCallFailed while
+        containers are attached to it."""
+        try:
+            self._call(self._api.remove_network, name)
+        except NotFound:
+            return
 
     def start(self, container_id: str) -> None:
         self._call(self._api.start, container_id)
@@ -407,6 +476,18 @@ class DockerRuntime:
         except NotFound:
             return  # already gone: the goal is reached
 
+def _parse_network(raw: dict[str, Any]) -> NetworkInfo:
+    return NetworkInfo(
+        id=str(raw.get("Id", "")),
+        name=str(raw.get("Name", "")),
+        driver=str(raw.get("Driver", "")),
+        subnets=tuple(str(c["Subnet"]) for c in ((raw.get("IPAM") or {}).get("Config") or []) if c.get("Subnet")),
+        bridge=str((raw.get("Options") or {}).get("com.docker.network.bridge.name", "")),
+        labels=dict(raw.get("Labels") or {}),
+        containers=tuple((raw.get("Containers") or {}).keys()),
+    )
+
+
 def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
     labels = row.get("Labels") or {}
     try:
@@ -423,6 +504,9 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
             host_port, host_ip = int(p["PublicPort"]), str(p.get("IP") or "")
             break
     names = row.get("Names") or ["/"]
+    addressed = next(((str(name), str(n["IPAddress"]))
+                      for name, n in ((row.get("NetworkSettings") or {}).get("Networks") or {}).items()
+                      if n.get("IPAddress")), None)
     return ContainerInfo(
         id=row["Id"],
         name=names[0].lstrip("/"),
@@ -435,7 +519,7 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
         image=row.get("Image", ""),
         host_port=host_port,
         created=int(row.get("Created", 0)),
-        ip=next((str(n["IPAddress"]) for n in ((row.get("NetworkSettings") or {}).get("Networks") or {}).values()
-                 if n.get("IPAddress")), ""),
+        ip=addressed[1] if addressed else "",
         host_ip=host_ip,
+        network=addressed[0] if addressed else "",
     )

@@ -13,6 +13,7 @@ LAYERS: list[set[str]] = [
     {"__init__", "logs", "metrics", "errors", "hostport", "urlpath", "identity"},  # foundations
     {"scale"},  # pure decisions over the foundations: the autoscaler's (pleaco/scale/decide.py)
     {"store"},  # the replicated state on disk
+    {"net"},  # the host's network: its addresses, node subnets, the mesh seam (pyroute2)
     {"cluster", "runtime"},  # gossip and trust; Docker Engine (neither knows the other)
     {"apps", "placement", "host"},  # what the state means: app specs, who runs and decides what; the host
     {"reconcile"},  # the loop runner and the app, rollout, tombstone loops
