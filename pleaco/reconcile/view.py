@@ -71,6 +71,10 @@ class NodeView:
         # The Docker network replicas run on, once the network loop made it on this node's
         # subnet ("" until then: replicas wait for it); always "" without the cluster network.
         self.network = ""
+        # The resolvers replicas on that network get (HostConfig Dns): the network's gateway,
+        # where the agent's service-name server listens (pleaco.reconcile.names); set by the
+        # network loop with ``network``, so no replica starts on it without them.
+        self.resolvers: tuple[str, ...] = ()
         # Whether replicas' ports are published on the host as well ([network] publish_ports).
         self.publish_ports = not cluster_network
         self.observed = Observation()
