@@ -5,17 +5,19 @@ busybox's nslookup asking through the engine's embedded DNS (127.0.0.11)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import secrets
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
 import docker
+import nethosts
 import pytest
-from agentproc import docker_client, remove_node_containers, wait_for
+from agentproc import AgentProcess, docker_client, remove_node_containers, wait_for
 from conftest import HELLO
 
 from pleaco.net import dnswire
@@ -26,6 +28,7 @@ SUBNET, GATEWAY = "10.213.0.0/24", "10.213.0.1"
 FORWARDED = "outside.example"
 FORWARDED_ANSWER = "192.0.2.77"
 POLL = 0.1
+Factory = Callable[..., AgentProcess]
 
 
 class Upstream(asyncio.DatagramProtocol):
@@ -125,14 +128,10 @@ def test_service_names_resolve_from_containers_through_the_agents_dns(network: A
         servers.start()
         containers = []
         for replica in (0, 1):
-            # The resolver goes through the runtime adapter (HostConfig Dns); the network
-            # is joined before anything asks, so the engine's embedded DNS fronts it.
+            # The resolver goes through the runtime adapter (HostConfig Dns).
             cid = runtime.run(RunSpec(app="names", node=node, release=1, replica=replica, image=HELLO,
-                                      dns=(GATEWAY,)))
-            c = client.containers.get(cid)
-            network.connect(c)
-            client.networks.get("bridge").disconnect(c)
-            containers.append(c)
+                                      network=network.name, dns=(GATEWAY,)))
+            containers.append(client.containers.get(cid))
         ips = []
         for c in containers:
             c.reload()
@@ -196,3 +195,49 @@ def test_the_server_refuses_the_hosts_own_queries_from_outside_the_subnet(networ
                  interval=POLL)
     finally:
         servers.stop()
+
+
+def test_an_agents_replicas_resolve_the_clusters_apps(agent_factory: Factory) -> None:
+    """Two hosts with their own engine and agent (network enabled): each replica's resolver
+    is its node's gateway, where the agent answers ``hello.internal`` with the serving
+    replicas of both nodes, as ``apps show`` lists them."""
+    with nethosts.engine_hosts(2, "nm", 73) as hosts:
+        for h in hosts:
+            h.sh("ip", "route", "add", "default", "via", "10.77.73.1")
+        env = [{**h.env, "PLEACO_NETWORK_ENABLED": "true"} for h in hosts]
+        first = agent_factory("n0", host=hosts[0].ip, prefix=hosts[0].prefix, env=env[0],
+                              extra_args=["--gossip-listen", "0.0.0.0:7401"])
+        first.client.request("POST", "/v1/cluster/init")
+        token = first.client.request("GET", "/v1/cluster/token")["token"]
+        agents = [first, agent_factory("n1", host=hosts[1].ip, prefix=hosts[1].prefix, env=env[1],
+                                       extra_args=["--gossip-listen", "0.0.0.0:7401", "--join-token", token])]
+        wait_for(lambda: sum(n["state"] == "alive" for n in first.client.nodes()) == 2, 40, "2 nodes alive",
+                 interval=POLL)
+        first.client.deploy("hello", {"image": "pleaco/hello:latest", "replicas": 2, "port": 8080,
+                                      "health": "/healthz"})
+
+        def serving() -> set[str]:
+            return {i["address"].rpartition(":")[0] for i in first.client.app("hello")["instances"]
+                    if i.get("serving")}
+
+        wait_for(lambda: len(serving()) == 2, 60, "2 serving replicas", interval=POLL)
+        addresses = serving()
+        by_node = {a.node_id: h for a, h in zip(agents, hosts, strict=True)}
+        assert {i["node"] for i in first.client.app("hello")["instances"]} == set(by_node)
+        for node_id, h in by_node.items():
+            client = h.docker()
+            try:
+                [replica] = client.containers.list(filters={"label": "pleaco.app=hello"})
+                subnet = next(n["subnet"] for n in first.client.nodes() if n["id"] == node_id)
+                gateway = str(next(ipaddress.IPv4Network(subnet).hosts()))
+                assert replica.attrs["HostConfig"]["Dns"] == [gateway]
+                # Both nodes' replicas, whichever node asks (the agent's answer follows
+                # the route records: wait for the other node's to arrive).
+                wait_for(lambda r=replica: set(nslookup(r, "hello.internal")[1]) == addresses, 20,  # type: ignore[misc]
+                         f"hello.internal from {h.ns}", interval=POLL)
+                code, found, text = nslookup(replica, "ghost.internal")
+                assert code != 0 and "NXDOMAIN" in text and not found, text
+            finally:
+                client.close()
+        for a in agents:
+            a.kill()
