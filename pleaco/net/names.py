@@ -10,9 +10,9 @@ Answers:
   the app's serving replicas on every node, shuffled (clients take the first), as many as
   fit in a UDP answer (512 bytes, or up to 1232 with EDNS0: the DNS flag day size that
   crosses any path unfragmented) with the truncation bit set beyond, all of them over TCP;
-- any other type for a known app: an empty answer; an unknown app, or any deeper name
-  under the suffix: NXDOMAIN;
-- anything else: forwarded to the host's resolvers (the nameservers of /etc/resolv.conf,
+- any other type for a known app: an empty answer; an unknown app: NXDOMAIN;
+- anything else (deeper names under the suffix as well, such as the proxy's host names
+  ``APP.pleaco.internal``): forwarded to the host's resolvers (the nameservers of /etc/resolv.conf,
   read again when the file changes) and their answer relayed, or SERVFAIL.
 
 Only queries from the node's container subnet are answered (the socket is bound to the
@@ -231,15 +231,16 @@ class NameServer:
         if query.opcode != 0:
             return dnswire.response(query, dnswire.RCODE_NOTIMP, authoritative=False)
         labels, n = query.labels, len(self.suffix)
-        if labels[-n:] != self.suffix or len(labels) < n:
+        if labels[-n:] != self.suffix or len(labels) > n + 1:
+            # Not a service name. Deeper names under the suffix too: the proxy's host names
+            # (cluster_domain, pleaco.internal by default) live there, and whatever
+            # resolves them for the operator (a DNS zone, the hosts file) stays in charge.
             return None
         self.stats.answered += 1
         if query.qclass != dnswire.QCLASS_IN:
             return dnswire.response(query, dnswire.RCODE_REFUSED)
         if len(labels) == n:
             return dnswire.response(query, 0)  # the zone itself: exists, holds no records
-        if len(labels) > n + 1:
-            return dnswire.response(query, dnswire.RCODE_NXDOMAIN)
         try:
             ips = self.lookup(labels[0])
         except Exception:
