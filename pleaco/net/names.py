@@ -171,40 +171,52 @@ class NameServer:
 
     async def start(self) -> None:
         """Bind UDP and TCP on the listen address (OSError when it is not ours yet or taken)."""
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(self.listen_host, self.port))
-        # Port 0 (tests): TCP on the port UDP was given.
-        port = int(transport.get_extra_info("sockname")[1])
-        try:
-            self._tcp = await asyncio.start_server(self._serve_tcp, self.listen_host, port, reuse_address=True)
-        except BaseException:
-            transport.close()
-            raise
-        self._udp, self.port = transport, port
+        self._udp, self._tcp, self.port = await self._bind(self.listen_host, self.port)
         self.upstreams()  # read resolv.conf now, so a broken one shows in the log at start
         log.info("names.listening", address=f"{self.listen_host}:{self.port}", suffix=".".join(self.suffix),
                  clients=" ".join(str(c) for c in self.clients))
 
+    async def _bind(self, host: str, port: int) -> tuple[asyncio.DatagramTransport, asyncio.Server, int]:
+        loop = asyncio.get_running_loop()
+        udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, port))
+        # Port 0 (tests): TCP on the port UDP was given.
+        port = int(udp.get_extra_info("sockname")[1])
+        try:
+            tcp = await asyncio.start_server(self._serve_tcp, host, port, reuse_address=True)
+        except BaseException:
+            udp.close()
+            raise
+        return udp, tcp, port
+
     async def close(self) -> None:
         """Stop listening and cancel the forwards in flight."""
-        if self._udp is not None:
-            self._udp.close()
-            self._udp = None
-        if self._tcp is not None:
-            self._tcp.close()
-            self._tcp = None
+        self._unbind()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    def _unbind(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+            self._tcp = None
+
     async def move(self, listen_host: str, clients: Sequence[str]) -> None:
-        """Listen on another address for other clients (the node's subnet changed)."""
-        await self.close()
-        self.listen_host = listen_host
+        """Listen on another address, same port, for other clients (the node's subnet
+        changed). The new sockets are bound before the old ones close: on a failure the
+        server stays where it was (and raises), and the port is never let go meanwhile."""
+        if listen_host != self.listen_host or self._udp is None:
+            udp, tcp, port = await self._bind(listen_host, self.port)
+            self._unbind()
+            self._udp, self._tcp, self.port = udp, tcp, port
+            self.listen_host = listen_host
         self.clients = [ipaddress.ip_network(c, strict=False) for c in clients]
-        await self.start()
+        log.info("names.listening", address=f"{self.listen_host}:{self.port}", suffix=".".join(self.suffix),
+                 clients=" ".join(str(c) for c in self.clients))
 
     def upstreams(self) -> list[Address]:
         return list(self._fixed) if self._fixed is not None else self._host.current()

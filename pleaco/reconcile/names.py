@@ -76,10 +76,7 @@ class NameServerLoop(Loop):
             return "waiting"
         gateway = str(gateway_of(subnet))
         if self.server is not None and (self.server.listen_host, self.server.clients) != (gateway, [subnet]):
-            server, self.server = self.server, None  # closed by move; ours again once it listens
-            await server.move(gateway, [str(subnet)])
-            self.server = server
-            log.info("names.moved", address=gateway, subnet=str(subnet))
+            await self.server.move(gateway, [str(subnet)])  # raises, still where it was, on failure
         if self.server is None:
             s = self.settings
             server = NameServer(gateway, self.port, self.lookup, s.suffix, None, clients=[str(subnet)], ttl=s.names_ttl,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,10 +18,11 @@ from hypothesis import strategies as st
 from pleaco.apps import AppStore
 from pleaco.identity import Identity
 from pleaco.net import dnswire
+from pleaco.net.config import NetworkSettings
 from pleaco.net.names import HostResolvers, NameServer, parse_resolv_conf
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.drain import Drain
-from pleaco.reconcile.names import service_lookup
+from pleaco.reconcile.names import NameServerLoop, service_lookup
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.view import NodeView, ReplicaState
 from pleaco.runtime.docker import ContainerInfo
@@ -183,7 +185,7 @@ def test_fuzz_mutated_queries_never_crash(base: bytes, flips: list[tuple[int, in
 
 
 async def udp_ask(port: int, msg: bytes, source: str = "127.0.0.1", expect: int = 1,
-                  timeout: float = 5.0) -> list[bytes]:
+                  timeout: float = 5.0, dest: str = "127.0.0.1") -> list[bytes]:
     """Send ``msg`` from ``source`` and collect ``expect`` datagrams (fewer on timeout)."""
     loop = asyncio.get_running_loop()
     got: asyncio.Queue[bytes] = asyncio.Queue()
@@ -193,7 +195,7 @@ async def udp_ask(port: int, msg: bytes, source: str = "127.0.0.1", expect: int 
             got.put_nowait(data)
 
     transport, _ = await loop.create_datagram_endpoint(Client, local_addr=(source, 0),
-                                                       remote_addr=("127.0.0.1", port))
+                                                       remote_addr=(dest, port))
     try:
         transport.sendto(msg)
         out = []
@@ -386,8 +388,11 @@ def test_garbage_on_the_socket_leaves_the_server_answering() -> None:
 def test_move_listens_elsewhere_for_other_clients() -> None:
     async def main() -> None:
         async with running(clients=["127.0.0.1/32"]) as s:
+            port = s.port
+            await s.move("127.0.0.1", ["127.0.0.0/8"])  # same address: only the clients change
+            assert (s.listen_host, s.port, s.clients) == ("127.0.0.1", port, [ipaddress.IPv4Network("127.0.0.0/8")])
             await s.move("127.0.0.3", ["127.0.0.2/32"])
-            assert s.listen_host == "127.0.0.3"
+            assert (s.listen_host, s.port) == ("127.0.0.3", port)
             loop = asyncio.get_running_loop()
             got: asyncio.Future[bytes] = loop.create_future()
 
@@ -470,5 +475,42 @@ def test_service_lookup_reads_the_view_and_the_live_nodes_route_records(tmp_path
         assert lookup("web") == ["10.0.0.1", "10.210.2.5", "10.210.3.5"]
         apps.remove("web")
         assert lookup("web") is None
+    finally:
+        store.close()
+
+
+def test_the_names_loop_follows_the_network_and_its_subnet(tmp_path: Path) -> None:
+    """On loopback: 127.0.0.0/24's gateway (first address) is 127.0.0.1, 127.0.1.0/24's 127.0.1.1."""
+    store = Store(tmp_path / "state.db", Identity.generate())
+    view = NodeView("n1", AppStore(store, 100), Drain(0.0))
+    subnet: list[ipaddress.IPv4Network | None] = [None]
+    loop = NameServerLoop(NetworkSettings(), view, lambda: subnet[0], lookup, port=0)
+
+    async def main() -> None:
+        try:
+            assert await loop.step() == "waiting"  # no network yet
+            subnet[0] = ipaddress.IPv4Network("127.0.0.0/24")
+            assert await loop.step() == "waiting"  # a subnet, but the network is not made yet
+            view.network = "pleaco"
+            assert await loop.step() is None and loop.server is not None
+            first = loop.server
+            [msg] = await udp_ask(first.port, query("web.internal"))
+            assert sorted(parse(msg)["a"]) == APPS["web"]
+            assert await loop.step() is None and loop.server is first  # steady: nothing changes
+            subnet[0] = ipaddress.IPv4Network("127.0.1.0/24")
+            assert await loop.step() is None and loop.server is first
+            assert first.listen_host == "127.0.1.1" and first.clients == [subnet[0]]
+            # The new address answers the new subnet, and only it.
+            [msg] = await udp_ask(first.port, query("web.internal"), source="127.0.1.9", dest="127.0.1.1")
+            assert sorted(parse(msg)["a"]) == APPS["web"] and first.stats.foreign == 0
+            assert await udp_ask(first.port, query("web.internal"), source="127.0.0.1", dest="127.0.1.1",
+                                 timeout=0.3) == []
+            assert first.stats.foreign == 1
+        finally:
+            await loop.teardown()
+        assert loop.server is None
+
+    try:
+        run(main)
     finally:
         store.close()
