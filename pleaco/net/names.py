@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pleaco import logs
+from pleaco.metrics import Counter
 from pleaco.net import dnswire
 
 log = logs.get("pleaco.net.names")
@@ -146,7 +147,7 @@ class NameServer:
     def __init__(self, listen_host: str, port: int, lookup: Lookup, suffix: str = "internal",
                  upstreams: Sequence[Address] | None = None, *, clients: Sequence[str],
                  ttl: int = 1, forward_timeout: float = 3.0, max_forwards: int = 256, tcp_clients: int = 64,
-                 resolv_conf: Path = RESOLV_CONF) -> None:
+                 resolv_conf: Path = RESOLV_CONF, metric: Counter | None = None) -> None:
         """``clients``: the networks whose queries are answered (the node's container
         subnet). ``upstreams``: where other names go; None: the host's resolv.conf."""
         self.listen_host = listen_host
@@ -161,6 +162,8 @@ class NameServer:
         self.max_forwards = max_forwards
         self.tcp_clients = tcp_clients
         self.stats = NameStats()
+        # pleaco_names_queries_total{result} when the agent hands one in (results: NameStats' fields).
+        self.metric = metric
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -218,6 +221,11 @@ class NameServer:
         log.info("names.listening", address=f"{self.listen_host}:{self.port}", suffix=".".join(self.suffix),
                  clients=" ".join(str(c) for c in self.clients))
 
+    def _count(self, result: str) -> None:
+        setattr(self.stats, result, getattr(self.stats, result) + 1)
+        if self.metric is not None:
+            self.metric.inc(result=result)
+
     def upstreams(self) -> list[Address]:
         return list(self._fixed) if self._fixed is not None else self._host.current()
 
@@ -236,7 +244,7 @@ class NameServer:
         try:
             query = dnswire.parse_query(data)
         except dnswire.Malformed:
-            self.stats.malformed += 1
+            self._count("malformed")
             return dnswire.error_reply(data, dnswire.RCODE_FORMERR)
         if query.is_response:
             return b""  # never answer an answer: two servers could bounce it forever
@@ -248,7 +256,7 @@ class NameServer:
             # (cluster_domain, pleaco.internal by default) live there, and whatever
             # resolves them for the operator (a DNS zone, the hosts file) stays in charge.
             return None
-        self.stats.answered += 1
+        self._count("answered")
         if query.qclass != dnswire.QCLASS_IN:
             return dnswire.response(query, dnswire.RCODE_REFUSED)
         if len(labels) == n:
@@ -281,7 +289,7 @@ class NameServer:
 
     def on_datagram(self, transport: asyncio.DatagramTransport, data: bytes, addr: tuple[str | int, int]) -> None:
         if not self.allowed(str(addr[0])):
-            self.stats.foreign += 1
+            self._count("foreign")
             return
         reply = self.answer(data, dnswire.CLASSIC_UDP)
         if reply is None:
@@ -294,11 +302,11 @@ class NameServer:
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         if not peer or not self.allowed(str(peer[0])):
-            self.stats.foreign += 1
+            self._count("foreign")
             writer.close()
             return
         if self._tcp_open >= self.tcp_clients:
-            self.stats.busy += 1
+            self._count("busy")
             writer.close()
             return
         self._tcp_open += 1
@@ -310,7 +318,7 @@ class NameServer:
                 reply = self.answer(data, None)
                 if reply is None:
                     if self._in_flight >= self.max_forwards:
-                        self.stats.busy += 1
+                        self._count("busy")
                         return
                     reply = await self._forward(data, tcp=True)
                 if not reply:
@@ -327,7 +335,7 @@ class NameServer:
 
     def _spawn_forward(self, data: bytes, send: Callable[[bytes], None], tcp: bool) -> None:
         if self._in_flight >= self.max_forwards:
-            self.stats.busy += 1
+            self._count("busy")
             return  # dropped: the client asks again, by which time some have finished
 
         async def run() -> None:
@@ -343,7 +351,7 @@ class NameServer:
         """The host resolvers' answer to a query (with the asker's id), or SERVFAIL."""
         self._in_flight += 1
         try:
-            self.stats.forwarded += 1
+            self._count("forwarded")
             query = dnswire.parse_query(data)
             servers = self.upstreams()
             loop = asyncio.get_running_loop()
@@ -361,7 +369,7 @@ class NameServer:
                     log.debug("names.upstream_failed", upstream=f"{host}:{port}", error=repr(exc))
                     continue
                 return data[:2] + reply[2:]
-            self.stats.upstream_failed += 1
+            self._count("upstream_failed")
             return dnswire.response(query, dnswire.RCODE_SERVFAIL, authoritative=False)
         finally:
             self._in_flight -= 1

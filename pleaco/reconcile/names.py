@@ -14,6 +14,7 @@ import ipaddress
 from collections.abc import Callable, Collection
 
 from pleaco import hostport, logs
+from pleaco.metrics import Counter, Registry
 from pleaco.net.config import NetworkSettings
 from pleaco.net.names import PORT, Lookup, NameServer
 from pleaco.net.subnets import gateway_of
@@ -61,7 +62,7 @@ class NameServerLoop(Loop):
     interval = INTERVAL
 
     def __init__(self, settings: NetworkSettings, view: NodeView, subnet: Callable[[], ipaddress.IPv4Network | None],
-                 lookup: Lookup, port: int = PORT) -> None:
+                 lookup: Lookup, registry: Registry | None = None, port: int = PORT) -> None:
         super().__init__()
         self.settings = settings
         self.view = view
@@ -69,6 +70,11 @@ class NameServerLoop(Loop):
         self.lookup = lookup
         self.port = port
         self.server: NameServer | None = None
+        self.metric = registry.register(Counter(
+            "pleaco_names_queries_total", "Queries to the service-name server by what became of them: answered "
+            "(under the suffix), forwarded, malformed, foreign (not from the node's subnet: dropped), busy "
+            "(beyond the forwards in flight: dropped), upstream_failed (SERVFAIL).", ("result",))) \
+            if registry is not None else None
 
     async def step(self) -> str | None:
         subnet = self.subnet() if self.view.network else None
@@ -81,7 +87,7 @@ class NameServerLoop(Loop):
             s = self.settings
             server = NameServer(gateway, self.port, self.lookup, s.suffix, None, clients=[str(subnet)], ttl=s.names_ttl,
                                 forward_timeout=s.names_forward_timeout, max_forwards=s.names_max_forwards,
-                                tcp_clients=s.names_tcp_clients)
+                                tcp_clients=s.names_tcp_clients, metric=self.metric)
             await server.start()
             self.server = server
         return None

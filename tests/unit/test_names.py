@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from pleaco.apps import AppStore
 from pleaco.identity import Identity
+from pleaco.metrics import Registry
 from pleaco.net import dnswire
 from pleaco.net.config import NetworkSettings
 from pleaco.net.names import HostResolvers, NameServer, parse_resolv_conf
@@ -484,7 +485,8 @@ def test_the_names_loop_follows_the_network_and_its_subnet(tmp_path: Path) -> No
     store = Store(tmp_path / "state.db", Identity.generate())
     view = NodeView("n1", AppStore(store, 100), Drain(0.0))
     subnet: list[ipaddress.IPv4Network | None] = [None]
-    loop = NameServerLoop(NetworkSettings(), view, lambda: subnet[0], lookup, port=0)
+    registry = Registry()
+    loop = NameServerLoop(NetworkSettings(), view, lambda: subnet[0], lookup, registry, port=0)
 
     async def main() -> None:
         try:
@@ -506,6 +508,9 @@ def test_the_names_loop_follows_the_network_and_its_subnet(tmp_path: Path) -> No
             assert await udp_ask(first.port, query("web.internal"), source="127.0.0.1", dest="127.0.1.1",
                                  timeout=0.3) == []
             assert first.stats.foreign == 1
+            text = registry.render()
+            assert 'pleaco_names_queries_total{result="foreign"} 1' in text
+            assert 'pleaco_names_queries_total{result="answered"} 2' in text
         finally:
             await loop.teardown()
         assert loop.server is None
