@@ -257,33 +257,31 @@ class NameServer:
             # resolves them for the operator (a DNS zone, the hosts file) stays in charge.
             return None
         self._count("answered")
+        # An asker that speaks EDNS0 hears that we do too (RFC 6891 6.1.1), in every answer.
+        opt = [dnswire.opt_record(SAFE_UDP)] if query.edns_size is not None else []
         if query.qclass != dnswire.QCLASS_IN:
-            return dnswire.response(query, dnswire.RCODE_REFUSED)
+            return dnswire.response(query, dnswire.RCODE_REFUSED, additional=opt)
         if len(labels) == n:
-            return dnswire.response(query, 0)  # the zone itself: exists, holds no records
+            return dnswire.response(query, 0, additional=opt)  # the zone itself: exists, holds no records
         try:
             ips = self.lookup(labels[0])
         except Exception:
             log.error("names.lookup_failed", exc_info=True, app=labels[0])
-            return dnswire.response(query, dnswire.RCODE_SERVFAIL)
+            return dnswire.response(query, dnswire.RCODE_SERVFAIL, additional=opt)
         if ips is None:
-            return dnswire.response(query, dnswire.RCODE_NXDOMAIN)
+            return dnswire.response(query, dnswire.RCODE_NXDOMAIN, additional=opt)
         if query.qtype != dnswire.QTYPE_A:
-            return dnswire.response(query, 0)
+            return dnswire.response(query, 0, additional=opt)
         records = []
         for ip in random.sample(ips, len(ips)):
             with contextlib.suppress(ValueError):
                 records.append(dnswire.record(dnswire.QTYPE_A, self.ttl, ipaddress.IPv4Address(ip).packed))
-        additional = []
         size = TCP_MAX
         if limit is not None:
-            size = limit
-            if query.edns_size is not None:
-                size = max(limit, min(query.edns_size, SAFE_UDP))
-                additional = [dnswire.opt_record(SAFE_UDP)]
-        room = size - dnswire.HEADER - len(query.question) - sum(len(a) for a in additional)
+            size = max(limit, min(query.edns_size, SAFE_UDP)) if query.edns_size is not None else limit
+        room = size - dnswire.HEADER - len(query.question) - sum(len(a) for a in opt)
         fit = max(0, room // 16)  # an A record: pointer 2, type/class/ttl/len 10, address 4
-        return dnswire.response(query, 0, records[:fit], truncated=fit < len(records), additional=additional)
+        return dnswire.response(query, 0, records[:fit], truncated=fit < len(records), additional=opt)
 
     # -- UDP ---------------------------------------------------------------------------
 

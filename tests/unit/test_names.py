@@ -100,6 +100,10 @@ def test_aaaa_other_types_unknown_apps_and_deeper_names() -> None:
     for qtype in (dnswire.QTYPE_A, dnswire.QTYPE_AAAA):
         assert parse(s.answer(query("ghost.internal", qtype), 512) or b"")["rcode"] == dnswire.RCODE_NXDOMAIN
     assert parse(s.answer(query("internal"), 512) or b"")["rcode"] == 0
+    # EDNS0 in, EDNS0 out (our size: 1232), whatever the answer.
+    for name in ("web.internal", "ghost.internal", "internal"):
+        assert [o[0] for o in parse(s.answer(query(name, edns=4096), 512) or b"")["opt"]] == [dnswire.QTYPE_OPT]
+    assert parse(s.answer(query("web.internal"), 512) or b"")["opt"] == []
     # Not ours: for the host's resolvers (the proxy's host names under the suffix too).
     for name in ("example.com", "internal.example.com", "webinternal", "", "web.pleaco.internal", "x.web.internal"):
         assert s.answer(query(name), 512) is None
