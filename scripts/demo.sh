@@ -28,6 +28,9 @@ if [ "${1:-}" = stop ]; then
     # The proxy outlives the agent by design (it keeps serving); the demo removes it.
     if [ -n "$node" ]; then
         docker ps -aq --filter label=pleaco.role=proxy --filter "label=pleaco.node=$node" | xargs -r docker rm -f >/dev/null
+        # And the agent's own network (with its bridge pleaco0), once nothing is on it.
+        docker network ls -q --filter label=pleaco.role=network --filter "label=pleaco.node=$node" \
+            | xargs -r docker network rm >/dev/null 2>&1 || true
     fi
     exit 0
 fi

@@ -409,11 +409,10 @@ class Cluster:
             self._count_drop("join_refused")
             self._join_refused.log(error=str(exc))
             return trust.refuse_join(str(exc))
-        if (problem := loopback_mismatch(hostport.host_of(req.addr),
-                                         [hostport.host_of(a) for a in [self.addr, *self._member_addresses()]
-                                          if a])) is not None:
+        others = [hostport.host_of(a) for a in [self.addr, *self._member_addresses()] if a]
+        if (problem := loopback_mismatch(hostport.host_of(req.addr), others, f"node {req.node_id}")) is not None:
             self._join_refused.log(member=req.node_id, error="loopback address")
-            return trust.refuse_join(f"node {req.node_id}: {problem.replace('this node', 'it')}")
+            return trust.refuse_join(problem)
         if self.store.revoked_at(req.node_id) is not None:
             self._join_refused.log(member=req.node_id, error="revoked")
             return trust.refuse_join(f"node {req.node_id} was removed from the cluster")

@@ -150,7 +150,7 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def loopback_mismatch(own_host: str, others: Iterable[str]) -> str | None:
+def loopback_mismatch(own_host: str, others: Iterable[str], who: str = "this node") -> str | None:
     """Why ``own_host`` must not be advertised to a cluster whose members (``others``, their
     hosts) are reached at these addresses: a loopback address among non-loopback members
     would have every other machine gossip with itself. None when it is fine (a cluster on
@@ -160,6 +160,6 @@ def loopback_mismatch(own_host: str, others: Iterable[str]) -> str | None:
     remote = sorted({h for h in others if h and not is_loopback(h)})
     if not remote:
         return None
-    return (f"this node would advertise the loopback address {own_host} to a cluster whose members are "
+    return (f"{who} would advertise the loopback address {own_host} to a cluster whose members are "
             f"on other machines ({', '.join(remote[:3])}); set `advertise` (or --advertise) to an address "
             "they reach, or give this host a default route")

@@ -9,7 +9,9 @@ membership changes):
 2. makes the Docker network ``pleaco`` (bridge ``pleaco0``) match it: created when missing,
    adopted when it is right already, and re-made when the subnet moved (this node's
    replicas on the old one are removed first; the app loop starts them again on the new);
-3. hands the view the network's name once it is right (until then the app loop starts no
+3. connects this node's running replicas that are not on it (made by an earlier version,
+   on the engine's default bridge) without restarting them;
+4. hands the view the network's name once it is right (until then the app loop starts no
    replica), and the mesh the list of live peers with their subnets (``Mesh.apply``).
 
 Every step is safe to run again: each part compares what is with what should be.
@@ -28,7 +30,7 @@ from pleaco.net.peer import Mesh, Peer
 from pleaco.net.subnets import KIND, Claim, check_cidr, choose, gateway_of, holders, parse_claim
 from pleaco.reconcile.loop import Loop
 from pleaco.reconcile.view import NodeView
-from pleaco.runtime.docker import LABEL_NODE, LABEL_ROLE, NetworkInfo, NetworkSpec
+from pleaco.runtime.docker import LABEL_NODE, LABEL_ROLE, NetworkInfo, NetworkSpec, NotFound
 from pleaco.runtime.engine import NetworkEngine
 from pleaco.store import Store
 
@@ -110,6 +112,14 @@ class NetworkLoop(Loop):
         return out
 
     async def step(self) -> str | None:
+        try:
+            return await self._step()
+        except Exception as exc:
+            # The runner logs it and retries; apps show says why replicas wait.
+            self.view.network_error = f"{type(exc).__name__}: {exc}"
+            raise
+
+    async def _step(self) -> str | None:
         if not self.ready():
             return "waiting"
         claims = self.claims()
@@ -135,7 +145,8 @@ class NetworkLoop(Loop):
                 self.on_ready()
         if not ready:
             return "moving"
-        self.last_error = ""
+        await self.blocking(self._connect_replicas)
+        self.last_error = self.view.network_error = ""
         me = Peer(self.me, hostport.host_of(self.advertised()), subnet, *self._mesh_fields(self.me))
         await self.blocking(self.mesh.apply, me, self.peers(claims))
         return None
@@ -158,7 +169,7 @@ class NetworkLoop(Loop):
         if error != self.last_error:
             log.error("network.failed", error=error)
             self.last_error = error
-        self.view.network = ""
+        self.view.network, self.view.network_error = "", error
 
     # -- the Docker network --------------------------------------------------------------
 
@@ -166,6 +177,10 @@ class NetworkLoop(Loop):
         """Make the ``pleaco`` network sit on ``subnet``; True once it does. False while
         this node's replicas on an old subnet are being removed (the next step re-makes it)."""
         info = self.runtime.find_network(DOCKER_NETWORK)
+        owner = info.labels.get(LABEL_NODE, "") if info is not None else ""
+        if owner and owner != self.me:
+            raise NetworkError(f"Docker network {DOCKER_NETWORK!r} on this engine is node {owner[:12]}'s: agents "
+                               "that share one engine must run with [network] enabled = false")
         if info is not None and info.driver == "bridge" and info.subnets == (str(subnet),):
             return True  # right already (made by an earlier life of this agent, or adopted)
         if info is not None:
@@ -194,6 +209,18 @@ class NetworkLoop(Loop):
             raise NetworkError(f"Docker network {DOCKER_NETWORK!r} is on {','.join(info.subnets)} but this node "
                                f"holds {subnet}, and containers pleaco does not manage are attached to it "
                                f"({', '.join(foreign)}): disconnect them")
+
+    def _connect_replicas(self) -> None:
+        """Replicas made before the agent managed the network (on the engine's default
+        bridge, an earlier version's) join it as well, running: they get a cluster address
+        without a restart."""
+        for c in self.runtime.list_managed(self.me):
+            if c.running and not c.address_on(DOCKER_NETWORK):
+                try:
+                    self.runtime.connect_network(DOCKER_NETWORK, c.id, self.me)
+                except NotFound:
+                    continue  # removed meanwhile
+                log.info("network.replica_connected", app=c.app, replica=c.replica, container=c.id[:12])
 
     def close(self) -> None:
         """At agent stop: the mesh removes its routes and tunnels. The Docker network

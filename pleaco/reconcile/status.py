@@ -104,6 +104,9 @@ def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: 
     elif view.image_missing(spec.image) and healthy < replicas:
         state = "image_missing"
         message = f"image {spec.image!r} is not present on this node; the app starts once it is"
+    elif view.cluster_network and not view.network and replicas > 0 and healthy < replicas:
+        state = "degraded" if healthy else "starting"
+        message = f"replicas wait for this node's network: {view.network_error or 'not made yet'}"
     elif replicas == 0:
         state, message = "stopped", "scaled to 0"
     elif crashing and healthy < replicas:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from pleaco import hostport
 from pleaco.apps import AppSpec, AppStore
+from pleaco.net.config import DOCKER_NETWORK
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.drain import Drain
 from pleaco.reconcile.publish import is_loopback, local_dial_host, mesh_address, publish_host
@@ -75,6 +76,8 @@ class NodeView:
         # where the agent's service-name server listens (pleaco.reconcile.names); set by the
         # network loop with ``network``, so no replica starts on it without them.
         self.resolvers: tuple[str, ...] = ()
+        # Why it is not there, as the network loop last said ("" when it is, or no error yet).
+        self.network_error = ""
         # Whether replicas' ports are published on the host as well ([network] publish_ports).
         self.publish_ports = not cluster_network
         self.observed = Observation()
@@ -116,15 +119,18 @@ class NodeView:
         (HOST:PORT), "" when it cannot be dialled: on the cluster network its container
         address and port, there only; else the address its port is published on."""
         if self.cluster_network:
-            on_network = bool(c.ip) and bool(self.network) and c.network == self.network
-            return f"{c.ip}:{spec.port}" if on_network and spec is not None and spec.port else ""
+            # By the network's fixed name, not ``network``: that is set by the network
+            # loop's first step, and at an agent start the app loop's first pass (and the
+            # proxy's routes) must not take the running replicas out of service.
+            ip = c.address_on(DOCKER_NETWORK)
+            return f"{ip}:{spec.port}" if ip and spec is not None and spec.port else ""
         return mesh_address(c.host_ip, c.host_port, self.advertise_host) if c.host_port else ""
 
     def probe_target(self, c: ContainerInfo, spec: AppSpec) -> tuple[str, int] | None:
         """Where this node probes a replica's health: where it dials it."""
         if self.cluster_network:
             address = self.address(c, spec)
-            return (c.ip, spec.port or 0) if address else None
+            return hostport.split(address) if address else None
         return (local_dial_host(self.publish_host), c.host_port) if c.host_port else None
 
     # -- other reads ---------------------------------------------------------------------

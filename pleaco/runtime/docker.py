@@ -79,6 +79,13 @@ class ContainerInfo:
     host_ip: str = ""
     # The Docker network ``ip`` is on ("" when none).
     network: str = ""
+    # Every (network, address) it has: a replica made before the agent managed the network
+    # is connected to the agent's network as well, beside the default bridge.
+    addresses: tuple[tuple[str, str], ...] = ()
+
+    def address_on(self, network: str) -> str:
+        """Its address on ``network``, "" when it is not on it."""
+        return next((ip for name, ip in self.addresses if name == network), "")
 
     @property
     def running(self) -> bool:
@@ -335,6 +342,14 @@ class DockerRuntime:
                              options={"com.docker.network.bridge.name": spec.bridge})
         return str(created["Id"])
 
+    def connect_network(self, network: str, container_id: str, node_id: str) -> None:
+        """Connect one of ``node_id``'s replicas to a network as well (PermissionError for
+        another's); no-op when it is on it already."""
+        info = self._inspect_owned(container_id, node_id)
+        if network in ((info.get("NetworkSettings") or {}).get("Networks") or {}):
+            return
+        self._call(self._api.connect_container_to_network, container_id, network)
+
     def remove_network(self, name: str) -> None:
         """Remove a network (no-op when it is gone); Conflict or EngineCallFailed while
         containers are attached to it."""
@@ -504,9 +519,10 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
             host_port, host_ip = int(p["PublicPort"]), str(p.get("IP") or "")
             break
     names = row.get("Names") or ["/"]
-    addressed = next(((str(name), str(n["IPAddress"]))
+    addresses = tuple((str(name), str(n["IPAddress"]))
                       for name, n in ((row.get("NetworkSettings") or {}).get("Networks") or {}).items()
-                      if n.get("IPAddress")), None)
+                      if n.get("IPAddress"))
+    addressed = addresses[0] if addresses else None
     return ContainerInfo(
         id=row["Id"],
         name=names[0].lstrip("/"),
@@ -522,4 +538,5 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
         ip=addressed[1] if addressed else "",
         host_ip=host_ip,
         network=addressed[0] if addressed else "",
+        addresses=addresses,
     )

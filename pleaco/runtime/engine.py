@@ -115,6 +115,12 @@ class NetworkEngine(Protocol):
     def remove(self, container_id: str, node_id: str, stop_timeout: int = 10) -> None:
         ...
 
+    def list_managed(self, node_id: str, app: str | None = None) -> list[ContainerInfo]:
+        ...
+
+    def connect_network(self, network: str, container_id: str, node_id: str) -> None:
+        ...
+
 
 # The adapter satisfies the protocol (checked by mypy here, where the agent's code is).
 _docker_is_an_engine: type[Engine] = DockerRuntime

@@ -6,6 +6,7 @@ default route's source; a bad CIDR is refused and changes nothing."""
 from __future__ import annotations
 
 import ipaddress
+import subprocess
 from collections.abc import Callable
 
 import docker.errors
@@ -17,7 +18,8 @@ from pleaco.identity import Identity
 
 Factory = Callable[..., AgentProcess]
 GATEWAY = "10.77.70.1"  # the hosts' bridge in the test's namespace
-GOSSIP = "0.0.0.0:7401"  # a wildcard: the advertised address comes from the route table
+GOSSIP = "0.0.0.0:7401"
+CADDY = "pleaco/caddy:latest"  # a wildcard: the advertised address comes from the route table
 
 
 def network_env(h: nethosts.EngineHost, **extra: str) -> dict[str, str]:
@@ -48,8 +50,11 @@ def test_three_nodes_get_their_own_subnets_and_run_replicas_there(agent_factory:
         # cluster on other machines refuses that rather than gossiping over it.
         for h in hosts[:2]:
             h.sh("ip", "route", "add", "default", "via", GATEWAY)
+        # n0 runs a proxy (its own namespace: the default addresses are free there).
+        subprocess.run(f"docker save {CADDY} | docker -H {hosts[0].docker_url} load -q", shell=True, check=True,
+                       capture_output=True)
         first = agent_factory("n0", host=hosts[0].ip, prefix=hosts[0].prefix, env=network_env(hosts[0]),
-                              extra_args=["--gossip-listen", GOSSIP])
+                              extra_args=["--gossip-listen", GOSSIP, "--proxy-image", CADDY])
         first.client.request("POST", "/v1/cluster/init")
         token = first.client.request("GET", "/v1/cluster/token")["token"]
         loner = agent_factory("n2", host=hosts[2].ip, prefix=hosts[2].prefix,
@@ -110,6 +115,15 @@ def test_three_nodes_get_their_own_subnets_and_run_replicas_there(agent_factory:
             h = by_node[inst["node"]]
             answer = h.sh("curl", "-sf", "--max-time", "5", f"http://{inst['address']}/").stdout
             assert answer.strip(), inst
+        # n0's proxy dials every replica, its own and the other nodes', at those addresses
+        # (reaching the others' is the mesh's part: routes, tests of its own).
+        cluster_addresses = sorted(i["address"] for i in instances)
+
+        def proxied() -> list[str]:
+            routes = first.client.request("GET", "/v1/proxy")["routes"]
+            return sorted(u for r in routes if r["app"] == "hello" for u in r["upstreams"])
+
+        wait_for(lambda: proxied() == cluster_addresses, 30, "the proxy's upstreams at the cluster addresses")
 
         # A CIDR too small for the cluster's three nodes: n2 refuses to start, naming it,
         # and its network stays as it was.
@@ -121,6 +135,10 @@ def test_three_nodes_get_their_own_subnets_and_run_replicas_there(agent_factory:
         assert "network.cidr 10.210.0.0/23 holds 2 subnets of /24, too few for the cluster's 3 nodes" \
             in str(small.value)
         assert pleaco_subnet(hosts[2]) == before
+        # Removed from the cluster, its subnet is free again.
+        first.client.request("DELETE", f"/v1/nodes/{loner.node_id}")
+        wait_for(lambda: subnets(first)[loner.node_id] == "" and subnets(agents[1])[loner.node_id] == "", 20,
+                 "the removed node's subnet record deleted")
         for a in agents:
             a.kill()
 
