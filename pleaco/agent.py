@@ -215,7 +215,7 @@ class Agent:
                 raise
             # Service names: a DNS server on the network's gateway, once the network is there.
             names = NameServerLoop(cfg.network, view, lambda: network.subnet if network is not None else None,
-                                   service_lookup(view, routes, cluster.placement_nodes), registry)
+                                   service_lookup(view, routes, cluster.placement_nodes, cfg.network.cidr), registry)
 
             def network_ready() -> None:
                 reconciler.wake()

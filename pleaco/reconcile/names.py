@@ -30,22 +30,27 @@ log = logs.get("pleaco.reconcile.names")
 INTERVAL = 5.0
 
 
-def service_lookup(view: NodeView, routes: RouteTable,
-                   live_nodes: Callable[[], Collection[str]]) -> Callable[[str], list[str] | None]:
+def service_lookup(view: NodeView, routes: RouteTable, live_nodes: Callable[[], Collection[str]],
+                   cidr: str) -> Callable[[str], list[str] | None]:
     """``lookup(app)``: the hosts of its serving replicas' addresses (each once, in a stable
-    order; the server shuffles them), [] when none serves, None when there is no such app."""
+    order; the server shuffles them), [] when none serves, None when there is no such app.
+    Only cluster addresses (in ``cidr``) count: a node with the network off says where its
+    port is published on its host, which the app's own port does not reach."""
+    cluster = ipaddress.IPv4Network(cidr)
 
     def lookup(app: str) -> list[str] | None:
         spec = view.apps.get(app)
         if spec is None:
             return None
-        hosts = set()
+        hosts: set[str] = set()
         for inst in local_instances(view, spec) + routes.instances(app, set(live_nodes())):
             if inst.serving and inst.address:
                 try:
-                    hosts.add(hostport.host_of(inst.address))
-                except hostport.HostPortError:
-                    continue  # another node's record we cannot read: not an answer
+                    host = ipaddress.IPv4Address(hostport.host_of(inst.address))
+                except ValueError:  # HostPortError too: another node's record we cannot read
+                    continue
+                if host in cluster:
+                    hosts.add(str(host))
         return sorted(hosts)
 
     return lookup

@@ -455,10 +455,10 @@ def test_service_lookup_reads_the_view_and_the_live_nodes_route_records(tmp_path
         apps.deploy("worker", {"image": "img"})
         spec = apps.get("web")
         assert spec is not None
-        view = NodeView("n1", apps, Drain(0.0), advertise_host="10.0.0.1")
-        mine = ContainerInfo("c1" * 6, "pleaco-web", "web", "n1", spec.revision, 0, "running", None, "img", 31000, 0,
-                             ip="172.17.0.2", host_ip="10.0.0.1")
-        sick = dataclasses.replace(mine, id="c2" * 6, replica=1, host_port=31001)
+        view = NodeView("n1", apps, Drain(0.0), advertise_host="192.168.1.10", cluster_network=True)
+        mine = ContainerInfo("c1" * 6, "pleaco-web", "web", "n1", spec.revision, 0, "running", None, "img", None, 0,
+                             addresses=(("pleaco", "10.210.1.5"),))
+        sick = dataclasses.replace(mine, id="c2" * 6, replica=1, addresses=(("pleaco", "10.210.1.6"),))
         view.observed.containers = [mine, sick]
         view.replicas[("web", 0)] = ReplicaState(Backoff(1.0, 60.0), healthy=True, container_id=mine.id)
         view.replicas[("web", 1)] = ReplicaState(Backoff(1.0, 60.0), healthy=False, container_id=sick.id)
@@ -466,18 +466,18 @@ def test_service_lookup_reads_the_view_and_the_live_nodes_route_records(tmp_path
         for node, container, address, serving in [("n2", "a", "10.210.2.5:8080", True),
                                                   ("n2", "b", "10.210.2.6:8080", False),
                                                   ("n3", "c", "10.210.3.5:8080", True),  # n3 is dead
-                                                  ("n4", "d", "not an address", True)]:
+                                                  ("n4", "d", "not an address", True),
+                                                  ("n4", "e", "192.168.1.14:31005", True)]:  # network off on n4
             store.put("route", f"web/{node}/{container}", {
                 "app": "web", "node": node, "replica": 0, "container": container, "release": 1, "state": "running",
                 "healthy": serving, "host_port": None, "address": address, "serving": serving})
         live = {"n1", "n2", "n4"}
-        lookup = service_lookup(view, routes, lambda: live)
-        # This node's healthy replica (at its address: the published port until the
-        # cluster network gives it its container address) and n2's serving one.
-        assert lookup("web") == ["10.0.0.1", "10.210.2.5"]
+        lookup = service_lookup(view, routes, lambda: live, "10.210.0.0/16")
+        # This node's healthy replica and n2's serving one, at their cluster addresses.
+        assert lookup("web") == ["10.210.1.5", "10.210.2.5"]
         assert lookup("worker") == [] and lookup("ghost") is None
         live.add("n3")
-        assert lookup("web") == ["10.0.0.1", "10.210.2.5", "10.210.3.5"]
+        assert lookup("web") == ["10.210.1.5", "10.210.2.5", "10.210.3.5"]
         apps.remove("web")
         assert lookup("web") is None
     finally:
