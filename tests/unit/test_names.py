@@ -235,8 +235,9 @@ class FakeUpstream:
     """A resolver on loopback (UDP and TCP): answers every A query with 192.0.2.77, or
     nothing at all when ``silent``; counts what it got."""
 
-    def __init__(self, silent: bool = False) -> None:
+    def __init__(self, silent: bool = False, spoof_first: bool = False) -> None:
         self.silent = silent
+        self.spoof_first = spoof_first  # send two forged answers (another id, another question) first
         self.queries: list[bytes] = []
         self.port = 0
         self._udp: asyncio.DatagramTransport | None = None
@@ -256,6 +257,13 @@ class FakeUpstream:
 
             def datagram_received(self, data: bytes, addr: Any) -> None:
                 out = me.reply(data)
+                if me.spoof_first:
+                    forged = dnswire.response(dnswire.parse_query(data), 0, [
+                        dnswire.record(dnswire.QTYPE_A, 300, bytes([6, 6, 6, 6]))], authoritative=False)
+                    other_id = struct.pack(">H", (struct.unpack(">H", forged[:2])[0] + 1) % 0x10000) + forged[2:]
+                    other_question = forged[:13] + b"Y" + forged[14:]
+                    self.transport.sendto(other_id, addr)  # type: ignore[attr-defined]
+                    self.transport.sendto(other_question, addr)  # type: ignore[attr-defined]
                 if not me.silent:
                     self.transport.sendto(out, addr)  # type: ignore[attr-defined]
 
@@ -313,6 +321,36 @@ def test_serves_udp_and_tcp_and_forwards_other_names_to_the_upstream() -> None:
                 assert up.queries[0][2:] == query("example.com")[2:]
         finally:
             up.close()
+    run(main)
+
+
+def test_forged_upstream_answers_are_ignored() -> None:
+    async def main() -> None:
+        up = await FakeUpstream(spoof_first=True).start()
+        try:
+            async with running(upstreams=[("127.0.0.1", up.port)]) as s:
+                [msg] = await udp_ask(s.port, query("example.com", qid=77))
+                out = parse(msg)
+                assert out["id"] == 77 and out["a"] == ["192.0.2.77"]
+        finally:
+            up.close()
+    run(main)
+
+
+def test_tcp_connections_beyond_the_bound_are_closed() -> None:
+    async def main() -> None:
+        async with running(tcp_clients=1, forward_timeout=5.0) as s:
+            _reader, idle = await asyncio.open_connection("127.0.0.1", s.port)
+            try:
+                while s._tcp_open < 1:
+                    await asyncio.sleep(POLL)
+                assert await tcp_ask(s.port, query("web.internal")) == b""
+                assert s.stats.busy == 1
+            finally:
+                idle.close()
+            while s._tcp_open:
+                await asyncio.sleep(POLL)
+            assert sorted(parse(await tcp_ask(s.port, query("web.internal")))["a"]) == APPS["web"]
     run(main)
 
 
