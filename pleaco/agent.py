@@ -57,6 +57,7 @@ from pleaco.reconcile.apps import AppReconciler
 from pleaco.reconcile.autoscale import Autoscaler
 from pleaco.reconcile.drain import Drain
 from pleaco.reconcile.loop import LoopRunner
+from pleaco.reconcile.names import NameServerLoop, service_lookup
 from pleaco.reconcile.network import LiveMember, NetworkLoop, check_host
 from pleaco.reconcile.rollout import RolloutGuard
 from pleaco.reconcile.routes import RouteTable
@@ -230,11 +231,20 @@ class Agent:
                 runtime.close()
                 store.close()
                 raise
+            # Service names: a DNS server on the network's gateway, once the network is there.
+            names = NameServerLoop(cfg.network, view, lambda: network.subnet if network is not None else None,
+                                   service_lookup(view, routes, cluster.placement_nodes, cfg.network.cidr), registry)
+
+            def network_ready() -> None:
+                reconciler.wake()
+                names.wake()
+
             network = NetworkLoop(
                 cfg.network, store, view, runtime, NoMesh(), advertised=lambda: cluster.addr,
                 live_members=lambda: [LiveMember(m.node_id, m.addr) for m in cluster.live_peers()],
-                ready=lambda: bool(cluster.placement_nodes()), on_ready=reconciler.wake)
+                ready=lambda: bool(cluster.placement_nodes()), on_ready=network_ready)
             runner.add(network)
+            runner.add(names)
         else:
             log.info("network.disabled")
 

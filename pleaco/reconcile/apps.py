@@ -452,6 +452,7 @@ class AppReconciler(Loop):
             app=spec.name, node=self.node_id, release=spec.revision, replica=replica,
             image=spec.image, port=spec.port, env=spec.env, publish_host=self.view.publish_host,
             publish=self.view.publish_ports, network=self.view.network,
+            dns=self.view.resolvers if self.view.network else (),
             memory=spec.memory, nano_cpus=round(spec.cpus * 1e9) if spec.cpus else None, pids=spec.pids,
         )
         async with self._limit:

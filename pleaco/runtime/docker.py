@@ -130,6 +130,10 @@ class RunSpec:
     pids: int | None = None
     # Bind mounts as (host path, container path, "ro" | "rw"): an app's secret files.
     binds: tuple[tuple[str, str, str], ...] = ()
+    # The container's resolvers (HostConfig Dns; empty: the engine's default). On a
+    # user-defined network the engine's embedded DNS answers container names and asks
+    # these for everything else: the agent's service names (pleaco.net.names).
+    dns: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -326,6 +330,7 @@ class DockerRuntime:
             nano_cpus=spec.nano_cpus,
             pids_limit=spec.pids,
             binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds] or None,
+            dns=list(spec.dns) or None,
         )
         created = self._call(
             self._api.create_container,
