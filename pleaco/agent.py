@@ -21,7 +21,10 @@ from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
 from pleaco.api.cluster import nodes_json
+from pleaco.api.jobs import add_routes as add_job_routes
+from pleaco.api.labels import add_routes as add_label_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
+from pleaco.api.secrets import add_routes as add_secret_routes
 from pleaco.api.server import ApiServer
 from pleaco.api.upgrade import UpgradeRoutes
 from pleaco.apps import AppStore
@@ -57,6 +60,7 @@ from pleaco.reconcile.apps import AppReconciler
 from pleaco.reconcile.autoscale import Autoscaler
 from pleaco.reconcile.drain import Drain
 from pleaco.reconcile.loop import LoopRunner
+from pleaco.reconcile.names import NameServerLoop, service_lookup
 from pleaco.reconcile.network import LiveMember, NetworkLoop, check_host
 from pleaco.reconcile.rollout import RolloutGuard
 from pleaco.reconcile.routes import RouteTable
@@ -71,6 +75,9 @@ from pleaco.reconcile.upgrade import (
 )
 from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime
+from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
+from pleaco.stacks.labels import NodeLabels
+from pleaco.stacks.secrets import AppSecrets
 from pleaco.store import Record, Store
 from pleaco.ui.events import LiveEvents
 from pleaco.ui.history import HistorySampler
@@ -83,7 +90,8 @@ log = logs.get("pleaco.agent")
 RESTART_WINDOW = 60.0
 
 # Record kinds whose change can alter what this node should run.
-RECONCILE_KINDS = frozenset({"app", "scale", "release", "node"})
+# "secret": a replica waiting for its app's secret starts once it arrives.
+RECONCILE_KINDS = frozenset({"app", "scale", "release", "node", "secret"})
 
 
 class AgentError(PleacoError, RuntimeError, code="agent_failed"):
@@ -209,8 +217,15 @@ class Agent:
                         configured_publish_host=cfg.publish_host, cluster_network=cfg.network.enabled)
         view.publish_ports = not cfg.network.enabled or cfg.network.publish_ports
         routes = RouteTable(store, me)
+        # Secrets are sealed with the cluster key once there is one, with a node-local key
+        # before; founding or joining re-seals the local ones, and so does this start
+        # (plain ones from earlier versions, local ones a crash left behind).
+        secretbox = SecretBox(cfg.data_dir, lambda: cluster.state)
+        app_secrets = AppSecrets(store, apps, secretbox, cfg.data_dir)
+        node_labels = NodeLabels(store)
         reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,
-                                   weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image)
+                                   weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image,
+                                   secrets=app_secrets, labels=node_labels.all)
         runner.add(reconciler)
         drain.on_request = reconciler.wake  # publish the drain at once
         network: NetworkLoop | None = None
@@ -221,11 +236,20 @@ class Agent:
                 runtime.close()
                 store.close()
                 raise
+            # Service names: a DNS server on the network's gateway, once the network is there.
+            names = NameServerLoop(cfg.network, view, lambda: network.subnet if network is not None else None,
+                                   service_lookup(view, routes, cluster.placement_nodes, cfg.network.cidr), registry)
+
+            def network_ready() -> None:
+                reconciler.wake()
+                names.wake()
+
             network = NetworkLoop(
                 cfg.network, store, view, runtime, self._mesh(cfg, identity), advertised=lambda: cluster.addr,
                 live_members=lambda: [LiveMember(m.node_id, m.addr) for m in cluster.live_peers()],
-                ready=lambda: bool(cluster.placement_nodes()), on_ready=reconciler.wake)
+                ready=lambda: bool(cluster.placement_nodes()), on_ready=network_ready)
             runner.add(network)
+            runner.add(names)
         else:
             log.info("network.disabled")
 
@@ -289,22 +313,19 @@ class Agent:
         def node_load() -> dict[str, Any]:
             return {"containers": len(view.observed.containers)}
 
-        add_cluster_routes(api.app, cluster, node_load)
+        add_cluster_routes(api.app, cluster, node_load, node_labels.of)
+        add_label_routes(api.app, node_labels, cluster.members, reconciler.wake)
         # The dashboard (pleaco/ui): its pages, live events and the apps' history, all from
         # what the API's own handlers answer.
         history = HistorySampler(cfg.ui, api.apps_json)
         runner.add(history)
         UiRoutes(token, cfg.name, history.history, lambda name: apps.get(name) is not None,
                  cfg.ui.history_interval).add_to(api.app)
-        LiveEvents(cfg.ui.live_interval, {"nodes": lambda: nodes_json(cluster, node_load),
+        LiveEvents(cfg.ui.live_interval, {"nodes": lambda: nodes_json(cluster, node_load, node_labels.of),
                                           "apps": api.apps_json}).add_to(api.app)
         add_proxy_routes(api.app, proxy)
         UpgradeRoutes(cfg.upgrade, store, me, shelf, local, cluster.members, upgrades.wake).add_to(api.app)
         build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)
-        # Secrets are sealed with the cluster key once there is one, with a node-local key
-        # before; founding or joining re-seals the local ones, and so does this start
-        # (plain ones from earlier versions, local ones a crash left behind).
-        secretbox = SecretBox(cfg.data_dir, lambda: cluster.state)
         cluster.on_cluster = lambda: secretbox.reseal(store)
         secretbox.reseal(store)
         builds = BuildService(cfg.build, cfg.data_dir, identity.node_id, store, apps, build_engine, registry,
@@ -313,6 +334,9 @@ class Agent:
         if cfg.build.poll_interval > 0:
             runner.add(RepoPoller(builds, owners))
         add_build_routes(api.app, builds, BuildLogs(cluster, builds))  # logs from the building node
+        add_secret_routes(api.app, app_secrets, reconciler.wake)
+        jobs = OneOffJobs(me, apps, AppSecrets(store, apps, secretbox, cfg.data_dir, JOB_FILES_DIR), runtime)
+        add_job_routes(api.app, jobs)
 
         supervision = Supervision(
             Notifier(),
@@ -333,6 +357,7 @@ class Agent:
                 await cluster.start()
             except (ClusterError, TrustError) as exc:
                 raise AgentError(str(exc)) from exc
+            await asyncio.to_thread(jobs.sweep)  # jobs an earlier life of this agent left behind
             host, port = cfg.api_host_port
             try:
                 await api.start(host, port)

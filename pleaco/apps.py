@@ -27,10 +27,12 @@ import math
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pleaco import errors, logs
+from pleaco.constraints import Constraint, ConstraintError
+from pleaco.constraints import parse_all as parse_constraints
 from pleaco.scale import AutoscalePolicy, PolicyError
 from pleaco.store import Record, Store
 from pleaco.urlpath import health_path_problem
@@ -43,7 +45,7 @@ IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 
 DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https", "memory", "cpus", "pids",
-                           "max_conns"})
+                           "max_conns", "constraints"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
 # redirect to HTTPS, "off" serves HTTP only. Absent means "on".
 HTTPS_MODES = ("off", "on", "redirect")
@@ -64,6 +66,8 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 AUTOSCALE_SUFFIX = "/autoscale"
 # ... and of its autoscaler's decision record.
 DECISION_SUFFIX = "/decision"
+# The keys of an app's secrets under the ``secret`` kind: this + NAME/KEY (pleaco.stacks.secrets).
+SECRET_PREFIX = "app/"
 
 
 class ValidationError(errors.InvalidInput, ValueError):
@@ -111,11 +115,23 @@ class AppSpec:
     # max_conns_per_host): the requests it has in flight through that proxy; more wait in
     # the proxy. None: the proxy's [proxy] upstream_max_conns; 0: no cap whatever that says.
     max_conns: int | None = None
+    # The app's secrets (pleaco.stacks.secrets) as KEY -> the stamp of the value this
+    # release runs with, never the value: setting or removing a secret writes a new release
+    # (so the replicas roll like a deploy), and a node starts a replica only once it holds
+    # that version of each secret. Not a deploy field: only the secrets verbs change it.
+    secrets: dict[str, str] = field(default_factory=dict)
+    # Placement constraints over node labels, canonical text (pleaco.constraints):
+    # ("node.labels.disk==ssd",). Only the nodes that meet them all run its replicas.
+    constraints: tuple[str, ...] = ()
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
         del value["name"]
+        value["constraints"] = list(self.constraints)
         return value
+
+    def placement_constraints(self) -> tuple[Constraint, ...]:
+        return parse_constraints(list(self.constraints)) if self.constraints else ()
 
     @classmethod
     def from_value(cls, name: str, value: dict[str, Any]) -> AppSpec:
@@ -132,6 +148,8 @@ class AppSpec:
             cpus=value.get("cpus"),
             pids=value.get("pids"),
             max_conns=value.get("max_conns"),
+            secrets=dict(value.get("secrets") or {}),
+            constraints=tuple(str(c) for c in parse_constraints(list(value.get("constraints") or ()))),
         )
 
     def same_release(self, other: AppSpec) -> bool:
@@ -298,8 +316,13 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
     max_conns = body.get("max_conns")
     if max_conns is not None:
         max_conns = validate_max_conns(max_conns)
+    constraints = body.get("constraints")
+    try:
+        constraints = tuple(str(c) for c in parse_constraints(constraints)) if constraints is not None else ()
+    except ConstraintError as exc:
+        raise ValidationError("constraints", str(exc)) from None
     spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0,
-                   memory=memory, cpus=cpus, pids=pids, max_conns=max_conns)
+                   memory=memory, cpus=cpus, pids=pids, max_conns=max_conns, constraints=constraints)
     return spec, replicas
 
 
@@ -461,6 +484,8 @@ class AppStore:
         current = self.get(spec.name)
         if host_owner := self._host_owner(spec.host, spec.name):
             raise ValidationError("host", f"{spec.host!r} is already used by app {host_owner!r}")
+        if current is not None:  # set by the secrets verbs, not by deploys
+            spec = replace(spec, secrets=current.secrets)
         writes: list[tuple[str, str, dict[str, Any] | None]] = []
         new_release = current is None or not current.same_release(spec)
         if new_release:
@@ -495,6 +520,17 @@ class AppStore:
                    "spec": spec.to_value(), "created_ms": int(time.time() * 1000), **extra}
         return [("app", spec.name, spec.to_value()), ("release", f"{spec.name}/{spec.revision}", release)]
 
+    def secrets_writes(self, name: str, secrets: dict[str, str],
+                       **extra: Any) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """The writes that give app ``name`` these secret stamps (pleaco.stacks.secrets): a new
+        release, so its replicas roll like a deploy (none while it has no release yet)."""
+        current = self.get(name)
+        if current is None:
+            raise NotFound(f"app {name!r} does not exist")
+        if current.revision == 0:
+            return [("app", name, replace(current, secrets=secrets).to_value())]
+        return self._release_writes(replace(current, secrets=secrets, revision=current.revision + 1), **extra)
+
     def releases(self, name: str) -> list[dict[str, Any]]:
         """The app's release history, oldest first."""
         found = [self.store.value("release", r.key) for r in self.store.peek_records("release", prefix=name + "/")]
@@ -514,7 +550,10 @@ class AppStore:
         if not earlier:
             raise NoEarlierRelease(f"app {name!r} has no release before revision {current.revision}")
         target = earlier[-1]
-        spec = AppSpec.from_value(name, {**target["spec"], "revision": current.revision + 1})
+        # The secrets stay as they are now: a rollback restores the release, and a secret's
+        # value is only ever its latest (pleaco.stacks.secrets).
+        spec = AppSpec.from_value(name, {**target["spec"], "revision": current.revision + 1,
+                                         "secrets": current.secrets})
         if host_owner := self._host_owner(spec.host, name):
             raise ValidationError("host", f"{spec.host!r} is now used by app {host_owner!r}")
         extra: dict[str, Any] = {"rollback_of": int(target["revision"]), "rolled_back_from": current.revision}
@@ -626,6 +665,9 @@ class AppStore:
             if self.store.value("scale", name + suffix) is not None:
                 writes.append(("scale", name + suffix, None))
         writes += [("release", f"{name}/{r['revision']}", None) for r in self.releases(name)]
+        # Its secrets (pleaco.stacks.secrets) go with it.
+        writes += [("secret", r.key, None)
+                   for r in self.store.peek_records("secret", prefix=f"{SECRET_PREFIX}{name}/")]
         self.store.put_many(writes)
 
     def _host_owner(self, host: str | None, name: str) -> str | None:

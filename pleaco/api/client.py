@@ -124,6 +124,14 @@ class Client:
             yield from resp
 
 
+    def run(self, name: str, command: list[str]) -> Iterator[dict[str, Any]]:
+        """A one-off job (pleaco/api/jobs.py): its JSON lines as they come."""
+        resp = self._open("POST", f"/v1/apps/{_q(name)}/run", {"command": command}, timeout=None)
+        with resp:
+            for line in resp:
+                if line.strip():
+                    yield json.loads(line)
+
     # -- builds (pleaco/api/builds.py) ----------------------------------------------------
 
     def connect(self, name: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-conns", type=int, metavar="N",
                    help="connections each proxy opens to one replica at most, more requests wait in the proxy "
                         "(0: no cap; default: [proxy] upstream_max_conns)")
+    p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
+                   help="run only on nodes whose labels meet EXPR: node.labels.KEY==VALUE or !=VALUE "
+                        "(repeat for several; label nodes with `pleaco nodes label`)")
     p.add_argument("--json", action="store_true")
     p = apps.add_parser("scale", help="set an app's replica count")
     p.add_argument("name")
@@ -99,6 +102,8 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
                            "max_conns"):
             if getattr(args, field_name) is not None:
                 spec[field_name] = getattr(args, field_name)
+        if args.constraint:
+            spec["constraints"] = args.constraint
         if args.env:
             spec["env"] = parse_env(args.env)
         app = client.deploy(args.name, spec)
@@ -206,8 +211,12 @@ def show(app: dict[str, Any]) -> None:
     if app.get("rollback"):
         rb = app["rollback"]
         print(f"rollback   from revision {rb['from']} to {rb['to']}'s spec: {rb['reason']}")
+    for c in app.get("constraints") or []:
+        print(f"constraint {c}")
     for k, v in sorted(app["env"].items()):
         print(f"env        {k}={v}")
+    if app.get("secrets"):
+        print(f"secrets    {', '.join(app['secrets'])} (pleaco secrets ls {app['name']})")
     if app["instances"]:
         print()
         rows = [[str(i["replica"]), i.get("node", "")[:12], i["container"], str(i["release"]), i["state"],

@@ -40,6 +40,25 @@ class NetworkSettings:
     # Apps resolve as NAME.SUFFIX from every container. "internal" is the name space
     # Uncloud and Docker Desktop use, and ICANN reserved .internal for private use (2024).
     suffix: str = "internal"
+    # Seconds a resolver may keep a service name's answer. One: replicas come and go with
+    # every rollout, failure and autoscale step, and a container should stop dialling a
+    # gone replica within about the failure-detection time, not a cache lifetime later;
+    # the server is on the container's own node, so asking again each second costs a
+    # local round trip (the proxy's upstream DNS uses 1 s for the same reason).
+    names_ttl: int = 1
+    # Seconds a query for another name may wait on the host's resolvers (all of them, in
+    # resolv.conf order, each an equal share) before the container gets SERVFAIL. Under
+    # Docker's embedded DNS, which waits 4 s for us, and glibc's 5 s per try, so the
+    # client hears a failure instead of timing out itself.
+    names_forward_timeout: float = 3.0
+    # Forwards in flight at once (each holds a socket until answered or timed out); a
+    # query beyond them is dropped, and its client asks again. 256 covers a busy node's
+    # containers several times over and keeps the sockets well under the agent's 1024
+    # file descriptor default, even with the upstreams down.
+    names_max_forwards: int = 256
+    # TCP connections open at once (clients retrying a truncated answer, or asking over
+    # TCP): a connection beyond them is closed at once.
+    names_tcp_clients: int = 64
     # Encrypt traffic between nodes (WireGuard) even where they share an L2 segment.
     encrypt: bool = False
     # How nodes reach each other's subnets: "auto" (a route through the peer's host
@@ -74,6 +93,15 @@ class NetworkSettings:
         if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*",
                             self.suffix):
             problems.append(f"network.suffix: {self.suffix!r} is not a DNS name (lower-case labels)")
+        if not 0 <= self.names_ttl <= 3600:
+            problems.append(f"network.names_ttl: must be 0..3600 seconds, got {self.names_ttl}")
+        if not 0 < self.names_forward_timeout <= 30:
+            problems.append("network.names_forward_timeout: must be more than 0 and at most 30 seconds, "
+                            f"got {self.names_forward_timeout}")
+        if not 1 <= self.names_max_forwards <= 4096:
+            problems.append(f"network.names_max_forwards: must be 1..4096, got {self.names_max_forwards}")
+        if not 1 <= self.names_tcp_clients <= 1024:
+            problems.append(f"network.names_tcp_clients: must be 1..1024, got {self.names_tcp_clients}")
         if self.mesh not in MESH_MODES:
             problems.append(f"network.mesh: expected one of {', '.join(MESH_MODES)}, got {self.mesh!r}")
         if not 1 <= self.wireguard_port <= 65535:

@@ -135,6 +135,7 @@ class NetworkLoop(Loop):
         self.subnet = subnet
         ready = await self.blocking(self._ensure_network, subnet)
         network = DOCKER_NETWORK if ready else ""
+        self.view.resolvers = (str(gateway_of(subnet)),) if ready else ()
         if network != self.view.network:
             self.view.network = network
             if network:

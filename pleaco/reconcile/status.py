@@ -25,6 +25,7 @@ class AppStatus:
     running: int
     healthy: int
     state: str  # running | starting | degraded | stopped | image_missing | crashloop | engine_unreachable
+    #             | unschedulable (constraints no live node meets)
     message: str
     instances: list[InstanceStatus]
     # Set when this release is a rollback: {"from": revision, "to": revision, "reason": why}.
@@ -50,6 +51,8 @@ class AppStatus:
             "cpus": self.spec.cpus,
             "pids": self.spec.pids,
             "max_conns": self.spec.max_conns,
+            "constraints": list(self.spec.constraints),
+            "secrets": sorted(self.spec.secrets),
             "rollback": self.rollback,
             "autoscale": self.autoscale,
             "autoscaler": self.autoscaler,
@@ -109,6 +112,10 @@ def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: 
         message = f"replicas wait for this node's network: {view.network_error or 'not made yet'}"
     elif replicas == 0:
         state, message = "stopped", "scaled to 0"
+    elif (why := view.unschedulable.get(spec.name)) and healthy < replicas:
+        # Constraints no node meets: say so, rather than wait for replicas that never come.
+        state = "unschedulable"
+        message = f"{why}: none of its {replicas} replicas can run (label a node: pleaco nodes label NODE KEY=VALUE)"
     elif crashing and healthy < replicas:
         worst = max(crashing, key=lambda i: i.restarts)
         state = "crashloop"

@@ -72,6 +72,10 @@ class NodeView:
         # The Docker network replicas run on, once the network loop made it on this node's
         # subnet ("" until then: replicas wait for it); always "" without the cluster network.
         self.network = ""
+        # The resolvers replicas on that network get (HostConfig Dns): the network's gateway,
+        # where the agent's service-name server listens (pleaco.reconcile.names); set by the
+        # network loop with ``network``, so no replica starts on it without them.
+        self.resolvers: tuple[str, ...] = ()
         # Why it is not there, as the network loop last said ("" when it is, or no error yet).
         self.network_error = ""
         # Whether replicas' ports are published on the host as well ([network] publish_ports).
@@ -86,6 +90,8 @@ class NodeView:
         self.passes = 0  # whole passes of the app loop since start
         # app -> its replicas that fit on no live node's memory, as the last pass planned.
         self.unplaced: dict[str, int] = {}
+        # App -> why none of its replicas can be placed: no live node meets its constraints.
+        self.unschedulable: dict[str, str] = {}
 
     # -- the one definition of healthy and serving -----------------------------------------
 

@@ -9,6 +9,7 @@ pleaco only ever touches containers that carry its labels, and each agent only t
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ LABEL_REPLICA = "pleaco.replica"
 MANAGED_LABELS = (LABEL_APP, LABEL_NODE, LABEL_RELEASE, LABEL_REPLICA)
 # Infrastructure containers (the proxy) carry this and LABEL_NODE instead of the four above.
 LABEL_ROLE = "pleaco.role"
+# One-off jobs (``pleaco run``) carry LABEL_ROLE = ROLE_JOB, LABEL_NODE, their id and their
+# app under a label of their own: not the four above, so no replica loop ever sees them.
+ROLE_JOB = "job"
+LABEL_JOB = "pleaco.job"
+LABEL_JOB_APP = "pleaco.job.app"
 
 # The oldest engine we support is Debian 12's docker.io (20.10, API 1.41). Pinning the
 # version also means creating the client never has to reach the engine.
@@ -122,6 +128,12 @@ class RunSpec:
     memory: int | None = None
     nano_cpus: int | None = None
     pids: int | None = None
+    # Bind mounts as (host path, container path, "ro" | "rw"): an app's secret files.
+    binds: tuple[tuple[str, str, str], ...] = ()
+    # The container's resolvers (HostConfig Dns; empty: the engine's default). On a
+    # user-defined network the engine's embedded DNS answers container names and asks
+    # these for everything else: the agent's service names (pleaco.net.names).
+    dns: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -156,6 +168,30 @@ class NetworkInfo:
     bridge: str
     labels: dict[str, str]
     containers: tuple[str, ...]  # ids of the containers attached
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A one-off container of an app's release (``pleaco run``): its command, the app's
+    environment and limits, and the bind mounts of its secret files."""
+
+    app: str
+    node: str
+    job: str  # the job's id
+    image: str
+    command: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    memory: int | None = None
+    nano_cpus: int | None = None
+    pids: int | None = None
+    binds: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"pleaco-job-{self.app}-{self.job}-{self.node[:12]}"
+
+    def labels(self) -> dict[str, str]:
+        return {LABEL_ROLE: ROLE_JOB, LABEL_NODE: self.node, LABEL_JOB: self.job, LABEL_JOB_APP: self.app}
 
 
 @dataclass(frozen=True)
@@ -293,6 +329,8 @@ class DockerRuntime:
             memswap_limit=spec.memory,
             nano_cpus=spec.nano_cpus,
             pids_limit=spec.pids,
+            binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds] or None,
+            dns=list(spec.dns) or None,
         )
         created = self._call(
             self._api.create_container,
@@ -485,6 +523,52 @@ class DockerRuntime:
             self._call(self._api.remove_container, container_id, force=True)
         except NotFound:
             return  # already gone: the goal is reached
+
+    # -- one-off jobs (``pleaco run``) ----------------------------------------------------
+    # Labelled ROLE_JOB, never with the four app labels: list_managed never sees them.
+
+    def run_job(self, spec: JobSpec) -> str:
+        """Create and start a job's container (no ports, no restarts); returns its id."""
+        host_config = self._api.create_host_config(
+            restart_policy={"Name": "no"}, init=True,
+            log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+            mem_limit=spec.memory, memswap_limit=spec.memory, nano_cpus=spec.nano_cpus, pids_limit=spec.pids,
+            binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds] or None,
+        )
+        created = self._call(self._api.create_container, spec.image, command=list(spec.command), name=spec.name,
+                             labels=spec.labels(), environment=spec.env or None, host_config=host_config,
+                             detach=True)
+        cid = str(created["Id"])
+        try:
+            self._call(self._api.start, cid)
+        except EngineError:
+            # Not left behind: a job that did not start is nobody's to remove later.
+            self._call(self._api.remove_container, cid, force=True)
+            raise
+        return cid
+
+    def wait_job(self, container_id: str) -> int:
+        """Block until the job's container exits; its exit code."""
+        result = self._call(self._api.wait, container_id, timeout=None)
+        return int(result.get("StatusCode", -1))
+
+    def list_jobs(self, node_id: str) -> list[str]:
+        """The ids of this node's job containers, in any state."""
+        rows = self._call(self._api.containers, all=True,
+                          filters={"label": [f"{LABEL_ROLE}={ROLE_JOB}", f"{LABEL_NODE}={node_id}"]})
+        return [str(r["Id"]) for r in rows if (r.get("Labels") or {}).get(LABEL_NODE) == node_id]
+
+    def remove_job(self, container_id: str, node_id: str) -> None:
+        """Remove (killing it if it runs) one of this node's job containers."""
+        try:
+            info = self._call(self._api.inspect_container, container_id)
+        except NotFound:
+            return
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        if labels.get(LABEL_ROLE) != ROLE_JOB or labels.get(LABEL_NODE) != node_id:
+            raise PermissionError(f"container {container_id[:12]} is not a job of node {node_id}")
+        with contextlib.suppress(NotFound):  # already gone: the goal is reached
+            self._call(self._api.remove_container, container_id, force=True)
 
 def _parse_network(raw: dict[str, Any]) -> NetworkInfo:
     return NetworkInfo(
