@@ -20,7 +20,7 @@ from agentproc import AgentProcess, wait_for
 from pleaco.net import wireguard
 
 Factory = Callable[..., AgentProcess]
-GATEWAY = "10.77.73.1"  # the hosts' bridge in the test's namespace
+GATEWAY = "10.77.74.1"  # the hosts' bridge in the test's namespace
 POLL = 0.1
 
 pytestmark = pytest.mark.skipif(subprocess.run(["which", "wireguard-go"], capture_output=True).returncode != 0,
@@ -42,7 +42,7 @@ def mesh_routes(h: nethosts.EngineHost) -> str:
 
 
 def test_agents_make_a_wireguard_mesh_that_follows_membership(agent_factory: Factory) -> None:
-    with nethosts.engine_hosts(3, "mw", 73) as hosts:
+    with nethosts.engine_hosts(3, "mw", 74) as hosts:
         try:
             agents: list[AgentProcess] = []
             token = ""
