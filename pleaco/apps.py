@@ -34,6 +34,8 @@ from pleaco import errors, logs
 from pleaco.constraints import Constraint, ConstraintError
 from pleaco.constraints import parse_all as parse_constraints
 from pleaco.scale import AutoscalePolicy, PolicyError
+from pleaco.stacks.mounts import VolumeMount, VolumeSpecError
+from pleaco.stacks.mounts import parse_all as parse_mounts
 from pleaco.store import Record, Store
 from pleaco.urlpath import health_path_problem
 
@@ -45,7 +47,7 @@ IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 
 DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https", "memory", "cpus", "pids",
-                           "max_conns", "constraints"})
+                           "max_conns", "constraints", "volumes"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
 # redirect to HTTPS, "off" serves HTTP only. Absent means "on".
 HTTPS_MODES = ("off", "on", "redirect")
@@ -123,11 +125,15 @@ class AppSpec:
     # Placement constraints over node labels, canonical text (pleaco.constraints):
     # ("node.labels.disk==ssd",). Only the nodes that meet them all run its replicas.
     constraints: tuple[str, ...] = ()
+    # Named volumes mounted into every replica (pleaco.stacks.volumes): an app with any runs
+    # on the one node that holds them.
+    volumes: tuple[VolumeMount, ...] = ()
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
         del value["name"]
         value["constraints"] = list(self.constraints)
+        value["volumes"] = [m.to_value() for m in self.volumes]
         return value
 
     def placement_constraints(self) -> tuple[Constraint, ...]:
@@ -150,6 +156,7 @@ class AppSpec:
             max_conns=value.get("max_conns"),
             secrets=dict(value.get("secrets") or {}),
             constraints=tuple(str(c) for c in parse_constraints(list(value.get("constraints") or ()))),
+            volumes=parse_mounts(list(value.get("volumes") or ())),
         )
 
     def same_release(self, other: AppSpec) -> bool:
@@ -321,8 +328,13 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
         constraints = tuple(str(c) for c in parse_constraints(constraints)) if constraints is not None else ()
     except ConstraintError as exc:
         raise ValidationError("constraints", str(exc)) from None
+    try:
+        volumes = parse_mounts(body["volumes"]) if body.get("volumes") is not None else ()
+    except VolumeSpecError as exc:
+        raise ValidationError("volumes", str(exc)) from None
     spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0,
-                   memory=memory, cpus=cpus, pids=pids, max_conns=max_conns, constraints=constraints)
+                   memory=memory, cpus=cpus, pids=pids, max_conns=max_conns, constraints=constraints,
+                   volumes=volumes)
     return spec, replicas
 
 
@@ -489,7 +501,7 @@ class AppStore:
         writes: list[tuple[str, str, dict[str, Any] | None]] = []
         new_release = current is None or not current.same_release(spec)
         if new_release:
-            spec = AppSpec(**{**asdict(spec), "revision": 1 if current is None else current.revision + 1})
+            spec = replace(spec, revision=1 if current is None else current.revision + 1)
             writes += self._release_writes(spec, **(release_info or {}))
         else:
             assert current is not None
