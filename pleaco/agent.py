@@ -27,7 +27,8 @@ from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.secrets import add_routes as add_secret_routes
 from pleaco.api.server import ApiServer
 from pleaco.api.upgrade import UpgradeRoutes
-from pleaco.apps import AppStore
+from pleaco.api.volumes import VolumeRoutes
+from pleaco.apps import AppSpec, AppStore
 from pleaco.builds.engine import BuildEngine
 from pleaco.builds.logship import BuildLogs
 from pleaco.builds.poller import RepoPoller
@@ -78,6 +79,7 @@ from pleaco.runtime import DockerRuntime
 from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
 from pleaco.stacks.labels import NodeLabels
 from pleaco.stacks.secrets import AppSecrets
+from pleaco.stacks.volumes import VolumeContent, VolumeLoop, Volumes
 from pleaco.store import Record, Store
 from pleaco.ui.events import LiveEvents
 from pleaco.ui.history import HistorySampler
@@ -91,7 +93,7 @@ RESTART_WINDOW = 60.0
 
 # Record kinds whose change can alter what this node should run.
 # "secret": a replica waiting for its app's secret starts once it arrives.
-RECONCILE_KINDS = frozenset({"app", "scale", "release", "node", "secret"})
+RECONCILE_KINDS = frozenset({"app", "scale", "release", "node", "secret", "volume"})
 
 
 class AgentError(PleacoError, RuntimeError, code="agent_failed"):
@@ -223,10 +225,19 @@ class Agent:
         secretbox = SecretBox(cfg.data_dir, lambda: cluster.state)
         app_secrets = AppSecrets(store, apps, secretbox, cfg.data_dir)
         node_labels = NodeLabels(store)
+        volumes = Volumes(store, apps)
+
+        def volume_pin(spec: AppSpec, live: Sequence[str]) -> tuple[frozenset[str] | None, str]:
+            found = volumes.pin(spec, live)
+            return found.only, found.why
+
         reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,
                                    weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image,
-                                   secrets=app_secrets, labels=node_labels.all)
+                                   secrets=app_secrets, labels=node_labels.all, pins=volume_pin)
         runner.add(reconciler)
+        volume_loop = VolumeLoop(cfg.volumes, volumes, runtime, owners, cluster.placement_nodes, node_labels.all,
+                                 cluster.weights, on_claim=reconciler.wake)
+        runner.add(volume_loop)
         drain.on_request = reconciler.wake  # publish the drain at once
         network: NetworkLoop | None = None
         if cfg.network.enabled:
@@ -296,6 +307,8 @@ class Agent:
         def on_change(rec: Record) -> None:
             if rec.kind in RECONCILE_KINDS:
                 reconciler.wake()
+            if rec.kind in ("app", "scale", "volume", "node"):
+                volume_loop.wake()  # an app's first replicas (a claim), a removal, a node back
             if network is not None and rec.kind in ("subnet", "node"):
                 network.wake()  # a claim (maybe on this node's subnet), or a peer's keys
             if rec.kind == "route":
@@ -337,6 +350,8 @@ class Agent:
         add_secret_routes(api.app, app_secrets, reconciler.wake)
         jobs = OneOffJobs(me, apps, AppSecrets(store, apps, secretbox, cfg.data_dir, JOB_FILES_DIR), runtime)
         add_job_routes(api.app, jobs)
+        VolumeRoutes(volumes, VolumeContent(cfg.volumes, runtime, me), runtime, store, me, cluster.placement_nodes,
+                     cfg.data_dir / "volume-restores", volume_loop.wake).add_to(api.app)
 
         supervision = Supervision(
             Notifier(),

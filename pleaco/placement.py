@@ -90,6 +90,9 @@ class Demand:
     memory: int | None = None
     # Only nodes whose labels meet all of these take its replicas (pleaco.constraints).
     constraints: tuple[Constraint, ...] = ()
+    # Only these nodes take its replicas (None: any): the node that holds the app's volumes
+    # (pleaco.stacks.volumes), or none at all while that node is down or not chosen yet.
+    only: frozenset[str] | None = None
 
 
 def plan(demands: Sequence[Demand], nodes: Sequence[str], weights: Mapping[str, float] | None = None,
@@ -104,6 +107,8 @@ def plan(demands: Sequence[Demand], nodes: Sequence[str], weights: Mapping[str, 
     out: dict[str, list[str | None]] = {}
     for d in sorted(demands, key=lambda d: d.app):
         candidates = eligible(d.constraints, nodes, labels or {})
+        if d.only is not None:
+            candidates = [n for n in candidates if n in d.only]
         if not candidates:
             out[d.app] = [None] * d.replicas if nodes else []
             continue

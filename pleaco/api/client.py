@@ -154,6 +154,24 @@ class Client:
             while chunk := resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536):
                 yield chunk
 
+    # -- volumes (pleaco/api/volumes.py) --------------------------------------------------
+
+    def volumes(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/volumes")  # type: ignore[no-any-return]
+
+    def volume_snapshot(self, app: str, volume: str) -> Iterator[bytes]:
+        """The volume's tar, in chunks as they come (no timeout between them but the client's)."""
+        with self._open("GET", f"/v1/volumes/{_q(app)}/{_q(volume)}/snapshot") as resp:
+            while chunk := resp.read(1 << 16):
+                yield chunk
+
+    def volume_restore(self, app: str, volume: str, file: Path) -> dict[str, Any]:
+        return self.upload(f"/v1/volumes/{_q(app)}/{_q(volume)}/restore", file)  # type: ignore[no-any-return]
+
+    def remove_volumes(self, app: str, volume: str | None = None) -> dict[str, Any]:
+        path = f"/v1/volumes/{_q(app)}" + (f"/{_q(volume)}" if volume else "")
+        return self.request("DELETE", path)  # type: ignore[no-any-return]
+
 
 class _Progress:
     """A file read by urllib in blocks, telling how far it got."""

@@ -24,8 +24,9 @@ def add_parsers(sub: Any) -> None:
     p = apps.add_parser("show", help="one app with its replicas")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
-    p = apps.add_parser("rm", help="remove an app and its containers")
+    p = apps.add_parser("rm", help="remove an app and its containers (its volumes stay, orphaned, unless --volumes)")
     p.add_argument("name")
+    p.add_argument("--volumes", action="store_true", help="remove its volumes too, and their data")
     p = apps.add_parser("deploy", help="create or update an app from an image")
     p.add_argument("name")
     p.add_argument("--image", required=True)
@@ -98,6 +99,10 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
     if verb == "rm":
         client.remove(args.name)
         print(f"removed {args.name}")
+        if args.volumes:
+            gone = client.remove_volumes(args.name)["removing"] if any(
+                v["app"] == args.name for v in client.volumes()) else []
+            print(f"removing its volumes: {', '.join(v['volume'] for v in gone)}" if gone else "it had no volumes")
         return 0
     if verb == "deploy":
         spec: dict[str, Any] = {"image": args.image}

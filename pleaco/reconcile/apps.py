@@ -66,8 +66,12 @@ class AppReconciler(Loop):
         probe: Probe = probe,
         secrets: Provisioner | None = None,
         labels: Callable[[], dict[str, dict[str, str]]] | None = None,
+        pins: Callable[[AppSpec, Sequence[str]], tuple[frozenset[str] | None, str]] | None = None,
     ) -> None:
         super().__init__()
+        # Where an app's replicas may run, and why nowhere: the node holding its volumes
+        # (pleaco.stacks.volumes). None: anywhere.
+        self.pins = pins
         # What each replica gets at its start beside its spec: the app's secrets
         # (pleaco.stacks.secrets). None: nothing.
         self.secrets = secrets
@@ -220,8 +224,11 @@ class AppReconciler(Loop):
                 specs[name] = other
         # Every node plans every app alike (pleaco.placement.plan) and runs its own part.
         labels = self.labels()
-        placed = plan([Demand(s.name, self.apps.replicas(s.name), s.memory, s.placement_constraints())
+        pins = {s.name: self.pins(s, nodes) for s in specs.values() if s.volumes and self.pins is not None}
+        placed = plan([Demand(s.name, self.apps.replicas(s.name), s.memory, s.placement_constraints(),
+                              pins[s.name][0] if s.name in pins else None)
                        for s in specs.values()], nodes, self.weights(), self.memory(), labels)
+        view.volume_waits = {name: why for name, (_, why) in pins.items() if why}
         view.unplaced = {}
         view.unschedulable = {
             s.name: f"no live node meets {' and '.join(s.constraints)}" for s in specs.values()
@@ -454,6 +461,7 @@ class AppReconciler(Loop):
             publish=self.view.publish_ports, network=self.view.network,
             dns=self.view.resolvers if self.view.network else (),
             memory=spec.memory, nano_cpus=round(spec.cpus * 1e9) if spec.cpus else None, pids=spec.pids,
+            volumes=tuple((m.name, m.path) for m in spec.volumes),
         )
         async with self._limit:
             if not self._still_wanted(spec, replica):

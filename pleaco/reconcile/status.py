@@ -26,6 +26,7 @@ class AppStatus:
     healthy: int
     state: str  # running | starting | degraded | stopped | image_missing | crashloop | engine_unreachable
     #             | unschedulable (constraints no live node meets)
+    #             | volume_unavailable (the node that holds its volumes is down, or not chosen yet)
     message: str
     instances: list[InstanceStatus]
     # Set when this release is a rollback: {"from": revision, "to": revision, "reason": why}.
@@ -112,6 +113,8 @@ def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: 
         message = f"replicas wait for this node's network: {view.network_error or 'not made yet'}"
     elif replicas == 0:
         state, message = "stopped", "scaled to 0"
+    elif (why := view.volume_waits.get(spec.name)) and healthy < replicas:
+        state, message = "volume_unavailable", why
     elif (why := view.unschedulable.get(spec.name)) and healthy < replicas:
         # Constraints no node meets: say so, rather than wait for replicas that never come.
         state = "unschedulable"

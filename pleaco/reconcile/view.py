@@ -92,6 +92,9 @@ class NodeView:
         self.unplaced: dict[str, int] = {}
         # App -> why none of its replicas can be placed: no live node meets its constraints.
         self.unschedulable: dict[str, str] = {}
+        # App -> why its replicas wait: the node that holds its volumes is down, or not
+        # chosen yet (pleaco.stacks.volumes).
+        self.volume_waits: dict[str, str] = {}
 
     # -- the one definition of healthy and serving -----------------------------------------
 

@@ -32,8 +32,12 @@ LABEL_ROLE = "pleaco.role"
 # One-off jobs (``pleaco run``) carry LABEL_ROLE = ROLE_JOB, LABEL_NODE, their id and their
 # app under a label of their own: not the four above, so no replica loop ever sees them.
 ROLE_JOB = "job"
+# Short-lived containers that copy a volume's content out or in (volumes snapshot|restore).
+ROLE_VOLUME_HELPER = "volume-helper"
 LABEL_JOB = "pleaco.job"
 LABEL_JOB_APP = "pleaco.job.app"
+# An app's named volumes (pleaco.stacks.volumes) carry LABEL_APP, LABEL_NODE and this.
+LABEL_VOLUME = "pleaco.volume"
 
 # The oldest engine we support is Debian 12's docker.io (20.10, API 1.41). Pinning the
 # version also means creating the client never has to reach the engine.
@@ -105,6 +109,13 @@ def container_name(app: str, release: int, replica: int, node_id: str) -> str:
     return f"pleaco-{app}-{release}-{replica}-{node_id[:12]}"
 
 
+def volume_name(app: str, volume: str, node_id: str) -> str:
+    """The Docker volume of an app's named volume on a node. App names hold no '.', and
+    the node id has a fixed length at the end, so no two (app, volume) pairs share a name;
+    the node is in it because several agents may share one engine."""
+    return f"pleaco-{app}.{volume}.{node_id[:12]}"
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One replica to start."""
@@ -134,6 +145,8 @@ class RunSpec:
     # user-defined network the engine's embedded DNS answers container names and asks
     # these for everything else: the agent's service names (pleaco.net.names).
     dns: tuple[str, ...] = ()
+    # The app's named volumes as (volume, container path): made, labelled, when missing.
+    volumes: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -316,6 +329,9 @@ class DockerRuntime:
         missing. Docker's restart policy stays "no": pleaco decides about restarts.
         """
         ports = [spec.port] if spec.port else None
+        for volume, _ in spec.volumes:
+            self.ensure_volume(spec.app, volume, spec.node)
+        volume_binds = [f"{volume_name(spec.app, v, spec.node)}:{path}:rw" for v, path in spec.volumes]
         host_config = self._api.create_host_config(
             port_bindings={spec.port: (spec.publish_host, None)} if spec.port and spec.publish else None,
             network_mode=spec.network or None,
@@ -329,7 +345,7 @@ class DockerRuntime:
             memswap_limit=spec.memory,
             nano_cpus=spec.nano_cpus,
             pids_limit=spec.pids,
-            binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds] or None,
+            binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds] + volume_binds or None,
             dns=list(spec.dns) or None,
         )
         created = self._call(
@@ -347,6 +363,69 @@ class DockerRuntime:
         cid = str(created["Id"])
         self._call(self._api.start, cid)
         return cid
+
+    # -- named volumes (pleaco.stacks.volumes) -------------------------------------------
+
+    def ensure_volume(self, app: str, volume: str, node_id: str) -> str:
+        """Make the app's volume on this engine, labelled, unless it exists; its name."""
+        name = volume_name(app, volume, node_id)
+        try:
+            self._call(self._api.inspect_volume, name)
+        except NotFound:
+            self._call(self._api.create_volume, name,
+                       labels={LABEL_APP: app, LABEL_VOLUME: volume, LABEL_NODE: node_id})
+        return name
+
+    def volume_exists(self, app: str, volume: str, node_id: str) -> bool:
+        try:
+            self._call(self._api.inspect_volume, volume_name(app, volume, node_id))
+        except NotFound:
+            return False
+        return True
+
+    def remove_volume(self, app: str, volume: str, node_id: str) -> None:
+        """Remove the app's volume (gone already: done); Conflict while a container uses it."""
+        with contextlib.suppress(NotFound):
+            self._call(self._api.remove_volume, volume_name(app, volume, node_id))
+
+    def create_volume_helper(self, image: str, app: str, volume: str, node_id: str,
+                             command: tuple[str, ...] = ()) -> str:
+        """Create (not start) a short-lived container with the volume at /v, to copy its
+        content out or in (``get_archive``, ``put_archive``); labelled by its role, never with
+        the four app labels, so the app loop never takes it for a replica. Its id;
+        ``remove_volume_helper`` ends it."""
+        host_config = self._api.create_host_config(binds=[f"{volume_name(app, volume, node_id)}:/v:rw"],
+                                                   network_mode="none")
+        created = self._call(self._api.create_container, image, command=list(command) or None,
+                             labels={LABEL_ROLE: ROLE_VOLUME_HELPER, LABEL_NODE: node_id, LABEL_VOLUME: volume,
+                                     LABEL_JOB_APP: app},
+                             host_config=host_config, detach=True)
+        return str(created["Id"])
+
+    def run_volume_helper(self, container_id: str) -> int:
+        """Start the helper and wait for its command to end; its exit code."""
+        self._call(self._api.start, container_id)
+        return int(self._call(self._api.wait, container_id, timeout=None).get("StatusCode", -1))
+
+    def get_archive(self, container_id: str, path: str) -> Iterator[bytes]:
+        """A tar stream of ``path`` in the container (``path/.``: entries relative to it)."""
+        stream, _ = self._call(self._api.get_archive, container_id, path)
+        return iter(stream)
+
+    def put_archive(self, container_id: str, path: str, data: Any) -> None:
+        """Extract a tar (bytes, or an iterator of chunks, streamed) into ``path``."""
+        if not self._call(self._api.put_archive, container_id, path, data):
+            raise EngineCallFailed(f"docker engine refused the archive for {path}")
+
+    def list_volume_helpers(self, node_id: str) -> list[str]:
+        """The ids of this node's helpers (any state): those an earlier life of the agent left."""
+        rows = self._call(self._api.containers, all=True,
+                          filters={"label": [f"{LABEL_ROLE}={ROLE_VOLUME_HELPER}", f"{LABEL_NODE}={node_id}"]})
+        return [str(r["Id"]) for r in rows if (r.get("Labels") or {}).get(LABEL_NODE) == node_id]
+
+    def remove_volume_helper(self, container_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._call(self._api.remove_container, container_id, force=True)
 
     # -- networks --------------------------------------------------------------------------
 
