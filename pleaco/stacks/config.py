@@ -10,8 +10,8 @@ class VolumeSettings:
     """The ``[volumes]`` table (env ``PLEACO_VOLUMES_<NAME>``)."""
 
     # The image of the short-lived container that copies a volume's content out
-    # (snapshot) or in (restore): it only needs ``find`` (restore empties the volume
-    # first); pleaco's own busybox image, which every node has (scripts/images.sh).
+    # (snapshot) or in (restore): it only needs ``sh`` and ``rm`` (restore empties the
+    # volume first); pleaco's own busybox image, which every node has (scripts/images.sh).
     helper_image: str = "pleaco/busybox:latest"
     # Seconds between passes of the volume loop (claims and removals); it is also woken
     # at once by app and volume records, so this only bounds a retry (a volume still in use).

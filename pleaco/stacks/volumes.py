@@ -339,7 +339,7 @@ class VolumeContent:
         self.runtime.ensure_volume(app, volume, self.node_id)
         # Emptied first: a restore gives back the snapshot's content, not a mix of both.
         cid = self.runtime.create_volume_helper(self.image, app, volume, self.node_id,
-                                                ("find", "/v", "-mindepth", "1", "-delete"))
+                                                ("sh", "-c", "rm -rf /v/* /v/.[!.]* /v/..?*"))
         try:
             code = self.runtime.run_volume_helper(cid)
             if code != 0:
