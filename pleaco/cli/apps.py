@@ -223,6 +223,8 @@ def show(app: dict[str, Any]) -> None:
         print(f"rollback   from revision {rb['from']} to {rb['to']}'s spec: {rb['reason']}")
     for c in app.get("constraints") or []:
         print(f"constraint {c}")
+    for v in app.get("volumes") or []:
+        print(f"volume     {v['name']} at {v['path']}")
     for k, v in sorted(app["env"].items()):
         print(f"env        {k}={v}")
     if app.get("secrets"):

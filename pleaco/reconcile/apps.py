@@ -297,10 +297,14 @@ class AppReconciler(Loop):
         # the old one first within the unavailable budget; else wait for a later pass.
         rollout = self.cfg.rollout
         for spec, idx, old in replace:
-            if surging.get(spec.name, 0) < rollout.max_surge:
+            # An app with volumes rolls stop-first, a replica at a time (Swarm's default
+            # order): a database's new process must not open the data its old one holds.
+            surge, down = (0, max(1, rollout.max_unavailable)) if spec.volumes else (
+                rollout.max_surge, rollout.max_unavailable)
+            if surging.get(spec.name, 0) < surge:
                 surging[spec.name] = surging.get(spec.name, 0) + 1
                 starts.append((spec, idx))
-            elif unavailable.get(spec.name, 0) < rollout.max_unavailable:
+            elif unavailable.get(spec.name, 0) < down:
                 unavailable[spec.name] = unavailable.get(spec.name, 0) + 1
                 removals.extend((c, "stopped first to replace it (surge budget spent)") for c in old)
 

@@ -53,6 +53,7 @@ class AppStatus:
             "pids": self.spec.pids,
             "max_conns": self.spec.max_conns,
             "constraints": list(self.spec.constraints),
+            "volumes": [m.to_value() for m in self.spec.volumes],
             "secrets": sorted(self.spec.secrets),
             "rollback": self.rollback,
             "autoscale": self.autoscale,

@@ -23,6 +23,8 @@ from pleaco.reconcile.autoscale import HISTORY, decision_record
 from pleaco.reconcile.routes import InstanceStatus, RouteTable
 from pleaco.reconcile.upgrade import MAX_PLAN_NODES, MAX_REASON, MAX_VERSION, PLAN_KEY, NodeUpgrade, new_plan
 from pleaco.scale import AutoscalePolicy, Decision
+from pleaco.stacks.volumes import KIND as VOLUME_KIND
+from pleaco.stacks.volumes import VolumeRecord
 from pleaco.store import KINDS, MAX_RECORD_BYTES, PACKET_RECORD_BYTES, RecordTooLarge, Store
 from pleaco.store.record import gossip_size
 
@@ -111,6 +113,13 @@ def largest_scale(store: Store) -> int:
     return max(sizes)
 
 
+def largest_volume(store: Store) -> int:
+    """A volume claim: the longest app and volume names, a node id, the removal mark."""
+    rec = VolumeRecord(LONG_APP, "v" * 63, NODE, 10**15, removing=True)
+    store.put(VOLUME_KIND, rec.key, rec.to_value())
+    return gossip_size(VOLUME_KIND, rec.key, rec.to_value())
+
+
 def apps_refuse_what_is_too_large(store: Store) -> int:
     """An app's spec (env) and its release records are bounded by the write itself: too
     large is a 400 naming the record, and nothing is written."""
@@ -138,6 +147,7 @@ WORST: dict[str, tuple[Callable[[Store, Path], int], int]] = {
     # Kinds DESIGN.md names that nothing writes yet: their writers must add a worst case.
     "upgrade": (lambda s, _: largest_upgrade(s), MAX_RECORD_BYTES),
     "subnet": (lambda s, _: 0, MAX_RECORD_BYTES),
+    "volume": (lambda s, _: largest_volume(s), PACKET_RECORD_BYTES),
 }
 
 
