@@ -13,9 +13,11 @@ class VolumeSettings:
     # (snapshot) or in (restore): it only needs ``sh`` and ``rm`` (restore empties the
     # volume first); pleaco's own busybox image, which every node has (scripts/images.sh).
     helper_image: str = "pleaco/busybox:latest"
-    # Seconds between passes of the volume loop (claims and removals); it is also woken
-    # at once by app and volume records, so this only bounds a retry (a volume still in use).
-    interval: float = 5.0
+    # Seconds between passes of the volume loop. It is woken at once by app, scale, node
+    # and volume records, so this bounds only a retry: how long a removal waits after the
+    # app's last container is gone (Docker refuses to remove a volume in use). A pass reads
+    # records only (no engine call unless a volume of this node is being removed): cheap.
+    interval: float = 2.0
 
     def validate(self) -> list[str]:
         problems = []
