@@ -615,6 +615,8 @@ class BuildService(Loop):
             for limit in ("memory", "cpus", "pids", "max_conns"):
                 if getattr(current, limit) is not None:
                     body[limit] = getattr(current, limit)
+            if current.volumes:  # and so does its data (pleaco.stacks.volumes)
+                body["volumes"] = [m.to_value() for m in current.volumes]
         port = manifest.port if manifest.port is not None else (current.port if current else None)
         if port is not None:
             body["port"] = port
