@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import tarfile
 from collections.abc import Iterator
@@ -12,11 +13,14 @@ import pytest
 from pleaco.apps import AppSpec, AppStore, ValidationError, validate_deploy
 from pleaco.identity import Identity
 from pleaco.mounts import VolumeMount, VolumeSpecError, parse_all, parse_mount
-from pleaco.placement import Demand, owner, plan
+from pleaco.placement import Demand, Owners, app_owner, owner, plan
+from pleaco.runtime import Conflict as RuntimeConflict
+from pleaco.stacks.config import VolumeSettings
 from pleaco.stacks.volumes import (
     NotATar,
     Pin,
     VolumeConflict,
+    VolumeLoop,
     VolumeNotFound,
     VolumeRecord,
     Volumes,
@@ -180,3 +184,53 @@ def test_check_tar(tmp_path: Path) -> None:
         t.addfile(tarfile.TarInfo("../escape"), io.BytesIO(b""))
     with pytest.raises(NotATar, match="outside the volume"):
         check_tar(evil)
+
+
+class _Engine:
+    """The volume calls of the Docker adapter the loop makes: a volume in use refuses removal."""
+
+    def __init__(self) -> None:
+        self.volumes = {("db", "data")}
+        self.in_use = True
+        self.removed: list[tuple[str, str]] = []
+
+    def remove_volume(self, app: str, volume: str, node_id: str) -> None:
+        if self.in_use:
+            raise RuntimeConflict("volume is in use")
+        self.volumes.discard((app, volume))
+        self.removed.append((app, volume))
+
+
+def test_only_the_owner_claims_and_the_holder_removes(store: Store) -> None:
+    apps = AppStore(store, max_replicas=10)
+    volumes = Volumes(store, apps)
+    live = [A, B]
+    engine = _Engine()
+    claimed: list[str] = []
+
+    def loop_of(me: str) -> VolumeLoop:
+        return VolumeLoop(VolumeSettings(), volumes, engine, Owners(me, lambda: live),  # type: ignore[arg-type]
+                          lambda: live, dict, dict, on_claim=lambda: claimed.append(me))
+
+    owner_id = app_owner("db", live)
+    other = B if owner_id == A else A
+    apps.deploy("db", {"image": "x", "volumes": ["data:/data"], "replicas": 0})
+    asyncio.run(loop_of(owner_id).step())
+    assert volumes.records() == []  # no replicas wanted: nothing claimed yet
+    apps.scale("db", 2)
+    asyncio.run(loop_of(other).step())
+    assert volumes.records() == [] and claimed == []  # not its to claim
+    asyncio.run(loop_of(owner_id).step())
+    [rec] = volumes.records()
+    assert rec.node == claim_node(apps.get("db"), [], live, {}, {}) and claimed == [owner_id]  # type: ignore[arg-type]
+
+    # Removal: only the holding node removes, once the volume is no longer in use.
+    apps.remove("db")
+    volumes.remove("db")
+    holder, not_holder = loop_of(rec.node), loop_of(B if rec.node == A else A)
+    asyncio.run(not_holder.step())
+    asyncio.run(holder.step())
+    assert engine.removed == [] and volumes.records()[0].removing
+    engine.in_use = False
+    asyncio.run(holder.step())
+    assert engine.removed == [("db", "data")] and volumes.records() == []
