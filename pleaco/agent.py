@@ -241,7 +241,7 @@ class Agent:
             # Service names: a DNS server on the network's gateway, once the network is there.
             names = NameServerLoop(cfg.network, view, lambda: network.subnet if network is not None else None,
                                    service_lookup(view, routes, cluster.placement_nodes, cfg.network.cidr), registry,
-                                   stack_app=stack_app(view))
+                                   stack_app=stack_app(apps))
 
             def network_ready() -> None:
                 reconciler.wake()

@@ -14,6 +14,7 @@ import ipaddress
 from collections.abc import Callable, Collection
 
 from pleaco import hostport, logs
+from pleaco.apps import AppStore
 from pleaco.metrics import Counter, Registry
 from pleaco.net.config import NetworkSettings
 from pleaco.net.names import PORT, Lookup, NameServer, StackLookup
@@ -56,12 +57,12 @@ def service_lookup(view: NodeView, routes: RouteTable, live_nodes: Callable[[], 
     return lookup
 
 
-def stack_app(view: NodeView) -> StackLookup:
+def stack_app(apps: AppStore) -> StackLookup:
     """``stack_app(stack, service)``: app ``STACK-SERVICE`` when it is that stack's service
     (its spec says so: an app of that name outside the stack is not found this way)."""
 
     def find(stack: str, service: str) -> str | None:
-        spec = view.apps.get(f"{stack}-{service}")
+        spec = apps.get(f"{stack}-{service}")
         return spec.name if spec is not None and spec.stack == stack else None
 
     return find
