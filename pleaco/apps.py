@@ -34,6 +34,8 @@ from pleaco import errors, logs
 from pleaco.constraints import Constraint, ConstraintError
 from pleaco.constraints import parse_all as parse_constraints
 from pleaco.scale import AutoscalePolicy, PolicyError
+from pleaco.stacks.mounts import VolumeMount, VolumeSpecError
+from pleaco.stacks.mounts import parse_all as parse_mounts
 from pleaco.store import Record, Store
 from pleaco.urlpath import health_path_problem
 
@@ -45,7 +47,7 @@ IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 
 DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https", "memory", "cpus", "pids",
-                           "max_conns", "constraints", "command", "entrypoint"})
+                           "max_conns", "constraints", "volumes", "command", "entrypoint"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
 # redirect to HTTPS, "off" serves HTTP only. Absent means "on".
 HTTPS_MODES = ("off", "on", "redirect")
@@ -125,6 +127,9 @@ class AppSpec:
     # Placement constraints over node labels, canonical text (pleaco.constraints):
     # ("node.labels.disk==ssd",). Only the nodes that meet them all run its replicas.
     constraints: tuple[str, ...] = ()
+    # Named volumes mounted into every replica (pleaco.stacks.volumes): an app with any runs
+    # on the one node that holds them.
+    volumes: tuple[VolumeMount, ...] = ()
     # The container's command and entrypoint (None: the image's own), as Docker's Cmd and
     # Entrypoint: argument lists, no shell.
     command: tuple[str, ...] | None = None
@@ -138,6 +143,7 @@ class AppSpec:
         value = asdict(self)
         del value["name"]
         value["constraints"] = list(self.constraints)
+        value["volumes"] = [m.to_value() for m in self.volumes]
         for key in ("command", "entrypoint"):
             value[key] = None if value[key] is None else list(value[key])
         return value
@@ -162,6 +168,7 @@ class AppSpec:
             max_conns=value.get("max_conns"),
             secrets=dict(value.get("secrets") or {}),
             constraints=tuple(str(c) for c in parse_constraints(list(value.get("constraints") or ()))),
+            volumes=parse_mounts(list(value.get("volumes") or ())),
             command=_argv(value.get("command")),
             entrypoint=_argv(value.get("entrypoint")),
             stack=value.get("stack"),
@@ -352,9 +359,14 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
         constraints = tuple(str(c) for c in parse_constraints(constraints)) if constraints is not None else ()
     except ConstraintError as exc:
         raise ValidationError("constraints", str(exc)) from None
+    try:
+        volumes = parse_mounts(body["volumes"]) if body.get("volumes") is not None else ()
+    except VolumeSpecError as exc:
+        raise ValidationError("volumes", str(exc)) from None
     command, entrypoint = body.get("command"), body.get("entrypoint")
     spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0,
                    memory=memory, cpus=cpus, pids=pids, max_conns=max_conns, constraints=constraints,
+                   volumes=volumes,
                    command=None if command is None else validate_argv(command, "command"),
                    entrypoint=None if entrypoint is None else validate_argv(entrypoint, "entrypoint"))
     return spec, replicas
@@ -528,7 +540,7 @@ class AppStore:
         writes: list[tuple[str, str, dict[str, Any] | None]] = []
         new_release = current is None or not current.same_release(spec)
         if new_release:
-            spec = AppSpec(**{**asdict(spec), "revision": 1 if current is None else current.revision + 1})
+            spec = replace(spec, revision=1 if current is None else current.revision + 1)
             writes += self._release_writes(spec, **(release_info or {}))
         else:
             assert current is not None

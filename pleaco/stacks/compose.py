@@ -30,9 +30,14 @@ The mapping (plain Compose keys, and ``x-pleaco`` for what Compose has no key fo
 - ``restart``: ``always`` and ``unless-stopped`` say what pleaco does anyway (it restarts
   a replica that exits); any other policy is an error.
 
-Top level: ``services``; ``name`` (must be the stack's); ``version`` (obsolete in Compose
-too, which ignores it); ``x-*`` extension fields (for YAML anchors, ignored as in Compose).
-``volumes`` (top level and per service) is refused until apps have volumes.
+- ``volumes``: named volumes (``NAME:/path`` or ``{type: volume, source, target}``),
+  declared in the top-level ``volumes``, become the app's volumes (pleaco.stacks.mounts).
+  A volume belongs to one app on pleaco: one used by two services is an error, as are bind
+  mounts, anonymous volumes, read-only mounts and volume options (driver, external).
+
+Top level: ``services``; ``volumes``; ``name`` (must be the stack's); ``version`` (obsolete
+in Compose too, which ignores it); ``x-*`` extension fields (for YAML anchors, ignored as
+in Compose).
 """
 
 from __future__ import annotations
@@ -54,8 +59,8 @@ from pleaco.apps import ValidationError, validate_deploy, validate_name
 MAX_FILE_BYTES = 1 << 20
 MAX_SERVICES = 100
 SERVICE_KEYS = frozenset({"image", "command", "entrypoint", "environment", "env_file", "ports", "expose",
-                          "healthcheck", "depends_on", "deploy", "restart", "x-pleaco"})
-TOP_KEYS = frozenset({"services", "name", "version"})
+                          "healthcheck", "depends_on", "deploy", "restart", "volumes", "x-pleaco"})
+TOP_KEYS = frozenset({"services", "name", "version", "volumes"})
 X_PLEACO_KEYS = frozenset({"host", "https", "health"})
 DEPLOY_KEYS = frozenset({"replicas", "resources", "placement"})
 LIMIT_KEYS = frozenset({"memory", "cpus", "pids"})
@@ -173,8 +178,7 @@ def plan(stack: Any, doc: Any, max_replicas: int) -> StackPlan:
         raise ComposeError("compose: expected a mapping with 'services' at the top")
     for key in doc:
         if not isinstance(key, str) or (key not in TOP_KEYS and not key.startswith("x-")):
-            hint = " (named volumes come with app volumes; not yet)" if key == "volumes" else ""
-            raise ComposeError(f"{key}: top-level key not supported by pleaco{hint}")
+            raise ComposeError(f"{key}: top-level key not supported by pleaco")
     if "name" in doc and doc["name"] != stack:
         raise ComposeError(f"name: the file names project {doc['name']!r}, deployed as stack {stack!r}")
     services = doc.get("services")
@@ -182,8 +186,15 @@ def plan(stack: Any, doc: Any, max_replicas: int) -> StackPlan:
         raise ComposeError("services: expected a mapping of at least one service")
     if len(services) > MAX_SERVICES:
         raise ComposeError(f"services: {len(services)} services, at most {MAX_SERVICES}")
-    mapped = [_service(stack, name, svc, max_replicas) for name, svc in sorted(services.items(), key=_key)]
+    volumes = _declared_volumes(doc.get("volumes"))
+    mapped = [_service(stack, name, svc, max_replicas, volumes) for name, svc in sorted(services.items(), key=_key)]
     names = {s.name for s in mapped}
+    users: dict[str, str] = {}
+    for s in mapped:
+        for mount in s.body.get("volumes", ()):
+            if users.setdefault(mount["name"], s.name) != s.name:
+                raise ComposeError(f"services.{s.name}.volumes: volume {mount['name']!r} is also service "
+                                   f"{users[mount['name']]!r}'s (a volume belongs to one app on pleaco)")
     for s in mapped:
         for dep in s.depends_on:
             if dep not in names:
@@ -200,7 +211,20 @@ def _key(item: tuple[Any, Any]) -> str:
     return str(item[0])
 
 
-def _service(stack: str, name: Any, svc: Any, max_replicas: int) -> Service:
+def _declared_volumes(value: Any) -> set[str]:
+    if value is None:
+        return set()
+    if not isinstance(value, dict):
+        raise ComposeError("volumes: expected a mapping of volume names")
+    for name, options in value.items():
+        if options not in (None, {}):
+            key = sorted(options)[0] if isinstance(options, dict) and options else ""
+            raise ComposeError(f"volumes.{name}{'.' + key if key else ''}: volume options are not supported by "
+                               "pleaco (its volumes live on the node that runs the app)")
+    return {str(name) for name in value}
+
+
+def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[str]) -> Service:
     where = f"services.{name}"
     if not isinstance(name, str):
         raise ComposeError(f"{where}: a service name must be a string")
@@ -212,8 +236,6 @@ def _service(stack: str, name: Any, svc: Any, max_replicas: int) -> Service:
     if not isinstance(svc, dict):
         raise ComposeError(f"{where}: expected a mapping")
     for key in svc:
-        if key == "volumes":
-            raise ComposeError(f"{where}.volumes: not supported by pleaco yet (named volumes come with app volumes)")
         if key == "build":
             raise ComposeError(f"{where}.build: not supported by pleaco (build the image and name it in 'image')")
         if key == "env_file":
@@ -249,6 +271,8 @@ def _service(stack: str, name: Any, svc: Any, max_replicas: int) -> Service:
             if port is None:
                 raise ComposeError(f"{where}.x-pleaco.{key}: the service has no port (give it 'ports')")
             body[key] = x[key]
+    if svc.get("volumes") is not None:
+        body["volumes"] = _mounts(f"{where}.volumes", svc["volumes"], volumes)
     restart = svc.get("restart")
     if restart is not None and restart not in RESTART_POLICIES:
         raise ComposeError(f"{where}.restart: {restart!r} is not supported (pleaco always restarts a replica "
@@ -259,10 +283,44 @@ def _service(stack: str, name: Any, svc: Any, max_replicas: int) -> Service:
         validate_name(app)
         validate_deploy(app, body, max_replicas)
     except ValidationError as exc:
-        field = {"env": "environment", "port": "ports", "health": "healthcheck", "name": "app name"}.get(
+        field = {"env": "environment", "port": "ports", "health": "healthcheck", "name": "app name",
+                 "volumes": "volumes"}.get(
             exc.field, exc.field)
         raise ComposeError(f"{where} ({field}): {str(exc).partition(': ')[2]}") from None
     return Service(name, app, body, _depends_on(where, svc.get("depends_on")))
+
+
+def _mounts(where: str, value: Any, declared: set[str]) -> list[dict[str, str]]:
+    """Named volumes as the app's mounts ({"name", "path"}); anything else is an error."""
+    if not isinstance(value, list):
+        raise ComposeError(f"{where}: expected a list")
+    mounts = []
+    for item in value:
+        if isinstance(item, str):
+            parts = item.split(":")
+            if len(parts) == 3:
+                raise ComposeError(f"{where}: {item!r}: mount options ({parts[2]}) are not supported by pleaco")
+            if len(parts) != 2:
+                raise ComposeError(f"{where}: {item!r}: anonymous volumes are not supported by pleaco "
+                                   "(name it: NAME:/path, and declare NAME under the top-level volumes)")
+            source, target = parts
+        elif isinstance(item, dict):
+            unknown = set(item) - {"type", "source", "target"}
+            if unknown:
+                raise ComposeError(f"{where}.{sorted(unknown)[0]}: not supported by pleaco")
+            if item.get("type", "volume") != "volume":
+                raise ComposeError(f"{where}: type {item.get('type')!r} is not supported by pleaco (named volumes)")
+            source, target = item.get("source"), item.get("target")
+        else:
+            raise ComposeError(f"{where}: {item!r} is not a volume mount")
+        if not isinstance(source, str) or not source:
+            raise ComposeError(f"{where}: {item!r}: anonymous volumes are not supported by pleaco (give a source)")
+        if source.startswith(("/", ".", "~")):
+            raise ComposeError(f"{where}: {item!r}: bind mounts are not supported by pleaco (named volumes only)")
+        if source not in declared:
+            raise ComposeError(f"{where}: volume {source!r} is not declared under the top-level volumes")
+        mounts.append({"name": source, "path": target})
+    return mounts
 
 
 def _argv(where: str, value: Any) -> list[str]:

@@ -52,9 +52,13 @@ services:
   db:
     image: postgres:16
     expose: ["5432"]
+    volumes: ["pgdata:/var/lib/postgresql/data", {type: volume, source: pgconf, target: /etc/pg}]
   cache:
     image: redis:7
     expose: [6379]
+volumes:
+  pgdata:
+  pgconf: {}
 """
 
 
@@ -65,7 +69,7 @@ def doc(text: str) -> dict[str, Any]:
 
 
 def with_service(**svc: Any) -> dict[str, Any]:
-    return {"services": {"web": {"image": "pleaco/hello:latest", **svc}}}
+    return {"services": {"web": {"image": "pleaco/hello:latest", **svc}}, "volumes": {"cache": None}}
 
 
 def error(document: Any, stack: Any = "shop") -> str:
@@ -89,12 +93,22 @@ def test_a_compose_file_maps_onto_apps_in_waves() -> None:
     assert worker.body["entrypoint"] == ["/usr/local/bin/celery", "-A", "shop", "worker"]
     assert worker.body["env"] == {"DATABASE_HOST": "db", "QUEUE": "default"}
     assert "port" not in worker.body
-    assert p.service("db").body == {"image": "postgres:16", "port": 5432}
+    assert p.service("db").body == {"image": "postgres:16", "port": 5432, "volumes": [
+        {"name": "pgdata", "path": "/var/lib/postgresql/data"}, {"name": "pgconf", "path": "/etc/pg"}]}
+    shared = doc(SHOP)
+    shared["services"]["cache"]["volumes"] = ["pgdata:/data"]
+    assert error(shared).startswith("services.db.volumes: volume 'pgdata' is also service 'cache'")
 
 
 @pytest.mark.parametrize(("svc", "where"), [
     ({"build": "."}, "services.web.build"),
-    ({"volumes": ["data:/var/lib/data"]}, "services.web.volumes"),
+    ({"volumes": ["data:/var/lib/data"]}, "services.web.volumes: volume 'data' is not declared"),
+    ({"volumes": ["./src:/app"]}, "services.web.volumes: './src:/app': bind mounts"),
+    ({"volumes": ["/var/cache"]}, "services.web.volumes: '/var/cache': anonymous volumes"),
+    ({"volumes": ["cache:/var/cache:ro"]}, "services.web.volumes: 'cache:/var/cache:ro': mount options"),
+    ({"volumes": [{"type": "tmpfs", "target": "/tmp"}]}, "services.web.volumes: type 'tmpfs'"),
+    ({"volumes": [{"source": "cache", "target": "/c", "read_only": True}]}, "services.web.volumes.read_only"),
+    ({"volumes": ["cache:relative/path"]}, "services.web (volumes): volume cache: path 'relative/path'"),
     ({"networks": ["front"]}, "services.web.networks"),
     ({"privileged": True}, "services.web.privileged"),
     ({"x-pleaco": {"replicas": 2}}, "services.web.x-pleaco.replicas"),
@@ -127,7 +141,8 @@ def test_what_pleaco_does_not_support_is_an_error_naming_service_and_key(svc: di
 
 
 def test_top_level_keys_and_names() -> None:
-    assert error({**with_service(), "volumes": {"data": {}}}).startswith("volumes: ")
+    assert error({**with_service(), "volumes": {"data": {"driver": "nfs"}}}).startswith("volumes.data.driver: ")
+    assert error({**with_service(), "volumes": ["data"]}).startswith("volumes: ")
     assert error({**with_service(), "networks": {}}).startswith("networks: ")
     assert error({**with_service(), "name": "other"}).startswith("name: ")
     assert error({"services": {}}).startswith("services: ")
