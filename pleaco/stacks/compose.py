@@ -296,6 +296,8 @@ def _mounts(where: str, value: Any, declared: set[str]) -> list[dict[str, str]]:
         raise ComposeError(f"{where}: expected a list")
     mounts = []
     for item in value:
+        source: Any
+        target: Any
         if isinstance(item, str):
             parts = item.split(":")
             if len(parts) == 3:
