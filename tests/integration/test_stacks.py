@@ -16,6 +16,7 @@ import pytest
 from agentproc import AgentProcess, wait_for
 from conftest import BUSYBOX, HELLO
 
+from pleaco.api.errors import ApiError
 from pleaco.cli import main
 
 POLL = 0.1
@@ -35,7 +36,8 @@ services:
     x-pleaco: {{host: shop.test}}
   kv:
     image: {BUSYBOX}
-    command: httpd -f -p 7000 -h /etc
+    entrypoint: [httpd]
+    command: -f -p 7000 -h /etc
     expose: [7000]
     env_file: kv.env
 """
@@ -73,7 +75,8 @@ def test_a_stack_from_a_compose_file(agent_factory: Factory, tmp_path: Path,
         web, kv = replica(h, "st-web"), replica(h, "st-kv")
         assert web is not None and kv is not None
         assert web.attrs["HostConfig"]["DnsSearch"] == ["st.internal"]
-        assert kv.attrs["Config"]["Cmd"] == ["httpd", "-f", "-p", "7000", "-h", "/etc"]
+        assert kv.attrs["Config"]["Entrypoint"] == ["httpd"]
+        assert kv.attrs["Config"]["Cmd"] == ["-f", "-p", "7000", "-h", "/etc"]
         assert "ROLE=store" in kv.attrs["Config"]["Env"]  # from the env_file, read by the CLI
         kv_ip = kv.attrs["NetworkSettings"]["Networks"]["pleaco"]["IPAddress"]
 
@@ -107,6 +110,11 @@ def test_a_stack_from_a_compose_file(agent_factory: Factory, tmp_path: Path,
             assert cli(agent, "stack", "deploy", "st", "-f", str(compose)) != 0
             err = capsys.readouterr().err
             assert re.search(r"services\.kv\.privileged|depends_on has a cycle|services\.kv\.env_file", err), err
+        # The server checks what any client sends, with the same errors.
+        with pytest.raises(ApiError) as info:
+            agent.client.request("PUT", "/v1/stacks/st", {"compose": {"services": {
+                "kv": {"image": BUSYBOX, "privileged": True}}}})
+        assert info.value.status == 400 and info.value.message.startswith("services.kv.privileged: ")
         assert agent.client.request("GET", "/v1/stacks") == before
         assert replica(h, "st-kv").id != kv.id and replica(h, "st-web").id == web.id  # type: ignore[union-attr]
 
