@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_names import parse, query
-
 from pleaco import apps as appsmod
 from pleaco.apps import AppStore
 from pleaco.identity import Identity
 from pleaco.net.names import NameServer
 from pleaco.reconcile.names import stack_app
 from pleaco.store import Store
+from tests.unit.test_names_unit import parse, query
 
 ADDRESSES = {"shop-db": ["10.210.0.7"], "shop-web": ["10.210.0.8"], "other-db": ["10.210.0.9"]}
 
