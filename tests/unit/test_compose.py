@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pleaco.apps import AppStore
+from pleaco.apps import AppStore, ValidationError
 from pleaco.identity import Identity
 from pleaco.stacks.compose import ComposeError, load, plan
 from pleaco.stacks.service import StackConflict, StackNotFound, StackService
@@ -256,3 +256,13 @@ def test_bad_input_or_a_name_taken_changes_nothing(apps: AppStore) -> None:
     asyncio.run(stacks.deploy("ok", {"services": {"web": {"image": "x"}}}))
     apps.deploy("ok-web", {"image": "y"})
     assert apps.get("ok-web").stack == "ok"  # type: ignore[union-attr]
+
+
+def test_command_and_entrypoint_of_a_plain_deploy(apps: AppStore) -> None:
+    spec = apps.deploy("w", {"image": "x", "command": ["-p", "80"], "entrypoint": ["httpd"]}).spec
+    assert (spec.command, spec.entrypoint, spec.stack) == (("-p", "80"), ("httpd",), None)
+    assert not apps.deploy("w", {"image": "x", "command": ["-p", "80"], "entrypoint": ["httpd"]}).new_release
+    assert apps.deploy("w", {"image": "x"}).spec.command is None  # a deploy is the whole spec, as ever
+    for bad in ({"command": "httpd -f"}, {"command": ["a\x00b"]}, {"entrypoint": [1]}, {"command": ["x"] * 1025}):
+        with pytest.raises(ValidationError, match=f"^{next(iter(bad))}: "):
+            apps.deploy("w", {"image": "x", **bad})
