@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 from pleaco.apps import AppStore, ValidationError
+from pleaco.builds.manifest import parse as parse_manifest
 from pleaco.identity import Identity
 from pleaco.stacks.compose import ComposeError, load, plan
 from pleaco.stacks.service import StackConflict, StackNotFound, StackService
 from pleaco.store import Store
+from tests.unit.test_build_model import _service
 
 MAX = 10
 IDENTITY = Identity.generate()
@@ -266,3 +268,17 @@ def test_command_and_entrypoint_of_a_plain_deploy(apps: AppStore) -> None:
     for bad in ({"command": "httpd -f"}, {"command": ["a\x00b"]}, {"entrypoint": [1]}, {"command": ["x"] * 1025}):
         with pytest.raises(ValidationError, match=f"^{next(iter(bad))}: "):
             apps.deploy("w", {"image": "x", **bad})
+
+
+def test_a_build_keeps_the_command_and_stack_a_deploy_gave(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    conn = svc.connect("st-web", "https://github.com/o/web.git", None, None).connection
+    svc.apps.deploy("st-web", {"image": "img-0", "command": ["serve", "--fast"], "entrypoint": ["/bin/app"]},
+                    stack="st")
+    b = svc.push(conn, "a" * 40, delivery="d1").build
+    assert b is not None
+    b.image = "img-a"
+    svc._release(b, parse_manifest(""))
+    spec = svc.apps.get("st-web")
+    assert spec is not None and spec.image == "img-a" and spec.revision == 2
+    assert (spec.command, spec.entrypoint, spec.stack) == (("serve", "--fast"), ("/bin/app",), "st")
