@@ -26,6 +26,7 @@ from pleaco.api.labels import add_routes as add_label_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.secrets import add_routes as add_secret_routes
 from pleaco.api.server import ApiServer
+from pleaco.api.stacks import add_routes as add_stack_routes
 from pleaco.api.upgrade import UpgradeRoutes
 from pleaco.api.volumes import VolumeRoutes
 from pleaco.apps import AppSpec, AppStore
@@ -61,7 +62,7 @@ from pleaco.reconcile.apps import AppReconciler
 from pleaco.reconcile.autoscale import Autoscaler
 from pleaco.reconcile.drain import Drain
 from pleaco.reconcile.loop import LoopRunner
-from pleaco.reconcile.names import NameServerLoop, service_lookup
+from pleaco.reconcile.names import NameServerLoop, service_lookup, stack_app
 from pleaco.reconcile.network import LiveMember, NetworkLoop, check_host
 from pleaco.reconcile.rollout import RolloutGuard
 from pleaco.reconcile.routes import RouteTable
@@ -79,6 +80,7 @@ from pleaco.runtime import DockerRuntime
 from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
 from pleaco.stacks.labels import NodeLabels
 from pleaco.stacks.secrets import AppSecrets
+from pleaco.stacks.service import StackService
 from pleaco.stacks.volumes import VolumeContent, VolumeLoop, Volumes
 from pleaco.store import Record, Store
 from pleaco.ui.events import LiveEvents
@@ -249,7 +251,8 @@ class Agent:
                 raise
             # Service names: a DNS server on the network's gateway, once the network is there.
             names = NameServerLoop(cfg.network, view, lambda: network.subnet if network is not None else None,
-                                   service_lookup(view, routes, cluster.placement_nodes, cfg.network.cidr), registry)
+                                   service_lookup(view, routes, cluster.placement_nodes, cfg.network.cidr), registry,
+                                   stack_app=stack_app(apps))
 
             def network_ready() -> None:
                 reconciler.wake()
@@ -352,6 +355,12 @@ class Agent:
         add_job_routes(api.app, jobs)
         VolumeRoutes(volumes, VolumeContent(cfg.volumes, runtime, me), runtime, store, me, cluster.placement_nodes,
                      cfg.data_dir / "volume-restores", volume_loop.wake).add_to(api.app)
+
+        def all_healthy(name: str) -> bool:
+            shown = api.app_json(name)
+            return int(shown["healthy"]) >= int(shown["replicas"])
+
+        add_stack_routes(api.app, StackService(apps, all_healthy, reconciler.wake), api.app_json)
 
         supervision = Supervision(
             Notifier(),

@@ -617,6 +617,10 @@ class BuildService(Loop):
                     body[limit] = getattr(current, limit)
             if current.volumes:  # and so does its data (pleaco.stacks.volumes)
                 body["volumes"] = [m.to_value() for m in current.volumes]
+            # So do the command and entrypoint it gave (a stack's service, a worker).
+            for argv in ("command", "entrypoint"):
+                if getattr(current, argv) is not None:
+                    body[argv] = list(getattr(current, argv))
         port = manifest.port if manifest.port is not None else (current.port if current else None)
         if port is not None:
             body["port"] = port
