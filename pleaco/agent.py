@@ -66,6 +66,7 @@ from pleaco.reconcile.names import NameServerLoop, service_lookup, stack_app
 from pleaco.reconcile.network import LiveMember, NetworkLoop, check_host
 from pleaco.reconcile.rollout import RolloutGuard
 from pleaco.reconcile.routes import RouteTable
+from pleaco.reconcile.status import app_status
 from pleaco.reconcile.tombstones import TombstoneCollector
 from pleaco.reconcile.upgrade import (
     LocalState,
@@ -353,8 +354,13 @@ class Agent:
         add_secret_routes(api.app, app_secrets, reconciler.wake)
         jobs = OneOffJobs(me, apps, AppSecrets(store, apps, secretbox, cfg.data_dir, JOB_FILES_DIR), runtime)
         add_job_routes(api.app, jobs)
+        def app_running(name: str) -> int:
+            spec = apps.get(name)
+            return 0 if spec is None else app_status(view, routes, cluster.placement_nodes(), spec,
+                                                     apps.replicas(name)).running
+
         VolumeRoutes(volumes, VolumeContent(cfg.volumes, runtime, me), runtime, store, me, cluster.placement_nodes,
-                     cfg.data_dir / "volume-restores", volume_loop.wake).add_to(api.app)
+                     app_running, cfg.data_dir / "volume-restores", volume_loop.wake).add_to(api.app)
 
         def all_healthy(name: str) -> bool:
             shown = api.app_json(name)

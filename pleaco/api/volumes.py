@@ -36,13 +36,16 @@ CHUNK = 1 << 16
 
 class VolumeRoutes:
     def __init__(self, volumes: Volumes, content: VolumeContent, runtime: DockerRuntime, store: Store, me: str,
-                 live_nodes: Callable[[], Sequence[str]], spool_dir: Path, changed: Callable[[], None]) -> None:
+                 live_nodes: Callable[[], Sequence[str]], running: Callable[[str], int], spool_dir: Path,
+                 changed: Callable[[], None]) -> None:
         self.volumes = volumes
         self.content = content
         self.runtime = runtime
         self.store = store
         self.me = me
         self.live_nodes = live_nodes
+        # How many replicas of an app run, cluster-wide (as ``apps show`` counts them).
+        self.running = running
         # Where a restore's upload is written and checked before anything is changed.
         self.spool_dir = spool_dir
         # Called after a write (wakes the volume loop: a removal).
@@ -82,9 +85,10 @@ class VolumeRoutes:
         return web.json_response(await asyncio.to_thread(self._listing))
 
     def _listing(self) -> list[dict[str, Any]]:
+        """Every volume with its state: mounted by its app with a replica running anywhere
+        ("in_use") or none ("idle"), mounted by no app ("orphaned"), on its way out ("removing")."""
         live = set(self.live_nodes())
         out = []
-        running = {c.app for c in self.runtime.list_managed(self.me) if c.running}
         for rec in self.volumes.records():
             spec = self.volumes.apps.get(rec.app)
             mount = next((m for m in spec.volumes if m.name == rec.volume), None) if spec is not None else None
@@ -92,10 +96,8 @@ class VolumeRoutes:
                 state = "removing"
             elif mount is None:
                 state = "orphaned"
-            elif rec.node == self.me:
-                state = "in_use" if rec.app in running else "idle"
             else:
-                state = "mounted"  # by the app's replicas on that node; only it knows if they run
+                state = "in_use" if self.running(rec.app) else "idle"
             out.append({"app": rec.app, "volume": rec.volume, "node": rec.node, "node_name": self._node(rec.node)[0],
                         "node_live": rec.node in live, "path": mount.path if mount else None, "state": state,
                         "created_ms": rec.created_ms})

@@ -48,10 +48,6 @@ from pleaco.store import Store
 log = logs.get("pleaco.stacks.volumes")
 
 KIND = "volume"
-# The states ``volumes ls`` reports: mounted by the app and at least one replica running
-# ("in use"), mounted but nothing running ("idle"), no longer mounted by any app
-# ("orphaned"), on its way out ("removing").
-STATES = ("in_use", "idle", "orphaned", "removing")
 
 
 class VolumeNotFound(errors.NotFound, LookupError):

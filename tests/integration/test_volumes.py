@@ -114,6 +114,8 @@ def test_two_nodes_replicas_follow_the_volume(agents: Factory) -> None:
     wait_for(lambda: len(running(holder, "db")) == 3, 60, "3 replicas on the holding node")
     assert running(other, "db") == []
     assert docker_volumes(other, "db") == []
+    # Every node lists it alike, in use (the other from the holder's route records).
+    wait_for(lambda: [v["state"] for v in other.client.volumes()] == ["in_use"], 30, "in use, seen from the other")
     # Snapshot asked of the other node: 409 naming the holder and its API address.
     done = cli(other, "volumes", "snapshot", "db", "data", "--out", str(holder.data_dir.parent / "x.tar"))
     assert done.returncode == 1
