@@ -33,9 +33,9 @@ from typing import Any
 from pleaco import errors, logs
 from pleaco.constraints import Constraint, ConstraintError
 from pleaco.constraints import parse_all as parse_constraints
+from pleaco.mounts import VolumeMount, VolumeSpecError
+from pleaco.mounts import parse_all as parse_mounts
 from pleaco.scale import AutoscalePolicy, PolicyError
-from pleaco.stacks.mounts import VolumeMount, VolumeSpecError
-from pleaco.stacks.mounts import parse_all as parse_mounts
 from pleaco.store import Record, Store
 from pleaco.urlpath import health_path_problem
 

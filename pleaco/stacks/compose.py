@@ -31,7 +31,7 @@ The mapping (plain Compose keys, and ``x-pleaco`` for what Compose has no key fo
   a replica that exits); any other policy is an error.
 
 - ``volumes``: named volumes (``NAME:/path`` or ``{type: volume, source, target}``),
-  declared in the top-level ``volumes``, become the app's volumes (pleaco.stacks.mounts).
+  declared in the top-level ``volumes``, become the app's volumes (pleaco.mounts).
   A volume belongs to one app on pleaco: one used by two services is an error, as are bind
   mounts, anonymous volumes, read-only mounts and volume options (driver, external).
 

@@ -9,7 +9,7 @@ import pytest
 
 from pleaco.apps import AppSpec, AppStore, ValidationError, validate_deploy
 from pleaco.identity import Identity
-from pleaco.stacks.mounts import VolumeMount, VolumeSpecError, parse_all, parse_mount
+from pleaco.mounts import VolumeMount, VolumeSpecError, parse_all, parse_mount
 from pleaco.store import Store
 
 IDENTITY = Identity.generate()
