@@ -12,7 +12,8 @@ import pleaco
 LAYERS: list[set[str]] = [
     {"__init__", "logs", "metrics", "errors", "hostport", "urlpath", "identity"},  # foundations
     # pure decisions over the foundations: the autoscaler's (pleaco/scale/decide.py); node
-    # labels and placement constraints (pleaco/constraints.py)
+    # labels and placement constraints (pleaco/constraints.py); an app's volume mounts as
+    # its spec holds them (pleaco/mounts.py)
     {"scale", "constraints", "mounts"},
     {"store"},  # the replicated state on disk
     {"net"},  # the host's network: its addresses, node subnets, the mesh seam (pyroute2)
