@@ -267,11 +267,17 @@ def measure_scaling(agent: Agent) -> tuple[list[Row], dict[str, Any]]:
         rate["value"] = 2 * STEADY_RATE
         step, step_wall = time.monotonic(), time.time()
         seen_max = int(before["replicas"])
+        # When the app's figure (the cluster-wide concurrency the autoscaler samples) first
+        # shows 90 % of the new load: the metric pipeline's share of the reaction.
+        figure_after: float | None = None
 
         def enough() -> bool:
-            nonlocal seen_max
+            nonlocal seen_max, figure_after
             app = client.app(APP)
             seen_max = max(seen_max, int(app["replicas"]))
+            shown = float((app.get("load") or {}).get("concurrency", 0))
+            if figure_after is None and shown >= 0.9 * 2 * STEADY_RATE:
+                figure_after = time.monotonic() - step
             return int(app["healthy"]) >= 2 * NEEDED
 
         wait_until(enough, 150, f"{2 * NEEDED} healthy replicas after the step")
@@ -285,7 +291,9 @@ def measure_scaling(agent: Agent) -> tuple[list[Row], dict[str, Any]]:
         load.stop()
     # When each decision after the step was taken: the reaction is deciding plus starting.
     decided_after = [round(d["at_ms"] / 1000 - step_wall, 2) for d in decisions if d["at_ms"] / 1000 >= step_wall]
+    log(f"autoscale: the figure showed the step after {figure_after} s, decided after {decided_after} s")
     details = {"flap_counts": counts, "decisions": decisions, "decided_after_step_s": decided_after,
+               "figure_after_step_s": None if figure_after is None else round(figure_after, 2),
                "requests_ok": load.ok, "requests_failed": len(load.failures), "failures": load.failures[:5]}
     if load.failures:
         details["errors"] = [f"{len(load.failures)} requests failed under the autoscaled load: {load.failures[:3]}"]

@@ -248,6 +248,8 @@ class Decision:
 # again) merge the oldest two into the higher, which only makes the scale-down limit
 # stricter.
 COUNTS_KEPT = 8
+# The reason of the activator's wake (0 -> 1) in the decision history.
+WAKE_REASON = "request while at zero"
 
 
 def _replicas_for(demand: float, target: float, tolerance: float) -> int:
@@ -281,6 +283,22 @@ def _in_force(previous: Decision | None, current: int, now: float, window: float
     return counts
 
 
+def _kept(counts: list[tuple[float, int]]) -> tuple[tuple[float, int], ...]:
+    """At most COUNTS_KEPT counts: the oldest two merged into the higher while more."""
+    while len(counts) > COUNTS_KEPT:
+        counts[0:2] = [(counts[1][0], max(counts[0][1], counts[1][1]))]
+    return tuple(counts)
+
+
+def woken(policy: AutoscalePolicy, previous: Decision | None, now: float) -> Decision:
+    """The decision the activator (pleaco.ingress.activator) records when a request comes
+    for an app at zero and it sets the count to 1: it is not ``decide``'s (the demand is a
+    held request the samples do not show yet), but it goes into the same history, and the
+    count it starts is one the scale-down limit then counts."""
+    counts = _in_force(previous, 0, now, policy.stable_window)
+    return Decision(1, WAKE_REASON, False, None, _kept([*counts, (now, 1)]))
+
+
 def _lowest_since(counts: Sequence[tuple[float, int]], since: float) -> int:
     """The lowest count in force at some moment after ``since``."""
     ends = [at for at, _ in counts[1:]] + [math.inf]
@@ -308,9 +326,7 @@ def decide(policy: AutoscalePolicy, current: int, samples: Sequence[Sample], now
             which = f"max {policy.max_replicas}" if bounded < desired else f"min {policy.min_replicas}"
             reason += f"; held to {which}"
         kept = [*counts, (now, bounded)] if bounded != current else counts
-        while len(kept) > COUNTS_KEPT:
-            kept[0:2] = [(kept[1][0], max(kept[0][1], kept[1][1]))]
-        return Decision(bounded, reason, panic_last is not None, panic_last, tuple(kept))
+        return Decision(bounded, reason, panic_last is not None, panic_last, _kept(kept))
 
     stable = _average(samples, now, policy.stable_window)
     if stable is None:
