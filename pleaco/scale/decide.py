@@ -54,12 +54,15 @@ What is changed, and why:
   sustained step crosses it once about 30-40 % of the window holds it. A single high
   sample weighs more too, but a spike still needs the same 2x of the serving count to
   panic, and the stable window keeps the count from following noise.
-- The count a demand wants is the fewest replicas that keep each within the tolerance
-  band above the target: ``ceil(demand / (target * (1 + tolerance)))``, not KPA's
-  ``ceil(demand / target)``. A load of 8.06 requests in flight at a target of 2 (requests
-  of 1.0075 s at 8 per second) is 4 replicas' worth within 0.75 %; KPA's rounding took 5
-  (the overshoot the benchmark measured). This is the same band as below: a count it
-  chooses is one the band then keeps.
+- The count a demand wants rounds up only past ``tolerance`` of one replica's worth:
+  ``ceil(demand / target - tolerance)``, not KPA's ``ceil(demand / target)``. A load of
+  8.06 requests in flight at a target of 2 (requests of 1.0075 s at 8 per second) is 4
+  replicas and 3 % of one; KPA's rounding took 5 (the overshoot the benchmark measured).
+  The count chosen leaves each replica at most ``tolerance / count`` above the target,
+  inside the band below, so the band then keeps it. (Rounding within the band per replica,
+  ``ceil(demand / (target * (1 + tolerance)))``, was tried first: 7 in flight at a target
+  of 2 then needed an average of 6.6 before a 4th replica, which a load measured a little
+  under its true figure reached only through the stable window.)
 - A tolerance band (HPA's, default 10 %): in stable mode, no change while the stable
   average per replica is within ``tolerance`` of the target. KPA has none; it relies on
   rounding, which flaps around integer boundaries under noisy load.
@@ -253,10 +256,13 @@ WAKE_REASON = "request while at zero"
 
 
 def _replicas_for(demand: float, target: float, tolerance: float) -> int:
-    """The fewest replicas that keep each within the tolerance band above the target
-    (a demand too large for a float's range wants more than any ``max_replicas``)."""
-    wanted = demand / (target * (1 + tolerance))
-    return max(0, math.ceil(wanted - _EPSILON)) if wanted < _TOO_MANY else _TOO_MANY
+    """The replicas ``demand`` needs at ``target`` each, rounded up past ``tolerance`` of
+    one; at least 1 for any demand (0 is the idle rule's alone), and more than any
+    ``max_replicas`` for a demand too large for a float's range."""
+    if demand <= 0:
+        return 0
+    wanted = demand / target - tolerance
+    return max(1, math.ceil(wanted - _EPSILON)) if wanted < _TOO_MANY else _TOO_MANY
 
 
 def _average(samples: Sequence[Sample], now: float, window: float) -> float | None:
@@ -350,7 +356,9 @@ def decide(policy: AutoscalePolicy, current: int, samples: Sequence[Sample], now
     ratio = want_panic / serving
 
     panic_last: float | None = None
-    if ratio >= policy.panic_threshold:
+    # Over the bar, and outside the tolerance band of what is serving: rounding alone (a
+    # load inside the band of 2 replicas wants 3 of them) never panics.
+    if ratio >= policy.panic_threshold and panic_avg > target * serving * (1 + policy.tolerance):
         panic_last = now
     elif previous is not None and previous.panic_last is not None and now - previous.panic_last < policy.stable_window:
         panic_last = previous.panic_last
