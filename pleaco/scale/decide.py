@@ -64,7 +64,9 @@ What is changed, and why:
   of 2 then needed an average of 6.6 before a 4th replica, which a load measured a little
   under its true figure reached only through the stable window.)
 - A tolerance band (HPA's, default 10 %): in stable mode, no change while the stable
-  average per replica is within ``tolerance`` of the target. KPA has none; it relies on
+  average per replica is within ``tolerance`` of the target; in panic, no increase while
+  both averages per replica are at most ``tolerance`` above it (a load step measured 10 %
+  high while its new containers start took a 5th replica for 4 replicas' worth). KPA has none; it relies on
   rounding, which flaps around integer boundaries under noisy load.
 - Scale to zero is decided here too (in Knative it is the KPA reconciler's, with a grace
   period): only with ``min_replicas`` 0 and ``scale_to_zero_after`` set, outside panic, and
@@ -366,6 +368,10 @@ def decide(policy: AutoscalePolicy, current: int, samples: Sequence[Sample], now
     if panic_last is not None:
         held = previous.desired if previous is not None and previous.panic else 0
         desired = max(want_stable, want_panic, held, current)
+        if max(stable, panic_avg) <= target * max(1, current) * (1 + policy.tolerance):
+            # What runs already serves the load within the band: no more (a request or two
+            # slowed by the containers starting is not a reason for another replica).
+            desired = max(held, current)
         if panic_last == now:
             reason = (f"panic: {_fmt(policy.panic_window)}s average {_fmt(panic_avg)} {unit} wants {want_panic}, "
                       f"{ratio:.2f}x the {serving} replica(s) serving, at {_fmt(target)} each: {desired}")

@@ -82,20 +82,29 @@ def test_a_stable_scale_up_inside_the_panic_window_does_not_raise_the_panic_bar(
     samples = [Sample(t, 4.6) for t in _ticks(-58, 0)]  # 2.3 per replica: above the band
     first = decide(p, 2, samples, 0.0)
     assert first.desired == 3 and not first.panic
-    samples.append(Sample(2.0, 8.0))
-    second = decide(p, 3, samples, 2.0, first)
-    assert second.desired == 4 and second.panic and "2 replica(s) serving" in second.reason
+    samples += [Sample(2.0, 8.0), Sample(4.0, 8.0)]
+    second = decide(p, 3, samples, 2.0, first)  # over the bar of the 2 serving: panic
+    assert second.panic and "2 replica(s) serving" in second.reason
+    third = decide(p, second.desired, samples, 4.0, second)
+    assert third.desired == 4 and third.panic
 
 
 def test_a_load_just_over_a_whole_count_does_not_overshoot() -> None:
     """8.06 in flight at a target of 2 (requests of 1.0075 s at 8 per second) is 4 replicas
-    and 3 % of one, inside the 10 % tolerance: 4, not ceil(8.06 / 2) = 5. A little more
-    than the tolerance of one replica is one more."""
+    and 3 % of one, inside the 10 % tolerance: 4, not ceil(8.06 / 2) = 5. More than the
+    band above 4 replicas' worth is one more."""
     p = policy(target=2.0, max_replicas=8)
     run = simulate(p, lambda t: 4.0 if t < 60 else 8.06, start=0, end=200, current=2, tick=1.0)
     assert max(d.desired for _, d in run) == 4 and run[-1][1].desired == 4
-    run = simulate(p, lambda t: 4.0 if t < 60 else 8.4, start=0, end=200, current=2, tick=1.0)
-    assert run[-1][1].desired == 5
+    run = simulate(p, lambda t: 4.0 if t < 60 else 9.0, start=0, end=200, current=2, tick=1.0)
+    assert run[-1][1].desired == 5  # 2.25 per replica of 4: above the band
+    # In the panic after the step, a bump within the band of the 4 running (requests slowed
+    # while containers start) adds none; one beyond it does.
+    bump = lambda t: 4.0 if t < 60 else 8.7 if 66 <= t < 72 else 8.0  # noqa: E731
+    run = simulate(p, bump, start=0, end=200, current=2, tick=1.0)
+    assert max(d.desired for _, d in run) == 4 and dict(run)[70].panic
+    beyond = lambda t: 4.0 if t < 60 else 9.5 if 66 <= t < 72 else 8.0  # noqa: E731
+    assert max(d.desired for _, d in simulate(p, beyond, start=0, end=200, current=2, tick=1.0)) == 5
     # Small demand still wants a replica: 0 is the idle rule's alone.
     zero = policy(target=2.0, min_replicas=0, scale_to_zero_after=30.0)
     assert decide(zero, 2, [Sample(t, 0.1) for t in _ticks(-100, 0)], 0.0).desired == 1
