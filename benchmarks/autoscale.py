@@ -350,6 +350,9 @@ def run(opts: argparse.Namespace) -> list[Row]:
     workdir = Path(tempfile.mkdtemp(prefix="pleaco-bench-autoscale-"))
     config = (f'proxy_image = "{CADDY}"\n[proxy]\nadmin_listen = "{LOOPBACK}:{free_port()}"\n'
               f'https_listen = "{LOOPBACK}:{free_port()}"\nactivator_listen = "{LOOPBACK}:{free_port()}"\n')
+    load_interval = getattr(opts, "autoscale_load_interval", None)
+    if load_interval is not None:
+        config += f"load_interval = {load_interval}\n"
     try:
         with slow_image(), Agent(workdir, "bench-autoscale", config_text=config) as agent:
             slow_start = [container_start(SLOW, "/healthz") for _ in range(START_ROUNDS)]
@@ -368,7 +371,7 @@ def run(opts: argparse.Namespace) -> list[Row]:
         pleaco=reaction, baseline=start, baseline_name="docker run to first answer",
         goal=f"<= {PANIC_WINDOW:g} s + start", met=reaction <= PANIC_WINDOW + start,
         details={"minus_start_s": round(reaction - start, 3), "start_samples": [round(x, 3) for x in slow_start],
-                 **step}))
+                 "load_interval_s": load_interval, **step}))
     rows.insert(1, Row(
         benchmark="autoscale reaction to a 2x step, minus the container start", unit="s", pleaco=reaction - start,
         goal=f"<= {PANIC_WINDOW:g} s (panic window)", met=reaction - start <= PANIC_WINDOW))
