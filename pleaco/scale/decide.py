@@ -15,7 +15,8 @@ What is kept from Knative's KPA (serving pkg/autoscaler/scaling/autoscaler.go, S
 - panic: entered when the replicas the panic window's demand wants are at least
   ``panic_threshold`` (2.0) times the replicas serving (KPA's ``dppc / readyPodsCount >=
   PanicThreshold``, with the want rounded up as KPA's ``dppc`` is; see below for what
-  "serving" is here); while in panic the count takes the larger of the two windows' wants
+  "serving" is here), and the load is outside the tolerance band of what serves (rounding
+  alone never panics); while in panic the count takes the larger of the two windows' wants
   and never goes down; panic ends once the demand has stayed under the threshold for a
   whole stable window (KPA's ``panicTime + StableWindow``);
 - a scale-down rate (``scale_down_rate``, KPA's max-scale-down-rate, default 2.0): the
