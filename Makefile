@@ -7,10 +7,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PLEACO := $(VENV)/bin/pleaco
-APT_PACKAGES := docker.io git libsystemd-dev pkg-config busybox-static iproute2 curl wrk procps caddy avahi-daemon avahi-utils dbus iptables docker-registry debootstrap
+APT_PACKAGES := docker.io git libsystemd-dev pkg-config busybox-static iproute2 curl wrk procps caddy avahi-daemon avahi-utils dbus iptables docker-registry debootstrap chromium packer cloud-init wireguard-go wireguard-tools
 STAMP := .venv/.stamp-deps
 
-.PHONY: all deps apt venv docker images test unit lint demo demo-stop bench clean
+.PHONY: all deps apt venv docker images image test unit lint demo demo-stop bench clean
 
 all: test
 
@@ -52,6 +52,10 @@ docker: apt
 images: docker
 	@scripts/images.sh
 
+# The golden image's docker source, offline: pleaco/node:VERSION (packer/pleaco.pkr.hcl).
+image: deps
+	@scripts/image.sh
+
 # -- tests ------------------------------------------------------------------------------
 
 lint: venv
@@ -61,12 +65,12 @@ lint: venv
 unit: venv
 	$(VENV)/bin/pytest tests/unit -q
 
-test: deps lint
-	$(VENV)/bin/pytest -q
+test: deps image lint
+	$(VENV)/bin/pytest -q --durations=30
 
 # -- the demo ---------------------------------------------------------------------------
 
-demo: deps
+demo: deps image
 	@scripts/demo.sh
 
 demo-stop:

@@ -27,6 +27,8 @@ from pleaco.host.config import UpgradeSettings
 from pleaco.hostport import HostPortError
 from pleaco.hostport import parse_host_port as parse_host_port  # re-exported: the agent's and tests' HOST:PORT parser
 from pleaco.ingress.config import IngressSettings
+from pleaco.net.config import NetworkSettings
+from pleaco.ui.config import UiConfig
 
 DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
 
@@ -62,6 +64,11 @@ class Config(ClusterSettings, IngressSettings):
     upgrade: UpgradeSettings = field(default_factory=UpgradeSettings)
     # Every replica's limits when its deploy names none: the [apps] table (pleaco/apps.py).
     apps: AppDefaults = field(default_factory=AppDefaults)
+    # Container subnets, routes, WireGuard, service names, isolation: the [network] table
+    # (pleaco/net/config.py).
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    # The web dashboard's history and live views: the [ui] table (see pleaco/ui/config.py).
+    ui: UiConfig = field(default_factory=UiConfig)
 
     @property
     def api_host_port(self) -> tuple[str, int]:
@@ -204,8 +211,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(str(exc)) from None
     if cfg.discovery not in ("mdns", "seeds", "none"):
         raise ConfigError(f"discovery: expected mdns, seeds or none, got {cfg.discovery!r}")
-    if cfg.bootstrap not in ("manual", "auto"):
-        raise ConfigError(f"bootstrap: expected manual or auto, got {cfg.bootstrap!r}")
+    if cfg.bootstrap not in ("manual", "auto", "first"):
+        raise ConfigError(f"bootstrap: expected manual, auto or first, got {cfg.bootstrap!r}")
+    if cfg.bootstrap == "first" and cfg.join_token:
+        raise ConfigError("bootstrap: 'first' founds a new cluster, so it takes no join_token (remove one of them)")
     if cfg.bootstrap == "auto" and (cfg.discovery != "mdns" or len(cfg.bootstrap_secret) < 8):
         raise ConfigError("bootstrap: 'auto' needs discovery = \"mdns\" and a bootstrap_secret of 8+ characters")
     if cfg.max_replicas < 0:

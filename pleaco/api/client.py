@@ -59,8 +59,8 @@ class Client:
             reason = getattr(exc, "reason", exc)
             raise ApiError(0, "unreachable", f"cannot reach the pleaco API at {self.base_url}: {reason}") from None
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        with self._open(method, path, body) as resp:
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        with self._open(method, path, body, timeout) as resp:
             raw = resp.read()
         return json.loads(raw) if raw else None
 
@@ -123,6 +123,14 @@ class Client:
         with resp:
             yield from resp
 
+
+    def run(self, name: str, command: list[str]) -> Iterator[dict[str, Any]]:
+        """A one-off job (pleaco/api/jobs.py): its JSON lines as they come."""
+        resp = self._open("POST", f"/v1/apps/{_q(name)}/run", {"command": command}, timeout=None)
+        with resp:
+            for line in resp:
+                if line.strip():
+                    yield json.loads(line)
 
     # -- builds (pleaco/api/builds.py) ----------------------------------------------------
 

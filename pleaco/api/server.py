@@ -15,6 +15,11 @@ Routes (all but /healthz need ``Authorization: Bearer TOKEN``):
     DELETE /v1/apps/{name}/autoscale      autoscaling off; the count stays
     DELETE /v1/apps/{name}                remove
     GET    /v1/apps/{name}/logs           ?tail=N&follow=1, text/plain
+    GET    /v1/apps/{name}/releases       the release history, oldest first
+
+The dashboard (pleaco/ui) calls these same routes from the browser, authenticated by its
+session cookie instead of the bearer token (pleaco/api/session.py: a change needs its CSRF
+proof too); its own pages under /ui/ check the session themselves.
 """
 
 from __future__ import annotations
@@ -31,11 +36,11 @@ from typing import Any
 from aiohttp import web
 
 from pleaco import __version__, logs
-from pleaco.api import jsonbody
+from pleaco.api import jsonbody, session
 from pleaco.api.config import ApiConfig
 from pleaco.api.connections import AcceptErrorLog, ConnectionGuard
 from pleaco.api.errors import ApiError, error_json
-from pleaco.apps import AppStore, NotFound
+from pleaco.apps import AppSpec, AppStore, NotFound
 from pleaco.errors import PleacoError
 from pleaco.identity import Identity
 from pleaco.metrics import Counter, Histogram, Registry
@@ -115,6 +120,7 @@ class ApiServer:
         r.add_delete("/v1/apps/{name}/autoscale", self.autoscale_off)
         r.add_delete("/v1/apps/{name}", self.remove_app)
         r.add_get("/v1/apps/{name}/logs", self.app_logs)
+        r.add_get("/v1/apps/{name}/releases", self.app_releases)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
 
@@ -188,7 +194,14 @@ class ApiServer:
             # GitHub cannot send our bearer token: the webhook proves itself with its HMAC
             # signature instead, checked by the handler (pleaco/api/builds.py).
             return await handler(request)
+        if request.path == "/ui" or request.path.startswith("/ui/"):
+            # The dashboard's pages redirect to its login form without a session, and its
+            # static files are public (pleaco/ui/pages.py).
+            return await handler(request)
         header = request.headers.get("Authorization", "")
+        if not header and session.COOKIE in request.cookies:
+            session.check_cookie_request(request, self.token)  # the dashboard's session, and CSRF
+            return await handler(request)
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer TOKEN)")
@@ -203,6 +216,10 @@ class ApiServer:
         if not raw:
             raise ApiError(400, "invalid_body", "request body is empty; expected a JSON object")
         return jsonbody.parse(request, raw)
+
+    def app_json(self, name: str) -> dict[str, Any]:
+        """An app's status as ``GET /v1/apps/{name}`` answers it (stacks show their services so)."""
+        return self._with_live_figures(name, self._app_json(name))
 
     def _app_json(self, name: str) -> dict[str, Any]:
         spec = self.apps.get(name)
@@ -250,15 +267,12 @@ class ApiServer:
                 raise ApiError(400, "invalid", f"limit: expected a positive whole number, got {raw_limit!r}")
             limit = int(raw_limit)
         specs = self.apps.specs(after=after, limit=limit)
-        rec = self.reconciler
-        live = set(rec.live_nodes())
+        live = set(self.reconciler.live_nodes())
         resp = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
         await resp.prepare(request)
         sep = "["
         for start in range(0, len(specs), LIST_CHUNK):
-            chunk = [self._with_live_figures(
-                spec.name, app_status(rec.view, rec.routes, live, spec, self.apps.replicas(spec.name)).to_json())
-                for spec in specs[start:start + LIST_CHUNK]]
+            chunk = [self._listed(spec, live) for spec in specs[start:start + LIST_CHUNK]]
             await resp.write((sep + json.dumps(chunk)[1:-1]).encode())
             sep = ","
             await asyncio.sleep(0)  # let waiting requests in even when the socket buffer took it all
@@ -269,6 +283,23 @@ class ApiServer:
     async def show_app(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         return web.json_response(self._with_live_figures(name, self._app_json(name)))
+
+    def apps_json(self) -> list[dict[str, Any]]:
+        """Every app as ``GET /v1/apps`` answers it, in one list (the dashboard's live view
+        and history sample it; ``list_apps`` streams the same in chunks)."""
+        live = set(self.reconciler.live_nodes())
+        return [self._listed(spec, live) for spec in self.apps.specs()]
+
+    def _listed(self, spec: AppSpec, live: set[str]) -> dict[str, Any]:
+        rec = self.reconciler
+        shown = app_status(rec.view, rec.routes, live, spec, self.apps.replicas(spec.name)).to_json()
+        return self._with_live_figures(spec.name, shown)
+
+    async def app_releases(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if self.apps.get(name) is None:
+            raise NotFound(f"app {name!r} does not exist")
+        return web.json_response(self.apps.releases(name))
 
     def _with_live_figures(self, name: str, shown: dict[str, Any]) -> dict[str, Any]:
         """An app's status with what is measured now: its cluster-wide load and, when it is

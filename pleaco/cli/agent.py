@@ -27,7 +27,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", action="append", dest="seeds", metavar="HOST:PORT")
     p.add_argument("--join-token", metavar="TOKEN")
     p.add_argument("--discovery", choices=["mdns", "seeds", "none"])
-    p.add_argument("--bootstrap", choices=["manual", "auto"], help="found or join a cluster by itself (mDNS)")
+    p.add_argument("--bootstrap", choices=["manual", "auto", "first"],
+                   help="found or join a cluster by itself: auto over mDNS; first: found one at the first start")
     p.add_argument("--bootstrap-secret", metavar="SECRET", help="shared by the nodes of a bootstrap = auto cluster")
     p.add_argument("--advertise", metavar="HOST[:PORT]", help="the address other nodes reach this one's gossip at")
     p.add_argument("--docker-url", metavar="URL", help="Docker Engine endpoint")

@@ -120,6 +120,9 @@ class ClusterSettings:
     # "manual": a node founds a cluster only on `pleaco cluster init`. "auto": nodes that
     # see each other over mDNS without a cluster let the lowest node id found one and join
     # it, proving they share bootstrap_secret (cloud-init writes it into every node).
+    # "first": this node founds a cluster at its first start, as `pleaco cluster init`
+    # would (the first node's user data says so; the others join it with seeds and the
+    # token `pleaco cluster token` prints there). A node that has a cluster keeps it.
     bootstrap: str = "manual"
     bootstrap_secret: str = ""
     # The cluster protocol's tunables: the [gossip] table.

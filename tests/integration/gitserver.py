@@ -40,14 +40,17 @@ class GitServer:
     root: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    # Where it listens and what the URLs name: loopback for agents on this host; a Docker
+    # network's gateway for nodes in containers.
+    host: str = "127.0.0.1"
 
     def start(self) -> GitServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack", "--listen=127.0.0.1",
+            ["git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack", f"--listen={self.host}",
              f"--port={self.port}", f"--base-path={self.root}", str(self.root)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_listening(self.proc, "127.0.0.1", self.port, 10, "git daemon")
+        wait_listening(self.proc, self.host, self.port, 10, "git daemon")
         return self
 
     def stop(self) -> None:
@@ -56,7 +59,7 @@ class GitServer:
             self.proc.wait(10)
 
     def url(self, name: str) -> str:
-        return f"git://127.0.0.1:{self.port}/{name}.git"
+        return f"git://{self.host}:{self.port}/{name}.git"
 
     def create(self, name: str) -> str:
         bare = self.root / f"{name}.git"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agentproc import (
     AgentProcess,
+    alive_ids,
     form_cluster,
     metric,
     node_args,
@@ -325,3 +326,26 @@ def test_fuzzed_packets_and_frames_do_not_disturb_the_cluster(agent_factory: Fac
     assert len(lines) < 20, f"{len(lines)} log lines for 200 refused joins"
     assert states(b)[a.node_id] == "alive" and states(a)[b.node_id] == "alive"
     assert not accusations(b, a)
+
+
+def test_bootstrap_first_founds_a_cluster_at_the_first_start_and_keeps_it(agent_factory: Factory) -> None:
+    """The first node's user data (cloud-init/first-node.yaml) says `bootstrap = "first"`:
+    it founds a cluster with no `cluster init`, keeps it across a restart, and others join
+    it with its token."""
+    first = agent_factory("n0", extra_args=[*node_args(2), "--bootstrap", "first"])
+
+    def cluster_of(agent: AgentProcess) -> str:
+        try:
+            return JoinToken.decode(agent.client.request("GET", "/v1/cluster/token")["token"]).cluster_id
+        except ApiError:  # 409: not in a cluster (yet)
+            return ""
+
+    cluster_id = wait_for(lambda: cluster_of(first), 20, "the first node's cluster")
+    token = first.client.request("GET", "/v1/cluster/token")["token"]
+    first.stop()
+    first.start()
+    assert cluster_of(first) == cluster_id
+    second = agent_factory("n1", extra_args=[*node_args(3), "--join-token", token])
+    ids = {first.node_id, second.node_id}
+    wait_for(lambda: alive_ids(first) == ids == alive_ids(second), 40, "both nodes alive in one cluster")
+    assert cluster_of(second) == cluster_id

@@ -167,7 +167,9 @@ def slot_agent(request: pytest.FixtureRequest, tmp_path: Path, releases: Release
     slots.flip("0.2.0")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the slot's code, never this tree's
     env.update({"PLEACO_UPGRADE_TRUSTED_KEYS": releases.public_key, "PLEACO_UPGRADE_ROOT": str(root),
-                "PLEACO_UPGRADE_HEALTH_DEADLINE": str(deadline), "PLEACO_LOG_LEVEL": "debug"})
+                "PLEACO_UPGRADE_HEALTH_DEADLINE": str(deadline), "PLEACO_LOG_LEVEL": "debug",
+                # The network off, as in agentproc: the host's engine is shared with other tests.
+                "PLEACO_NETWORK_ENABLED": "false"})
     agent = SlotAgent(root, tmp_path / "node", env)
     try:
         agent.start()

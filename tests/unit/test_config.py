@@ -247,3 +247,11 @@ def test_one_host_port_parser_for_settings_and_addresses() -> None:
             hostport.split(bad)
     with pytest.raises(hostport.HostPortError, match="api_listen: expected HOST:PORT"):
         hostport.parse_host_port("nope", "api_listen")
+
+
+def test_bootstrap_first_is_accepted_but_not_with_a_join_token() -> None:
+    assert load(env={}, overrides={"bootstrap": "first"}).bootstrap == "first"
+    with pytest.raises(ConfigError, match="'first' founds a new cluster"):
+        load(env={}, overrides={"bootstrap": "first", "join_token": "pleaco1-x"})
+    with pytest.raises(ConfigError, match="expected manual, auto or first"):
+        load(env={}, overrides={"bootstrap": "sometimes"})
