@@ -502,6 +502,23 @@ class AppStore:
         found = self._specs.get(name)
         return None if found is None else found[1]
 
+    def _existing(self, name: Any) -> AppSpec:
+        """The app ``name`` names: a ValidationError for a bad name, NotFound when absent."""
+        spec = self.get(validate_name(name))
+        if spec is None:
+            raise NotFound(f"app {name!r} does not exist")
+        return spec
+
+    def _check_autoscale_range(self, name: str, replicas: int) -> None:
+        """A count set by hand (``apps scale``, ``apps deploy --replicas``) on an autoscaled
+        app must be within its policy's range: outside it the autoscaler would move it back
+        at once, so it is refused, naming the range."""
+        policy = self.autoscale(name)
+        if policy is not None and not policy.min_replicas <= replicas <= policy.max_replicas:
+            raise ValidationError(
+                "replicas", f"{replicas} is outside the app's autoscale range {policy.min_replicas}.."
+                f"{policy.max_replicas} (change it with apps autoscale, or turn it off with --off)")
+
     def replicas(self, name: str) -> int:
         return self._replicas.get(name, DEFAULT_REPLICAS)
 
@@ -547,6 +564,8 @@ class AppStore:
             spec = current
         if current is None and replicas is None:
             replicas = DEFAULT_REPLICAS
+        if replicas is not None and current is not None:
+            self._check_autoscale_range(spec.name, replicas)
         if replicas is not None and (current is None or replicas != self.replicas(spec.name)):
             writes.append(("scale", spec.name, {"replicas": replicas}))
         if writes:
@@ -593,10 +612,7 @@ class AppStore:
         History stays linear (like ``kubectl rollout undo``): rolling back from 3 to 2's
         spec writes revision 4, so a second rollback returns to 3's spec.
         """
-        validate_name(name)
-        current = self.get(name)
-        if current is None:
-            raise NotFound(f"app {name!r} does not exist")
+        current = self._existing(name)
         earlier = [r for r in self.releases(name) if int(r["revision"]) < current.revision]
         if not earlier:
             raise NoEarlierRelease(f"app {name!r} has no release before revision {current.revision}")
@@ -631,13 +647,8 @@ class AppStore:
     def scale(self, name: str, replicas: Any) -> int:
         validate_name(name)
         replicas = validate_replicas(replicas, self.max_replicas)
-        if self.get(name) is None:
-            raise NotFound(f"app {name!r} does not exist")
-        policy = self.autoscale(name)
-        if policy is not None and not policy.min_replicas <= replicas <= policy.max_replicas:
-            raise ValidationError(
-                "replicas", f"{replicas} is outside the app's autoscale range {policy.min_replicas}.."
-                f"{policy.max_replicas} (change it with apps autoscale, or turn it off with --off)")
+        self._existing(name)
+        self._check_autoscale_range(name, replicas)
         self.store.put("scale", name, {"replicas": replicas})
         return int(replicas)
 
@@ -683,8 +694,7 @@ class AppStore:
         if policy.max_replicas > self.max_replicas:
             raise PolicyError("max_replicas", f"{policy.max_replicas} is above this cluster's max_replicas "
                                               f"({self.max_replicas})")
-        if self.get(name) is None:
-            raise NotFound(f"app {name!r} does not exist")
+        self._existing(name)
         writes: list[tuple[str, str, dict[str, Any] | None]] = [
             ("scale", name + AUTOSCALE_SUFFIX, policy.to_value())]
         count = self.replicas(name)
@@ -696,9 +706,7 @@ class AppStore:
 
     def clear_autoscale(self, name: str) -> bool:
         """Turn autoscaling off (the count stays as it is); False when it was not on."""
-        validate_name(name)
-        if self.get(name) is None:
-            raise NotFound(f"app {name!r} does not exist")
+        self._existing(name)
         if self.store.value("scale", name + AUTOSCALE_SUFFIX) is None:
             return False
         writes: list[tuple[str, str, dict[str, Any] | None]] = [("scale", name + AUTOSCALE_SUFFIX, None)]
@@ -708,9 +716,7 @@ class AppStore:
         return True
 
     def remove(self, name: str) -> None:
-        validate_name(name)
-        if self.get(name) is None:
-            raise NotFound(f"app {name!r} does not exist")
+        self._existing(name)
         writes: list[tuple[str, str, dict[str, Any] | None]] = [("app", name, None), ("scale", name, None)]
         for suffix in (AUTOSCALE_SUFFIX, DECISION_SUFFIX):
             if self.store.value("scale", name + suffix) is not None:

@@ -23,6 +23,7 @@ from pleaco.reconcile.autoscale import HISTORY, decision_record
 from pleaco.reconcile.routes import InstanceStatus, RouteTable
 from pleaco.reconcile.upgrade import MAX_PLAN_NODES, MAX_REASON, MAX_VERSION, PLAN_KEY, NodeUpgrade, new_plan
 from pleaco.scale import AutoscalePolicy, Decision
+from pleaco.scale.decide import COUNTS_KEPT
 from pleaco.stacks.volumes import KIND as VOLUME_KIND
 from pleaco.stacks.volumes import VolumeRecord
 from pleaco.store import KINDS, MAX_RECORD_BYTES, PACKET_RECORD_BYTES, RecordTooLarge, Store
@@ -106,8 +107,8 @@ def largest_scale(store: Store) -> int:
     sizes.append(gossip_size("scale", LONG_APP + AUTOSCALE_SUFFIX, policy.to_value()))
     record = None
     for i in range(2 * HISTORY):
-        decision = Decision(desired=10**6, reason="r" * 100_000, panic=True, panic_last=-big, window_start=-big,
-                            window_high=10**6)
+        decision = Decision(desired=10**6, reason="r" * 100_000, panic=True, panic_last=-big,
+                            counts=tuple((-big, 10**6) for _ in range(COUNTS_KEPT)))
         record = decision_record(LONG_APP, decision, 10**6, policy, NODE, 1e15 + i, record)
         sizes.append(gossip_size("scale", LONG_APP + DECISION_SUFFIX, record))
     return max(sizes)
