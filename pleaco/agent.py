@@ -24,6 +24,7 @@ from pleaco.api.cluster import nodes_json
 from pleaco.api.jobs import add_routes as add_job_routes
 from pleaco.api.labels import add_routes as add_label_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
+from pleaco.api.schedule import add_routes as add_schedule_routes
 from pleaco.api.secrets import add_routes as add_secret_routes
 from pleaco.api.server import ApiServer
 from pleaco.api.upgrade import UpgradeRoutes
@@ -77,6 +78,7 @@ from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime
 from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
 from pleaco.stacks.labels import NodeLabels
+from pleaco.stacks.schedule import RunLogs, Scheduler
 from pleaco.stacks.secrets import AppSecrets
 from pleaco.store import Record, Store
 from pleaco.ui.events import LiveEvents
@@ -337,6 +339,15 @@ class Agent:
         add_secret_routes(api.app, app_secrets, reconciler.wake)
         jobs = OneOffJobs(me, apps, AppSecrets(store, apps, secretbox, cfg.data_dir, JOB_FILES_DIR), runtime)
         add_job_routes(api.app, jobs)
+        scheduler = Scheduler(cfg.jobs, me, store, apps, owners, cluster.placement_nodes, jobs,
+                              RunLogs(cfg.data_dir, cfg.jobs.log_bytes), fetch_image=images.fetch_image)
+        runner.add(scheduler)
+
+        def node_address(node_id: str) -> tuple[str, str]:
+            value = store.value("node", node_id) or {}
+            return str(value.get("name") or node_id[:12]), str(value.get("api") or value.get("address") or "unknown")
+
+        add_schedule_routes(api.app, scheduler, apps, node_address)
 
         supervision = Supervision(
             Notifier(),

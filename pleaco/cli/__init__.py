@@ -78,4 +78,6 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return secrets.dispatch(client, args)
     if args.verb == "run":
         return jobs.run(client, args)
+    if args.verb == "jobs":
+        return jobs.dispatch(client, args)
     raise UsageError(f"unknown verb {args.verb}")
