@@ -26,7 +26,7 @@ def add_parsers(sub: Any) -> None:
                         usage='pleaco jobs schedule APP NAME --cron "*/5 * * * *" -- CMD [ARG ...]')
     p.add_argument("app")
     p.add_argument("name")
-    p.add_argument("--cron", required=True, help="minute hour day-of-month month day-of-week (UTC)")
+    p.add_argument("--cron", help="minute hour day-of-month month day-of-week (UTC); required")
     p.add_argument("--json", action="store_true")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     p = jobs.add_parser("unschedule", help="remove a scheduled job and its history")
@@ -47,6 +47,25 @@ def _command(args: argparse.Namespace, usage: str) -> list[str]:
     if not command:
         raise UsageError(f"give the command after --: {usage}")
     return command
+
+
+def _schedule_options(args: argparse.Namespace) -> None:
+    """The options given after APP NAME (argparse's REMAINDER took them with the command):
+    ``--cron`` and ``--json`` before the ``--``."""
+    rest = list(args.command)
+    if "--" in rest:
+        options, args.command = rest[:rest.index("--")], rest[rest.index("--"):]
+        late = argparse.ArgumentParser(prog="pleaco jobs schedule", add_help=False, exit_on_error=False)
+        late.add_argument("--cron")
+        late.add_argument("--json", action="store_true")
+        try:
+            parsed = late.parse_args(options)
+        except argparse.ArgumentError as exc:
+            raise UsageError(f"jobs schedule: {exc}") from None
+        args.cron = parsed.cron or args.cron
+        args.json = parsed.json or args.json
+    if not args.cron:
+        raise UsageError('jobs schedule: --cron is required: pleaco jobs schedule APP NAME --cron "* * * * *" -- CMD')
 
 
 def _q(text: str) -> str:
@@ -76,6 +95,7 @@ def _at(seconds: float | None) -> str:
 def dispatch(client: Client, args: argparse.Namespace) -> int:
     verb = args.jobs_verb
     if verb == "schedule":
+        _schedule_options(args)
         command = _command(args, 'pleaco jobs schedule APP NAME --cron "* * * * *" -- CMD [ARG ...]')
         shown = client.request("PUT", f"/v1/apps/{_q(args.app)}/jobs/{_q(args.name)}",
                                {"cron": args.cron, "command": command})

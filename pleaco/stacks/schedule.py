@@ -353,7 +353,7 @@ class Scheduler(Loop):
         except (errors.PleacoError, JobNotFound) as exc:
             self._finish(claim, None, f"not started: {exc}")
             return
-        self.schedules.write_run(replace(claim, state="running"))
+        self._write_own(replace(claim, state="running"))
         log.info("schedule.run_started", app=s.app, job=s.name, tick=claim.tick, container=job.container_id[:12])
         try:
             await self.blocking(self.run_logs.write, s.app, s.name, claim.tick, self.jobs.output(job))
@@ -366,10 +366,21 @@ class Scheduler(Loop):
 
     def _finish(self, claim: Run, code: int | None, reason: str) -> None:
         state = "succeeded" if code == 0 else "failed"
-        self.schedules.write_run(replace(claim, state=state, exit_code=code, reason=reason,
-                                                 ended_ms=int(self.clock() * 1000)))
+        self._write_own(replace(claim, state=state, exit_code=code, reason=reason,
+                                ended_ms=int(self.clock() * 1000)))
         log.info("schedule.run_ended", app=claim.app, job=claim.name, tick=claim.tick, state=state, exit_code=code,
                  reason=reason)
+
+    def _write_own(self, run: Run) -> None:
+        """Update this node's run record, unless the store now keeps another node's claim
+        of the tick: two nodes that disagreed for longer than ``claim_settle`` on who is
+        alive both ran it. The record stays the other's, and the double run is logged."""
+        kept = self.schedules.run(run.app, run.name, run.tick)
+        if kept is not None and kept.node != self.me:
+            log.error("schedule.double_run", app=run.app, job=run.name, tick=run.tick, other=kept.node,
+                      reason="another node claimed the same tick (the nodes disagreed on who is alive)")
+            return
+        self.schedules.write_run(run)
 
     # -- what the API shows ---------------------------------------------------------------
 
