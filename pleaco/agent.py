@@ -21,6 +21,8 @@ from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
 from pleaco.api.cluster import nodes_json
+from pleaco.api.exec import ReplicaLocator
+from pleaco.api.exec import add_routes as add_exec_routes
 from pleaco.api.jobs import add_routes as add_job_routes
 from pleaco.api.labels import add_routes as add_label_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
@@ -348,6 +350,7 @@ class Agent:
             return str(value.get("name") or node_id[:12]), str(value.get("api") or value.get("address") or "unknown")
 
         add_schedule_routes(api.app, scheduler, apps, node_address)
+        add_exec_routes(api.app, ReplicaLocator(me, apps, runtime, routes, cluster.placement_nodes, node_address))
 
         supervision = Supervision(
             Notifier(),
