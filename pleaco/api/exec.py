@@ -144,7 +144,8 @@ def add_routes(app: web.Application, locator: ReplicaLocator) -> None:
         try:
             await ws.prepare(request)
             if req.rows and req.cols:
-                await asyncio.to_thread(session.resize, req.rows, req.cols)
+                resized = await asyncio.to_thread(session.resize, req.rows, req.cols)
+                log.debug("exec.resized", container=container[:12], rows=req.rows, cols=req.cols, ok=resized)
             code = await _relay(ws, session)
             if code is not None:
                 await ws.send_str(json.dumps({"exit_code": code}))
@@ -215,7 +216,8 @@ async def _pump_input(ws: web.WebSocketResponse, session: ExecSession) -> None:
                 elif "resize" in control:
                     rows, cols = int(control["resize"]["rows"]), int(control["resize"]["cols"])
                     if 1 <= rows <= MAX_WINDOW and 1 <= cols <= MAX_WINDOW:
-                        await asyncio.to_thread(session.resize, rows, cols)
+                        resized = await asyncio.to_thread(session.resize, rows, cols)
+                        log.debug("exec.resized", rows=rows, cols=cols, ok=resized)
             except (ValueError, TypeError, KeyError, AttributeError):
                 log.debug("exec.bad_control", message=str(msg.data)[:100])
         else:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import termios
@@ -62,6 +61,14 @@ def _options(args: argparse.Namespace) -> list[str]:
     return command
 
 
+def _window() -> os.terminal_size:
+    """The terminal's own size (not $COLUMNS/$LINES, which describe some other moment)."""
+    for fd in (sys.stdin.fileno(), sys.stdout.fileno()):
+        with contextlib.suppress(OSError):
+            return os.get_terminal_size(fd)
+    return os.terminal_size((80, 24))
+
+
 def run(client: Client, args: argparse.Namespace) -> int:
     command = _options(args)
     interactive = sys.stdin.isatty()
@@ -69,7 +76,7 @@ def run(client: Client, args: argparse.Namespace) -> int:
     if args.replica is not None:
         query.append(("replica", str(args.replica)))
     if interactive:
-        size = shutil.get_terminal_size()
+        size = _window()
         query += [("rows", str(size.lines)), ("cols", str(size.columns))]
     path = f"/v1/apps/{urllib.parse.quote(args.name, safe='')}/exec?{urllib.parse.urlencode(query)}"
     return asyncio.run(_session(client, path, interactive))
@@ -123,11 +130,11 @@ async def _relay(ws: aiohttp.ClientWebSocketResponse, interactive: bool) -> int:
         await ws.send_str(json.dumps({"eof": True}))
 
     def resized() -> None:
-        size = shutil.get_terminal_size()
+        size = _window()
         inputs.put_nowait(json.dumps({"resize": {"rows": size.lines, "cols": size.columns}}))
 
     if interactive:
-        tty.setraw(stdin_fd)
+        tty.setraw(stdin_fd, termios.TCSANOW)  # keeps what was typed ahead (TCSAFLUSH would drop it)
         loop.add_signal_handler(signal.SIGWINCH, resized)
     threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
     sender = asyncio.create_task(send_input())

@@ -13,6 +13,7 @@ import contextlib
 import re
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,11 @@ LABEL_JOB_APP = "pleaco.job.app"
 # The oldest engine we support is Debian 12's docker.io (20.10, API 1.41). Pinning the
 # version also means creating the client never has to reach the engine.
 API_VERSION = "1.41"
+
+# Seconds the first resize of an exec's terminal waits for the engine to report the command
+# running (it is within milliseconds of the start; the bound keeps a stuck engine from
+# holding the session).
+RESIZE_WAIT = 2.0
 
 _EXIT_CODE = re.compile(r"Exited \((-?\d+)\)")
 
@@ -587,9 +593,13 @@ class DockerRuntime:
     def _exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
         self._call(self._api.exec_resize, exec_id, height=rows, width=cols)
 
+    def _exec_inspect(self, exec_id: str) -> dict[str, Any]:
+        return self._call(self._api.exec_inspect, exec_id)  # type: ignore[no-any-return]
+
     def _exec_exit_code(self, exec_id: str) -> int | None:
-        code = self._call(self._api.exec_inspect, exec_id).get("ExitCode")
-        return None if code is None else int(code)
+        info = self._exec_inspect(exec_id)
+        code = info.get("ExitCode")
+        return None if code is None or info.get("Running") else int(code)
 
 
 class ExecSession:
@@ -605,6 +615,7 @@ class ExecSession:
         self._sock: socket.socket = raw._sock
         # The client's timeout is for API calls; a session may sit idle as long as its user does.
         self._sock.settimeout(None)
+        self._running = False
 
     def _read_exact(self, n: int) -> bytes:
         buf = b""
@@ -643,9 +654,25 @@ class ExecSession:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_WR)
 
-    def resize(self, rows: int, cols: int) -> None:
-        if self.tty:
+    def resize(self, rows: int, cols: int) -> bool:
+        """Set the terminal's size; False when the engine would not (the command ended).
+        The engine applies a size only once the command runs: just after the start it
+        says "stopped", or takes the size and starts the command at 24x80. So the first
+        resize waits (up to RESIZE_WAIT) for the engine to report it running, as ``docker
+        exec`` retries its own."""
+        if not self.tty:
+            return False
+        deadline = time.monotonic() + RESIZE_WAIT
+        while not self._running:
+            self._running = bool(self._runtime._exec_inspect(self.exec_id).get("Running"))
+            if self._running or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        try:
             self._runtime._exec_resize(self.exec_id, rows, cols)
+        except EngineCallFailed:
+            return False
+        return True
 
     def exit_code(self) -> int | None:
         """The command's exit code; None while it runs."""
