@@ -14,6 +14,8 @@ from typing import Any
 
 from pleaco.errors import InvalidInput
 from pleaco.scale import AutoscalePolicy, PolicyError
+from pleaco.stacks.cron import Cron
+from pleaco.stacks.schedule import check_job
 
 FILENAME = "pleaco.toml"
 SEVERITIES = ("none", "low", "medium", "high", "critical")
@@ -30,6 +32,8 @@ SCHEMA: dict[str, frozenset[str]] = {
     "scale": frozenset({"min", "max", "target_concurrency", "metric", "target", "stable_window", "panic_window",
                         "scale_to_zero_after"}),
     "scan": frozenset({"fail_on"}),
+    # [jobs.NAME] tables, each with these fields (the names are the app's scheduled jobs).
+    "jobs": frozenset({"cron", "command"}),
 }
 
 
@@ -53,6 +57,9 @@ class Manifest:
     fail_on: str = "critical"
     # [scale] as the policy a release gives the app (None: the manifest has no [scale]).
     autoscale: AutoscalePolicy | None = None
+    # [jobs.NAME]: the app's scheduled jobs from a release on, as (name, cron, command)
+    # (pleaco/stacks/schedule.py); none: a release removes those an earlier one set.
+    jobs: tuple[tuple[str, Cron, tuple[str, ...]], ...] = ()
 
 
 def _int(table: str, name: str, value: Any, lo: int, hi: int) -> int:
@@ -97,6 +104,8 @@ def parse(text: str) -> Manifest:
             raise ManifestError(f"{FILENAME}: unknown table [{table}] (allowed: {', '.join(sorted(SCHEMA))})")
         if not isinstance(value, dict):
             raise ManifestError(f"{FILENAME}: {table}: expected a table [{table}]")
+        if table == "jobs":
+            continue  # its own tables: _jobs
         unknown = sorted(set(value) - SCHEMA[table])
         if unknown:
             raise ManifestError(
@@ -152,4 +161,25 @@ def parse(text: str) -> Manifest:
         if fail_on not in SEVERITIES:
             raise ManifestError(f"{FILENAME}: [scan] fail_on: expected one of {', '.join(SEVERITIES)}, got {fail_on!r}")
         out["fail_on"] = fail_on
+    if "jobs" in data:
+        out["jobs"] = _jobs(data["jobs"])
     return Manifest(**out)
+
+
+def _jobs(jobs: dict[str, Any]) -> tuple[tuple[str, Cron, tuple[str, ...]], ...]:
+    """The [jobs.NAME] tables, each checked as `jobs schedule` checks one."""
+    out = []
+    for name, job in sorted(jobs.items()):
+        if not isinstance(job, dict):
+            raise ManifestError(f'{FILENAME}: [jobs] {name}: expected a table [jobs.{name}] with cron and command')
+        unknown = sorted(set(job) - SCHEMA["jobs"])
+        if unknown:
+            raise ManifestError(f"{FILENAME}: [jobs.{name}] {unknown[0]}: unknown field (allowed: cron, command)")
+        body = dict(job)
+        if isinstance(body.get("command"), str) and body["command"]:
+            body["command"] = ["sh", "-c", body["command"]]
+        try:
+            out.append(check_job(name, {"cron": body.get("cron"), "command": body.get("command")}))
+        except InvalidInput as exc:
+            raise ManifestError(f"{FILENAME}: [jobs.{name}] {exc}") from None
+    return tuple(out)

@@ -59,6 +59,7 @@ from pleaco.metrics import Counter, Histogram, Registry
 from pleaco.placement import Owners
 from pleaco.reconcile.loop import Loop
 from pleaco.runtime import EngineUnavailable
+from pleaco.stacks.schedule import Schedule, ScheduleStore
 from pleaco.store import RecordTooLarge, Store
 
 log = logs.get("pleaco.builds")
@@ -633,6 +634,9 @@ class BuildService(Loop):
             raise StepFailed(f"pleaco.toml: [scale] max: {policy.max_replicas} is above this cluster's "
                              f"max_replicas ({self.apps.max_replicas}); nothing released")
         result = self.apps.deploy(b.app, body, release_info=info)
+        # The repository's [jobs] are the app's manifest schedules from this release on.
+        ScheduleStore(self.store).replace_from_manifest(
+            b.app, [Schedule(b.app, name, cron, command, "manifest") for name, cron, command in manifest.jobs])
         if policy is not None:
             # The repository's [scale] is the app's policy from this release on (a manifest
             # without one leaves the policy `apps autoscale` set).

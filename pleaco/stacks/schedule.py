@@ -56,6 +56,9 @@ log = logs.get("pleaco.stacks.schedule")
 KIND = "job"
 LOG_DIR = "job-logs"
 UNFINISHED = ("claimed", "running")
+# A run's reason is cut to this many characters: an engine's error can be long, and a run
+# record stays small enough for one gossip packet.
+REASON_CHARS = 300
 # A schedule's name: as an app's (a DNS label), so it is safe in keys, paths and URLs.
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -113,17 +116,24 @@ class Run:
 
     def to_value(self) -> dict[str, Any]:
         return {"node": self.node, "state": self.state, "exit_code": self.exit_code, "started_ms": self.started_ms,
-                "ended_ms": self.ended_ms, "reason": self.reason}
+                "ended_ms": self.ended_ms, "reason": self.reason[:REASON_CHARS]}
 
 
-def parse_schedule(app: str, name: str, body: Any, source: str = "api") -> Schedule:
-    """A schedule from an API body ``{"cron": "...", "command": [...]}``; JobInputError or
-    CronError naming what is wrong."""
-    app, name = validate_name(app), validate_job_name(name)
+def check_job(name: Any, body: Any) -> tuple[str, cron.Cron, tuple[str, ...]]:
+    """A job's name, cron and command from ``{"cron": "...", "command": [...]}`` (an API
+    body, or a repository's [jobs.NAME] table); JobInputError or CronError naming what is
+    wrong."""
+    name = validate_job_name(name)
     if not isinstance(body, dict) or set(body) != {"cron", "command"}:
         raise JobInputError('body: expected {"cron": "*/5 * * * *", "command": ["CMD", "ARG", ...]}')
     command = validate_command({"command": body["command"]})
-    return Schedule(app, name, cron.parse(body["cron"]), command, source)
+    return name, cron.parse(body["cron"]), command
+
+
+def parse_schedule(app: str, name: str, body: Any, source: str = "api") -> Schedule:
+    """A schedule from an API body ``{"cron": "...", "command": [...]}``."""
+    app = validate_name(app)
+    return Schedule(app, *check_job(name, body), source)
 
 
 def decide_claim(existing: dict[str, Any] | None, owner: bool, matches: bool) -> bool:
