@@ -16,7 +16,10 @@ same on every node), and each claimer waits ``claim_settle`` and runs only if th
 claim is its own. A tick whose record exists is never started again: when its runner
 dies mid-run, the new owner marks the run failed (its node is gone), and an agent that
 restarts marks its own unfinished runs failed (the start's sweep removed their
-containers); neither re-runs it.
+containers); neither re-runs it. The limit: two nodes that disagree on who is alive for
+longer than ``claim_settle`` (a false death under load) both run the tick; the store
+keeps one record, and the other runner logs ``schedule.double_run`` rather than writing
+over it. Exactly once beyond that would take consensus, which pleaco does without.
 
 Catch-up: a tick is started only during its own tick (cron's rule too). A tick missed
 while no node was alive, or while the owner's death was still being detected, is not
