@@ -80,7 +80,7 @@ from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime
 from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
 from pleaco.stacks.labels import NodeLabels
-from pleaco.stacks.schedule import RunLogs, Scheduler
+from pleaco.stacks.schedule import RunLogs, Scheduler, ScheduleStore
 from pleaco.stacks.secrets import AppSecrets
 from pleaco.store import Record, Store
 from pleaco.ui.events import LiveEvents
@@ -333,7 +333,9 @@ class Agent:
         cluster.on_cluster = lambda: secretbox.reseal(store)
         secretbox.reseal(store)
         builds = BuildService(cfg.build, cfg.data_dir, identity.node_id, store, apps, build_engine, registry,
-                              secretbox, owners)
+                              secretbox, owners,
+                              on_release=lambda app, manifest: ScheduleStore(store).replace_from_manifest(
+                                  app, manifest.jobs))
         runner.add(builds)
         if cfg.build.poll_interval > 0:
             runner.add(RepoPoller(builds, owners))

@@ -12,10 +12,11 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from pleaco.apps import DNS_LABEL
+from pleaco.cron import Cron, CronError
+from pleaco.cron import parse as parse_cron
 from pleaco.errors import InvalidInput
 from pleaco.scale import AutoscalePolicy, PolicyError
-from pleaco.stacks.cron import Cron
-from pleaco.stacks.schedule import check_job
 
 FILENAME = "pleaco.toml"
 SEVERITIES = ("none", "low", "medium", "high", "critical")
@@ -130,12 +131,7 @@ def parse(text: str) -> Manifest:
                 raise ManifestError(f"{FILENAME}: [build] args: {k!r} must be a valid name with a string value")
         out["build_args"] = dict(args)
     if "command" in test:
-        cmd = test["command"]
-        if isinstance(cmd, str) and cmd:
-            cmd = ["sh", "-c", cmd]
-        if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
-            raise ManifestError(f"{FILENAME}: [test] command: expected a list of strings or a string, got {cmd!r}")
-        out["test_command"] = list(cmd)
+        out["test_command"] = _command("[test]", test["command"])
     if "timeout" in test:
         out["test_timeout"] = float(_int("test", "timeout", test["timeout"], 1, 86400))
     if "port" in run:
@@ -166,20 +162,32 @@ def parse(text: str) -> Manifest:
     return Manifest(**out)
 
 
+def _command(where: str, cmd: Any) -> list[str]:
+    """A command as a list of strings; a string runs under ``sh -c``."""
+    if isinstance(cmd, str) and cmd:
+        cmd = ["sh", "-c", cmd]
+    if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
+        raise ManifestError(f"{FILENAME}: {where} command: expected a list of strings or a string, got {cmd!r}")
+    return list(cmd)
+
+
 def _jobs(jobs: dict[str, Any]) -> tuple[tuple[str, Cron, tuple[str, ...]], ...]:
-    """The [jobs.NAME] tables, each checked as `jobs schedule` checks one."""
+    """The [jobs.NAME] tables: a DNS-label name, a cron expression and a command each
+    (the scheduler checks the command's size again when a release writes the schedules)."""
     out = []
     for name, job in sorted(jobs.items()):
         if not isinstance(job, dict):
-            raise ManifestError(f'{FILENAME}: [jobs] {name}: expected a table [jobs.{name}] with cron and command')
+            raise ManifestError(f"{FILENAME}: [jobs] {name}: expected a table [jobs.{name}] with cron and command")
+        where = f"[jobs.{name}]"
+        if not DNS_LABEL.fullmatch(name):
+            raise ManifestError(f"{FILENAME}: {where}: job name {name!r} is not a DNS label (1-63 lower-case "
+                                "letters, digits and '-', starting and ending with a letter or digit)")
         unknown = sorted(set(job) - SCHEMA["jobs"])
         if unknown:
-            raise ManifestError(f"{FILENAME}: [jobs.{name}] {unknown[0]}: unknown field (allowed: cron, command)")
-        body = dict(job)
-        if isinstance(body.get("command"), str) and body["command"]:
-            body["command"] = ["sh", "-c", body["command"]]
+            raise ManifestError(f"{FILENAME}: {where} {unknown[0]}: unknown field (allowed: cron, command)")
         try:
-            out.append(check_job(name, {"cron": body.get("cron"), "command": body.get("command")}))
-        except InvalidInput as exc:
-            raise ManifestError(f"{FILENAME}: [jobs.{name}] {exc}") from None
+            cron = parse_cron(job.get("cron"))
+        except CronError as exc:
+            raise ManifestError(f"{FILENAME}: {where} {exc}") from None
+        out.append((name, cron, tuple(_command(where, job.get("command")))))
     return tuple(out)

@@ -59,7 +59,6 @@ from pleaco.metrics import Counter, Histogram, Registry
 from pleaco.placement import Owners
 from pleaco.reconcile.loop import Loop
 from pleaco.runtime import EngineUnavailable
-from pleaco.stacks.schedule import Schedule, ScheduleStore
 from pleaco.store import RecordTooLarge, Store
 
 log = logs.get("pleaco.builds")
@@ -125,9 +124,12 @@ class BuildService(Loop):
 
     def __init__(self, cfg: BuildConfig, data_dir: Path, node_id: str, store: Store, apps: AppStore,
                  engine: BuildEngine, registry: Registry | None = None, secretbox: SecretBox | None = None,
-                 owners: Owners | None = None) -> None:
+                 owners: Owners | None = None,
+                 on_release: Callable[[str, Manifest], None] = lambda app, manifest: None) -> None:
         super().__init__()
         self.cfg = cfg
+        # Called with a release's app and manifest before it is deployed (its [jobs]).
+        self.on_release = on_release
         # An app's builds run on its owner (pleaco.placement), whichever node took the push.
         self.owners = owners or Owners(node_id, lambda: [node_id])
         self.secretbox = secretbox or SecretBox(data_dir)
@@ -633,10 +635,13 @@ class BuildService(Loop):
         if policy is not None and policy.max_replicas > self.apps.max_replicas:
             raise StepFailed(f"pleaco.toml: [scale] max: {policy.max_replicas} is above this cluster's "
                              f"max_replicas ({self.apps.max_replicas}); nothing released")
+        # The repository's [jobs] are the app's scheduled jobs from this release on
+        # (pleaco/stacks/schedule.py, a layer above: the agent hands its writer in).
+        try:
+            self.on_release(b.app, manifest)
+        except InvalidInput as exc:
+            raise StepFailed(f"pleaco.toml: [jobs]: {exc}; nothing released") from None
         result = self.apps.deploy(b.app, body, release_info=info)
-        # The repository's [jobs] are the app's manifest schedules from this release on.
-        ScheduleStore(self.store).replace_from_manifest(
-            b.app, [Schedule(b.app, name, cron, command, "manifest") for name, cron, command in manifest.jobs])
         if policy is not None:
             # The repository's [scale] is the app's policy from this release on (a manifest
             # without one leaves the policy `apps autoscale` set).

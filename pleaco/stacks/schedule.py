@@ -31,25 +31,23 @@ elsewhere, the API answers 409 naming the node and its API address. Shipping the
 (as build logs are) would copy every run's output across the cluster for the rare look
 at it; the record already says where it is.
 
-Time is counted in ticks of ``[jobs] tick_seconds`` (pleaco/stacks/cron.py).
+Time is counted in ticks of ``[jobs] tick_seconds`` (pleaco/cron.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pleaco import errors, logs
-from pleaco.apps import AppStore, validate_name
+from pleaco import cron, errors, logs
+from pleaco.apps import DNS_LABEL, AppStore, validate_name
 from pleaco.placement import Owners
 from pleaco.reconcile.loop import Loop
-from pleaco.stacks import cron
 from pleaco.stacks.config import JobsConfig
 from pleaco.stacks.jobs import JobInputError, JobNotFound, OneOffJobs, validate_command
 from pleaco.store import Store
@@ -62,8 +60,6 @@ UNFINISHED = ("claimed", "running")
 # A run's reason is cut to this many characters: an engine's error can be long, and a run
 # record stays small enough for one gossip packet.
 REASON_CHARS = 300
-# A schedule's name: as an app's (a DNS label), so it is safe in keys, paths and URLs.
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class ScheduleNotFound(errors.NotFound, LookupError):
@@ -83,7 +79,8 @@ def run_key(app: str, name: str, tick: int) -> str:
 
 
 def validate_job_name(name: Any) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    # As an app's name (a DNS label): safe in keys, paths and URLs.
+    if not isinstance(name, str) or not DNS_LABEL.fullmatch(name):
         raise JobInputError(f"job name: {name!r} is not a DNS label (1-63 lower-case letters, digits and '-', "
                             "starting and ending with a letter or digit)")
     return name
@@ -188,9 +185,13 @@ class ScheduleStore:
         for run in self.runs(app, name):
             self.store.delete(KIND, run_key(app, name, run.tick))
 
-    def replace_from_manifest(self, app: str, schedules: Sequence[Schedule]) -> None:
-        """The repository's [jobs] as the app's ``manifest`` schedules from a release on:
-        new and changed ones written, ones it no longer has removed; ``api`` ones stay."""
+    def replace_from_manifest(self, app: str, jobs: Sequence[tuple[str, cron.Cron, tuple[str, ...]]]) -> None:
+        """A release's [jobs] (pleaco/builds/manifest.py) as the app's ``manifest``
+        schedules: new and changed ones written, ones it no longer has removed; ``api`` ones
+        stay. Each is checked as ``jobs schedule`` checks one first (JobInputError, nothing
+        written)."""
+        schedules = [parse_schedule(app, name, {"cron": c.text, "command": list(command)}, "manifest")
+                     for name, c, command in jobs]
         wanted = {s.name: s for s in schedules}
         for old in self.schedules(app):
             if old.source == "manifest" and old.name not in wanted:

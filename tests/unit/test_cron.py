@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pleaco.stacks.cron import CronError, parse
+from pleaco.cron import CronError, parse
 
 
 def tick_of(*args: int) -> int:

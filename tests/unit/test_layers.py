@@ -12,8 +12,8 @@ import pleaco
 LAYERS: list[set[str]] = [
     {"__init__", "logs", "metrics", "errors", "hostport", "urlpath", "identity"},  # foundations
     # pure decisions over the foundations: the autoscaler's (pleaco/scale/decide.py); node
-    # labels and placement constraints (pleaco/constraints.py)
-    {"scale", "constraints"},
+    # labels and placement constraints (pleaco/constraints.py); cron expressions (pleaco/cron.py)
+    {"scale", "constraints", "cron"},
     {"store"},  # the replicated state on disk
     {"net"},  # the host's network: its addresses, node subnets, the mesh seam (pyroute2)
     {"cluster", "runtime"},  # gossip and trust; Docker Engine (neither knows the other)

@@ -9,7 +9,7 @@ import pytest
 
 from pleaco.builds.manifest import ManifestError, parse
 from pleaco.identity import Identity
-from pleaco.stacks.schedule import Schedule, ScheduleStore, parse_schedule
+from pleaco.stacks.schedule import ScheduleStore, parse_schedule
 from pleaco.store import Store
 
 IDENTITY = Identity.generate()
@@ -28,7 +28,7 @@ def test_jobs_tables() -> None:
     ('[jobs.backup]\ncron = "0 33 * * *"\ncommand = "x"', r"\[jobs.backup\] cron hour: 33 is out of range"),
     ('[jobs.backup]\ncron = "0 3 * * *"', r"\[jobs.backup\] command"),
     ('[jobs.backup]\ncommand = "x"', r"\[jobs.backup\] cron: expected a string"),
-    ('[jobs.Bad]\ncron = "* * * * *"\ncommand = ["x"]', r"\[jobs.Bad\] job name"),
+    ('[jobs.Bad]\ncron = "* * * * *"\ncommand = ["x"]', r"\[jobs.Bad\]: job name"),
     ("[jobs]\nbackup = 1", r"\[jobs\] backup: expected a table"),
     ('[jobs.b]\ncron = "* * * * *"\ncommand = ["x"]\nevery = 1', r"\[jobs.b\] every: unknown field"),
 ])
@@ -44,8 +44,7 @@ def test_a_release_replaces_the_manifest_schedules_only(tmp_path: Path) -> None:
         schedules.put(parse_schedule("web", "by-hand", {"cron": "* * * * *", "command": ["true"]}))
 
         def release(text: str) -> None:
-            schedules.replace_from_manifest("web", [Schedule("web", n, c, cmd, "manifest")
-                                                    for n, c, cmd in parse(text).jobs])
+            schedules.replace_from_manifest("web", parse(text).jobs)
 
         release('[jobs.a]\ncron = "0 * * * *"\ncommand = "a"\n[jobs.b]\ncron = "0 * * * *"\ncommand = "b"\n')
         assert [(s.name, s.source) for s in schedules.schedules("web")] == [

@@ -11,10 +11,10 @@ from typing import Any, cast
 import pytest
 
 from pleaco.apps import AppStore
+from pleaco.cron import CronError
 from pleaco.identity import Identity
 from pleaco.placement import Owners
 from pleaco.stacks.config import JobsConfig
-from pleaco.stacks.cron import CronError
 from pleaco.stacks.jobs import Job, JobInputError
 from pleaco.stacks.schedule import Run, RunLogs, Scheduler, decide_claim, is_orphan, parse_schedule
 from pleaco.store import Store
