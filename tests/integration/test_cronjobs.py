@@ -1,7 +1,8 @@
 """Scheduled jobs on a real three-node cluster: a schedule runs exactly once per tick
 across the cluster (one run record and one container per tick), also when the app's owner
 is killed between ticks; runs' logs are served by the node that ran them, and a bad cron
-expression is refused naming its field, with nothing written.
+expression is refused naming its field, with nothing written. A repository's [jobs.NAME]
+is scheduled by its release (a real build), and unscheduled by a release without it.
 
 Ticks are 2 s here ([jobs] tick_seconds): "* * * * *" runs every 2 s."""
 
@@ -11,10 +12,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from agentproc import REPO, AgentProcess, docker_client, form_cluster, wait_for
 from conftest import BUSYBOX
+from gitserver import GitServer
+from test_build import BuildEnv, stop_and_clean
 
 from pleaco.api.errors import ApiError
 
@@ -101,3 +105,34 @@ def test_a_schedule_runs_once_per_tick_across_owner_death(agent_factory: Callabl
     assert cli(a, "jobs", "unschedule", "cron", "tick").returncode == 0
     wait_for(lambda: runs(b) == [] and b.client.request("GET", "/v1/jobs")["schedules"] == [], 20,
              "the schedule and its runs removed everywhere")
+
+
+def test_a_repository_jobs_table_is_scheduled_by_its_release(agent_factory: Callable[..., AgentProcess],
+                                                             tmp_path: Path) -> None:
+    git = GitServer(tmp_path / "git").start()
+    agent = agent_factory(env=ENV)
+    env = BuildEnv(agent, git, tmp_path)
+    try:
+        app, repo = env.repo("hello")
+        manifest = (repo.work / "pleaco.toml").read_text()
+        bad = manifest + '\n[jobs.ping]\ncron = "0 24 * * *"\ncommand = "echo from-manifest"\n'
+        b = env.wait_done(app, env.push(repo, "bad cron", change={"pleaco.toml": bad}))
+        assert b["state"] == "failed" and b["reason"].startswith("pleaco.toml: [jobs.ping] cron hour: 24"), b
+        assert agent.client.request("GET", "/v1/jobs")["schedules"] == []
+
+        good = manifest + '\n[jobs.ping]\ncron = "* * * * *"\ncommand = "echo from-manifest"\n'
+        b = env.wait_done(app, env.push(repo, "a job", change={"pleaco.toml": good}))
+        assert b["state"] == "succeeded", b["reason"]
+        (schedule,) = agent.client.request("GET", f"/v1/jobs?app={app}")["schedules"]
+        assert (schedule["name"], schedule["source"], schedule["command"]) == (
+            "ping", "manifest", ["sh", "-c", "echo from-manifest"])
+        run = wait_for(lambda: next((r for r in agent.client.request("GET", f"/v1/jobs?app={app}")["runs"]
+                                     if r["state"] == "succeeded"), None), 30, "a run of the manifest's job")
+        assert agent.client.read_bytes(f"/v1/jobs/runs/{run['id']}/logs") == b"from-manifest\n"
+
+        b = env.wait_done(app, env.push(repo, "no job", change={"pleaco.toml": manifest}))
+        assert b["state"] == "succeeded", b["reason"]
+        assert agent.client.request("GET", f"/v1/jobs?app={app}")["schedules"] == []
+    finally:
+        stop_and_clean(agent)
+        git.stop()
