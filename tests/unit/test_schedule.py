@@ -168,3 +168,18 @@ def test_an_orphaned_run_is_marked_failed_not_rerun(tmp_path: Path) -> None:
         assert mine is not None and mine.state == "failed" and "restarted" in mine.reason
     finally:
         store.close()
+
+
+def test_removing_an_app_removes_its_schedules_and_runs(tmp_path: Path) -> None:
+    live: list[str] = []
+    a, _, store = node(tmp_path, "a", live)
+    try:
+        for app in ("web", "web2"):
+            a.apps.deploy(app, {"image": "img", "replicas": 0})
+            a.schedules.put(parse_schedule(app, "tick", {"cron": "* * * * *", "command": ["echo"]}))
+            a.schedules.write_run(Run(app, "tick", TICK, a.me, "succeeded", exit_code=0))
+        a.apps.remove("web")
+        assert [(s.app, s.name) for s in a.schedules.schedules()] == [("web2", "tick")]
+        assert [r.app for r in a.schedules.runs()] == ["web2"]
+    finally:
+        store.close()
