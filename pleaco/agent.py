@@ -29,6 +29,7 @@ from pleaco.api.proxy import add_routes as add_proxy_routes
 from pleaco.api.schedule import add_routes as add_schedule_routes
 from pleaco.api.secrets import add_routes as add_secret_routes
 from pleaco.api.server import ApiServer
+from pleaco.api.stacks import add_routes as add_stack_routes
 from pleaco.api.upgrade import UpgradeRoutes
 from pleaco.apps import AppStore
 from pleaco.builds.engine import BuildEngine
@@ -63,7 +64,7 @@ from pleaco.reconcile.apps import AppReconciler
 from pleaco.reconcile.autoscale import Autoscaler
 from pleaco.reconcile.drain import Drain
 from pleaco.reconcile.loop import LoopRunner
-from pleaco.reconcile.names import NameServerLoop, service_lookup
+from pleaco.reconcile.names import NameServerLoop, service_lookup, stack_app
 from pleaco.reconcile.network import LiveMember, NetworkLoop, check_host
 from pleaco.reconcile.rollout import RolloutGuard
 from pleaco.reconcile.routes import RouteTable
@@ -82,6 +83,7 @@ from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
 from pleaco.stacks.labels import NodeLabels
 from pleaco.stacks.schedule import RunLogs, Scheduler, ScheduleStore
 from pleaco.stacks.secrets import AppSecrets
+from pleaco.stacks.service import StackService
 from pleaco.store import Record, Store
 from pleaco.ui.events import LiveEvents
 from pleaco.ui.history import HistorySampler
@@ -242,7 +244,8 @@ class Agent:
                 raise
             # Service names: a DNS server on the network's gateway, once the network is there.
             names = NameServerLoop(cfg.network, view, lambda: network.subnet if network is not None else None,
-                                   service_lookup(view, routes, cluster.placement_nodes, cfg.network.cidr), registry)
+                                   service_lookup(view, routes, cluster.placement_nodes, cfg.network.cidr), registry,
+                                   stack_app=stack_app(apps))
 
             def network_ready() -> None:
                 reconciler.wake()
@@ -353,6 +356,12 @@ class Agent:
 
         add_schedule_routes(api.app, scheduler, apps, node_address)
         add_exec_routes(api.app, ReplicaLocator(me, apps, runtime, routes, cluster.placement_nodes, node_address))
+
+        def all_healthy(name: str) -> bool:
+            shown = api.app_json(name)
+            return int(shown["healthy"]) >= int(shown["replicas"])
+
+        add_stack_routes(api.app, StackService(apps, all_healthy, reconciler.wake), api.app_json)
 
         supervision = Supervision(
             Notifier(),

@@ -33,6 +33,8 @@ from typing import Any
 from pleaco import errors, logs
 from pleaco.constraints import Constraint, ConstraintError
 from pleaco.constraints import parse_all as parse_constraints
+from pleaco.mounts import VolumeMount, VolumeSpecError
+from pleaco.mounts import parse_all as parse_mounts
 from pleaco.scale import AutoscalePolicy, PolicyError
 from pleaco.store import Record, Store
 from pleaco.urlpath import health_path_problem
@@ -45,7 +47,7 @@ IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 
 DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https", "memory", "cpus", "pids",
-                           "max_conns", "constraints"})
+                           "max_conns", "constraints", "volumes", "command", "entrypoint"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
 # redirect to HTTPS, "off" serves HTTP only. Absent means "on".
 HTTPS_MODES = ("off", "on", "redirect")
@@ -60,6 +62,8 @@ MAX_PIDS = 1 << 22
 # Connections each proxy opens to one replica at most: past the 64k ports one proxy can
 # connect from to one address a cap means nothing, and a larger number is a typo.
 MAX_CONNS = 65535
+# Arguments of a command or entrypoint at most: Linux takes more, no real command comes near.
+MAX_ARGS = 1024
 _SIZE = re.compile(r"^([0-9]{1,16})([bkmg]?)$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # The key of an app's autoscale policy under the ``scale`` kind: NAME + this.
@@ -123,11 +127,25 @@ class AppSpec:
     # Placement constraints over node labels, canonical text (pleaco.constraints):
     # ("node.labels.disk==ssd",). Only the nodes that meet them all run its replicas.
     constraints: tuple[str, ...] = ()
+    # Named volumes mounted into every replica (pleaco.stacks.volumes): an app with any runs
+    # on the one node that holds them.
+    volumes: tuple[VolumeMount, ...] = ()
+    # The container's command and entrypoint (None: the image's own), as Docker's Cmd and
+    # Entrypoint: argument lists, no shell.
+    command: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
+    # The stack this app is a service of (pleaco.stacks.service), None for a plain app:
+    # kept in the spec itself, so an app's membership is written with the app in one record.
+    # Not a deploy field: only ``stack deploy`` sets it, and a plain deploy keeps it.
+    stack: str | None = None
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
         del value["name"]
         value["constraints"] = list(self.constraints)
+        value["volumes"] = [m.to_value() for m in self.volumes]
+        for key in ("command", "entrypoint"):
+            value[key] = None if value[key] is None else list(value[key])
         return value
 
     def placement_constraints(self) -> tuple[Constraint, ...]:
@@ -150,6 +168,10 @@ class AppSpec:
             max_conns=value.get("max_conns"),
             secrets=dict(value.get("secrets") or {}),
             constraints=tuple(str(c) for c in parse_constraints(list(value.get("constraints") or ()))),
+            volumes=parse_mounts(list(value.get("volumes") or ())),
+            command=_argv(value.get("command")),
+            entrypoint=_argv(value.get("entrypoint")),
+            stack=value.get("stack"),
         )
 
     def same_release(self, other: AppSpec) -> bool:
@@ -158,6 +180,22 @@ class AppSpec:
         mine.pop("revision")
         theirs.pop("revision")
         return mine == theirs
+
+
+def _argv(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else tuple(str(arg) for arg in value)
+
+
+def validate_argv(value: Any, field_name: str) -> tuple[str, ...]:
+    """A command or entrypoint: a list of strings (no shell parses it)."""
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ValidationError(field_name, f"expected a list of strings, got {value!r}")
+    if len(value) > MAX_ARGS:
+        raise ValidationError(field_name, f"{len(value)} arguments, at most {MAX_ARGS}")
+    for arg in value:
+        if "\x00" in arg or not _is_utf8(arg):
+            raise ValidationError(field_name, f"argument {arg!r} must be a UTF-8 string without NUL")
+    return tuple(value)
 
 
 def validate_name(name: Any) -> str:
@@ -321,8 +359,16 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
         constraints = tuple(str(c) for c in parse_constraints(constraints)) if constraints is not None else ()
     except ConstraintError as exc:
         raise ValidationError("constraints", str(exc)) from None
+    try:
+        volumes = parse_mounts(body["volumes"]) if body.get("volumes") is not None else ()
+    except VolumeSpecError as exc:
+        raise ValidationError("volumes", str(exc)) from None
+    command, entrypoint = body.get("command"), body.get("entrypoint")
     spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0,
-                   memory=memory, cpus=cpus, pids=pids, max_conns=max_conns, constraints=constraints)
+                   memory=memory, cpus=cpus, pids=pids, max_conns=max_conns, constraints=constraints,
+                   volumes=volumes,
+                   command=None if command is None else validate_argv(command, "command"),
+                   entrypoint=None if entrypoint is None else validate_argv(entrypoint, "entrypoint"))
     return spec, replicas
 
 
@@ -475,9 +521,11 @@ class AppStore:
     def count(self) -> int:
         return len(self._specs)
 
-    def deploy(self, name: Any, body: Any, release_info: dict[str, Any] | None = None) -> DeployResult:
+    def deploy(self, name: Any, body: Any, release_info: dict[str, Any] | None = None,
+               stack: str | None = None) -> DeployResult:
         """Create or update an app. ``release_info`` (a build's commit and id) is kept in the
-        release record when this deploy makes a new release."""
+        release record when this deploy makes a new release. ``stack``: the stack deploying
+        it as a service (pleaco.stacks.service); None keeps the stack it has."""
         if self.defaults is not None and isinstance(body, dict):
             body = self.defaults.fill(body)
         spec, replicas = validate_deploy(name, body, self.max_replicas)
@@ -486,10 +534,13 @@ class AppStore:
             raise ValidationError("host", f"{spec.host!r} is already used by app {host_owner!r}")
         if current is not None:  # set by the secrets verbs, not by deploys
             spec = replace(spec, secrets=current.secrets)
+        if stack is None and current is not None:
+            stack = current.stack
+        spec = replace(spec, stack=stack)
         writes: list[tuple[str, str, dict[str, Any] | None]] = []
         new_release = current is None or not current.same_release(spec)
         if new_release:
-            spec = AppSpec(**{**asdict(spec), "revision": 1 if current is None else current.revision + 1})
+            spec = replace(spec, revision=1 if current is None else current.revision + 1)
             writes += self._release_writes(spec, **(release_info or {}))
         else:
             assert current is not None

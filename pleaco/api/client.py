@@ -59,8 +59,8 @@ class Client:
             reason = getattr(exc, "reason", exc)
             raise ApiError(0, "unreachable", f"cannot reach the pleaco API at {self.base_url}: {reason}") from None
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        with self._open(method, path, body) as resp:
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        with self._open(method, path, body, timeout) as resp:
             raw = resp.read()
         return json.loads(raw) if raw else None
 

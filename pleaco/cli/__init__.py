@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pleaco import __version__
 from pleaco.api.client import DEFAULT_API, Client, resolve_token
 from pleaco.api.errors import ApiError
-from pleaco.cli import agent, apps, builds, cluster, jobs, release, secrets, upgrade
+from pleaco.cli import agent, apps, builds, cluster, jobs, release, secrets, stacks, upgrade
 from pleaco.cli.usage import UsageError
 
 __all__ = ["UsageError", "build_parser", "dispatch", "main"]
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_parsers(sub)
     secrets.add_parsers(sub)
     jobs.add_parsers(sub)
+    stacks.add_parsers(sub)
     return parser
 
 
@@ -80,4 +81,6 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return jobs.run(client, args)
     if args.verb == "jobs":
         return jobs.dispatch(client, args)
+    if args.verb == "stack":
+        return stacks.dispatch(client, args)
     raise UsageError(f"unknown verb {args.verb}")

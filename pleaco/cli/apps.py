@@ -46,6 +46,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
                    help="run only on nodes whose labels meet EXPR: node.labels.KEY==VALUE or !=VALUE "
                         "(repeat for several; label nodes with `pleaco nodes label`)")
+    p.add_argument("--volume", action="append", default=[], metavar="NAME:/PATH",
+                   help="mount the app's named volume NAME at PATH in every replica (repeat for several); "
+                        "an app with volumes runs on the one node that holds them")
     p.add_argument("--json", action="store_true")
     p = apps.add_parser("scale", help="set an app's replica count")
     p.add_argument("name")
@@ -108,6 +111,8 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
                 spec[field_name] = getattr(args, field_name)
         if args.constraint:
             spec["constraints"] = args.constraint
+        if args.volume:
+            spec["volumes"] = args.volume  # NAME:/path, parsed (and checked) by the agent
         if args.env:
             spec["env"] = parse_env(args.env)
         app = client.deploy(args.name, spec)

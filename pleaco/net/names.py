@@ -11,6 +11,10 @@ Answers:
   fit in a UDP answer (512 bytes, or up to 1232 with EDNS0: the DNS flag day size that
   crosses any path unfragmented) with the truncation bit set beyond, all of them over TCP;
 - any other type for a known app: an empty answer; an unknown app: NXDOMAIN;
+- A ``SERVICE.STACK.SUFFIX``: the same for app ``STACK-SERVICE`` when it is service
+  SERVICE of stack STACK (pleaco.stacks.service; its replicas search ``STACK.SUFFIX``, so
+  they reach each other by bare service name, as in Compose); any other such name is
+  forwarded like the next;
 - anything else (deeper names under the suffix as well, such as the proxy's host names
   ``APP.pleaco.internal``): forwarded to the host's resolvers (the nameservers of /etc/resolv.conf,
   read again when the file changes) and their answer relayed, or SERVFAIL.
@@ -51,6 +55,8 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 
 # app -> the cluster addresses (IPv4) of its serving replicas; None when there is no such app.
 Lookup = Callable[[str], "list[str] | None"]
+# (stack, service) -> the app that is that stack's service, None when there is none.
+StackLookup = Callable[[str, str], "str | None"]
 Address = tuple[str, int]
 
 
@@ -147,12 +153,14 @@ class NameServer:
     def __init__(self, listen_host: str, port: int, lookup: Lookup, suffix: str = "internal",
                  upstreams: Sequence[Address] | None = None, *, clients: Sequence[str],
                  ttl: int = 1, forward_timeout: float = 3.0, max_forwards: int = 256, tcp_clients: int = 64,
-                 resolv_conf: Path = RESOLV_CONF, metric: Counter | None = None) -> None:
+                 resolv_conf: Path = RESOLV_CONF, metric: Counter | None = None,
+                 stack_app: StackLookup | None = None) -> None:
         """``clients``: the networks whose queries are answered (the node's container
         subnet). ``upstreams``: where other names go; None: the host's resolv.conf."""
         self.listen_host = listen_host
         self.port = port
         self.lookup = lookup
+        self.stack_app = stack_app
         self.suffix = tuple(suffix.lower().strip(".").split("."))
         self.clients = [ipaddress.ip_network(c, strict=False) for c in clients]
         self._fixed = list(upstreams) if upstreams is not None else None
@@ -251,7 +259,10 @@ class NameServer:
         if query.opcode != 0:
             return dnswire.response(query, dnswire.RCODE_NOTIMP, authoritative=False)
         labels, n = query.labels, len(self.suffix)
-        if labels[-n:] != self.suffix or len(labels) > n + 1:
+        app = labels[0] if len(labels) == n + 1 else ""
+        if len(labels) == n + 2 and labels[-n:] == self.suffix and self.stack_app is not None:
+            app = self.stack_app(labels[1], labels[0]) or ""
+        if labels[-n:] != self.suffix or (len(labels) > n and not app):
             # Not a service name. Deeper names under the suffix too: the proxy's host names
             # (cluster_domain, pleaco.internal by default) live there, and whatever
             # resolves them for the operator (a DNS zone, the hosts file) stays in charge.
@@ -264,9 +275,9 @@ class NameServer:
         if len(labels) == n:
             return dnswire.response(query, 0, additional=opt)  # the zone itself: exists, holds no records
         try:
-            ips = self.lookup(labels[0])
+            ips = self.lookup(app)
         except Exception:
-            log.error("names.lookup_failed", exc_info=True, app=labels[0])
+            log.error("names.lookup_failed", exc_info=True, app=app)
             return dnswire.response(query, dnswire.RCODE_SERVFAIL, additional=opt)
         if ips is None:
             return dnswire.response(query, dnswire.RCODE_NXDOMAIN, additional=opt)

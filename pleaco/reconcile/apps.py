@@ -453,6 +453,8 @@ class AppReconciler(Loop):
             image=spec.image, port=spec.port, env=spec.env, publish_host=self.view.publish_host,
             publish=self.view.publish_ports, network=self.view.network,
             dns=self.view.resolvers if self.view.network else (),
+            dns_search=(f"{spec.stack}.{self.view.names_suffix}",) if spec.stack and self.view.network else (),
+            command=spec.command, entrypoint=spec.entrypoint,
             memory=spec.memory, nano_cpus=round(spec.cpus * 1e9) if spec.cpus else None, pids=spec.pids,
         )
         async with self._limit:

@@ -14,9 +14,10 @@ import ipaddress
 from collections.abc import Callable, Collection
 
 from pleaco import hostport, logs
+from pleaco.apps import AppStore
 from pleaco.metrics import Counter, Registry
 from pleaco.net.config import NetworkSettings
-from pleaco.net.names import PORT, Lookup, NameServer
+from pleaco.net.names import PORT, Lookup, NameServer, StackLookup
 from pleaco.net.subnets import gateway_of
 from pleaco.reconcile.loop import Loop
 from pleaco.reconcile.routes import RouteTable
@@ -56,6 +57,17 @@ def service_lookup(view: NodeView, routes: RouteTable, live_nodes: Callable[[], 
     return lookup
 
 
+def stack_app(apps: AppStore) -> StackLookup:
+    """``stack_app(stack, service)``: app ``STACK-SERVICE`` when it is that stack's service
+    (its spec says so: an app of that name outside the stack is not found this way)."""
+
+    def find(stack: str, service: str) -> str | None:
+        spec = apps.get(f"{stack}-{service}")
+        return spec.name if spec is not None and spec.stack == stack else None
+
+    return find
+
+
 class NameServerLoop(Loop):
     """Keeps the node's name server listening on its network's gateway (port 53), for the
     containers of its subnet: started once the network loop made the network, moved when
@@ -67,12 +79,14 @@ class NameServerLoop(Loop):
     interval = INTERVAL
 
     def __init__(self, settings: NetworkSettings, view: NodeView, subnet: Callable[[], ipaddress.IPv4Network | None],
-                 lookup: Lookup, registry: Registry | None = None, port: int = PORT) -> None:
+                 lookup: Lookup, registry: Registry | None = None, port: int = PORT,
+                 stack_app: StackLookup | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.view = view
         self.subnet = subnet  # the subnet this node holds (the network loop's), None before it has one
         self.lookup = lookup
+        self.stack_app = stack_app
         self.port = port
         self.server: NameServer | None = None
         self.metric = registry.register(Counter(
@@ -92,7 +106,8 @@ class NameServerLoop(Loop):
             s = self.settings
             server = NameServer(gateway, self.port, self.lookup, s.suffix, None, clients=[str(subnet)], ttl=s.names_ttl,
                                 forward_timeout=s.names_forward_timeout, max_forwards=s.names_max_forwards,
-                                tcp_clients=s.names_tcp_clients, metric=self.metric)
+                                tcp_clients=s.names_tcp_clients, metric=self.metric,
+                                stack_app=self.stack_app)
             await server.start()
             self.server = server
         return None

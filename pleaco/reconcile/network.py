@@ -136,6 +136,7 @@ class NetworkLoop(Loop):
         ready = await self.blocking(self._ensure_network, subnet)
         network = DOCKER_NETWORK if ready else ""
         self.view.resolvers = (str(gateway_of(subnet)),) if ready else ()
+        self.view.names_suffix = self.settings.suffix
         if network != self.view.network:
             self.view.network = network
             if network:

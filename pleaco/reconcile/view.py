@@ -76,6 +76,9 @@ class NodeView:
         # where the agent's service-name server listens (pleaco.reconcile.names); set by the
         # network loop with ``network``, so no replica starts on it without them.
         self.resolvers: tuple[str, ...] = ()
+        # The service names' suffix ([network] suffix), set with them: a stack's replicas
+        # search ``STACK.SUFFIX`` (pleaco.stacks.service).
+        self.names_suffix = "internal"
         # Why it is not there, as the network loop last said ("" when it is, or no error yet).
         self.network_error = ""
         # Whether replicas' ports are published on the host as well ([network] publish_ports).

@@ -142,6 +142,12 @@ class RunSpec:
     # user-defined network the engine's embedded DNS answers container names and asks
     # these for everything else: the agent's service names (pleaco.net.names).
     dns: tuple[str, ...] = ()
+    # Search domains of its resolver (HostConfig DnsSearch): a stack's services get
+    # ``STACK.SUFFIX``, so a bare service name resolves as ``SERVICE.STACK.SUFFIX``.
+    dns_search: tuple[str, ...] = ()
+    # Docker's Cmd and Entrypoint (None: the image's own).
+    command: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -339,6 +345,7 @@ class DockerRuntime:
             pids_limit=spec.pids,
             binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds] or None,
             dns=list(spec.dns) or None,
+            dns_search=list(spec.dns_search) or None,
         )
         created = self._call(
             self._api.create_container,
@@ -346,6 +353,8 @@ class DockerRuntime:
             name=spec.name,
             labels=spec.labels(),
             environment=spec.env or None,
+            command=None if spec.command is None else list(spec.command),
+            entrypoint=None if spec.entrypoint is None else list(spec.entrypoint),
             ports=ports,
             host_config=host_config,
             networking_config=self._api.create_networking_config(
