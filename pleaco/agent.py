@@ -21,7 +21,7 @@ from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
 from pleaco.api.cluster import nodes_json
-from pleaco.api.exec import ReplicaLocator
+from pleaco.api.exec import ReplicaLocator, node_api
 from pleaco.api.exec import add_routes as add_exec_routes
 from pleaco.api.jobs import add_routes as add_job_routes
 from pleaco.api.labels import add_routes as add_label_routes
@@ -351,8 +351,7 @@ class Agent:
         runner.add(scheduler)
 
         def node_address(node_id: str) -> tuple[str, str]:
-            value = store.value("node", node_id) or {}
-            return str(value.get("name") or node_id[:12]), str(value.get("api") or value.get("address") or "unknown")
+            return node_api(node_id, store.value("node", node_id))
 
         add_schedule_routes(api.app, scheduler, apps, node_address)
         add_exec_routes(api.app, ReplicaLocator(me, apps, runtime, routes, cluster.placement_nodes, node_address))

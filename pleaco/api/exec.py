@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from pleaco import errors, logs
+from pleaco import errors, hostport, logs
 from pleaco.api.errors import ApiError, error_json
 from pleaco.apps import AppStore, validate_name
 from pleaco.reconcile.routes import RouteTable
@@ -56,6 +56,23 @@ class ReplicaNotFound(errors.NotFound, LookupError):
 
 class ExecInputError(errors.InvalidInput, ValueError):
     pass
+
+
+def node_api(node_id: str, record: dict[str, Any] | None) -> tuple[str, str]:
+    """A node's name and the HOST:PORT its API answers on, from its ``node`` record, for
+    the 409s that send a client there. An API listening on every address (0.0.0.0, the
+    default) is named by the node's gossip host, the address the cluster reaches it on."""
+    value = record or {}
+    name = str(value.get("name") or node_id[:12])
+    api = str(value.get("api") or value.get("address") or "")
+    try:
+        host, port = hostport.split(api)
+    except ValueError:
+        return name, api or "unknown"
+    if host in ("", "0.0.0.0", "::"):
+        with contextlib.suppress(ValueError):
+            host = hostport.host_of(str(value.get("gossip") or "")) or host
+    return name, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import MultiDict
 
-from pleaco.api.exec import ExecInputError, parse_request
+from pleaco.api.exec import ExecInputError, node_api, parse_request
 from pleaco.apps import ValidationError
 
 
@@ -35,3 +35,12 @@ def test_bad_requests_are_named(query: MultiDict[str], named: str) -> None:
 def test_a_bad_app_name() -> None:
     with pytest.raises(ValidationError, match="name"):
         parse_request("Web!", q(("cmd", "x")))
+
+
+def test_the_node_a_client_is_sent_to() -> None:
+    assert node_api("ab" * 16, {"name": "n2", "address": "10.0.0.2:7400"}) == ("n2", "10.0.0.2:7400")
+    # An API on every address is named by the node's gossip host.
+    assert node_api("ab" * 16, {"name": "n2", "address": "0.0.0.0:7400", "gossip": "10.0.0.2:7401"}) == (
+        "n2", "10.0.0.2:7400")
+    assert node_api("ab" * 16, {"api": "[::]:7400", "gossip": "[fd00::2]:7401"}) == ("abababababab", "[fd00::2]:7400")
+    assert node_api("ab" * 16, None) == ("abababababab", "unknown")
