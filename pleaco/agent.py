@@ -21,9 +21,12 @@ from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
 from pleaco.api.cluster import nodes_json
+from pleaco.api.exec import ReplicaLocator, node_api
+from pleaco.api.exec import add_routes as add_exec_routes
 from pleaco.api.jobs import add_routes as add_job_routes
 from pleaco.api.labels import add_routes as add_label_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
+from pleaco.api.schedule import add_routes as add_schedule_routes
 from pleaco.api.secrets import add_routes as add_secret_routes
 from pleaco.api.server import ApiServer
 from pleaco.api.stacks import add_routes as add_stack_routes
@@ -80,6 +83,7 @@ from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime
 from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
 from pleaco.stacks.labels import NodeLabels
+from pleaco.stacks.schedule import RunLogs, Scheduler, ScheduleStore
 from pleaco.stacks.secrets import AppSecrets
 from pleaco.stacks.service import StackService
 from pleaco.stacks.volumes import VolumeContent, VolumeLoop, Volumes
@@ -346,7 +350,9 @@ class Agent:
         cluster.on_cluster = lambda: secretbox.reseal(store)
         secretbox.reseal(store)
         builds = BuildService(cfg.build, cfg.data_dir, identity.node_id, store, apps, build_engine, registry,
-                              secretbox, owners)
+                              secretbox, owners,
+                              on_release=lambda app, manifest: ScheduleStore(store).replace_from_manifest(
+                                  app, manifest.jobs))
         runner.add(builds)
         if cfg.build.poll_interval > 0:
             runner.add(RepoPoller(builds, owners))
@@ -361,6 +367,15 @@ class Agent:
 
         VolumeRoutes(volumes, VolumeContent(cfg.volumes, runtime, me), runtime, store, me, cluster.placement_nodes,
                      app_running, cfg.data_dir / "volume-restores", volume_loop.wake).add_to(api.app)
+        scheduler = Scheduler(cfg.jobs, me, store, apps, owners, cluster.placement_nodes, jobs,
+                              RunLogs(cfg.data_dir, cfg.jobs.log_bytes), fetch_image=images.fetch_image)
+        runner.add(scheduler)
+
+        def node_address(node_id: str) -> tuple[str, str]:
+            return node_api(node_id, store.value("node", node_id))
+
+        add_schedule_routes(api.app, scheduler, apps, node_address)
+        add_exec_routes(api.app, ReplicaLocator(me, apps, runtime, routes, cluster.placement_nodes, node_address))
 
         def all_healthy(name: str) -> bool:
             shown = api.app_json(name)

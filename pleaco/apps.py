@@ -725,6 +725,8 @@ class AppStore:
         # Its secrets (pleaco.stacks.secrets) go with it.
         writes += [("secret", r.key, None)
                    for r in self.store.peek_records("secret", prefix=f"{SECRET_PREFIX}{name}/")]
+        # So do its scheduled jobs and their runs' records (pleaco.stacks.schedule).
+        writes += [("job", r.key, None) for r in self.store.peek_records("job", prefix=f"{name}/")]
         self.store.put_many(writes)
 
     def _host_owner(self, host: str | None, name: str) -> str | None:

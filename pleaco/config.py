@@ -28,7 +28,7 @@ from pleaco.hostport import HostPortError
 from pleaco.hostport import parse_host_port as parse_host_port  # re-exported: the agent's and tests' HOST:PORT parser
 from pleaco.ingress.config import IngressSettings
 from pleaco.net.config import NetworkSettings
-from pleaco.stacks.config import VolumeSettings
+from pleaco.stacks.config import JobsConfig, VolumeSettings
 from pleaco.ui.config import UiConfig
 
 DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
@@ -72,6 +72,8 @@ class Config(ClusterSettings, IngressSettings):
     ui: UiConfig = field(default_factory=UiConfig)
     # App volumes' snapshot helper and loop: the [volumes] table (see pleaco/stacks/config.py).
     volumes: VolumeSettings = field(default_factory=VolumeSettings)
+    # Scheduled jobs' tick length, claims, history and logs: the [jobs] table (pleaco/stacks/config.py).
+    jobs: JobsConfig = field(default_factory=JobsConfig)
 
     @property
     def api_host_port(self) -> tuple[str, int]:

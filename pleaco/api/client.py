@@ -64,6 +64,11 @@ class Client:
             raw = resp.read()
         return json.loads(raw) if raw else None
 
+    def read_bytes(self, path: str) -> bytes:
+        """A GET whose answer is not JSON (a job run's log)."""
+        with self._open("GET", path) as resp:
+            return resp.read()  # type: ignore[no-any-return]
+
     def upload(self, path: str, file: Path, on_progress: Callable[[int, int], None] = lambda sent, total: None,
                timeout: float | None = None) -> Any:
         """POST a file as the raw body, streamed, calling ``on_progress(sent, total)``."""

@@ -12,6 +12,9 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from pleaco.apps import DNS_LABEL
+from pleaco.cron import Cron, CronError
+from pleaco.cron import parse as parse_cron
 from pleaco.errors import InvalidInput
 from pleaco.scale import AutoscalePolicy, PolicyError
 
@@ -30,6 +33,8 @@ SCHEMA: dict[str, frozenset[str]] = {
     "scale": frozenset({"min", "max", "target_concurrency", "metric", "target", "stable_window", "panic_window",
                         "scale_to_zero_after"}),
     "scan": frozenset({"fail_on"}),
+    # [jobs.NAME] tables, each with these fields (the names are the app's scheduled jobs).
+    "jobs": frozenset({"cron", "command"}),
 }
 
 
@@ -53,6 +58,9 @@ class Manifest:
     fail_on: str = "critical"
     # [scale] as the policy a release gives the app (None: the manifest has no [scale]).
     autoscale: AutoscalePolicy | None = None
+    # [jobs.NAME]: the app's scheduled jobs from a release on, as (name, cron, command)
+    # (pleaco/stacks/schedule.py); none: a release removes those an earlier one set.
+    jobs: tuple[tuple[str, Cron, tuple[str, ...]], ...] = ()
 
 
 def _int(table: str, name: str, value: Any, lo: int, hi: int) -> int:
@@ -97,6 +105,8 @@ def parse(text: str) -> Manifest:
             raise ManifestError(f"{FILENAME}: unknown table [{table}] (allowed: {', '.join(sorted(SCHEMA))})")
         if not isinstance(value, dict):
             raise ManifestError(f"{FILENAME}: {table}: expected a table [{table}]")
+        if table == "jobs":
+            continue  # its own tables: _jobs
         unknown = sorted(set(value) - SCHEMA[table])
         if unknown:
             raise ManifestError(
@@ -121,12 +131,7 @@ def parse(text: str) -> Manifest:
                 raise ManifestError(f"{FILENAME}: [build] args: {k!r} must be a valid name with a string value")
         out["build_args"] = dict(args)
     if "command" in test:
-        cmd = test["command"]
-        if isinstance(cmd, str) and cmd:
-            cmd = ["sh", "-c", cmd]
-        if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
-            raise ManifestError(f"{FILENAME}: [test] command: expected a list of strings or a string, got {cmd!r}")
-        out["test_command"] = list(cmd)
+        out["test_command"] = _command("[test]", test["command"])
     if "timeout" in test:
         out["test_timeout"] = float(_int("test", "timeout", test["timeout"], 1, 86400))
     if "port" in run:
@@ -152,4 +157,37 @@ def parse(text: str) -> Manifest:
         if fail_on not in SEVERITIES:
             raise ManifestError(f"{FILENAME}: [scan] fail_on: expected one of {', '.join(SEVERITIES)}, got {fail_on!r}")
         out["fail_on"] = fail_on
+    if "jobs" in data:
+        out["jobs"] = _jobs(data["jobs"])
     return Manifest(**out)
+
+
+def _command(where: str, cmd: Any) -> list[str]:
+    """A command as a list of strings; a string runs under ``sh -c``."""
+    if isinstance(cmd, str) and cmd:
+        cmd = ["sh", "-c", cmd]
+    if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
+        raise ManifestError(f"{FILENAME}: {where} command: expected a list of strings or a string, got {cmd!r}")
+    return list(cmd)
+
+
+def _jobs(jobs: dict[str, Any]) -> tuple[tuple[str, Cron, tuple[str, ...]], ...]:
+    """The [jobs.NAME] tables: a DNS-label name, a cron expression and a command each
+    (the scheduler checks the command's size again when a release writes the schedules)."""
+    out = []
+    for name, job in sorted(jobs.items()):
+        if not isinstance(job, dict):
+            raise ManifestError(f"{FILENAME}: [jobs] {name}: expected a table [jobs.{name}] with cron and command")
+        where = f"[jobs.{name}]"
+        if not DNS_LABEL.fullmatch(name):
+            raise ManifestError(f"{FILENAME}: {where}: job name {name!r} is not a DNS label (1-63 lower-case "
+                                "letters, digits and '-', starting and ending with a letter or digit)")
+        unknown = sorted(set(job) - SCHEMA["jobs"])
+        if unknown:
+            raise ManifestError(f"{FILENAME}: {where} {unknown[0]}: unknown field (allowed: cron, command)")
+        try:
+            cron = parse_cron(job.get("cron"))
+        except CronError as exc:
+            raise ManifestError(f"{FILENAME}: {where} {exc}") from None
+        out.append((name, cron, tuple(_command(where, job.get("command")))))
+    return tuple(out)

@@ -124,9 +124,12 @@ class BuildService(Loop):
 
     def __init__(self, cfg: BuildConfig, data_dir: Path, node_id: str, store: Store, apps: AppStore,
                  engine: BuildEngine, registry: Registry | None = None, secretbox: SecretBox | None = None,
-                 owners: Owners | None = None) -> None:
+                 owners: Owners | None = None,
+                 on_release: Callable[[str, Manifest], None] = lambda app, manifest: None) -> None:
         super().__init__()
         self.cfg = cfg
+        # Called with a release's app and manifest before it is deployed (its [jobs]).
+        self.on_release = on_release
         # An app's builds run on its owner (pleaco.placement), whichever node took the push.
         self.owners = owners or Owners(node_id, lambda: [node_id])
         self.secretbox = secretbox or SecretBox(data_dir)
@@ -638,6 +641,12 @@ class BuildService(Loop):
         if policy is not None and policy.max_replicas > self.apps.max_replicas:
             raise StepFailed(f"pleaco.toml: [scale] max: {policy.max_replicas} is above this cluster's "
                              f"max_replicas ({self.apps.max_replicas}); nothing released")
+        # The repository's [jobs] are the app's scheduled jobs from this release on
+        # (pleaco/stacks/schedule.py, a layer above: the agent hands its writer in).
+        try:
+            self.on_release(b.app, manifest)
+        except InvalidInput as exc:
+            raise StepFailed(f"pleaco.toml: [jobs]: {exc}; nothing released") from None
         result = self.apps.deploy(b.app, body, release_info=info)
         if policy is not None:
             # The repository's [scale] is the app's policy from this release on (a manifest

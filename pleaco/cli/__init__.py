@@ -82,6 +82,8 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return jobs.run(client, args)
     if args.verb == "volumes":
         return volumes.dispatch(client, args)
+    if args.verb == "jobs":
+        return jobs.dispatch(client, args)
     if args.verb == "stack":
         return stacks.dispatch(client, args)
     raise UsageError(f"unknown verb {args.verb}")

@@ -11,6 +11,7 @@ from typing import Any
 from pleaco.api.client import Client
 from pleaco.apps import format_memory
 from pleaco.cli import builds
+from pleaco.cli import exec as exec_cli
 from pleaco.cli.output import print_json, table
 from pleaco.cli.usage import UsageError, parse_env
 
@@ -74,10 +75,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--tail", default="100", help="lines per replica, or 'all' (default 100)")
     builds.add_apps_parsers(apps)
+    exec_cli.add_parser(apps)
 
 
 def dispatch(client: Client, args: argparse.Namespace) -> int:
     verb = args.apps_verb
+    if verb == "exec":
+        return exec_cli.run(client, args)
     if verb == "ls":
         apps = client.apps()
         if args.json:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
+import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +45,11 @@ LABEL_VOLUME = "pleaco.volume"
 # The oldest engine we support is Debian 12's docker.io (20.10, API 1.41). Pinning the
 # version also means creating the client never has to reach the engine.
 API_VERSION = "1.41"
+
+# Seconds the first resize of an exec's terminal waits for the engine to report the command
+# running (it is within milliseconds of the start; the bound keeps a stuck engine from
+# holding the session).
+RESIZE_WAIT = 2.0
 
 _EXIT_CODE = re.compile(r"Exited \((-?\d+)\)")
 
@@ -657,6 +665,118 @@ class DockerRuntime:
             raise PermissionError(f"container {container_id[:12]} is not a job of node {node_id}")
         with contextlib.suppress(NotFound):  # already gone: the goal is reached
             self._call(self._api.remove_container, container_id, force=True)
+
+    # -- exec into a replica (``pleaco apps exec``) ---------------------------------------
+
+    def exec_start(self, container_id: str, node_id: str, command: tuple[str, ...], tty: bool) -> ExecSession:
+        """Start ``command`` in one of ``node_id``'s running replicas (PermissionError for
+        another's), with its standard input open and, with ``tty``, a terminal."""
+        self._inspect_owned(container_id, node_id)
+        created = self._call(self._api.exec_create, container_id, list(command), stdin=True, tty=tty,
+                             stdout=True, stderr=True)
+        exec_id = str(created["Id"])
+        raw = self._call(self._api.exec_start, exec_id, tty=tty, socket=True)
+        return ExecSession(self, exec_id, raw, tty)
+
+    def _exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
+        self._call(self._api.exec_resize, exec_id, height=rows, width=cols)
+
+    def _exec_inspect(self, exec_id: str) -> dict[str, Any]:
+        return self._call(self._api.exec_inspect, exec_id)  # type: ignore[no-any-return]
+
+    def _exec_exit_code(self, exec_id: str) -> int | None:
+        info = self._exec_inspect(exec_id)
+        code = info.get("ExitCode")
+        return None if code is None or info.get("Running") else int(code)
+
+
+class ExecSession:
+    """A command running in a container through the engine's exec API: its standard input,
+    its output (stdout and stderr merged, as a terminal shows them), its window size and, at
+    the end, its exit code. Blocking calls; ``read`` and ``write`` may run in two threads."""
+
+    def __init__(self, runtime: DockerRuntime, exec_id: str, raw: Any, tty: bool) -> None:
+        self._runtime = runtime
+        self.exec_id = exec_id
+        self.tty = tty
+        self._raw = raw  # the engine's hijacked connection (a socket.SocketIO over the socket)
+        self._sock: socket.socket = raw._sock
+        # The client's timeout is for API calls; a session may sit idle as long as its user does.
+        self._sock.settimeout(None)
+        self._running = False
+
+    def _read_exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self._sock.recv(n - len(buf))
+            if not chunk:
+                return b""
+            buf += chunk
+        return buf
+
+    def read(self) -> bytes:
+        """The next output; b"" once the command's output ended."""
+        try:
+            if self.tty:
+                return self._sock.recv(1 << 15)
+            # Without a terminal the engine frames each chunk: stream (1 byte), 3 zero bytes,
+            # the length (4 bytes, big-endian).
+            while True:
+                header = self._read_exact(8)
+                if not header:
+                    return b""
+                size = struct.unpack(">BxxxL", header)[1]
+                if size:
+                    return self._read_exact(size)
+        except OSError:
+            return b""  # closed under us (close()): the end
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise EngineUnavailable(f"exec {self.exec_id[:12]}: its input is closed: {exc}") from exc
+
+    def close_input(self) -> None:
+        """End of the command's standard input (it reads EOF); its output keeps coming."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def resize(self, rows: int, cols: int) -> bool:
+        """Set the terminal's size; False when the engine would not (the command ended).
+        The engine applies a size only once the command runs: just after the start it
+        says "stopped", or takes the size and starts the command at 24x80. So the first
+        resize waits (up to RESIZE_WAIT) for the engine to report it running, as ``docker
+        exec`` retries its own."""
+        if not self.tty:
+            return False
+        deadline = time.monotonic() + RESIZE_WAIT
+        while not self._running:
+            self._running = bool(self._runtime._exec_inspect(self.exec_id).get("Running"))
+            if self._running or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        try:
+            self._runtime._exec_resize(self.exec_id, rows, cols)
+        except EngineCallFailed:
+            return False
+        return True
+
+    def exit_code(self) -> int | None:
+        """The command's exit code; None while it runs."""
+        return self._runtime._exec_exit_code(self.exec_id)
+
+    def close(self) -> None:
+        """Hang up: the engine closes the command's input (and, with a terminal, its
+        terminal, which ends a shell). A command that ignores both runs on; the engine's exec
+        API has no kill."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._raw.close()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
 
 def _parse_network(raw: dict[str, Any]) -> NetworkInfo:
     return NetworkInfo(

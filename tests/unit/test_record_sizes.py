@@ -24,6 +24,7 @@ from pleaco.reconcile.routes import InstanceStatus, RouteTable
 from pleaco.reconcile.upgrade import MAX_PLAN_NODES, MAX_REASON, MAX_VERSION, PLAN_KEY, NodeUpgrade, new_plan
 from pleaco.scale import AutoscalePolicy, Decision
 from pleaco.scale.decide import COUNTS_KEPT
+from pleaco.stacks.schedule import Run, ScheduleStore, parse_schedule, run_key, schedule_key
 from pleaco.stacks.volumes import KIND as VOLUME_KIND
 from pleaco.stacks.volumes import VolumeRecord
 from pleaco.store import KINDS, MAX_RECORD_BYTES, PACKET_RECORD_BYTES, RecordTooLarge, Store
@@ -136,6 +137,24 @@ def apps_refuse_what_is_too_large(store: Store) -> int:
     return gossip_size(rec.kind, rec.key, rec.value)
 
 
+def largest_job(store: Store) -> int:
+    """A schedule is bounded by its write (a command too large is refused, nothing
+    written); a run record, small and cut (its reason), fits one packet."""
+    schedules = ScheduleStore(store)
+    before = store.count()
+    with pytest.raises(RecordTooLarge):
+        schedules.put(parse_schedule(LONG_APP, "j" * 63, {"cron": "* * * * *", "command": ["x" * (64 << 10)]}))
+    assert store.count() == before
+    schedule = parse_schedule(LONG_APP, "j" * 63, {"cron": "*/59 */23 1-31/30 1-12/11 0-7/6",
+                                                   "command": ["x" * (MAX_RECORD_BYTES // 2)]})
+    schedules.put(schedule)
+    run = Run(LONG_APP, "j" * 63, 10**12, NODE, "failed", exit_code=-(2**31), started_ms=10**15, ended_ms=10**15,
+              reason="r" * 100_000)
+    run_size = gossip_size("job", run_key(run.app, run.name, run.tick), run.to_value())
+    assert run_size <= PACKET_RECORD_BYTES
+    return max(run_size, gossip_size("job", schedule_key(schedule.app, schedule.name), schedule.to_value()))
+
+
 # kind -> (how to make its largest record, the bound it must keep)
 WORST: dict[str, tuple[Callable[[Store, Path], int], int]] = {
     "route": (lambda s, _: largest_route(s), PACKET_RECORD_BYTES),
@@ -149,6 +168,7 @@ WORST: dict[str, tuple[Callable[[Store, Path], int], int]] = {
     "upgrade": (lambda s, _: largest_upgrade(s), MAX_RECORD_BYTES),
     "subnet": (lambda s, _: 0, MAX_RECORD_BYTES),
     "volume": (lambda s, _: largest_volume(s), PACKET_RECORD_BYTES),
+    "job": (lambda s, _: largest_job(s), MAX_RECORD_BYTES),
 }
 
 
