@@ -94,6 +94,9 @@ from pleaco.ui.pages import UiRoutes
 
 log = logs.get("pleaco.agent")
 
+# Runs per schedule the dashboard's live "jobs" topic carries (the newest).
+JOB_RUNS_SHOWN = 5
+
 # Seconds after a rollback was decided during which a stop counts as the guard's restart
 # into the previous release (it stops the new agent and starts the old one at once).
 RESTART_WINDOW = 60.0
@@ -342,8 +345,6 @@ class Agent:
         runner.add(history)
         UiRoutes(token, cfg.name, history.history, lambda name: apps.get(name) is not None,
                  cfg.ui.history_interval).add_to(api.app)
-        LiveEvents(cfg.ui.live_interval, {"nodes": lambda: nodes_json(cluster, node_load, node_labels.of),
-                                          "apps": api.apps_json}).add_to(api.app)
         add_proxy_routes(api.app, proxy)
         UpgradeRoutes(cfg.upgrade, store, me, shelf, local, cluster.members, upgrades.wake).add_to(api.app)
         build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)
@@ -360,6 +361,7 @@ class Agent:
         add_secret_routes(api.app, app_secrets, reconciler.wake)
         jobs = OneOffJobs(me, apps, AppSecrets(store, apps, secretbox, cfg.data_dir, JOB_FILES_DIR), runtime)
         add_job_routes(api.app, jobs)
+
         def app_running(name: str) -> int:
             spec = apps.get(name)
             return 0 if spec is None else app_status(view, routes, cluster.placement_nodes(), spec,
@@ -376,6 +378,11 @@ class Agent:
 
         add_schedule_routes(api.app, scheduler, apps, node_address)
         add_exec_routes(api.app, ReplicaLocator(me, apps, runtime, routes, cluster.placement_nodes, node_address))
+        # The dashboard's live topics: each the JSON of its own endpoint (GET /v1/nodes,
+        # /v1/apps, /v1/jobs?limit=5), from the same functions.
+        LiveEvents(cfg.ui.live_interval, {"nodes": lambda: nodes_json(cluster, node_load, node_labels.of),
+                                          "apps": api.apps_json,
+                                          "jobs": lambda: scheduler.listing(None, JOB_RUNS_SHOWN)}).add_to(api.app)
 
         def all_healthy(name: str) -> bool:
             shown = api.app_json(name)

@@ -40,7 +40,9 @@ def git(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitServer]:
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """One agent for the module (each test makes and removes its own apps); its history is
     sampled every second so that the Charts page has points within the test."""
-    a = AgentProcess(tmp_path_factory.mktemp("ui") / "node", env={"PLEACO_UI_HISTORY_INTERVAL": "1"})
+    # A cron "minute" of 2 s (scheduled jobs' [jobs] tick_seconds): a job runs within the test.
+    a = AgentProcess(tmp_path_factory.mktemp("ui") / "node",
+                     env={"PLEACO_UI_HISTORY_INTERVAL": "1", "PLEACO_JOBS_TICK_SECONDS": "2"})
     try:
         a.start()
         yield a
@@ -338,7 +340,7 @@ def test_live_events_history_and_releases_answer_and_refuse_bad_input(agent: Age
     assert [n["id"] for n in json.loads(data.removeprefix("data: "))] == [n["id"] for n in agent.client.nodes()]
 
     status, _, body = raw(agent, "GET", "/v1/events?topics=nodes,bogus")
-    assert status == 400 and "bogus unknown (known: apps, nodes)" in body
+    assert status == 400 and "bogus unknown (known: apps, jobs, nodes)" in body
     assert raw(agent, "GET", "/v1/apps/nosuchapp/history")[0] == 404
     assert raw(agent, "GET", "/v1/apps/nosuchapp/releases")[0] == 404
     with app_named(agent, replicas=0) as app:
@@ -359,6 +361,21 @@ def test_apps_page_shows_the_autoscaling_policy(page: Page) -> None:
         agent.client.autoscale(app, {"min_replicas": 0, "max_replicas": 2, "scale_to_zero_after": 30})
         page.page.wait_for_selector("#autoscale-policy:has-text('0 to 2 replicas, concurrency target 100 per replica')")
         page.shot("apps-autoscaled")
+
+
+def test_apps_page_shows_scheduled_jobs_and_their_runs(page: Page) -> None:
+    agent = page.agent
+    with app_named(agent, replicas=0) as app:
+        page.login()
+        page.page.wait_for_url(agent.url + "/ui/")
+        page.goto(f"/ui/apps?app={app}")
+        page.page.wait_for_selector("#jobs:has-text('none')")
+        # Scheduled through the CLI's endpoint; it runs every tick (2 s here) on this node.
+        agent.client.request("PUT", f"/v1/apps/{app}/jobs/hello", {"cron": "* * * * *", "command": ["echo", "hi"]})
+        page.page.wait_for_selector("#jobs li[data-job=hello]:has-text('* * * * * · echo hi')")
+        page.page.wait_for_selector("#jobs li[data-job=hello] li:has-text('succeeded'):has-text('exit 0')",
+                                    timeout=30_000)
+        page.shot("apps-jobs")
 
 
 @pytest.mark.parametrize("path", ["/ui/", "/ui/apps", "/ui/builds", "/ui/charts"])

@@ -10,6 +10,7 @@ let current = null; // the selected app as the last event showed it
 let releasesOf = null; // the revision whose release list is shown
 let nodeNames = {};
 let proxy = null; // GET /v1/proxy as last read: this node's proxy and its routes
+let jobs = null; // the live "jobs" topic (GET /v1/jobs) as last sent
 
 function renderList(apps) {
   fill(
@@ -38,6 +39,7 @@ function skeleton(name) {
   el.replicas = h("tbody");
   el.releases = h("tbody");
   el.autoscale = h("div", { id: "autoscale" });
+  el.jobs = h("div", { id: "jobs" });
   el.notice = h("p", { class: "notice", id: "app-notice", role: "status" });
   el.scaleInput = h("input", { type: "number", min: 0, id: "scale-replicas", required: true, "aria-label": "replicas" });
   el.imageInput = h("input", { type: "text", id: "deploy-image", required: true, "aria-label": "image" });
@@ -63,6 +65,8 @@ function skeleton(name) {
       h("thead", {}, h("tr", {}, ["Revision", "Image", "Created", "Note"].map((t) => h("th", {}, t)))), el.releases)),
     h("h3", {}, "Autoscaling"),
     el.autoscale,
+    h("h3", {}, "Scheduled jobs"),
+    el.jobs,
   );
   section.hidden = false;
 }
@@ -109,6 +113,7 @@ function renderApp(a) {
     "no replicas",
   );
   renderAutoscale(a);
+  renderJobs(a.name);
   if (releasesOf !== a.revision) {
     releasesOf = a.revision;
     loadReleases(a.name);
@@ -155,6 +160,27 @@ function renderAutoscale(a) {
         h("li", {}, `${when(d.at_ms)}: ${d.from} → ${d.to} on ${nodeNames[d.node] || (d.node || "").slice(0, 12)}: ${d.reason}`)))
       : h("p", { class: "muted" }, "no decision yet"),
   );
+}
+
+// The app's schedules (`pleaco jobs ls APP`) and their last runs, from the live "jobs"
+// topic (the JSON of GET /v1/jobs, every app's).
+function renderJobs(name) {
+  if (!jobs) return;
+  const schedules = jobs.schedules.filter((s) => s.app === name);
+  if (!schedules.length) {
+    el.jobs.replaceChildren(h("p", { class: "muted" }, "none ([jobs] in the app's pleaco.toml, or pleaco jobs schedule)"));
+    return;
+  }
+  const runsOf = (s) => jobs.runs.filter((r) => r.app === name && r.name === s.name);
+  el.jobs.replaceChildren(h("ul", { class: "jobs" }, schedules.map((s) =>
+    h("li", { "data-job": s.name },
+      h("span", { class: "mono" }, `${s.name}: ${s.cron} · ${s.command.join(" ")}`),
+      s.next_at ? ` · next ${when(s.next_at * 1000)}` : "",
+      h("ul", {}, runsOf(s).map((r) => h("li", { "data-run": r.id },
+        `${when(r.at * 1000)} on ${nodeNames[r.node] || (r.node || "").slice(0, 12)}: `, badge(r.state),
+        r.exit_code === null || r.exit_code === undefined ? "" : ` exit ${r.exit_code}`,
+        r.duration === null || r.duration === undefined ? "" : ` in ${r.duration.toFixed(1)} s`,
+        r.reason ? ` (${r.reason})` : "")))))));
 }
 
 async function loadReleases(name) {
@@ -235,4 +261,8 @@ function onApps(apps) {
   }
 }
 
-live({ apps: onApps, nodes: (nodes) => { nodeNames = Object.fromEntries(nodes.map((n) => [n.id, n.name || n.id.slice(0, 12)])); } });
+live({
+  apps: onApps,
+  nodes: (nodes) => { nodeNames = Object.fromEntries(nodes.map((n) => [n.id, n.name || n.id.slice(0, 12)])); },
+  jobs: (j) => { jobs = j; if (current && el.jobs) renderJobs(current.name); },
+});
