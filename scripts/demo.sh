@@ -141,6 +141,11 @@ echo "demo:    six requests through node 1's proxy, spread over the replicas:"
 for _ in 1 2 3 4 5 6; do
     printf '    %s\n' "$(curl -s -H "Host: $HOST" "http://$(node_ip 1)/")"
 done
+echo
+echo "demo:    and from inside a replica on node 1, the app's service name covers all six, on every node:"
+replica=$(docker exec pleaco-demo-1 docker ps -q --filter label=pleaco.app="$APP" | head -1)
+printf '    nslookup %s.internal  ->  %s\n' "$APP" \
+    "$(docker exec pleaco-demo-1 docker exec "$replica" nslookup "$APP.internal" | awk '/^Address: /{print $2}' | sort | xargs)"
 cat <<TXT
 
 The cluster keeps running. Try:
