@@ -1,7 +1,8 @@
 """Self-upgrade of one real agent run from a release slot, with a real app replica.
 
 The agent runs ROOT/current/bin/pleaco from a v0.2.0 slot (a real venv installed from a
-real signed bundle). ``pleaco release apply`` (the node-local trigger) asks it to upgrade:
+real signed bundle, once for the session and linked into each test's root). ``pleaco
+release apply`` (the node-local trigger) asks it to upgrade:
 
 - to a good v0.3.0: the same process comes back on the 0.3.0 slot, the trial is confirmed,
   and the app's container is the same one, never restarted;
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -23,55 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import REPO, docker_client, free_port, remove_node_containers, wait_for, wait_listening
+from agentproc import docker_client, free_port, remove_node_containers, wait_for, wait_listening
 from conftest import HELLO
+from slotagents import ReleaseKit, Releases
 
 from pleaco.api.client import Client
-from pleaco.host.bundle import Manifest, build_bundle, keygen, verify_bundle
 from pleaco.host.slots import Slots
 from pleaco.host.trial import STATE_FILE, agent_pid
 
 pytestmark = pytest.mark.docker
 
 
-@dataclass
-class Releases:
-    public_key: str
-    bundles: dict[str, Path]
-    manifests: dict[str, Manifest] = field(default_factory=dict)
-
-
-def _patched_tree(dest: Path, rel: str, anchor: str, insert: str) -> Path:
-    """A copy of this tree with ``insert`` put after ``anchor`` in ``rel``: a broken release."""
-    shutil.copytree(REPO / "pleaco", dest / "pleaco", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, dest / name)
-    path = dest / rel
-    text = path.read_text()
-    assert text.count(anchor) == 1, f"{rel} changed: update this test's patch"
-    path.write_text(text.replace(anchor, anchor + insert))
-    return dest
-
-
 @pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    """Signed bundles built from this tree: 0.2.0, 0.3.0, and two broken 0.3.0s."""
-    out = tmp_path_factory.mktemp("releases")
-    private, public = keygen(out)
-    bundles = {"0.2.0": out / "pleaco-0.2.0.tar", "0.3.0": out / "pleaco-0.3.0.tar",
-               "exits": out / "pleaco-0.3.0-exits.tar", "unhealthy": out / "pleaco-0.3.0-unhealthy.tar"}
-    build_bundle(REPO, private, bundles["0.2.0"], "0.2.0")
-    build_bundle(REPO, private, bundles["0.3.0"], "0.3.0")
-    # Its agent exits as it starts.
-    exits = _patched_tree(out / "exits", "pleaco/cli/agent.py", "def run(args: argparse.Namespace) -> int:\n",
-                          '    raise SystemExit("this build is broken on purpose")\n')
-    build_bundle(exits, private, bundles["exits"], "0.3.0")
-    # Its agent runs but never proves healthy.
-    unhealthy = _patched_tree(out / "unhealthy", "pleaco/host/trial.py",
-                              "    async def health(self, state: TrialState) -> str | None:\n",
-                              '        return "broken on purpose: never healthy"\n')
-    build_bundle(unhealthy, private, bundles["unhealthy"], "0.3.0")
-    return Releases(public.read_text().strip(), bundles)
+def releases(release_kit: ReleaseKit) -> Releases:
+    """Signed bundles of this tree: 0.2.0, 0.3.0, and two broken 0.3.0s (slotagents.BROKEN)."""
+    bundles = release_kit.bundles(["0.2.0", "0.3.0", "0.3.0-exits", "0.3.0-unhealthy"])
+    return Releases(release_kit, {"0.2.0": bundles["0.2.0"], "0.3.0": bundles["0.3.0"],
+                                  "exits": bundles["0.3.0-exits"], "unhealthy": bundles["0.3.0-unhealthy"]})
 
 
 @dataclass
@@ -160,11 +128,9 @@ def _is_ours(pid: int, data_dir: Path) -> bool:
 def slot_agent(request: pytest.FixtureRequest, tmp_path: Path, releases: Releases) -> Iterator[SlotAgent]:
     """The agent on a 0.2.0 slot; ``[upgrade] health_deadline`` is the param (default 60)."""
     deadline = getattr(request, "param", 60)
-    root = tmp_path / "opt"
-    slots = Slots(root)
-    manifest = verify_bundle(releases.bundles["0.2.0"], [releases.public_key], "0.1.0")
-    slots.install(releases.bundles["0.2.0"], manifest)
-    slots.flip("0.2.0")
+    # The 0.2.0 slot is the session's shared one, linked (installed once: the upgrades under
+    # test install into this root for real).
+    root = releases.root_at(tmp_path / "opt", "0.2.0")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the slot's code, never this tree's
     env.update({"PLEACO_UPGRADE_TRUSTED_KEYS": releases.public_key, "PLEACO_UPGRADE_ROOT": str(root),
                 "PLEACO_UPGRADE_HEALTH_DEADLINE": str(deadline), "PLEACO_LOG_LEVEL": "debug"})
