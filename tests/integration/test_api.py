@@ -6,7 +6,7 @@ import json
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +97,22 @@ BAD_DEPLOYS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def refusing_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    """One agent for all the bad deploys: each is refused and changes nothing (each test
+    checks that it did not), so they share it rather than start one each."""
+    agent = AgentProcess(tmp_path_factory.mktemp("refusals") / "node").start()
+    try:
+        yield agent
+    finally:
+        print(f"==== log of the refusing agent ====\n{agent.log_tail(200)}")
+        agent.cleanup()
+
+
 @pytest.mark.parametrize(("name", "body", "field"), BAD_DEPLOYS)
-def test_bad_deploy_is_refused_and_changes_nothing(agent: AgentProcess, name: str, body: Any, field: str) -> None:
+def test_bad_deploy_is_refused_and_changes_nothing(refusing_agent: AgentProcess, name: str, body: Any,
+                                                   field: str) -> None:
+    agent = refusing_agent
     before = agent.client.status()["records"]
     status, resp = raw(agent, "PUT", f"/v1/apps/{name}", json.dumps(body).encode())
     assert status == 400, resp
