@@ -39,6 +39,10 @@ pytestmark = pytest.mark.docker
 # The health deadline of the never-healthy release's trials (the tests wait it out): an agent
 # restarts and answers within a few seconds, so the test sees the new one before it passes.
 DEADLINE = 10
+# Seconds without an agent on the data dir before the guard rolls back ([upgrade]
+# agent_gone_grace, default 10): the exit-at-start release is waited out, and a good
+# release's agent takes the data dir within a few seconds of the old one's exit.
+GONE_GRACE = 5
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +144,8 @@ def slot_agent(request: pytest.FixtureRequest, tmp_path: Path, releases: Release
     root = releases.root_at(tmp_path / "opt", "0.2.0")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the slot's code, never this tree's
     env.update({"PLEACO_UPGRADE_TRUSTED_KEYS": releases.public_key, "PLEACO_UPGRADE_ROOT": str(root),
-                "PLEACO_UPGRADE_HEALTH_DEADLINE": str(deadline), "PLEACO_LOG_LEVEL": "debug"})
+                "PLEACO_UPGRADE_HEALTH_DEADLINE": str(deadline), "PLEACO_UPGRADE_AGENT_GONE_GRACE": str(GONE_GRACE),
+                "PLEACO_LOG_LEVEL": "debug"})
     agent = SlotAgent(root, tmp_path / "node", env)
     try:
         agent.start()
@@ -199,6 +204,7 @@ def test_a_release_whose_agent_exits_rolls_back_and_the_fixed_one_comes_back_on_
 
     done = agent.apply(releases.bundles["exits"])
     assert done.returncode == 0, done.stderr + agent.log_tail()
+    assert agent.state()["agent_gone_grace"] == GONE_GRACE  # what the guard waits, from the config
     # The broken 0.3.0 exits at start; the guard (from the 0.2.0 slot) notices the data dir
     # unheld, switches back and starts the 0.2.0 agent again.
     _rolled_back(agent, before, first_pid, "0.3.0 agent exited before it was healthy")

@@ -51,6 +51,8 @@ def dropin(public_key: str) -> str:
         f"Environment=PLEACO_API_LISTEN=0.0.0.0:{API_PORT}",
         f"Environment=PLEACO_UPGRADE_TRUSTED_KEYS={public_key}",
         "Environment=PLEACO_UPGRADE_HEALTH_DEADLINE=60",
+        # The exit-at-start release is waited out for this long (default 10 s).
+        "Environment=PLEACO_UPGRADE_AGENT_GONE_GRACE=5",
         "RestartSec=1",
         "",
     ])
