@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PLEACO := $(VENV)/bin/pleaco
-APT_PACKAGES := docker.io git libsystemd-dev pkg-config busybox-static iproute2 curl wrk procps caddy avahi-daemon avahi-utils dbus iptables docker-registry debootstrap chromium packer cloud-init
+APT_PACKAGES := docker.io git libsystemd-dev pkg-config busybox-static iproute2 curl wrk procps caddy avahi-daemon avahi-utils dbus iptables docker-registry debootstrap chromium packer cloud-init wireguard-go wireguard-tools
 STAMP := .venv/.stamp-deps
 
 .PHONY: all deps apt venv docker images image test unit lint demo demo-stop bench clean

@@ -17,12 +17,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import autoscale, build, gossip, idle, load, proxy, scale, state, upgrade
+from benchmarks import autoscale, build, gossip, idle, image, load, network, proxy, scale, state, upgrade
 from benchmarks.common import REPO, Row, log, machine
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "scale": scale.run, "idle": idle.run, "build": build.run, "gossip": gossip.run, "proxy": proxy.run,
     "load": load.run, "state": state.run, "upgrade": upgrade.run, "autoscale": autoscale.run,
+    "network": network.run, "image": image.run,
 }
 HEADER = ["benchmark", "pleaco", "baseline", "ratio", "goal"]
 
@@ -38,8 +39,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="where latest.json and the agent log go (default benchmarks/results)")
     p.add_argument("--state-apps", type=int, action="append", metavar="N",
                    help="app counts the state benchmark measures at (repeatable; default 500 and 5000)")
+    p.add_argument("--close-max-conns", type=int, action="append", metavar="N",
+                   help="the proxy benchmark's close-per-request app's --max-conns (repeatable: the first in "
+                        "the main runs, the others in a p99 sweep after them; default 8)")
+    p.add_argument("--autoscale-load-interval", type=float, metavar="S",
+                   help="the autoscale benchmark's agent's [proxy] load_interval (default: the agent's, 2 s): "
+                        "how often the load figures the autoscaler samples are reported")
     p.add_argument("--check", action="store_true", help="exit 1 when a goal is not met")
     opts = p.parse_args(argv)
+    if opts.autoscale_load_interval is not None and not 0 < opts.autoscale_load_interval <= 60:
+        p.error("--autoscale-load-interval: must be above 0 and at most 60 seconds")
+    if any(not 1 <= n <= 65535 for n in opts.close_max_conns or []):
+        p.error("--close-max-conns: must be 1..65535")
     if opts.rounds < 1:
         p.error("--rounds: must be at least 1")
     if opts.idle_seconds <= 0:

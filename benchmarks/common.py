@@ -217,8 +217,13 @@ def pleaco_command() -> list[str]:
 
 def clean_env() -> dict[str, str]:
     """The environment without PLEACO_* settings, which would override the agent's config or
-    the CLI's API address and token."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("PLEACO_")}
+    the CLI's API address and token; but with the network off, as in the tests' harness:
+    the benchmarks' agents share one engine and one network namespace, where each would
+    claim the one `pleaco` network (an environment variable, not the config file, so an
+    older release that has no [network] table starts too)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLEACO_")}
+    env["PLEACO_NETWORK_ENABLED"] = "false"
+    return env
 
 
 _LOG_LINE = re.compile(r"^ts=(\S+) level=\S+ event=(\S+)")

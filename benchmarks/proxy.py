@@ -180,11 +180,53 @@ def bare_caddy(workdir: Path, upstream: str, suffix: str = "") -> Iterator[str]:
         remove_containers([label])
 
 
+def close_caps(opts: argparse.Namespace) -> list[int]:
+    """The close-per-request app's --max-conns values to measure: the first in the main
+    runs, the others in a sweep after them (``--close-max-conns``, repeatable)."""
+    return list(getattr(opts, "close_max_conns", None) or [CLOSE_MAX_CONNS])
+
+
+def sweep_caps(opts: argparse.Namespace, agent: Agent, caps: list[int]) -> dict[int, list[dict[str, float]]]:
+    """The close-per-request app's p99 direct and through the proxy for each of ``caps``:
+    redeployed with that cap (a new replica: its address is read again), then ``rounds``
+    pairs of wrk -c16 runs, direct and proxy alternating which goes first."""
+    proxied = f"http://{LOOPBACK}:{agent.proxy_port}/"
+    host = f"{APP}.pleaco.internal"
+    out: dict[int, list[dict[str, float]]] = {}
+    for cap in caps:
+        before = agent.client.app(APP)["revision"]
+        agent.cli("apps", "deploy", APP, "--image", HELLO, "--port", str(HELLO_PORT), "--health", "/healthz",
+                  "--max-conns", str(cap))
+        wait_until(lambda before=before: (a := agent.client.app(APP))["revision"] > before
+                   and a["healthy"] == 1 and len(a["instances"]) == 1, 90, f"{APP} redeployed with --max-conns {cap}")
+        upstream = replica_address(agent, APP)
+        wait_until(lambda up=upstream: _routes_to(agent, host, up), 60,
+                   f"the proxy to route {APP}'s new replica")
+        targets = {"direct": (f"http://{upstream}/", None), "proxy": (proxied, host)}
+        for rnd in range(1, opts.rounds + 1):
+            order = ["direct", "proxy"] if rnd % 2 else ["proxy", "direct"]
+            pair: dict[str, float] = {}
+            for target in order:
+                r = wrk(*targets[target])
+                pair[f"{target}_p99_ms"] = r["p99_ms"]
+                pair[f"{target}_errors"] = r["errors"]
+                log(f"proxy cap sweep --max-conns {cap} round {rnd} {target}: {r['rps']:.0f} req/s, "
+                    f"p99 {r['p99_ms']:.2f} ms, {r['errors']:.0f} errors")
+            out.setdefault(cap, []).append(pair)
+    return out
+
+
+def _routes_to(agent: Agent, host: str, upstream: str) -> bool:
+    routes = {r["host"]: r["upstreams"] for r in agent.client.request("GET", "/v1/proxy")["routes"]}
+    return any(upstream.split(":")[0] in str(u) for u in routes.get(host, []))
+
+
 def measure_latency(opts: argparse.Namespace, agent: Agent, workdir: Path) -> list[Row]:
     proxied = f"http://{LOOPBACK}:{agent.proxy_port}/"
+    caps = close_caps(opts)
     for _, name, image in APPS:
         agent.cli("apps", "deploy", name, "--image", image, "--port", str(HELLO_PORT), "--health", "/healthz",
-                  *(["--max-conns", str(CLOSE_MAX_CONNS)] if name == APP else []))
+                  *(["--max-conns", str(caps[0])] if name == APP else []))
     # (app, target) -> (url, Host header)
     targets: dict[str, dict[str, tuple[str, str | None]]] = {}
     for _, name, _ in APPS:
@@ -220,6 +262,7 @@ def measure_latency(opts: argparse.Namespace, agent: Agent, workdir: Path) -> li
                         log(f"proxy round {rnd} {label} {target} -c{conns}: {r['rps']:.0f} req/s, "
                             f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, {r['errors']:.0f} errors")
                         runs.setdefault(f"{name} {target} c{conns}", []).append(r)
+    sweep = sweep_caps(opts, agent, caps[1:]) if len(caps) > 1 else {}
     for _, name, _ in APPS:
         agent.cli("apps", "rm", name)
 
@@ -246,7 +289,7 @@ def measure_latency(opts: argparse.Namespace, agent: Agent, workdir: Path) -> li
                 details={"added_ms": round(med(p16, "p50_ms") - med(d16, "p50_ms"), 3)}),
             Row(benchmark=f"proxy p99 latency, {label}", unit="ms", pleaco=med(p16, "p99_ms"),
                 baseline=med(d16, "p99_ms"), baseline_name="direct") if name != APP else
-            Row(benchmark=f"proxy p99 latency, {label} (--max-conns {CLOSE_MAX_CONNS})", unit="ms",
+            Row(benchmark=f"proxy p99 latency, {label} (--max-conns {caps[0]})", unit="ms",
                 pleaco=med(p16, "p99_ms"), baseline=med(d16, "p99_ms"), baseline_name="direct",
                 goal=f"<= {P99_GOAL:g}x direct", met=med(p16, "p99_ms") <= P99_GOAL * med(d16, "p99_ms")),
             Row(benchmark=f"proxy p50 latency, 1 connection, {label}", unit="ms", pleaco=med(p1, "p50_ms"),
@@ -255,6 +298,14 @@ def measure_latency(opts: argparse.Namespace, agent: Agent, workdir: Path) -> li
                 details={"added_ms": round(med(p1, "p50_ms") - med(d1, "p50_ms"), 3),
                          "rps": {"proxy": med(p1, "rps"), "direct": med(d1, "rps")}}),
         ]
+    for cap, pairs in sweep.items():
+        proxy_p99 = median(p["proxy_p99_ms"] for p in pairs)
+        direct_p99 = median(p["direct_p99_ms"] for p in pairs)
+        assert proxy_p99 is not None and direct_p99 is not None
+        rows.append(Row(benchmark=f"proxy p99 latency, close-per-request app (--max-conns {cap}, sweep)", unit="ms",
+                        pleaco=proxy_p99, baseline=direct_p99, baseline_name="direct",
+                        goal=f"<= {P99_GOAL:g}x direct", met=proxy_p99 <= P99_GOAL * direct_p99,
+                        details={"pairs": pairs}))
     p16, b16, p1, b1 = (f"{KEEPALIVE_APP} {t} c{c}" for c in (WRK_CONNS, 1) for t in ("proxy", "bare"))
     rows += [
         Row(benchmark="proxy p99 latency, close-per-request app, against bare Caddy without a cap", unit="ms",

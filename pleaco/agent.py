@@ -21,10 +21,15 @@ from pleaco import __version__, hostport, logs
 from pleaco.api.builds import add_routes as add_build_routes
 from pleaco.api.cluster import add_routes as add_cluster_routes
 from pleaco.api.cluster import nodes_json
+from pleaco.api.jobs import add_routes as add_job_routes
+from pleaco.api.labels import add_routes as add_label_routes
 from pleaco.api.proxy import add_routes as add_proxy_routes
+from pleaco.api.secrets import add_routes as add_secret_routes
 from pleaco.api.server import ApiServer
+from pleaco.api.stacks import add_routes as add_stack_routes
 from pleaco.api.upgrade import UpgradeRoutes
-from pleaco.apps import AppStore
+from pleaco.api.volumes import VolumeRoutes
+from pleaco.apps import AppSpec, AppStore
 from pleaco.builds.engine import BuildEngine
 from pleaco.builds.logship import BuildLogs
 from pleaco.builds.poller import RepoPoller
@@ -47,13 +52,21 @@ from pleaco.identity import Identity, write_secret_file
 from pleaco.ingress.load import LoadReporter
 from pleaco.ingress.proxy import DNS_REFRESH, ProxyReconciler
 from pleaco.metrics import Registry
+from pleaco.net import wireguard
+from pleaco.net.addresses import read_host_tables
+from pleaco.net.config import BRIDGE
+from pleaco.net.isolation import DNS_PORT, Isolation
+from pleaco.net.mesh import KernelMesh
 from pleaco.placement import Owners
 from pleaco.reconcile.apps import AppReconciler
 from pleaco.reconcile.autoscale import Autoscaler
 from pleaco.reconcile.drain import Drain
 from pleaco.reconcile.loop import LoopRunner
+from pleaco.reconcile.names import NameServerLoop, service_lookup, stack_app
+from pleaco.reconcile.network import LiveMember, NetworkLoop, check_host
 from pleaco.reconcile.rollout import RolloutGuard
 from pleaco.reconcile.routes import RouteTable
+from pleaco.reconcile.status import app_status
 from pleaco.reconcile.tombstones import TombstoneCollector
 from pleaco.reconcile.upgrade import (
     LocalState,
@@ -65,6 +78,11 @@ from pleaco.reconcile.upgrade import (
 )
 from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime
+from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
+from pleaco.stacks.labels import NodeLabels
+from pleaco.stacks.secrets import AppSecrets
+from pleaco.stacks.service import StackService
+from pleaco.stacks.volumes import VolumeContent, VolumeLoop, Volumes
 from pleaco.store import Record, Store
 from pleaco.ui.events import LiveEvents
 from pleaco.ui.history import HistorySampler
@@ -77,7 +95,8 @@ log = logs.get("pleaco.agent")
 RESTART_WINDOW = 60.0
 
 # Record kinds whose change can alter what this node should run.
-RECONCILE_KINDS = frozenset({"app", "scale", "release", "node"})
+# "secret": a replica waiting for its app's secret starts once it arrives.
+RECONCILE_KINDS = frozenset({"app", "scale", "release", "node", "secret", "volume"})
 
 
 class AgentError(PleacoError, RuntimeError, code="agent_failed"):
@@ -130,6 +149,8 @@ def listeners(cfg: Config) -> list[Listener]:
 class Agent:
     def __init__(self, cfg: Config, argv: Sequence[str] | None = None) -> None:
         self.cfg = cfg
+        # This node's signed WireGuard key and port for its node record (set with the mesh).
+        self._wireguard: dict[str, str] = {}
         self._stop = asyncio.Event()
         # The agent's arguments (after the program name): an upgrade starts the new version
         # with the same ones.
@@ -198,13 +219,61 @@ class Agent:
         drain = Drain(cfg.rollout.drain_grace, proxy_delay=DNS_REFRESH if cfg.proxy_image else 0.0,
                       mesh=lambda: any(n != me for n in cluster.placement_nodes()))
         view = NodeView(me, apps, drain, advertise_host=hostport.host_of(cluster.addr),
-                        configured_publish_host=cfg.publish_host)
+                        configured_publish_host=cfg.publish_host, cluster_network=cfg.network.enabled)
+        view.publish_ports = not cfg.network.enabled or cfg.network.publish_ports
         routes = RouteTable(store, me)
+        # Secrets are sealed with the cluster key once there is one, with a node-local key
+        # before; founding or joining re-seals the local ones, and so does this start
+        # (plain ones from earlier versions, local ones a crash left behind).
+        secretbox = SecretBox(cfg.data_dir, lambda: cluster.state)
+        app_secrets = AppSecrets(store, apps, secretbox, cfg.data_dir)
+        node_labels = NodeLabels(store)
+        volumes = Volumes(store, apps)
+
+        def volume_pin(spec: AppSpec, live: Sequence[str]) -> tuple[frozenset[str] | None, str]:
+            found = volumes.pin(spec, live)
+            return found.only, found.why
+
         reconciler = AppReconciler(cfg, view, routes, runtime, registry, live_nodes=cluster.placement_nodes,
-                                   weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image)
+                                   weights=cluster.weights, memory=cluster.memory, fetch_image=images.fetch_image,
+                                   secrets=app_secrets, labels=node_labels.all, pins=volume_pin)
         runner.add(reconciler)
+        volume_loop = VolumeLoop(cfg.volumes, volumes, runtime, owners, cluster.placement_nodes, node_labels.all,
+                                 cluster.weights, on_claim=reconciler.wake)
+        runner.add(volume_loop)
         drain.on_request = reconciler.wake  # publish the drain at once
-        cluster.on_change = reconciler.wake
+        network: NetworkLoop | None = None
+        if cfg.network.enabled:
+            try:
+                await self._check_network(cfg, runtime, store)
+            except AgentError:
+                runtime.close()
+                store.close()
+                raise
+            # Service names: a DNS server on the network's gateway, once the network is there.
+            names = NameServerLoop(cfg.network, view, lambda: network.subnet if network is not None else None,
+                                   service_lookup(view, routes, cluster.placement_nodes, cfg.network.cidr), registry,
+                                   stack_app=stack_app(apps))
+
+            def network_ready() -> None:
+                reconciler.wake()
+                names.wake()
+
+            network = NetworkLoop(
+                cfg.network, store, view, runtime, self._mesh(cfg, identity), advertised=lambda: cluster.addr,
+                live_members=lambda: [LiveMember(m.node_id, m.addr) for m in cluster.live_peers()],
+                ready=lambda: bool(cluster.placement_nodes()), on_ready=network_ready)
+            runner.add(network)
+            runner.add(names)
+        else:
+            log.info("network.disabled")
+
+        def cluster_changed() -> None:
+            reconciler.wake()
+            if network is not None:
+                network.wake()  # a member came or went: the mesh's peers
+
+        cluster.on_change = cluster_changed
         proxy = ProxyReconciler(cfg, cfg.data_dir, view, routes, runtime, registry, live_nodes=cluster.placement_nodes)
         if proxy.enabled:
             runner.add(proxy)
@@ -242,6 +311,10 @@ class Agent:
         def on_change(rec: Record) -> None:
             if rec.kind in RECONCILE_KINDS:
                 reconciler.wake()
+            if rec.kind in ("app", "scale", "volume", "node"):
+                volume_loop.wake()  # an app's first replicas (a claim), a removal, a node back
+            if network is not None and rec.kind in ("subnet", "node"):
+                network.wake()  # a claim (maybe on this node's subnet), or a peer's keys
             if rec.kind == "route":
                 proxy.wake()  # replicas changed (here or elsewhere): the proxy's upstreams
             if rec.kind in ("upgrade", "node"):
@@ -257,22 +330,19 @@ class Agent:
         def node_load() -> dict[str, Any]:
             return {"containers": len(view.observed.containers)}
 
-        add_cluster_routes(api.app, cluster, node_load)
+        add_cluster_routes(api.app, cluster, node_load, node_labels.of)
+        add_label_routes(api.app, node_labels, cluster.members, reconciler.wake)
         # The dashboard (pleaco/ui): its pages, live events and the apps' history, all from
         # what the API's own handlers answer.
         history = HistorySampler(cfg.ui, api.apps_json)
         runner.add(history)
         UiRoutes(token, cfg.name, history.history, lambda name: apps.get(name) is not None,
                  cfg.ui.history_interval).add_to(api.app)
-        LiveEvents(cfg.ui.live_interval, {"nodes": lambda: nodes_json(cluster, node_load),
+        LiveEvents(cfg.ui.live_interval, {"nodes": lambda: nodes_json(cluster, node_load, node_labels.of),
                                           "apps": api.apps_json}).add_to(api.app)
         add_proxy_routes(api.app, proxy)
         UpgradeRoutes(cfg.upgrade, store, me, shelf, local, cluster.members, upgrades.wake).add_to(api.app)
         build_engine = BuildEngine(cfg.docker_url, cfg.docker_timeout, identity.node_id)
-        # Secrets are sealed with the cluster key once there is one, with a node-local key
-        # before; founding or joining re-seals the local ones, and so does this start
-        # (plain ones from earlier versions, local ones a crash left behind).
-        secretbox = SecretBox(cfg.data_dir, lambda: cluster.state)
         cluster.on_cluster = lambda: secretbox.reseal(store)
         secretbox.reseal(store)
         builds = BuildService(cfg.build, cfg.data_dir, identity.node_id, store, apps, build_engine, registry,
@@ -281,6 +351,22 @@ class Agent:
         if cfg.build.poll_interval > 0:
             runner.add(RepoPoller(builds, owners))
         add_build_routes(api.app, builds, BuildLogs(cluster, builds))  # logs from the building node
+        add_secret_routes(api.app, app_secrets, reconciler.wake)
+        jobs = OneOffJobs(me, apps, AppSecrets(store, apps, secretbox, cfg.data_dir, JOB_FILES_DIR), runtime)
+        add_job_routes(api.app, jobs)
+        def app_running(name: str) -> int:
+            spec = apps.get(name)
+            return 0 if spec is None else app_status(view, routes, cluster.placement_nodes(), spec,
+                                                     apps.replicas(name)).running
+
+        VolumeRoutes(volumes, VolumeContent(cfg.volumes, runtime, me), runtime, store, me, cluster.placement_nodes,
+                     app_running, cfg.data_dir / "volume-restores", volume_loop.wake).add_to(api.app)
+
+        def all_healthy(name: str) -> bool:
+            shown = api.app_json(name)
+            return int(shown["healthy"]) >= int(shown["replicas"])
+
+        add_stack_routes(api.app, StackService(apps, all_healthy, reconciler.wake), api.app_json)
 
         supervision = Supervision(
             Notifier(),
@@ -301,6 +387,7 @@ class Agent:
                 await cluster.start()
             except (ClusterError, TrustError) as exc:
                 raise AgentError(str(exc)) from exc
+            await asyncio.to_thread(jobs.sweep)  # jobs an earlier life of this agent left behind
             host, port = cfg.api_host_port
             try:
                 await api.start(host, port)
@@ -331,7 +418,8 @@ class Agent:
                     await close()
                 except Exception:
                     log.error("agent.stop_failed", exc_info=True, part=what)
-            for what, sync_close in (("build_engine", build_engine.close), ("runtime", runtime.close),
+            for what, sync_close in (("network", network.close if network is not None else lambda: None),
+                                     ("build_engine", build_engine.close), ("runtime", runtime.close),
                                      ("store", store.close)):
                 try:
                     sync_close()
@@ -341,6 +429,31 @@ class Agent:
                 loop.remove_signal_handler(sig)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             log.info("agent.stopped")
+
+    def _mesh(self, cfg: Config, identity: Identity) -> KernelMesh:
+        """Routes and WireGuard to the other nodes, and the app network's isolation: its
+        containers may open the DNS and the proxy's public ports on the hosts, nothing else.
+        The node record announces the WireGuard key, signed (pleaco.net.wireguard)."""
+        ports = [DNS_PORT]
+        if cfg.proxy_image:
+            ports += [hostport.split(cfg.proxy_listen)[1], hostport.split(cfg.proxy.https_listen)[1]]
+        mesh = KernelMesh(cfg.network, cfg.data_dir, Isolation(BRIDGE, ports))
+        self._wireguard = wireguard.record_fields(identity, mesh.key.public, cfg.network.wireguard_port)
+        return mesh
+
+    async def _check_network(self, cfg: Config, runtime: DockerRuntime, store: Store) -> None:
+        """Refuse to start, before anything is made, with a cluster CIDR that overlaps the
+        host's networks or Docker's, or that is too small for the nodes this one knows."""
+        try:
+            tables = await asyncio.to_thread(read_host_tables)
+            docker_subnets = await asyncio.to_thread(runtime.network_subnets)
+        except (OSError, PleacoError) as exc:
+            raise AgentError(f"network: cannot read the host's or Docker's networks: {exc}") from exc
+        nodes = max(1, sum(1 for rec in store.records("node")
+                           if "/" not in rec.key and store.revoked_at(rec.key) is None))
+        problems = check_host(cfg.network, tables, docker_subnets, nodes)
+        if problems:
+            raise AgentError("; ".join(problems))
 
     def _restarting(self) -> bool:
         """Whether this stop is a restart into another release (an upgrade, or its
@@ -361,6 +474,7 @@ class Agent:
             "address": self.cfg.api_listen,
             "gossip": advertise_address(self.cfg),
             "version": __version__,
+            **self._wireguard,
         }
 
     def _register_node(self, store: Store, identity: Identity, upgrade: NodeUpgrade) -> None:

@@ -27,10 +27,14 @@ import math
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pleaco import errors, logs
+from pleaco.constraints import Constraint, ConstraintError
+from pleaco.constraints import parse_all as parse_constraints
+from pleaco.mounts import VolumeMount, VolumeSpecError
+from pleaco.mounts import parse_all as parse_mounts
 from pleaco.scale import AutoscalePolicy, PolicyError
 from pleaco.store import Record, Store
 from pleaco.urlpath import health_path_problem
@@ -43,7 +47,7 @@ IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 
 DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https", "memory", "cpus", "pids",
-                           "max_conns"})
+                           "max_conns", "constraints", "volumes", "command", "entrypoint"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
 # redirect to HTTPS, "off" serves HTTP only. Absent means "on".
 HTTPS_MODES = ("off", "on", "redirect")
@@ -58,12 +62,16 @@ MAX_PIDS = 1 << 22
 # Connections each proxy opens to one replica at most: past the 64k ports one proxy can
 # connect from to one address a cap means nothing, and a larger number is a typo.
 MAX_CONNS = 65535
+# Arguments of a command or entrypoint at most: Linux takes more, no real command comes near.
+MAX_ARGS = 1024
 _SIZE = re.compile(r"^([0-9]{1,16})([bkmg]?)$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # The key of an app's autoscale policy under the ``scale`` kind: NAME + this.
 AUTOSCALE_SUFFIX = "/autoscale"
 # ... and of its autoscaler's decision record.
 DECISION_SUFFIX = "/decision"
+# The keys of an app's secrets under the ``secret`` kind: this + NAME/KEY (pleaco.stacks.secrets).
+SECRET_PREFIX = "app/"
 
 
 class ValidationError(errors.InvalidInput, ValueError):
@@ -111,11 +119,37 @@ class AppSpec:
     # max_conns_per_host): the requests it has in flight through that proxy; more wait in
     # the proxy. None: the proxy's [proxy] upstream_max_conns; 0: no cap whatever that says.
     max_conns: int | None = None
+    # The app's secrets (pleaco.stacks.secrets) as KEY -> the stamp of the value this
+    # release runs with, never the value: setting or removing a secret writes a new release
+    # (so the replicas roll like a deploy), and a node starts a replica only once it holds
+    # that version of each secret. Not a deploy field: only the secrets verbs change it.
+    secrets: dict[str, str] = field(default_factory=dict)
+    # Placement constraints over node labels, canonical text (pleaco.constraints):
+    # ("node.labels.disk==ssd",). Only the nodes that meet them all run its replicas.
+    constraints: tuple[str, ...] = ()
+    # Named volumes mounted into every replica (pleaco.stacks.volumes): an app with any runs
+    # on the one node that holds them.
+    volumes: tuple[VolumeMount, ...] = ()
+    # The container's command and entrypoint (None: the image's own), as Docker's Cmd and
+    # Entrypoint: argument lists, no shell.
+    command: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
+    # The stack this app is a service of (pleaco.stacks.service), None for a plain app:
+    # kept in the spec itself, so an app's membership is written with the app in one record.
+    # Not a deploy field: only ``stack deploy`` sets it, and a plain deploy keeps it.
+    stack: str | None = None
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
         del value["name"]
+        value["constraints"] = list(self.constraints)
+        value["volumes"] = [m.to_value() for m in self.volumes]
+        for key in ("command", "entrypoint"):
+            value[key] = None if value[key] is None else list(value[key])
         return value
+
+    def placement_constraints(self) -> tuple[Constraint, ...]:
+        return parse_constraints(list(self.constraints)) if self.constraints else ()
 
     @classmethod
     def from_value(cls, name: str, value: dict[str, Any]) -> AppSpec:
@@ -132,6 +166,12 @@ class AppSpec:
             cpus=value.get("cpus"),
             pids=value.get("pids"),
             max_conns=value.get("max_conns"),
+            secrets=dict(value.get("secrets") or {}),
+            constraints=tuple(str(c) for c in parse_constraints(list(value.get("constraints") or ()))),
+            volumes=parse_mounts(list(value.get("volumes") or ())),
+            command=_argv(value.get("command")),
+            entrypoint=_argv(value.get("entrypoint")),
+            stack=value.get("stack"),
         )
 
     def same_release(self, other: AppSpec) -> bool:
@@ -140,6 +180,22 @@ class AppSpec:
         mine.pop("revision")
         theirs.pop("revision")
         return mine == theirs
+
+
+def _argv(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else tuple(str(arg) for arg in value)
+
+
+def validate_argv(value: Any, field_name: str) -> tuple[str, ...]:
+    """A command or entrypoint: a list of strings (no shell parses it)."""
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ValidationError(field_name, f"expected a list of strings, got {value!r}")
+    if len(value) > MAX_ARGS:
+        raise ValidationError(field_name, f"{len(value)} arguments, at most {MAX_ARGS}")
+    for arg in value:
+        if "\x00" in arg or not _is_utf8(arg):
+            raise ValidationError(field_name, f"argument {arg!r} must be a UTF-8 string without NUL")
+    return tuple(value)
 
 
 def validate_name(name: Any) -> str:
@@ -298,8 +354,21 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
     max_conns = body.get("max_conns")
     if max_conns is not None:
         max_conns = validate_max_conns(max_conns)
+    constraints = body.get("constraints")
+    try:
+        constraints = tuple(str(c) for c in parse_constraints(constraints)) if constraints is not None else ()
+    except ConstraintError as exc:
+        raise ValidationError("constraints", str(exc)) from None
+    try:
+        volumes = parse_mounts(body["volumes"]) if body.get("volumes") is not None else ()
+    except VolumeSpecError as exc:
+        raise ValidationError("volumes", str(exc)) from None
+    command, entrypoint = body.get("command"), body.get("entrypoint")
     spec = AppSpec(name=name, image=image, port=port, env=env, health=health, host=host, https=https, revision=0,
-                   memory=memory, cpus=cpus, pids=pids, max_conns=max_conns)
+                   memory=memory, cpus=cpus, pids=pids, max_conns=max_conns, constraints=constraints,
+                   volumes=volumes,
+                   command=None if command is None else validate_argv(command, "command"),
+                   entrypoint=None if entrypoint is None else validate_argv(entrypoint, "entrypoint"))
     return spec, replicas
 
 
@@ -433,6 +502,23 @@ class AppStore:
         found = self._specs.get(name)
         return None if found is None else found[1]
 
+    def _existing(self, name: Any) -> AppSpec:
+        """The app ``name`` names: a ValidationError for a bad name, NotFound when absent."""
+        spec = self.get(validate_name(name))
+        if spec is None:
+            raise NotFound(f"app {name!r} does not exist")
+        return spec
+
+    def _check_autoscale_range(self, name: str, replicas: int) -> None:
+        """A count set by hand (``apps scale``, ``apps deploy --replicas``) on an autoscaled
+        app must be within its policy's range: outside it the autoscaler would move it back
+        at once, so it is refused, naming the range."""
+        policy = self.autoscale(name)
+        if policy is not None and not policy.min_replicas <= replicas <= policy.max_replicas:
+            raise ValidationError(
+                "replicas", f"{replicas} is outside the app's autoscale range {policy.min_replicas}.."
+                f"{policy.max_replicas} (change it with apps autoscale, or turn it off with --off)")
+
     def replicas(self, name: str) -> int:
         return self._replicas.get(name, DEFAULT_REPLICAS)
 
@@ -452,25 +538,34 @@ class AppStore:
     def count(self) -> int:
         return len(self._specs)
 
-    def deploy(self, name: Any, body: Any, release_info: dict[str, Any] | None = None) -> DeployResult:
+    def deploy(self, name: Any, body: Any, release_info: dict[str, Any] | None = None,
+               stack: str | None = None) -> DeployResult:
         """Create or update an app. ``release_info`` (a build's commit and id) is kept in the
-        release record when this deploy makes a new release."""
+        release record when this deploy makes a new release. ``stack``: the stack deploying
+        it as a service (pleaco.stacks.service); None keeps the stack it has."""
         if self.defaults is not None and isinstance(body, dict):
             body = self.defaults.fill(body)
         spec, replicas = validate_deploy(name, body, self.max_replicas)
         current = self.get(spec.name)
         if host_owner := self._host_owner(spec.host, spec.name):
             raise ValidationError("host", f"{spec.host!r} is already used by app {host_owner!r}")
+        if current is not None:  # set by the secrets verbs, not by deploys
+            spec = replace(spec, secrets=current.secrets)
+        if stack is None and current is not None:
+            stack = current.stack
+        spec = replace(spec, stack=stack)
         writes: list[tuple[str, str, dict[str, Any] | None]] = []
         new_release = current is None or not current.same_release(spec)
         if new_release:
-            spec = AppSpec(**{**asdict(spec), "revision": 1 if current is None else current.revision + 1})
+            spec = replace(spec, revision=1 if current is None else current.revision + 1)
             writes += self._release_writes(spec, **(release_info or {}))
         else:
             assert current is not None
             spec = current
         if current is None and replicas is None:
             replicas = DEFAULT_REPLICAS
+        if replicas is not None and current is not None:
+            self._check_autoscale_range(spec.name, replicas)
         if replicas is not None and (current is None or replicas != self.replicas(spec.name)):
             writes.append(("scale", spec.name, {"replicas": replicas}))
         if writes:
@@ -495,6 +590,17 @@ class AppStore:
                    "spec": spec.to_value(), "created_ms": int(time.time() * 1000), **extra}
         return [("app", spec.name, spec.to_value()), ("release", f"{spec.name}/{spec.revision}", release)]
 
+    def secrets_writes(self, name: str, secrets: dict[str, str],
+                       **extra: Any) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """The writes that give app ``name`` these secret stamps (pleaco.stacks.secrets): a new
+        release, so its replicas roll like a deploy (none while it has no release yet)."""
+        current = self.get(name)
+        if current is None:
+            raise NotFound(f"app {name!r} does not exist")
+        if current.revision == 0:
+            return [("app", name, replace(current, secrets=secrets).to_value())]
+        return self._release_writes(replace(current, secrets=secrets, revision=current.revision + 1), **extra)
+
     def releases(self, name: str) -> list[dict[str, Any]]:
         """The app's release history, oldest first."""
         found = [self.store.value("release", r.key) for r in self.store.peek_records("release", prefix=name + "/")]
@@ -506,15 +612,15 @@ class AppStore:
         History stays linear (like ``kubectl rollout undo``): rolling back from 3 to 2's
         spec writes revision 4, so a second rollback returns to 3's spec.
         """
-        validate_name(name)
-        current = self.get(name)
-        if current is None:
-            raise NotFound(f"app {name!r} does not exist")
+        current = self._existing(name)
         earlier = [r for r in self.releases(name) if int(r["revision"]) < current.revision]
         if not earlier:
             raise NoEarlierRelease(f"app {name!r} has no release before revision {current.revision}")
         target = earlier[-1]
-        spec = AppSpec.from_value(name, {**target["spec"], "revision": current.revision + 1})
+        # The secrets stay as they are now: a rollback restores the release, and a secret's
+        # value is only ever its latest (pleaco.stacks.secrets).
+        spec = AppSpec.from_value(name, {**target["spec"], "revision": current.revision + 1,
+                                         "secrets": current.secrets})
         if host_owner := self._host_owner(spec.host, name):
             raise ValidationError("host", f"{spec.host!r} is now used by app {host_owner!r}")
         extra: dict[str, Any] = {"rollback_of": int(target["revision"]), "rolled_back_from": current.revision}
@@ -541,13 +647,8 @@ class AppStore:
     def scale(self, name: str, replicas: Any) -> int:
         validate_name(name)
         replicas = validate_replicas(replicas, self.max_replicas)
-        if self.get(name) is None:
-            raise NotFound(f"app {name!r} does not exist")
-        policy = self.autoscale(name)
-        if policy is not None and not policy.min_replicas <= replicas <= policy.max_replicas:
-            raise ValidationError(
-                "replicas", f"{replicas} is outside the app's autoscale range {policy.min_replicas}.."
-                f"{policy.max_replicas} (change it with apps autoscale, or turn it off with --off)")
+        self._existing(name)
+        self._check_autoscale_range(name, replicas)
         self.store.put("scale", name, {"replicas": replicas})
         return int(replicas)
 
@@ -593,8 +694,7 @@ class AppStore:
         if policy.max_replicas > self.max_replicas:
             raise PolicyError("max_replicas", f"{policy.max_replicas} is above this cluster's max_replicas "
                                               f"({self.max_replicas})")
-        if self.get(name) is None:
-            raise NotFound(f"app {name!r} does not exist")
+        self._existing(name)
         writes: list[tuple[str, str, dict[str, Any] | None]] = [
             ("scale", name + AUTOSCALE_SUFFIX, policy.to_value())]
         count = self.replicas(name)
@@ -606,9 +706,7 @@ class AppStore:
 
     def clear_autoscale(self, name: str) -> bool:
         """Turn autoscaling off (the count stays as it is); False when it was not on."""
-        validate_name(name)
-        if self.get(name) is None:
-            raise NotFound(f"app {name!r} does not exist")
+        self._existing(name)
         if self.store.value("scale", name + AUTOSCALE_SUFFIX) is None:
             return False
         writes: list[tuple[str, str, dict[str, Any] | None]] = [("scale", name + AUTOSCALE_SUFFIX, None)]
@@ -618,14 +716,15 @@ class AppStore:
         return True
 
     def remove(self, name: str) -> None:
-        validate_name(name)
-        if self.get(name) is None:
-            raise NotFound(f"app {name!r} does not exist")
+        self._existing(name)
         writes: list[tuple[str, str, dict[str, Any] | None]] = [("app", name, None), ("scale", name, None)]
         for suffix in (AUTOSCALE_SUFFIX, DECISION_SUFFIX):
             if self.store.value("scale", name + suffix) is not None:
                 writes.append(("scale", name + suffix, None))
         writes += [("release", f"{name}/{r['revision']}", None) for r in self.releases(name)]
+        # Its secrets (pleaco.stacks.secrets) go with it.
+        writes += [("secret", r.key, None)
+                   for r in self.store.peek_records("secret", prefix=f"{SECRET_PREFIX}{name}/")]
         self.store.put_many(writes)
 
     def _host_owner(self, host: str | None, name: str) -> str | None:

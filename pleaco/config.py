@@ -28,6 +28,7 @@ from pleaco.hostport import HostPortError
 from pleaco.hostport import parse_host_port as parse_host_port  # re-exported: the agent's and tests' HOST:PORT parser
 from pleaco.ingress.config import IngressSettings
 from pleaco.net.config import NetworkSettings
+from pleaco.stacks.config import VolumeSettings
 from pleaco.ui.config import UiConfig
 
 DEFAULT_CONFIG_FILE = Path("/etc/pleaco/pleaco.toml")
@@ -69,6 +70,8 @@ class Config(ClusterSettings, IngressSettings):
     network: NetworkSettings = field(default_factory=NetworkSettings)
     # The web dashboard's history and live views: the [ui] table (see pleaco/ui/config.py).
     ui: UiConfig = field(default_factory=UiConfig)
+    # App volumes' snapshot helper and loop: the [volumes] table (see pleaco/stacks/config.py).
+    volumes: VolumeSettings = field(default_factory=VolumeSettings)
 
     @property
     def api_host_port(self) -> tuple[str, int]:

@@ -21,6 +21,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from pleaco.constraints import Constraint, eligible
+
 
 def _score(app: str, replica: int, node_id: str, weight: float) -> float:
     digest = hashlib.blake2b(f"{app}/{replica}/{node_id}".encode(), digest_size=8).digest()
@@ -86,22 +88,36 @@ class Demand:
     app: str
     replicas: int
     memory: int | None = None
+    # Only nodes whose labels meet all of these take its replicas (pleaco.constraints).
+    constraints: tuple[Constraint, ...] = ()
+    # Only these nodes take its replicas (None: any): the node that holds the app's volumes
+    # (pleaco.stacks.volumes), or none at all while that node is down or not chosen yet.
+    only: frozenset[str] | None = None
 
 
 def plan(demands: Sequence[Demand], nodes: Sequence[str], weights: Mapping[str, float] | None = None,
-         memory: Mapping[str, int] | None = None) -> dict[str, list[str | None]]:
+         memory: Mapping[str, int] | None = None,
+         labels: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, list[str | None]]:
     """The node of every replica of every app (None: fits on no node), given each node's
-    memory (bytes; a node missing from ``memory`` is not limited). Without memory limits
-    it is ``assign`` for each app."""
+    memory (bytes; a node missing from ``memory`` is not limited) and labels (for the
+    apps' constraints: the candidates are filtered first, then ranked as ever, so the
+    replicas of an app without constraints go where they always did). Without memory
+    limits or constraints it is ``assign`` for each app."""
     free = {n: memory[n] for n in nodes if memory is not None and n in memory}
     out: dict[str, list[str | None]] = {}
     for d in sorted(demands, key=lambda d: d.app):
+        candidates = eligible(d.constraints, nodes, labels or {})
+        if d.only is not None:
+            candidates = [n for n in candidates if n in d.only]
+        if not candidates:
+            out[d.app] = [None] * d.replicas if nodes else []
+            continue
         if not d.memory or not free:
-            out[d.app] = list(assign(d.app, d.replicas, nodes, weights)) if nodes else []
+            out[d.app] = list(assign(d.app, d.replicas, candidates, weights))
             continue
         each = d.memory
         room = {n: max(0, free[n]) // each for n in free}
-        placed = _assign(d.app, d.replicas, nodes, weights, room)
+        placed = _assign(d.app, d.replicas, candidates, weights, room)
         for n in placed:
             if n is not None and n in free:
                 free[n] -= each

@@ -19,12 +19,7 @@ echo "image: debootstrap of Debian 12 with systemd and Docker Engine (about a mi
 debootstrap --variant=minbase \
     --include=systemd,systemd-sysv,dbus,libsystemd0,python3,python3-venv,procps,iproute2,iptables,docker.io,git,fuse-overlayfs,ca-certificates,wireguard-tools,wireguard-go,kmod \
     bookworm "$root" "$MIRROR" >"$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }
-# A container node needs none of these; without them boot is quicker and quieter.
-for unit in systemd-timesyncd.service systemd-networkd.service systemd-resolved.service \
-            getty@tty1.service console-getty.service apt-daily.timer apt-daily-upgrade.timer \
-            e2scrub_all.timer fstrim.timer; do
-    ln -sf /dev/null "$root/etc/systemd/system/$unit"
-done
+"$(dirname "$0")/container-node-units.sh" "$root"
 # The inner engine keeps its layers on overlay2 (a volume at /var/lib/docker at run time);
 # fuse-overlayfs is its fallback without one.
 mkdir -p "$root/etc/docker"

@@ -25,11 +25,7 @@ log=/tmp/pleaco-systemd-image.log
 debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,libsystemd0,python3,procps,iproute2 \
     bookworm "$root" "$MIRROR" >"$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }
 # A container needs none of these; without them boot is quieter and quicker.
-for unit in systemd-timesyncd.service systemd-networkd.service systemd-resolved.service \
-            getty@tty1.service console-getty.service apt-daily.timer apt-daily-upgrade.timer \
-            e2scrub_all.timer fstrim.timer; do
-    ln -sf /dev/null "$root/etc/systemd/system/$unit"
-done
+"$(dirname "$0")/container-node-units.sh" "$root"
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
 tar -C "$root" -c . | docker import -c 'CMD ["/sbin/init"]' -c 'ENV container=docker' - "$TAG" >/dev/null
 echo "images: built $TAG"

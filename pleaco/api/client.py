@@ -59,8 +59,8 @@ class Client:
             reason = getattr(exc, "reason", exc)
             raise ApiError(0, "unreachable", f"cannot reach the pleaco API at {self.base_url}: {reason}") from None
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        with self._open(method, path, body) as resp:
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        with self._open(method, path, body, timeout) as resp:
             raw = resp.read()
         return json.loads(raw) if raw else None
 
@@ -124,6 +124,14 @@ class Client:
             yield from resp
 
 
+    def run(self, name: str, command: list[str]) -> Iterator[dict[str, Any]]:
+        """A one-off job (pleaco/api/jobs.py): its JSON lines as they come."""
+        resp = self._open("POST", f"/v1/apps/{_q(name)}/run", {"command": command}, timeout=None)
+        with resp:
+            for line in resp:
+                if line.strip():
+                    yield json.loads(line)
+
     # -- builds (pleaco/api/builds.py) ----------------------------------------------------
 
     def connect(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +153,24 @@ class Client:
         with resp:
             while chunk := resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536):
                 yield chunk
+
+    # -- volumes (pleaco/api/volumes.py) --------------------------------------------------
+
+    def volumes(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/volumes")  # type: ignore[no-any-return]
+
+    def volume_snapshot(self, app: str, volume: str) -> Iterator[bytes]:
+        """The volume's tar, in chunks as they come (no timeout between them but the client's)."""
+        with self._open("GET", f"/v1/volumes/{_q(app)}/{_q(volume)}/snapshot") as resp:
+            while chunk := resp.read(1 << 16):
+                yield chunk
+
+    def volume_restore(self, app: str, volume: str, file: Path) -> dict[str, Any]:
+        return self.upload(f"/v1/volumes/{_q(app)}/{_q(volume)}/restore", file)  # type: ignore[no-any-return]
+
+    def remove_volumes(self, app: str, volume: str | None = None) -> dict[str, Any]:
+        path = f"/v1/volumes/{_q(app)}" + (f"/{_q(volume)}" if volume else "")
+        return self.request("DELETE", path)  # type: ignore[no-any-return]
 
 
 class _Progress:

@@ -1,6 +1,7 @@
 """API routes for the cluster: members, founding, join tokens, removal.
 
-    GET    /v1/nodes              every known node: id, name, state, address, version, last_seen, load, upgrade
+    GET    /v1/nodes              every known node: id, name, state, address, version, last_seen, load, upgrade,
+                                  labels
     DELETE /v1/nodes/{node}       revoke a node's key (id, unique id prefix, or name)
     POST   /v1/cluster/init       found a cluster with this node as its first member
     GET    /v1/cluster/token      a join token for new nodes
@@ -21,8 +22,10 @@ from pleaco.errors import InvalidInput, NotFound
 log = logs.get("pleaco.api.cluster")
 
 
-def nodes_json(cluster: Cluster, load: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every known node as ``GET /v1/nodes`` answers it (the dashboard's live view too)."""
+def nodes_json(cluster: Cluster, load: Callable[[], dict[str, Any]],
+               labels: Callable[[str], dict[str, str]] = lambda node: {}) -> list[dict[str, Any]]:
+    """Every known node as ``GET /v1/nodes`` answers it (the dashboard's live view too);
+    ``labels`` gives a node's labels (pleaco.stacks.labels)."""
     # Other nodes' load as their route records (their replicas, gossiped) tell it.
     replicas: dict[str, int] = {}
     for rec in cluster.store.records("route"):
@@ -35,31 +38,39 @@ def nodes_json(cluster: Cluster, load: Callable[[], dict[str, Any]]) -> list[dic
         me = m["id"] == cluster.identity.node_id
         record = cluster.store.value("node", m["id"]) or {}
         out.append({**m, "self": me, "load": load() if me else {"containers": replicas.get(m["id"], 0)},
-                    "upgrade": record.get("upgrade")})  # its last upgrade: plan, phase, version, reason
+                    # its last upgrade: plan, phase, version, reason
+                    "upgrade": record.get("upgrade"), "labels": labels(m["id"])})
     return out
 
 
-def add_routes(app: web.Application, cluster: Cluster, load: Callable[[], dict[str, Any]]) -> None:
-    """``load`` gives this node's own load figures (containers and so on) for /v1/nodes."""
+def find_member(members: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
+    """The member named by id, unique id prefix (6+ characters) or name; 404 or 400 else."""
+    matches = [m for m in members if m["id"] == wanted or m["name"] == wanted
+               or (len(wanted) >= 6 and m["id"].startswith(wanted))]
+    if not matches:
+        raise NotFound(f"no node {wanted!r}")
+    if len(matches) > 1:
+        raise ApiError(400, "ambiguous", f"{wanted!r} matches {len(matches)} nodes; give the full id")
+    return matches[0]
+
+
+def add_routes(app: web.Application, cluster: Cluster, load: Callable[[], dict[str, Any]],
+               labels: Callable[[str], dict[str, str]] = lambda node: {}) -> None:
+    """``load`` gives this node's own load figures (containers and so on) for /v1/nodes,
+    ``labels`` a node's labels (pleaco.stacks.labels)."""
 
     async def nodes(request: web.Request) -> web.Response:
-        return web.json_response(nodes_json(cluster, load))
+        return web.json_response(nodes_json(cluster, load, labels))
 
     async def remove_node(request: web.Request) -> web.Response:
-        wanted = request.match_info["node"]
-        matches = [m for m in cluster.members() if m["id"] == wanted or m["name"] == wanted
-                   or (len(wanted) >= 6 and m["id"].startswith(wanted))]
-        if not matches:
-            raise NotFound(f"no node {wanted!r}")
-        if len(matches) > 1:
-            raise ApiError(400, "ambiguous", f"{wanted!r} matches {len(matches)} nodes; give the full id")
+        member = find_member(cluster.members(), request.match_info["node"])
         try:
-            cluster.revoke(matches[0]["id"])
+            cluster.revoke(member["id"])
         except ClusterError as exc:
             # A conflict elsewhere, but here only the request can be wrong (a node naming itself).
             raise InvalidInput(str(exc)) from None
-        log.info("node.removed", member=matches[0]["id"])
-        return web.json_response({"removed": matches[0]["id"]})
+        log.info("node.removed", member=member["id"])
+        return web.json_response({"removed": member["id"]})
 
     async def init(request: web.Request) -> web.Response:
         cluster_id = await cluster.init()

@@ -217,6 +217,10 @@ class ApiServer:
             raise ApiError(400, "invalid_body", "request body is empty; expected a JSON object")
         return jsonbody.parse(request, raw)
 
+    def app_json(self, name: str) -> dict[str, Any]:
+        """An app's status as ``GET /v1/apps/{name}`` answers it (stacks show their services so)."""
+        return self._with_live_figures(name, self._app_json(name))
+
     def _app_json(self, name: str) -> dict[str, Any]:
         spec = self.apps.get(name)
         if spec is None:

@@ -33,8 +33,6 @@ the host reachable.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import threading
 from typing import Protocol
@@ -42,6 +40,7 @@ from typing import Protocol
 from pleaco import logs
 from pleaco.builds.config import NETWORK_MODES
 from pleaco.builds.engine import BuildFailed
+from pleaco.net import firewall
 
 log = logs.get("pleaco.builds")
 
@@ -146,26 +145,26 @@ class BuildNetwork:
     # -- the firewall ---------------------------------------------------------------------
 
     def _ensure_rules(self) -> None:
-        """Replace this bridge's chains in one transaction (iptables-restore --noflush
-        flushes only the chains it declares), then hook them in where missing: a build
-        never runs while the chains are half written."""
+        """Replace this bridge's chains in one transaction, then hook them in where
+        missing: a build never runs while the chains are half written."""
         v4 = [f"-A {self.chain_in} -j REJECT"]
         # Published ports are DNAT'd to containers before FORWARD: refused whatever their
         # destination became, before the allow list can match it.
         v4.append(f"-A {self.chain_fwd} -m conntrack --ctstate DNAT -j REJECT")
         v4 += [f"-A {self.chain_fwd} -d {net} -j RETURN" for net in self.allow]
         v4 += [f"-A {self.chain_fwd} -d {net} -j REJECT" for net in DENIED_NETWORKS]
-        _restore("iptables-restore", [self.chain_in, self.chain_fwd], v4)
-        _hook("iptables", "INPUT", self.bridge, self.chain_in)
-        # DOCKER-USER is where the engine lets rules go before its own (FORWARD's first
-        # jump, restored by the engine when it restarts); FORWARD if the engine has none.
-        forward = "DOCKER-USER" if _has_chain("iptables", "DOCKER-USER") else "FORWARD"
-        _hook("iptables", forward, self.bridge, self.chain_fwd)
-        # The network has no IPv6, but the host's link-local IPv6 addresses on the bridge
-        # answer anyone on it: refused as well.
-        if _has_ipv6():
-            _restore("ip6tables-restore", [self.chain_in], [f"-A {self.chain_in} -j REJECT"])
-            _hook("ip6tables", "INPUT", self.bridge, self.chain_in)
+        try:
+            firewall.restore("iptables-restore", [self.chain_in, self.chain_fwd], v4, "the build network's rules")
+            firewall.hook("iptables", "INPUT", self.chain_in, ["-i", self.bridge])
+            firewall.hook("iptables", firewall.forward_parent(), self.chain_fwd, ["-i", self.bridge])
+            # The network has no IPv6, but the host's link-local IPv6 addresses on the bridge
+            # answer anyone on it: refused as well.
+            if firewall.has_ipv6():
+                firewall.restore("ip6tables-restore", [self.chain_in], [f"-A {self.chain_in} -j REJECT"],
+                                 "the build network's rules")
+                firewall.hook("ip6tables", "INPUT", self.chain_in, ["-i", self.bridge])
+        except firewall.FirewallError as exc:
+            raise BuildFailed(str(exc)) from exc
 
     def remove(self) -> None:
         """Remove the network, then its rules (tests, and an operator turning isolation
@@ -177,39 +176,4 @@ class BuildNetwork:
             hooks = (("iptables", self.chain_in, "INPUT"), ("iptables", self.chain_fwd, "DOCKER-USER"),
                      ("iptables", self.chain_fwd, "FORWARD"), ("ip6tables", self.chain_in, "INPUT"))
             for tool, chain, parent in hooks:
-                if shutil.which(tool) is None:
-                    continue
-                while _run(tool, "-D", parent, "-i", self.bridge, "-j", chain).returncode == 0:
-                    pass
-                _run(tool, "-F", chain)
-                _run(tool, "-X", chain)
-
-
-def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
-    # -w: wait for the xtables lock the engine and other agents also take.
-    return subprocess.run([tool, "-w", *args], capture_output=True, text=True, timeout=30, check=False)
-
-
-def _restore(tool: str, chains: list[str], rules: list[str]) -> None:
-    text = "*filter\n" + "".join(f":{c} - [0:0]\n" for c in chains) + "\n".join(rules) + "\nCOMMIT\n"
-    res = subprocess.run([tool, "-w", "--noflush"], input=text, capture_output=True, text=True, timeout=30,
-                         check=False)
-    if res.returncode != 0:
-        raise BuildFailed(f"{tool} could not write the build network's rules: {res.stderr.strip()}")
-
-
-def _has_chain(tool: str, chain: str) -> bool:
-    return _run(tool, "-S", chain).returncode == 0
-
-
-def _hook(tool: str, parent: str, bridge: str, chain: str) -> None:
-    rule = [parent, "-i", bridge, "-j", chain]
-    if _run(tool, "-C", *rule).returncode == 0:
-        return
-    res = _run(tool, "-I", *rule[:1], "1", *rule[1:])
-    if res.returncode != 0:
-        raise BuildFailed(f"{tool} could not hook {chain} into {parent}: {res.stderr.strip()}")
-
-
-def _has_ipv6() -> bool:
-    return os.path.exists("/proc/net/if_inet6")
+                firewall.remove(tool, parent, chain, ["-i", self.bridge])

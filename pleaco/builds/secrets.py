@@ -43,6 +43,8 @@ SCHEME_CLUSTER = "cluster-v1"
 LOCAL_KEY_FILE = "secrets.key"
 
 SecretWrite = tuple[str, str, dict[str, Any]]
+# The fields of a record value that say how it is sealed; a record may hold others.
+_SEALING_FIELDS = frozenset({"scheme", "nonce", "sealed", "data"})
 
 
 class SecretError(PleacoError, RuntimeError, code="secret_failed"):
@@ -164,7 +166,9 @@ class SecretBox:
             if scheme not in (SCHEME_PLAIN, SCHEME_LOCAL) or scheme == target:
                 continue  # sealed already (or not this module's: the cluster's join secret)
             try:
-                writes.append(self.put_write(rec.key, self.unseal(rec.key, rec.value)))
+                # Fields beside the sealed ones (an app secret's mount and stamp) are kept.
+                extra = {k: v for k, v in (rec.value or {}).items() if k not in _SEALING_FIELDS}
+                writes.append(("secret", rec.key, {**extra, **self.seal(rec.key, self.unseal(rec.key, rec.value))}))
             except SecretError as exc:
                 log.warning("secret.not_resealed", key=rec.key, error=str(exc))
         if writes:

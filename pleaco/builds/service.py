@@ -615,6 +615,12 @@ class BuildService(Loop):
             for limit in ("memory", "cpus", "pids", "max_conns"):
                 if getattr(current, limit) is not None:
                     body[limit] = getattr(current, limit)
+            if current.volumes:  # and so does its data (pleaco.stacks.volumes)
+                body["volumes"] = [m.to_value() for m in current.volumes]
+            # So do the command and entrypoint it gave (a stack's service, a worker).
+            for argv in ("command", "entrypoint"):
+                if getattr(current, argv) is not None:
+                    body[argv] = list(getattr(current, argv))
         port = manifest.port if manifest.port is not None else (current.port if current else None)
         if port is not None:
             body["port"] = port

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pleaco import __version__
 from pleaco.api.client import DEFAULT_API, Client, resolve_token
 from pleaco.api.errors import ApiError
-from pleaco.cli import agent, apps, builds, cluster, release, upgrade
+from pleaco.cli import agent, apps, builds, cluster, jobs, release, secrets, stacks, upgrade, volumes
 from pleaco.cli.usage import UsageError
 
 __all__ = ["UsageError", "build_parser", "dispatch", "main"]
@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     builds.add_parsers(sub)
     release.add_parsers(sub)
     upgrade.add_parsers(sub)
+    secrets.add_parsers(sub)
+    jobs.add_parsers(sub)
+    volumes.add_parsers(sub)
+    stacks.add_parsers(sub)
     return parser
 
 
@@ -72,4 +76,12 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return builds.dispatch(client, args)
     if args.verb == "upgrade":
         return upgrade.dispatch(client, args)
+    if args.verb == "secrets":
+        return secrets.dispatch(client, args)
+    if args.verb == "run":
+        return jobs.run(client, args)
+    if args.verb == "volumes":
+        return volumes.dispatch(client, args)
+    if args.verb == "stack":
+        return stacks.dispatch(client, args)
     raise UsageError(f"unknown verb {args.verb}")

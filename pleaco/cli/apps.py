@@ -24,8 +24,9 @@ def add_parsers(sub: Any) -> None:
     p = apps.add_parser("show", help="one app with its replicas")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
-    p = apps.add_parser("rm", help="remove an app and its containers")
+    p = apps.add_parser("rm", help="remove an app and its containers (its volumes stay, orphaned, unless --volumes)")
     p.add_argument("name")
+    p.add_argument("--volumes", action="store_true", help="remove its volumes too, and their data")
     p = apps.add_parser("deploy", help="create or update an app from an image")
     p.add_argument("name")
     p.add_argument("--image", required=True)
@@ -42,6 +43,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-conns", type=int, metavar="N",
                    help="connections each proxy opens to one replica at most, more requests wait in the proxy "
                         "(0: no cap; default: [proxy] upstream_max_conns)")
+    p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
+                   help="run only on nodes whose labels meet EXPR: node.labels.KEY==VALUE or !=VALUE "
+                        "(repeat for several; label nodes with `pleaco nodes label`)")
+    p.add_argument("--volume", action="append", default=[], metavar="NAME:/PATH",
+                   help="mount the app's named volume NAME at PATH in every replica (repeat for several); "
+                        "an app with volumes runs on the one node that holds them")
     p.add_argument("--json", action="store_true")
     p = apps.add_parser("scale", help="set an app's replica count")
     p.add_argument("name")
@@ -92,6 +99,10 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
     if verb == "rm":
         client.remove(args.name)
         print(f"removed {args.name}")
+        if args.volumes:
+            gone = client.remove_volumes(args.name)["removing"] if any(
+                v["app"] == args.name for v in client.volumes()) else []
+            print(f"removing its volumes: {', '.join(v['volume'] for v in gone)}" if gone else "it had no volumes")
         return 0
     if verb == "deploy":
         spec: dict[str, Any] = {"image": args.image}
@@ -99,6 +110,10 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
                            "max_conns"):
             if getattr(args, field_name) is not None:
                 spec[field_name] = getattr(args, field_name)
+        if args.constraint:
+            spec["constraints"] = args.constraint
+        if args.volume:
+            spec["volumes"] = args.volume  # NAME:/path, parsed (and checked) by the agent
         if args.env:
             spec["env"] = parse_env(args.env)
         app = client.deploy(args.name, spec)
@@ -206,13 +221,19 @@ def show(app: dict[str, Any]) -> None:
     if app.get("rollback"):
         rb = app["rollback"]
         print(f"rollback   from revision {rb['from']} to {rb['to']}'s spec: {rb['reason']}")
+    for c in app.get("constraints") or []:
+        print(f"constraint {c}")
+    for v in app.get("volumes") or []:
+        print(f"volume     {v['name']} at {v['path']}")
     for k, v in sorted(app["env"].items()):
         print(f"env        {k}={v}")
+    if app.get("secrets"):
+        print(f"secrets    {', '.join(app['secrets'])} (pleaco secrets ls {app['name']})")
     if app["instances"]:
         print()
         rows = [[str(i["replica"]), i.get("node", "")[:12], i["container"], str(i["release"]), i["state"],
                  "yes" if i["healthy"] else "no",
-                 f"127.0.0.1:{i['host_port']}" if i["host_port"] else "-",
+                 i.get("address") or (f"127.0.0.1:{i['host_port']}" if i["host_port"] else "-"),
                  str(i["restarts"]), (f"retry in {i['backoff_s']}s " if i["backoff_s"] else "") + i["error"]]
                 for i in app["instances"]]
         table(["REPLICA", "NODE", "CONTAINER", "REV", "STATE", "HEALTHY", "ADDRESS", "RESTARTS", "NOTE"], rows)

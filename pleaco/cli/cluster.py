@@ -1,8 +1,9 @@
-"""The verbs about this node and the cluster: ``status``, ``nodes [rm]``, ``cluster init|token``."""
+"""The verbs about this node and the cluster: ``status``, ``nodes [rm|label]``, ``cluster init|token``."""
 
 from __future__ import annotations
 
 import argparse
+import urllib.parse
 from typing import Any
 
 from pleaco.api.client import Client
@@ -18,6 +19,9 @@ def add_parsers(sub: Any) -> None:
     nodes = p.add_subparsers(dest="nodes_verb", metavar="VERB")
     q = nodes.add_parser("rm", help="remove a node: its key is revoked everywhere")
     q.add_argument("node", help="node id, unique id prefix, or name")
+    q = nodes.add_parser("label", help="set (KEY=VALUE) or remove (KEY-) a node's labels, for apps' constraints")
+    q.add_argument("node", help="node id, unique id prefix, or name")
+    q.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
     cluster = sub.add_parser("cluster", help="found or join a cluster").add_subparsers(
         dest="cluster_verb", metavar="VERB", required=True
     )
@@ -42,13 +46,23 @@ def nodes(client: Client, args: argparse.Namespace) -> int:
         removed = client.request("DELETE", f"/v1/nodes/{args.node}")["removed"]
         print(f"removed node {removed}: its key is revoked and the join token rotated")
         return 0
+    if args.nodes_verb == "label":
+        out = client.request("PUT", f"/v1/nodes/{urllib.parse.quote(args.node, safe='')}/labels",
+                             {"labels": args.labels})
+        print(f"node {out['name'] or out['id']}: labels {format_labels(out['labels']) or '(none)'}")
+        return 0
     members = client.nodes()
     if args.json:
         return print_json(members)
     rows = [[n["id"][:12], n["name"], n["state"], n["address"], n["version"],
-             upgrade_column(n), ago(n["last_seen"]), str(n.get("load", {}).get("containers", "-"))] for n in members]
-    table(["ID", "NAME", "STATE", "ADDRESS", "VERSION", "UPGRADE", "LAST SEEN", "CONTAINERS"], rows)
+             upgrade_column(n), ago(n["last_seen"]), str(n.get("load", {}).get("containers", "-")),
+             n.get("subnet") or "-", format_labels(n.get("labels") or {}) or "-"] for n in members]
+    table(["ID", "NAME", "STATE", "ADDRESS", "VERSION", "UPGRADE", "LAST SEEN", "CONTAINERS", "SUBNET", "LABELS"], rows)
     return 0
+
+
+def format_labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def cluster(client: Client, args: argparse.Namespace) -> int:

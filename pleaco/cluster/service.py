@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +45,8 @@ from pleaco.errors import Conflict
 from pleaco.hostport import HostPortError, parse_host_port
 from pleaco.identity import Identity
 from pleaco.metrics import Counter, Gauge, Registry
+from pleaco.net.addresses import HostTables, default_source, loopback_mismatch, read_host_tables
+from pleaco.net.subnets import KIND as SUBNET_KIND
 from pleaco.store import Store
 
 log = logs.get("pleaco.cluster")
@@ -59,14 +60,18 @@ class ClusterError(Conflict, RuntimeError):
     """A cluster operation that cannot be done now (already founded, not a member, ...)."""
 
 
-def advertise_address(cfg: ClusterSettings) -> str:
+def advertise_address(cfg: ClusterSettings, tables: Callable[[], HostTables] = read_host_tables) -> str:
+    """Where the other members reach this node's gossip: ``advertise`` when set, else the
+    listen address when it names one, else (a wildcard) the source address of the default
+    route, as the kernel's tables say (``tables``); 127.0.0.1 on a host without one."""
     host, port = parse_host_port(cfg.gossip_listen, "gossip_listen")
     if cfg.advertise:
         return cfg.advertise if ":" in cfg.advertise else f"{cfg.advertise}:{port}"
     if host in ("0.0.0.0", "::", ""):
         try:
-            host = socket.gethostbyname(socket.gethostname())
-        except OSError:
+            host = default_source(tables()) or "127.0.0.1"
+        except OSError as exc:
+            log.warning("cluster.routes_unreadable", error=str(exc))
             host = "127.0.0.1"
     return f"{host}:{port}"
 
@@ -158,8 +163,23 @@ class Cluster:
             log.warning("discovery.unavailable", error=str(exc))
             self.discovery = None
 
+    def _check_advertised(self, others: list[str]) -> None:
+        """Refuse to advertise a loopback address to members on other machines (``others``:
+        their HOST:PORT addresses): each would gossip with itself."""
+        problem = loopback_mismatch(hostport.host_of(self.addr), [hostport.host_of(a) for a in others if a])
+        if problem is not None:
+            raise ClusterError(problem)
+
+    def _member_addresses(self) -> list[str]:
+        return [str((rec.value or {}).get("gossip") or "") for rec in self.store.records("node")
+                if "/" not in rec.key and rec.key != self.identity.node_id and self.store.revoked_at(rec.key) is None]
+
     async def start(self) -> None:
         self._loop_thread = threading.get_ident()
+        if self.state is not None:
+            self._check_advertised(self._member_addresses())
+        elif self.cfg.join_token:
+            self._check_advertised(list(JoinToken.decode(self.cfg.join_token).seeds))
         self.placement_nodes()  # the first snapshot for other threads
         if self.state is not None or self.cfg.join_token or self.cfg.bootstrap == "auto":
             await self._start_discovery()
@@ -392,6 +412,10 @@ class Cluster:
             self._count_drop("join_refused")
             self._join_refused.log(error=str(exc))
             return trust.refuse_join(str(exc))
+        others = [hostport.host_of(a) for a in [self.addr, *self._member_addresses()] if a]
+        if (problem := loopback_mismatch(hostport.host_of(req.addr), others, f"node {req.node_id}")) is not None:
+            self._join_refused.log(member=req.node_id, error="loopback address")
+            return trust.refuse_join(problem)
         if self.store.revoked_at(req.node_id) is not None:
             self._join_refused.log(member=req.node_id, error="revoked")
             return trust.refuse_join(f"node {req.node_id} was removed from the cluster")
@@ -446,6 +470,8 @@ class Cluster:
             raise KeyError(node_id)
         writes: list[tuple[str, str, dict[str, Any] | None]] = [
             ("node", f"{node_id}/revoked", {"by": self.identity.node_id, "at_ms": int(time.time() * 1000)}),
+            # Its subnet is free again (pleaco.net.subnets): a removed node runs nothing.
+            (SUBNET_KIND, node_id, None),
         ]
         self.store.put_many(writes)
         if self.state is not None:
@@ -508,7 +534,9 @@ class Cluster:
             known[rec.key] = {"id": rec.key, "name": v.get("name", ""), "state": state,
                               "address": v.get("address", ""), "gossip": v.get("gossip", ""),
                               "version": v.get("version", ""), "last_seen": rec.ts.wall_ms / 1000,
-                              "incarnation": 0}
+                              "incarnation": 0,
+                              # The container subnet it claims (pleaco.net.subnets), "" for none.
+                              "subnet": str((self.store.value(SUBNET_KIND, rec.key) or {}).get("subnet", ""))}
         if self.membership is None:
             me = known.setdefault(self.identity.node_id, {"id": self.identity.node_id})
             me.update(state="alive", last_seen=time.time())

@@ -13,11 +13,15 @@ For each request the activator:
 
 1. takes a place in the app's queue on this node: at most ``activator_max_held`` requests
    are held at once; one more gets a 503 at once naming the bound, with a Retry-After;
-2. wakes the app: writes its count to 1 through ``AppStore.scale``, only when the count is
-   still 0 and the policy still allows scaling to zero (any node may: setting 1 when 0 is
-   idempotent, and a node that finds the count above 0 writes nothing). While requests are
-   held the wake is repeated each poll, so a count the owner set back to 0 before it saw
-   the held demand (below) is set to 1 again;
+2. wakes the app: writes its count to 1, only when the count is still 0 and the policy
+   still allows scaling to zero (any node may: setting 1 when 0 is idempotent, and a node
+   that finds the count above 0 writes nothing). The count goes with an entry in the app's
+   decision history (``scale/NAME/decision``, as the autoscaler writes it, through
+   ``AppStore.record_decision``: both or neither, and only while the count is still 0),
+   reason "request while at zero", so ``apps show`` has the 0 -> 1 between the
+   autoscaler's 1 -> 0 and what follows. While requests are held the wake is repeated each
+   poll, so a count the owner set back to 0 before it saw the held demand (below) is set
+   to 1 again;
 3. waits until the app has a serving replica as the proxy's routes have it (this node's or
    another node's, ``ProxyReconciler.routes``), for at most ``activator_hold_timeout``
    seconds from its arrival (then a 503 naming the timeout, with a Retry-After);
@@ -54,6 +58,8 @@ from aiohttp import web
 from pleaco import hostport, logs
 from pleaco.apps import AppStore
 from pleaco.metrics import Counter, Gauge, Registry
+from pleaco.reconcile.autoscale import decision_record, previous_of
+from pleaco.scale import woken
 
 log = logs.get("pleaco.ingress.activator")
 
@@ -129,7 +135,12 @@ class Activator:
         if self.apps.replicas(app) != 0:
             return False
         self.on_wake()
-        self.apps.scale(app, 1)
+        now = time.time()  # wall clock, as the autoscaler's records (they move between nodes)
+        stored = self.apps.decision(app)
+        decision = woken(policy, previous_of(stored, policy), now)
+        record = decision_record(app, decision, 0, policy, self.apps.store.identity.node_id, now, stored)
+        if not self.apps.record_decision(app, policy, 0, 1, record):
+            return False  # the count or the policy changed meanwhile: nothing written
         self.m_wakes.inc(app=app)
         log.info("activator.woke", app=app, held=self.queues[app].held if app in self.queues else 0)
         return True

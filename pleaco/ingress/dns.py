@@ -22,6 +22,7 @@ import random
 import struct
 
 from pleaco import logs
+from pleaco.net import dnswire
 
 log = logs.get("pleaco.ingress.dns")
 
@@ -35,8 +36,8 @@ TTL = 1
 # second), so all of them get traffic.
 MAX_RECORDS = 10
 
-QTYPE_A, QTYPE_SRV = 1, 33
-RCODE_NXDOMAIN, RCODE_FORMERR = 3, 1
+QTYPE_A, QTYPE_SRV = dnswire.QTYPE_A, dnswire.QTYPE_SRV
+RCODE_NXDOMAIN, RCODE_FORMERR = dnswire.RCODE_NXDOMAIN, dnswire.RCODE_FORMERR
 
 
 def srv_name(app: str) -> str:
@@ -45,35 +46,6 @@ def srv_name(app: str) -> str:
 
 def target_name(ip: str) -> str:
     return "ip-" + ip.replace(".", "-") + "." + ZONE
-
-
-def _encode_name(name: str) -> bytes:
-    return b"".join(bytes([len(p)]) + p.encode() for p in name.strip(".").split(".") if p) + b"\0"
-
-
-def _parse_question(data: bytes) -> tuple[int, str, int, int]:
-    """(id, name, qtype, end of question) of a query; ValueError when malformed."""
-    if len(data) < 12:
-        raise ValueError("short header")
-    qid, _flags, qdcount = struct.unpack(">HHH", data[:6])
-    if qdcount != 1:
-        raise ValueError("expected one question")
-    i, labels = 12, []
-    while True:
-        if i >= len(data):
-            raise ValueError("truncated name")
-        n = data[i]
-        if n == 0:
-            i += 1
-            break
-        if n & 0xC0 or i + 1 + n > len(data):
-            raise ValueError("bad label")
-        labels.append(data[i + 1:i + 1 + n].decode("ascii", "replace").lower())
-        i += 1 + n
-    if i + 4 > len(data):
-        raise ValueError("truncated question")
-    qtype, _qclass = struct.unpack(">HH", data[i:i + 4])
-    return qid, ".".join(labels), qtype, i + 4
 
 
 class UpstreamDNS(asyncio.DatagramProtocol):
@@ -100,10 +72,10 @@ class UpstreamDNS(asyncio.DatagramProtocol):
 
     def answer(self, data: bytes) -> bytes:
         try:
-            qid, name, qtype, qend = _parse_question(data)
-        except ValueError:
-            return data[:2] + struct.pack(">HHHHH", 0x8180 | RCODE_FORMERR, 0, 0, 0, 0) if len(data) >= 2 else b""
-        question = data[12:qend]
+            query = dnswire.parse_query(data)
+        except dnswire.Malformed:
+            return dnswire.error_reply(data, RCODE_FORMERR)
+        name, qtype = query.name, query.qtype
         answers: list[bytes] = []
         rcode = 0
         if name in self.records:
@@ -118,20 +90,18 @@ class UpstreamDNS(asyncio.DatagramProtocol):
                 rcode = RCODE_NXDOMAIN
             else:
                 if qtype == QTYPE_A:
-                    answers = [b"\xc0\x0c" + struct.pack(">HHIH", QTYPE_A, 1, TTL, 4) + ip.packed]
+                    answers = [dnswire.record(QTYPE_A, TTL, ip.packed)]
         else:
             rcode = RCODE_NXDOMAIN
-        # Flags: response, authoritative, recursion desired and available.
-        header = struct.pack(">HHHHHH", qid, 0x8580 | rcode, 1, len(answers), 0, 0)
-        return header + question + b"".join(answers)
+        return dnswire.response(query, rcode, answers)
 
     @staticmethod
     def _srv(upstreams: list[tuple[str, int]]) -> list[bytes]:
         """SRV records; the owner name points to the question's (offset 12)."""
         out = []
         for ip, port in upstreams:
-            rdata = struct.pack(">HHH", 1, 1, port) + _encode_name(target_name(ip))
-            out.append(b"\xc0\x0c" + struct.pack(">HHIH", QTYPE_SRV, 1, TTL, len(rdata)) + rdata)
+            rdata = struct.pack(">HHH", 1, 1, port) + dnswire.encode_name(target_name(ip))
+            out.append(dnswire.record(QTYPE_SRV, TTL, rdata))
         return out
 
 

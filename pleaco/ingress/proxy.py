@@ -222,7 +222,9 @@ class ProxyReconciler(Loop):
                     continue
                 # The container's own address and port when it has one (no docker-proxy in
                 # between); else its published port.
-                address = f"{c.ip}:{spec.port}" if c.ip else f"{host}:{c.host_port}"
+                # On the agent's network: its address there (view.address).
+                address = (view.address(c, spec) if view.cluster_network
+                           else f"{c.ip}:{spec.port}" if c.ip else f"{host}:{c.host_port}")
                 ups.append(Upstream(address, c.id))
             for inst in self.route_table.instances(spec.name, live):
                 if inst.serving and inst.address and view.reachable(inst.address):

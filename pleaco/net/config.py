@@ -13,6 +13,13 @@ from dataclasses import dataclass
 
 MESH_MODES = ("auto", "host-gw", "wireguard")
 
+# The Docker network replicas run on, and its Linux bridge (its own, not docker0: the
+# default bridge's subnet and rules are the engine's, and a bridge of our name is easy to
+# tell apart in `ip link`). Fixed names, not settings: every node's is the same, and other
+# parts (service names, isolation rules) find them here.
+DOCKER_NETWORK = "pleaco"
+BRIDGE = "pleaco0"
+
 
 @dataclass(frozen=True)
 class NetworkSettings:
@@ -33,6 +40,25 @@ class NetworkSettings:
     # Apps resolve as NAME.SUFFIX from every container. "internal" is the name space
     # Uncloud and Docker Desktop use, and ICANN reserved .internal for private use (2024).
     suffix: str = "internal"
+    # Seconds a resolver may keep a service name's answer. One: replicas come and go with
+    # every rollout, failure and autoscale step, and a container should stop dialling a
+    # gone replica within about the failure-detection time, not a cache lifetime later;
+    # the server is on the container's own node, so asking again each second costs a
+    # local round trip (the proxy's upstream DNS uses 1 s for the same reason).
+    names_ttl: int = 1
+    # Seconds a query for another name may wait on the host's resolvers (all of them, in
+    # resolv.conf order, each an equal share) before the container gets SERVFAIL. Under
+    # Docker's embedded DNS, which waits 4 s for us, and glibc's 5 s per try, so the
+    # client hears a failure instead of timing out itself.
+    names_forward_timeout: float = 3.0
+    # Forwards in flight at once (each holds a socket until answered or timed out); a
+    # query beyond them is dropped, and its client asks again. 256 covers a busy node's
+    # containers several times over and keeps the sockets well under the agent's 1024
+    # file descriptor default, even with the upstreams down.
+    names_max_forwards: int = 256
+    # TCP connections open at once (clients retrying a truncated answer, or asking over
+    # TCP): a connection beyond them is closed at once.
+    names_tcp_clients: int = 64
     # Encrypt traffic between nodes (WireGuard) even where they share an L2 segment.
     encrypt: bool = False
     # How nodes reach each other's subnets: "auto" (a route through the peer's host
@@ -42,6 +68,11 @@ class NetworkSettings:
     # WireGuard's UDP port and interface name on every node.
     wireguard_port: int = 51820
     wireguard_interface: str = "pleaco-wg"
+    # The routing protocol number on every route the mesh makes (``ip route ... proto
+    # 210``): how the agent finds its own routes after a restart and never touches anyone
+    # else's. 210 is unassigned in iproute2's rt_protos (the routing daemons use 8-18, 42,
+    # 99 and 186-192) and recalls the default cidr.
+    route_protocol: int = 210
     # Publish app ports on the host as well. Off (the default) while the network is
     # enabled: proxies dial replicas on their cluster addresses through the mesh, so no
     # host port is needed and the client IP still reaches the app. With the network
@@ -62,6 +93,15 @@ class NetworkSettings:
         if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*",
                             self.suffix):
             problems.append(f"network.suffix: {self.suffix!r} is not a DNS name (lower-case labels)")
+        if not 0 <= self.names_ttl <= 3600:
+            problems.append(f"network.names_ttl: must be 0..3600 seconds, got {self.names_ttl}")
+        if not 0 < self.names_forward_timeout <= 30:
+            problems.append("network.names_forward_timeout: must be more than 0 and at most 30 seconds, "
+                            f"got {self.names_forward_timeout}")
+        if not 1 <= self.names_max_forwards <= 4096:
+            problems.append(f"network.names_max_forwards: must be 1..4096, got {self.names_max_forwards}")
+        if not 1 <= self.names_tcp_clients <= 1024:
+            problems.append(f"network.names_tcp_clients: must be 1..1024, got {self.names_tcp_clients}")
         if self.mesh not in MESH_MODES:
             problems.append(f"network.mesh: expected one of {', '.join(MESH_MODES)}, got {self.mesh!r}")
         if not 1 <= self.wireguard_port <= 65535:
@@ -69,4 +109,9 @@ class NetworkSettings:
         if not re.fullmatch(r"[A-Za-z0-9_=+.-]{1,15}", self.wireguard_interface):
             problems.append(f"network.wireguard_interface: {self.wireguard_interface!r} is not an "
                             "interface name (1-15 letters, digits, _=+.-)")
+        if self.encrypt and self.mesh == "host-gw":
+            problems.append('network.encrypt = true needs WireGuard, but network.mesh = "host-gw" never makes it '
+                            '(use mesh = "auto" or "wireguard")')
+        if not 5 <= self.route_protocol <= 254:
+            problems.append(f"network.route_protocol: must be 5..254 (0-4 are the kernel's), got {self.route_protocol}")
         return problems

@@ -28,12 +28,13 @@ import aiohttp
 
 from pleaco import logs
 from pleaco.apps import AppSpec, AppStore, format_memory
+from pleaco.constraints import eligible
 from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.placement import Demand, plan
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.config import ReconcileSettings
 from pleaco.reconcile.loop import Loop
-from pleaco.reconcile.publish import local_dial_host
+from pleaco.reconcile.provision import NotProvisioned, Provisioner
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.status import local_instances
 from pleaco.reconcile.view import ImageState, NodeView, Observation, ReplicaKey, ReplicaState
@@ -63,8 +64,19 @@ class AppReconciler(Loop):
         memory: Callable[[], dict[str, int]] | None = None,
         fetch_image: Callable[[str], Awaitable[bool]] | None = None,
         probe: Probe = probe,
+        secrets: Provisioner | None = None,
+        labels: Callable[[], dict[str, dict[str, str]]] | None = None,
+        pins: Callable[[AppSpec, Sequence[str]], tuple[frozenset[str] | None, str]] | None = None,
     ) -> None:
         super().__init__()
+        # Where an app's replicas may run, and why nowhere: the node holding its volumes
+        # (pleaco.stacks.volumes). None: anywhere.
+        self.pins = pins
+        # What each replica gets at its start beside its spec: the app's secrets
+        # (pleaco.stacks.secrets). None: nothing.
+        self.secrets = secrets
+        # Each node's labels, for the apps' placement constraints; none when not given.
+        self.labels = labels or dict
         self.cfg = cfg
         self.interval = cfg.reconcile_interval
         # Coalesce a burst of wake-ups (50 finished starts) into one pass (wants_settle).
@@ -124,6 +136,9 @@ class AppReconciler(Loop):
 
     async def setup(self) -> None:
         self._session = aiohttp.ClientSession()
+        if self.secrets is not None:  # secret files of containers removed while the agent was down
+            names = {c.name for c in await self.blocking(self.runtime.list_managed, self.node_id)}
+            await self.blocking(self.secrets.sweep, names)
 
     async def teardown(self) -> None:
         await self.wait_actions(cancel=True)
@@ -208,9 +223,16 @@ class AppReconciler(Loop):
             if (other := self.apps.get(name)) is not None:
                 specs[name] = other
         # Every node plans every app alike (pleaco.placement.plan) and runs its own part.
-        placed = plan([Demand(s.name, self.apps.replicas(s.name), s.memory) for s in specs.values()],
-                      nodes, self.weights(), self.memory())
+        labels = self.labels()
+        pins = {s.name: self.pins(s, nodes) for s in specs.values() if s.volumes and self.pins is not None}
+        placed = plan([Demand(s.name, self.apps.replicas(s.name), s.memory, s.placement_constraints(),
+                              pins[s.name][0] if s.name in pins else None)
+                       for s in specs.values()], nodes, self.weights(), self.memory(), labels)
+        view.volume_waits = {name: why for name, (_, why) in pins.items() if why}
         view.unplaced = {}
+        view.unschedulable = {
+            s.name: f"no live node meets {' and '.join(s.constraints)}" for s in specs.values()
+            if s.constraints and not eligible(s.placement_constraints(), nodes, labels)}
         for spec in specs.values():
             for idx, node in enumerate(placed[spec.name]):
                 if node == self.node_id:
@@ -275,10 +297,14 @@ class AppReconciler(Loop):
         # the old one first within the unavailable budget; else wait for a later pass.
         rollout = self.cfg.rollout
         for spec, idx, old in replace:
-            if surging.get(spec.name, 0) < rollout.max_surge:
+            # An app with volumes rolls stop-first, a replica at a time (Swarm's default
+            # order): a database's new process must not open the data its old one holds.
+            surge, down = (0, max(1, rollout.max_unavailable)) if spec.volumes else (
+                rollout.max_surge, rollout.max_unavailable)
+            if surging.get(spec.name, 0) < surge:
                 surging[spec.name] = surging.get(spec.name, 0) + 1
                 starts.append((spec, idx))
-            elif unavailable.get(spec.name, 0) < rollout.max_unavailable:
+            elif unavailable.get(spec.name, 0) < down:
                 unavailable[spec.name] = unavailable.get(spec.name, 0) + 1
                 removals.extend((c, "stopped first to replace it (surge budget spent)") for c in old)
 
@@ -298,9 +324,18 @@ class AppReconciler(Loop):
 
         # Check images of wanted-but-missing replicas before trying to start them.
         starts = [s for s in starts if await self._image_present(s[0].image, now)]
+        if starts and view.cluster_network and not view.network:
+            # Replicas run on the node's own network only: the network loop makes it once
+            # this node holds a subnet, and wakes this loop.
+            log.debug("replicas.waiting_for_network", starts=len(starts))
+            starts = []
 
         self.publish(specs, containers, now)
         view.passes += 1
+        # Only when no action ran since the containers were listed: a start that finished
+        # meanwhile made a container this pass's list does not hold, and its files stay.
+        if self.secrets is not None and not self._inflight and not self._busy_when_observed:
+            await self.blocking(self.secrets.sweep, {c.name for c in containers})
         for c, reason in removals:
             self._spawn(f"remove/{c.id}", self._remove(c, reason))
         for spec, idx in starts:
@@ -427,11 +462,24 @@ class AppReconciler(Loop):
         run = RunSpec(
             app=spec.name, node=self.node_id, release=spec.revision, replica=replica,
             image=spec.image, port=spec.port, env=spec.env, publish_host=self.view.publish_host,
+            publish=self.view.publish_ports, network=self.view.network,
+            dns=self.view.resolvers if self.view.network else (),
+            dns_search=(f"{spec.stack}.{self.view.names_suffix}",) if spec.stack and self.view.network else (),
+            command=spec.command, entrypoint=spec.entrypoint,
             memory=spec.memory, nano_cpus=round(spec.cpus * 1e9) if spec.cpus else None, pids=spec.pids,
+            volumes=tuple((m.name, m.path) for m in spec.volumes),
         )
         async with self._limit:
             if not self._still_wanted(spec, replica):
                 return
+            if self.secrets is not None:
+                try:
+                    run = await self.blocking(self.secrets.give, spec, run)
+                except NotProvisioned as exc:  # the next pass tries again
+                    st = self._state((spec.name, replica))
+                    st.last_error, st.start_error = str(exc), f"release {spec.revision}: {exc}"
+                    log.debug("replica.waiting_for_secret", app=spec.name, replica=replica, reason=str(exc))
+                    return
             try:
                 cid = await self.blocking(self.runtime.run, run)
             except Conflict:
@@ -494,6 +542,8 @@ class AppReconciler(Loop):
                 self.m_actions.inc(action="remove", result="error")
                 log.warning("replica.remove_failed", app=c.app, replica=c.replica, error=str(exc))
                 return
+        if self.secrets is not None:  # its secret files go with it
+            await self.blocking(self.secrets.remove_files, c.name)
         self.m_actions.inc(action="remove", result="ok")
         log.info(
             "replica.removed", app=c.app, replica=c.replica, release=c.release, container=c.id[:12], reason=reason
@@ -517,18 +567,18 @@ class AppReconciler(Loop):
             spec = desired.get((c.app, c.replica))
             if spec is None or c.release != spec.revision or not c.running or not spec.health:
                 continue
-            if c.host_port is None:
+            target = self.view.probe_target(c, spec)
+            if target is None:
                 continue
-            targets.append((c, spec))
+            targets.append((c, spec, target))
         if not targets:
             return
-        host = local_dial_host(self.view.publish_host)
         timeout = self.cfg.health_timeout
         results = await asyncio.gather(
-            *(self.probe(self._session, host, c.host_port or 0, spec.health or "/", timeout) for c, spec in targets)
+            *(self.probe(self._session, host, port, spec.health or "/", timeout) for _, spec, (host, port) in targets)
         )
         stops = []
-        for (c, spec), ok in zip(targets, results, strict=True):
+        for (c, spec, _), ok in zip(targets, results, strict=True):
             st = self._state((c.app, c.replica))
             if ok:
                 if not st.healthy:

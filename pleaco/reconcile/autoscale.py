@@ -101,8 +101,8 @@ def previous_of(record: dict[str, Any] | None, policy: AutoscalePolicy) -> Decis
         return None
     try:
         history = record.get("history") or [{}]
-        return Decision(reason=str(history[-1].get("reason", "")), **record["state"])
-    except (KeyError, TypeError, AttributeError):
+        return Decision.from_state(str(history[-1].get("reason", "")), record["state"])
+    except (KeyError, TypeError, AttributeError, ValueError):
         return None
 
 

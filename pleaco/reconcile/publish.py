@@ -1,4 +1,6 @@
-"""Where a replica's port is published, and the address each node dials it at.
+"""Where a replica's port is published, and the address each node dials it at, when the
+agent does not manage the network (``[network] enabled = false``); with it, replicas are
+dialled at their cluster address instead (``NodeView.address``).
 
 The routing mesh: every node's proxy routes to the healthy replicas of every node. A
 node's own replicas are dialled on their Docker network address; another node's on the

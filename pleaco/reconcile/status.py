@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pleaco.apps import AppSpec, format_memory
-from pleaco.reconcile.publish import mesh_address
 from pleaco.reconcile.routes import InstanceStatus, RouteTable
 from pleaco.reconcile.view import NodeView
 
@@ -26,6 +25,8 @@ class AppStatus:
     running: int
     healthy: int
     state: str  # running | starting | degraded | stopped | image_missing | crashloop | engine_unreachable
+    #             | unschedulable (constraints no live node meets)
+    #             | volume_unavailable (the node that holds its volumes is down, or not chosen yet)
     message: str
     instances: list[InstanceStatus]
     # Set when this release is a rollback: {"from": revision, "to": revision, "reason": why}.
@@ -51,6 +52,12 @@ class AppStatus:
             "cpus": self.spec.cpus,
             "pids": self.spec.pids,
             "max_conns": self.spec.max_conns,
+            "constraints": list(self.spec.constraints),
+            "volumes": [m.to_value() for m in self.spec.volumes],
+            "command": None if self.spec.command is None else list(self.spec.command),
+            "entrypoint": None if self.spec.entrypoint is None else list(self.spec.entrypoint),
+            "stack": self.spec.stack,
+            "secrets": sorted(self.spec.secrets),
             "rollback": self.rollback,
             "autoscale": self.autoscale,
             "autoscaler": self.autoscaler,
@@ -82,7 +89,7 @@ def local_instances(view: NodeView, spec: AppSpec) -> list[InstanceStatus]:
                 backoff_s=round(max(0.0, st.backoff.next_attempt - now), 1) if st and not c.running else 0.0,
                 error=st.last_error if st else "",
                 node=view.node_id,
-                address=mesh_address(c.host_ip, c.host_port, view.advertise_host) if c.host_port else "",
+                address=view.address(c, spec),
                 serving=view.serving(c, spec),
             )
         )
@@ -105,8 +112,17 @@ def app_status(view: NodeView, routes: RouteTable, live: Collection[str], spec: 
     elif view.image_missing(spec.image) and healthy < replicas:
         state = "image_missing"
         message = f"image {spec.image!r} is not present on this node; the app starts once it is"
+    elif view.cluster_network and not view.network and replicas > 0 and healthy < replicas:
+        state = "degraded" if healthy else "starting"
+        message = f"replicas wait for this node's network: {view.network_error or 'not made yet'}"
     elif replicas == 0:
         state, message = "stopped", "scaled to 0"
+    elif (why := view.volume_waits.get(spec.name)) and healthy < replicas:
+        state, message = "volume_unavailable", why
+    elif (why := view.unschedulable.get(spec.name)) and healthy < replicas:
+        # Constraints no node meets: say so, rather than wait for replicas that never come.
+        state = "unschedulable"
+        message = f"{why}: none of its {replicas} replicas can run (label a node: pleaco nodes label NODE KEY=VALUE)"
     elif crashing and healthy < replicas:
         worst = max(crashing, key=lambda i: i.restarts)
         state = "crashloop"

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 from pleaco import hostport
 from pleaco.apps import AppSpec, AppStore
+from pleaco.net.config import DOCKER_NETWORK
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.drain import Drain
-from pleaco.reconcile.publish import is_loopback, publish_host
+from pleaco.reconcile.publish import is_loopback, local_dial_host, mesh_address, publish_host
 from pleaco.runtime import ContainerInfo
 
 ReplicaKey = tuple[str, int]  # (app, replica index)
@@ -57,13 +58,31 @@ class Observation:
 
 class NodeView:
     def __init__(self, node_id: str, apps: AppStore, drain: Drain, advertise_host: str = "127.0.0.1",
-                 configured_publish_host: str = "") -> None:
+                 configured_publish_host: str = "", cluster_network: bool = False) -> None:
         self.node_id = node_id
         self.apps = apps
         self.drain = drain
         self.advertise_host = advertise_host
         # Where replicas' ports are published (pleaco.reconcile.publish).
         self.publish_host = publish_host(configured_publish_host, advertise_host)
+        # Whether replicas run on the agent's own network (pleaco.reconcile.network) and are
+        # dialled on their cluster address (container IP and port); else on the engine's
+        # default bridge, dialled on their published port (the network disabled).
+        self.cluster_network = cluster_network
+        # The Docker network replicas run on, once the network loop made it on this node's
+        # subnet ("" until then: replicas wait for it); always "" without the cluster network.
+        self.network = ""
+        # The resolvers replicas on that network get (HostConfig Dns): the network's gateway,
+        # where the agent's service-name server listens (pleaco.reconcile.names); set by the
+        # network loop with ``network``, so no replica starts on it without them.
+        self.resolvers: tuple[str, ...] = ()
+        # The service names' suffix ([network] suffix), set with them: a stack's replicas
+        # search ``STACK.SUFFIX`` (pleaco.stacks.service).
+        self.names_suffix = "internal"
+        # Why it is not there, as the network loop last said ("" when it is, or no error yet).
+        self.network_error = ""
+        # Whether replicas' ports are published on the host as well ([network] publish_ports).
+        self.publish_ports = not cluster_network
         self.observed = Observation()
         self.replicas: dict[ReplicaKey, ReplicaState] = {}
         self.images: dict[str, ImageState] = {}
@@ -74,6 +93,11 @@ class NodeView:
         self.passes = 0  # whole passes of the app loop since start
         # app -> its replicas that fit on no live node's memory, as the last pass planned.
         self.unplaced: dict[str, int] = {}
+        # App -> why none of its replicas can be placed: no live node meets its constraints.
+        self.unschedulable: dict[str, str] = {}
+        # App -> why its replicas wait: the node that holds its volumes is down, or not
+        # chosen yet (pleaco.stacks.volumes).
+        self.volume_waits: dict[str, str] = {}
 
     # -- the one definition of healthy and serving -----------------------------------------
 
@@ -88,13 +112,34 @@ class NodeView:
     def serving(self, c: ContainerInfo, spec: AppSpec | None) -> bool:
         """Whether this node's container takes traffic: what this node's proxy routes to and
         what its ``route`` record tells the other nodes' proxies."""
-        if spec is None or spec.port is None or not c.running or c.host_port is None:
+        if spec is None or spec.port is None or not c.running or not self.address(c, spec):
             return False
         if self.drain.draining(c.id):
             return False
         if c.release == spec.revision:
             return self.healthy(c, spec)
         return c.id in self.proven
+
+    # -- where a replica is reached ---------------------------------------------------------
+
+    def address(self, c: ContainerInfo, spec: AppSpec | None) -> str:
+        """Where proxies (this node's and the others', through the mesh) dial a replica
+        (HOST:PORT), "" when it cannot be dialled: on the cluster network its container
+        address and port, there only; else the address its port is published on."""
+        if self.cluster_network:
+            # By the network's fixed name, not ``network``: that is set by the network
+            # loop's first step, and at an agent start the app loop's first pass (and the
+            # proxy's routes) must not take the running replicas out of service.
+            ip = c.address_on(DOCKER_NETWORK)
+            return f"{ip}:{spec.port}" if ip and spec is not None and spec.port else ""
+        return mesh_address(c.host_ip, c.host_port, self.advertise_host) if c.host_port else ""
+
+    def probe_target(self, c: ContainerInfo, spec: AppSpec) -> tuple[str, int] | None:
+        """Where this node probes a replica's health: where it dials it."""
+        if self.cluster_network:
+            address = self.address(c, spec)
+            return hostport.split(address) if address else None
+        return (local_dial_host(self.publish_host), c.host_port) if c.host_port else None
 
     # -- other reads ---------------------------------------------------------------------
 

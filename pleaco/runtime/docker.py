@@ -9,6 +9,7 @@ pleaco only ever touches containers that carry its labels, and each agent only t
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 import requests
 
 from pleaco import errors
@@ -27,6 +29,15 @@ LABEL_REPLICA = "pleaco.replica"
 MANAGED_LABELS = (LABEL_APP, LABEL_NODE, LABEL_RELEASE, LABEL_REPLICA)
 # Infrastructure containers (the proxy) carry this and LABEL_NODE instead of the four above.
 LABEL_ROLE = "pleaco.role"
+# One-off jobs (``pleaco run``) carry LABEL_ROLE = ROLE_JOB, LABEL_NODE, their id and their
+# app under a label of their own: not the four above, so no replica loop ever sees them.
+ROLE_JOB = "job"
+# Short-lived containers that copy a volume's content out or in (volumes snapshot|restore).
+ROLE_VOLUME_HELPER = "volume-helper"
+LABEL_JOB = "pleaco.job"
+LABEL_JOB_APP = "pleaco.job.app"
+# An app's named volumes (pleaco.stacks.volumes) carry LABEL_APP, LABEL_NODE and this.
+LABEL_VOLUME = "pleaco.volume"
 
 # The oldest engine we support is Debian 12's docker.io (20.10, API 1.41). Pinning the
 # version also means creating the client never has to reach the engine.
@@ -76,6 +87,15 @@ class ContainerInfo:
     # The host address its port is published on (0.0.0.0 for every address): other nodes'
     # proxies dial HOST_IP:HOST_PORT (the routing mesh).
     host_ip: str = ""
+    # The Docker network ``ip`` is on ("" when none).
+    network: str = ""
+    # Every (network, address) it has: a replica made before the agent managed the network
+    # is connected to the agent's network as well, beside the default bridge.
+    addresses: tuple[tuple[str, str], ...] = ()
+
+    def address_on(self, network: str) -> str:
+        """Its address on ``network``, "" when it is not on it."""
+        return next((ip for name, ip in self.addresses if name == network), "")
 
     @property
     def running(self) -> bool:
@@ -87,6 +107,13 @@ def container_name(app: str, release: int, replica: int, node_id: str) -> str:
     make a second create of the same replica fail instead of making a duplicate (e.g. after
     the agent died between two steps)."""
     return f"pleaco-{app}-{release}-{replica}-{node_id[:12]}"
+
+
+def volume_name(app: str, volume: str, node_id: str) -> str:
+    """The Docker volume of an app's named volume on a node. App names hold no '.', and
+    the node id has a fixed length at the end, so no two (app, volume) pairs share a name;
+    the node is in it because several agents may share one engine."""
+    return f"pleaco-{app}.{volume}.{node_id[:12]}"
 
 
 @dataclass(frozen=True)
@@ -101,11 +128,31 @@ class RunSpec:
     port: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     publish_host: str = "127.0.0.1"
+    # Publish the port on the host (publish_host:random). Off when proxies dial the
+    # replica on its cluster address instead ([network] publish_ports).
+    publish: bool = True
+    # The Docker network to run on ("": the engine's default bridge): pleaco's own, on the
+    # node's subnet, when the agent manages the network.
+    network: str = ""
     # Limits (None: none): memory in bytes (swap included: no swap beyond it), CPU time in
     # billionths of a CPU (Docker's NanoCpus: --cpus 0.5 is 500000000), processes.
     memory: int | None = None
     nano_cpus: int | None = None
     pids: int | None = None
+    # Bind mounts as (host path, container path, "ro" | "rw"): an app's secret files.
+    binds: tuple[tuple[str, str, str], ...] = ()
+    # The container's resolvers (HostConfig Dns; empty: the engine's default). On a
+    # user-defined network the engine's embedded DNS answers container names and asks
+    # these for everything else: the agent's service names (pleaco.net.names).
+    dns: tuple[str, ...] = ()
+    # The app's named volumes as (volume, container path): made, labelled, when missing.
+    volumes: tuple[tuple[str, str], ...] = ()
+    # Search domains of its resolver (HostConfig DnsSearch): a stack's services get
+    # ``STACK.SUFFIX``, so a bare service name resolves as ``SERVICE.STACK.SUFFIX``.
+    dns_search: tuple[str, ...] = ()
+    # Docker's Cmd and Entrypoint (None: the image's own).
+    command: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -118,6 +165,52 @@ class RunSpec:
             LABEL_RELEASE: str(self.release),
             LABEL_REPLICA: str(self.replica),
         }
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A bridge network of the agent's own: its subnet, its gateway, its Linux bridge."""
+
+    name: str
+    subnet: str  # CIDR
+    gateway: str
+    bridge: str  # the Linux bridge's name (com.docker.network.bridge.name)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    id: str
+    name: str
+    driver: str
+    subnets: tuple[str, ...]  # CIDRs of its IPAM config
+    bridge: str
+    labels: dict[str, str]
+    containers: tuple[str, ...]  # ids of the containers attached
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A one-off container of an app's release (``pleaco run``): its command, the app's
+    environment and limits, and the bind mounts of its secret files."""
+
+    app: str
+    node: str
+    job: str  # the job's id
+    image: str
+    command: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    memory: int | None = None
+    nano_cpus: int | None = None
+    pids: int | None = None
+    binds: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"pleaco-job-{self.app}-{self.job}-{self.node[:12]}"
+
+    def labels(self) -> dict[str, str]:
+        return {LABEL_ROLE: ROLE_JOB, LABEL_NODE: self.node, LABEL_JOB: self.job, LABEL_JOB_APP: self.app}
 
 
 @dataclass(frozen=True)
@@ -242,8 +335,12 @@ class DockerRuntime:
         missing. Docker's restart policy stays "no": pleaco decides about restarts.
         """
         ports = [spec.port] if spec.port else None
+        for volume, _ in spec.volumes:
+            self.ensure_volume(spec.app, volume, spec.node)
+        volume_binds = [f"{volume_name(spec.app, v, spec.node)}:{path}:rw" for v, path in spec.volumes]
         host_config = self._api.create_host_config(
-            port_bindings={spec.port: (spec.publish_host, None)} if spec.port else None,
+            port_bindings={spec.port: (spec.publish_host, None)} if spec.port and spec.publish else None,
+            network_mode=spec.network or None,
             restart_policy={"Name": "no"},
             log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
             # tini as PID 1: forwards SIGTERM to the app (so stops are quick) and reaps zombies.
@@ -254,6 +351,9 @@ class DockerRuntime:
             memswap_limit=spec.memory,
             nano_cpus=spec.nano_cpus,
             pids_limit=spec.pids,
+            binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds] + volume_binds or None,
+            dns=list(spec.dns) or None,
+            dns_search=list(spec.dns_search) or None,
         )
         created = self._call(
             self._api.create_container,
@@ -261,13 +361,123 @@ class DockerRuntime:
             name=spec.name,
             labels=spec.labels(),
             environment=spec.env or None,
+            command=None if spec.command is None else list(spec.command),
+            entrypoint=None if spec.entrypoint is None else list(spec.entrypoint),
             ports=ports,
             host_config=host_config,
+            networking_config=self._api.create_networking_config(
+                {spec.network: self._api.create_endpoint_config()}) if spec.network else None,
             detach=True,
         )
         cid = str(created["Id"])
         self._call(self._api.start, cid)
         return cid
+
+    # -- named volumes (pleaco.stacks.volumes) -------------------------------------------
+
+    def ensure_volume(self, app: str, volume: str, node_id: str) -> str:
+        """Make the app's volume on this engine, labelled, unless it exists; its name."""
+        name = volume_name(app, volume, node_id)
+        try:
+            self._call(self._api.inspect_volume, name)
+        except NotFound:
+            self._call(self._api.create_volume, name,
+                       labels={LABEL_APP: app, LABEL_VOLUME: volume, LABEL_NODE: node_id})
+        return name
+
+    def volume_exists(self, app: str, volume: str, node_id: str) -> bool:
+        try:
+            self._call(self._api.inspect_volume, volume_name(app, volume, node_id))
+        except NotFound:
+            return False
+        return True
+
+    def remove_volume(self, app: str, volume: str, node_id: str) -> None:
+        """Remove the app's volume (gone already: done); Conflict while a container uses it."""
+        with contextlib.suppress(NotFound):
+            self._call(self._api.remove_volume, volume_name(app, volume, node_id))
+
+    def create_volume_helper(self, image: str, app: str, volume: str, node_id: str,
+                             command: tuple[str, ...] = ()) -> str:
+        """Create (not start) a short-lived container with the volume at /v, to copy its
+        content out or in (``get_archive``, ``put_archive``); labelled by its role, never with
+        the four app labels, so the app loop never takes it for a replica. Its id;
+        ``remove_volume_helper`` ends it."""
+        host_config = self._api.create_host_config(binds=[f"{volume_name(app, volume, node_id)}:/v:rw"],
+                                                   network_mode="none")
+        created = self._call(self._api.create_container, image, command=list(command) or None,
+                             labels={LABEL_ROLE: ROLE_VOLUME_HELPER, LABEL_NODE: node_id, LABEL_VOLUME: volume,
+                                     LABEL_JOB_APP: app},
+                             host_config=host_config, detach=True)
+        return str(created["Id"])
+
+    def run_volume_helper(self, container_id: str) -> int:
+        """Start the helper and wait for its command to end; its exit code."""
+        self._call(self._api.start, container_id)
+        return int(self._call(self._api.wait, container_id, timeout=None).get("StatusCode", -1))
+
+    def get_archive(self, container_id: str, path: str) -> Iterator[bytes]:
+        """A tar stream of ``path`` in the container (``path/.``: entries relative to it)."""
+        stream, _ = self._call(self._api.get_archive, container_id, path)
+        return iter(stream)
+
+    def put_archive(self, container_id: str, path: str, data: Any) -> None:
+        """Extract a tar (bytes, or an iterator of chunks, streamed) into ``path``."""
+        if not self._call(self._api.put_archive, container_id, path, data):
+            raise EngineCallFailed(f"docker engine refused the archive for {path}")
+
+    def list_volume_helpers(self, node_id: str) -> list[str]:
+        """The ids of this node's helpers (any state): those an earlier life of the agent left."""
+        rows = self._call(self._api.containers, all=True,
+                          filters={"label": [f"{LABEL_ROLE}={ROLE_VOLUME_HELPER}", f"{LABEL_NODE}={node_id}"]})
+        return [str(r["Id"]) for r in rows if (r.get("Labels") or {}).get(LABEL_NODE) == node_id]
+
+    def remove_volume_helper(self, container_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._call(self._api.remove_container, container_id, force=True)
+
+    # -- networks --------------------------------------------------------------------------
+
+    def find_network(self, name: str) -> NetworkInfo | None:
+        """The network of that exact name (Docker's lookup also matches id prefixes)."""
+        try:
+            raw = self._call(self._api.inspect_network, name)
+        except NotFound:
+            return None
+        info = _parse_network(raw)
+        return info if info.name == name else None
+
+    def network_subnets(self) -> list[tuple[str, str]]:
+        """Every network's (name, subnet) on this engine, one pair per IPAM subnet."""
+        return [(str(raw.get("Name", "")), str(cfg["Subnet"])) for raw in self._call(self._api.networks)
+                for cfg in ((raw.get("IPAM") or {}).get("Config") or []) if cfg.get("Subnet")]
+
+    def create_network(self, spec: NetworkSpec) -> str:
+        """Create a bridge network with its own Linux bridge; returns its id. Conflict when
+        one of that name exists; EngineCallFailed when the engine refuses (its subnet
+        overlaps another network's)."""
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=spec.subnet,
+                                                                           gateway=spec.gateway)])
+        created = self._call(self._api.create_network, spec.name, driver="bridge", ipam=ipam,
+                             check_duplicate=True, labels=spec.labels or None,
+                             options={"com.docker.network.bridge.name": spec.bridge})
+        return str(created["Id"])
+
+    def connect_network(self, network: str, container_id: str, node_id: str) -> None:
+        """Connect one of ``node_id``'s replicas to a network as well (PermissionError for
+        another's); no-op when it is on it already."""
+        info = self._inspect_owned(container_id, node_id)
+        if network in ((info.get("NetworkSettings") or {}).get("Networks") or {}):
+            return
+        self._call(self._api.connect_container_to_network, container_id, network)
+
+    def remove_network(self, name: str) -> None:
+        """Remove a network (no-op when it is gone); Conflict or EngineCallFailed while
+        containers are attached to it."""
+        try:
+            self._call(self._api.remove_network, name)
+        except NotFound:
+            return
 
     def start(self, container_id: str) -> None:
         self._call(self._api.start, container_id)
@@ -402,6 +612,64 @@ class DockerRuntime:
         except NotFound:
             return  # already gone: the goal is reached
 
+    # -- one-off jobs (``pleaco run``) ----------------------------------------------------
+    # Labelled ROLE_JOB, never with the four app labels: list_managed never sees them.
+
+    def run_job(self, spec: JobSpec) -> str:
+        """Create and start a job's container (no ports, no restarts); returns its id."""
+        host_config = self._api.create_host_config(
+            restart_policy={"Name": "no"}, init=True,
+            log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+            mem_limit=spec.memory, memswap_limit=spec.memory, nano_cpus=spec.nano_cpus, pids_limit=spec.pids,
+            binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds] or None,
+        )
+        created = self._call(self._api.create_container, spec.image, command=list(spec.command), name=spec.name,
+                             labels=spec.labels(), environment=spec.env or None, host_config=host_config,
+                             detach=True)
+        cid = str(created["Id"])
+        try:
+            self._call(self._api.start, cid)
+        except EngineError:
+            # Not left behind: a job that did not start is nobody's to remove later.
+            self._call(self._api.remove_container, cid, force=True)
+            raise
+        return cid
+
+    def wait_job(self, container_id: str) -> int:
+        """Block until the job's container exits; its exit code."""
+        result = self._call(self._api.wait, container_id, timeout=None)
+        return int(result.get("StatusCode", -1))
+
+    def list_jobs(self, node_id: str) -> list[str]:
+        """The ids of this node's job containers, in any state."""
+        rows = self._call(self._api.containers, all=True,
+                          filters={"label": [f"{LABEL_ROLE}={ROLE_JOB}", f"{LABEL_NODE}={node_id}"]})
+        return [str(r["Id"]) for r in rows if (r.get("Labels") or {}).get(LABEL_NODE) == node_id]
+
+    def remove_job(self, container_id: str, node_id: str) -> None:
+        """Remove (killing it if it runs) one of this node's job containers."""
+        try:
+            info = self._call(self._api.inspect_container, container_id)
+        except NotFound:
+            return
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        if labels.get(LABEL_ROLE) != ROLE_JOB or labels.get(LABEL_NODE) != node_id:
+            raise PermissionError(f"container {container_id[:12]} is not a job of node {node_id}")
+        with contextlib.suppress(NotFound):  # already gone: the goal is reached
+            self._call(self._api.remove_container, container_id, force=True)
+
+def _parse_network(raw: dict[str, Any]) -> NetworkInfo:
+    return NetworkInfo(
+        id=str(raw.get("Id", "")),
+        name=str(raw.get("Name", "")),
+        driver=str(raw.get("Driver", "")),
+        subnets=tuple(str(c["Subnet"]) for c in ((raw.get("IPAM") or {}).get("Config") or []) if c.get("Subnet")),
+        bridge=str((raw.get("Options") or {}).get("com.docker.network.bridge.name", "")),
+        labels=dict(raw.get("Labels") or {}),
+        containers=tuple((raw.get("Containers") or {}).keys()),
+    )
+
+
 def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
     labels = row.get("Labels") or {}
     try:
@@ -418,6 +686,10 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
             host_port, host_ip = int(p["PublicPort"]), str(p.get("IP") or "")
             break
     names = row.get("Names") or ["/"]
+    addresses = tuple((str(name), str(n["IPAddress"]))
+                      for name, n in ((row.get("NetworkSettings") or {}).get("Networks") or {}).items()
+                      if n.get("IPAddress"))
+    addressed = addresses[0] if addresses else None
     return ContainerInfo(
         id=row["Id"],
         name=names[0].lstrip("/"),
@@ -430,7 +702,8 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
         image=row.get("Image", ""),
         host_port=host_port,
         created=int(row.get("Created", 0)),
-        ip=next((str(n["IPAddress"]) for n in ((row.get("NetworkSettings") or {}).get("Networks") or {}).values()
-                 if n.get("IPAddress")), ""),
+        ip=addressed[1] if addressed else "",
         host_ip=host_ip,
+        network=addressed[0] if addressed else "",
+        addresses=addresses,
     )

@@ -21,7 +21,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from pleaco.runtime.docker import ContainerInfo, DockerRuntime, ExitInfo, InfraInfo, InfraSpec, RunSpec
+from pleaco.runtime.docker import (
+    ContainerInfo,
+    DockerRuntime,
+    ExitInfo,
+    InfraInfo,
+    InfraSpec,
+    NetworkInfo,
+    NetworkSpec,
+    RunSpec,
+)
 
 
 class Engine(Protocol):
@@ -86,5 +95,33 @@ class Engine(Protocol):
         ...
 
 
+class NetworkEngine(Protocol):
+    """What the network loop needs of the engine: the node's own bridge network, and
+    enough to leave replicas of an old subnet (remove) and to check the cluster CIDR
+    against the engine's other networks."""
+
+    def find_network(self, name: str) -> NetworkInfo | None:
+        ...
+
+    def network_subnets(self) -> list[tuple[str, str]]:
+        ...
+
+    def create_network(self, spec: NetworkSpec) -> str:
+        ...
+
+    def remove_network(self, name: str) -> None:
+        ...
+
+    def remove(self, container_id: str, node_id: str, stop_timeout: int = 10) -> None:
+        ...
+
+    def list_managed(self, node_id: str, app: str | None = None) -> list[ContainerInfo]:
+        ...
+
+    def connect_network(self, network: str, container_id: str, node_id: str) -> None:
+        ...
+
+
 # The adapter satisfies the protocol (checked by mypy here, where the agent's code is).
 _docker_is_an_engine: type[Engine] = DockerRuntime
+_docker_has_networks: type[NetworkEngine] = DockerRuntime

@@ -92,6 +92,7 @@ class MemoryContainer:
     memory: int | None = None
     nano_cpus: int | None = None
     pids: int | None = None
+    dns: tuple[str, ...] = ()  # HostConfig's Dns
     oom_killed: bool = False
 
     @property
@@ -166,7 +167,7 @@ class MemoryEngine:
         label it: what an agent killed between Docker's create and start leaves behind."""
         with self._lock:
             c = self._containers[self._create(spec.name, spec.image, spec.labels(), spec.port, spec.publish_host)]
-            c.memory, c.nano_cpus, c.pids = spec.memory, spec.nano_cpus, spec.pids
+            c.memory, c.nano_cpus, c.pids, c.dns = spec.memory, spec.nano_cpus, spec.pids, spec.dns
             return c.id
 
     def run_by_hand(self, image: str, name: str, labels: dict[str, str] | None = None,
@@ -211,7 +212,7 @@ class MemoryEngine:
                 raise EngineCallFailed(f"docker engine: Range of CPUs is from 0.01 to {self.cpus}.00, as there are "
                                        f"only {self.cpus} CPUs available")
             c = self._containers[self._create(spec.name, spec.image, spec.labels(), spec.port, spec.publish_host)]
-            c.memory, c.nano_cpus, c.pids = spec.memory, spec.nano_cpus, spec.pids
+            c.memory, c.nano_cpus, c.pids, c.dns = spec.memory, spec.nano_cpus, spec.pids, spec.dns
             self._start(c)
             self.actions.append(("run", c.name))
             return c.id

@@ -1,5 +1,5 @@
 """Scaling with the traffic: the autoscaler's decision (decide.py), a pure function."""
 
-from pleaco.scale.decide import METRICS, AutoscalePolicy, Decision, PolicyError, Sample, decide
+from pleaco.scale.decide import METRICS, WAKE_REASON, AutoscalePolicy, Decision, PolicyError, Sample, decide, woken
 
-__all__ = ["METRICS", "AutoscalePolicy", "Decision", "PolicyError", "Sample", "decide"]
+__all__ = ["METRICS", "WAKE_REASON", "AutoscalePolicy", "Decision", "PolicyError", "Sample", "decide", "woken"]

@@ -21,7 +21,7 @@ FORMAT_VERSION = 1
 # The kinds DESIGN.md names. A record of any other kind is refused, so a typo in code (or a
 # hostile peer) cannot create state that nothing reads.
 KINDS = frozenset(
-    {"node", "app", "release", "build", "route", "secret", "scale", "upgrade", "subnet"}
+    {"node", "app", "release", "build", "route", "secret", "scale", "upgrade", "subnet", "volume"}
 )
 
 Value = dict[str, Any] | None

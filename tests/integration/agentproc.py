@@ -151,7 +151,9 @@ class AgentProcess:
         cmd = [*self.prefix, sys.executable, "-m", "pleaco", "agent", "--data-dir", str(self.data_dir),
                "--api-listen", f"{self.host}:{self.port}", "--name", self.data_dir.name,
                "--gossip-listen", f"{self.host}:{self.gossip_port}", "--proxy-image=", *self.extra_args]
-        env = {**os.environ, "PLEACO_LOG_LEVEL": "debug", **self.env}
+        # The network off unless the test turns it on: agents here share one engine and one
+        # network namespace, where each would claim the one `pleaco` network and bridge.
+        env = {**os.environ, "PLEACO_LOG_LEVEL": "debug", "PLEACO_NETWORK_ENABLED": "false", **self.env}
         with open(self.log_path, "ab") as log:
             log.write(f"--- start {self.starts} ---\n".encode())
             log.flush()

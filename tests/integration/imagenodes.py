@@ -80,21 +80,23 @@ class Node:
 
 
 def _put_file(container: Any, path: str, text: str, mode: int = 0o600) -> None:
+    """Write a file into a created (not yet started) container; its directory exists in
+    the image (/etc/pleaco: packer/provision.sh makes it)."""
     data = text.encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo(Path(path).name)
         info.size, info.mode, info.mtime = len(data), mode, int(time.time())
         tar.addfile(info, io.BytesIO(data))
-    container.exec_run(["mkdir", "-p", str(Path(path).parent)]) if container.status == "running" else None
     assert container.put_archive(str(Path(path).parent), buf.getvalue())
 
 
 @contextlib.contextmanager
 def image_nodes(count: int, tag: str, subnet: int, config: Callable[[int, str], str],
-                image: str = IMAGE) -> Iterator[tuple[list[Node], str]]:
+                image: str = IMAGE, start: int | None = None) -> Iterator[tuple[list[Node], str]]:
     """``count`` nodes pl-TAG-1.. on network pl-TAG (10.78.SUBNET.0/24; nodes from .11),
-    each configured by ``config(index, ip)`` (the pleaco.toml cloud-init would write).
+    each configured by ``config(index, ip)`` (the pleaco.toml cloud-init would write); the
+    first ``start`` of them (default all) started, the others created only.
     Yields the nodes and the network's gateway address (the host, as the nodes see it)."""
     client = docker.from_env(timeout=120)
     name = f"pl-{tag}"
@@ -120,7 +122,7 @@ def image_nodes(count: int, tag: str, subnet: int, config: Callable[[int, str], 
             network.connect(container, ipv4_address=ip)
             _put_file(container, "/etc/pleaco/pleaco.toml", config(i, ip))
             nodes.append(Node(node_name, ip, container))
-        for node in nodes:
+        for node in nodes[:count if start is None else start]:
             node.container.start()
         yield nodes, gateway
     finally:

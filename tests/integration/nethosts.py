@@ -81,6 +81,12 @@ def _engine_ready(url: str) -> bool:
         return False
 
 
+def _mounts_under(root: Path) -> list[str]:
+    """Mount points below ``root`` in this mount namespace, deepest first."""
+    found = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return sorted((m for m in found if m.startswith(f"{root}/")), key=len, reverse=True)
+
+
 @contextlib.contextmanager
 def engine_hosts(count: int, tag: str, subnet: int, images: tuple[str, ...] = IMAGES) -> Iterator[list[EngineHost]]:
     """``count`` hosts on bridge ``pl{tag}`` in 10.77.SUBNET.0/24, each with its own engine
@@ -136,6 +142,11 @@ def engine_hosts(count: int, tag: str, subnet: int, images: tuple[str, ...] = IM
                     proc.wait(10)
                 # containerd and its shims, when the engine died before it stopped them.
                 subprocess.run(["pkill", "-f", f"{eh.run_dir}/exec"], capture_output=True)
+                # The engine leaves its namespace bind-mounted at exec/netns/default once a
+                # host-network container (a proxy) ran there: that mount would keep the
+                # host's namespace, and its veth on the bridge, alive after `ip netns del`.
+                for mount in _mounts_under(eh.run_dir):
+                    subprocess.run(["umount", "-l", mount], capture_output=True)
                 shutil.rmtree(eh.run_dir, ignore_errors=True)
     # The namespaces are gone (netns.hosts); the engines' cgroups are empty now.
     for cgroup in cgroups:

@@ -146,7 +146,8 @@ class SlotAgent:
                "--api-listen", f"127.0.0.1:{self.port}", "--name", self.data_dir.name, *self.extra_args]
         # Not this tree's pleaco: no PYTHONPATH, so the slot runs its own code.
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PLEACO_CONFIG")}
-        env.update(PLEACO_LOG_LEVEL="debug", PLEACO_UPGRADE_ROOT=str(self.root),
+        # The network off, as in agentproc: agents here share one engine.
+        env.update(PLEACO_LOG_LEVEL="debug", PLEACO_NETWORK_ENABLED="false", PLEACO_UPGRADE_ROOT=str(self.root),
                    PLEACO_UPGRADE_TRUSTED_KEYS=self.public_key,
                    PLEACO_UPGRADE_HEALTH_DEADLINE=str(self.health_deadline))
         with open(self.log_path, "ab") as log:

@@ -19,6 +19,7 @@ from typing import Any
 from agentproc import AgentProcess, alive_ids, free_port, wait_for
 from conftest import HELLO
 from test_autoscale import metrics
+from test_cli import cli
 from test_proxy import Proxied, routes, start_proxied
 
 HOST = "hello.pleaco.internal"
@@ -78,6 +79,12 @@ def test_a_request_to_an_app_at_zero_is_held_until_its_first_replica_answers_it(
     m = metrics(p.agent)
     assert m['pleaco_activator_wakes_total{app="hello"}'] >= 1
     assert m['pleaco_activator_requests_total{app="hello",result="proxied"}'] == 1
+    # The wake is in the decision history apps show prints, after the autoscaler's 1 -> 0.
+    moves = [(d["from"], d["to"], d["reason"]) for d in client.app("hello")["autoscaler"]["decisions"]]
+    assert (1, 0, last["reason"]) in moves and (0, 1, "request while at zero") in moves, moves
+    assert moves.index((0, 1, "request while at zero")) > moves.index((1, 0, last["reason"]))
+    shown = cli(p.agent, "apps", "show", "hello").stdout
+    assert "request while at zero" in shown, shown
     # Once it has a replica the proxy routes straight to it (within the DNS refresh of a
     # second, until which the activator forwards what still comes to it).
     proxied = 'pleaco_activator_requests_total{app="hello",result="proxied"}'

@@ -69,11 +69,14 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_failed_request(
                     "the autoscaler to sample the idle app")
     assert idle["replicas"] == 1 and idle["autoscaler"]["decisions"] == []
 
-    with Load(f"http://127.0.0.1:{p.http}/cgi-bin/slow", HOST, rate=7, max_seconds=120) as load:
+    # 8 requests/s of 1 s each: 8 in flight, 4 replicas at 2 each. (7, 3.5 replicas' worth,
+    # was measured at 6.5-6.6 on a loaded machine: within the 10 % band of 3 replicas, which
+    # then took the 4th only through the stable window.)
+    with Load(f"http://127.0.0.1:{p.http}/cgi-bin/slow", HOST, rate=8, max_seconds=120) as load:
         up = wait_for(lambda: (a := client.app("slow"))["replicas"] >= 4 and a["healthy"] >= 4 and a, 90,
                       "4 healthy replicas under the load")
         # The load goes on: the panic ends (a stable window without a surge) and the count
-        # stays, 7 in flight being within what 4 replicas serve at 2 each.
+        # stays, 8 in flight being what 4 replicas serve at 2 each.
         calm = wait_for(lambda: (a := client.app("slow"))["autoscaler"]["panic"] is False and a, 60,
                         "the panic to end under the steady load")
         assert calm["replicas"] >= 4 and calm["autoscaler"]["decisions"][-1]["to"] >= 4
@@ -179,7 +182,7 @@ def test_the_next_owner_continues_deciding_when_the_owner_dies_under_load(
     wait_for(lambda: entry.get(HOST, "/healthz")[0] == 200, 90, "slow through the entry node's proxy")
     client.autoscale("slow", POLICY)
 
-    with Load(f"http://127.0.0.1:{entry.http}/cgi-bin/slow", HOST, rate=7, max_seconds=150) as load:
+    with Load(f"http://127.0.0.1:{entry.http}/cgi-bin/slow", HOST, rate=8, max_seconds=150) as load:
         up = wait_for(lambda: (a := client.app("slow"))["replicas"] >= 4 and a["autoscaler"]["decisions"]
                       and a["autoscaler"]["decisions"][-1]["to"] == a["replicas"] and a, 90, "the owner's scale-up")
         assert up["autoscaler"]["decided_by"] == owner.agent.node_id

@@ -69,6 +69,22 @@ def test_bad_autoscale_is_refused_and_changes_nothing(agent: AgentProcess, raw_b
     assert after["autoscale"] == before["autoscale"] and after["replicas"] == before["replicas"]
 
 
+def test_a_count_outside_the_autoscale_range_is_400_and_changes_nothing(agent: AgentProcess) -> None:
+    agent.client.deploy("web", {"image": HELLO, "replicas": 2})
+    raw(agent, "PUT", "/v1/apps/web/autoscale", body(min_replicas=2, max_replicas=4))
+    before = agent.client.app("web")
+    for method, path, fields in [("POST", "/v1/apps/web/scale", {"replicas": 5}),
+                                 ("PUT", "/v1/apps/web", {"image": BUSYBOX, "replicas": 1}),
+                                 ("PUT", "/v1/apps/web", {"image": BUSYBOX, "replicas": 9})]:
+        status, err = raw(agent, method, path, body(**fields))
+        assert status == 400, (path, err)
+        assert "outside the app's autoscale range 2..4" in err["error"]["message"], err
+    after = agent.client.app("web")
+    assert (after["replicas"], after["revision"], after["image"]) == (before["replicas"], before["revision"], HELLO)
+    cli_out = cli(agent, "apps", "scale", "web", "7")
+    assert cli_out.returncode != 0 and "outside the app's autoscale range 2..4" in cli_out.stderr
+
+
 def test_autoscale_of_a_missing_app_is_404(agent: AgentProcess) -> None:
     status, err = raw(agent, "PUT", "/v1/apps/nope/autoscale", body(min_replicas=1, max_replicas=2))
     assert status == 404 and err["error"]["code"] == "not_found"

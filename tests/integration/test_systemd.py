@@ -73,6 +73,8 @@ def dropin() -> str:
         "BindReadOnlyPaths=" + " ".join(sorted({str(REPO), str(VENV), str(BASE_PYTHON)})),
         "Environment=PLEACO_PROXY_IMAGE=",  # no proxy: it would publish ports on the host's engine
         "Environment=PLEACO_DISCOVERY=none",
+        # The network off, as in agentproc: the host's engine is shared with other tests.
+        "Environment=PLEACO_NETWORK_ENABLED=false",
         f"Environment=PLEACO_API_LISTEN=0.0.0.0:{API_PORT}",
         f"WatchdogSec={WATCHDOG_SEC}s",
         "RestartSec=1",

@@ -145,7 +145,9 @@ def slot_agent(request: pytest.FixtureRequest, tmp_path: Path, releases: Release
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the slot's code, never this tree's
     env.update({"PLEACO_UPGRADE_TRUSTED_KEYS": releases.public_key, "PLEACO_UPGRADE_ROOT": str(root),
                 "PLEACO_UPGRADE_HEALTH_DEADLINE": str(deadline), "PLEACO_UPGRADE_AGENT_GONE_GRACE": str(GONE_GRACE),
-                "PLEACO_LOG_LEVEL": "debug"})
+                "PLEACO_LOG_LEVEL": "debug",
+                # The network off, as in agentproc: the host's engine is shared with other tests.
+                "PLEACO_NETWORK_ENABLED": "false"})
     agent = SlotAgent(root, tmp_path / "node", env)
     try:
         agent.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +29,8 @@ from pleaco.ingress.dns import srv_name
 from pleaco.ingress.load import LoadReporter
 from pleaco.ingress.proxy import dns_upstreams
 from pleaco.metrics import Registry
+from pleaco.reconcile.autoscale import decision_record, previous_of
+from pleaco.scale import Sample, decide
 from pleaco.store import Store
 
 POLL = 0.01  # seconds between looks while a condition settles
@@ -63,6 +66,11 @@ def test_the_wake_writes_one_only_at_zero_and_only_once(apps: AppStore) -> None:
     assert act.wake("web") is True and apps.replicas("web") == 1
     written = apps.store.peek("scale", "web")
     assert written is not None
+    # In the decision history, as the autoscaler's decisions are (apps show prints them).
+    record = apps.decision("web")
+    assert record is not None and record["node"] == apps.store.identity.node_id
+    [entry] = record["history"]
+    assert (entry["from"], entry["to"], entry["reason"]) == (0, 1, "request while at zero")
     # Idempotent: at 1 already, nothing is written (the record keeps its version).
     assert act.wake("web") is False
     again = apps.store.peek("scale", "web")
@@ -77,6 +85,36 @@ def test_the_wake_writes_one_only_at_zero_and_only_once(apps: AppStore) -> None:
     apps.store.put("scale", "web", {"replicas": 0})  # at 0 without a policy that allows it
     assert act.wake("web") is False and apps.replicas("web") == 0
     assert act.wake("ghost") is False
+
+
+def test_the_wake_continues_the_autoscalers_history_and_state(apps: AppStore) -> None:
+    """After the autoscaler's 1 -> 0, the wake's 0 -> 1 is the next entry, and the state it
+    records is one the autoscaler continues from (the counts for its scale-down limit)."""
+    policy = apps.autoscale("web")
+    assert policy is not None
+    apps.scale("web", 1)
+    idle = decide(policy, 1, [Sample(t, 0.0) for t in range(-10, 1)], 0.0)
+    assert idle.desired == 0
+    now = time.time()
+    apps.record_decision("web", policy, 1, 0, decision_record("web", idle, 1, policy, "n" * 32, now - 1, None))
+    assert activator(apps, []).wake("web") is True
+    record = apps.decision("web")
+    assert record is not None
+    assert [(h["from"], h["to"]) for h in record["history"]] == [(1, 0), (0, 1)]
+    previous = previous_of(record, policy)
+    assert previous is not None and previous.desired == 1 and previous.counts[-1][1] == 1
+    # Someone else set the count meanwhile: the wake writes nothing, count or history.
+    apps.scale("web", 0)
+    real = apps.decision
+
+    def scaled_meanwhile(name: str) -> dict[str, Any] | None:
+        apps.scale(name, 2)  # after the wake read the count (0)
+        return real(name)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(apps, "decision", scaled_meanwhile)
+        assert activator(apps, []).wake("web") is False
+    assert apps.replicas("web") == 2 and apps.decision("web") == record
 
 
 async def _get(url: str, app: str = "web", **kw: Any) -> tuple[int, str, dict[str, str]]:

@@ -20,6 +20,7 @@ from pleaco.placement import Owners
 from pleaco.reconcile.autoscale import HISTORY, Autoscaler, decision_record
 from pleaco.reconcile.config import AutoscaleConfig
 from pleaco.scale import AutoscalePolicy, Decision
+from pleaco.scale.decide import COUNTS_KEPT
 from pleaco.store import PACKET_RECORD_BYTES, Store
 from pleaco.store.record import gossip_size
 
@@ -77,14 +78,16 @@ def test_only_the_owner_decides_and_writes_every_node_samples(apps: AppStore) ->
     w = World(apps)
     w.tick(times=3)
     w.concurrency = 7.0  # 3.5x what 1 replica serves at 2: panic, 4 replicas
-    w.tick(times=2)  # the 2 s panic window's average crosses 2x on the second sample
+    # The first sample of the surge already panics (the 2 s panic window's recency-weighted
+    # average is 4.7: 3 replicas); the second takes it to 4.
+    w.tick(times=2)
     assert apps.replicas("web") == 4
     record = apps.decision("web")
     assert record is not None and record["node"] == A and record["state"]["panic"] is True
-    [last] = record["history"]
-    assert (last["from"], last["to"], last["node"]) == (1, 4, A[:12]) and last["reason"].startswith("panic")
-    assert w.decisions(A) == 1 and w.decisions(B) == 0
-    assert w.nodes[A].m_decisions.value(app="web", direction="up") == 1
+    assert [(d["from"], d["to"], d["node"]) for d in record["history"]] == [(1, 3, A[:12]), (3, 4, A[:12])]
+    assert all(d["reason"].startswith("panic") for d in record["history"])
+    assert w.decisions(A) == 2 and w.decisions(B) == 0
+    assert w.nodes[A].m_decisions.value(app="web", direction="up") == 2
     text = w.registries[B].render()  # every node shows the desired count and the figure it sampled
     assert 'pleaco_autoscale_desired_replicas{app="web"} 4' in text
     assert 'pleaco_autoscale_metric{app="web",metric="concurrency"} 7' in text
@@ -147,7 +150,7 @@ def test_a_successor_continues_the_panic_from_the_decision_record(apps: AppStore
     record = apps.decision("web")
     assert record is not None and record["node"] == B and record["state"]["panic"] is False
     moves = [(d["from"], d["to"], d["node"]) for d in record["history"]]
-    assert moves[0] == (1, 4, A[:12]) and moves[-1][1:] == (1, B[:12])
+    assert moves[0] == (1, 3, A[:12]) and moves[1] == (3, 4, A[:12]) and moves[-1][1:] == (1, B[:12])
     assert any(d["reason"].startswith("6s average") for d in record["history"])
 
 
@@ -175,15 +178,15 @@ def test_a_decision_from_a_count_that_changed_meanwhile_is_not_written(apps: App
         apps.scale(name, 2)  # after the autoscaler read the count (1)
         return real(name)
 
-    w.tick()  # one sample of the surge: not a panic yet
+    # The first sample of the surge: a panic (1 -> 3) decided from a count of 1, which is
+    # 2 by the time it would be written.
     monkeypatch.setattr(apps, "decision", scaled_by_hand_meanwhile)
     w.now += 1
     w.nodes[A].tick()
     monkeypatch.undo()
     assert apps.replicas("web") == 2 and apps.decision("web") is None
     assert w.decisions(A) == 0
-    # The next ticks decide from the new count (2 replicas: no panic at 7, the stable
-    # average catches up).
+    # The next ticks decide from the new count (7 wants 4 of the 2 replicas serving: panic).
     w.tick(times=5)
     assert apps.replicas("web") == 4
     record = apps.decision("web")
@@ -241,8 +244,8 @@ def test_the_decision_record_fits_a_gossip_packet_and_keeps_the_last_decisions()
     policy = AutoscalePolicy.from_value(POLICY)
     record = None
     for i in range(HISTORY + 3):
-        d = Decision(desired=100, reason="r" * 10_000, panic=True, panic_last=1e12 + i, window_start=1e12,
-                     window_high=100)
+        d = Decision(desired=100, reason="r" * 10_000, panic=True, panic_last=1e12 + i,
+                     counts=tuple((1e12 + j, 100 + j) for j in range(COUNTS_KEPT)))
         record = decision_record(app, d, 99, policy, "f" * 32, 1e12 + i, record)
         assert gossip_size("scale", app + DECISION_SUFFIX, record) <= PACKET_RECORD_BYTES
     assert record is not None and 1 <= len(record["history"]) <= HISTORY

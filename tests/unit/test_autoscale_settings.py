@@ -60,6 +60,33 @@ def test_manual_scale_stays_inside_the_range(apps: AppStore) -> None:
     assert apps.replicas("web") == 4
 
 
+def test_deploy_replicas_stays_inside_the_range_and_a_refused_deploy_changes_nothing(apps: AppStore,
+                                                                                   store: Store) -> None:
+    apps.set_autoscale("web", {"min_replicas": 2, "max_replicas": 4})
+    before = store.count()
+    for replicas in (1, 9):
+        with pytest.raises(ValidationError, match=r"replicas: \d is outside the app's autoscale range 2\.\.4"):
+            apps.deploy("web", {"image": "nginx:1.28", "replicas": replicas})
+    assert store.count() == before and apps.replicas("web") == 3
+    spec = apps.get("web")
+    assert spec is not None and spec.image == "nginx:1.27" and spec.revision == 1
+    # Inside the range, or without --replicas, a deploy goes through.
+    assert apps.deploy("web", {"image": "nginx:1.28", "replicas": 4}).replicas == 4
+    assert apps.deploy("web", {"image": "nginx:1.29"}).replicas == 4
+
+
+def test_every_per_app_verb_refuses_a_missing_app_or_a_bad_name(apps: AppStore, store: Store) -> None:
+    before = store.count()
+    calls = [lambda n: apps.scale(n, 2), lambda n: apps.set_autoscale(n, {"min_replicas": 1, "max_replicas": 2}),
+             apps.clear_autoscale, apps.remove, apps.rollback]
+    for call in calls:
+        with pytest.raises(NotFound, match="app 'nope' does not exist"):
+            call("nope")
+        with pytest.raises(ValidationError, match="is not a DNS label"):
+            call("Bad_Name")
+    assert store.count() == before
+
+
 def test_removing_the_app_removes_its_policy(apps: AppStore, store: Store) -> None:
     apps.set_autoscale("web", {"min_replicas": 1, "max_replicas": 4})
     apps.remove("web")

@@ -35,7 +35,8 @@ def test_a_release_gives_the_app_the_manifests_scale_policy(tmp_path: Path) -> N
 def test_a_release_keeps_the_limits_deploy_set(tmp_path: Path) -> None:
     svc = _service(tmp_path)
     conn = svc.connect("web", "https://github.com/o/web.git", None, None).connection
-    svc.apps.deploy("web", {"image": "img-0", "memory": "64m", "cpus": 0.5, "pids": 30, "max_conns": 8})
+    svc.apps.deploy("web", {"image": "img-0", "memory": "64m", "cpus": 0.5, "pids": 30, "max_conns": 8,
+                            "volumes": ["data:/data"]})
     b = svc.push(conn, "a" * 40, delivery="d1").build
     assert b is not None
     b.image = "img-a"
@@ -43,3 +44,4 @@ def test_a_release_keeps_the_limits_deploy_set(tmp_path: Path) -> None:
     spec = svc.apps.get("web")
     assert spec is not None and spec.image == "img-a" and (spec.memory, spec.cpus, spec.pids) == (64 << 20, 0.5, 30)
     assert spec.max_conns == 8
+    assert [str(m) for m in spec.volumes] == ["data:/data"]

@@ -34,6 +34,7 @@ from pleaco.ingress.config import ProxyConfig
 from pleaco.ingress.orphans import OrphanSweeper, config_addresses, find_orphans, overlap, parse_address
 from pleaco.ingress.traffic import TrafficStats
 from pleaco.metrics import Registry
+from pleaco.net import dnswire
 from pleaco.runtime.docker import ContainerInfo, InfraInfo
 from pleaco.urlpath import health_path_problem
 
@@ -120,7 +121,7 @@ def test_internal_names(host: str, internal: bool) -> None:
 
 
 def query(name: str, qtype: int, qid: int = 7) -> bytes:
-    return struct.pack(">HHHHHH", qid, 0x100, 1, 0, 0, 0) + dns._encode_name(name) + struct.pack(">HH", qtype, 1)
+    return struct.pack(">HHHHHH", qid, 0x100, 1, 0, 0, 0) + dnswire.encode_name(name) + struct.pack(">HH", qtype, 1)
 
 
 def parse_answers(msg: bytes) -> tuple[int, int, list[tuple[int, bytes]]]:
@@ -146,7 +147,8 @@ def test_dns_answers_srv_with_uncompressed_targets_and_their_addresses() -> None
     qid, rcode, answers = parse_answers(server.answer(query("web.upstreams.pleaco", dns.QTYPE_SRV, 42)))
     assert (qid, rcode) == (42, 0)
     srv = [(struct.unpack(">HHH", r[:6])[2], r[6:]) for t, r in answers if t == dns.QTYPE_SRV]
-    assert srv == [(3000, dns._encode_name("ip-127-0-0-1.pleaco")), (3001, dns._encode_name("ip-10-0-0-5.pleaco"))]
+    assert srv == [(3000, dnswire.encode_name("ip-127-0-0-1.pleaco")),
+                   (3001, dnswire.encode_name("ip-10-0-0-5.pleaco"))]
     _, rcode, answers = parse_answers(server.answer(query("ip-10-0-0-5.pleaco", dns.QTYPE_A)))
     assert rcode == 0 and answers == [(dns.QTYPE_A, bytes([10, 0, 0, 5]))]
     _, rcode, answers = parse_answers(server.answer(query("ip-10-0-0-5.pleaco", 28)))  # AAAA: none

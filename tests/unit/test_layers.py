@@ -11,13 +11,17 @@ import pleaco
 # Bottom to top. A part is a top-level module or subpackage of pleaco.
 LAYERS: list[set[str]] = [
     {"__init__", "logs", "metrics", "errors", "hostport", "urlpath", "identity"},  # foundations
-    {"scale"},  # pure decisions over the foundations: the autoscaler's (pleaco/scale/decide.py)
+    # pure decisions over the foundations: the autoscaler's (pleaco/scale/decide.py); node
+    # labels and placement constraints (pleaco/constraints.py); an app's volume mounts as
+    # its spec holds them (pleaco/mounts.py)
+    {"scale", "constraints", "mounts"},
     {"store"},  # the replicated state on disk
     {"net"},  # the host's network: its addresses, node subnets, the mesh seam (pyroute2)
     {"cluster", "runtime"},  # gossip and trust; Docker Engine (neither knows the other)
     {"apps", "placement", "host"},  # what the state means: app specs, who runs and decides what; the host
     {"reconcile"},  # the loop runner and the app, rollout, tombstone loops
     {"ingress", "builds"},  # the proxy loop; the build pipeline and its loops
+    {"stacks"},  # real apps: app secrets (given to replicas through the app loop's seam)
     {"api"},  # the HTTP API and its client
     {"ui"},  # the web dashboard: pages over the API's own handlers
     {"config"},  # the agent's settings, made of the parts' own

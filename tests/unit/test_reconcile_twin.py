@@ -336,6 +336,19 @@ def test_rollout_stops_first_within_max_unavailable_when_no_surge(world: World) 
              "all replicas on release 2", each=check)
 
 
+def test_an_app_with_volumes_rolls_stop_first_whatever_the_surge(world: World) -> None:
+    # Its new process must never open the data its old one still holds (a database's lock).
+    n = world.node(rollout=RolloutConfig(max_surge=5, max_unavailable=0))
+    n.apps.deploy("web", {"image": IMG, "replicas": 2, "port": 8080, "health": "/healthz", "volumes": ["d:/d"]})
+    up(n, 2)
+    world.engine.add_image("pleaco/hello:2")
+    check = rollout_invariants(n, 2, surge=0, unavailable=1)
+    n.apps.deploy("web", {"image": "pleaco/hello:2", "replicas": 2, "port": 8080, "health": "/healthz",
+                          "volumes": ["d:/d"]})
+    n.settle(lambda: {c.release for c in n.containers()} == {2} and n.status().healthy == 2,
+             "all replicas on release 2", each=check)
+
+
 def test_an_unhealthy_replica_is_restarted_after_health_failures(world: World) -> None:
     n = world.node()
     deploy(n, 1)

@@ -174,7 +174,8 @@ def test_unknown_kind_is_refused_on_verify() -> None:
 
 
 def test_every_design_kind_is_accepted() -> None:
-    assert {"node", "app", "release", "build", "route", "secret", "scale", "upgrade", "subnet"} == KINDS
+    assert {"node", "app", "release", "build", "route", "secret", "scale", "upgrade", "subnet",
+            "volume"} == KINDS
     for kind in sorted(KINDS):
         make(kind=kind).verify(known)
 

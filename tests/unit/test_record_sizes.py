@@ -23,6 +23,9 @@ from pleaco.reconcile.autoscale import HISTORY, decision_record
 from pleaco.reconcile.routes import InstanceStatus, RouteTable
 from pleaco.reconcile.upgrade import MAX_PLAN_NODES, MAX_REASON, MAX_VERSION, PLAN_KEY, NodeUpgrade, new_plan
 from pleaco.scale import AutoscalePolicy, Decision
+from pleaco.scale.decide import COUNTS_KEPT
+from pleaco.stacks.volumes import KIND as VOLUME_KIND
+from pleaco.stacks.volumes import VolumeRecord
 from pleaco.store import KINDS, MAX_RECORD_BYTES, PACKET_RECORD_BYTES, RecordTooLarge, Store
 from pleaco.store.record import gossip_size
 
@@ -104,11 +107,18 @@ def largest_scale(store: Store) -> int:
     sizes.append(gossip_size("scale", LONG_APP + AUTOSCALE_SUFFIX, policy.to_value()))
     record = None
     for i in range(2 * HISTORY):
-        decision = Decision(desired=10**6, reason="r" * 100_000, panic=True, panic_last=-big, window_start=-big,
-                            window_high=10**6)
+        decision = Decision(desired=10**6, reason="r" * 100_000, panic=True, panic_last=-big,
+                            counts=tuple((-big, 10**6) for _ in range(COUNTS_KEPT)))
         record = decision_record(LONG_APP, decision, 10**6, policy, NODE, 1e15 + i, record)
         sizes.append(gossip_size("scale", LONG_APP + DECISION_SUFFIX, record))
     return max(sizes)
+
+
+def largest_volume(store: Store) -> int:
+    """A volume claim: the longest app and volume names, a node id, the removal mark."""
+    rec = VolumeRecord(LONG_APP, "v" * 63, NODE, 10**15, removing=True)
+    store.put(VOLUME_KIND, rec.key, rec.to_value())
+    return gossip_size(VOLUME_KIND, rec.key, rec.to_value())
 
 
 def apps_refuse_what_is_too_large(store: Store) -> int:
@@ -138,6 +148,7 @@ WORST: dict[str, tuple[Callable[[Store, Path], int], int]] = {
     # Kinds DESIGN.md names that nothing writes yet: their writers must add a worst case.
     "upgrade": (lambda s, _: largest_upgrade(s), MAX_RECORD_BYTES),
     "subnet": (lambda s, _: 0, MAX_RECORD_BYTES),
+    "volume": (lambda s, _: largest_volume(s), PACKET_RECORD_BYTES),
 }
 
 

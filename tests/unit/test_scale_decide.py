@@ -21,29 +21,30 @@ def policy(**kw: Any) -> AutoscalePolicy:
 
 
 def simulate(p: AutoscalePolicy, load: Callable[[float], float], start: float, end: float,
-             current: int, history: float = 120.0) -> list[tuple[float, Decision]]:
-    """Decide every TICK from ``start`` to ``end`` (inclusive) with a sample of ``load`` every
-    TICK from ``start - history``; each decision's count is the next one's current count."""
+             current: int, history: float = 120.0, tick: float = TICK) -> list[tuple[float, Decision]]:
+    """Decide every ``tick`` from ``start`` to ``end`` (inclusive) with a sample of ``load``
+    every ``tick`` from ``start - history``; each decision's count is the next one's current
+    count."""
     out: list[tuple[float, Decision]] = []
     previous: Decision | None = None
     now = start
     while now <= end + 1e-9:
-        samples = [Sample(t, load(t)) for t in _ticks(now - history, now)]
+        samples = [Sample(t, load(t)) for t in _ticks(now - history, now, tick)]
         previous = decide(p, current, samples, now, previous)
         current = previous.desired
         out.append((now, previous))
-        now += TICK
+        now += tick
     return out
 
 
-def _ticks(start: float, end: float) -> list[float]:
-    n = round((end - start) / TICK)
-    return [start + i * TICK for i in range(n + 1)]
+def _ticks(start: float, end: float, tick: float = TICK) -> list[float]:
+    n = round((end - start) / tick)
+    return [start + i * tick for i in range(n + 1)]
 
 
-def changes(run: list[tuple[float, Decision]], first: int) -> list[tuple[float, int]]:
+def changes(run: list[tuple[float, Decision]], first: int, tick: float = TICK) -> list[tuple[float, int]]:
     """(time, count) at every change of count, starting with the count before the run."""
-    out = [(run[0][0] - TICK, first)]
+    out = [(run[0][0] - tick, first)]
     for t, d in run:
         if d.desired != out[-1][1]:
             out.append((t, d.desired))
@@ -56,10 +57,70 @@ def test_step_up_reaches_the_count_within_the_panic_window_without_overshoot() -
     # 1 replica at its target of 50 in flight, then the load steps to 200: 4 replicas' worth.
     run = simulate(policy(), lambda t: 50.0 if t < 60 else 200.0, start=0, end=300, current=1)
     # Within the 6 s panic window: each tick the panic average has more of the new load.
-    assert changes(run, 1) == [(-TICK, 1), (60, 2), (62, 3), (64, 4)]
+    assert changes(run, 1) == [(-TICK, 1), (60, 3), (62, 4)]
     assert run[30][1].panic and "panic" in run[30][1].reason
     assert not run[-1][1].panic  # a stable window after the surge, panic is over
     assert max(d.desired for _, d in run) == 4
+
+
+def test_an_exact_2x_step_reaches_the_count_within_half_the_panic_window() -> None:
+    """2 replicas at their target (4 in flight at 2 each), then exactly twice that. The
+    panic average weighs recent samples more, so the step crosses the bar (4 wanted of 2
+    serving) with 3 of the 6 s window's 6 samples, not only once the window is full of it
+    (it was: 6 s, then the container start, against a goal of 6 s plus the start)."""
+    p = policy(target=2.0, max_replicas=8)
+    run = simulate(p, lambda t: 4.0 if t < 60 else 8.0, start=0, end=120, current=2, tick=1.0)
+    assert changes(run, 2, tick=1.0) == [(-1.0, 2), (62, 4)]
+    assert dict(run)[62].panic
+
+
+def test_a_stable_scale_up_inside_the_panic_window_does_not_raise_the_panic_bar() -> None:
+    """The stable window decides 2 -> 3 just before a 2x step: the panic bar is measured
+    against the 2 replicas serving during the panic window, not the 3 just asked for (it
+    was: 8 is not 2x of 3, and 4 replicas came only after the 60 s stable window)."""
+    p = policy(target=2.0, max_replicas=8)
+    samples = [Sample(t, 4.6) for t in _ticks(-58, 0)]  # 2.3 per replica: above the band
+    first = decide(p, 2, samples, 0.0)
+    assert first.desired == 3 and not first.panic
+    samples += [Sample(2.0, 8.0), Sample(4.0, 8.0)]
+    second = decide(p, 3, samples, 2.0, first)  # over the bar of the 2 serving: panic
+    assert second.panic and "2 replica(s) serving" in second.reason
+    third = decide(p, second.desired, samples, 4.0, second)
+    assert third.desired == 4 and third.panic
+
+
+def test_a_load_just_over_a_whole_count_does_not_overshoot() -> None:
+    """8.06 in flight at a target of 2 (requests of 1.0075 s at 8 per second) is 4 replicas
+    and 3 % of one, inside the 10 % tolerance: 4, not ceil(8.06 / 2) = 5. More than the
+    band above 4 replicas' worth is one more."""
+    p = policy(target=2.0, max_replicas=8)
+    run = simulate(p, lambda t: 4.0 if t < 60 else 8.06, start=0, end=200, current=2, tick=1.0)
+    assert max(d.desired for _, d in run) == 4 and run[-1][1].desired == 4
+    run = simulate(p, lambda t: 4.0 if t < 60 else 9.0, start=0, end=200, current=2, tick=1.0)
+    assert run[-1][1].desired == 5  # 2.25 per replica of 4: above the band
+    # In the panic after the step, a bump within the band of the 4 running (requests slowed
+    # while containers start) adds none; one beyond it does.
+    bump = lambda t: 4.0 if t < 60 else 8.7 if 66 <= t < 72 else 8.0  # noqa: E731
+    run = simulate(p, bump, start=0, end=200, current=2, tick=1.0)
+    assert max(d.desired for _, d in run) == 4 and dict(run)[70].panic
+    beyond = lambda t: 4.0 if t < 60 else 9.5 if 66 <= t < 72 else 8.0  # noqa: E731
+    assert max(d.desired for _, d in simulate(p, beyond, start=0, end=200, current=2, tick=1.0)) == 5
+    # Small demand still wants a replica: 0 is the idle rule's alone.
+    zero = policy(target=2.0, min_replicas=0, scale_to_zero_after=30.0)
+    assert decide(zero, 2, [Sample(t, 0.1) for t in _ticks(-100, 0)], 0.0).desired == 1
+
+
+def test_the_scale_down_limit_slides_with_the_stable_window() -> None:
+    """A 6 s stable window: the count never falls below half the highest in force in the
+    last 6 s. A fixed window let 4 -> 3 -> 2 -> 1 through in 4 s: 3 was in force until 4,
+    and a new window starting at 6 forgot it."""
+    p = policy(target=1.0, max_replicas=8, stable_window=6.0, panic_window=2.0)
+    run = simulate(p, lambda t: 3.2 if t < 2 else 0.5, start=0, end=30, current=4, history=20.0, tick=1.0)
+    steps = changes(run, 4, tick=1.0)
+    for i, (at, count) in enumerate(steps[1:], start=1):
+        high = max(c for j, (_, c) in enumerate(steps[:i]) if j + 1 == len(steps) or steps[j + 1][0] > at - 6.0)
+        assert count >= math.ceil(high / 2), (steps, at)
+    assert steps == [(-1.0, 4), (2, 3), (4, 2), (10, 1)]
 
 
 def test_step_down_is_limited_per_stable_window() -> None:
@@ -80,12 +141,15 @@ def test_ramp_follows_the_load_up_without_going_down() -> None:
 def test_spike_scales_up_in_panic_holds_then_steps_down() -> None:
     load = lambda t: 500.0 if t == 100 else 50.0  # noqa: E731  one sample of a spike
     run = simulate(policy(), load, start=0, end=300, current=1)
-    # At 100 the panic window holds (50 + 50 + 500) / 3 = 200: 4 replicas; panic holds them
-    # for a stable window after the spike, then the scale-down limit halves per window
-    # (windows begin at 0, 60, 120, 180, ...).
-    assert changes(run, 1) == [(-TICK, 1), (100, 4), (160, 2), (180, 1)]
-    held = [d for t, d in run if 100 < t < 160]
-    assert all(d.panic and "holding 4" in d.reason for d in held)
+    # At 100 the panic window's recency-weighted average is (50/3 + 50*2/3 + 500) / 2 = 275:
+    # 5.5 replicas' worth, 6 (a plain average, 200, took 4: the price of reacting to a
+    # sustained step within half the window). The spike stays over the bar until 104
+    # (while it is still in the window and 1 replica was serving); panic holds the 6 for a
+    # stable window after that, then the scale-down limit halves per sliding stable window:
+    # 6 -> 3, and each next step a whole window after the count it halves left.
+    assert changes(run, 1) == [(-TICK, 1), (100, 6), (164, 3), (224, 2), (284, 1)]
+    assert all(d.panic and d.desired == 6 for t, d in run if 100 <= t < 164)
+    assert all("holding 6" in d.reason for t, d in run if 104 < t < 164)
 
 
 def test_noise_of_20_percent_never_changes_the_count() -> None:
@@ -240,15 +304,18 @@ def test_scale_down_never_faster_than_its_limit(p: AutoscalePolicy, data: st.Dat
     loads = data.draw(st.lists(st.floats(0, p.per_replica * 30), min_size=1, max_size=120))
     samples: list[Sample] = []
     previous: Decision | None = None
-    high: dict[float, int] = {}  # scale-down window (its start) -> the highest count in it
+    counts = [(-math.inf, current)]  # (since when, count), as this test saw them
     for i, value in enumerate(loads):
         now = i * TICK
         samples.append(Sample(now, value))
         d = decide(p, current, samples, now, previous)
-        window = high.setdefault(d.window_start, current)
+        # The highest count in force at any moment of the last stable window, now included.
+        ends = [at for at, _ in counts[1:]] + [math.inf]
+        high = max(c for (_, c), end in zip(counts, ends, strict=True) if end > now - p.stable_window)
         if d.desired < current and d.desired > 0:  # to zero is the idle rule's, not the rate's
-            assert d.desired >= min(math.ceil(window / p.scale_down_rate - 1e-9), p.max_replicas), d.reason
+            assert d.desired >= min(math.ceil(high / p.scale_down_rate - 1e-9), p.max_replicas), d.reason
         if d.desired == 0 and current > 0:  # going to zero (staying there has its own reason)
             assert "scale to zero" in d.reason
-        high[d.window_start] = max(window, d.desired)
+        if d.desired != current:
+            counts.append((now, d.desired))
         previous, current = d, d.desired

@@ -1,0 +1,531 @@
+"""Compose files: what ``stack deploy`` reads, and the apps it makes of them.
+
+Two halves, so that bad input from the CLI or from any other API client gets the same errors:
+
+- ``load`` (the CLI): parses the YAML (PyYAML's safe loader: no tags that build objects)
+  and reads each service's ``env_file`` (relative to the compose file) into its
+  ``environment``, as Compose does (``environment`` wins over the file). What it sends the
+  API is the document as JSON, with no files left to read.
+- ``plan`` (the server): checks the whole document and maps each service onto the deploy
+  body of app ``STACK-SERVICE`` (pleaco.apps.validate_deploy checks each body as a plain
+  deploy would). Anything pleaco does not support is an error naming the service and the
+  key: nothing is silently ignored, and nothing is deployed (pleaco.stacks.service writes
+  only once the plan is whole).
+
+The mapping (plain Compose keys, and ``x-pleaco`` for what Compose has no key for):
+
+- ``image``, ``command``, ``entrypoint`` (a string is split as a shell would, like Compose);
+- ``environment`` (a map, or a list of ``KEY=VALUE``), ``env_file`` (read by the CLI);
+- ``ports`` / ``expose``: the one container port of the service (the app's port): other
+  services reach it there by name, and the node proxies route HTTP to it (the host name
+  and HTTPS in ``x-pleaco: {host, https}``). A published host port has no meaning on
+  pleaco (the proxy is the way in) and is accepted for files written for Compose;
+- ``healthcheck``: ``disable: true`` or ``test: ["NONE"]``, or a ``curl``/``wget`` of a
+  path on localhost at the service's port, which becomes the app's HTTP health path (as
+  does ``x-pleaco: {health: /path}``). Any other command cannot be expressed: an error;
+- ``depends_on`` (list or map, conditions ``service_started`` / ``service_healthy``): the
+  deploy order, in waves; a service is deployed once those it depends on are healthy;
+- ``deploy``: ``replicas``, ``resources.limits`` (``memory``, ``cpus``, ``pids``),
+  ``placement.constraints`` (``node.labels.*`` only);
+- ``restart``: ``always`` and ``unless-stopped`` say what pleaco does anyway (it restarts
+  a replica that exits); any other policy is an error.
+
+- ``volumes``: named volumes (``NAME:/path`` or ``{type: volume, source, target}``),
+  declared in the top-level ``volumes``, become the app's volumes (pleaco.mounts).
+  A volume belongs to one app on pleaco: one used by two services is an error, as are bind
+  mounts, anonymous volumes, read-only mounts and volume options (driver, external).
+
+Top level: ``services``; ``volumes``; ``name`` (must be the stack's); ``version`` (obsolete
+in Compose too, which ignores it); ``x-*`` extension fields (for YAML anchors, ignored as
+in Compose).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pleaco import errors
+from pleaco.apps import ValidationError, validate_deploy, validate_name
+
+# Compose accepts larger files, but a stack of services and its environment fits in far
+# less, and the whole document goes to the API as one JSON body.
+MAX_FILE_BYTES = 1 << 20
+MAX_SERVICES = 100
+SERVICE_KEYS = frozenset({"image", "command", "entrypoint", "environment", "env_file", "ports", "expose",
+                          "healthcheck", "depends_on", "deploy", "restart", "volumes", "x-pleaco"})
+TOP_KEYS = frozenset({"services", "name", "version", "volumes"})
+X_PLEACO_KEYS = frozenset({"host", "https", "health"})
+DEPLOY_KEYS = frozenset({"replicas", "resources", "placement"})
+LIMIT_KEYS = frozenset({"memory", "cpus", "pids"})
+RESTART_POLICIES = ("always", "unless-stopped")
+DEPENDS_CONDITIONS = ("service_started", "service_healthy")
+_ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+# A port as Compose writes it: [[HOST_IP:]PUBLISHED:]TARGET[/PROTOCOL].
+_PORT = re.compile(r"^(?:(?:\[?[0-9a-fA-F.:]*\]?:)?([0-9]{1,5})?:)?([0-9]{1,5})(?:/(tcp|udp|sctp))?$")
+# A health check command that fetches a path on the container itself.
+_HEALTH_URL = re.compile(r"^https?://(?:localhost|127\.0\.0\.1)(?::([0-9]{1,5}))?(/[^\s]*)?$")
+_HEALTH_TOOLS = ("curl", "wget")
+
+
+class ComposeError(errors.InvalidInput, ValueError):
+    """A compose file pleaco cannot deploy; the message names where (service and key)."""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str  # the compose service name
+    app: str  # STACK-SERVICE
+    body: dict[str, Any]  # its deploy body (pleaco.apps.validate_deploy)
+    depends_on: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    name: str
+    services: tuple[Service, ...]  # in name order
+    # The deploy order: each wave's services depend only on earlier waves'.
+    waves: tuple[tuple[str, ...], ...]
+
+    def service(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+
+# -- the CLI's half ----------------------------------------------------------------------
+
+
+def load(path: Path) -> dict[str, Any]:
+    """The compose file at ``path`` as a JSON-able document, with each ``env_file`` read
+    into its service's ``environment``. Raises ComposeError naming the file and what is wrong."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ComposeError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ComposeError(f"{path}: {len(raw)} bytes, over the limit of {MAX_FILE_BYTES}")
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ComposeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ComposeError(f"{path}: expected a mapping with 'services' at the top")
+    services = doc.get("services")
+    if isinstance(services, dict):
+        for name, svc in services.items():
+            if isinstance(svc, dict) and "env_file" in svc:
+                services[name] = _read_env_files(path.parent, str(name), svc)
+    return doc
+
+
+def _read_env_files(base: Path, service: str, svc: dict[str, Any]) -> dict[str, Any]:
+    files = svc["env_file"]
+    if isinstance(files, str):
+        files = [files]
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ComposeError(f"services.{service}.env_file: expected a file name or a list of them")
+    env: dict[str, str] = {}
+    for name in files:
+        env.update(parse_env_file(base / name, service))
+    own = svc.get("environment")
+    if own is not None:
+        env.update(_environment(service, own))  # the service's own values win, as in Compose
+    return {**{k: v for k, v in svc.items() if k != "env_file"}, "environment": env}
+
+
+def parse_env_file(path: Path, service: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines (``export`` allowed, one pair of matching quotes taken off the
+    value); blank lines and ``#`` comments skipped."""
+    where = f"services.{service}.env_file {path}"
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ComposeError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ComposeError(f"{where}: not UTF-8 text") from None
+    env: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = _ENV_LINE.fullmatch(stripped)
+        if not match:
+            raise ComposeError(f"{where}, line {number}: expected KEY=VALUE, got {stripped[:60]!r}")
+        value = match[2]
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[match[1]] = value
+    return env
+
+
+# -- the server's half -------------------------------------------------------------------
+
+
+def plan(stack: Any, doc: Any, max_replicas: int) -> StackPlan:
+    """Check a whole compose document (as ``load`` made it) for stack ``stack`` and map it
+    onto apps; raises ComposeError (or ValidationError) naming where, before anything is written."""
+    try:
+        stack = validate_name(stack)
+    except ValidationError:
+        raise ComposeError(f"stack name: {stack!r} is not a DNS label (1-63 lower-case letters, digits "
+                           "and '-', starting and ending with a letter or digit)") from None
+    if not isinstance(doc, dict):
+        raise ComposeError("compose: expected a mapping with 'services' at the top")
+    for key in doc:
+        if not isinstance(key, str) or (key not in TOP_KEYS and not key.startswith("x-")):
+            raise ComposeError(f"{key}: top-level key not supported by pleaco")
+    if "name" in doc and doc["name"] != stack:
+        raise ComposeError(f"name: the file names project {doc['name']!r}, deployed as stack {stack!r}")
+    services = doc.get("services")
+    if not isinstance(services, dict) or not services:
+        raise ComposeError("services: expected a mapping of at least one service")
+    if len(services) > MAX_SERVICES:
+        raise ComposeError(f"services: {len(services)} services, at most {MAX_SERVICES}")
+    volumes = _declared_volumes(doc.get("volumes"))
+    mapped = [_service(stack, name, svc, max_replicas, volumes) for name, svc in sorted(services.items(), key=_key)]
+    names = {s.name for s in mapped}
+    users: dict[str, str] = {}
+    for s in mapped:
+        for mount in s.body.get("volumes", ()):
+            if users.setdefault(mount["name"], s.name) != s.name:
+                raise ComposeError(f"services.{s.name}.volumes: volume {mount['name']!r} is also service "
+                                   f"{users[mount['name']]!r}'s (a volume belongs to one app on pleaco)")
+    for s in mapped:
+        for dep in s.depends_on:
+            if dep not in names:
+                raise ComposeError(f"services.{s.name}.depends_on: no service {dep!r} in this file")
+    hosts: dict[str, str] = {}
+    for s in mapped:
+        host = s.body.get("host")
+        if host is not None and hosts.setdefault(host, s.name) != s.name:
+            raise ComposeError(f"services.{s.name}.x-pleaco.host: {host!r} is also service {hosts[host]!r}'s")
+    return StackPlan(stack, tuple(mapped), _waves(mapped))
+
+
+def _key(item: tuple[Any, Any]) -> str:
+    return str(item[0])
+
+
+def _declared_volumes(value: Any) -> set[str]:
+    if value is None:
+        return set()
+    if not isinstance(value, dict):
+        raise ComposeError("volumes: expected a mapping of volume names")
+    for name, options in value.items():
+        if options not in (None, {}):
+            key = sorted(options)[0] if isinstance(options, dict) and options else ""
+            raise ComposeError(f"volumes.{name}{'.' + key if key else ''}: volume options are not supported by "
+                               "pleaco (its volumes live on the node that runs the app)")
+    return {str(name) for name in value}
+
+
+def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[str]) -> Service:
+    where = f"services.{name}"
+    if not isinstance(name, str):
+        raise ComposeError(f"{where}: a service name must be a string")
+    try:
+        validate_name(name)
+    except ValidationError:
+        raise ComposeError(f"{where}: {name!r} is not a valid service name for pleaco (a DNS label: lower-case "
+                           "letters, digits and '-'; it is also the name other services reach it by)") from None
+    if not isinstance(svc, dict):
+        raise ComposeError(f"{where}: expected a mapping")
+    for key in svc:
+        if key == "build":
+            raise ComposeError(f"{where}.build: not supported by pleaco (build the image and name it in 'image')")
+        if key == "env_file":
+            raise ComposeError(f"{where}.env_file: must be read by the client (pleaco stack deploy does)")
+        if not isinstance(key, str) or (key not in SERVICE_KEYS and (not key.startswith("x-") or key == "x-pleaco")):
+            raise ComposeError(f"{where}.{key}: not supported by pleaco")
+    x = svc.get("x-pleaco") or {}
+    if not isinstance(x, dict):
+        raise ComposeError(f"{where}.x-pleaco: expected a mapping of {', '.join(sorted(X_PLEACO_KEYS))}")
+    for key in x:
+        if key not in X_PLEACO_KEYS:
+            raise ComposeError(f"{where}.x-pleaco.{key}: unknown key (known: {', '.join(sorted(X_PLEACO_KEYS))})")
+    if "image" not in svc:
+        raise ComposeError(f"{where}.image: required (pleaco runs images; 'build' is not supported)")
+    body: dict[str, Any] = {"image": svc["image"]}
+    for key in ("command", "entrypoint"):
+        if key in svc and svc[key] is not None:
+            body[key] = _argv(f"{where}.{key}", svc[key])
+    if "environment" in svc and svc["environment"] is not None:
+        body["env"] = _environment(name, svc["environment"])
+    port = _port(where, svc)
+    if port is not None:
+        body["port"] = port
+    health = _health(where, svc.get("healthcheck"), port)
+    if "health" in x:
+        if health is not None and health != x["health"]:
+            raise ComposeError(f"{where}.x-pleaco.health: {x['health']!r} differs from the healthcheck's {health!r}")
+        health = x["health"]
+    if health is not None:
+        body["health"] = health
+    for key in ("host", "https"):
+        if key in x:
+            if port is None:
+                raise ComposeError(f"{where}.x-pleaco.{key}: the service has no port (give it 'ports')")
+            body[key] = x[key]
+    if svc.get("volumes") is not None:
+        body["volumes"] = _mounts(f"{where}.volumes", svc["volumes"], volumes)
+    restart = svc.get("restart")
+    if restart is not None and restart not in RESTART_POLICIES:
+        raise ComposeError(f"{where}.restart: {restart!r} is not supported (pleaco always restarts a replica "
+                           f"that exits: {' or '.join(RESTART_POLICIES)})")
+    body.update(_deploy(where, svc.get("deploy")))
+    app = f"{stack}-{name}"
+    try:
+        validate_name(app)
+        validate_deploy(app, body, max_replicas)
+    except ValidationError as exc:
+        field = {"env": "environment", "port": "ports", "health": "healthcheck", "name": "app name",
+                 "volumes": "volumes"}.get(
+            exc.field, exc.field)
+        raise ComposeError(f"{where} ({field}): {str(exc).partition(': ')[2]}") from None
+    return Service(name, app, body, _depends_on(where, svc.get("depends_on")))
+
+
+def _mounts(where: str, value: Any, declared: set[str]) -> list[dict[str, str]]:
+    """Named volumes as the app's mounts ({"name", "path"}); anything else is an error."""
+    if not isinstance(value, list):
+        raise ComposeError(f"{where}: expected a list")
+    mounts = []
+    for item in value:
+        source: Any
+        target: Any
+        if isinstance(item, str):
+            parts = item.split(":")
+            if len(parts) == 3:
+                raise ComposeError(f"{where}: {item!r}: mount options ({parts[2]}) are not supported by pleaco")
+            if len(parts) != 2:
+                raise ComposeError(f"{where}: {item!r}: anonymous volumes are not supported by pleaco "
+                                   "(name it: NAME:/path, and declare NAME under the top-level volumes)")
+            source, target = parts
+        elif isinstance(item, dict):
+            unknown = set(item) - {"type", "source", "target"}
+            if unknown:
+                raise ComposeError(f"{where}.{sorted(unknown)[0]}: not supported by pleaco")
+            if item.get("type", "volume") != "volume":
+                raise ComposeError(f"{where}: type {item.get('type')!r} is not supported by pleaco (named volumes)")
+            source, target = item.get("source"), item.get("target")
+        else:
+            raise ComposeError(f"{where}: {item!r} is not a volume mount")
+        if not isinstance(source, str) or not source:
+            raise ComposeError(f"{where}: {item!r}: anonymous volumes are not supported by pleaco (give a source)")
+        if source.startswith(("/", ".", "~")):
+            raise ComposeError(f"{where}: {item!r}: bind mounts are not supported by pleaco (named volumes only)")
+        if source not in declared:
+            raise ComposeError(f"{where}: volume {source!r} is not declared under the top-level volumes")
+        mounts.append({"name": source, "path": target})
+    return mounts
+
+
+def _argv(where: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        try:
+            return shlex.split(value)
+        except ValueError as exc:
+            raise ComposeError(f"{where}: {exc}") from None
+    if isinstance(value, list) and all(isinstance(a, str | int | float) and not isinstance(a, bool) for a in value):
+        return [str(a) for a in value]
+    raise ComposeError(f"{where}: expected a string or a list of strings")
+
+
+def _scalar(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    return None
+
+
+def _environment(service: str, value: Any) -> dict[str, str]:
+    where = f"services.{service}.environment"
+    pairs: list[tuple[str, Any]]
+    if isinstance(value, dict):
+        pairs = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        pairs = []
+        for item in value:
+            if not isinstance(item, str):
+                raise ComposeError(f"{where}: expected KEY=VALUE strings, got {item!r}")
+            key, eq, val = item.partition("=")
+            pairs.append((key, val if eq else None))
+    else:
+        raise ComposeError(f"{where}: expected a mapping or a list of KEY=VALUE")
+    env: dict[str, str] = {}
+    for key, val in pairs:
+        text = _scalar(val)
+        if text is None:
+            raise ComposeError(f"{where}.{key}: has no value (pleaco does not take values from the deploying "
+                               "shell; give one, or use pleaco secrets)")
+        env[key] = text
+    return env
+
+
+def _port(where: str, svc: Mapping[str, Any]) -> int | None:
+    """The service's one container port, from ``ports`` and ``expose``."""
+    targets: set[int] = set()
+    for key in ("ports", "expose"):
+        value = svc.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise ComposeError(f"{where}.{key}: expected a list")
+        for item in value:
+            targets.add(_target(f"{where}.{key}", item))
+    if len(targets) > 1:
+        raise ComposeError(f"{where}.ports: pleaco gives a service one port, this one has {sorted(targets)}")
+    return targets.pop() if targets else None
+
+
+def _target(where: str, item: Any) -> int:
+    if isinstance(item, dict):
+        unknown = set(item) - {"target", "published", "protocol", "mode", "host_ip", "name", "app_protocol"}
+        if unknown:
+            raise ComposeError(f"{where}.{sorted(unknown)[0]}: not supported by pleaco")
+        protocol, target = item.get("protocol", "tcp"), item.get("target")
+    elif isinstance(item, int) and not isinstance(item, bool):
+        protocol, target = "tcp", item
+    elif isinstance(item, str) and (match := _PORT.fullmatch(item.strip())):
+        protocol, target = match[3] or "tcp", int(match[2])
+    else:
+        raise ComposeError(f"{where}: {item!r} is not a port pleaco can take (one TCP port, no ranges)")
+    if protocol != "tcp":
+        raise ComposeError(f"{where}: {item!r}: only TCP ports (pleaco's proxy serves HTTP)")
+    if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target <= 65535:
+        raise ComposeError(f"{where}: {item!r}: the container port must be 1..65535")
+    return target
+
+
+def _health(where: str, check: Any, port: int | None) -> str | None:
+    """The app's HTTP health path from a Compose healthcheck, None for none."""
+    where = f"{where}.healthcheck"
+    if check is None:
+        return None
+    if not isinstance(check, dict):
+        raise ComposeError(f"{where}: expected a mapping")
+    for key in check:
+        if key not in ("test", "disable"):
+            raise ComposeError(f"{where}.{key}: not supported by pleaco (its health probe has its own timing: "
+                               "the [reconcile] health_* settings)")
+    if check.get("disable") is True:
+        return None
+    test = check.get("test")
+    if test in (["NONE"], "NONE", None):
+        return None
+    argv = test[1:] if isinstance(test, list) and test[:1] in (["CMD"], ["CMD-SHELL"]) else test
+    if isinstance(argv, list) and len(argv) == 1:
+        argv = argv[0]
+    if isinstance(argv, str):
+        try:
+            argv = shlex.split(argv)
+        except ValueError:
+            argv = []
+    if isinstance(argv, list) and argv and str(argv[0]).rsplit("/", 1)[-1] in _HEALTH_TOOLS:
+        urls = [m for a in argv[1:] if isinstance(a, str) and (m := _HEALTH_URL.fullmatch(a))]
+        if len(urls) == 1:
+            url_port = int(urls[0][1] or 80)
+            if port is None or url_port != port:
+                raise ComposeError(f"{where}.test: checks port {url_port}, not the service's port ({port})")
+            return urls[0][2] or "/"
+    raise ComposeError(f"{where}.test: {test!r}: pleaco checks health over HTTP only: a curl or wget of "
+                       "http://localhost:PORT/PATH maps onto it, or give x-pleaco: {health: /PATH}")
+
+
+def _deploy(where: str, value: Any) -> dict[str, Any]:
+    where = f"{where}.deploy"
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ComposeError(f"{where}: expected a mapping")
+    for key in value:
+        if key not in DEPLOY_KEYS:
+            raise ComposeError(f"{where}.{key}: not supported by pleaco")
+    out: dict[str, Any] = {}
+    if "replicas" in value:
+        out["replicas"] = value["replicas"]
+    resources = value.get("resources") or {}
+    if not isinstance(resources, dict):
+        raise ComposeError(f"{where}.resources: expected a mapping")
+    for key in resources:
+        if key != "limits":
+            raise ComposeError(f"{where}.resources.{key}: not supported by pleaco (limits only)")
+    limits = resources.get("limits") or {}
+    if not isinstance(limits, dict):
+        raise ComposeError(f"{where}.resources.limits: expected a mapping")
+    for key, limit in limits.items():
+        if key not in LIMIT_KEYS:
+            raise ComposeError(f"{where}.resources.limits.{key}: not supported by pleaco "
+                               f"({', '.join(sorted(LIMIT_KEYS))})")
+        if key == "memory" and isinstance(limit, str):
+            limit = limit.strip().lower()
+        if key == "cpus" and isinstance(limit, str):
+            try:
+                limit = float(limit)
+            except ValueError:
+                raise ComposeError(f"{where}.resources.limits.cpus: {limit!r} is not a number") from None
+        out[key] = limit
+    placement = value.get("placement") or {}
+    if not isinstance(placement, dict):
+        raise ComposeError(f"{where}.placement: expected a mapping")
+    for key in placement:
+        if key != "constraints":
+            raise ComposeError(f"{where}.placement.{key}: not supported by pleaco (constraints only)")
+    if "constraints" in placement:
+        out["constraints"] = placement["constraints"]
+    return out
+
+
+def _depends_on(where: str, value: Any) -> tuple[str, ...]:
+    where = f"{where}.depends_on"
+    if value is None:
+        return ()
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(sorted(set(value)))
+    if not isinstance(value, dict):
+        raise ComposeError(f"{where}: expected a list of services or a mapping")
+    for dep, cond in value.items():
+        if not isinstance(cond, dict):
+            raise ComposeError(f"{where}.{dep}: expected a mapping with 'condition'")
+        for key in cond:
+            if key not in ("condition", "required"):
+                raise ComposeError(f"{where}.{dep}.{key}: not supported by pleaco")
+        if cond.get("required", True) is not True:
+            raise ComposeError(f"{where}.{dep}.required: only true (every dependency is required)")
+        condition = cond.get("condition", "service_started")
+        if condition not in DEPENDS_CONDITIONS:
+            raise ComposeError(f"{where}.{dep}.condition: {condition!r} is not supported by pleaco "
+                               f"({' or '.join(DEPENDS_CONDITIONS)}: both wait until it is healthy)")
+    return tuple(sorted(str(dep) for dep in value))
+
+
+def _waves(services: list[Service]) -> tuple[tuple[str, ...], ...]:
+    """Kahn's layering of the depends_on graph; a cycle is an error naming it."""
+    left = {s.name: set(s.depends_on) for s in services}
+    waves: list[tuple[str, ...]] = []
+    done: set[str] = set()
+    while left:
+        ready = sorted(n for n, deps in left.items() if deps <= done)
+        if not ready:
+            raise ComposeError(f"services: depends_on has a cycle: {' -> '.join(_cycle(left))}")
+        waves.append(tuple(ready))
+        done.update(ready)
+        for n in ready:
+            del left[n]
+    return tuple(waves)
+
+
+def _cycle(left: dict[str, set[str]]) -> list[str]:
+    """One cycle among services that all wait on one another, as a path back to its start."""
+    path: list[str] = []
+    node = min(left)
+    while node not in path:
+        path.append(node)
+        node = min(d for d in left[node] if d in left)
+    return [*path[path.index(node):], node]

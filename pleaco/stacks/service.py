@@ -1,0 +1,168 @@
+"""Stacks: the apps a compose file makes (pleaco.stacks.compose), deployed and removed together.
+
+Service S of stack N is app ``N-S``. Membership lives in each app's own spec (its ``stack``
+field), not in a record of the stack: the app and the fact that it belongs to the stack are
+one record, written in one transaction, so no merge of concurrent writes can leave a stack
+listing an app that is gone or miss one that exists; ``stack ls`` and ``show`` read the
+apps (kept decoded in memory by AppStore), and a stack exists while it has an app.
+
+A deploy checks the whole file and the cluster's state first (pleaco.stacks.compose: keys,
+names, cycles; here: an app of that name outside the stack, a host name taken), and writes
+nothing when anything is wrong. It then deploys the services in waves of the depends_on
+order: a wave goes once the services it depends on are healthy (all their replicas of the
+current release), and AppStore.deploy leaves an unchanged service's release alone (no new
+revision, no restart). Last, the apps of the stack that the file no longer has are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pleaco import errors, logs
+from pleaco.apps import AppSpec, AppStore, validate_name
+from pleaco.stacks.compose import StackPlan, plan
+
+log = logs.get("pleaco.stacks.service")
+
+# Seconds between looks at a dependency's health while a deploy waits for it: its replicas
+# become healthy on the app loop's passes, which are no more frequent.
+POLL = 0.25
+# Seconds a deploy waits for the services a wave depends on, unless the request says:
+# an image pull and a first health check fit, and a service that is not healthy after two
+# minutes needs looking at rather than waiting on.
+DEFAULT_WAIT = 120.0
+MAX_WAIT = 3600.0
+
+
+class StackNotFound(errors.NotFound, LookupError):
+    pass
+
+
+class StackConflict(errors.Conflict, RuntimeError, code="stack_conflict"):
+    """The file is valid, but the cluster holds something in its way (named in the message)."""
+
+
+class DependencyNotHealthy(errors.Conflict, RuntimeError, code="dependency_not_healthy"):
+    """A wave's dependencies were not healthy in time; the later waves were not deployed."""
+
+
+@dataclass(frozen=True)
+class DeployedService:
+    service: str
+    app: str
+    revision: int
+    created: bool
+    changed: bool  # a new release (its replicas roll); False: left as it was
+
+    def to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "app": self.app, "revision": self.revision,
+                "created": self.created, "changed": self.changed}
+
+
+@dataclass(frozen=True)
+class StackDeploy:
+    name: str
+    services: tuple[DeployedService, ...]
+    removed: tuple[str, ...]  # apps of services the file dropped
+    waves: tuple[tuple[str, ...], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stack": self.name, "services": [s.to_json() for s in self.services],
+                "removed": list(self.removed), "waves": [list(w) for w in self.waves]}
+
+
+def service_of(spec: AppSpec) -> str:
+    """The service name of a stack's app (its name without ``STACK-``)."""
+    assert spec.stack is not None
+    return spec.name.removeprefix(f"{spec.stack}-")
+
+
+class StackService:
+    def __init__(self, apps: AppStore, healthy: Callable[[str], bool], changed: Callable[[], None],
+                 poll: float = POLL) -> None:
+        self.apps = apps
+        # Whether app NAME has all its wanted replicas of its current release healthy,
+        # across the cluster (the same count as `apps show`).
+        self.healthy = healthy
+        self.changed = changed  # after writes: wakes the app loop
+        self.poll = poll
+
+    def stacks(self) -> dict[str, list[AppSpec]]:
+        """Every stack's apps, by stack name."""
+        found: dict[str, list[AppSpec]] = {}
+        for spec in self.apps.specs():
+            if spec.stack is not None:
+                found.setdefault(spec.stack, []).append(spec)
+        return dict(sorted(found.items()))
+
+    def members(self, name: Any) -> list[AppSpec]:
+        name = validate_name(name)
+        members = [s for s in self.apps.specs() if s.stack == name]
+        if not members:
+            raise StackNotFound(f"stack {name!r} does not exist")
+        return members
+
+    def check(self, stack: StackPlan) -> None:
+        """What in the cluster stands in the way of deploying ``stack``; raises before any write."""
+        others = {s.name: s for s in self.apps.specs() if s.stack != stack.name}
+        for svc in stack.services:
+            if (existing := others.get(svc.app)) is not None:
+                owner = f"service of stack {existing.stack!r}" if existing.stack else "a plain app (apps deploy)"
+                raise StackConflict(f"services.{svc.name}: app {svc.app!r} exists and is {owner}, not stack "
+                                    f"{stack.name!r}'s; remove it or rename the service")
+            host = svc.body.get("host")
+            if host is None:
+                continue
+            taken = sorted(s.name for s in self.apps.specs() if s.host == host and s.name != svc.app)
+            if taken:
+                raise StackConflict(f"services.{svc.name}.x-pleaco.host: {host!r} is already used by app {taken[0]!r}")
+
+    async def deploy(self, name: Any, doc: Any, wait: float = DEFAULT_WAIT) -> StackDeploy:
+        stack = plan(name, doc, self.apps.max_replicas)
+        self.check(stack)
+        before = {s.name for s in self.apps.specs() if s.stack == stack.name}
+        deadline = time.monotonic() + wait
+        done: list[DeployedService] = []
+        for wave in stack.waves:
+            needs = sorted({dep for svc in wave for dep in stack.service(svc).depends_on})
+            await self._wait_healthy(stack, needs, deadline, wave)
+            for svc_name in wave:
+                svc = stack.service(svc_name)
+                result = self.apps.deploy(svc.app, svc.body, stack=stack.name)
+                done.append(DeployedService(svc.name, svc.app, result.spec.revision, result.created,
+                                            result.new_release))
+                log.info("stack.service_deployed", stack=stack.name, service=svc.name, app=svc.app,
+                         revision=result.spec.revision, changed=result.new_release)
+            self.changed()
+        dropped = sorted(before - {svc.app for svc in stack.services})
+        for app in dropped:
+            self.apps.remove(app)
+            log.info("stack.service_removed", stack=stack.name, app=app)
+        if dropped:
+            self.changed()
+        log.info("stack.deployed", stack=stack.name, services=len(done),
+                 changed=sum(d.changed for d in done), removed=len(dropped))
+        return StackDeploy(stack.name, tuple(done), tuple(dropped), stack.waves)
+
+    async def _wait_healthy(self, stack: StackPlan, needs: list[str], deadline: float,
+                            wave: tuple[str, ...]) -> None:
+        while waiting := [s for s in needs if not self.healthy(stack.service(s).app)]:
+            if time.monotonic() >= deadline:
+                raise DependencyNotHealthy(
+                    f"stack {stack.name!r}: {', '.join(waiting)} not healthy in time; "
+                    f"{', '.join(wave)} and what depends on them not deployed (see pleaco stack show "
+                    f"{stack.name}, then deploy again)")
+            await asyncio.sleep(self.poll)
+
+    def remove(self, name: Any) -> list[str]:
+        """Remove every app of the stack; returns their names."""
+        apps = [s.name for s in self.members(name)]
+        for app in apps:
+            self.apps.remove(app)
+        log.info("stack.removed", stack=name, apps=len(apps))
+        self.changed()
+        return apps

@@ -1,0 +1,92 @@
+"""One-off jobs (`pleaco run APP -- CMD`) against a real agent and Docker Engine: the job
+runs the app's current release with its environment and secrets, its output streams to
+the CLI, the CLI exits with the job's code, and its container is removed afterwards, also
+when the client goes away mid-job, and when an agent killed mid-job starts again."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+from agentproc import REPO, AgentProcess, docker_client, wait_for
+from conftest import HELLO
+
+from pleaco.api.errors import ApiError
+
+
+def cli(agent: AgentProcess, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "pleaco", "--api", agent.url, "--token", agent.token, *args],
+                          input=stdin, capture_output=True, timeout=120, cwd=REPO)
+
+
+def jobs_of(agent: AgentProcess) -> list[dict[str, Any]]:
+    return list(docker_client().api.containers(all=True, filters={"label": ["pleaco.role=job",
+                                                                           f"pleaco.node={agent.node_id}"]}))
+
+
+def test_run_streams_output_and_exits_with_the_code(agent: AgentProcess) -> None:
+    agent.client.deploy("web", {"image": HELLO, "replicas": 0, "port": 8080, "env": {"GREETING": "hi"}})
+    assert cli(agent, "secrets", "set", "web", "TOKEN", "--mount", "file", stdin=b"s3cret").returncode == 0
+    assert cli(agent, "secrets", "set", "web", "DB_URL", stdin=b"db://x").returncode == 0
+    done = cli(agent, "run", "web", "--", "sh", "-c",
+               'echo "$GREETING $DB_URL"; cat /run/secrets/TOKEN; echo; echo oops >&2; exit 7')
+    assert done.returncode == 7, done.stderr
+    # stdout and stderr both, merged (the engine keeps them apart, so their order between them may vary).
+    assert sorted(done.stdout.decode().splitlines()) == ["hi db://x", "oops", "s3cret"]
+    assert wait_for(lambda: jobs_of(agent) == [], 30, "the job's container removed") is True
+    assert not any((agent.data_dir / "job-secrets").iterdir())
+    # The replicas' loop never saw it: the app still has no container.
+    assert agent.client.app("web")["instances"] == []
+    assert cli(agent, "run", "web", "--", "true").returncode == 0
+
+
+def test_a_client_gone_mid_job_leaves_no_container(agent: AgentProcess) -> None:
+    agent.client.deploy("web", {"image": HELLO, "replicas": 0, "port": 8080})
+    proc = subprocess.Popen([sys.executable, "-m", "pleaco", "--api", agent.url, "--token", agent.token,
+                             "run", "web", "--", "sh", "-c", "echo started; sleep 600"],
+                            stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"started\n"
+        assert len(jobs_of(agent)) == 1
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    wait_for(lambda: jobs_of(agent) == [], 30, "the job's container removed after the client went away")
+
+
+def test_an_agent_restart_sweeps_jobs_left_behind(agent: AgentProcess) -> None:
+    agent.client.deploy("web", {"image": HELLO, "replicas": 0, "port": 8080})
+    assert cli(agent, "secrets", "set", "web", "K", "--mount", "file", stdin=b"v").returncode == 0
+    req = urllib.request.Request(agent.url + "/v1/apps/web/run", method="POST",
+                                 data=json.dumps({"command": ["sleep", "600"]}).encode(),
+                                 headers={"Authorization": f"Bearer {agent.token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert "job" in json.loads(resp.readline())
+        wait_for(lambda: len(jobs_of(agent)) == 1, 30, "the job running")
+        agent.kill()  # mid-job: nobody left to remove it
+    assert len(jobs_of(agent)) == 1 and any((agent.data_dir / "job-secrets").iterdir())
+    agent.start()
+    assert jobs_of(agent) == [] and not any((agent.data_dir / "job-secrets").iterdir())
+
+
+def test_bad_job_requests(agent: AgentProcess) -> None:
+    def refused(name: str, body: Any) -> ApiError:
+        try:
+            agent.client.request("POST", f"/v1/apps/{name}/run", body)
+        except ApiError as exc:
+            return exc
+        raise AssertionError("accepted")
+
+    assert refused("nope", {"command": ["true"]}).status == 404
+    assert refused("nope", {"command": []}).status == 400
+    agent.client.deploy("ghost", {"image": "pleaco/not-there:1", "replicas": 0})
+    missing = refused("ghost", {"command": ["true"]})
+    assert missing.status == 409 and "pleaco/not-there:1" in missing.message
+    done = cli(agent, "run", "ghost")
+    assert done.returncode == 2 and b"--" in done.stderr
+    assert jobs_of(agent) == []
