@@ -48,6 +48,8 @@ def dropin(public_key: str) -> str:
         "[Service]",
         "Environment=PLEACO_PROXY_IMAGE=",
         "Environment=PLEACO_DISCOVERY=none",
+        # The network off, as in test_systemd: the host's engine is shared with other tests.
+        "Environment=PLEACO_NETWORK_ENABLED=false",
         f"Environment=PLEACO_API_LISTEN=0.0.0.0:{API_PORT}",
         f"Environment=PLEACO_UPGRADE_TRUSTED_KEYS={public_key}",
         "Environment=PLEACO_UPGRADE_HEALTH_DEADLINE=60",
