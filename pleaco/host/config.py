@@ -24,6 +24,12 @@ class UpgradeSettings:
     # gossip rounds; 60 s leaves room for a loaded host and a slow Docker Engine listing
     # while keeping a broken release's outage to a minute.
     health_deadline: float = 60.0
+    # Seconds the data dir lock may be free during a trial before the guard counts the new
+    # agent as gone (exited before it was healthy) and rolls back: between the old agent's
+    # exit and the new one's lock there is an interpreter start and pleaco's imports (about
+    # a second; several on a loaded host). 10 s covers that with room; tests of a release
+    # that exits at once shorten it.
+    agent_gone_grace: float = 10.0
     # The cluster rollout (pleaco/reconcile/upgrade.py, POST /v1/upgrade):
     # Largest bundle POST /v1/upgrade accepts (bytes). A bundle is pleaco's wheels and
     # those of its dependencies, about 18 MB; 256 MiB leaves room for growth and still
@@ -42,6 +48,8 @@ class UpgradeSettings:
         problems = []
         if not self.health_deadline > 0:
             problems.append("upgrade.health_deadline: must be greater than 0")
+        if not self.agent_gone_grace > 0:
+            problems.append("upgrade.agent_gone_grace: must be greater than 0")
         if self.max_bundle_bytes < 1:
             problems.append("upgrade.max_bundle_bytes: must be at least 1")
         if not self.absent_after > 0:

@@ -19,7 +19,7 @@ read-modify-written under ``DATA_DIR/upgrade.lock``), through these phases:
 - The GUARD (``pleaco release guard``, hidden; ``run_guard``) is a detached process of the
   OLD slot, so it works when the new version cannot run at all. It exits once the trial is
   decided; at the deadline, or when no agent has held the data dir lock for
-  ``AGENT_GONE_GRACE``, it records ``rolled_back`` with the reason, stops the new agent,
+  ``[upgrade] agent_gone_grace``, it records ``rolled_back`` with the reason, stops the new agent,
   flips ``current`` back and starts the old one.
 - ``recover()`` runs in EVERY agent at start, before anything else: an interrupted upgrade
   is resolved (``installing``: the switch never happened, so ``failed``; a ``trial`` of
@@ -71,10 +71,6 @@ RESPAWN_LOG = "agent-respawn.log"
 OPEN_PHASES = ("installing", "trial")
 # The unit systemd/pleaco.service installs; a restart of it starts ROOT/current/bin/pleaco.
 UNIT = "pleaco.service"
-# Seconds the data dir lock may be free during a trial before the agent counts as gone:
-# between the old agent's exit and the new one's lock there is an interpreter start and
-# pleaco's imports (about a second; several on a loaded host).
-AGENT_GONE_GRACE = 10.0
 # Seconds between the guard's and the confirmation's looks: a second of a deadline.
 POLL = 0.5
 # Seconds the guard gives a stopping agent (SIGTERM) before SIGKILL: the agent's own stop
@@ -105,6 +101,8 @@ class TrialState:
     started: float = 0.0  # epoch seconds, when begin() accepted the bundle
     deadline: float = 0.0  # epoch seconds: the new version must be confirmed by then
     health_deadline: float = 0.0  # the seconds it was given ([upgrade] health_deadline), for the reason
+    # [upgrade] agent_gone_grace, for the guard (its default for a trial recorded without it)
+    agent_gone_grace: float = UpgradeSettings.agent_gone_grace
     containers: tuple[str, ...] = ()  # ids of the app containers running here before the restart
     peers: bool = False  # the node had other live cluster members before the restart
     argv: tuple[str, ...] = ()  # the agent's arguments (after the program name), to start it again
@@ -298,7 +296,7 @@ class LocalUpgrade:
             self._fail(f"install of {to} failed: {exc}")
             raise UpgradeError(f"install of {to} failed: {exc}") from exc
         transition(self.data_dir, ("installing",), phase="trial", containers=containers, peers=peers,
-                   health_deadline=self.settings.health_deadline,
+                   health_deadline=self.settings.health_deadline, agent_gone_grace=self.settings.agent_gone_grace,
                    deadline=time.time() + self.settings.health_deadline + GUARD_START_TIMEOUT)
         try:
             self._start_guard()
@@ -505,7 +503,7 @@ def run_guard(data_dir: Path) -> int:
         detail = state.last_error or "it never reported its health"
         if now > state.deadline:
             reason = f"{state.to_version} not healthy within {_trial_seconds(state)} s: {detail}"
-        elif gone_since is not None and now - gone_since > AGENT_GONE_GRACE:
+        elif gone_since is not None and now - gone_since > state.agent_gone_grace:
             reason = f"{state.to_version} agent exited before it was healthy ({detail})"
         else:
             time.sleep(POLL)

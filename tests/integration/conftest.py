@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from agentproc import CLEANED_NODES, REPO, AgentProcess, docker_client, remove_node_containers
+from slotagents import ReleaseKit
 
 HELLO = "pleaco/hello:latest"
 BUSYBOX = "pleaco/busybox:latest"
@@ -44,6 +45,13 @@ def build_network() -> Iterator[None]:
         BuildNetwork(engine).remove()
     finally:
         engine.close()
+
+
+@pytest.fixture(scope="session")
+def release_kit(tmp_path_factory: pytest.TempPathFactory) -> ReleaseKit:
+    """Release bundles and shared start slots for the upgrade tests, each made once a
+    session: a bundle build takes seconds and a slot's install tens of seconds."""
+    return ReleaseKit(tmp_path_factory.mktemp("release-kit"))
 
 
 @pytest.fixture

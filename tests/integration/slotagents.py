@@ -25,49 +25,95 @@ from pleaco.host import bundle
 from pleaco.host.slots import Slots
 from pleaco.host.trial import agent_pid
 
+# The broken releases the upgrade tests use, each this tree with one line put after an
+# anchor: (file, anchor, inserted line).
+BROKEN = {
+    # Its agent exits as it starts.
+    "exits": ("pleaco/cli/agent.py", "def run(args: argparse.Namespace) -> int:\n",
+              '    raise SystemExit("this build is broken on purpose")\n'),
+    # Its agent runs but its trial never proves healthy.
+    "unhealthy": ("pleaco/host/trial.py", "    async def health(self, state: TrialState) -> str | None:\n",
+                  '        return "broken on purpose: never healthy"\n'),
+    # Its agent runs but its API's /healthz answers 503.
+    "healthz503": ("pleaco/api/server.py", "    async def healthz(self, request: web.Request) -> web.Response:\n",
+                   "        return web.Response(status=503, text='broken')\n"),
+}
 
-@dataclass
-class Releases:
-    """Bundles of this tree at several versions, one key, and slots installed once to share."""
 
-    dir: Path
-    public_key: str
-    bundles: dict[str, Path]
-    shared: Slots  # complete slots node roots link to, so each node does not install its start version
+def patched_tree(dest: Path, rel: str, anchor: str, insert: str) -> Path:
+    """A copy of this tree with ``insert`` put after ``anchor`` in ``rel``: a broken release."""
+    shutil.copytree(REPO / "pleaco", dest / "pleaco", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, dest / name)
+    path = dest / rel
+    text = path.read_text()
+    assert text.count(anchor) == 1, f"{rel} changed: update the broken release's patch"
+    path.write_text(text.replace(anchor, anchor + insert))
+    return dest
 
-    def root_at(self, root: Path, version: str) -> Path:
-        """A node's slot root whose current release is ``version`` (a link to the shared slot)."""
+
+class ReleaseKit:
+    """Signed bundles of this tree, one release key, for the whole session: each bundle is
+    built the first time a test asks for it, and the start versions' slots are installed
+    once (under ``shared``) for node roots to link to. A bundle is named ``VERSION`` (this
+    tree) or ``VERSION-BROKEN`` (this tree with a ``BROKEN`` patch); bundles and shared
+    slots are never changed once made, so tests sharing them do not depend on each other."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.private, public = bundle.keygen(workdir / "keys")
+        self.public_key = public.read_text().strip()
+        self.shared = Slots(workdir / "shared")
+        self._bundles: dict[str, Path] = {}
+        self._lock = threading.Lock()
+
+    def bundles(self, names: list[str]) -> dict[str, Path]:
+        """The bundles called ``names`` (name -> path); those not built yet are built side
+        by side (pip runs in processes of its own)."""
+        with self._lock:
+            missing = [n for n in dict.fromkeys(names) if n not in self._bundles]
+            if missing:
+                with ThreadPoolExecutor(len(missing)) as pool:
+                    built = {n: pool.submit(self._build, n) for n in missing}
+                    self._bundles.update({n: done.result() for n, done in built.items()})
+            return {n: self._bundles[n] for n in names}
+
+    def _build(self, name: str) -> Path:
+        version, _, broken = name.partition("-")
+        tree = REPO if not broken else patched_tree(self.dir / f"tree-{name}", *BROKEN[broken])
+        out = self.dir / f"pleaco-{name}.bundle"
+        bundle.build_bundle(tree, self.private, out, version=version)
+        return out
+
+    def shared_slot(self, name: str) -> Path:
+        """The complete shared slot of bundle ``name`` (installed the first time)."""
+        path = self.bundles([name])[name]
+        with self._lock:
+            return self.shared.install(path, bundle.verify_bundle(path, [self.public_key], "0.0.1"))
+
+    def root_at(self, root: Path, name: str) -> Path:
+        """A node's slot root whose current release is bundle ``name``'s version: a link to
+        the shared slot (a venv holds its absolute path, so it is linked, never copied)."""
+        slot = self.shared_slot(name)
         (root / "releases").mkdir(parents=True)
-        os.symlink(self.shared.path(version), root / "releases" / version)
-        Slots(root).flip(version)
+        os.symlink(slot, root / "releases" / slot.name)
+        Slots(root).flip(slot.name)
         return root
 
 
-def build_releases(workdir: Path, versions: list[str], broken: str) -> Releases:
-    """Bundles of this tree at ``versions``, and one at ``broken`` whose agent never passes
-    its health check (/healthz answers 503); the first two versions installed to share."""
-    private, public = bundle.keygen(workdir / "keys")
-    bundles = {v: workdir / f"pleaco-{v}.bundle" for v in versions}
-    tree = workdir / "broken-tree"
-    shutil.copytree(REPO / "pleaco", tree / "pleaco", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, tree / name)
-    server = tree / "pleaco" / "api" / "server.py"
-    healthz = "    async def healthz(self, request: web.Request) -> web.Response:\n"
-    text = server.read_text()
-    assert healthz in text, "the healthz handler moved: update the broken release's patch"
-    server.write_text(text.replace(healthz, healthz + "        return web.Response(status=503, text='broken')\n"))
-    bundles[broken] = workdir / f"pleaco-{broken}.bundle"
-    # Built side by side (pip runs in processes of its own), then the shared slots.
-    with ThreadPoolExecutor(len(bundles)) as pool:
-        for done in [pool.submit(bundle.build_bundle, tree if v == broken else REPO, private, path, version=v)
-                     for v, path in bundles.items()]:
-            done.result()
-    shared = Slots(workdir / "shared")
-    for version in versions[:2]:
-        path = bundles[version]
-        shared.install(path, bundle.verify_bundle(path, [public.read_text().strip()], "0.0.1"))
-    return Releases(workdir, public.read_text().strip(), bundles, shared)
+@dataclass
+class Releases:
+    """One module's view of the kit: its bundles by name, and node roots on shared slots."""
+
+    kit: ReleaseKit
+    bundles: dict[str, Path]
+
+    @property
+    def public_key(self) -> str:
+        return self.kit.public_key
+
+    def root_at(self, root: Path, version: str) -> Path:
+        return self.kit.root_at(root, version)
 
 
 @dataclass

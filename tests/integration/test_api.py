@@ -6,7 +6,7 @@ import json
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,20 @@ def test_deploy_three_replicas_gives_three_labelled_containers(agent: AgentProce
     assert len(answers) == 3 and all(a.startswith("hello from ") for a in answers)
 
 
-def test_healthz_needs_no_token_but_everything_else_does(agent: AgentProcess) -> None:
+@pytest.fixture(scope="module")
+def refusing_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    """One agent for the tests of refusals: each request is refused and changes nothing
+    (each test checks that it did not), so they share it rather than start one each."""
+    agent = AgentProcess(tmp_path_factory.mktemp("refusals") / "node").start()
+    try:
+        yield agent
+    finally:
+        print(f"==== log of the refusing agent ====\n{agent.log_tail(200)}")
+        agent.cleanup()
+
+
+def test_healthz_needs_no_token_but_everything_else_does(refusing_agent: AgentProcess) -> None:
+    agent = refusing_agent
     assert raw(agent, "GET", "/healthz", token=None) == (200, {"ok": True, "node_id": agent.node_id})
     for path in ("/v1/status", "/v1/apps", "/metrics"):
         status, body = raw(agent, "GET", path, token=None)
@@ -98,7 +111,9 @@ BAD_DEPLOYS = [
 
 
 @pytest.mark.parametrize(("name", "body", "field"), BAD_DEPLOYS)
-def test_bad_deploy_is_refused_and_changes_nothing(agent: AgentProcess, name: str, body: Any, field: str) -> None:
+def test_bad_deploy_is_refused_and_changes_nothing(refusing_agent: AgentProcess, name: str, body: Any,
+                                                   field: str) -> None:
+    agent = refusing_agent
     before = agent.client.status()["records"]
     status, resp = raw(agent, "PUT", f"/v1/apps/{name}", json.dumps(body).encode())
     assert status == 400, resp
@@ -108,7 +123,8 @@ def test_bad_deploy_is_refused_and_changes_nothing(agent: AgentProcess, name: st
     assert agent.client.apps() == []
 
 
-def test_malformed_and_oversized_bodies(agent: AgentProcess) -> None:
+def test_malformed_and_oversized_bodies(refusing_agent: AgentProcess) -> None:
+    agent = refusing_agent
     status, resp = raw(agent, "PUT", "/v1/apps/web", b"{not json")
     assert status == 400 and resp["error"]["code"] == "invalid_json"
     status, resp = raw(agent, "PUT", "/v1/apps/web", b"")

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,20 @@ def cli(agent: AgentProcess | None, *args: str, env: dict[str, str] | None = Non
                           env=base_env | (env or {}), cwd=REPO, timeout=timeout)
 
 
-def test_status_json_names_the_answering_node(agent: AgentProcess) -> None:
+@pytest.fixture(scope="module")
+def idle_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    """One agent, named "node", for the tests that only read or are refused (each checks
+    that nothing changed where it matters), so they share it rather than start one each."""
+    agent = AgentProcess(tmp_path_factory.mktemp("idle") / "node").start()
+    try:
+        yield agent
+    finally:
+        print(f"==== log of the idle agent ====\n{agent.log_tail(200)}")
+        agent.cleanup()
+
+
+def test_status_json_names_the_answering_node(idle_agent: AgentProcess) -> None:
+    agent = idle_agent
     out = cli(agent, "status", "--json")
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
@@ -33,7 +47,8 @@ def test_status_json_names_the_answering_node(agent: AgentProcess) -> None:
     assert agent.node_id in human.stdout and "reachable" in human.stdout
 
 
-def test_nodes_lists_this_node(agent: AgentProcess) -> None:
+def test_nodes_lists_this_node(idle_agent: AgentProcess) -> None:
+    agent = idle_agent
     nodes = json.loads(cli(agent, "nodes", "--json").stdout)
     assert [(n["id"], n["name"], n["state"]) for n in nodes] == [(agent.node_id, "node", "alive")]
     table = cli(agent, "nodes").stdout.splitlines()
@@ -93,7 +108,8 @@ def test_logs_follow_streams_new_lines(agent: AgentProcess) -> None:
         proc.wait(10)
 
 
-def test_errors_exit_nonzero_with_the_servers_message(agent: AgentProcess, tmp_path: Path) -> None:
+def test_errors_exit_nonzero_with_the_servers_message(idle_agent: AgentProcess, tmp_path: Path) -> None:
+    agent = idle_agent
     out = cli(agent, "apps", "show", "ghost")
     assert out.returncode == 1 and out.stderr.strip() == "error: app 'ghost' does not exist"
     out = cli(agent, "apps", "deploy", "Bad_Name", "--image", HELLO)
@@ -128,7 +144,8 @@ def test_agent_refuses_unknown_config_key(tmp_path: Path) -> None:
     assert out.returncode == 2 and "unknown setting 'colour'" in out.stderr
 
 
-def test_agent_reports_a_taken_port(agent: AgentProcess, tmp_path: Path) -> None:
+def test_agent_reports_a_taken_port(idle_agent: AgentProcess, tmp_path: Path) -> None:
+    agent = idle_agent
     # Taken by another agent: named from the host's registry of agents' addresses.
     out = cli(None, "agent", "--data-dir", str(tmp_path / "other"), "--api-listen", f"127.0.0.1:{agent.port}")
     assert out.returncode == 1, out.stderr
@@ -143,7 +160,8 @@ def test_agent_reports_a_taken_port(agent: AgentProcess, tmp_path: Path) -> None
     assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
 
 
-def test_client_reads_the_token_file_of_the_data_dir(agent: AgentProcess) -> None:
+def test_client_reads_the_token_file_of_the_data_dir(idle_agent: AgentProcess) -> None:
+    agent = idle_agent
     # No PLEACO_TOKEN and no --token: the client falls back to DATA_DIR/admin.token.
     out = cli(None, "--api", agent.url, "status", "--json", env={"PLEACO_DATA_DIR": str(agent.data_dir)})
     assert out.returncode == 0, out.stderr

@@ -5,8 +5,8 @@ node, which stops the rollout; a single agent upgraded the same way (a plan of o
 bad bundles refused by POST /v1/upgrade, changing nothing.
 
 The bundles are this tree at those versions (0.4.0 patched so /healthz answers 503), built
-once for the module; the start versions are installed once and linked into each node's slot
-root, the upgrades install into each node's own root for real."""
+once for the session (slotagents.ReleaseKit); the start versions are installed once and
+linked into each node's slot root, the upgrades install into each node's own root for real."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from agentproc import REPO, node_containers, wait_for
 from conftest import HELLO
-from slotagents import Availability, Releases, SlotAgent, build_releases, form_slot_cluster
+from slotagents import Availability, ReleaseKit, Releases, SlotAgent, form_slot_cluster
 
 from pleaco.host.slots import Slots
 
@@ -32,8 +32,10 @@ MakeAgent = Callable[..., SlotAgent]
 
 
 @pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    return build_releases(tmp_path_factory.mktemp("releases"), ["0.2.0", "0.3.0"], broken="0.4.0")
+def releases(release_kit: ReleaseKit) -> Releases:
+    bundles = release_kit.bundles(["0.2.0", "0.3.0", "0.4.0-healthz503"])
+    return Releases(release_kit, {"0.2.0": bundles["0.2.0"], "0.3.0": bundles["0.3.0"],
+                                  "0.4.0": bundles["0.4.0-healthz503"]})
 
 
 @pytest.fixture

@@ -16,12 +16,11 @@ from typing import Any
 
 import pytest
 from agentproc import REPO, docker_client, remove_node_containers, wait_for
+from slotagents import ReleaseKit, Releases
 from test_systemd import API_PORT, DOCKER_UNIT, FAKE_DOCKERD, VENV, Node
 from test_systemd import node as node  # the node container: its fixture
-from test_upgrade_local import Releases, _patched_tree
 
 from pleaco.api.client import Client
-from pleaco.host.bundle import build_bundle, keygen
 
 pytestmark = pytest.mark.docker
 
@@ -29,17 +28,10 @@ HELLO = "pleaco/hello:latest"
 
 
 @pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    out = tmp_path_factory.mktemp("releases")
-    private, public = keygen(out)
-    bundles = {"0.2.0": out / "pleaco-0.2.0.tar", "0.3.0": out / "pleaco-0.3.0.tar",
-               "exits": out / "pleaco-0.3.0-exits.tar"}
-    build_bundle(REPO, private, bundles["0.2.0"], "0.2.0")
-    build_bundle(REPO, private, bundles["0.3.0"], "0.3.0")
-    exits = _patched_tree(out / "exits", "pleaco/cli/agent.py", "def run(args: argparse.Namespace) -> int:\n",
-                          '    raise SystemExit("this build is broken on purpose")\n')
-    build_bundle(exits, private, bundles["exits"], "0.3.0")
-    return Releases(public.read_text().strip(), bundles)
+def releases(release_kit: ReleaseKit) -> Releases:
+    bundles = release_kit.bundles(["0.2.0", "0.3.0", "0.3.0-exits"])
+    return Releases(release_kit, {"0.2.0": bundles["0.2.0"], "0.3.0": bundles["0.3.0"],
+                                  "exits": bundles["0.3.0-exits"]})
 
 
 def put_file(n: Node, path: str, data: bytes) -> None:
@@ -56,9 +48,13 @@ def dropin(public_key: str) -> str:
         "[Service]",
         "Environment=PLEACO_PROXY_IMAGE=",
         "Environment=PLEACO_DISCOVERY=none",
+        # The network off, as in test_systemd: the host's engine is shared with other tests.
+        "Environment=PLEACO_NETWORK_ENABLED=false",
         f"Environment=PLEACO_API_LISTEN=0.0.0.0:{API_PORT}",
         f"Environment=PLEACO_UPGRADE_TRUSTED_KEYS={public_key}",
         "Environment=PLEACO_UPGRADE_HEALTH_DEADLINE=60",
+        # The exit-at-start release is waited out for this long (default 10 s).
+        "Environment=PLEACO_UPGRADE_AGENT_GONE_GRACE=5",
         "RestartSec=1",
         "",
     ])
@@ -69,7 +65,7 @@ import sys
 from pathlib import Path
 from pleaco.host.bundle import verify_bundle
 from pleaco.host.slots import Slots
-bundle = Path("/root/pleaco-0.2.0.tar")
+bundle = Path("/root/pleaco-0.2.0.bundle")
 slots = Slots(Path("/opt/pleaco"))
 slots.install(bundle, verify_bundle(bundle, [sys.argv[1]], "0.1.0"))
 slots.flip("0.2.0")
@@ -135,7 +131,7 @@ def test_upgrade_and_rollback_through_systemd(node: Node, releases: Releases) ->
 
         # A 0.3.0 whose agent exits at every start: systemd restarts it on failure until the
         # guard (a transient unit, outside pleaco.service) switches back and restarts the unit.
-        assert "switched to 0.3.0" in up.apply("/root/pleaco-0.3.0-exits.tar")
+        assert "switched to 0.3.0" in up.apply("/root/pleaco-0.3.0-exits.bundle")
         wait_for(lambda: up.state().get("phase") == "rolled_back", 180, "the rollback")
         assert "0.3.0 agent exited before it was healthy" in up.state()["reason"]
         wait_for(lambda: up.version() == "0.2.0", 60, "the 0.2.0 agent answering again")
@@ -144,7 +140,7 @@ def test_upgrade_and_rollback_through_systemd(node: Node, releases: Releases) ->
         assert _container(up.node_id) == before
 
         # The good 0.3.0 (another bundle of the same version: its slot is rebuilt) goes through.
-        assert "switched to 0.3.0" in up.apply("/root/pleaco-0.3.0.tar")
+        assert "switched to 0.3.0" in up.apply("/root/pleaco-0.3.0.bundle")
         wait_for(lambda: up.state().get("phase") == "confirmed", 180, "the trial confirmed")
         wait_for(lambda: up.version() == "0.3.0", 60, "the node record on 0.3.0")
         assert n.run("readlink", "/opt/pleaco/current").strip() == "releases/0.3.0"

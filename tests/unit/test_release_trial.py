@@ -287,21 +287,20 @@ def test_the_guard_rolls_back_a_trial_past_its_deadline(node: Node) -> None:
     assert "rolled back" in (node.data_dir / trial.RESPAWN_LOG).read_text()
 
 
-def test_the_guard_rolls_back_when_the_agent_is_gone(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trial, "AGENT_GONE_GRACE", 0.3)
+def test_the_guard_rolls_back_when_the_agent_is_gone(node: Node) -> None:
     node.slots.flip("0.2.0")
     node.slots.flip("0.3.0")
-    node.record("trial")  # deadline a minute away, and no agent holds the data dir
+    # The grace the trial recorded ([upgrade] agent_gone_grace), short: the default only slows the test.
+    node.record("trial", agent_gone_grace=0.3)  # deadline a minute away, and no agent holds the data dir
     assert trial.run_guard(node.data_dir) == 0
     assert node.state.phase == "rolled_back" and "agent exited before it was healthy" in node.state.reason
     assert node.slots.current() == "0.2.0"
 
 
-def test_the_guard_leaves_a_confirmed_trial_alone(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trial, "AGENT_GONE_GRACE", 60.0)
+def test_the_guard_leaves_a_confirmed_trial_alone(node: Node) -> None:
     node.slots.flip("0.2.0")
     node.slots.flip("0.3.0")
-    node.record("trial")
+    node.record("trial", agent_gone_grace=60.0)
     lock = DataDirLock(node.data_dir)
     lock.acquire()  # the new agent runs
     try:
@@ -346,3 +345,8 @@ def test_begin_refuses_while_an_upgrade_is_open(node: Node) -> None:
     with pytest.raises(trial.UpgradeInProgress, match=r"upgrade to 0\.3\.0 is installing"):
         node.upgrade("0.2.0").begin(node.root / "whatever.tar")
     assert node.state.phase == "installing"
+
+
+def test_a_grace_for_a_gone_agent_that_is_not_positive_is_refused() -> None:
+    assert "upgrade.agent_gone_grace: must be greater than 0" in UpgradeSettings(agent_gone_grace=0).validate()
+    assert UpgradeSettings().agent_gone_grace == 10.0 and not UpgradeSettings().validate()
