@@ -1,9 +1,9 @@
 """Server-sent events for the live pages: ``GET /v1/events?topics=nodes,apps,jobs``.
 
 Each topic is the JSON its own endpoint answers (``nodes``: ``GET /v1/nodes``, ``apps``:
-``GET /v1/apps``, ``jobs``: ``GET /v1/jobs?limit=5``), computed by the same functions; the stream sends a topic's JSON as an
-event when it differs from what it last sent, looking every ``[ui] live_interval`` seconds,
-and a comment line as a keep-alive otherwise. The browser's EventSource reconnects by
+``GET /v1/apps``, ``jobs``: ``GET /v1/jobs?limit=5``), computed by the same functions; the
+stream sends a topic's JSON as an event when it differs from what it last sent, looking
+every ``[ui] live_interval`` seconds, and a comment line as a keep-alive otherwise. The browser's EventSource reconnects by
 itself when the stream breaks (an agent restart), and gets every topic again at once.
 """
 
