@@ -3,8 +3,9 @@
 Each topic is the JSON its own endpoint answers (``nodes``: ``GET /v1/nodes``, ``apps``:
 ``GET /v1/apps``, ``jobs``: ``GET /v1/jobs?limit=5``), computed by the same functions; the
 stream sends a topic's JSON as an event when it differs from what it last sent, looking
-every ``[ui] live_interval`` seconds, and a comment line as a keep-alive otherwise. The browser's EventSource reconnects by
-itself when the stream breaks (an agent restart), and gets every topic again at once.
+every ``[ui] live_interval`` seconds, and a comment line as a keep-alive otherwise. The
+browser's EventSource reconnects by itself when the stream breaks (an agent restart), and
+gets every topic again at once.
 """
 
 from __future__ import annotations
