@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pleaco import __version__
 from pleaco.api.client import DEFAULT_API, Client, resolve_token
@@ -63,27 +63,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+# Each verb's handler: the module that owns the verb (its parsers are added above).
+VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+    "status": cluster.status, "nodes": cluster.nodes, "cluster": cluster.cluster,
+    "apps": apps.dispatch, "builds": builds.dispatch, "vulndb": builds.dispatch,
+    "upgrade": upgrade.dispatch, "secrets": secrets.dispatch, "run": jobs.run, "volumes": volumes.dispatch,
+    "jobs": jobs.dispatch, "stack": stacks.dispatch,
+}
+
+
 def dispatch(client: Client, args: argparse.Namespace) -> int:
-    if args.verb == "status":
-        return cluster.status(client, args)
-    if args.verb == "nodes":
-        return cluster.nodes(client, args)
-    if args.verb == "cluster":
-        return cluster.cluster(client, args)
-    if args.verb == "apps":
-        return apps.dispatch(client, args)
-    if args.verb in ("builds", "vulndb"):
-        return builds.dispatch(client, args)
-    if args.verb == "upgrade":
-        return upgrade.dispatch(client, args)
-    if args.verb == "secrets":
-        return secrets.dispatch(client, args)
-    if args.verb == "run":
-        return jobs.run(client, args)
-    if args.verb == "volumes":
-        return volumes.dispatch(client, args)
-    if args.verb == "jobs":
-        return jobs.dispatch(client, args)
-    if args.verb == "stack":
-        return stacks.dispatch(client, args)
-    raise UsageError(f"unknown verb {args.verb}")
+    handler = VERBS.get(args.verb)
+    if handler is None:
+        raise UsageError(f"unknown verb {args.verb}")
+    return handler(client, args)
