@@ -15,11 +15,19 @@ from typing import Any
 
 from pleaco import logs
 from pleaco.cluster.messages import MessageError, Notice
-from pleaco.store import Record, Store
+from pleaco.store import Record, Store, UnknownOrigin
 
 log = logs.get("pleaco.cluster.sync")
 
 MAX_DIGEST = 1 << 20
+# Records from origins this node does not know yet, kept to be checked again when a
+# ``node`` record arrives (see StoreSync.records_received). A node just admitted writes
+# records at once (its own state, an app deployed through it) and gossip may bring them
+# before the member's admission of it: refused, their few piggybacked sends are spent and
+# only the next push-pull (30 s) would bring them. 256 records of at most 64 KiB bound the
+# memory at 16 MiB; only members can send records at all (packets are sealed with the
+# cluster key), so the bound is for bugs, not strangers.
+MAX_PARKED = 256
 
 
 class StoreSync:
@@ -29,6 +37,7 @@ class StoreSync:
         self._queue_record: Callable[[Record], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        self._parked: dict[tuple[str, str], Record] = {}
         store.subscribe(self._changed)
 
     def attach(self, queue_record: Callable[[Record], None]) -> None:
@@ -44,13 +53,46 @@ class StoreSync:
             self._queue_record(rec)
         else:
             self._loop.call_soon_threadsafe(self._queue_record, rec)
+        if rec.kind == "node" and self._parked:
+            # Not from inside the store's notification: the next turn of the loop.
+            self._loop.call_soon_threadsafe(self._retry_parked)
 
     def records_received(self, sender: str, records: Sequence[Record]) -> None:
         # One transaction for the lot: a push-pull to a joining node brings every record.
         _, rejected = self.store.apply_many(records)
         for rec, exc in rejected:
+            if isinstance(exc, UnknownOrigin):
+                self._park(rec)
+                log.debug("gossip.record_parked", sender=sender, kind=rec.kind, key=rec.key, origin=rec.origin)
+                continue
             self.on_reject("record_rejected")
             log.debug("gossip.record_rejected", sender=sender, kind=rec.kind, key=rec.key, error=str(exc))
+
+    def _park(self, rec: Record) -> None:
+        key = (rec.kind, rec.key)
+        held = self._parked.pop(key, None)
+        self._parked[key] = rec if held is None or rec.order_key() > held.order_key() else held
+        while len(self._parked) > MAX_PARKED:  # the oldest parked goes first
+            dropped = self._parked.pop(next(iter(self._parked)))
+            self.on_reject("record_rejected")
+            log.debug("gossip.record_rejected", kind=dropped.kind, key=dropped.key,
+                      error=f"from unknown node {dropped.origin} (more than {MAX_PARKED} such records waiting)")
+
+    def _retry_parked(self) -> None:
+        """Check the parked records again (a ``node`` record arrived): those whose origin is
+        known now are applied (and so spread on by ``_changed``), the others wait on."""
+        if not self._parked:
+            return
+        parked, self._parked = list(self._parked.values()), {}
+        applied, rejected = self.store.apply_many(parked)
+        for rec, exc in rejected:
+            if isinstance(exc, UnknownOrigin):
+                self._park(rec)
+            else:
+                self.on_reject("record_rejected")
+                log.debug("gossip.record_rejected", kind=rec.kind, key=rec.key, error=str(exc))
+        if applied:
+            log.debug("gossip.records_unparked", records=len(applied))
 
     def wanted(self, notices: Sequence[Notice]) -> list[list[str]]:
         """The [kind, key] of announced records (too large for a packet) that are newer

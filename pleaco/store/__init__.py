@@ -9,8 +9,9 @@ from pleaco.store.record import (
     Record,
     RecordError,
     RecordTooLarge,
+    UnknownOrigin,
     merge,
 )
 
 __all__ = ["HLC", "KINDS", "MAX_RECORD_BYTES", "PACKET_RECORD_BYTES", "Record", "RecordError", "RecordTooLarge",
-           "Store", "Timestamp", "merge"]
+           "Store", "Timestamp", "UnknownOrigin", "merge"]

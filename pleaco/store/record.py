@@ -55,6 +55,12 @@ class RecordError(InvalidInput, ValueError, code="invalid_record"):
     """A record that is malformed, of an unknown kind, or whose signature does not verify."""
 
 
+class UnknownOrigin(RecordError):
+    """A record whose origin this store does not know (yet): its ``node`` record, which a
+    member writes when it admits the node, has not arrived. Gossip delivers in no order, so
+    the record may well be good; it can be checked again once the node record is here."""
+
+
 class RecordTooLarge(RecordError):
     """A write whose record is larger than the cluster replicates; nothing is written."""
 
@@ -126,7 +132,7 @@ class Record:
             raise RecordError(f"unknown record kind {self.kind!r}")
         pub = public_key_of(self.origin)
         if pub is None:
-            raise RecordError(f"record {self.kind}/{self.key} from unknown node {self.origin}")
+            raise UnknownOrigin(f"record {self.kind}/{self.key} from unknown node {self.origin}")
         if not verify(pub, self.signature, self.signed_bytes(self.kind, self.key, self.value, self.ts)):
             raise RecordError(f"record {self.kind}/{self.key}: bad signature from {self.origin}")
 
