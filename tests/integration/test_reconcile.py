@@ -27,6 +27,8 @@ from pleaco.reconcile.view import NodeView
 from pleaco.runtime import DockerRuntime, RunSpec
 from pleaco.store import Store
 
+POLL = 0.05  # seconds between reconciler passes while waiting for a condition
+
 
 class Harness:
     def __init__(self, tmp: Path, **cfg: Any) -> None:
@@ -67,7 +69,7 @@ class Harness:
             self.once()
             if until():
                 return
-            self.loop.run_until_complete(asyncio.sleep(0.05))
+            self.loop.run_until_complete(asyncio.sleep(POLL))
         raise AssertionError(f"reconciler did not reach: {what}")
 
     def close(self) -> None:

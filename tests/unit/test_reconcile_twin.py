@@ -30,6 +30,7 @@ from pleaco.store import Store
 IMG = "pleaco/hello:1"
 BASE = 0.3  # crash back-off base (seconds): the tests wait it out, by polling
 DEADLINE = 15.0  # seconds a condition may take to be reached under load
+POLL = 0.02  # seconds between checks of a condition
 
 
 def settings(**kw: object) -> ReconcileSettings:
@@ -71,7 +72,7 @@ class Node:
             each()
             if until():
                 return
-            self.loop.run_until_complete(asyncio.sleep(0.02))
+            self.loop.run_until_complete(asyncio.sleep(POLL))
         raise AssertionError(f"node {self.id[:8]} did not reach: {what}")
 
     def containers(self, app: str = "web") -> list[ContainerInfo]:
