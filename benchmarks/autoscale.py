@@ -55,6 +55,7 @@ from benchmarks.common import (
     HELLO,
     HELLO_PORT,
     LOOPBACK,
+    REPO,
     Agent,
     BenchError,
     Row,
@@ -73,19 +74,8 @@ APP = "autoscale-bench"
 ZERO_APP = "autoscale-bench-zero"
 SLOW = "pleaco-bench/slow:latest"
 SLOW_LABEL = "pleaco.bench=autoscale"
-SLOW_DOCKERFILE = """FROM pleaco/busybox:latest
-COPY serve.sh /serve.sh
-CMD ["/bin/sh", "/serve.sh"]
-"""
-SLOW_SERVER = """#!/bin/sh
-# /cgi-bin/slow answers after a second; /healthz at once.
-mkdir -p /www/cgi-bin
-echo ok > /www/healthz
-printf '#!/bin/sh\\nsleep 1\\nprintf "Content-Type: text/plain\\\\r\\\\n\\\\r\\\\n"\\n' > /www/cgi-bin/slow
-echo 'echo "slow from $(hostname)"' >> /www/cgi-bin/slow
-chmod +x /www/cgi-bin/slow
-exec httpd -f -p 8080 -h /www
-"""
+# examples/slow: /cgi-bin/slow answers after a second, /healthz at once (the test's app too).
+SLOW_APP = REPO / "examples" / "slow"
 TARGET = 2.0  # in-flight requests per replica
 STEADY_RATE = 4.0  # requests/s of 1 s each: 4 in flight, 2 replicas
 NEEDED = 2
@@ -156,14 +146,11 @@ class Load:
 @contextlib.contextmanager
 def slow_image() -> Iterator[str]:
     require_image("pleaco/busybox:latest")
-    with tempfile.TemporaryDirectory(prefix="pleaco-bench-slow-") as ctx:
-        (Path(ctx) / "serve.sh").write_text(SLOW_SERVER)
-        (Path(ctx) / "Dockerfile").write_text(SLOW_DOCKERFILE)
-        proc = subprocess.run(["docker", "build", "-q", "--label", SLOW_LABEL, "-t", SLOW, ctx],
-                              capture_output=True, text=True, timeout=120,
-                              env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
-        if proc.returncode != 0:
-            raise BenchError(f"docker build {SLOW}: {proc.stderr.strip()}")
+    proc = subprocess.run(["docker", "build", "-q", "--label", SLOW_LABEL, "-t", SLOW, str(SLOW_APP)],
+                          capture_output=True, text=True, timeout=120,
+                          env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
+    if proc.returncode != 0:
+        raise BenchError(f"docker build {SLOW}: {proc.stderr.strip()}")
     try:
         yield SLOW
     finally:

@@ -12,11 +12,10 @@ import json
 import subprocess
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, alive_ids, free_port, states, wait_for
+from agentproc import REPO, AgentProcess, alive_ids, free_port, states, wait_for
 from proxyload import Load
 from test_cli import cli
 from test_proxy import start_proxied
@@ -24,27 +23,16 @@ from test_proxy import start_proxied
 from pleaco.placement import app_owner
 
 SLOW = "pleaco-test/slow:latest"
-SLOW_SERVER = """#!/bin/sh
-# /cgi-bin/slow answers after a second; /healthz at once.
-mkdir -p /www/cgi-bin
-echo ok > /www/healthz
-printf '#!/bin/sh\\nsleep 1\\nprintf "Content-Type: text/plain\\\\r\\\\n\\\\r\\\\n"\\n' > /www/cgi-bin/slow
-echo 'echo "slow from $(hostname)"' >> /www/cgi-bin/slow
-chmod +x /www/cgi-bin/slow
-exec httpd -f -p 8080 -h /www
-"""
 HOST = "slow.pleaco.internal"
 POLICY = {"min_replicas": 1, "max_replicas": 6, "metric": "concurrency", "target": 2, "stable_window": 6,
           "panic_window": 2}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def slow_image(tmp_path_factory: pytest.TempPathFactory) -> None:
-    ctx: Path = tmp_path_factory.mktemp("slow")
-    (ctx / "serve.sh").write_text(SLOW_SERVER)
-    (ctx / "Dockerfile").write_text(
-        'FROM pleaco/busybox:latest\nCOPY serve.sh /serve.sh\nCMD ["/bin/sh", "/serve.sh"]\n')
-    subprocess.run(["docker", "build", "-q", "-t", SLOW, str(ctx)], check=True, capture_output=True,
+def slow_image() -> None:
+    # examples/slow: /cgi-bin/slow answers after a second (the benchmark builds the same).
+    subprocess.run(["docker", "build", "-q", "-t", SLOW, str(REPO / "examples" / "slow")], check=True,
+                   capture_output=True,
                    env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
 
 
