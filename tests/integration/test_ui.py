@@ -88,6 +88,12 @@ class Page:
         self.page.fill("input[name=token]", token or self.agent.token)
         self.page.click("button[type=submit]")
 
+    def open(self, path: str) -> None:
+        """Log in with the right token, land on the cluster page, then open ``path``."""
+        self.login()
+        self.page.wait_for_url(self.agent.url + "/ui/")
+        self.goto(path)
+
     def shot(self, name: str, full: bool = True) -> None:
         path = self.shots / f"{name}.png"
         self.page.screenshot(path=str(path), full_page=full)
@@ -229,9 +235,7 @@ def test_apps_page_shows_replicas_scales_rolls_back_and_removes(page: Page) -> N
     agent = page.agent
     with app_named(agent, replicas=1, port=8080, health="/healthz") as app:
         agent.client.deploy(app, {"image": HELLO, "port": 8080, "health": "/healthz", "env": {"V": "2"}})
-        page.login()
-        page.page.wait_for_url(agent.url + "/ui/")
-        page.goto(f"/ui/apps?app={app}")
+        page.open(f"/ui/apps?app={app}")
         wait_for(lambda: replica_rows(page) == 1 and page.page.inner_text("#app-revision") == "2", 60,
                  "one healthy replica of revision 2 on the page")
         page.mark()
@@ -292,9 +296,7 @@ def test_builds_page_follows_a_build_log_while_it_runs(page: Page, git: GitServe
         d = deliver(agent.url, SECRET, "push", push_payload(repo.url, repo.before, commit))
         assert d.status == 202, d.body
         build = f"{app}-{commit[:12]}"
-        page.login()
-        page.page.wait_for_url(agent.url + "/ui/")
-        page.goto(f"/ui/builds?app={app}&build={build}")
+        page.open(f"/ui/builds?app={app}&build={build}")
         page.mark()
         log = page.page.locator("#build-log")
         wait_for(lambda: "==> " in log.inner_text(), 60, "the build log to start on the page")
@@ -317,9 +319,7 @@ def test_builds_page_follows_a_build_log_while_it_runs(page: Page, git: GitServe
 def test_charts_page_draws_an_apps_history(page: Page) -> None:
     agent = page.agent
     with app_named(agent, replicas=0) as app:
-        page.login()
-        page.page.wait_for_url(agent.url + "/ui/")
-        page.goto(f"/ui/charts?app={app}")
+        page.open(f"/ui/charts?app={app}")
         page.page.wait_for_selector("#chart-replicas polyline", state="attached")
         assert "wanted 0" in page.page.inner_text("#chart-replicas figcaption")
         agent.client.scale(app, 1)
@@ -353,9 +353,7 @@ def test_live_events_history_and_releases_answer_and_refuse_bad_input(agent: Age
 def test_apps_page_shows_the_autoscaling_policy(page: Page) -> None:
     agent = page.agent
     with app_named(agent, replicas=0) as app:
-        page.login()
-        page.page.wait_for_url(agent.url + "/ui/")
-        page.goto(f"/ui/apps?app={app}")
+        page.open(f"/ui/apps?app={app}")
         page.page.wait_for_selector("#autoscale:has-text('set by hand')")
         # Scale to zero allowed, no traffic: the policy holds the app at 0, no container starts.
         agent.client.autoscale(app, {"min_replicas": 0, "max_replicas": 2, "scale_to_zero_after": 30})
@@ -366,9 +364,7 @@ def test_apps_page_shows_the_autoscaling_policy(page: Page) -> None:
 def test_apps_page_shows_scheduled_jobs_and_their_runs(page: Page) -> None:
     agent = page.agent
     with app_named(agent, replicas=0) as app:
-        page.login()
-        page.page.wait_for_url(agent.url + "/ui/")
-        page.goto(f"/ui/apps?app={app}")
+        page.open(f"/ui/apps?app={app}")
         page.page.wait_for_selector("#jobs:has-text('none')")
         # Scheduled through the CLI's endpoint; it runs every tick (2 s here) on this node.
         agent.client.request("PUT", f"/v1/apps/{app}/jobs/hello", {"cron": "* * * * *", "command": ["echo", "hi"]})
@@ -382,9 +378,7 @@ def test_apps_page_shows_scheduled_jobs_and_their_runs(page: Page) -> None:
 def test_every_page_fits_a_phone_screen(page: Page, path: str) -> None:
     page.page.set_viewport_size(PHONE)
     with app_named(page.agent, replicas=0) as app:
-        page.login()
-        page.page.wait_for_url(page.agent.url + "/ui/")
-        page.goto(f"{path}?app={app}")
+        page.open(f"{path}?app={app}")
         page.page.wait_for_selector("main table tbody tr, #charts figure")
         assert page.page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
         page.shot(f"phone-{path.strip('/').replace('/', '-')}")
