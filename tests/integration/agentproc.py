@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -187,6 +188,18 @@ class AgentProcess:
             self.proc.wait(10)
         if self.node_id:
             remove_node_containers(self.node_id)
+
+
+@contextlib.contextmanager
+def shared_agent(data_dir: Path, what: str) -> Iterator[AgentProcess]:
+    """One agent for a module's tests that each leave it as they found it (they only read,
+    or are refused and check that nothing changed), rather than one started per test."""
+    agent = AgentProcess(data_dir).start()
+    try:
+        yield agent
+    finally:
+        print(f"==== log of the {what} agent ====\n{agent.log_tail(200)}")
+        agent.cleanup()
 
 
 CADDY = "pleaco/caddy:latest"  # made by scripts/images.sh

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, ProxyPorts, node_containers, wait_for
+from agentproc import AgentProcess, ProxyPorts, node_containers, shared_agent, wait_for
 from conftest import HELLO
 
 from pleaco.api.builds import sign
@@ -64,12 +64,8 @@ def test_deploy_three_replicas_gives_three_labelled_containers(agent: AgentProce
 def refusing_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """One agent for the tests of refusals: each request is refused and changes nothing
     (each test checks that it did not), so they share it rather than start one each."""
-    agent = AgentProcess(tmp_path_factory.mktemp("refusals") / "node").start()
-    try:
+    with shared_agent(tmp_path_factory.mktemp("refusals") / "node", "refusing") as agent:
         yield agent
-    finally:
-        print(f"==== log of the refusing agent ====\n{agent.log_tail(200)}")
-        agent.cleanup()
 
 
 def test_healthz_needs_no_token_but_everything_else_does(refusing_agent: AgentProcess) -> None:

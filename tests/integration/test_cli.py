@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import REPO, AgentProcess, free_port, node_containers, wait_for
+from agentproc import REPO, AgentProcess, free_port, node_containers, shared_agent, wait_for
 from conftest import HELLO
 
 
@@ -28,12 +28,8 @@ def cli(agent: AgentProcess | None, *args: str, env: dict[str, str] | None = Non
 def idle_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """One agent, named "node", for the tests that only read or are refused (each checks
     that nothing changed where it matters), so they share it rather than start one each."""
-    agent = AgentProcess(tmp_path_factory.mktemp("idle") / "node").start()
-    try:
+    with shared_agent(tmp_path_factory.mktemp("idle") / "node", "idle") as agent:
         yield agent
-    finally:
-        print(f"==== log of the idle agent ====\n{agent.log_tail(200)}")
-        agent.cleanup()
 
 
 def test_status_json_names_the_answering_node(idle_agent: AgentProcess) -> None:
