@@ -85,7 +85,7 @@ from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
 from pleaco.stacks.labels import NodeLabels
 from pleaco.stacks.schedule import RunLogs, Scheduler, ScheduleStore
 from pleaco.stacks.secrets import AppSecrets
-from pleaco.stacks.service import StackService
+from pleaco.stacks.service import RepoStacks, StackService
 from pleaco.stacks.volumes import VolumeContent, VolumeLoop, Volumes
 from pleaco.store import Record, Store
 from pleaco.ui.events import LiveEvents
@@ -388,7 +388,10 @@ class Agent:
             shown = api.app_json(name)
             return int(shown["healthy"]) >= int(shown["replicas"])
 
-        add_stack_routes(api.app, StackService(apps, all_healthy, reconciler.wake), api.app_json)
+        stacks = StackService(apps, all_healthy, reconciler.wake)
+        add_stack_routes(api.app, stacks, api.app_json)
+        # A connected repository's compose file: its pushes deploy it as a stack.
+        builds.stack_check = RepoStacks(stacks, asyncio.get_running_loop()).check
 
         supervision = Supervision(
             Notifier(),

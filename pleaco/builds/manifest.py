@@ -94,12 +94,28 @@ def _policy(scale: dict[str, Any]) -> AutoscalePolicy:
         raise ManifestError(f"{FILENAME}: [scale] {key}: {str(exc).partition(': ')[2]}") from None
 
 
-def parse(text: str) -> Manifest:
-    """Parse the text of a pleaco.toml, or raise ManifestError naming what is wrong."""
+# Beside a compose file, pleaco.toml says how its services with ``build`` are built, tested
+# and scanned; what runs, and from which Dockerfile, is the compose file's to say.
+BESIDE_COMPOSE = {"run": "its services' ports, healthcheck and deploy.replicas say how they run",
+                  "scale": "autoscale its services with `pleaco apps autoscale STACK-SERVICE`",
+                  "jobs": "scheduled jobs are a pleaco.toml app's",
+                  "build.dockerfile": "each service's build.dockerfile names its own"}
+
+
+def parse(text: str, beside: str | None = None) -> Manifest:
+    """Parse the text of a pleaco.toml, or raise ManifestError naming what is wrong.
+    ``beside``: the compose file the repository also holds (pleaco.builds.stackbuild),
+    which leaves pleaco.toml [app], [build] args, [test] and [scan] (BESIDE_COMPOSE)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{FILENAME}: not valid TOML: {exc}") from None
+    if beside is not None:
+        for key, instead in BESIDE_COMPOSE.items():
+            table, _, name = key.partition(".")
+            if table in data and (not name or (isinstance(data[table], dict) and name in data[table])):
+                shown = f"[{table}] {name}" if name else f"[{table}]"
+                raise ManifestError(f"{FILENAME}: {shown}: not used beside {beside} ({instead}); remove it")
     for table, value in data.items():
         if table not in SCHEMA:
             raise ManifestError(f"{FILENAME}: unknown table [{table}] (allowed: {', '.join(sorted(SCHEMA))})")

@@ -72,8 +72,12 @@ class Build:
     pushed_digest: str = ""  # the digest the registry reported for it
     test: dict[str, Any] = field(default_factory=dict)
     scan: dict[str, Any] = field(default_factory=dict)
-    release: int = 0
+    release: int = 0  # the app's revision; a stack's build: the highest of its services'
     superseded_by: str = ""
+    # A repository with a compose file (pleaco.builds.stackbuild): its name, and per service
+    # what the build made of it (app, image, tag, test, scan, revision, changed).
+    compose: str = ""
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:

@@ -42,10 +42,11 @@ in Compose).
 
 from __future__ import annotations
 
+import posixpath
 import re
 import shlex
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,15 @@ from pleaco.apps import ValidationError, validate_deploy, validate_name
 # less, and the whole document goes to the API as one JSON body.
 MAX_FILE_BYTES = 1 << 20
 MAX_SERVICES = 100
-SERVICE_KEYS = frozenset({"image", "command", "entrypoint", "environment", "env_file", "ports", "expose",
+SERVICE_KEYS = frozenset({"build", "image", "command", "entrypoint", "environment", "env_file", "ports", "expose",
                           "healthcheck", "depends_on", "deploy", "restart", "volumes", "x-pleaco"})
 TOP_KEYS = frozenset({"services", "name", "version", "volumes"})
 X_PLEACO_KEYS = frozenset({"host", "https", "health"})
+BUILD_KEYS = frozenset({"context", "dockerfile", "args"})
+# What a service with ``build`` runs until its build has made the image (StackPlan.with_images):
+# only ever checked, never deployed.
+PENDING_IMAGE = "pleaco-build/pending:none"
+_ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 DEPLOY_KEYS = frozenset({"replicas", "resources", "placement"})
 LIMIT_KEYS = frozenset({"memory", "cpus", "pids"})
 RESTART_POLICIES = ("always", "unless-stopped")
@@ -79,11 +85,21 @@ class ComposeError(errors.InvalidInput, ValueError):
 
 
 @dataclass(frozen=True)
+class Build:
+    """A service's ``build``: what the build pipeline makes its image from."""
+
+    context: str  # a directory of the repository, "" for its root
+    dockerfile: str  # relative to the context
+    args: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Service:
     name: str  # the compose service name
     app: str  # STACK-SERVICE
     body: dict[str, Any]  # its deploy body (pleaco.apps.validate_deploy)
     depends_on: tuple[str, ...]
+    build: Build | None = None  # its image is built from the repository (plan(builds=True))
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,16 @@ class StackPlan:
     def service(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
 
+    def with_images(self, images: Mapping[str, str]) -> StackPlan:
+        """This plan with the images a build made for its services with ``build`` (by
+        service name): what the build pipeline deploys."""
+        missing = sorted(s.name for s in self.services if s.build is not None and s.name not in images)
+        if missing:
+            raise ValueError(f"no built image for services {', '.join(missing)}")
+        services = tuple(replace(s, body={**s.body, "image": images[s.name]}) if s.build is not None else s
+                         for s in self.services)
+        return replace(self, services=services)
+
 
 # -- the CLI's half ----------------------------------------------------------------------
 
@@ -107,23 +133,30 @@ def load(path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
     except OSError as exc:
         raise ComposeError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    return loads(raw, str(path), lambda name: (path.parent / name).read_text())
+
+
+def loads(raw: bytes, where: str, read_text: Callable[[str], str]) -> dict[str, Any]:
+    """The compose document in ``raw`` (the file ``where`` names), with each ``env_file``
+    read by ``read_text`` (a name relative to the compose file; OSError or
+    UnicodeDecodeError when it cannot be read) into its service's ``environment``."""
     if len(raw) > MAX_FILE_BYTES:
-        raise ComposeError(f"{path}: {len(raw)} bytes, over the limit of {MAX_FILE_BYTES}")
+        raise ComposeError(f"{where}: {len(raw)} bytes, over the limit of {MAX_FILE_BYTES}")
     try:
         doc = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise ComposeError(f"{path}: not valid YAML: {exc}") from None
+        raise ComposeError(f"{where}: not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
-        raise ComposeError(f"{path}: expected a mapping with 'services' at the top")
+        raise ComposeError(f"{where}: expected a mapping with 'services' at the top")
     services = doc.get("services")
     if isinstance(services, dict):
         for name, svc in services.items():
             if isinstance(svc, dict) and "env_file" in svc:
-                services[name] = _read_env_files(path.parent, str(name), svc)
+                services[name] = _read_env_files(read_text, str(name), svc)
     return doc
 
 
-def _read_env_files(base: Path, service: str, svc: dict[str, Any]) -> dict[str, Any]:
+def _read_env_files(read_text: Callable[[str], str], service: str, svc: dict[str, Any]) -> dict[str, Any]:
     files = svc["env_file"]
     if isinstance(files, str):
         files = [files]
@@ -131,19 +164,19 @@ def _read_env_files(base: Path, service: str, svc: dict[str, Any]) -> dict[str, 
         raise ComposeError(f"services.{service}.env_file: expected a file name or a list of them")
     env: dict[str, str] = {}
     for name in files:
-        env.update(parse_env_file(base / name, service))
+        env.update(parse_env_file(read_text, name, service))
     own = svc.get("environment")
     if own is not None:
         env.update(_environment(service, own))  # the service's own values win, as in Compose
     return {**{k: v for k, v in svc.items() if k != "env_file"}, "environment": env}
 
 
-def parse_env_file(path: Path, service: str) -> dict[str, str]:
+def parse_env_file(read_text: Callable[[str], str], name: str, service: str) -> dict[str, str]:
     """``KEY=VALUE`` lines (``export`` allowed, one pair of matching quotes taken off the
     value); blank lines and ``#`` comments skipped."""
-    where = f"services.{service}.env_file {path}"
+    where = f"services.{service}.env_file {name}"
     try:
-        text = path.read_text()
+        text = read_text(name)
     except OSError as exc:
         raise ComposeError(f"{where}: cannot read it: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -166,9 +199,11 @@ def parse_env_file(path: Path, service: str) -> dict[str, str]:
 # -- the server's half -------------------------------------------------------------------
 
 
-def plan(stack: Any, doc: Any, max_replicas: int) -> StackPlan:
+def plan(stack: Any, doc: Any, max_replicas: int, builds: bool = False) -> StackPlan:
     """Check a whole compose document (as ``load`` made it) for stack ``stack`` and map it
-    onto apps; raises ComposeError (or ValidationError) naming where, before anything is written."""
+    onto apps; raises ComposeError (or ValidationError) naming where, before anything is written.
+    ``builds``: a service may have ``build`` (the document is a connected repository's, whose
+    build pipeline makes the image, pleaco.builds.stackbuild); otherwise it is an error."""
     try:
         stack = validate_name(stack)
     except ValidationError:
@@ -187,7 +222,8 @@ def plan(stack: Any, doc: Any, max_replicas: int) -> StackPlan:
     if len(services) > MAX_SERVICES:
         raise ComposeError(f"services: {len(services)} services, at most {MAX_SERVICES}")
     volumes = _declared_volumes(doc.get("volumes"))
-    mapped = [_service(stack, name, svc, max_replicas, volumes) for name, svc in sorted(services.items(), key=_key)]
+    mapped = [_service(stack, name, svc, max_replicas, volumes, builds)
+              for name, svc in sorted(services.items(), key=_key)]
     names = {s.name for s in mapped}
     users: dict[str, str] = {}
     for s in mapped:
@@ -224,7 +260,7 @@ def _declared_volumes(value: Any) -> set[str]:
     return {str(name) for name in value}
 
 
-def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[str]) -> Service:
+def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[str], builds: bool) -> Service:
     where = f"services.{name}"
     if not isinstance(name, str):
         raise ComposeError(f"{where}: a service name must be a string")
@@ -236,8 +272,10 @@ def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[st
     if not isinstance(svc, dict):
         raise ComposeError(f"{where}: expected a mapping")
     for key in svc:
-        if key == "build":
-            raise ComposeError(f"{where}.build: not supported by pleaco (build the image and name it in 'image')")
+        if key == "build" and not builds:
+            raise ComposeError(f"{where}.build: not supported by stack deploy, which runs images (name one in "
+                               "'image'; or connect the repository with `pleaco apps connect`, whose pushes "
+                               "build it)")
         if key == "env_file":
             raise ComposeError(f"{where}.env_file: must be read by the client (pleaco stack deploy does)")
         if not isinstance(key, str) or (key not in SERVICE_KEYS and (not key.startswith("x-") or key == "x-pleaco")):
@@ -248,9 +286,13 @@ def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[st
     for key in x:
         if key not in X_PLEACO_KEYS:
             raise ComposeError(f"{where}.x-pleaco.{key}: unknown key (known: {', '.join(sorted(X_PLEACO_KEYS))})")
-    if "image" not in svc:
-        raise ComposeError(f"{where}.image: required (pleaco runs images; 'build' is not supported)")
-    body: dict[str, Any] = {"image": svc["image"]}
+    build = _build(f"{where}.build", svc["build"]) if svc.get("build") is not None else None
+    if "image" not in svc and build is None:
+        raise ComposeError(f"{where}.image: required (pleaco runs images; 'build' only in a connected "
+                           "repository's compose file)")
+    # With both, the built image runs (Compose tags it with 'image'; pleaco's pipeline
+    # tags it pleaco-build/APP:COMMIT12).
+    body: dict[str, Any] = {"image": PENDING_IMAGE if build is not None else svc["image"]}
     for key in ("command", "entrypoint"):
         if key in svc and svc[key] is not None:
             body[key] = _argv(f"{where}.{key}", svc[key])
@@ -287,7 +329,53 @@ def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[st
                  "volumes": "volumes"}.get(
             exc.field, exc.field)
         raise ComposeError(f"{where} ({field}): {str(exc).partition(': ')[2]}") from None
-    return Service(name, app, body, _depends_on(where, svc.get("depends_on")))
+    return Service(name, app, body, _depends_on(where, svc.get("depends_on")), build)
+
+
+def _build(where: str, value: Any) -> Build:
+    """``build: DIR`` or ``build: {context, dockerfile, args}``, both in the repository."""
+    if isinstance(value, str):
+        value = {"context": value}
+    if not isinstance(value, dict):
+        raise ComposeError(f"{where}: expected a directory of the repository or a mapping "
+                           f"of {', '.join(sorted(BUILD_KEYS))}")
+    for key in value:
+        if key not in BUILD_KEYS:
+            raise ComposeError(f"{where}.{key}: not supported by pleaco ({', '.join(sorted(BUILD_KEYS))})")
+    context = _repo_path(f"{where}.context", value.get("context", "."))
+    dockerfile = _repo_path(f"{where}.dockerfile", value.get("dockerfile", "Dockerfile"))
+    if not dockerfile:
+        raise ComposeError(f"{where}.dockerfile: expected a file name")
+    args = value.get("args") or {}
+    if isinstance(args, list):  # Compose's list form: NAME=VALUE
+        pairs = [str(a).partition("=") for a in args]
+        if not all(sep for _, sep, _ in pairs):
+            raise ComposeError(f"{where}.args: expected NAME=VALUE items (pleaco has no build environment to "
+                               "take a bare NAME from)")
+        args = {k: v for k, _, v in pairs}
+    if not isinstance(args, dict):
+        raise ComposeError(f"{where}.args: expected a mapping or a list of NAME=VALUE")
+    out: dict[str, str] = {}
+    for k, v in args.items():
+        if not isinstance(k, str) or not _ARG_NAME.fullmatch(k):
+            raise ComposeError(f"{where}.args: {k!r} is not a build argument name")
+        arg = _scalar(v)
+        if arg is None:
+            raise ComposeError(f"{where}.args.{k}: expected a string, number or boolean")
+        out[k] = arg
+    return Build(context, dockerfile, out)
+
+
+def _repo_path(where: str, value: Any) -> str:
+    """A relative path inside the repository, normalised ("" for its root)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ComposeError(f"{where}: expected a path in the repository")
+    if "://" in value or value.startswith(("git@", "/", "~")):
+        raise ComposeError(f"{where}: {value!r}: only a path inside the repository (no URL, no absolute path)")
+    norm = posixpath.normpath(value)
+    if norm == ".." or norm.startswith("../"):
+        raise ComposeError(f"{where}: {value!r} is outside the repository")
+    return "" if norm == "." else norm
 
 
 def _mounts(where: str, value: Any, declared: set[str]) -> list[dict[str, str]]:

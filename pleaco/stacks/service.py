@@ -17,6 +17,7 @@ revision, no restart). Last, the apps of the stack that the file no longer has a
 from __future__ import annotations
 
 import asyncio
+import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from typing import Any
 
 from pleaco import errors, logs
 from pleaco.apps import AppSpec, AppStore, validate_name
-from pleaco.stacks.compose import StackPlan, plan
+from pleaco.builds.stackbuild import ServiceBuild, ServiceRelease
+from pleaco.stacks.compose import ComposeError, StackPlan, loads, plan
 
 log = logs.get("pleaco.stacks.service")
 
@@ -122,7 +124,12 @@ class StackService:
                 raise StackConflict(f"services.{svc.name}.x-pleaco.host: {host!r} is already used by app {taken[0]!r}")
 
     async def deploy(self, name: Any, doc: Any, wait: float = DEFAULT_WAIT) -> StackDeploy:
-        stack = plan(name, doc, self.apps.max_replicas)
+        return await self.deploy_plan(plan(name, doc, self.apps.max_replicas), wait)
+
+    async def deploy_plan(self, stack: StackPlan, wait: float = DEFAULT_WAIT,
+                          release_info: dict[str, Any] | None = None) -> StackDeploy:
+        """Deploy a checked plan; ``release_info`` (a build's commit and id) goes into the
+        release record of each service this deploy changes."""
         self.check(stack)
         before = {s.name for s in self.apps.specs() if s.stack == stack.name}
         deadline = time.monotonic() + wait
@@ -132,7 +139,7 @@ class StackService:
             await self._wait_healthy(stack, needs, deadline, wave)
             for svc_name in wave:
                 svc = stack.service(svc_name)
-                result = self.apps.deploy(svc.app, svc.body, stack=stack.name)
+                result = self.apps.deploy(svc.app, svc.body, release_info=release_info, stack=stack.name)
                 done.append(DeployedService(svc.name, svc.app, result.spec.revision, result.created,
                                             result.new_release))
                 log.info("stack.service_deployed", stack=stack.name, service=svc.name, app=svc.app,
@@ -166,3 +173,48 @@ class StackService:
         log.info("stack.removed", stack=name, apps=len(apps))
         self.changed()
         return apps
+
+
+@dataclass(frozen=True)
+class RepoStack:
+    """A connected repository's compose file, checked (pleaco.builds.stackbuild.StackRelease)."""
+
+    plan: StackPlan
+    builds: tuple[ServiceBuild, ...]
+    repo_stacks: RepoStacks
+
+    def deploy(self, images: dict[str, str], release_info: dict[str, Any]) -> list[ServiceRelease]:
+        return self.repo_stacks.deploy(self.plan.with_images(images), release_info)
+
+
+class RepoStacks:
+    """What the build pipeline deploys a repository's compose file with: the stack is named
+    as the connected app, its services with ``build`` run the images the build made, and
+    the deploy runs on the agent's event loop (the build runs in a worker thread)."""
+
+    def __init__(self, stacks: StackService, loop: asyncio.AbstractEventLoop, wait: float = DEFAULT_WAIT) -> None:
+        self.stacks = stacks
+        self.loop = loop
+        self.wait = wait
+
+    def check(self, stack: str, filename: str, raw: bytes, read_text: Callable[[str], str]) -> RepoStack:
+        """The whole file checked as ``stack deploy`` checks one (with ``build`` allowed), and
+        the cluster's state; every error names the file (pleaco.builds.stackbuild.StackCheck)."""
+        base = posixpath.dirname(filename)
+        try:
+            doc = loads(raw, filename, lambda name: read_text(posixpath.join(base, name)))
+            checked = plan(stack, doc, self.stacks.apps.max_replicas, builds=True)
+            self.stacks.check(checked)
+        except ComposeError as exc:
+            message = str(exc)
+            raise ComposeError(message if message.startswith(filename) else f"{filename}: {message}") from None
+        except StackConflict as exc:
+            raise StackConflict(f"{filename}: {exc}") from None
+        builds = tuple(ServiceBuild(s.name, s.app, s.build.context, s.build.dockerfile, s.build.args)
+                       for s in checked.services if s.build is not None)
+        return RepoStack(checked, builds, self)
+
+    def deploy(self, stack: StackPlan, release_info: dict[str, Any]) -> list[ServiceRelease]:
+        done = asyncio.run_coroutine_threadsafe(
+            self.stacks.deploy_plan(stack, self.wait, release_info), self.loop).result()
+        return [ServiceRelease(d.service, d.app, d.revision, d.changed) for d in done.services]
