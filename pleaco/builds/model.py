@@ -129,7 +129,17 @@ def _trim_findings(value: dict[str, Any]) -> None:
         scan["findings"] = scan["findings"][:10]  # the worst first (scan.py sorts them)
 
 
-_TRIMS = (_trim_texts, _trim_output, _trim_findings)
+def _trim_services(value: dict[str, Any]) -> None:
+    """A stack's build: each service's test output and findings (its log has them)."""
+    for entry in (value.get("services") or {}).values():
+        if isinstance(entry, dict):
+            if isinstance(entry.get("test"), dict):
+                entry["test"] = {k: v for k, v in entry["test"].items() if k != "output"}
+            if isinstance(entry.get("scan"), dict):
+                entry["scan"] = {k: v for k, v in entry["scan"].items() if k != "findings"}
+
+
+_TRIMS = (_trim_texts, _trim_output, _trim_findings, _trim_services)
 
 
 @dataclass

@@ -19,11 +19,13 @@ import pytest
 from pleaco.apps import AppStore
 from pleaco.builds import source
 from pleaco.builds.manifest import ManifestError, parse
+from pleaco.builds.model import Build as BuildRecord
 from pleaco.builds.stackbuild import ContextError, ServiceBuild, context_tarball, read_text
 from pleaco.identity import Identity
-from pleaco.stacks.compose import PENDING_IMAGE, Build, ComposeError, plan
+from pleaco.stacks.compose import MAX_SERVICES, PENDING_IMAGE, Build, ComposeError, plan
 from pleaco.stacks.service import RepoStacks, StackConflict, StackService
 from pleaco.store import Store
+from pleaco.store.record import MAX_RECORD_BYTES, gossip_size
 
 MAX = 10
 
@@ -212,3 +214,18 @@ def test_a_repository_stack_is_checked_whole_then_deployed_with_the_built_images
     with pytest.raises(StackConflict, match=r"^compose\.yaml: services\.kv: app 'other-kv' exists"):
         repo_stacks.check("other", "compose.yaml", COMPOSE, read)
     assert apps.store.count() == before
+
+
+def test_a_stacks_build_record_fits_with_its_most_services() -> None:
+    finding = {"id": "CVE-2026-0001", "package": "p" * 60, "installed": "1" * 30, "fixed": "2" * 30,
+               "severity": "critical", "summary": "s" * 200}
+    entry = {"app": "a" * 63, "image": "sha256:" + "f" * 64, "tag": "pleaco-build/" + "a" * 63 + ":" + "c" * 12,
+             "test": {"command": ["sh", "-c", "x" * 100], "exit_code": 0, "timed_out": False, "output": "o" * 1024},
+             "scan": {"scanner": "pleaco-osv", "packages": 100, "fail_on": "critical",
+                      "findings": [finding] * 10, "blocking": 0},
+             "revision": 10**6, "changed": True}
+    b = BuildRecord(id="a" * 50 + "-" + "c" * 12, app="a" * 50, commit="c" * 40, repo="r" * 256, branch="main",
+              compose="docker-compose.yaml", services={f"s{i:061d}": dict(entry) for i in range(MAX_SERVICES)})
+    value = b.record_value()
+    assert gossip_size("build", b.id, value) <= MAX_RECORD_BYTES
+    assert set(value["services"]) == set(b.services) and all("image" in e for e in value["services"].values())
