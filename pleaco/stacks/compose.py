@@ -2,7 +2,7 @@
 
 Two halves, so that bad input from the CLI or from any other API client gets the same errors:
 
-- ``load`` (the CLI): parses the YAML (PyYAML's safe loader: no tags that build objects)
+- ``load`` (the CLI; ``loads`` for a compose file in a repository's commit): parses the YAML (PyYAML's safe loader: no tags that build objects)
   and reads each service's ``env_file`` (relative to the compose file) into its
   ``environment``, as Compose does (``environment`` wins over the file). What it sends the
   API is the document as JSON, with no files left to read.
@@ -15,6 +15,10 @@ Two halves, so that bad input from the CLI or from any other API client gets the
 The mapping (plain Compose keys, and ``x-pleaco`` for what Compose has no key for):
 
 - ``image``, ``command``, ``entrypoint`` (a string is split as a shell would, like Compose);
+- ``build`` (``DIR``, or ``context``, ``dockerfile``, ``args``), only in a connected
+  repository's compose file (``plan(builds=True)``): paths inside the repository; the build
+  pipeline makes the image (pleaco.builds.stackbuild), which ``StackPlan.with_images`` puts
+  in the service's body. ``stack deploy`` runs images, so there it is an error;
 - ``environment`` (a map, or a list of ``KEY=VALUE``), ``env_file`` (read by the CLI);
 - ``ports`` / ``expose``: the one container port of the service (the app's port): other
   services reach it there by name, and the node proxies route HTTP to it (the host name
