@@ -2,10 +2,11 @@
 
 Two halves, so that bad input from the CLI or from any other API client gets the same errors:
 
-- ``load`` (the CLI; ``loads`` for a compose file in a repository's commit): parses the YAML (PyYAML's safe loader: no tags that build objects)
-  and reads each service's ``env_file`` (relative to the compose file) into its
-  ``environment``, as Compose does (``environment`` wins over the file). What it sends the
-  API is the document as JSON, with no files left to read.
+- ``load`` (the CLI; ``loads`` for a compose file in a repository's commit): parses the
+  YAML (PyYAML's safe loader: no tags that build objects) and reads each service's
+  ``env_file`` (relative to the compose file) into its ``environment``, as Compose does
+  (``environment`` wins over the file). What it sends the API is the document as JSON,
+  with no files left to read.
 - ``plan`` (the server): checks the whole document and maps each service onto the deploy
   body of app ``STACK-SERVICE`` (pleaco.apps.validate_deploy checks each body as a plain
   deploy would). Anything pleaco does not support is an error naming the service and the
