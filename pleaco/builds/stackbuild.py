@@ -83,9 +83,14 @@ def read_text(tarball: Path, base: str) -> Callable[[str], str]:
                 member = tar.getmember(path)
             except KeyError:
                 raise FileNotFoundError(f"no file {path!r} in the repository") from None
-            f = tar.extractfile(member) if member.isfile() or member.issym() else None
+            try:
+                # A symbolic link is followed within the commit only (tarfile finds its
+                # target among the members, never on the node).
+                f = tar.extractfile(member) if member.isfile() or member.issym() else None
+            except KeyError:
+                f = None
             if f is None:
-                raise OSError(f"{path!r} is not a file")
+                raise OSError(f"{path!r} is not a file of the repository")
             return f.read().decode()
 
     return read

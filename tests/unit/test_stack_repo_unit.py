@@ -120,6 +120,12 @@ def test_env_files_are_read_from_the_commit_only(tmp_path: Path) -> None:
             read(name)
     with pytest.raises(FileNotFoundError, match=r"no file 'deploy/other\.env'"):
         read("other.env")
+    with tarfile.open(src, "a") as tar:
+        link = tarfile.TarInfo("deploy/link.env")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    with pytest.raises(OSError, match="not a file of the repository"):
+        read("link.env")
 
 
 def git(*args: str, cwd: Path) -> None:
