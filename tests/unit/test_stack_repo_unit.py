@@ -235,3 +235,121 @@ def test_a_stacks_build_record_fits_with_its_most_services() -> None:
     value = b.record_value()
     assert gossip_size("build", b.id, value) <= MAX_RECORD_BYTES
     assert set(value["services"]) == set(b.services) and all("image" in e for e in value["services"].values())
+
+
+# -- the build pipeline's stack path, with the engine faked (test_stack_repo.py runs it for real)
+
+
+class FakeEngine:
+    """The build engine's calls a stack's build makes: tests fail in an image one of whose
+    files says FAIL; a push answers a digest."""
+
+    def __init__(self, builder: FakeBuilder) -> None:
+        self.builder = builder
+        self.pushed: list[tuple[str, str, str]] = []
+        self.tested: list[str] = []
+
+    def labels(self, build_id: str, role: str) -> dict[str, str]:
+        return {"pleaco.build": build_id, "pleaco.build-role": role}
+
+    def image_id(self, ref: str) -> str | None:
+        return None
+
+    def tag(self, image: str, repository: str, tag: str) -> None:
+        pass
+
+    def run_to_completion(self, image: str, command: list[str], **kw: Any) -> Any:
+        from pleaco.builds.engine import TestResult
+        self.tested.append(image)
+        failing = any(b"FAIL" in text for text in self.builder.made[image].values())
+        return TestResult(1 if failing else 0, f"ran {image}", False)
+
+    def push(self, image: str, repository: str, tag: str, **kw: Any) -> str:
+        self.pushed.append((image, repository, tag))
+        return "sha256:" + "d" * 64
+
+    def remove_leftovers(self, build_ids: set[str] | None = None) -> int:
+        return 0
+
+
+class FakeBuilder:
+    """Builds an image whose id is the hash of its context's files (as the layer cache makes
+    an unchanged context the same image)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, list[str], str, dict[str, str]]] = []
+        self.made: dict[str, dict[str, bytes]] = {}  # image -> its context's files
+
+    def build(self, req: Any, log: Any, cancel: Any) -> str:
+        import hashlib
+        with tarfile.open(req.tarball) as tar:
+            files = {m.name: (f.read() if (f := tar.extractfile(m)) else b"") for m in tar.getmembers() if m.isfile()}
+        self.requests.append((req.app, sorted(files), req.dockerfile, req.build_args))
+        assert req.dockerfile in files
+        image = "sha256:" + hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
+        self.made[image] = files
+        return image
+
+
+def test_a_push_builds_tests_scans_and_pushes_each_service_then_deploys_the_stack(
+        tmp_path: Path, repo_stacks: RepoStacks) -> None:
+    from pleaco.builds.config import BuildConfig
+    from pleaco.builds.service import BuildService, _BuildCancel
+
+    apps = repo_stacks.stacks.apps
+    builder = FakeBuilder()
+    engine = FakeEngine(builder)
+    svc = BuildService(BuildConfig(registry="127.0.0.1:5000/team"), tmp_path / "data", "n1", apps.store, apps,
+                       engine, stack_check=repo_stacks.check)  # type: ignore[arg-type]
+    svc.builder = builder  # type: ignore[assignment]
+    svc._packages_of = lambda image: []  # type: ignore[method-assign]
+    work = tmp_path / "repo"
+    (work / "api").mkdir(parents=True)
+    files = {"compose.yaml": "services:\n  api: {build: {context: api, args: {B: svc}}}\n"
+                             "  root: {build: ., image: registry.example/root:1}\n  kv: {image: kv:1}\n",
+             "pleaco.toml": '[build]\nargs = {A = "toml", B = "toml"}\n[test]\ncommand = ["true"]\n',
+             "Dockerfile": "FROM root", "api/Dockerfile": "FROM api", "api/main.sh": "v1"}
+    conn = svc.connect("shop", str(work), None, None).connection
+
+    def push(change: dict[str, str]) -> Any:
+        for name, text in change.items():
+            (work / name).write_text(text)
+        if not (work / ".git").exists():
+            git("init", "-q", "-b", "main", cwd=work)
+        git("add", "-A", cwd=work)
+        git("commit", "-q", "--allow-empty", "-m", "x", cwd=work)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, capture_output=True, text=True).stdout.strip()
+        b = svc.push(conn, commit).build
+        assert b is not None
+        svc._execute(b.id, _BuildCancel())
+        return svc.builds.get(b.id)
+
+    first = push(files)
+    assert first.state == "succeeded", first.reason
+    assert first.compose == "compose.yaml" and set(first.services) == {"api", "root", "kv"}
+    # Each service's own context, its Dockerfile, pleaco.toml's args under its own.
+    assert builder.requests == [("shop-api", ["Dockerfile", "main.sh"], "Dockerfile", {"A": "toml", "B": "svc"}),
+                                ("shop-root", ["Dockerfile", "api/Dockerfile", "api/main.sh", "compose.yaml",
+                                               "pleaco.toml"], "Dockerfile", {"A": "toml", "B": "toml"})]
+    api, root = first.services["api"], first.services["root"]
+    assert engine.tested == [api["image"], root["image"]] and api["test"]["exit_code"] == 0
+    # Pushed by content: an image that did not change keeps its reference.
+    assert engine.pushed == [(api["image"], "127.0.0.1:5000/team/shop-api", api["image"][7:19]),
+                             (root["image"], "127.0.0.1:5000/team/shop-root", root["image"][7:19])]
+    assert apps.get("shop-api").image == f"127.0.0.1:5000/team/shop-api:{api['image'][7:19]}"  # type: ignore[union-attr]
+    assert apps.get("shop-kv").image == "kv:1"  # type: ignore[union-attr]
+    assert first.release == 1 and all(s["changed"] for s in first.services.values())
+
+    # api's source changes and root leaves the file: api alone is redeployed, root removed.
+    second = push({"api/main.sh": "v2", "compose.yaml": files["compose.yaml"].replace("  root: {build: ., image: "
+                                                                                     "registry.example/root:1}\n", "")})
+    assert second.state == "succeeded", second.reason
+    assert {k: (v["revision"], v["changed"]) for k, v in second.services.items()} == {
+        "api": (2, True), "kv": (1, False)}
+    assert apps.get("shop-root") is None  # dropped from the file: removed, as stack deploy does
+
+    # A service whose tests fail fails the build, naming it; nothing is deployed.
+    third = push({"api/main.sh": "FAIL"})
+    assert (third.state, third.reason) == ("failed", "service api: tests failed (exit code 1)")
+    assert apps.get("shop-api").revision == 2  # type: ignore[union-attr]
+
