@@ -596,7 +596,9 @@ class BuildService(Loop):
         cancel.check()  # a newer push after the scan still wins: never release an older commit
         try:
             self.on_release(b.app, manifest)  # beside a compose file, no [jobs]: removes any an earlier release set
-            done = release.deploy(images, {"commit": b.commit, "build": b.id})
+            done = release.deploy(images, {"commit": b.commit, "build": b.id}, cancel)
+        except Cancelled:
+            raise
         except PleacoError as exc:
             raise StepFailed(f"stack {b.app}: {exc}") from None
         for r in done:

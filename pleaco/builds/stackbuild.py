@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pleaco.builds.engine import Cancel
+
 # The Compose specification's file names, in its order of preference.
 COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
 
@@ -57,9 +59,10 @@ class StackRelease(Protocol):
     @property
     def builds(self) -> tuple[ServiceBuild, ...]: ...
 
-    def deploy(self, images: dict[str, str], release_info: dict[str, Any]) -> list[ServiceRelease]:
+    def deploy(self, images: dict[str, str], release_info: dict[str, Any], cancel: Cancel) -> list[ServiceRelease]:
         """Deploy the stack with the built ``images`` (by service); blocks until its waves
-        are written. Raises a PleacoError naming what stood in the way."""
+        are written. Raises a PleacoError naming what stood in the way, Cancelled when
+        ``cancel`` stops it (between waves: those written stay)."""
         ...
 
 

@@ -17,6 +17,7 @@ revision, no restart). Last, the apps of the stack that the file no longer has a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import posixpath
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from typing import Any
 
 from pleaco import errors, logs
 from pleaco.apps import AppSpec, AppStore, validate_name
+from pleaco.builds.engine import Cancel
 from pleaco.builds.stackbuild import ServiceBuild, ServiceRelease
 from pleaco.stacks.compose import ComposeError, StackPlan, loads, plan
 
@@ -183,8 +185,8 @@ class RepoStack:
     builds: tuple[ServiceBuild, ...]
     repo_stacks: RepoStacks
 
-    def deploy(self, images: dict[str, str], release_info: dict[str, Any]) -> list[ServiceRelease]:
-        return self.repo_stacks.deploy(self.plan.with_images(images), release_info)
+    def deploy(self, images: dict[str, str], release_info: dict[str, Any], cancel: Cancel) -> list[ServiceRelease]:
+        return self.repo_stacks.deploy(self.plan.with_images(images), release_info, cancel)
 
 
 class RepoStacks:
@@ -214,7 +216,17 @@ class RepoStacks:
                        for s in checked.services if s.build is not None)
         return RepoStack(checked, builds, self)
 
-    def deploy(self, stack: StackPlan, release_info: dict[str, Any]) -> list[ServiceRelease]:
-        done = asyncio.run_coroutine_threadsafe(
-            self.stacks.deploy_plan(stack, self.wait, release_info), self.loop).result()
+    def deploy(self, stack: StackPlan, release_info: dict[str, Any], cancel: Cancel) -> list[ServiceRelease]:
+        running = asyncio.run_coroutine_threadsafe(self.stacks.deploy_plan(stack, self.wait, release_info), self.loop)
+        # A newer push, or the agent stopping, stops a deploy waiting on a wave's
+        # dependencies at once (the waves written stay; the next deploy finishes the job).
+        def stop() -> None:
+            running.cancel()
+
+        with cancel.on_cancel(stop):
+            try:
+                done = running.result()
+            except concurrent.futures.CancelledError:
+                cancel.check()
+                raise
         return [ServiceRelease(d.service, d.app, d.revision, d.changed) for d in done.services]

@@ -18,6 +18,7 @@ import pytest
 
 from pleaco.apps import AppStore
 from pleaco.builds import source
+from pleaco.builds.engine import Cancel, Cancelled
 from pleaco.builds.manifest import ManifestError, parse
 from pleaco.builds.model import Build as BuildRecord
 from pleaco.builds.stackbuild import ContextError, ServiceBuild, context_tarball, read_text
@@ -196,15 +197,15 @@ def test_a_repository_stack_is_checked_whole_then_deployed_with_the_built_images
     assert checked.builds == (ServiceBuild("web", "shop-web", "web", "Dockerfile", {}),)
     apps = repo_stacks.stacks.apps
     assert apps.count() == 0  # a check writes nothing
-    first = checked.deploy({"web": "sha256:" + "1" * 64}, {"commit": "c1", "build": "shop-c1"})
+    first = checked.deploy({"web": "sha256:" + "1" * 64}, {"commit": "c1", "build": "shop-c1"}, Cancel())
     assert sorted((r.service, r.revision, r.changed) for r in first) == [("kv", 1, True), ("web", 1, True)]
     web = apps.get("shop-web")
     assert web is not None and web.stack == "shop" and web.env == {"GREETING": "hi"}
     assert apps.releases("shop-web")[-1]["commit"] == "c1"
     # The same image again: nothing changes; another: web alone.
-    again = checked.deploy({"web": "sha256:" + "1" * 64}, {"commit": "c2", "build": "shop-c2"})
+    again = checked.deploy({"web": "sha256:" + "1" * 64}, {"commit": "c2", "build": "shop-c2"}, Cancel())
     assert [r.changed for r in again] == [False, False]
-    third = checked.deploy({"web": "sha256:" + "2" * 64}, {"commit": "c3", "build": "shop-c3"})
+    third = checked.deploy({"web": "sha256:" + "2" * 64}, {"commit": "c3", "build": "shop-c3"}, Cancel())
     assert sorted((r.service, r.revision, r.changed) for r in third) == [("kv", 1, False), ("web", 2, True)]
 
     # Errors name the file, the service and the key; nothing is written.
@@ -353,3 +354,15 @@ def test_a_push_builds_tests_scans_and_pushes_each_service_then_deploys_the_stac
     assert (third.state, third.reason) == ("failed", "service api: tests failed (exit code 1)")
     assert apps.get("shop-api").revision == 2  # type: ignore[union-attr]
 
+
+
+def test_a_cancelled_build_stops_a_deploy_waiting_on_dependencies(repo_stacks: RepoStacks) -> None:
+    repo_stacks.stacks.healthy = lambda app: False  # kv never becomes healthy: web's wave waits
+    raw = b"services:\n  web: {image: w, depends_on: [kv]}\n  kv: {image: k}\n"
+    checked = repo_stacks.check("shop", "compose.yaml", raw, lambda name: "")
+    cancel = Cancel()
+    threading.Timer(0.2, cancel.cancel, ("superseded by build shop-next",)).start()
+    with pytest.raises(Cancelled, match="superseded by build shop-next"):
+        checked.deploy({}, {}, cancel)
+    apps = repo_stacks.stacks.apps
+    assert apps.get("shop-kv") is not None and apps.get("shop-web") is None  # the first wave stays
