@@ -119,6 +119,9 @@ DOCKERFILE
             examples/counter/web >/dev/null 2>/tmp/pleaco-images.log || { cat /tmp/pleaco-images.log >&2; exit 1; }
         echo "images: built pleaco/counter-web:latest"
     fi
+else
+    echo "images: pleaco/redis and pleaco/counter-web not built: no $REDIS_SERVER or $REDIS_CLI" \
+         "(make apt installs redis-server and redis-tools)" >&2
 fi
 # pleaco/systemd-node:bookworm: the Debian node with systemd as PID 1 of
 # tests/integration/test_systemd.py (debootstrap; about a minute, once).

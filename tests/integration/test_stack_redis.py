@@ -14,9 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import nethosts
 import pytest
-from agentproc import REPO, AgentProcess, wait_for
+from agentproc import REPO, AgentProcess, docker_client, wait_for
 from conftest import BUSYBOX
 
 from pleaco.cli import main
@@ -70,6 +71,12 @@ def store_running(agent: AgentProcess, stack: str) -> bool:
 
 def test_counter_stack_keeps_its_data(agent_factory: Factory, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
+    for image in IMAGES:
+        try:
+            docker_client().images.get(image)
+        except docker.errors.ImageNotFound:
+            pytest.fail(f"{image} is missing: scripts/images.sh makes it from Debian's redis-server and "
+                        "redis-tools (make apt installs them)", pytrace=False)
     text = EXAMPLE.read_text()
     assert "x-pleaco" in text and "redis-server --appendonly yes --dir /data" in text  # the file under test
     with nethosts.engine_hosts(1, "rd", 82, images=IMAGES) as [h]:
@@ -77,7 +84,8 @@ def test_counter_stack_keeps_its_data(agent_factory: Factory, tmp_path: Path,
         assert cli(agent, "stack", "deploy", "counter", "-f", str(EXAMPLE)) == 0, capsys.readouterr().err
         wait_for(lambda: store_running(agent, "counter") and agent.client.app("counter-web")["state"] == "running",
                  60, "the counter stack running", interval=POLL)
-        store = replica(h, "counter-store")
+        store, web = replica(h, "counter-store"), replica(h, "counter-web")
+        assert "REDIS_HOST=store" in web.attrs["Config"]["Env"]  # the store by its bare service name
         assert store.attrs["HostConfig"]["DnsSearch"] == ["counter.internal"]
         assert [m["Destination"] for m in store.attrs["Mounts"]] == ["/data"]
         # Web -> store by the bare service name: a count kept there.
@@ -86,7 +94,6 @@ def test_counter_stack_keeps_its_data(agent_factory: Factory, tmp_path: Path,
         assert count(h, "counter") == "3"
 
         # A redeploy with the store changed: its container is replaced, web's is kept.
-        web_id = replica(h, "counter-web").id
         changed = tmp_path / "compose.yaml"
         changed.write_text(text.replace("    command: redis-server", "    environment: {GEN: \"2\"}\n"
                                         "    command: redis-server", 1))
@@ -98,7 +105,7 @@ def test_counter_stack_keeps_its_data(agent_factory: Factory, tmp_path: Path,
                  and c.labels["pleaco.release"] == "2", 60, "the store replaced", interval=POLL)
         assert count(h, "counter") == "3"
         assert add_one(h, "counter") == "4"
-        assert replica(h, "counter-web").id == web_id
+        assert replica(h, "counter-web").id == web.id
 
         # The agent killed and the store's container gone with it (a node reboot): made
         # again by the agent started again, on the same volume.
