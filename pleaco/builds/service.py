@@ -520,7 +520,8 @@ class BuildService(Loop):
         src = sourcemod.fetch(self.data_dir, b.app, b.repo, b.commit, self.cfg.git_timeout, self.git_auth(b.app))
         b.source_sha256 = src.sha256
         out(f"source: {src.tarball.name} sha256:{src.sha256}\n")
-        if src.compose_file is not None:
+        # A compose file makes the push a stack's, unless pleaco.toml sets [app] compose = false.
+        if src.compose_file is not None and (src.manifest_text is None or parse(src.manifest_text).compose):
             self._stack_steps(b, cancel, out, src, t)
             return
         if src.manifest_text is None:

@@ -11,6 +11,7 @@ import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,10 @@ def test_pleaco_toml_beside_a_compose_file_builds_tests_and_scans() -> None:
         with pytest.raises(ManifestError, match=rf"^pleaco\.toml: {where}: not used beside compose\.yaml"):
             parse(text, beside="compose.yaml")
         parse(text)  # alone, pleaco.toml says it
+    # A compose file kept for local development: pleaco.toml's app is built, the file left aside.
+    assert not parse('[app]\ncompose = false\n[run]\nport = 80\n').compose and parse("").compose
+    with pytest.raises(ManifestError, match=r"^pleaco\.toml: \[app\] compose: expected true or false"):
+        parse('[app]\ncompose = "no"\n')
 
 
 @pytest.fixture
@@ -292,38 +297,59 @@ class FakeBuilder:
         return image
 
 
-def test_a_push_builds_tests_scans_and_pushes_each_service_then_deploys_the_stack(
-        tmp_path: Path, repo_stacks: RepoStacks) -> None:
+@dataclass
+class Pipeline:
+    """A BuildService with the engine and builder faked, connected to a real git repository
+    as app ``shop``; ``push`` commits files and runs the build in this thread."""
+
+    svc: Any
+    engine: FakeEngine
+    builder: FakeBuilder
+    work: Path
+    conn: Any
+
+    def push(self, change: dict[str, str]) -> Any:
+        from pleaco.builds.service import _BuildCancel
+        for name, text in change.items():
+            (self.work / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.work / name).write_text(text)
+        if not (self.work / ".git").exists():
+            git("init", "-q", "-b", "main", cwd=self.work)
+        git("add", "-A", cwd=self.work)
+        git("commit", "-q", "--allow-empty", "-m", "x", cwd=self.work)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=self.work, capture_output=True,
+                                text=True).stdout.strip()
+        b = self.svc.push(self.conn, commit).build
+        assert b is not None
+        self.svc._execute(b.id, _BuildCancel())
+        return self.svc.builds.get(b.id)
+
+
+def pipeline(tmp_path: Path, repo_stacks: RepoStacks, registry: str = "") -> Pipeline:
     from pleaco.builds.config import BuildConfig
-    from pleaco.builds.service import BuildService, _BuildCancel
+    from pleaco.builds.service import BuildService
 
     apps = repo_stacks.stacks.apps
     builder = FakeBuilder()
     engine = FakeEngine(builder)
-    svc = BuildService(BuildConfig(registry="127.0.0.1:5000/team"), tmp_path / "data", "n1", apps.store, apps,
+    svc = BuildService(BuildConfig(registry=registry), tmp_path / "data", "n1", apps.store, apps,
                        engine, stack_check=repo_stacks.check)  # type: ignore[arg-type]
     svc.builder = builder  # type: ignore[assignment]
     svc._packages_of = lambda image: []  # type: ignore[method-assign]
     work = tmp_path / "repo"
-    (work / "api").mkdir(parents=True)
+    work.mkdir()
+    return Pipeline(svc, engine, builder, work, svc.connect("shop", str(work), None, None).connection)
+
+
+def test_a_push_builds_tests_scans_and_pushes_each_service_then_deploys_the_stack(
+        tmp_path: Path, repo_stacks: RepoStacks) -> None:
+    apps = repo_stacks.stacks.apps
+    pipe = pipeline(tmp_path, repo_stacks, "127.0.0.1:5000/team")
+    engine, builder, push = pipe.engine, pipe.builder, pipe.push
     files = {"compose.yaml": "services:\n  api: {build: {context: api, args: {B: svc}}}\n"
                              "  root: {build: ., image: registry.example/root:1}\n  kv: {image: kv:1}\n",
              "pleaco.toml": '[build]\nargs = {A = "toml", B = "toml"}\n[test]\ncommand = ["true"]\n',
              "Dockerfile": "FROM root", "api/Dockerfile": "FROM api", "api/main.sh": "v1"}
-    conn = svc.connect("shop", str(work), None, None).connection
-
-    def push(change: dict[str, str]) -> Any:
-        for name, text in change.items():
-            (work / name).write_text(text)
-        if not (work / ".git").exists():
-            git("init", "-q", "-b", "main", cwd=work)
-        git("add", "-A", cwd=work)
-        git("commit", "-q", "--allow-empty", "-m", "x", cwd=work)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, capture_output=True, text=True).stdout.strip()
-        b = svc.push(conn, commit).build
-        assert b is not None
-        svc._execute(b.id, _BuildCancel())
-        return svc.builds.get(b.id)
 
     first = push(files)
     assert first.state == "succeeded", first.reason
@@ -366,3 +392,14 @@ def test_a_cancelled_build_stops_a_deploy_waiting_on_dependencies(repo_stacks: R
         checked.deploy({}, {}, cancel)
     apps = repo_stacks.stacks.apps
     assert apps.get("shop-kv") is not None and apps.get("shop-web") is None  # the first wave stays
+
+
+def test_pleaco_toml_may_leave_a_compose_file_aside(tmp_path: Path, repo_stacks: RepoStacks) -> None:
+    """A compose file kept for local development beside a pleaco.toml app: [app] compose = false."""
+    pipe = pipeline(tmp_path, repo_stacks)
+    b = pipe.push({"compose.yaml": "services:\n  db: {image: postgres:16, privileged: true}\n",
+                   "pleaco.toml": "[app]\ncompose = false\n[run]\nport = 8080\n", "Dockerfile": "FROM app"})
+    assert b.state == "succeeded", b.reason
+    assert (b.compose, b.services, b.release) == ("", {}, 1)
+    apps = repo_stacks.stacks.apps
+    assert [s.name for s in apps.specs()] == ["shop"] and apps.get("shop").image == b.image  # type: ignore[union-attr]
