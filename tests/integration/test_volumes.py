@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +23,6 @@ from conftest import HELLO
 from pleaco.api.errors import ApiError
 
 Factory = Callable[..., AgentProcess]
-
-
-@pytest.fixture
-def agents(agent_factory: Factory) -> Iterator[Factory]:
-    """``agent_factory``, and at the end the Docker volumes of its agents removed (after
-    their containers, which hold them)."""
-    made: list[AgentProcess] = []
-
-    def make(*args: Any, **kwargs: Any) -> AgentProcess:
-        agent = agent_factory(*args, **kwargs)
-        made.append(agent)
-        return agent
-
-    yield make
-    for agent in made:
-        agent.cleanup()
-        for v in docker_client().volumes.list(filters={"label": f"pleaco.node={agent.node_id}"}):
-            v.remove(force=True)
 
 
 def cli(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -75,8 +57,8 @@ def docker_volumes(agent: AgentProcess, app: str) -> list[str]:
                                                                             f"pleaco.app={app}"]})]
 
 
-def test_data_survives_redeploy_agent_restart_and_kill(agents: Factory) -> None:
-    a = agents()
+def test_data_survives_redeploy_agent_restart_and_kill(agent_factory: Factory) -> None:
+    a = agent_factory()
     done = cli(a, "apps", "deploy", "db", "--image", HELLO, "--port", "8080", "--volume", "data:/data")
     assert done.returncode == 0, done.stderr
     cid = one_running(a, "db", 1)
@@ -106,8 +88,8 @@ def test_data_survives_redeploy_agent_restart_and_kill(agents: Factory) -> None:
     assert sh(one_running(a, "db", 2), "cat /data/log") == "one\ntwo\n"
 
 
-def test_two_nodes_replicas_follow_the_volume(agents: Factory) -> None:
-    a, b = form_cluster(agents, 2)
+def test_two_nodes_replicas_follow_the_volume(agent_factory: Factory) -> None:
+    a, b = form_cluster(agent_factory, 2)
     a.client.deploy("db", {"image": HELLO, "port": 8080, "replicas": 3, "volumes": ["data:/data"]})
     vol = wait_for(lambda: next(iter(a.client.volumes()), None), 30, "the volume claimed")
     holder, other = (a, b) if vol["node"] == a.node_id else (b, a)
@@ -137,8 +119,8 @@ def test_two_nodes_replicas_follow_the_volume(agents: Factory) -> None:
     assert running(other, "db") == []
 
 
-def test_snapshot_restore_rm_and_bad_input(agents: Factory, tmp_path: Path) -> None:
-    a = agents()
+def test_snapshot_restore_rm_and_bad_input(agent_factory: Factory, tmp_path: Path) -> None:
+    a = agent_factory()
     a.client.deploy("db", {"image": HELLO, "port": 8080, "volumes": ["data:/data"]})
     sh(one_running(a, "db"), "mkdir -p /data/sub && echo kept > /data/sub/file && echo top > /data/log")
     snap = tmp_path / "db.tar"
