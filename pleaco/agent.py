@@ -372,7 +372,7 @@ class Agent:
                                                      apps.replicas(name)).running
 
         VolumeRoutes(volumes, VolumeContent(cfg.volumes, runtime, me), runtime, store, me, cluster.placement_nodes,
-                     app_running, cfg.data_dir / "volume-restores", volume_loop.wake).add_to(api.app)
+                     app_running, cfg.data_dir / "volume-restores", volume_loop.wake, cfg.volumes).add_to(api.app)
         scheduler = Scheduler(cfg.jobs, me, store, apps, owners, cluster.placement_nodes, jobs,
                               RunLogs(cfg.data_dir, cfg.jobs.log_bytes), fetch_image=images.fetch_image)
         runner.add(scheduler)
