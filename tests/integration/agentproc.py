@@ -110,14 +110,6 @@ def remove_node_containers(node_id: str) -> None:
     wait_for(removed, 30, f"node {node_id}'s containers to be removed")
 
 
-def remove_node_volumes(node_id: str) -> None:
-    """Remove the node's Docker volumes (apps' named volumes), after its containers, which
-    hold them."""
-    for v in docker_client().volumes.list(filters={"label": f"{LABEL_NODE}={node_id}"}):
-        with contextlib.suppress(docker.errors.NotFound):
-            v.remove(force=True)
-
-
 @dataclass
 class AgentProcess:
     """A real ``pleaco agent`` subprocess with its own data dir, API port and node id."""
@@ -196,7 +188,6 @@ class AgentProcess:
             self.proc.wait(10)
         if self.node_id:
             remove_node_containers(self.node_id)
-            remove_node_volumes(self.node_id)
 
 
 @contextlib.contextmanager

@@ -57,7 +57,7 @@ def release_kit(tmp_path_factory: pytest.TempPathFactory) -> ReleaseKit:
 
 @pytest.fixture
 def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """Start agents on demand; each is killed and its containers and volumes removed after the test."""
+    """Start agents on demand; each is killed and its containers removed after the test."""
     agents: list[AgentProcess] = []
 
     def make(name: str = "node", extra_args: list[str] | None = None, env: dict[str, str] | None = None,

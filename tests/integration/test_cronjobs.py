@@ -110,15 +110,15 @@ def test_a_schedule_runs_once_per_tick_across_owner_death(agent_factory: Callabl
              "the schedule and its runs removed everywhere")
 
 
-def test_a_volume_apps_runs_are_made_where_its_volume_is(agent_factory: Callable[..., AgentProcess]) -> None:
-    agents = form_cluster(agent_factory, 2, env=ENV)
-    first = agents[0]
+def test_a_volume_apps_runs_are_made_where_its_volume_is(agents: Callable[..., AgentProcess]) -> None:
+    nodes = form_cluster(agents, 2, env=ENV)
+    first = nodes[0]
     first.client.deploy("vol", {"image": HELLO, "port": 8080, "replicas": 0, "volumes": ["data:/data"]})
     script = ["--", "sh", "-c", "echo tick >> /data/log"]
     # Scheduled for a tick far away (a virtual 1 January) first, to learn the app's owner.
     assert cli(first, "jobs", "schedule", "vol", "stamp", "--cron", "0 0 1 1 *", *script).returncode == 0
     owner_id = first.client.request("GET", "/v1/jobs?app=vol")["schedules"][0]["owner"]
-    owner, holder = sorted(agents, key=lambda a: a.node_id != owner_id)
+    owner, holder = sorted(nodes, key=lambda a: a.node_id != owner_id)
     # No node holds the volume yet: the node that takes a job claims it (as a restore does).
     done = cli(holder, "run", "vol", "--", "sh", "-c", "echo first > /data/log")
     assert done.returncode == 0, done.stderr

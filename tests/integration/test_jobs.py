@@ -97,7 +97,8 @@ def test_bad_job_requests(agent: AgentProcess) -> None:
     assert jobs_of(agent) == []
 
 
-def test_a_job_has_the_apps_volumes_and_entrypoint(agent: AgentProcess) -> None:
+def test_a_job_has_the_apps_volumes_and_entrypoint(agents: Callable[..., AgentProcess]) -> None:
+    agent = agents()
     # The entrypoint sets MARK: a job that prints it ran through the entrypoint.
     agent.client.deploy("db", {"image": HELLO, "port": 8080, "volumes": ["data:/data"],
                                "entrypoint": ["env", "MARK=entrypoint"], "command": ["/bin/sh", "/serve.sh"]})

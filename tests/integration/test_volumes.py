@@ -57,8 +57,8 @@ def docker_volumes(agent: AgentProcess, app: str) -> list[str]:
                                                                             f"pleaco.app={app}"]})]
 
 
-def test_data_survives_redeploy_agent_restart_and_kill(agent_factory: Factory) -> None:
-    a = agent_factory()
+def test_data_survives_redeploy_agent_restart_and_kill(agents: Factory) -> None:
+    a = agents()
     done = cli(a, "apps", "deploy", "db", "--image", HELLO, "--port", "8080", "--volume", "data:/data")
     assert done.returncode == 0, done.stderr
     cid = one_running(a, "db", 1)
@@ -88,8 +88,8 @@ def test_data_survives_redeploy_agent_restart_and_kill(agent_factory: Factory) -
     assert sh(one_running(a, "db", 2), "cat /data/log") == "one\ntwo\n"
 
 
-def test_two_nodes_replicas_follow_the_volume(agent_factory: Factory) -> None:
-    a, b = form_cluster(agent_factory, 2)
+def test_two_nodes_replicas_follow_the_volume(agents: Factory) -> None:
+    a, b = form_cluster(agents, 2)
     a.client.deploy("db", {"image": HELLO, "port": 8080, "replicas": 3, "volumes": ["data:/data"]})
     vol = wait_for(lambda: next(iter(a.client.volumes()), None), 30, "the volume claimed")
     holder, other = (a, b) if vol["node"] == a.node_id else (b, a)
@@ -119,8 +119,8 @@ def test_two_nodes_replicas_follow_the_volume(agent_factory: Factory) -> None:
     assert running(other, "db") == []
 
 
-def test_snapshot_restore_rm_and_bad_input(agent_factory: Factory, tmp_path: Path) -> None:
-    a = agent_factory()
+def test_snapshot_restore_rm_and_bad_input(agents: Factory, tmp_path: Path) -> None:
+    a = agents()
     a.client.deploy("db", {"image": HELLO, "port": 8080, "volumes": ["data:/data"]})
     sh(one_running(a, "db"), "mkdir -p /data/sub && echo kept > /data/sub/file && echo top > /data/log")
     snap = tmp_path / "db.tar"
