@@ -359,7 +359,11 @@ class Agent:
             runner.add(RepoPoller(builds, owners))
         add_build_routes(api.app, builds, BuildLogs(cluster, builds))  # logs from the building node
         add_secret_routes(api.app, app_secrets, reconciler.wake)
-        jobs = OneOffJobs(me, apps, AppSecrets(store, apps, secretbox, cfg.data_dir, JOB_FILES_DIR), runtime)
+        def node_address(node_id: str) -> tuple[str, str]:
+            return node_api(node_id, store.value("node", node_id))
+
+        jobs = OneOffJobs(view, apps, AppSecrets(store, apps, secretbox, cfg.data_dir, JOB_FILES_DIR), runtime,
+                          volumes, cluster.placement_nodes, node_address)
         add_job_routes(api.app, jobs)
 
         def app_running(name: str) -> int:
@@ -372,9 +376,6 @@ class Agent:
         scheduler = Scheduler(cfg.jobs, me, store, apps, owners, cluster.placement_nodes, jobs,
                               RunLogs(cfg.data_dir, cfg.jobs.log_bytes), fetch_image=images.fetch_image)
         runner.add(scheduler)
-
-        def node_address(node_id: str) -> tuple[str, str]:
-            return node_api(node_id, store.value("node", node_id))
 
         add_schedule_routes(api.app, scheduler, apps, node_address)
         add_exec_routes(api.app, ReplicaLocator(me, apps, runtime, routes, cluster.placement_nodes, node_address))

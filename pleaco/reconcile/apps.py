@@ -33,12 +33,13 @@ from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.placement import Demand, plan
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.config import ReconcileSettings
+from pleaco.reconcile.container import release_container
 from pleaco.reconcile.loop import Loop
 from pleaco.reconcile.provision import NotProvisioned, Provisioner
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.status import local_instances
 from pleaco.reconcile.view import ImageState, NodeView, Observation, ReplicaKey, ReplicaState
-from pleaco.runtime import Conflict, ContainerInfo, EngineUnavailable, NotFound, RunSpec
+from pleaco.runtime import Conflict, ContainerInfo, EngineUnavailable, NotFound
 from pleaco.runtime.docker import container_name
 from pleaco.runtime.engine import Engine
 from pleaco.runtime.health import Probe, probe
@@ -459,16 +460,7 @@ class AppReconciler(Loop):
     # -- actions -------------------------------------------------------------------------
 
     async def _start(self, spec: AppSpec, replica: int) -> None:
-        run = RunSpec(
-            app=spec.name, node=self.node_id, release=spec.revision, replica=replica,
-            image=spec.image, port=spec.port, env=spec.env, publish_host=self.view.publish_host,
-            publish=self.view.publish_ports, network=self.view.network,
-            dns=self.view.resolvers if self.view.network else (),
-            dns_search=(f"{spec.stack}.{self.view.names_suffix}",) if spec.stack and self.view.network else (),
-            command=spec.command, entrypoint=spec.entrypoint,
-            memory=spec.memory, nano_cpus=round(spec.cpus * 1e9) if spec.cpus else None, pids=spec.pids,
-            volumes=tuple((m.name, m.path) for m in spec.volumes),
-        )
+        run = release_container(spec, self.view, replica)
         async with self._limit:
             if not self._still_wanted(spec, replica):
                 return

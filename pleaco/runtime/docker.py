@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import docker
@@ -198,20 +198,19 @@ class NetworkInfo:
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """A one-off container of an app's release (``pleaco run``): its command, the app's
-    environment and limits, and the bind mounts of its secret files."""
+class JobSpec(RunSpec):
+    """A one-off container of an app's release (``pleaco run``, a scheduled run): made as a
+    replica of that release is (the same RunSpec: image, environment, entrypoint, volumes,
+    network, limits), but running the job's command, without a port, and named and
+    labelled as a job, never as a replica."""
 
-    app: str
-    node: str
-    job: str  # the job's id
-    image: str
-    command: tuple[str, ...]
-    env: dict[str, str] = field(default_factory=dict)
-    memory: int | None = None
-    nano_cpus: int | None = None
-    pids: int | None = None
-    binds: tuple[tuple[str, str, str], ...] = ()
+    job: str = ""  # the job's id
+
+    @classmethod
+    def of(cls, run: RunSpec, job: str, command: tuple[str, ...]) -> JobSpec:
+        """The job ``job`` running ``command`` in a container made as ``run`` is."""
+        given = {f.name: getattr(run, f.name) for f in fields(RunSpec)}
+        return cls(**{**given, "port": None, "publish": False, "command": command}, job=job)
 
     @property
     def name(self) -> str:
@@ -342,6 +341,13 @@ class DockerRuntime:
         Raises Conflict when a container of that name exists, NotFound when the image is
         missing. Docker's restart policy stays "no": pleaco decides about restarts.
         """
+        cid = self._create(spec)
+        self._call(self._api.start, cid)
+        return cid
+
+    def _create(self, spec: RunSpec) -> str:
+        """Create (not start) the container ``spec`` describes, named and labelled by it:
+        one recipe for replicas and jobs (JobSpec), so a job runs as a replica does."""
         ports = [spec.port] if spec.port else None
         for volume, _ in spec.volumes:
             self.ensure_volume(spec.app, volume, spec.node)
@@ -377,9 +383,7 @@ class DockerRuntime:
                 {spec.network: self._api.create_endpoint_config()}) if spec.network else None,
             detach=True,
         )
-        cid = str(created["Id"])
-        self._call(self._api.start, cid)
-        return cid
+        return str(created["Id"])
 
     # -- named volumes (pleaco.stacks.volumes) -------------------------------------------
 
@@ -625,16 +629,7 @@ class DockerRuntime:
 
     def run_job(self, spec: JobSpec) -> str:
         """Create and start a job's container (no ports, no restarts); returns its id."""
-        host_config = self._api.create_host_config(
-            restart_policy={"Name": "no"}, init=True,
-            log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
-            mem_limit=spec.memory, memswap_limit=spec.memory, nano_cpus=spec.nano_cpus, pids_limit=spec.pids,
-            binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds] or None,
-        )
-        created = self._call(self._api.create_container, spec.image, command=list(spec.command), name=spec.name,
-                             labels=spec.labels(), environment=spec.env or None, host_config=host_config,
-                             detach=True)
-        cid = str(created["Id"])
+        cid = self._create(spec)
         try:
             self._call(self._api.start, cid)
         except EngineError:

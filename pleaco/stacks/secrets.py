@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pleaco import errors, logs
 from pleaco.apps import ENV_NAME, SECRET_PREFIX, AppSpec, AppStore, validate_name
@@ -45,6 +45,7 @@ SECRETS_MOUNT = "/run/secrets"
 # pleaco.store.record) and holds any key, certificate chain or credentials file.
 MAX_SECRET_BYTES = 32 << 10
 FILES_DIR = "run-secrets"
+Container = TypeVar("Container", bound=RunSpec)
 SET_FIELDS = frozenset({"value", "mount"})
 
 
@@ -206,9 +207,10 @@ class AppSecrets:
             (files if value.get("mount") == "file" else env)[rec.key[len(prefix):]] = plain
         return SecretMaterial(env, files)
 
-    def give(self, spec: AppSpec, run: RunSpec) -> RunSpec:
+    def give(self, spec: AppSpec, run: Container) -> Container:
         """``run`` with the app's secrets: its environment (a secret wins over a variable of
-        the same name in the spec) and the bind mount of its secret files."""
+        the same name in the spec) and the bind mount of its secret files (named after its
+        container: a replica's, or a job's, JobSpec)."""
         got = self.material(spec)
         if not got.env and not got.files:
             return run
