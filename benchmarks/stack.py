@@ -14,8 +14,9 @@ No ``depends_on``: Swarm ignores it, and pleaco would deploy in waves (each wait
 one before to be healthy), so the two would not do the same work.
 
 Swarm is given one more file on top (SWARM_TIMING), with only the health check's interval
-(1 s): pleaco's compose refuses health check timings (its probe has its own, the app loop's
-passes, [reconcile]), and without it Docker 20.10's default interval of 30 s would put
+(1 s): without timings pleaco maps the ``wget`` check onto its own HTTP probe (on the app
+loop's passes, [reconcile]; with timings it would be a command the engine runs, as
+Swarm's is), and without it Docker 20.10's default interval of 30 s would put
 Swarm's first probe 30 s after each start, which would measure a default, not the work.
 
 Measured alike: the clock starts just before the user's command and stops when the

@@ -23,6 +23,7 @@ def release_container(spec: AppSpec, view: NodeView, replica: int) -> RunSpec:
         dns=view.resolvers if on_network else (),
         dns_search=(f"{spec.stack}.{view.names_suffix}",) if spec.stack and on_network else (),
         command=spec.command, entrypoint=spec.entrypoint,
+        healthcheck=spec.health_cmd.to_docker() if spec.health_cmd else None,
         memory=spec.memory, nano_cpus=round(spec.cpus * 1e9) if spec.cpus else None, pids=spec.pids,
         volumes=tuple((m.name, m.path) for m in spec.volumes),
     )

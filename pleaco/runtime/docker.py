@@ -100,6 +100,9 @@ class ContainerInfo:
     # Every (network, address) it has: a replica made before the agent managed the network
     # is connected to the agent's network as well, beside the default bridge.
     addresses: tuple[tuple[str, str], ...] = ()
+    # The engine's verdict of its healthcheck, from the listing's status ("Up 5 s
+    # (healthy)"): "starting", "healthy", "unhealthy", or "" when it has none.
+    health: str = ""
 
     def address_on(self, network: str) -> str:
         """Its address on ``network``, "" when it is not on it."""
@@ -161,6 +164,8 @@ class RunSpec:
     # Docker's Cmd and Entrypoint (None: the image's own).
     command: tuple[str, ...] | None = None
     entrypoint: tuple[str, ...] | None = None
+    # Docker's Healthcheck (pleaco.healthcmd.HealthCommand.to_docker()); None: the image's.
+    healthcheck: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -210,7 +215,8 @@ class JobSpec(RunSpec):
     def of(cls, run: RunSpec, job: str, command: tuple[str, ...]) -> JobSpec:
         """The job ``job`` running ``command`` in a container made as ``run`` is."""
         given = {f.name: getattr(run, f.name) for f in fields(RunSpec)}
-        return cls(**{**given, "port": None, "publish": False, "command": command}, job=job)
+        # No port, and not the app's health command: a job is not a replica that serves.
+        return cls(**{**given, "port": None, "publish": False, "command": command, "healthcheck": None}, job=job)
 
     @property
     def name(self) -> str:
@@ -377,6 +383,7 @@ class DockerRuntime:
             environment=spec.env or None,
             command=None if spec.command is None else list(spec.command),
             entrypoint=None if spec.entrypoint is None else list(spec.entrypoint),
+            healthcheck=spec.healthcheck,
             ports=ports,
             host_config=host_config,
             networking_config=self._api.create_networking_config(
@@ -821,4 +828,17 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
         host_ip=host_ip,
         network=addressed[0] if addressed else "",
         addresses=addresses,
+        health=_health_of(status),
     )
+
+
+def _health_of(status: str) -> str:
+    """The healthcheck verdict in a listing's status: "Up 3 seconds (health: starting)",
+    "Up 2 minutes (healthy)", "Up 1 minute (unhealthy)"."""
+    if status.endswith("(healthy)"):
+        return "healthy"
+    if status.endswith("(unhealthy)"):
+        return "unhealthy"
+    if status.endswith("(health: starting)"):
+        return "starting"
+    return ""

@@ -25,9 +25,11 @@ The mapping (plain Compose keys, and ``x-pleaco`` for what Compose has no key fo
   services reach it there by name, and the node proxies route HTTP to it (the host name
   and HTTPS in ``x-pleaco: {host, https}``). A published host port has no meaning on
   pleaco (the proxy is the way in) and is accepted for files written for Compose;
-- ``healthcheck``: ``disable: true`` or ``test: ["NONE"]``, or a ``curl``/``wget`` of a
-  path on localhost at the service's port, which becomes the app's HTTP health path (as
-  does ``x-pleaco: {health: /path}``). Any other command cannot be expressed: an error;
+- ``healthcheck``: ``disable: true`` or ``test: ["NONE"]``; a ``curl``/``wget`` of a path
+  on localhost at the service's port without timings becomes the app's HTTP health path
+  (as does ``x-pleaco: {health: /path}``), which pleaco probes; any other command (``CMD``
+  or ``CMD-SHELL``, with ``interval``, ``timeout``, ``retries``, ``start_period``) is run
+  by the engine in each replica (the app's ``health_cmd``, pleaco.healthcmd);
 - ``depends_on`` (list or map, conditions ``service_started`` / ``service_healthy``): the
   deploy order, in waves; a service is deployed once those it depends on are healthy;
 - ``deploy``: ``replicas``, ``resources.limits`` (``memory``, ``cpus``, ``pids``),
@@ -59,6 +61,7 @@ import yaml
 
 from pleaco import errors
 from pleaco.apps import ValidationError, validate_deploy, validate_name
+from pleaco.healthcmd import HealthCommandError, parse_health_cmd
 
 # Compose accepts larger files, but a stack of services and its environment fits in far
 # less, and the whole document goes to the API as one JSON body.
@@ -83,6 +86,11 @@ _PORT = re.compile(r"^(?:(?:\[?[0-9a-fA-F.:]*\]?:)?([0-9]{1,5})?:)?([0-9]{1,5})(
 # A health check command that fetches a path on the container itself.
 _HEALTH_URL = re.compile(r"^https?://(?:localhost|127\.0\.0\.1)(?::([0-9]{1,5}))?(/[^\s]*)?$")
 _HEALTH_TOOLS = ("curl", "wget")
+# A Compose healthcheck's timing keys, the health command's too (durations in seconds there).
+HEALTH_TIMINGS = ("interval", "timeout", "retries", "start_period")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(us|ms|s|m|h)")
+_DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:us|ms|s|m|h))+")
+_DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class ComposeError(errors.InvalidInput, ValueError):
@@ -308,10 +316,14 @@ def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[st
         body["port"] = port
     health = _health(where, svc.get("healthcheck"), port)
     if "health" in x:
+        if isinstance(health, dict):
+            raise ComposeError(f"{where}.x-pleaco.health: the healthcheck is a command; give one or the other")
         if health is not None and health != x["health"]:
             raise ComposeError(f"{where}.x-pleaco.health: {x['health']!r} differs from the healthcheck's {health!r}")
         health = x["health"]
-    if health is not None:
+    if isinstance(health, dict):
+        body["health_cmd"] = health
+    elif health is not None:
         body["health"] = health
     for key in ("host", "https"):
         if key in x:
@@ -330,7 +342,8 @@ def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[st
         validate_name(app)
         validate_deploy(app, body, max_replicas)
     except ValidationError as exc:
-        field = {"env": "environment", "port": "ports", "health": "healthcheck", "name": "app name",
+        field = {"env": "environment", "port": "ports", "health": "healthcheck", "health_cmd": "healthcheck",
+                 "name": "app name",
                  "volumes": "volumes"}.get(
             exc.field, exc.field)
         raise ComposeError(f"{where} ({field}): {str(exc).partition(': ')[2]}") from None
@@ -496,22 +509,26 @@ def _target(where: str, item: Any) -> int:
     return target
 
 
-def _health(where: str, check: Any, port: int | None) -> str | None:
-    """The app's HTTP health path from a Compose healthcheck, None for none."""
+def _health(where: str, check: Any, port: int | None) -> str | dict[str, Any] | None:
+    """The app's health from a Compose healthcheck: an HTTP path (a curl or wget of
+    localhost at the service's port, with no timings of its own: pleaco probes it), a
+    command the engine runs (``health_cmd``, with the check's timings), or None for none."""
     where = f"{where}.healthcheck"
     if check is None:
         return None
     if not isinstance(check, dict):
         raise ComposeError(f"{where}: expected a mapping")
     for key in check:
-        if key not in ("test", "disable"):
-            raise ComposeError(f"{where}.{key}: not supported by pleaco (its health probe has its own timing: "
-                               "the [reconcile] health_* settings)")
+        if key not in ("test", "disable", *HEALTH_TIMINGS):
+            raise ComposeError(f"{where}.{key}: not supported by pleaco (known: test, disable, "
+                               f"{', '.join(HEALTH_TIMINGS)})")
     if check.get("disable") is True:
         return None
     test = check.get("test")
     if test in (["NONE"], "NONE", None):
         return None
+    timings = {k: _duration(f"{where}.{k}", v) if k != "retries" else v
+               for k, v in check.items() if k in HEALTH_TIMINGS}
     argv = test[1:] if isinstance(test, list) and test[:1] in (["CMD"], ["CMD-SHELL"]) else test
     if isinstance(argv, list) and len(argv) == 1:
         argv = argv[0]
@@ -520,15 +537,29 @@ def _health(where: str, check: Any, port: int | None) -> str | None:
             argv = shlex.split(argv)
         except ValueError:
             argv = []
-    if isinstance(argv, list) and argv and str(argv[0]).rsplit("/", 1)[-1] in _HEALTH_TOOLS:
+    if not timings and isinstance(argv, list) and argv and str(argv[0]).rsplit("/", 1)[-1] in _HEALTH_TOOLS:
         urls = [m for a in argv[1:] if isinstance(a, str) and (m := _HEALTH_URL.fullmatch(a))]
         if len(urls) == 1:
             url_port = int(urls[0][1] or 80)
             if port is None or url_port != port:
                 raise ComposeError(f"{where}.test: checks port {url_port}, not the service's port ({port})")
             return urls[0][2] or "/"
-    raise ComposeError(f"{where}.test: {test!r}: pleaco checks health over HTTP only: a curl or wget of "
-                       "http://localhost:PORT/PATH maps onto it, or give x-pleaco: {health: /PATH}")
+    # Compose's string form is a shell line (CMD-SHELL); a list names its form first.
+    if isinstance(test, list) and test[:1] not in (["CMD"], ["CMD-SHELL"]):
+        raise ComposeError(f"{where}.test: {test!r}: a list starts with CMD, CMD-SHELL or NONE")
+    value = {"test": test, **timings}
+    try:
+        parse_health_cmd(value, f"{where}")
+    except HealthCommandError as exc:
+        raise ComposeError(str(exc)) from None
+    return value
+
+
+def _duration(where: str, value: Any) -> float:
+    """A Compose duration ("1m30s", "10s", "500ms") in seconds."""
+    if not isinstance(value, str) or not _DURATION.fullmatch(value.strip()):
+        raise ComposeError(f"{where}: {value!r} is not a duration (like 30s, 1m30s, 500ms)")
+    return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(value))
 
 
 def _deploy(where: str, value: Any) -> dict[str, Any]:

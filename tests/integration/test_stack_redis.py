@@ -5,7 +5,9 @@ the store by its bare service name (redis-cli, a glibc client, through the conta
 resolv.conf and the agent's name server), and the count it keeps there survives a
 redeploy that replaces the store, an agent restart with the store's container gone (a node
 reboot), and a kill of the store's replica; a snapshot of the volume restored into another
-stack's new volume holds the count as it was when the snapshot was taken."""
+stack's new volume holds the count as it was when the snapshot was taken. The store's
+healthcheck is the file's ``redis-cli ping``, run by the engine, and the web service waits
+for it (``depends_on: condition: service_healthy``)."""
 
 from __future__ import annotations
 
@@ -88,6 +90,10 @@ def test_counter_stack_keeps_its_data(agent_factory: Factory, tmp_path: Path,
         assert "REDIS_HOST=store" in web.attrs["Config"]["Env"]  # the store by its bare service name
         assert store.attrs["HostConfig"]["DnsSearch"] == ["counter.internal"]
         assert [m["Destination"] for m in store.attrs["Mounts"]] == ["/data"]
+        # The store's healthcheck (redis-cli ping) is the engine's, and it says healthy.
+        assert store.attrs["Config"]["Healthcheck"]["Test"] == ["CMD", "redis-cli", "ping"]
+        assert agent.client.app("counter-store")["health_cmd"]["test"] == ["CMD", "redis-cli", "ping"]
+        assert h.docker().api.inspect_container(store.id)["State"]["Health"]["Status"] == "healthy"
         # Web -> store by the bare service name: a count kept there.
         assert count(h, "counter") == "0"
         assert [add_one(h, "counter") for _ in range(3)] == ["1", "2", "3"]

@@ -118,9 +118,14 @@ def test_a_compose_file_maps_onto_apps_in_waves() -> None:
     ({"deploy": {"resources": {"reservations": {"memory": "1g"}}}}, "services.web.deploy.resources.reservations"),
     ({"deploy": {"resources": {"limits": {"devices": []}}}}, "services.web.deploy.resources.limits.devices"),
     ({"deploy": {"placement": {"preferences": []}}}, "services.web.deploy.placement.preferences"),
-    ({"healthcheck": {"test": ["CMD", "pg_isready"]}}, "services.web.healthcheck.test"),
-    ({"healthcheck": {"test": "curl -f http://localhost/", "interval": "5s"}, "ports": [80]},
-     "services.web.healthcheck.interval"),
+    ({"healthcheck": {"test": ["pg_isready"]}}, "services.web.healthcheck.test: ['pg_isready']: a list starts"),
+    ({"healthcheck": {"test": "pg_isready", "interval": "5 seconds"}}, "services.web.healthcheck.interval"),
+    ({"healthcheck": {"test": "pg_isready", "interval": 5}}, "services.web.healthcheck.interval"),
+    ({"healthcheck": {"test": "pg_isready", "retries": 0}}, "services.web.healthcheck.retries"),
+    ({"healthcheck": {"test": "pg_isready", "start_interval": "1s"}}, "services.web.healthcheck.start_interval"),
+    ({"healthcheck": {"test": ["CMD-SHELL", "a", "b"]}}, "services.web.healthcheck: CMD-SHELL takes one"),
+    ({"healthcheck": {"test": ["CMD", "redis-cli"]}, "x-pleaco": {"health": "/h"}, "ports": [80]},
+     "services.web.x-pleaco.health: the healthcheck is a command"),
     ({"ports": ["8080:80/udp"]}, "services.web.ports"),
     ({"ports": ["8000-8010:8000-8010"]}, "services.web.ports"),
     ({"ports": [80, 443]}, "services.web.ports"),
@@ -178,6 +183,22 @@ def test_health_from_a_healthcheck_or_x_pleaco() -> None:
     assert error(with_service(ports=[8080], healthcheck={"test": "curl http://localhost:9000/h"})) \
         .startswith("services.web.healthcheck.test: checks port 9000")
     assert error(with_service(**{"x-pleaco": {"health": "/h"}})).startswith("services.web (healthcheck)")
+
+
+def test_a_command_healthcheck_is_run_by_the_engine_with_its_timings() -> None:
+    check = {"test": ["CMD", "redis-cli", "ping"], "interval": "1m30s", "timeout": "500ms", "retries": 5,
+             "start_period": "2s"}
+    body = plan("s", with_service(healthcheck=check), MAX).services[0].body
+    assert "health" not in body
+    assert body["health_cmd"] == {"test": ["CMD", "redis-cli", "ping"], "interval": 90.0, "timeout": 0.5,
+                                  "retries": 5, "start_period": 2.0}
+    # A shell line; and a curl with timings of its own stays the command it is (pleaco's
+    # HTTP probe has no per-app timings), run by the engine.
+    assert plan("s", with_service(healthcheck={"test": "pg_isready -U app"}), MAX).services[0].body["health_cmd"] \
+        == {"test": "pg_isready -U app"}
+    body = plan("s", with_service(ports=[80], healthcheck={"test": "curl -f http://localhost/", "interval": "5s"}),
+                MAX).services[0].body
+    assert "health" not in body and body["health_cmd"]["interval"] == 5.0
 
 
 def test_the_client_reads_env_files_relative_to_the_compose_file(tmp_path: Path) -> None:
