@@ -389,7 +389,7 @@ class Agent:
             shown = api.app_json(name)
             return int(shown["healthy"]) >= int(shown["replicas"])
 
-        stacks = StackService(apps, all_healthy, reconciler.wake)
+        stacks = StackService(apps, app_secrets, ScheduleStore(store), all_healthy, reconciler.wake)
         add_stack_routes(api.app, stacks, api.app_json)
         # A connected repository's compose file: its pushes deploy it as a stack.
         builds.stack_check = RepoStacks(stacks, asyncio.get_running_loop()).check

@@ -27,6 +27,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -554,22 +555,27 @@ class AppStore:
         return len(self._specs)
 
     def deploy(self, name: Any, body: Any, release_info: dict[str, Any] | None = None,
-               stack: str | None = None) -> DeployResult:
+               stack: str | None = None, secrets: dict[str, str] | None = None,
+               secret_writes: Sequence[tuple[str, str, dict[str, Any] | None]] = ()) -> DeployResult:
         """Create or update an app. ``release_info`` (a build's commit and id) is kept in the
         release record when this deploy makes a new release. ``stack``: the stack deploying
-        it as a service (pleaco.stacks.service); None keeps the stack it has."""
+        it as a service (pleaco.stacks.service); None keeps the stack it has. ``secrets``:
+        the secret stamps the release gets (a stack's secrets, pleaco.stacks.secrets), with
+        the ``secret_writes`` that set them, written with it; None keeps the ones it has."""
         if self.defaults is not None and isinstance(body, dict):
             body = self.defaults.fill(body)
         spec, replicas = validate_deploy(name, body, self.max_replicas)
         current = self.get(spec.name)
         if host_owner := self._host_owner(spec.host, spec.name):
             raise ValidationError("host", f"{spec.host!r} is already used by app {host_owner!r}")
-        if current is not None:  # set by the secrets verbs, not by deploys
+        if secrets is not None:
+            spec = replace(spec, secrets=secrets)
+        elif current is not None:  # set by the secrets verbs, not by deploys
             spec = replace(spec, secrets=current.secrets)
         if stack is None and current is not None:
             stack = current.stack
         spec = replace(spec, stack=stack)
-        writes: list[tuple[str, str, dict[str, Any] | None]] = []
+        writes: list[tuple[str, str, dict[str, Any] | None]] = list(secret_writes)
         new_release = current is None or not current.same_release(spec)
         if new_release:
             spec = replace(spec, revision=1 if current is None else current.revision + 1)

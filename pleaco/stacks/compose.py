@@ -42,34 +42,59 @@ The mapping (plain Compose keys, and ``x-pleaco`` for what Compose has no key fo
   A volume belongs to one app on pleaco: one used by two services is an error, as are bind
   mounts, anonymous volumes, read-only mounts and volume options (driver, external).
 
-Top level: ``services``; ``volumes``; ``name`` (must be the stack's); ``version`` (obsolete
-in Compose too, which ignores it); ``x-*`` extension fields (for YAML anchors, ignored as
-in Compose).
+- ``secrets`` (a list of names, or ``{source, target}``): each becomes a file secret of the
+  app, ``/run/secrets/TARGET`` (the app secrets of pleaco.stacks.secrets: sealed, and a
+  changed value rolls the replicas). The top-level ``secrets`` declares each: ``file: PATH``
+  (read by the CLI, relative to the compose file, as ``env_file``) or ``environment: VAR``
+  (read from the deploying CLI's environment): the values go to the API in the deploy
+  body's ``secrets``, beside the document, never in it; ``external: true``: set beforehand
+  on the service's app with ``pleaco secrets set APP KEY --mount file``. A repository's
+  compose file (``plan(builds=True)``) has only ``external`` ones: a value there would be in
+  the repository, and no CLI reads a file for it.
+- ``x-pleaco-jobs``: ``{NAME: {cron, command}}``, scheduled jobs of the service's app
+  (pleaco.stacks.schedule, source ``stack``); ``command`` a list, or a string split as
+  ``command`` is.
+
+Top level: ``services``; ``volumes``; ``secrets``; ``name`` (must be the stack's);
+``version`` (obsolete in Compose too, which ignores it); ``x-*`` extension fields (for YAML
+anchors, ignored as in Compose).
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import shlex
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pleaco import errors
+from pleaco import cron, errors
 from pleaco.apps import ValidationError, validate_deploy, validate_name
 from pleaco.healthcmd import HealthCommandError, parse_health_cmd
+from pleaco.stacks.jobs import JobInputError
+from pleaco.stacks.schedule import check_job
+from pleaco.stacks.secrets import MAX_SECRET_BYTES, SECRETS_MOUNT, SecretInputError, validate_key, validate_value
 
 # Compose accepts larger files, but a stack of services and its environment fits in far
 # less, and the whole document goes to the API as one JSON body.
 MAX_FILE_BYTES = 1 << 20
 MAX_SERVICES = 100
 SERVICE_KEYS = frozenset({"build", "image", "command", "entrypoint", "environment", "env_file", "ports", "expose",
-                          "healthcheck", "depends_on", "deploy", "restart", "volumes", "x-pleaco"})
-TOP_KEYS = frozenset({"services", "name", "version", "volumes"})
+                          "healthcheck", "depends_on", "deploy", "restart", "volumes", "secrets", "x-pleaco",
+                          "x-pleaco-jobs"})
+TOP_KEYS = frozenset({"services", "name", "version", "volumes", "secrets"})
+# A top-level secret's one source; ``name`` (Compose's name of an external secret in the
+# engine) has no meaning on pleaco, whose secrets belong to an app.
+SECRET_SOURCES = ("file", "environment", "external")
+# A service's long-form secret: ``uid``, ``gid`` and ``mode`` are refused by name (every
+# secret file is the same read-only 0400 file, pleaco.stacks.secrets).
+SERVICE_SECRET_KEYS = frozenset({"source", "target"})
+JOB_KEYS = frozenset({"cron", "command"})
 X_PLEACO_KEYS = frozenset({"host", "https", "health"})
 BUILD_KEYS = frozenset({"context", "dockerfile", "args"})
 # What a service with ``build`` runs until its build has made the image (StackPlan.with_images):
@@ -107,12 +132,35 @@ class Build:
 
 
 @dataclass(frozen=True)
+class ServiceSecret:
+    """One of a service's secrets: the file /run/secrets/TARGET of its app, from the
+    top-level secret SOURCE."""
+
+    source: str
+    target: str  # the app secret's key (pleaco.stacks.secrets), its file name
+    # The value (``file`` or ``environment``), or None for an ``external`` secret, set on
+    # the app beforehand. Never in a repr: a plan may end up in a log or an error.
+    value: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A scheduled job of a service's app (``x-pleaco-jobs``)."""
+
+    name: str
+    cron: cron.Cron
+    command: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Service:
     name: str  # the compose service name
     app: str  # STACK-SERVICE
     body: dict[str, Any]  # its deploy body (pleaco.apps.validate_deploy)
     depends_on: tuple[str, ...]
     build: Build | None = None  # its image is built from the repository (plan(builds=True))
+    secrets: tuple[ServiceSecret, ...] = ()  # by target
+    jobs: tuple[Job, ...] = ()  # by name
 
 
 @dataclass(frozen=True)
@@ -147,6 +195,42 @@ def load(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ComposeError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     return loads(raw, str(path), lambda name: (path.parent / name).read_text())
+
+
+def read_secrets(doc: Mapping[str, Any], base: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The values of the top-level secrets given by ``file`` (relative to ``base``, the
+    compose file's directory) or ``environment`` (a variable of ``environ``, the process's
+    by default), by secret name: what ``stack deploy`` sends beside the document. Errors
+    name the secret and its file or variable, never the value. ``external`` ones and
+    anything malformed are left to ``plan``, which checks the whole document."""
+    declared = doc.get("secrets")
+    if not isinstance(declared, dict):
+        return {}
+    env = os.environ if environ is None else environ
+    values: dict[str, str] = {}
+    for name, spec in declared.items():
+        if not isinstance(spec, dict):
+            continue
+        where = f"secrets.{name}"
+        if isinstance(spec.get("file"), str):
+            path = base / spec["file"]
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise ComposeError(f"{where}.file {spec['file']}: cannot read it: {exc.strerror or exc}") from None
+            if len(raw) > MAX_SECRET_BYTES:
+                raise ComposeError(f"{where}.file {spec['file']}: {len(raw)} bytes, over the limit of "
+                                   f"{MAX_SECRET_BYTES} bytes of a secret")
+            try:
+                values[str(name)] = raw.decode()
+            except UnicodeDecodeError:
+                raise ComposeError(f"{where}.file {spec['file']}: not UTF-8 text") from None
+        elif isinstance(spec.get("environment"), str):
+            var = spec["environment"]
+            if var not in env:
+                raise ComposeError(f"{where}.environment: variable {var} is not set in this environment")
+            values[str(name)] = env[var]
+    return values
 
 
 def loads(raw: bytes, where: str, read_text: Callable[[str], str]) -> dict[str, Any]:
@@ -212,11 +296,14 @@ def parse_env_file(read_text: Callable[[str], str], name: str, service: str) -> 
 # -- the server's half -------------------------------------------------------------------
 
 
-def plan(stack: Any, doc: Any, max_replicas: int, builds: bool = False) -> StackPlan:
+def plan(stack: Any, doc: Any, max_replicas: int, builds: bool = False,
+         secret_values: Any = None) -> StackPlan:
     """Check a whole compose document (as ``load`` made it) for stack ``stack`` and map it
     onto apps; raises ComposeError (or ValidationError) naming where, before anything is written.
     ``builds``: a service may have ``build`` (the document is a connected repository's, whose
-    build pipeline makes the image, pleaco.builds.stackbuild); otherwise it is an error."""
+    build pipeline makes the image, pleaco.builds.stackbuild); otherwise it is an error.
+    ``secret_values``: the values of the top-level secrets given by ``file`` or
+    ``environment``, by name (``read_secrets``; none in a repository's file)."""
     try:
         stack = validate_name(stack)
     except ValidationError:
@@ -235,7 +322,8 @@ def plan(stack: Any, doc: Any, max_replicas: int, builds: bool = False) -> Stack
     if len(services) > MAX_SERVICES:
         raise ComposeError(f"services: {len(services)} services, at most {MAX_SERVICES}")
     volumes = _declared_volumes(doc.get("volumes"))
-    mapped = [_service(stack, name, svc, max_replicas, volumes, builds)
+    secrets = _declared_secrets(doc.get("secrets"), secret_values, builds)
+    mapped = [_service(stack, name, svc, max_replicas, volumes, builds, secrets)
               for name, svc in sorted(services.items(), key=_key)]
     names = {s.name for s in mapped}
     users: dict[str, str] = {}
@@ -273,7 +361,106 @@ def _declared_volumes(value: Any) -> set[str]:
     return {str(name) for name in value}
 
 
-def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[str], builds: bool) -> Service:
+def _declared_secrets(value: Any, values: Any, builds: bool) -> dict[str, str | None]:
+    """The top-level secrets: name -> its value, None for an ``external`` one."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise ComposeError("secrets: expected the values as a mapping of secret name to text")
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ComposeError("secrets: expected a mapping of secret names")
+    declared: dict[str, str | None] = {}
+    for name, spec in value.items():
+        where = f"secrets.{name}"
+        if not isinstance(spec, dict):
+            raise ComposeError(f"{where}: expected a mapping with one of {', '.join(SECRET_SOURCES)}")
+        for key in spec:
+            if key not in SECRET_SOURCES:
+                raise ComposeError(f"{where}.{key}: not supported by pleaco (one of {', '.join(SECRET_SOURCES)})")
+        if len(spec) != 1:
+            raise ComposeError(f"{where}: expected one of {', '.join(SECRET_SOURCES)}")
+        source = next(iter(spec))
+        if source == "external":
+            if spec["external"] is not True:
+                raise ComposeError(f"{where}.external: only true (else give 'file' or 'environment')")
+            declared[str(name)] = None
+            continue
+        if not isinstance(spec[source], str) or not spec[source]:
+            raise ComposeError(f"{where}.{source}: expected a {'path' if source == 'file' else 'variable name'}")
+        if builds:
+            raise ComposeError(f"{where}.{source}: a connected repository's compose file cannot give a secret's "
+                               "value (it would be in the repository, and no CLI reads it): declare it "
+                               "'external: true' and set it with `pleaco secrets set APP KEY --mount file`")
+        if name not in values:
+            raise ComposeError(f"{where}: its value was not sent (pleaco stack deploy reads the {source}; an API "
+                               "client sends it in the body's secrets)")
+        try:
+            declared[str(name)] = validate_value(values[name], "file")
+        except SecretInputError as exc:
+            raise ComposeError(f"{where}: {str(exc).partition(': ')[2]}") from None
+    if extra := sorted(set(values) - {n for n, v in declared.items() if v is not None}):
+        raise ComposeError(f"secrets.{extra[0]}: a value was sent for a secret the file does not declare "
+                           "with 'file' or 'environment'")
+    return declared
+
+
+def _service_secrets(where: str, value: Any, declared: Mapping[str, str | None]) -> tuple[ServiceSecret, ...]:
+    """A service's ``secrets``: names, or ``{source, target}``; each target a file name
+    under /run/secrets (an app secret's key)."""
+    if not isinstance(value, list):
+        raise ComposeError(f"{where}: expected a list of secret names or {{source, target}}")
+    out: dict[str, ServiceSecret] = {}
+    for item in value:
+        if isinstance(item, dict):
+            for key in item:
+                if key not in SERVICE_SECRET_KEYS:
+                    why = ("every secret is a read-only file of the app's user" if key in ("uid", "gid", "mode")
+                           else "source and target only")
+                    raise ComposeError(f"{where}.{key}: not supported by pleaco ({why})")
+            source, target = item.get("source"), item.get("target", item.get("source"))
+        else:
+            source = target = item
+        if not isinstance(source, str) or source not in declared:
+            raise ComposeError(f"{where}: secret {source!r} is not declared under the top-level secrets")
+        if isinstance(target, str) and target.startswith(SECRETS_MOUNT + "/"):
+            target = target[len(SECRETS_MOUNT) + 1:]
+        try:
+            target = validate_key(target)
+        except SecretInputError:
+            raise ComposeError(f"{where}: target {target!r} is not a file name pleaco can give under "
+                               f"{SECRETS_MOUNT} (a letter or '_', then letters, digits or '_')") from None
+        if target in out:
+            raise ComposeError(f"{where}: two secrets with target {target!r}")
+        out[target] = ServiceSecret(source, target, declared[source])
+    return tuple(out[t] for t in sorted(out))
+
+
+def _jobs(where: str, value: Any) -> tuple[Job, ...]:
+    """``x-pleaco-jobs``: ``{NAME: {cron, command}}``, checked as ``jobs schedule`` checks one."""
+    if not isinstance(value, dict):
+        raise ComposeError(f"{where}: expected a mapping of job names to {{cron, command}}")
+    jobs = []
+    for name, job in value.items():
+        at = f"{where}.{name}"
+        if not isinstance(job, dict):
+            raise ComposeError(f"{at}: expected a mapping of {', '.join(sorted(JOB_KEYS))}")
+        for key in job:
+            if key not in JOB_KEYS:
+                raise ComposeError(f"{at}.{key}: unknown key (known: {', '.join(sorted(JOB_KEYS))})")
+        for key in sorted(JOB_KEYS - set(job)):
+            raise ComposeError(f"{at}.{key}: required")
+        try:
+            checked = check_job(name, {"cron": job["cron"], "command": _argv(f"{at}.command", job["command"])})
+        except (JobInputError, cron.CronError) as exc:
+            raise ComposeError(f"{at}: {exc}") from None
+        jobs.append(Job(*checked))
+    return tuple(sorted(jobs, key=lambda j: j.name))
+
+
+def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[str], builds: bool,
+             secrets: Mapping[str, str | None]) -> Service:
     where = f"services.{name}"
     if not isinstance(name, str):
         raise ComposeError(f"{where}: a service name must be a string")
@@ -291,7 +478,9 @@ def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[st
                                "build it)")
         if key == "env_file":
             raise ComposeError(f"{where}.env_file: must be read by the client (pleaco stack deploy does)")
-        if not isinstance(key, str) or (key not in SERVICE_KEYS and (not key.startswith("x-") or key == "x-pleaco")):
+        if not isinstance(key, str) or (key not in SERVICE_KEYS and (not key.startswith("x-")
+                                                                    or key.startswith("x-pleaco"))):
+            # An unknown x-pleaco* key is a typo of pleaco's own, not an extension to ignore.
             raise ComposeError(f"{where}.{key}: not supported by pleaco")
     x = svc.get("x-pleaco") or {}
     if not isinstance(x, dict):
@@ -347,7 +536,10 @@ def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[st
                  "volumes": "volumes"}.get(
             exc.field, exc.field)
         raise ComposeError(f"{where} ({field}): {str(exc).partition(': ')[2]}") from None
-    return Service(name, app, body, _depends_on(where, svc.get("depends_on")), build)
+    service_secrets = () if svc.get("secrets") is None else _service_secrets(f"{where}.secrets", svc["secrets"],
+                                                                              secrets)
+    jobs = () if svc.get("x-pleaco-jobs") is None else _jobs(f"{where}.x-pleaco-jobs", svc["x-pleaco-jobs"])
+    return Service(name, app, body, _depends_on(where, svc.get("depends_on")), build, service_secrets, jobs)
 
 
 def _build(where: str, value: Any) -> Build:

@@ -4,7 +4,8 @@ tick across the cluster.
 Records (kind ``job``):
 
 - ``APP/schedule/NAME``: ``{"cron", "command", "source"}`` (``source``: ``api`` for
-  ``jobs schedule``, ``manifest`` for the repository's ``[jobs]``, which a release replaces);
+  ``jobs schedule``, ``manifest`` for the repository's ``[jobs]``, which a release replaces,
+  ``stack`` for a compose service's ``x-pleaco-jobs``, which a stack deploy replaces);
 - ``APP/run/NAME/TICK``: one run: ``{"node", "state", "exit_code", "started_ms",
   "ended_ms", "reason"}``, state ``claimed`` -> ``running`` -> ``succeeded`` | ``failed``.
 
@@ -189,15 +190,19 @@ class ScheduleStore:
             self.store.delete(KIND, run_key(app, name, run.tick))
 
     def replace_from_manifest(self, app: str, jobs: Sequence[tuple[str, cron.Cron, tuple[str, ...]]]) -> None:
-        """A release's [jobs] (pleaco/builds/manifest.py) as the app's ``manifest``
-        schedules: new and changed ones written, ones it no longer has removed; ``api`` ones
-        stay. Each is checked as ``jobs schedule`` checks one first (JobInputError, nothing
-        written)."""
-        schedules = [parse_schedule(app, name, {"cron": c.text, "command": list(command)}, "manifest")
+        """A release's [jobs] (pleaco/builds/manifest.py) as the app's ``manifest`` schedules."""
+        self.replace_from(app, jobs, "manifest")
+
+    def replace_from(self, app: str, jobs: Sequence[tuple[str, cron.Cron, tuple[str, ...]]], source: str) -> None:
+        """The app's schedules of ``source`` (``manifest``: a release's [jobs]; ``stack``: its
+        service's ``x-pleaco-jobs``, pleaco.stacks.compose) made these: new and changed ones
+        written, ones it no longer has removed; other sources' (``api``) stay. Each is
+        checked as ``jobs schedule`` checks one first (JobInputError, nothing written)."""
+        schedules = [parse_schedule(app, name, {"cron": c.text, "command": list(command)}, source)
                      for name, c, command in jobs]
         wanted = {s.name: s for s in schedules}
         for old in self.schedules(app):
-            if old.source == "manifest" and old.name not in wanted:
+            if old.source == source and old.name not in wanted:
                 self.remove(app, old.name)
         for s in schedules:
             if self.store.value(KIND, schedule_key(app, s.name)) != s.to_value():

@@ -13,8 +13,11 @@ import yaml
 
 from pleaco.apps import AppStore, ValidationError
 from pleaco.builds.manifest import parse as parse_manifest
+from pleaco.builds.secrets import SecretBox
 from pleaco.identity import Identity
 from pleaco.stacks.compose import ComposeError, load, plan
+from pleaco.stacks.schedule import ScheduleStore
+from pleaco.stacks.secrets import AppSecrets
 from pleaco.stacks.service import StackConflict, StackNotFound, StackService
 from pleaco.store import Store
 from tests.unit.test_build_model import _service
@@ -235,6 +238,12 @@ def apps(tmp_path: Path) -> Iterator[AppStore]:
     store.close()
 
 
+def stack_parts(apps: AppStore) -> tuple[AppSecrets, ScheduleStore]:
+    """The app secrets and schedules a StackService writes, over the apps' store."""
+    data = Path(apps.store.path).parent
+    return AppSecrets(apps.store, apps, SecretBox(data), data), ScheduleStore(apps.store)
+
+
 def two(**web: Any) -> dict[str, Any]:
     return {"services": {"web": {"image": "pleaco/hello:latest", "ports": [8080], "depends_on": ["kv"], **web},
                          "kv": {"image": "pleaco/busybox:latest", "command": "nc -lk -p 7000", "expose": [7000]}}}
@@ -243,7 +252,7 @@ def two(**web: Any) -> dict[str, Any]:
 def test_deploys_in_order_changes_only_what_changed_and_drops_what_the_file_dropped(apps: AppStore) -> None:
     healthy: set[str] = set()
     order: list[str] = []
-    stacks = StackService(apps, lambda app: app in healthy, lambda: None, poll=0.01)
+    stacks = StackService(apps, *stack_parts(apps), lambda app: app in healthy, lambda: None, poll=0.01)
 
     def deployed(app: str) -> bool:
         if apps.get(app) is not None and app not in order:
@@ -267,7 +276,7 @@ def test_deploys_in_order_changes_only_what_changed_and_drops_what_the_file_drop
 
 
 def test_bad_input_or_a_name_taken_changes_nothing(apps: AppStore) -> None:
-    stacks = StackService(apps, lambda app: True, lambda: None)
+    stacks = StackService(apps, *stack_parts(apps), lambda app: True, lambda: None)
     apps.deploy("st-kv", {"image": "pleaco/busybox:latest"})  # a plain app in the way
     before = apps.store.count()
     with pytest.raises(StackConflict, match="st-kv"):

@@ -22,9 +22,12 @@ from pleaco.builds import source
 from pleaco.builds.engine import Cancel, Cancelled
 from pleaco.builds.manifest import ManifestError, parse
 from pleaco.builds.model import Build as BuildRecord
+from pleaco.builds.secrets import SecretBox
 from pleaco.builds.stackbuild import ContextError, ServiceBuild, context_tarball, read_text
 from pleaco.identity import Identity
 from pleaco.stacks.compose import MAX_SERVICES, PENDING_IMAGE, Build, ComposeError, plan
+from pleaco.stacks.schedule import ScheduleStore
+from pleaco.stacks.secrets import AppSecrets
 from pleaco.stacks.service import RepoStacks, StackConflict, StackService
 from pleaco.store import Store
 from pleaco.store.record import MAX_RECORD_BYTES, gossip_size
@@ -175,7 +178,8 @@ def repo_stacks(tmp_path: Path) -> Iterator[RepoStacks]:
     thread.start()
     apps = AppStore(store, max_replicas=MAX)
     try:
-        yield RepoStacks(StackService(apps, lambda app: True, lambda: None), loop)
+        secrets = AppSecrets(store, apps, SecretBox(tmp_path), tmp_path)
+        yield RepoStacks(StackService(apps, secrets, ScheduleStore(store), lambda app: True, lambda: None), loop)
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
