@@ -244,6 +244,8 @@ class RepoStacks:
             raise ComposeError(message if message.startswith(filename) else f"{filename}: {message}") from None
         except StackConflict as exc:
             raise StackConflict(f"{filename}: {exc}") from None
+        except SecretMissing as exc:
+            raise SecretMissing(f"{filename}: {exc}") from None
         builds = tuple(ServiceBuild(s.name, s.app, s.build.context, s.build.dockerfile, s.build.args)
                        for s in checked.services if s.build is not None)
         return RepoStack(checked, builds, self)

@@ -19,7 +19,7 @@ from pleaco.identity import Identity
 from pleaco.stacks.compose import ComposeError, load, plan, read_secrets
 from pleaco.stacks.schedule import ScheduleStore, parse_schedule
 from pleaco.stacks.secrets import MAX_SECRET_BYTES, AppSecrets
-from pleaco.stacks.service import SecretMissing, StackService
+from pleaco.stacks.service import RepoStacks, SecretMissing, StackService
 from pleaco.store import Store
 
 MAX = 10
@@ -218,3 +218,28 @@ def test_jobs_are_the_apps_stack_schedules(parts: tuple[StackService, AppSecrets
     assert listed() == [("by-api", "* * * * *", ("true",), "api")]
     stacks.remove("st")
     assert schedules.schedules("st-web") == []
+
+
+def test_a_repositorys_stack_names_the_file_and_takes_external_secrets(
+        parts: tuple[StackService, AppSecrets, ScheduleStore]) -> None:
+    stacks, secrets, _ = parts
+    loop = asyncio.new_event_loop()
+    try:
+        repo = RepoStacks(stacks, loop)
+        raw = f"services:\n  web:\n    image: {IMAGE}\n    secrets: [key]\nsecrets:\n  key: {{external: true}}\n"
+
+        def nothing(name: str) -> str:
+            raise FileNotFoundError(name)
+
+        with pytest.raises(ComposeError, match=r"^compose\.yaml: secrets\.key\.file: a connected repository's"):
+            repo.check("st", "compose.yaml", raw.replace("{external: true}", "{file: k.txt}").encode(), nothing)
+        with pytest.raises(SecretMissing, match=r"^compose\.yaml: services\.web\.secrets: external secret 'key'"):
+            repo.check("st", "compose.yaml", raw.encode(), nothing)
+        assert stacks.apps.count() == 0
+        deploy(stacks, doc())
+        secrets.put("st-web", "key", {"value": "v", "mount": "file"})
+        checked = repo.check("st", "compose.yaml", raw.encode(), nothing)
+        asyncio.run(stacks.deploy_plan(checked.plan))
+        assert secrets.material(stacks.apps.get("st-web")).files == {"key": "v"}  # type: ignore[arg-type]
+    finally:
+        loop.close()
