@@ -396,10 +396,13 @@ def _declared_secrets(value: Any, values: Any, builds: bool) -> dict[str, str | 
         if name not in values:
             raise ComposeError(f"{where}: its value was not sent (pleaco stack deploy reads the {source}; an API "
                                "client sends it in the body's secrets)")
+        given = f"{where}.{source} {spec[source]}"
+        if values[name] == "":
+            raise ComposeError(f"{given}: the value is empty (a secret has one)")
         try:
             declared[str(name)] = validate_value(values[name], "file")
         except SecretInputError as exc:
-            raise ComposeError(f"{where}: {str(exc).partition(': ')[2]}") from None
+            raise ComposeError(f"{given}: {str(exc).partition(': ')[2]}") from None
     if extra := sorted(set(values) - {n for n, v in declared.items() if v is not None}):
         raise ComposeError(f"secrets.{extra[0]}: a value was sent for a secret the file does not declare "
                            "with 'file' or 'environment'")
