@@ -433,7 +433,8 @@ def _service_secrets(where: str, value: Any, declared: Mapping[str, str | None])
             target = validate_key(target)
         except SecretInputError:
             raise ComposeError(f"{where}: target {target!r} is not a file name pleaco can give under "
-                               f"{SECRETS_MOUNT} (a letter or '_', then letters, digits or '_')") from None
+                               f"{SECRETS_MOUNT} (a letter, digit or '_', then letters, digits, '_', '.' or "
+                               "'-')") from None
         if target in out:
             raise ComposeError(f"{where}: two secrets with target {target!r}")
         out[target] = ServiceSecret(source, target, declared[source])

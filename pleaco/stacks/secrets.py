@@ -27,6 +27,7 @@ No value is ever logged, returned by the API, or put in the app's spec or releas
 from __future__ import annotations
 
 import os
+import re
 import secrets as token
 import shutil
 import time
@@ -45,6 +46,8 @@ from pleaco.store import Store
 log = logs.get("pleaco.stacks.secrets")
 
 MOUNTS = ("env", "file")
+# A file secret's key: a file name under /run/secrets (see validate_key).
+FILE_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,255}")
 # Where a ``file`` secret is in the container, as Compose and Swarm put them.
 SECRETS_MOUNT = "/run/secrets"
 # The largest secret value, in bytes of UTF-8. Sealed and base64-encoded it grows by a
@@ -92,11 +95,20 @@ class SecretMaterial:
     files: dict[str, str]
 
 
-def validate_key(key: Any) -> str:
-    """A secret's key: an environment variable name, which is also a safe file name."""
-    if not isinstance(key, str) or not ENV_NAME.fullmatch(key):
-        raise SecretInputError(f"key: {key!r} is not a valid name (a letter or '_', then letters, digits "
-                               "or '_', at most 256: it is an environment variable or a file name)")
+def validate_key(key: Any, mount: str = "file") -> str:
+    """A secret's key: for ``env`` an environment variable name; for ``file`` (and where the
+    mount is not known) a file name under /run/secrets: Compose's secret names have dots
+    and dashes (``server.crt``, ``db-password``), never a slash, and no leading dot (no
+    ``..``, no hidden file)."""
+    if mount == "env":
+        if not isinstance(key, str) or not ENV_NAME.fullmatch(key):
+            raise SecretInputError(f"key: {key!r} is not a valid name for an environment variable (a letter or "
+                                   "'_', then letters, digits or '_', at most 256; --mount file takes dots and "
+                                   "dashes too)")
+        return key
+    if not isinstance(key, str) or not FILE_KEY.fullmatch(key):
+        raise SecretInputError(f"key: {key!r} is not a valid name (a letter, digit or '_', then letters, digits, "
+                               "'_', '.' or '-', at most 256: it is a file name)")
     return key
 
 
@@ -155,10 +167,10 @@ class AppSecrets:
             raise SecretInputError('body: expected {"value": "...", "mount": "env" | "file"}')
         if unknown := sorted(set(body) - SET_FIELDS):
             raise SecretInputError(f"{unknown[0]}: unknown field (allowed: value, mount)")
-        key = validate_key(key)
         mount = body.get("mount", "env")
         if mount not in MOUNTS:
             raise SecretInputError(f"mount: {mount!r} must be one of {', '.join(MOUNTS)}")
+        key = validate_key(key, mount)
         value = validate_value(body.get("value"), mount)
         spec = self._spec(app)
         now_ms, stamp = _new_stamp()

@@ -88,6 +88,11 @@ def test_secrets_and_jobs_map_onto_the_service() -> None:
     assert [(j.name, j.cron.text, j.command) for j in web.jobs] == [
         ("backup", "0 3 * * *", ("sh", "-c", "echo hi")), ("vacuum", "*/5 * * * *", ("vacuum", "1"))]
     assert "pw" not in repr(checked)  # a plan in a log or an error shows no value
+    # Compose's usual names, with dots and dashes, are file names under /run/secrets too.
+    tls = plan("st", doc({"secrets": ["server.crt", {"source": "db-password", "target": "db-password"}]},
+                         {"server.crt": {"file": "c"}, "db-password": {"file": "p"}}),
+               MAX, secret_values={"server.crt": "cert", "db-password": "pw"})
+    assert [s.target for s in tls.service("web").secrets] == ["db-password", "server.crt"]
 
 
 @pytest.mark.parametrize(("web", "secrets", "values", "message"), [
@@ -98,6 +103,10 @@ def test_secrets_and_jobs_map_onto_the_service() -> None:
      r"^services\.web\.secrets\.uid: not supported"),
     ({"secrets": [{"source": "db", "target": "a/b"}]}, {"db": {"file": "f"}}, {"db": "v"},
      r"^services\.web\.secrets: target 'a/b' is not a file name"),
+    ({"secrets": [{"source": "db", "target": ".."}]}, {"db": {"file": "f"}}, {"db": "v"},
+     r"^services\.web\.secrets: target '\.\.' is not a file name"),
+    ({"secrets": [{"source": "db", "target": ".hidden"}]}, {"db": {"file": "f"}}, {"db": "v"},
+     r"^services\.web\.secrets: target '\.hidden' is not a file name"),
     ({"secrets": ["db", {"source": "db"}]}, {"db": {"file": "f"}}, {"db": "v"},
      r"^services\.web\.secrets: two secrets with target 'db'"),
     ({"secrets": "db"}, {"db": {"file": "f"}}, {"db": "v"}, r"^services\.web\.secrets: expected a list"),
