@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -11,7 +12,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -231,13 +233,27 @@ def node_args(k: int) -> list[str]:
     return ["--gossip-listen", f"127.0.0.{k}:{free_port()}", "--proxy-image=", "--discovery", "seeds"]
 
 
+def side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Run ``calls`` at once, each in a thread, and answer their results in order; the first
+    error is raised once every call has ended. For agents' starts: each waits seconds for
+    its process to import and listen, and one at a time those seconds add up."""
+    if not calls:
+        return []
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
+
+
 def form_cluster(agent_factory: Callable[..., AgentProcess], n: int,
                  env: dict[str, str] | None = None) -> list[AgentProcess]:
     first = agent_factory("n0", extra_args=node_args(2), env=env)
     first.client.request("POST", "/v1/cluster/init")
     token = first.client.request("GET", "/v1/cluster/token")["token"]
-    agents = [first] + [agent_factory(f"n{i}", extra_args=[*node_args(i + 2), "--join-token", token], env=env)
-                        for i in range(1, n)]
+    # The others join side by side (joins of a cluster's nodes at once are the usual case).
+    others = side_by_side([
+        functools.partial(agent_factory, f"n{i}", extra_args=[*node_args(i + 2), "--join-token", token], env=env)
+        for i in range(1, n)])
+    agents = [first, *others]
     ids = {x.node_id for x in agents}
     wait_for(lambda: all(alive_ids(a) == ids for a in agents), 40, f"{n} nodes alive everywhere")
     return agents

@@ -6,6 +6,7 @@ start the old agent again)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agentproc import REPO, free_port, remove_node_containers, wait_for, wait_listening
+from agentproc import REPO, free_port, remove_node_containers, side_by_side, wait_for, wait_listening
 
 from pleaco.api.client import Client
 from pleaco.api.errors import ApiError
@@ -212,7 +213,10 @@ def form_slot_cluster(make: Callable[[str, list[str]], SlotAgent], n: int) -> li
     first = make("n0", gossip(2))
     first.client.request("POST", "/v1/cluster/init")
     token = first.client.request("GET", "/v1/cluster/token")["token"]
-    agents = [first] + [make(f"n{i}", [*gossip(i + 2), "--join-token", token]) for i in range(1, n)]
+    # The others join side by side, as in agentproc.form_cluster.
+    others = side_by_side([functools.partial(make, f"n{i}", [*gossip(i + 2), "--join-token", token])
+                           for i in range(1, n)])
+    agents = [first, *others]
     ids = {a.node_id for a in agents}
 
     def all_alive() -> bool:

@@ -4,6 +4,7 @@ with no seeds; a partition between them heals into one cluster again."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -13,21 +14,21 @@ from pathlib import Path
 
 import netns
 import pytest
-from agentproc import AgentProcess, wait_for
+from agentproc import AgentProcess, side_by_side, wait_for
 
 Factory = Callable[..., AgentProcess]
 SECRET = "integration-bootstrap-secret"
 
 
 def start_hosts(agent_factory: Factory, hosts: list[netns.Host], secret: str = SECRET) -> list[AgentProcess]:
-    return [
-        agent_factory(
-            h.ns, host=h.ip, prefix=h.prefix,
+    return side_by_side([
+        functools.partial(
+            agent_factory, h.ns, host=h.ip, prefix=h.prefix,
             extra_args=["--gossip-listen", f"{h.ip}:7401", "--discovery", "mdns", "--bootstrap", "auto",
                         "--bootstrap-secret", secret, "--proxy-image="],
         )
         for h in hosts
-    ]
+    ])
 
 
 def alive_everywhere(agents: list[AgentProcess], among: list[AgentProcess] | None = None) -> bool:
