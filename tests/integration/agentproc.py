@@ -163,7 +163,9 @@ class AgentProcess:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
         try:
-            wait_listening(self.proc, self.host, self.port, 20, "the agent")
+            # A generous bound: agents started side by side share the machine's cores, and
+            # five at once on a loaded 2-core machine took 15 s to listen.
+            wait_listening(self.proc, self.host, self.port, 60, "the agent")
         except (AssertionError, RuntimeError) as exc:
             raise type(exc)(f"{exc}:\n{self.log_tail()}") from None
         self.node_id = self.client.status()["node_id"]

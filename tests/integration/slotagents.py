@@ -154,7 +154,8 @@ class SlotAgent:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir.parent,
                                          start_new_session=True)
-        wait_listening(self.proc, "127.0.0.1", self.port, 30, f"agent {self.data_dir.name}")
+        # Generous, as in agentproc: agents started side by side share the machine's cores.
+        wait_listening(self.proc, "127.0.0.1", self.port, 60, f"agent {self.data_dir.name}")
         self.node_id = wait_for(lambda: self.client.status()["node_id"], 20, "the agent's status")
         return self
 
