@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import random
 import signal
@@ -163,8 +162,8 @@ class AgentProcess:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
         try:
-            # A generous bound: agents started side by side share the machine's cores, and
-            # five at once on a loaded 2-core machine took 15 s to listen.
+            # A generous bound: agents started side by side (agentproc.side_by_side) share
+            # the machine's cores; five at once on a loaded 2-core machine took 15 s to listen.
             wait_listening(self.proc, self.host, self.port, 60, "the agent")
         except (AssertionError, RuntimeError) as exc:
             raise type(exc)(f"{exc}:\n{self.log_tail()}") from None
@@ -237,8 +236,9 @@ def node_args(k: int) -> list[str]:
 
 def side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
     """Run ``calls`` at once, each in a thread, and answer their results in order; the first
-    error is raised once every call has ended. For agents' starts: each waits seconds for
-    its process to import and listen, and one at a time those seconds add up."""
+    error is raised once every call has ended. For the starts of agents that do not join one
+    another with a token (form_cluster's do so one by one): each waits seconds for its
+    process to import and listen, and one at a time those seconds add up."""
     if not calls:
         return []
     with ThreadPoolExecutor(len(calls)) as pool:
@@ -251,11 +251,11 @@ def form_cluster(agent_factory: Callable[..., AgentProcess], n: int,
     first = agent_factory("n0", extra_args=node_args(2), env=env)
     first.client.request("POST", "/v1/cluster/init")
     token = first.client.request("GET", "/v1/cluster/token")["token"]
-    # The others join side by side (joins of a cluster's nodes at once are the usual case).
-    others = side_by_side([
-        functools.partial(agent_factory, f"n{i}", extra_args=[*node_args(i + 2), "--join-token", token], env=env)
-        for i in range(1, n)])
-    agents = [first, *others]
+    # The others join one after another, not side by side: joined at once, a node's view of
+    # the others' records sometimes lagged by a push-pull interval (30 s), which cost more
+    # than the few seconds of agent start it saved.
+    agents = [first] + [agent_factory(f"n{i}", extra_args=[*node_args(i + 2), "--join-token", token], env=env)
+                        for i in range(1, n)]
     ids = {x.node_id for x in agents}
     wait_for(lambda: all(alive_ids(a) == ids for a in agents), 40, f"{n} nodes alive everywhere")
     return agents

@@ -6,7 +6,6 @@ start the old agent again)."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import shutil
 import signal
@@ -18,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agentproc import REPO, free_port, remove_node_containers, side_by_side, wait_for, wait_listening
+from agentproc import REPO, free_port, remove_node_containers, wait_for, wait_listening
 
 from pleaco.api.client import Client
 from pleaco.api.errors import ApiError
@@ -154,7 +153,7 @@ class SlotAgent:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir.parent,
                                          start_new_session=True)
-        # Generous, as in agentproc: agents started side by side share the machine's cores.
+        # Generous, as in agentproc: a loaded machine's agents are slow to start.
         wait_listening(self.proc, "127.0.0.1", self.port, 60, f"agent {self.data_dir.name}")
         self.node_id = wait_for(lambda: self.client.status()["node_id"], 20, "the agent's status")
         return self
@@ -214,10 +213,8 @@ def form_slot_cluster(make: Callable[[str, list[str]], SlotAgent], n: int) -> li
     first = make("n0", gossip(2))
     first.client.request("POST", "/v1/cluster/init")
     token = first.client.request("GET", "/v1/cluster/token")["token"]
-    # The others join side by side, as in agentproc.form_cluster.
-    others = side_by_side([functools.partial(make, f"n{i}", [*gossip(i + 2), "--join-token", token])
-                           for i in range(1, n)])
-    agents = [first, *others]
+    # One after another, as in agentproc.form_cluster (which says why).
+    agents = [first] + [make(f"n{i}", [*gossip(i + 2), "--join-token", token]) for i in range(1, n)]
     ids = {a.node_id for a in agents}
 
     def all_alive() -> bool:

@@ -7,7 +7,6 @@ policy, the short load interval and tick from the agent's env config."""
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import subprocess
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from agentproc import REPO, AgentProcess, alive_ids, free_port, side_by_side, states, wait_for
+from agentproc import REPO, AgentProcess, alive_ids, free_port, states, wait_for
 from proxyload import Load
 from test_cli import cli
 from test_proxy import start_proxied
@@ -157,9 +156,8 @@ def test_the_next_owner_continues_deciding_when_the_owner_dies_under_load(
     first = start_proxied(agent_factory, "fo0", gossip(2), env=env)
     first.agent.client.request("POST", "/v1/cluster/init")
     token = first.agent.client.request("GET", "/v1/cluster/token")["token"]
-    nodes = [first, *side_by_side([
-        functools.partial(start_proxied, agent_factory, f"fo{i}", [*gossip(i + 2), "--join-token", token], env=env)
-        for i in (1, 2)])]
+    nodes = [first] + [start_proxied(agent_factory, f"fo{i}", [*gossip(i + 2), "--join-token", token], env=env)
+                       for i in (1, 2)]
     ids = {p.agent.node_id for p in nodes}
     wait_for(lambda: all(alive_ids(p.agent) == ids for p in nodes), 60, "3 nodes alive everywhere")
     by_id = {p.agent.node_id: p for p in nodes}
