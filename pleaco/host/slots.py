@@ -10,6 +10,11 @@ elsewhere and renamed into place: it is built at its final path and becomes comp
 (a crash mid-install) and the next install of that version replaces it. Flips are atomic:
 the new symlink is made under a temporary name and renamed over the old one, so
 ``current`` always names a whole slot. Operations take ``ROOT/slots.lock`` (flock).
+
+A slot holds pleaco and its dependencies, not pip: pip only installs it, and it is the pip
+(>= 22.3, ``--python``) of the installing process's interpreter or of the Python under it.
+Only when neither has one is the venv made with a pip of its own (ensurepip, seconds more),
+as the golden image's first slot is.
 """
 
 from __future__ import annotations
@@ -105,11 +110,18 @@ class Slots:
             # The venv's interpreter is the base Python under the running one (a slot's own
             # venv when pleaco runs from a slot): venvs are not nested.
             base = getattr(sys, "_base_executable", sys.executable)
-            _run([base, "-m", "venv", str(slot)], f"making the venv of {manifest.version}")
+            # The slot runs pleaco, never pip: pip is only the tool that installs it. A pip
+            # at hand installs into the new venv (`pip --python`), which spares the venv its
+            # own copy of pip and setuptools (ensurepip: seconds of every install); with
+            # none at hand, the venv gets its own.
+            lender = _pip_to_lend(base)
+            venv = [base, "-m", "venv", *(["--without-pip"] if lender else []), str(slot)]
+            _run(venv, f"making the venv of {manifest.version}")
+            pip = ([*lender, "--python", str(slot / "bin" / "python")] if lender
+                   else [str(slot / "bin" / "python"), "-I", "-m", "pip"])
             # No cache: the wheels are local, and under systemd the home directory is read-only.
-            _run([str(slot / "bin" / "python"), "-I", "-m", "pip", "install", "--disable-pip-version-check",
-                  "--no-cache-dir", "-q", "--no-index", "--find-links", str(Path(tmp) / "wheels"),
-                  f"pleaco=={manifest.version}"],
+            _run([*pip, "install", "--disable-pip-version-check", "--no-cache-dir", "-q", "--no-index",
+                  "--find-links", str(Path(tmp) / "wheels"), f"pleaco=={manifest.version}"],
                  f"installing pleaco {manifest.version} into its slot")
         (slot / MANIFEST).write_bytes(manifest.to_json())  # what this slot is, for people and `upgrade status`
         _write_synced(slot / COMPLETE, manifest.version + "\n")
@@ -205,10 +217,33 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+# `pip --python`, which runs pip's own code under another interpreter, came with pip 22.3.
+_PIP_PYTHON_OPTION = (22, 3)
+_PIP_VERSION = "import importlib.metadata as m; print(m.version('pip'))"
+
+
+def _pip_to_lend(base: str) -> list[str] | None:
+    """The pip command of the running interpreter or else of ``base`` (the Python under
+    it), the first that has a pip able to install into another venv (``--python``); None
+    when neither has."""
+    for python in dict.fromkeys(p for p in (sys.executable, base) if p):
+        proc = subprocess.run([python, "-I", "-c", _PIP_VERSION], capture_output=True, text=True, env=_clean_env())
+        try:
+            version = tuple(int(part) for part in proc.stdout.strip().split(".")[:2])
+        except ValueError:  # no pip (the script failed), or a version that is not X.Y...
+            continue
+        if proc.returncode == 0 and version >= _PIP_PYTHON_OPTION:
+            return [python, "-I", "-m", "pip"]
+    return None
+
+
+def _clean_env() -> dict[str, str]:
+    # No PYTHONPATH: the slot's pip and python see only the slot.
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PIP_REQUIRE_VIRTUALENV")}
+
+
 def _run(cmd: list[str], what: str) -> None:
-    # -I and no PYTHONPATH: the slot's pip and python see only the slot.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PIP_REQUIRE_VIRTUALENV")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env())
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise SlotError(f"{what} failed:\n{tail}")

@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -161,7 +162,9 @@ class AgentProcess:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
         try:
-            wait_listening(self.proc, self.host, self.port, 20, "the agent")
+            # A generous bound: agents started side by side (agentproc.side_by_side) share
+            # the machine's cores; five at once on a loaded 2-core machine took 15 s to listen.
+            wait_listening(self.proc, self.host, self.port, 60, "the agent")
         except (AssertionError, RuntimeError) as exc:
             raise type(exc)(f"{exc}:\n{self.log_tail()}") from None
         self.node_id = self.client.status()["node_id"]
@@ -231,11 +234,26 @@ def node_args(k: int) -> list[str]:
     return ["--gossip-listen", f"127.0.0.{k}:{free_port()}", "--proxy-image=", "--discovery", "seeds"]
 
 
+def side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Run ``calls`` at once, each in a thread, and answer their results in order; the first
+    error is raised once every call has ended. For the starts of agents that do not join one
+    another with a token (form_cluster's do so one by one): each waits seconds for its
+    process to import and listen, and one at a time those seconds add up."""
+    if not calls:
+        return []
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
+
+
 def form_cluster(agent_factory: Callable[..., AgentProcess], n: int,
                  env: dict[str, str] | None = None) -> list[AgentProcess]:
     first = agent_factory("n0", extra_args=node_args(2), env=env)
     first.client.request("POST", "/v1/cluster/init")
     token = first.client.request("GET", "/v1/cluster/token")["token"]
+    # The others join one after another, not side by side: joined at once, a node's view of
+    # the others' records sometimes lagged by a push-pull interval (30 s), which cost more
+    # than the few seconds of agent start it saved.
     agents = [first] + [agent_factory(f"n{i}", extra_args=[*node_args(i + 2), "--join-token", token], env=env)
                         for i in range(1, n)]
     ids = {x.node_id for x in agents}

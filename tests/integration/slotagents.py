@@ -153,7 +153,8 @@ class SlotAgent:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir.parent,
                                          start_new_session=True)
-        wait_listening(self.proc, "127.0.0.1", self.port, 30, f"agent {self.data_dir.name}")
+        # Generous, as in agentproc: a loaded machine's agents are slow to start.
+        wait_listening(self.proc, "127.0.0.1", self.port, 60, f"agent {self.data_dir.name}")
         self.node_id = wait_for(lambda: self.client.status()["node_id"], 20, "the agent's status")
         return self
 
@@ -212,6 +213,7 @@ def form_slot_cluster(make: Callable[[str, list[str]], SlotAgent], n: int) -> li
     first = make("n0", gossip(2))
     first.client.request("POST", "/v1/cluster/init")
     token = first.client.request("GET", "/v1/cluster/token")["token"]
+    # One after another, as in agentproc.form_cluster (which says why).
     agents = [first] + [make(f"n{i}", [*gossip(i + 2), "--join-token", token]) for i in range(1, n)]
     ids = {a.node_id for a in agents}
 

@@ -35,8 +35,14 @@ from pleaco.identity import Identity
 Factory = Callable[..., AgentProcess]
 
 
+# The returning victim's replicas move back to it once it has been alive placement_settle
+# (10 s by default), each old one draining for drain_grace (5 s) before it is removed: the
+# test waits for that to end, not for how long it takes.
+SETTLES_SOON = {"PLEACO_GOSSIP_PLACEMENT_SETTLE": "2", "PLEACO_ROLLOUT_DRAIN_GRACE": "1"}
+
+
 def test_five_nodes_spread_an_app_survive_kill_and_catch_up(agent_factory: Factory) -> None:
-    agents = form_cluster(agent_factory, 5)
+    agents = form_cluster(agent_factory, 5, env=SETTLES_SOON)
     agents[2].client.deploy("web", {"image": HELLO, "replicas": 6, "port": 8080, "health": "/healthz"})
 
     def everywhere_healthy(count: int, among: list[AgentProcess]) -> bool:

@@ -4,6 +4,7 @@ with no seeds; a partition between them heals into one cluster again."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -13,21 +14,28 @@ from pathlib import Path
 
 import netns
 import pytest
-from agentproc import AgentProcess, wait_for
+from agentproc import AgentProcess, side_by_side, wait_for
 
 Factory = Callable[..., AgentProcess]
 SECRET = "integration-bootstrap-secret"
 
 
-def start_hosts(agent_factory: Factory, hosts: list[netns.Host], secret: str = SECRET) -> list[AgentProcess]:
-    return [
-        agent_factory(
-            h.ns, host=h.ip, prefix=h.prefix,
+# Push-pull is how the two sides of a healed partition find each other again (each round
+# also tries one dead member) and catch up on each other's writes: every 30 s by default,
+# 15 to 45 s with its jitter, which the partition test would only wait out.
+HEALS_SOON = {"PLEACO_GOSSIP_PUSH_PULL_INTERVAL": "3"}
+
+
+def start_hosts(agent_factory: Factory, hosts: list[netns.Host], secret: str = SECRET,
+                env: dict[str, str] | None = None) -> list[AgentProcess]:
+    return side_by_side([
+        functools.partial(
+            agent_factory, h.ns, host=h.ip, prefix=h.prefix, env=env,
             extra_args=["--gossip-listen", f"{h.ip}:7401", "--discovery", "mdns", "--bootstrap", "auto",
                         "--bootstrap-secret", secret, "--proxy-image="],
         )
         for h in hosts
-    ]
+    ])
 
 
 def alive_everywhere(agents: list[AgentProcess], among: list[AgentProcess] | None = None) -> bool:
@@ -82,7 +90,7 @@ def test_a_node_without_the_secret_founds_nothing_and_joins_nothing(agent_factor
 
 def test_partition_keeps_both_sides_writable_and_heals(agent_factory: Factory) -> None:
     with netns.hosts(5, "mp", 63) as hosts:
-        agents = start_hosts(agent_factory, hosts)
+        agents = start_hosts(agent_factory, hosts, env=HEALS_SOON)
         wait_for(lambda: alive_everywhere(agents), 90, "5 hosts in one cluster")
         left, right = agents[:2], agents[2:]
 

@@ -269,7 +269,7 @@ def test_a_release_never_healthy_rolls_back_at_the_deadline_by_its_guard_or_else
 
 def _kill_processes_under(path: Path) -> None:
     """SIGKILL every process whose command line names ``path`` (what a killed agent's
-    install left running: its venv's pip)."""
+    install left running: the pip installing into its venv)."""
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             with contextlib.suppress(OSError):

@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+from pleaco.host import slots as slots_module
 from pleaco.host.bundle import Manifest, build_bundle, keygen, verify_bundle
 from pleaco.host.slots import COMPLETE, NoSuchSlot, SlotError, Slots
 
@@ -33,13 +35,19 @@ def fake_slot(slots: Slots, version: str) -> None:
     (slots.path(version) / COMPLETE).write_text(version)
 
 
-def test_install_makes_a_venv_slot_that_runs_that_version(tmp_path: Path, release: tuple[Path, Manifest]) -> None:
+def runs_version(slot: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the slot's own code, not this tree's
+    out = subprocess.run([str(slot / "bin" / "pleaco"), "--version"], capture_output=True, text=True, env=env)
+    return out.stdout.strip() or out.stderr
+
+
+def test_install_makes_a_venv_slot_that_runs_that_version(tmp_path: Path, release: tuple[Path, Manifest],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     slots = Slots(tmp_path / "opt")
     slot = slots.install(*release)
     assert slot == tmp_path / "opt" / "releases" / "0.2.0" and slots.complete("0.2.0")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the slot's own code, not this tree's
-    out = subprocess.run([str(slot / "bin" / "pleaco"), "--version"], capture_output=True, text=True, env=env)
-    assert out.stdout.strip() == "pleaco 0.2.0", out.stderr
+    assert runs_version(slot) == "pleaco 0.2.0"
+    assert not (slot / "bin" / "pip").exists()  # this process's pip installed it: the slot has none
     assert (slot / "manifest.json").read_bytes() == release[1].to_json()
     assert slots.versions() == ["0.2.0"] and slots.current() is None  # installing is not switching
 
@@ -48,10 +56,14 @@ def test_install_makes_a_venv_slot_that_runs_that_version(tmp_path: Path, releas
     marker.write_text("x")
     assert slots.install(*release) == slot and marker.exists()
 
-    # A slot of another bundle of the same version (a rebuilt release) is replaced.
+    # A slot of another bundle of the same version (a rebuilt release) is replaced; here by
+    # a process with no pip to lend, so the venv gets its own.
     rebuilt = dataclasses.replace(release[1], created="2000-01-01T00:00:00Z")
-    assert slots.install(release[0], rebuilt) == slot
+    with monkeypatch.context() as patch:
+        patch.setattr(slots_module, "_pip_to_lend", lambda _base: None)
+        assert slots.install(release[0], rebuilt) == slot
     assert not marker.exists() and (slot / "manifest.json").read_bytes() == rebuilt.to_json()
+    assert (slot / "bin" / "pip").exists() and runs_version(slot) == "pleaco 0.2.0"
     marker.write_text("x")
 
     # A half-made slot (no .complete: a crash mid-install) is replaced.
@@ -122,3 +134,13 @@ def test_prune_keeps_current_and_previous(tmp_path: Path) -> None:
     assert slots.versions() == ["0.2.0", "0.10.0"]
     assert (slots.current(), slots.previous()) == ("0.10.0", "0.2.0")
 
+
+
+def test_pip_is_lent_only_by_an_interpreter_that_has_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bare = tmp_path / "bare"
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(bare)],
+                   check=True)
+    python = str(bare / "bin" / "python")
+    assert slots_module._pip_to_lend(sys.executable) == [sys.executable, "-I", "-m", "pip"]  # this venv has pip
+    monkeypatch.setattr(sys, "executable", python)
+    assert slots_module._pip_to_lend(python) is None  # neither has one: the venv gets its own
