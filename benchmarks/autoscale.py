@@ -206,7 +206,8 @@ def container_start(image: str, path: str) -> float:
         wait_until(lambda: answers(ip, HELLO_PORT, path, timeout=1), 30, f"{image} to answer", interval=0.05)
         return time.monotonic() - t0
     finally:
-        remove_containers([SLOW_LABEL])
+        # By name: the slow image's label is on the app's replicas too (measured between rounds).
+        docker_cli("rm", "-f", name, check=False)
 
 
 def replica_ip(agent: Agent, app_name: str) -> str:
@@ -272,6 +273,16 @@ def _reset(agent: Agent) -> None:
     wait_until(lambda: time.monotonic() - off >= 2.0, 5, "two autoscaler ticks")
 
 
+def _steady(client: Any) -> bool:
+    """Whether the app's figure has shown the steady load (within the noise) for 3 s."""
+    until = time.monotonic() + 3.0
+    while time.monotonic() < until:
+        if abs((client.app(APP).get("load") or {}).get("concurrency", 0) - STEADY_RATE) > NOISE * STEADY_RATE:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def _step(agent: Agent, rate: dict[str, float], start: float) -> Step:
     """The 2x step from the steady load, until the needed count is healthy and
     OVERSHOOT_SECONDS after."""
@@ -334,8 +345,7 @@ def measure_scaling(agent: Agent, steps: int) -> tuple[list[Row], dict[str, Any]
             # The policy only once the load shows: its first samples would otherwise be an
             # idle app's (or the last step's), and it would change the count before the
             # steady load is in its windows.
-            wait_until(lambda: abs((client.app(APP).get("load") or {}).get("concurrency", 0) - STEADY_RATE)
-                       <= NOISE * STEADY_RATE, 60, "the steady load in the app's figures")
+            wait_until(lambda: _steady(client), 90, "the steady load in the app's figures")
             client.autoscale(APP, POLICY)
             log(f"autoscale: round {rnd}/{steps}: {ROUND_SECONDS:.0f} s at {STEADY_RATE:g} requests/s "
                 f"+-{NOISE:.0%} ({NEEDED} replicas' worth)")

@@ -265,8 +265,13 @@ class TrafficStats:
 
     def snapshot(self, window: float = WINDOW) -> dict[str, AppTraffic]:
         """Every app with requests in the last ``window`` seconds (at most HISTORY)."""
-        now_slot = int(self.clock() / SLOT)
+        now = self.clock()
+        now_slot = int(now / SLOT)
         first = now_slot - max(1, round(min(window, HISTORY) / SLOT)) + 1
+        # The seconds those slots cover so far: the current slot is still filling, and a
+        # figure divided by the whole window would read up to a slot's share low (12 % of
+        # a 2 s window; a load report taken just after a slot began read a 2x step as 1.75x).
+        covered = max((now_slot - first) * SLOT + (now - now_slot * SLOT), SLOT)
         out = {}
         for app, slots in list(self._slots.items()):
             count, duration = 0, 0.0
@@ -281,7 +286,7 @@ class TrafficStats:
                 if slots and slots[-1][0] < now_slot - int(HISTORY / SLOT):
                     del self._slots[app]  # idle for the whole history: forget it
                 continue
-            out[app] = AppTraffic(rps=count / window, concurrency=duration / window, p50=quantile(buckets, 0.5),
+            out[app] = AppTraffic(rps=count / covered, concurrency=duration / covered, p50=quantile(buckets, 0.5),
                                   p99=quantile(buckets, 0.99), requests=count)
         return out
 
