@@ -52,11 +52,18 @@ class AutoscaleConfig:
     # names (stable window, idle window). 7200 covers a 2-hour window at 1 s; a longer one
     # is averaged over its newest 7200 samples rather than growing without bound.
     max_samples: int = 7200
+    # Seconds the autoscaler waits after a load report brought news before it samples and
+    # decides (it is woken by every node's report, not only at its ticks): a new figure is
+    # in the panic window within this rather than within a tick, and a burst of reports
+    # from many nodes is one step, not one each.
+    report_settle: float = 0.2
 
     def validate(self) -> list[str]:
         problems = []
         if not self.interval > 0:
             problems.append("autoscale.interval: must be greater than 0")
+        if not self.report_settle >= 0:
+            problems.append("autoscale.report_settle: must be at least 0")
         if self.max_samples < 1:
             problems.append("autoscale.max_samples: must be at least 1")
         return problems
