@@ -2,8 +2,8 @@
 noisy constant load, and how long a request to an app at zero replicas waits.
 
 One agent with its proxy (pleaco/caddy) and activator on 127.0.0.1, the agent's defaults
-([autoscale] interval 1 s, [proxy] load_interval 2 s) and the policy's default windows
-(60 s stable, 6 s panic, panic at 2x, 10 % tolerance). Load is open loop (a request starts
+([autoscale] interval 1 s, report_settle 0.2 s; [proxy] load_interval 2 s, autoscale_load_interval
+1 s) and the policy's default windows (60 s stable, 6 s panic, panic at 2x, 10 % tolerance). Load is open loop (a request starts
 every 1/rate s whatever the answers do) through the proxy, from this process.
 
 Rounds (``--autoscale-steps``, default 2), each:
@@ -396,7 +396,7 @@ def step_rows(steps: list[Step], load_interval: float | None, details: dict[str,
         Row(benchmark=f"autoscale 2x step, decision latency (step -> {needed} written), max of {n}", unit="s",
             pleaco=worst_decision, goal=f"<= {PANIC_WINDOW:g} s (panic window)",
             met=worst_decision is not None and worst_decision <= PANIC_WINDOW,
-            details={**spread(decided), "load_interval_s": load_interval,
+            details={**spread(decided), "autoscale_load_interval_s": load_interval,
                      "figure_s": spread([s.figure for s in steps])}),
         Row(benchmark=f"autoscale 2x step, decision to {needed} healthy, max of {n}", unit="s",
             pleaco=max((s.to_healthy for s in steps if s.to_healthy is not None), default=None),
@@ -461,7 +461,7 @@ def run(opts: argparse.Namespace) -> list[Row]:
               f'https_listen = "{LOOPBACK}:{free_port()}"\nactivator_listen = "{LOOPBACK}:{free_port()}"\n')
     load_interval = getattr(opts, "autoscale_load_interval", None)
     if load_interval is not None:
-        config += f"load_interval = {load_interval}\n"
+        config += f"autoscale_load_interval = {load_interval}\n"
     try:
         with slow_image(), Agent(workdir, "bench-autoscale", config_text=config) as agent:
             hello_start = [container_start(HELLO, "/healthz") for _ in range(START_ROUNDS)]
