@@ -44,8 +44,9 @@ class RolloutConfig:
 class AutoscaleConfig:
     # Seconds between the autoscaler's ticks (pleaco.reconcile.autoscale). Every node
     # samples each autoscaled app's cluster-wide figure once a tick, and the app's owner
-    # decides once a tick. The figures themselves move every [proxy] load_interval (2 s);
-    # 1 s gives the 6 s panic window six samples, and a step costs a dictionary look-up
+    # decides once a tick (and after a load report, report_settle below). The figures
+    # themselves move every [proxy] autoscale_load_interval (1 s) while an app is
+    # autoscaled; 1 s gives the 6 s panic window six samples, and a step costs a dictionary look-up
     # per autoscaled app (a store write only when a decision changes something).
     interval: float = 1.0
     # Samples kept per app, at most: one a tick over the longest window the app's policy
