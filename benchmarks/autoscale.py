@@ -3,8 +3,9 @@ noisy constant load, and how long a request to an app at zero replicas waits.
 
 One agent with its proxy (pleaco/caddy) and activator on 127.0.0.1, the agent's defaults
 ([autoscale] interval 1 s, report_settle 0.2 s; [proxy] load_interval 2 s, autoscale_load_interval
-1 s) and the policy's default windows (60 s stable, 6 s panic, panic at 2x, 10 % tolerance). Load is open loop (a request starts
-every 1/rate s whatever the answers do) through the proxy, from this process.
+1 s) and the policy's default windows (60 s stable, 6 s panic, panic at 2x, 10 % tolerance).
+Load is open loop (a request starts every 1/rate s whatever the answers do) through the
+proxy, from this process.
 
 Rounds (``--autoscale-steps``, default 2), each:
 
