@@ -79,9 +79,10 @@ class ProxyConfig:
     load_interval: float = 2.0
     # Seconds between load reports instead, while some app of the cluster is autoscaled:
     # the reports are what the autoscaler's panic window reads, and their age is part of
-    # how late a load step is seen. 1 s took the decision after a 2x step from 5.8-7.2 s
-    # to about 4.5 s (benchmarks/README.md); the cost is one small piggybacked gossip item
-    # per node a second instead of every 2 s, and a cgroup read per replica with it.
+    # how late a load step is seen: 1 s instead of 2 s moved the decision after a 2x step
+    # about 0.5 s sooner, to 3.8-4.7 s against the 6 s panic window (benchmarks/README.md).
+    # The cost is one small piggybacked gossip item per node a second instead of every 2 s,
+    # and a cgroup read per replica with it.
     autoscale_load_interval: float = 1.0
     # Seconds between looks for other agents' proxies that take this node's addresses (a
     # proxy left behind by an agent whose data dir was lost: both would bind the ports and
