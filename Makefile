@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PLEACO := $(VENV)/bin/pleaco
-APT_PACKAGES := docker.io git libsystemd-dev pkg-config busybox-static iproute2 curl wrk procps caddy avahi-daemon avahi-utils dbus iptables docker-registry debootstrap chromium packer cloud-init wireguard-go wireguard-tools
+APT_PACKAGES := docker.io git libsystemd-dev pkg-config busybox-static iproute2 curl wrk procps caddy avahi-daemon avahi-utils dbus iptables docker-registry debootstrap chromium packer cloud-init wireguard-go wireguard-tools redis-server redis-tools
 STAMP := .venv/.stamp-deps
 
 .PHONY: all deps apt venv docker images image test unit lint demo demo-stop bench clean
@@ -30,6 +30,10 @@ apt: .venv/.stamp-apt
 	@# Likewise docker-registry's (the build.registry tests run their own); its service takes :5000.
 	@if command -v systemctl >/dev/null && systemctl is-enabled docker-registry >/dev/null 2>&1; then \
 	    systemctl disable --now docker-registry >/dev/null 2>&1 || true; \
+	fi
+	@# Likewise redis-server's (only its binary is wanted, for the pleaco/redis image); its service takes :6379.
+	@if command -v systemctl >/dev/null && systemctl is-enabled redis-server >/dev/null 2>&1; then \
+	    systemctl disable --now redis-server >/dev/null 2>&1 || true; \
 	fi
 	@# Where a package's install script started avahi on this host's own interfaces, stop
 	@# it: the tests run their own, inside network namespaces.

@@ -17,13 +17,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import autoscale, build, gossip, idle, image, load, network, proxy, scale, state, upgrade
+from benchmarks import autoscale, build, gossip, idle, image, load, network, proxy, scale, stack, state, upgrade
 from benchmarks.common import REPO, Row, log, machine
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "scale": scale.run, "idle": idle.run, "build": build.run, "gossip": gossip.run, "proxy": proxy.run,
     "load": load.run, "state": state.run, "upgrade": upgrade.run, "autoscale": autoscale.run,
-    "network": network.run, "image": image.run,
+    "network": network.run, "image": image.run, "stack": stack.run,
 }
 HEADER = ["benchmark", "pleaco", "baseline", "ratio", "goal"]
 

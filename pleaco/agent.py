@@ -85,7 +85,7 @@ from pleaco.stacks.jobs import JOB_FILES_DIR, OneOffJobs
 from pleaco.stacks.labels import NodeLabels
 from pleaco.stacks.schedule import RunLogs, Scheduler, ScheduleStore
 from pleaco.stacks.secrets import AppSecrets
-from pleaco.stacks.service import StackService
+from pleaco.stacks.service import RepoStacks, StackService
 from pleaco.stacks.volumes import VolumeContent, VolumeLoop, Volumes
 from pleaco.store import Record, Store
 from pleaco.ui.events import LiveEvents
@@ -362,7 +362,11 @@ class Agent:
             runner.add(RepoPoller(builds, owners))
         add_build_routes(api.app, builds, BuildLogs(cluster, builds))  # logs from the building node
         add_secret_routes(api.app, app_secrets, reconciler.wake)
-        jobs = OneOffJobs(me, apps, AppSecrets(store, apps, secretbox, cfg.data_dir, JOB_FILES_DIR), runtime)
+        def node_address(node_id: str) -> tuple[str, str]:
+            return node_api(node_id, store.value("node", node_id))
+
+        jobs = OneOffJobs(view, apps, AppSecrets(store, apps, secretbox, cfg.data_dir, JOB_FILES_DIR), runtime,
+                          volumes, cluster.placement_nodes, node_address)
         add_job_routes(api.app, jobs)
 
         def app_running(name: str) -> int:
@@ -371,13 +375,10 @@ class Agent:
                                                      apps.replicas(name)).running
 
         VolumeRoutes(volumes, VolumeContent(cfg.volumes, runtime, me), runtime, store, me, cluster.placement_nodes,
-                     app_running, cfg.data_dir / "volume-restores", volume_loop.wake).add_to(api.app)
+                     app_running, cfg.data_dir / "volume-restores", volume_loop.wake, cfg.volumes).add_to(api.app)
         scheduler = Scheduler(cfg.jobs, me, store, apps, owners, cluster.placement_nodes, jobs,
                               RunLogs(cfg.data_dir, cfg.jobs.log_bytes), fetch_image=images.fetch_image)
         runner.add(scheduler)
-
-        def node_address(node_id: str) -> tuple[str, str]:
-            return node_api(node_id, store.value("node", node_id))
 
         add_schedule_routes(api.app, scheduler, apps, node_address)
         add_exec_routes(api.app, ReplicaLocator(me, apps, runtime, routes, cluster.placement_nodes, node_address))
@@ -391,7 +392,10 @@ class Agent:
             shown = api.app_json(name)
             return int(shown["healthy"]) >= int(shown["replicas"])
 
-        add_stack_routes(api.app, StackService(apps, all_healthy, reconciler.wake), api.app_json)
+        stacks = StackService(apps, app_secrets, ScheduleStore(store), all_healthy, reconciler.wake)
+        add_stack_routes(api.app, stacks, api.app_json)
+        # A connected repository's compose file: its pushes deploy it as a stack.
+        builds.stack_check = RepoStacks(stacks, asyncio.get_running_loop()).check
 
         supervision = Supervision(
             Notifier(),

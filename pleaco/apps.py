@@ -27,12 +27,14 @@ import math
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pleaco import errors, logs
 from pleaco.constraints import Constraint, ConstraintError
 from pleaco.constraints import parse_all as parse_constraints
+from pleaco.healthcmd import HealthCommand, HealthCommandError, parse_health_cmd
 from pleaco.mounts import VolumeMount, VolumeSpecError
 from pleaco.mounts import parse_all as parse_mounts
 from pleaco.scale import AutoscalePolicy, PolicyError
@@ -47,7 +49,7 @@ IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 
 DEPLOY_FIELDS = frozenset({"image", "replicas", "port", "env", "health", "host", "https", "memory", "cpus", "pids",
-                           "max_conns", "constraints", "volumes", "command", "entrypoint"})
+                           "max_conns", "constraints", "volumes", "command", "entrypoint", "health_cmd"})
 # HTTPS per app at the proxy: "on" serves HTTP and HTTPS, "redirect" answers HTTP with a
 # redirect to HTTPS, "off" serves HTTP only. Absent means "on".
 HTTPS_MODES = ("off", "on", "redirect")
@@ -138,10 +140,14 @@ class AppSpec:
     # kept in the spec itself, so an app's membership is written with the app in one record.
     # Not a deploy field: only ``stack deploy`` sets it, and a plain deploy keeps it.
     stack: str | None = None
+    # Health as a command Docker runs inside each replica (pleaco.healthcmd), for apps with
+    # no HTTP to probe; None: the ``health`` path, or running is healthy. Not both.
+    health_cmd: HealthCommand | None = None
 
     def to_value(self) -> dict[str, Any]:
         value = asdict(self)
         del value["name"]
+        value["health_cmd"] = None if self.health_cmd is None else self.health_cmd.to_value()
         value["constraints"] = list(self.constraints)
         value["volumes"] = [m.to_value() for m in self.volumes]
         for key in ("command", "entrypoint"):
@@ -172,6 +178,7 @@ class AppSpec:
             command=_argv(value.get("command")),
             entrypoint=_argv(value.get("entrypoint")),
             stack=value.get("stack"),
+            health_cmd=HealthCommand.from_value(value["health_cmd"]) if value.get("health_cmd") else None,
         )
 
     def same_release(self, other: AppSpec) -> bool:
@@ -336,6 +343,14 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
             raise ValidationError("health", problem)
         if port is None:
             raise ValidationError("health", "a health path needs a port")
+    health_cmd = None
+    if body.get("health_cmd") is not None:
+        if health is not None:
+            raise ValidationError("health_cmd", "give a health path or a health command, not both")
+        try:
+            health_cmd = parse_health_cmd(body["health_cmd"])
+        except HealthCommandError as exc:
+            raise ValidationError("health_cmd", str(exc).removeprefix("health_cmd: ")) from None
     host = body.get("host")
     if host is not None:
         host = validate_hostname(host)
@@ -368,7 +383,8 @@ def validate_deploy(name: Any, body: Any, max_replicas: int) -> tuple[AppSpec, i
                    memory=memory, cpus=cpus, pids=pids, max_conns=max_conns, constraints=constraints,
                    volumes=volumes,
                    command=None if command is None else validate_argv(command, "command"),
-                   entrypoint=None if entrypoint is None else validate_argv(entrypoint, "entrypoint"))
+                   entrypoint=None if entrypoint is None else validate_argv(entrypoint, "entrypoint"),
+                   health_cmd=health_cmd)
     return spec, replicas
 
 
@@ -539,22 +555,27 @@ class AppStore:
         return len(self._specs)
 
     def deploy(self, name: Any, body: Any, release_info: dict[str, Any] | None = None,
-               stack: str | None = None) -> DeployResult:
+               stack: str | None = None, secrets: dict[str, str] | None = None,
+               secret_writes: Sequence[tuple[str, str, dict[str, Any] | None]] = ()) -> DeployResult:
         """Create or update an app. ``release_info`` (a build's commit and id) is kept in the
         release record when this deploy makes a new release. ``stack``: the stack deploying
-        it as a service (pleaco.stacks.service); None keeps the stack it has."""
+        it as a service (pleaco.stacks.service); None keeps the stack it has. ``secrets``:
+        the secret stamps the release gets (a stack's secrets, pleaco.stacks.secrets), with
+        the ``secret_writes`` that set them, written with it; None keeps the ones it has."""
         if self.defaults is not None and isinstance(body, dict):
             body = self.defaults.fill(body)
         spec, replicas = validate_deploy(name, body, self.max_replicas)
         current = self.get(spec.name)
         if host_owner := self._host_owner(spec.host, spec.name):
             raise ValidationError("host", f"{spec.host!r} is already used by app {host_owner!r}")
-        if current is not None:  # set by the secrets verbs, not by deploys
+        if secrets is not None:
+            spec = replace(spec, secrets=secrets)
+        elif current is not None:  # set by the secrets verbs, not by deploys
             spec = replace(spec, secrets=current.secrets)
         if stack is None and current is not None:
             stack = current.stack
         spec = replace(spec, stack=stack)
-        writes: list[tuple[str, str, dict[str, Any] | None]] = []
+        writes: list[tuple[str, str, dict[str, Any] | None]] = list(secret_writes)
         new_release = current is None or not current.same_release(spec)
         if new_release:
             spec = replace(spec, revision=1 if current is None else current.revision + 1)

@@ -173,6 +173,18 @@ class Client:
     def volume_restore(self, app: str, volume: str, file: Path) -> dict[str, Any]:
         return self.upload(f"/v1/volumes/{_q(app)}/{_q(volume)}/restore", file)  # type: ignore[no-any-return]
 
+    def volume_snapshot_to_store(self, app: str, volume: str) -> dict[str, Any]:
+        # No timeout: the agent answers once the whole snapshot is in the object store.
+        return self.request("POST", f"/v1/volumes/{_q(app)}/{_q(volume)}/snapshots",  # type: ignore[no-any-return]
+                            timeout=None)
+
+    def volume_stored_snapshots(self, app: str, volume: str) -> list[dict[str, Any]]:
+        return self.request("GET", f"/v1/volumes/{_q(app)}/{_q(volume)}/snapshots")  # type: ignore[no-any-return]
+
+    def volume_restore_from_store(self, app: str, volume: str, key: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/volumes/{_q(app)}/{_q(volume)}/restore?"  # type: ignore[no-any-return]
+                            + urllib.parse.urlencode({"key": key}), timeout=None)
+
     def remove_volumes(self, app: str, volume: str | None = None) -> dict[str, Any]:
         path = f"/v1/volumes/{_q(app)}" + (f"/{_q(volume)}" if volume else "")
         return self.request("DELETE", path)  # type: ignore[no-any-return]

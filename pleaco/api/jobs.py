@@ -1,7 +1,9 @@
 """API route for one-off jobs (pleaco/stacks/jobs.py).
 
     POST /v1/apps/{name}/run    {"command": ["CMD", "ARG", ...]}: runs a job of the app's
-                                current release on this node and streams, as JSON lines:
+                                current release on this node (an app with volumes: only on
+                                the node holding them, 409 naming it elsewhere), streaming,
+                                as JSON lines:
                                 {"job", "release"} first, then {"output": TEXT} as it comes
                                 (stdout and stderr), then {"exit_code": N}, or {"error":
                                 {"code", "message"}} when the job could not be watched to

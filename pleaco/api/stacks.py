@@ -2,10 +2,13 @@
 
     GET    /v1/stacks           every stack: name and its services' apps
     GET    /v1/stacks/{name}    one stack: each service with its app's status (as apps show)
-    PUT    /v1/stacks/{name}    {"compose": DOCUMENT, "wait": SECONDS}: deploy (create or
-                                update); answers once every wave is deployed, or with
-                                409 dependency_not_healthy when a wave's dependencies were
-                                not healthy within ``wait`` (default 120)
+    PUT    /v1/stacks/{name}    {"compose": DOCUMENT, "wait": SECONDS, "secrets": {NAME: VALUE}}:
+                                deploy (create or update); answers once every wave is
+                                deployed, or with 409 dependency_not_healthy when a wave's
+                                dependencies were not healthy within ``wait`` (default 120).
+                                ``secrets``: the values of the document's secrets given by
+                                ``file`` or ``environment`` (the CLI reads them); they are
+                                kept sealed as the apps' secrets, never answered or logged
     DELETE /v1/stacks/{name}    remove every app of the stack
 """
 
@@ -41,13 +44,14 @@ def add_routes(app: web.Application, stacks: StackService, status: Callable[[str
         if not raw:
             raise ApiError(400, "invalid_body", 'request body is empty; expected {"compose": {...}}')
         body = jsonbody.parse(request, raw)
-        if not isinstance(body, dict) or "compose" not in body or set(body) - {"compose", "wait"}:
-            raise ApiError(400, "invalid", 'body: expected {"compose": {...}, "wait": SECONDS}')
+        if not isinstance(body, dict) or "compose" not in body or set(body) - {"compose", "wait", "secrets"}:
+            raise ApiError(400, "invalid", 'body: expected {"compose": {...}, "wait": SECONDS, '
+                                           '"secrets": {NAME: VALUE}}')
         wait = body.get("wait", DEFAULT_WAIT)
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not math.isfinite(wait) \
                 or not 0 <= wait <= MAX_WAIT:
             raise ApiError(400, "invalid", f"wait: expected seconds 0..{MAX_WAIT:g}, got {wait!r}")
-        result = await stacks.deploy(request.match_info["name"], body["compose"], float(wait))
+        result = await stacks.deploy(request.match_info["name"], body["compose"], float(wait), body.get("secrets"))
         return web.json_response(result.to_json())
 
     async def remove(request: web.Request) -> web.Response:

@@ -25,7 +25,7 @@ _HEALTH = re.compile(r"^/[\x21-\x7e]{0,1023}$")
 
 # Every table and the fields it may hold.
 SCHEMA: dict[str, frozenset[str]] = {
-    "app": frozenset({"name"}),
+    "app": frozenset({"name", "compose"}),
     "build": frozenset({"dockerfile", "args"}),
     "test": frozenset({"command", "timeout"}),
     "run": frozenset({"port", "health", "replicas"}),
@@ -45,6 +45,9 @@ class ManifestError(InvalidInput, ValueError, code="invalid_manifest"):
 @dataclass(frozen=True)
 class Manifest:
     name: str | None = None
+    # False: a compose file in the repository is not pleaco's (one kept for local
+    # development); the push builds and runs this manifest's app (pleaco.builds.stackbuild).
+    compose: bool = True
     dockerfile: str = "Dockerfile"
     build_args: dict[str, str] = field(default_factory=dict)
     test_command: list[str] | None = None
@@ -94,12 +97,29 @@ def _policy(scale: dict[str, Any]) -> AutoscalePolicy:
         raise ManifestError(f"{FILENAME}: [scale] {key}: {str(exc).partition(': ')[2]}") from None
 
 
-def parse(text: str) -> Manifest:
-    """Parse the text of a pleaco.toml, or raise ManifestError naming what is wrong."""
+# Beside a compose file, pleaco.toml says how its services with ``build`` are built, tested
+# and scanned; what runs, and from which Dockerfile, is the compose file's to say.
+BESIDE_COMPOSE = {"run": "its services' ports, healthcheck and deploy.replicas say how they run",
+                  "scale": "autoscale its services with `pleaco apps autoscale STACK-SERVICE`",
+                  "jobs": "scheduled jobs are a pleaco.toml app's",
+                  "build.dockerfile": "each service's build.dockerfile names its own"}
+
+
+def parse(text: str, beside: str | None = None) -> Manifest:
+    """Parse the text of a pleaco.toml, or raise ManifestError naming what is wrong.
+    ``beside``: the compose file the repository also holds (pleaco.builds.stackbuild),
+    which leaves pleaco.toml [app], [build] args, [test] and [scan] (BESIDE_COMPOSE)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{FILENAME}: not valid TOML: {exc}") from None
+    if beside is not None:
+        for key, instead in BESIDE_COMPOSE.items():
+            table, _, name = key.partition(".")
+            if table in data and (not name or (isinstance(data[table], dict) and name in data[table])):
+                shown = f"[{table}] {name}" if name else f"[{table}]"
+                raise ManifestError(f"{FILENAME}: {shown}: not used beside {beside} ({instead}); remove it, "
+                                    f"or set [app] compose = false to build this app and leave {beside} aside")
     for table, value in data.items():
         if table not in SCHEMA:
             raise ManifestError(f"{FILENAME}: unknown table [{table}] (allowed: {', '.join(sorted(SCHEMA))})")
@@ -115,6 +135,10 @@ def parse(text: str) -> Manifest:
     app, build, test = data.get("app", {}), data.get("build", {}), data.get("test", {})
     run, scale, scan = data.get("run", {}), data.get("scale", {}), data.get("scan", {})
     out: dict[str, Any] = {}
+    if "compose" in app:
+        if not isinstance(app["compose"], bool):
+            raise ManifestError(f"{FILENAME}: [app] compose: expected true or false, got {app['compose']!r}")
+        out["compose"] = app["compose"]
     if "name" in app:
         out["name"] = _str("app", "name", app["name"])
     if "dockerfile" in build:

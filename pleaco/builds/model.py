@@ -72,8 +72,12 @@ class Build:
     pushed_digest: str = ""  # the digest the registry reported for it
     test: dict[str, Any] = field(default_factory=dict)
     scan: dict[str, Any] = field(default_factory=dict)
-    release: int = 0
+    release: int = 0  # the app's revision; a stack's build: the highest of its services'
     superseded_by: str = ""
+    # A repository with a compose file (pleaco.builds.stackbuild): its name, and per service
+    # what the build made of it (app, image, tag, test, scan, revision, changed).
+    compose: str = ""
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -125,7 +129,17 @@ def _trim_findings(value: dict[str, Any]) -> None:
         scan["findings"] = scan["findings"][:10]  # the worst first (scan.py sorts them)
 
 
-_TRIMS = (_trim_texts, _trim_output, _trim_findings)
+def _trim_services(value: dict[str, Any]) -> None:
+    """A stack's build: each service's test output and findings (its log has them)."""
+    for entry in (value.get("services") or {}).values():
+        if isinstance(entry, dict):
+            if isinstance(entry.get("test"), dict):
+                entry["test"] = {k: v for k, v in entry["test"].items() if k != "output"}
+            if isinstance(entry.get("scan"), dict):
+                entry["scan"] = {k: v for k, v in entry["scan"].items() if k != "findings"}
+
+
+_TRIMS = (_trim_texts, _trim_output, _trim_findings, _trim_services)
 
 
 @dataclass

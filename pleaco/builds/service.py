@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -53,8 +54,16 @@ from pleaco.builds.model import (
     now_ms,
 )
 from pleaco.builds.secrets import SecretBox, SecretError
+from pleaco.builds.stackbuild import (
+    COMPOSE_FILES,
+    ContextError,
+    ServiceBuild,
+    StackCheck,
+    context_tarball,
+    read_text,
+)
 from pleaco.builds.vulndb import load_db
-from pleaco.errors import InvalidInput, PleacoError
+from pleaco.errors import Conflict, InvalidInput, PleacoError
 from pleaco.metrics import Counter, Histogram, Registry
 from pleaco.placement import Owners
 from pleaco.reconcile.loop import Loop
@@ -70,6 +79,9 @@ IMAGE_REPO = "pleaco-build"
 # the build log on the building node.
 RECORD_OUTPUT_BYTES = 8192
 RECORD_FINDINGS = 100
+# The same per service of a stack's build (several share the record's room).
+SERVICE_OUTPUT_BYTES = 1024
+SERVICE_FINDINGS = 10
 
 
 class ConnectError(InvalidInput, ValueError):
@@ -125,9 +137,13 @@ class BuildService(Loop):
     def __init__(self, cfg: BuildConfig, data_dir: Path, node_id: str, store: Store, apps: AppStore,
                  engine: BuildEngine, registry: Registry | None = None, secretbox: SecretBox | None = None,
                  owners: Owners | None = None,
-                 on_release: Callable[[str, Manifest], None] = lambda app, manifest: None) -> None:
+                 on_release: Callable[[str, Manifest], None] = lambda app, manifest: None,
+                 stack_check: StackCheck | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        # Checks a repository's compose file and deploys it as a stack (pleaco.stacks, a
+        # layer above: the agent hands it in); None: such a build fails, saying so.
+        self.stack_check = stack_check
         # Called with a release's app and manifest before it is deployed (its [jobs]).
         self.on_release = on_release
         # An app's builds run on its owner (pleaco.placement), whichever node took the push.
@@ -322,6 +338,8 @@ class BuildService(Loop):
                 log.info("build.cancelled", app=app, build=b.id, reason=reason)
 
     def _release_again(self, build: Build) -> str:
+        if build.compose:
+            return "already_built"  # a stack's services each keep their own releases (`apps rollback`)
         current = self.apps.get(build.app)
         image = build.pushed or build.image
         if current is None or current.image == image or not self.engine.image_id(image):
@@ -458,7 +476,8 @@ class BuildService(Loop):
             try:
                 self._steps(b, cancel, out)
                 b.state = "succeeded"
-                out(f"==> succeeded: release {b.release} runs {b.pushed or b.image}\n")
+                runs = f"stack {b.app} ({len(b.services)} services)" if b.compose else b.pushed or b.image
+                out(f"==> succeeded: release {b.release} runs {runs}\n")
             except Cancelled as exc:
                 if cancel.final_state is None:
                     out("==> interrupted: the agent is stopping; the build resumes when it starts again\n")
@@ -501,8 +520,13 @@ class BuildService(Loop):
         src = sourcemod.fetch(self.data_dir, b.app, b.repo, b.commit, self.cfg.git_timeout, self.git_auth(b.app))
         b.source_sha256 = src.sha256
         out(f"source: {src.tarball.name} sha256:{src.sha256}\n")
+        # A compose file makes the push a stack's, unless pleaco.toml sets [app] compose = false.
+        if src.compose_file is not None and (src.manifest_text is None or parse(src.manifest_text).compose):
+            self._stack_steps(b, cancel, out, src, t)
+            return
         if src.manifest_text is None:
-            raise StepFailed(f"the repository has no {FILENAME} at its root (commit {b.commit[:12]})")
+            raise StepFailed(f"the repository has no {FILENAME} nor a compose file ({', '.join(COMPOSE_FILES)}) "
+                             f"at its root (commit {b.commit[:12]})")
         manifest = parse(src.manifest_text)
         b.steps["fetch"] = round(time.monotonic() - t, 3)
 
@@ -540,69 +564,191 @@ class BuildService(Loop):
         cancel.check()  # a newer push after the scan still wins: never release an older commit
         self._release(b, manifest)
 
+    def _stack_steps(self, b: Build, cancel: _BuildCancel, out: Callable[[str], None], src: sourcemod.Source,
+                     t: float) -> None:
+        """A repository with a compose file: build, test and scan each service with ``build``,
+        then deploy the stack named as the connected app (pleaco.builds.stackbuild)."""
+        assert src.compose_file is not None and src.compose_raw is not None
+        manifest = Manifest() if src.manifest_text is None else parse(src.manifest_text, beside=src.compose_file)
+        if self.stack_check is None:
+            raise StepFailed(f"{src.compose_file}: this agent deploys no stacks")
+        try:
+            # Checked whole before anything is built: a bad file fails here, naming the
+            # file, the service and the key, and nothing that runs changes.
+            release = self.stack_check(b.app, src.compose_file, src.compose_raw, read_text(src.tarball, ""))
+        except (InvalidInput, Conflict) as exc:
+            raise StepFailed(str(exc)) from None
+        b.compose = src.compose_file
+        work = self.data_dir / "build" / "work"
+        contexts: dict[str, Path] = {}
+        try:
+            for sb in release.builds:
+                contexts[sb.service] = context_tarball(src.tarball, sb, work / f"{b.id}.contexts" / f"{sb.service}.tar")
+        except ContextError as exc:
+            raise StepFailed(f"{src.compose_file}: {exc}") from None
+        out(f"{src.compose_file}: stack {b.app}; services built here: "
+            f"{', '.join(sb.service for sb in release.builds) or 'none'}\n")
+        b.steps["fetch"] = round(time.monotonic() - t, 3)
+        try:
+            self._build_services(b, release.builds, contexts, manifest, cancel, out)
+        finally:
+            shutil.rmtree(work / f"{b.id}.contexts", ignore_errors=True)
+        images = {svc: entry.get("pushed") or entry["image"] for svc, entry in b.services.items()}
+        cancel.check()  # a newer push after the scan still wins: never release an older commit
+        try:
+            self.on_release(b.app, manifest)  # beside a compose file, no [jobs]: removes any an earlier release set
+            done = release.deploy(images, {"commit": b.commit, "build": b.id}, cancel)
+        except Cancelled:
+            raise
+        except PleacoError as exc:
+            raise StepFailed(f"stack {b.app}: {exc}") from None
+        for r in done:
+            b.services.setdefault(r.service, {"app": r.app}).update(revision=r.revision, changed=r.changed)
+            out(f"{r.service}: app {r.app} revision {r.revision} ({'updated' if r.changed else 'unchanged'})\n")
+        b.release = max((r.revision for r in done), default=0)
+        log.info("build.stack_released", app=b.app, build=b.id, commit=b.commit,
+                 changed=sorted(r.service for r in done if r.changed))
+
+    def _build_services(self, b: Build, builds: tuple[ServiceBuild, ...], contexts: dict[str, Path],
+                        manifest: Manifest, cancel: _BuildCancel, out: Callable[[str], None]) -> None:
+        """Each service's image, built, tested and scanned (and pushed with ``build.registry``)
+        as a pleaco.toml app's is: each step for all of them before the next."""
+        t = self._step(b, "building", cancel, out)
+        for sb in builds:
+            out(f"--> {sb.service}: {sb.context or '.'}/{sb.dockerfile}\n")
+            cache = f"{IMAGE_REPO}/{sb.app}:cache"
+            tag = f"{IMAGE_REPO}/{sb.app}:{b.commit[:12]}"
+            req = BuildRequest(
+                build_id=b.id, app=sb.app, commit=b.commit, tarball=contexts[sb.service], dockerfile=sb.dockerfile,
+                tag=tag, build_args={**manifest.build_args, **sb.args}, run_labels=self.engine.labels(b.id, "kaniko"),
+                cache_from=[cache] if self.engine.image_id(cache) else [],
+                work_dir=self.data_dir / "build" / "work" / f"{b.id}-{sb.service}",
+            )
+            image = self.builder.build(req, out, cancel)
+            self.engine.tag(image, f"{IMAGE_REPO}/{sb.app}", "cache")
+            out(f"image: {image} ({tag})\n")
+            b.services[sb.service] = {"app": sb.app, "image": image, "tag": tag}
+        b.steps["build"] = round(time.monotonic() - t, 3)
+
+        t = self._step(b, "testing", cancel, out)
+        for sb in builds:
+            entry = b.services[sb.service]
+            out(f"--> {sb.service}\n")
+            test, failure = self._run_tests(b.id, entry["image"], manifest, cancel, out)
+            entry["test"] = {**test, "output": test["output"][-SERVICE_OUTPUT_BYTES:]} if "output" in test else test
+            if failure:
+                raise StepFailed(f"service {sb.service}: {failure}")
+        b.steps["test"] = round(time.monotonic() - t, 3)
+
+        t = self._step(b, "scanning", cancel, out)
+        trivy = scanner.trivy_path()
+        for sb in builds:
+            entry = b.services[sb.service]
+            out(f"--> {sb.service}\n")
+            packages = None if trivy else self._packages_of(entry["image"])
+            scan, failure = self._scan_image(entry["image"], manifest, trivy, packages, out)
+            entry["scan"] = {**scan, "findings": scan["findings"][:SERVICE_FINDINGS]}
+            if failure:
+                raise StepFailed(f"service {sb.service}: {failure}")
+        b.steps["scan"] = round(time.monotonic() - t, 3)
+
+        if self.cfg.registry and builds:
+            t = self._step(b, "pushing", cancel, out)
+            for sb in builds:
+                entry = b.services[sb.service]
+                # Tagged by content, not commit: an image a push did not change keeps its
+                # reference, so its service is not redeployed.
+                entry["pushed"], entry["pushed_digest"] = self._push_to_registry(
+                    entry["image"], sb.app, entry["image"].partition(":")[2][:12], cancel, out)
+            b.steps["push"] = round(time.monotonic() - t, 3)
+
     def _push_image(self, b: Build, cancel: _BuildCancel, out: Callable[[str], None]) -> None:
         """``build.registry`` set: push the passed image as REGISTRY/APP:COMMIT12, which the
         release then names. A failed push fails the build: no release names an image that
         is not in the registry."""
         t = self._step(b, "pushing", cancel, out)
-        repository, tag = f"{self.cfg.registry}/{b.app}", b.commit[:12]
+        b.pushed, b.pushed_digest = self._push_to_registry(b.image, b.app, b.commit[:12], cancel, out)
+        b.steps["push"] = round(time.monotonic() - t, 3)
+
+    def _push_to_registry(self, image: str, app: str, tag: str, cancel: _BuildCancel,
+                          out: Callable[[str], None]) -> tuple[str, str]:
+        """Push ``image`` as REGISTRY/APP:TAG; the reference and the digest the registry reported."""
+        repository = f"{self.cfg.registry}/{app}"
         out(f"push: {repository}:{tag}\n")
         try:
-            digest = self.engine.push(b.image, repository, tag, log=out, cancel=cancel)
+            digest = self.engine.push(image, repository, tag, log=out, cancel=cancel)
         except PushFailed as exc:
             raise StepFailed(f"push to registry {self.cfg.registry} failed: {exc}") from None
-        b.pushed, b.pushed_digest = f"{repository}:{tag}", digest
-        out(f"pushed: {b.pushed}" + (f" ({digest})" if digest else "") + "\n")
-        b.steps["push"] = round(time.monotonic() - t, 3)
+        out(f"pushed: {repository}:{tag}" + (f" ({digest})" if digest else "") + "\n")
+        return f"{repository}:{tag}", digest
 
     def _test_and_scan(self, b: Build, manifest: Manifest, cancel: _BuildCancel, out: Callable[[str], None],
                        t: float, trivy: str | None, packages_future: Future[list[scanner.Package]] | None) -> None:
-        if manifest.test_command is None:
-            b.test = {"skipped": f"no [test] command in {FILENAME}"}
-            out("no [test] command: tests skipped\n")
-        else:
-            limit = manifest.test_timeout or self.cfg.test_timeout
-            out(f"$ {' '.join(manifest.test_command)}\n")
-            res = self.engine.run_to_completion(
-                b.image, manifest.test_command, labels=self.engine.labels(b.id, "test"), time_limit=limit,
-                cancel=cancel, mem_bytes=self.cfg.test_memory_bytes, nano_cpus=int(self.cfg.test_cpus * 1e9), log=out,
-            )
-            b.test = {"command": manifest.test_command, "exit_code": res.exit_code, "timed_out": res.timed_out,
-                      "output": res.output[-RECORD_OUTPUT_BYTES:]}
-            if res.timed_out:
-                raise StepFailed(f"tests did not finish within {limit:.0f}s")
-            if res.exit_code != 0:
-                raise StepFailed(f"tests failed (exit code {res.exit_code})")
+        b.test, failure = self._run_tests(b.id, b.image, manifest, cancel, out)
+        if failure:
+            raise StepFailed(failure)
         b.steps["test"] = round(time.monotonic() - t, 3)
 
         t = self._step(b, "scanning", cancel, out)
+        packages = None if packages_future is None else packages_future.result()
+        b.scan, failure = self._scan_image(b.image, manifest, trivy, packages, out)
+        b.steps["scan"] = round(time.monotonic() - t, 3)
+        if failure:
+            raise StepFailed(failure)
+
+    def _run_tests(self, bid: str, image: str, manifest: Manifest, cancel: _BuildCancel,
+                   out: Callable[[str], None]) -> tuple[dict[str, Any], str]:
+        """The [test] command in a container of ``image``: its record, and why it failed ("" passed)."""
+        if manifest.test_command is None:
+            out("no [test] command: tests skipped\n")
+            return {"skipped": f"no [test] command in {FILENAME}"}, ""
+        limit = manifest.test_timeout or self.cfg.test_timeout
+        out(f"$ {' '.join(manifest.test_command)}\n")
+        res = self.engine.run_to_completion(
+            image, manifest.test_command, labels=self.engine.labels(bid, "test"), time_limit=limit,
+            cancel=cancel, mem_bytes=self.cfg.test_memory_bytes, nano_cpus=int(self.cfg.test_cpus * 1e9), log=out,
+        )
+        record = {"command": manifest.test_command, "exit_code": res.exit_code, "timed_out": res.timed_out,
+                  "output": res.output[-RECORD_OUTPUT_BYTES:]}
+        if res.timed_out:
+            return record, f"tests did not finish within {limit:.0f}s"
+        if res.exit_code != 0:
+            return record, f"tests failed (exit code {res.exit_code})"
+        return record, ""
+
+    def _scan_image(self, image: str, manifest: Manifest, trivy: str | None, packages: list[scanner.Package] | None,
+                    out: Callable[[str], None]) -> tuple[dict[str, Any], str]:
+        """The scan of ``image`` (by trivy, or of ``packages`` read from it): its record, and
+        why it blocks the release ("" it does not)."""
         if trivy:
             out(f"scan: using {trivy}\n")
             try:
-                findings = scanner.trivy_scan(trivy, b.image, self.cfg.test_timeout)
+                findings = scanner.trivy_scan(trivy, image, self.cfg.test_timeout)
             except scanner.TrivyError as exc:
                 raise StepFailed(f"scan: {exc}") from None
             n_packages: int | None = None
         else:
-            assert packages_future is not None
-            packages = packages_future.result()
+            assert packages is not None
             findings = scanner.match(packages, load_db(self.data_dir))
             n_packages = len(packages)
         blocking = scanner.blocking(findings, manifest.fail_on)
-        b.scan = {"scanner": "trivy" if trivy else "pleaco-osv", "packages": n_packages, "fail_on": manifest.fail_on,
+        record = {"scanner": "trivy" if trivy else "pleaco-osv", "packages": n_packages, "fail_on": manifest.fail_on,
                   "findings": [f.to_json() for f in findings[:RECORD_FINDINGS]], "blocking": len(blocking)}
         counted = f"{n_packages} packages, " if n_packages is not None else ""
         out(f"scan: {counted}{len(findings)} known vulnerabilities "
             f"({len(blocking)} at or above fail_on={manifest.fail_on})\n")
         for f in findings:
             out(f"  {f.severity:8} {f.id} {f.package} {f.installed} (fixed in {f.fixed or 'no fixed version'})\n")
-        b.steps["scan"] = round(time.monotonic() - t, 3)
-        if blocking:
-            ids = ", ".join(f"{f.id} ({f.package} {f.installed}, {f.severity})" for f in blocking[:5])
-            raise StepFailed(f"scan: {len(blocking)} vulnerabilities at or above {manifest.fail_on}: {ids}")
+        if not blocking:
+            return record, ""
+        ids = ", ".join(f"{f.id} ({f.package} {f.installed}, {f.severity})" for f in blocking[:5])
+        return record, f"scan: {len(blocking)} vulnerabilities at or above {manifest.fail_on}: {ids}"
 
     def _packages(self, b: Build) -> list[scanner.Package]:
-        with self.engine.image_tar(b.image) as image:
+        return self._packages_of(b.image)
+
+    def _packages_of(self, image_ref: str) -> list[scanner.Package]:
+        with self.engine.image_tar(image_ref) as image:
             return scanner.packages_from_image_tar(image)
 
     def _release(self, b: Build, manifest: Manifest) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pleaco.builds.manifest import FILENAME
+from pleaco.builds.stackbuild import COMPOSE_FILES
 from pleaco.errors import PleacoError
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -77,6 +78,10 @@ class Source:
     tarball: Path
     sha256: str
     manifest_text: str | None  # pleaco.toml at the repository root, if any
+    # The compose file at the root (pleaco.builds.stackbuild.COMPOSE_FILES, the first found),
+    # if any: its name and bytes.
+    compose_file: str | None = None
+    compose_raw: bytes | None = None
 
 
 def _git(args: list[str], timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
@@ -143,11 +148,17 @@ def fetch(data_dir: Path, app: str, url: str, commit: str, timeout: float, auth:
         _git(["archive", "--format=tar", "-o", str(tmp), commit], timeout, cwd=repo)
         os.replace(tmp, tarball)
     with tarfile.open(tarball) as tar:
-        try:
-            member = tar.getmember(FILENAME)
-        except KeyError:
-            manifest = None
-        else:
-            f = tar.extractfile(member)
-            manifest = f.read().decode("utf-8", "replace") if f else None
-    return Source(commit, tarball, _sha256(tarball), manifest)
+        raw = _member(tar, FILENAME)
+        manifest = None if raw is None else raw.decode("utf-8", "replace")
+        compose = next(((name, raw) for name in COMPOSE_FILES if (raw := _member(tar, name)) is not None), None)
+    return Source(commit, tarball, _sha256(tarball), manifest, *(compose or (None, None)))
+
+
+def _member(tar: tarfile.TarFile, name: str) -> bytes | None:
+    """The bytes of file ``name`` in the tarball, None when it has none."""
+    try:
+        member = tar.getmember(name)
+    except KeyError:
+        return None
+    f = tar.extractfile(member)
+    return f.read() if f else None

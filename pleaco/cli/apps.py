@@ -35,6 +35,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--env", action="append", default=[], metavar="K=V")
     p.add_argument("--health", metavar="PATH")
+    p.add_argument("--health-cmd", metavar="SHELL_LINE",
+                   help="health as a command run in each replica by the engine (redis-cli ping): "
+                        "for apps without HTTP; not with --health")
     p.add_argument("--host", metavar="HOSTNAME")
     p.add_argument("--https", choices=["on", "off", "redirect"],
                    help="HTTPS at the proxy: on (default), off, or redirect HTTP to HTTPS")
@@ -110,7 +113,7 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         return 0
     if verb == "deploy":
         spec: dict[str, Any] = {"image": args.image}
-        for field_name in ("replicas", "port", "health", "host", "https", "memory", "cpus", "pids",
+        for field_name in ("replicas", "port", "health", "health_cmd", "host", "https", "memory", "cpus", "pids",
                            "max_conns"):
             if getattr(args, field_name) is not None:
                 spec[field_name] = getattr(args, field_name)
@@ -207,6 +210,8 @@ def show(app: dict[str, Any]) -> None:
     print(f"replicas   {app['healthy']} healthy, {app['running']} running, {app['replicas']} desired")
     if app["port"]:
         print(f"port       {app['port']}" + (f", health {app['health']}" if app["health"] else ""))
+    if check := app.get("health_cmd"):
+        print(f"health     command {' '.join(check['test'][1:])!r}, every {check['interval']:g} s")
     if app["host"]:
         print(f"host       {app['host']}")
     if app.get("https") and app["https"] != "on":

@@ -142,8 +142,14 @@ def show(b: dict[str, Any]) -> None:
         for f in scan["findings"]:
             print(f"           {f['severity']:8} {f['id']}  {f['package']} {f['installed']}"
                   f" -> {f['fixed'] or 'no fix'}")
-    if b["release"]:
+    if b["release"] and not b.get("compose"):
         print(f"release    revision {b['release']}")
+    if b.get("compose"):  # a repository with a compose file: its stack, service by service
+        print(f"stack      {b['app']} ({b['compose']})")
+        for name, svc in sorted(b.get("services", {}).items()):
+            done = (f"revision {svc['revision']}, {'updated' if svc['changed'] else 'unchanged'}"
+                    if "revision" in svc else "not deployed")
+            print(f"  {name:12} {svc['app']}: {svc.get('image') or 'image as given'} ({done})")
 
 
 def app_build(client: Client, name: str) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """The ``stack`` verbs: deploy (a compose file), ls, show, rm. The file is read here (with
-its env_files, pleaco.stacks.compose.load) and checked by the server, so every client of
-the API gets the same errors."""
+its env_files, pleaco.stacks.compose.load, and the values of its secrets given by ``file``
+or ``environment``, read_secrets, sent beside the document) and checked by the server, so
+every client of the API gets the same errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 from pleaco.api.client import Client
 from pleaco.cli.output import print_json, table
 from pleaco.cli.usage import UsageError
-from pleaco.stacks.compose import ComposeError, load
+from pleaco.stacks.compose import ComposeError, load, read_secrets
 from pleaco.stacks.service import DEFAULT_WAIT
 
 # Seconds the client waits for the deploy's answer beyond the deploy's own wait for
@@ -46,11 +47,15 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
     verb = args.stack_verb
     if verb == "deploy":
         try:
-            doc = load(Path(args.file))
+            path = Path(args.file)
+            doc = load(path)
+            secrets = read_secrets(doc, path.parent)
         except ComposeError as exc:
             raise UsageError(str(exc)) from None
-        result = client.request("PUT", _path(args.name), {"compose": doc, "wait": args.wait},
-                                timeout=args.wait + ANSWER_MARGIN)
+        body: dict[str, Any] = {"compose": doc, "wait": args.wait}
+        if secrets:
+            body["secrets"] = secrets
+        result = client.request("PUT", _path(args.name), body, timeout=args.wait + ANSWER_MARGIN)
         if args.json:
             return print_json(result)
         table(["SERVICE", "APP", "REVISION", "DEPLOYED"],

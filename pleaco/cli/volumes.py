@@ -1,5 +1,6 @@
-"""The ``volumes`` verbs: ls, snapshot (a tarball of a volume to a file), restore (a tarball
-into a volume), rm. Snapshot and restore go to the API of the node that holds the volume;
+"""The ``volumes`` verbs: ls, snapshot (a tarball of a volume to a file, or to the object
+store of [volumes] s3_*), snapshots (those in the object store), restore (a tarball into a
+volume, from a file or the object store), rm. Snapshot and restore go to the API of the node that holds the volume;
 asked of another, the agent answers which node that is and its API address."""
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ def add_parsers(sub: Any) -> None:
     p = volumes.add_parser("snapshot", help="write a tarball of a volume's content to a file (on its node's API)")
     p.add_argument("app")
     p.add_argument("volume")
-    p.add_argument("--out", required=True, metavar="FILE", help="the tarball to write ('-': standard output)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", metavar="FILE", help="the tarball to write ('-': standard output)")
+    where.add_argument("--s3", action="store_true",
+                       help="into the object store the holding node's config names ([volumes] s3_*)")
+    p = volumes.add_parser("snapshots", help="a volume's snapshots in the object store ([volumes] s3_*)")
+    p.add_argument("app")
+    p.add_argument("volume")
+    p.add_argument("--json", action="store_true")
     p = volumes.add_parser("restore", help="replace a volume's content with a tarball (the app scaled to 0)")
     p.add_argument("app")
     p.add_argument("volume")
-    p.add_argument("--from", dest="source", required=True, metavar="FILE", help="a tar, as snapshot writes")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--from", dest="source", metavar="FILE", help="a tar, as snapshot writes")
+    where.add_argument("--s3", metavar="KEY", help="a snapshot in the object store, by its key (volumes snapshots)")
     p = volumes.add_parser("rm", help="remove an app's volume (or all its volumes) that no app mounts")
     p.add_argument("app")
     p.add_argument("volume", nargs="?")
@@ -45,7 +55,23 @@ def dispatch(client: Client, args: argparse.Namespace) -> int:
         table(["APP", "VOLUME", "NODE", "PATH", "STATE", "CREATED"], rows)
         return 0
     if verb == "snapshot":
+        if args.s3:
+            done = client.volume_snapshot_to_store(args.app, args.volume)
+            print(f"stored {done['app']}/{done['volume']} as {done['key']} in bucket {done['bucket']}: "
+                  f"{done['bytes']} bytes")
+            return 0
         return snapshot(client, args.app, args.volume, args.out)
+    if verb == "snapshots":
+        stored = client.volume_stored_snapshots(args.app, args.volume)
+        if args.json:
+            return print_json(stored)
+        table(["KEY", "BYTES", "STORED"], [[s["key"], str(s["bytes"]), s["last_modified"]] for s in stored])
+        return 0
+    if verb == "restore" and args.s3:
+        done = client.volume_restore_from_store(args.app, args.volume, args.s3)
+        print(f"restored {done['app']}/{done['volume']} from {done['key']}: {done['entries']} entries, "
+              f"{done['bytes']} bytes")
+        return 0
     if verb == "restore":
         source = Path(args.source)
         if not source.is_file():

@@ -33,12 +33,13 @@ from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.placement import Demand, plan
 from pleaco.reconcile.backoff import Backoff
 from pleaco.reconcile.config import ReconcileSettings
+from pleaco.reconcile.container import release_container
 from pleaco.reconcile.loop import Loop
 from pleaco.reconcile.provision import NotProvisioned, Provisioner
 from pleaco.reconcile.routes import RouteTable
 from pleaco.reconcile.status import local_instances
 from pleaco.reconcile.view import ImageState, NodeView, Observation, ReplicaKey, ReplicaState
-from pleaco.runtime import Conflict, ContainerInfo, EngineUnavailable, NotFound, RunSpec
+from pleaco.runtime import Conflict, ContainerInfo, EngineUnavailable, NotFound
 from pleaco.runtime.docker import container_name
 from pleaco.runtime.engine import Engine
 from pleaco.runtime.health import Probe, probe
@@ -273,7 +274,10 @@ class AppReconciler(Loop):
             if current:
                 keep = current[0]
                 view.drain.cancel(keep)  # if it was being drained: wanted again, it serves again
-                if self._observe_replica(key, keep, state, now, spec):
+                # A start of this replica in flight while the engine was listed: the listing
+                # may predate it (an exit already counted would be counted again).
+                stale = f"run/{key[0]}/{key[1]}" in self._busy_when_observed
+                if self._observe_replica(key, keep, state, now, spec, stale):
                     crashed.append((keep, state, spec))
                 if not keep.running and (keep.state == "created" or state.backoff.ready(now)):
                     restarts.append((keep, spec))
@@ -372,8 +376,11 @@ class AppReconciler(Loop):
             self.view.replicas[key] = state
         return state
 
-    def _observe_replica(self, key: ReplicaKey, c: ContainerInfo, st: ReplicaState, now: float, spec: AppSpec) -> bool:
-        """Update the replica's state from its container; True when it has just crashed."""
+    def _observe_replica(self, key: ReplicaKey, c: ContainerInfo, st: ReplicaState, now: float, spec: AppSpec,
+                         stale: bool = False) -> bool:
+        """Update the replica's state from its container; True when it has just crashed.
+        ``stale``: a start of it ran while the engine was listed, so a stopped container in
+        the listing may already be running again; it is not taken as a (new) exit."""
         if c.id != st.container_id:
             st.container_id = c.id
             st.healthy = False
@@ -382,10 +389,14 @@ class AppReconciler(Loop):
         if c.running:
             if st.running_since == 0.0:
                 st.running_since = now
-            if not spec.health:
+            if spec.health_cmd is not None:
+                self._observe_health_cmd(c, st, spec)
+            elif not spec.health:
                 st.healthy = True
             if st.backoff.failures and now - st.running_since >= self.cfg.backoff_reset_after:
                 st.backoff.reset()
+            return False
+        if stale:
             return False
         st.healthy = False
         st.running_since = 0.0
@@ -430,8 +441,17 @@ class AppReconciler(Loop):
             log.warning("replica.out_of_memory", app=c.app, replica=c.replica, container=c.id[:12],
                         limit=spec.memory, oom_killed=info.oom_killed)
 
+    def _observe_health_cmd(self, c: ContainerInfo, st: ReplicaState, spec: AppSpec) -> None:
+        """A command-checked replica is healthy while the engine says so (its retries and
+        start period are the engine's: see _probe_health for "unhealthy")."""
+        healthy = c.health == "healthy"
+        if healthy and not st.healthy:
+            log.info("replica.healthy", app=c.app, replica=c.replica, container=c.id[:12])
+            self.wake()  # as after a passing probe: the next pass acts on it at once
+        st.healthy = healthy
+
     def _serving(self, c: ContainerInfo, st: ReplicaState, spec: AppSpec) -> bool:
-        return c.running and (st.healthy or not spec.health)
+        return c.running and (st.healthy or (not spec.health and spec.health_cmd is None))
 
     async def _image_present(self, image: str, now: float) -> bool:
         known = self.view.images.get(image)
@@ -459,16 +479,7 @@ class AppReconciler(Loop):
     # -- actions -------------------------------------------------------------------------
 
     async def _start(self, spec: AppSpec, replica: int) -> None:
-        run = RunSpec(
-            app=spec.name, node=self.node_id, release=spec.revision, replica=replica,
-            image=spec.image, port=spec.port, env=spec.env, publish_host=self.view.publish_host,
-            publish=self.view.publish_ports, network=self.view.network,
-            dns=self.view.resolvers if self.view.network else (),
-            dns_search=(f"{spec.stack}.{self.view.names_suffix}",) if spec.stack and self.view.network else (),
-            command=spec.command, entrypoint=spec.entrypoint,
-            memory=spec.memory, nano_cpus=round(spec.cpus * 1e9) if spec.cpus else None, pids=spec.pids,
-            volumes=tuple((m.name, m.path) for m in spec.volumes),
-        )
+        run = release_container(spec, self.view, replica)
         async with self._limit:
             if not self._still_wanted(spec, replica):
                 return
@@ -563,21 +574,34 @@ class AppReconciler(Loop):
     async def _probe_health(self, desired: dict[ReplicaKey, AppSpec], now: float) -> None:
         assert self._session is not None
         targets = []
+        stops = []
         for c in self.view.observed.containers:
             spec = desired.get((c.app, c.replica))
-            if spec is None or c.release != spec.revision or not c.running or not spec.health:
+            if spec is None or c.release != spec.revision or not c.running:
+                continue
+            if spec.health_cmd is not None:
+                # The engine ran the command and counted its retries (after its start
+                # period): "unhealthy" is final, and the replica is stopped as one failing
+                # its HTTP probe is (the next pass starts another, with backoff).
+                st = self._state((c.app, c.replica))
+                if c.health == "unhealthy" and not st.stop_reason:
+                    st.healthy = False
+                    st.last_error = st.stop_reason = (f"health command {spec.health_cmd.describe()!r} failed "
+                                                      f"{spec.health_cmd.retries} times")
+                    log.warning("replica.unhealthy", app=c.app, replica=c.replica, container=c.id[:12],
+                                command=spec.health_cmd.describe())
+                    stops.append(self._stop_unhealthy(c, st))
+                continue
+            if not spec.health:
                 continue
             target = self.view.probe_target(c, spec)
             if target is None:
                 continue
             targets.append((c, spec, target))
-        if not targets:
-            return
         timeout = self.cfg.health_timeout
         results = await asyncio.gather(
             *(self.probe(self._session, host, port, spec.health or "/", timeout) for _, spec, (host, port) in targets)
-        )
-        stops = []
+        ) if targets else []
         for (c, spec, _), ok in zip(targets, results, strict=True):
             st = self._state((c.app, c.replica))
             if ok:

@@ -46,6 +46,7 @@ class AppStatus:
             "port": self.spec.port,
             "env": self.spec.env,
             "health": self.spec.health,
+            "health_cmd": self.spec.health_cmd.to_value() if self.spec.health_cmd else None,
             "host": self.spec.host,
             "https": self.spec.https or "on",
             "memory": self.spec.memory,

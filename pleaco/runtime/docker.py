@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import docker
@@ -100,6 +100,9 @@ class ContainerInfo:
     # Every (network, address) it has: a replica made before the agent managed the network
     # is connected to the agent's network as well, beside the default bridge.
     addresses: tuple[tuple[str, str], ...] = ()
+    # The engine's verdict of its healthcheck, from the listing's status ("Up 5 s
+    # (healthy)"): "starting", "healthy", "unhealthy", or "" when it has none.
+    health: str = ""
 
     def address_on(self, network: str) -> str:
         """Its address on ``network``, "" when it is not on it."""
@@ -161,6 +164,8 @@ class RunSpec:
     # Docker's Cmd and Entrypoint (None: the image's own).
     command: tuple[str, ...] | None = None
     entrypoint: tuple[str, ...] | None = None
+    # Docker's Healthcheck (pleaco.healthcmd.HealthCommand.to_docker()); None: the image's.
+    healthcheck: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -198,20 +203,20 @@ class NetworkInfo:
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """A one-off container of an app's release (``pleaco run``): its command, the app's
-    environment and limits, and the bind mounts of its secret files."""
+class JobSpec(RunSpec):
+    """A one-off container of an app's release (``pleaco run``, a scheduled run): made as a
+    replica of that release is (the same RunSpec: image, environment, entrypoint, volumes,
+    network, limits), but running the job's command, without a port, and named and
+    labelled as a job, never as a replica."""
 
-    app: str
-    node: str
-    job: str  # the job's id
-    image: str
-    command: tuple[str, ...]
-    env: dict[str, str] = field(default_factory=dict)
-    memory: int | None = None
-    nano_cpus: int | None = None
-    pids: int | None = None
-    binds: tuple[tuple[str, str, str], ...] = ()
+    job: str = ""  # the job's id
+
+    @classmethod
+    def of(cls, run: RunSpec, job: str, command: tuple[str, ...]) -> JobSpec:
+        """The job ``job`` running ``command`` in a container made as ``run`` is."""
+        given = {f.name: getattr(run, f.name) for f in fields(RunSpec)}
+        # No port, and not the app's health command: a job is not a replica that serves.
+        return cls(**{**given, "port": None, "publish": False, "command": command, "healthcheck": None}, job=job)
 
     @property
     def name(self) -> str:
@@ -342,6 +347,13 @@ class DockerRuntime:
         Raises Conflict when a container of that name exists, NotFound when the image is
         missing. Docker's restart policy stays "no": pleaco decides about restarts.
         """
+        cid = self._create(spec)
+        self._call(self._api.start, cid)
+        return cid
+
+    def _create(self, spec: RunSpec) -> str:
+        """Create (not start) the container ``spec`` describes, named and labelled by it:
+        one recipe for replicas and jobs (JobSpec), so a job runs as a replica does."""
         ports = [spec.port] if spec.port else None
         for volume, _ in spec.volumes:
             self.ensure_volume(spec.app, volume, spec.node)
@@ -371,15 +383,14 @@ class DockerRuntime:
             environment=spec.env or None,
             command=None if spec.command is None else list(spec.command),
             entrypoint=None if spec.entrypoint is None else list(spec.entrypoint),
+            healthcheck=spec.healthcheck,
             ports=ports,
             host_config=host_config,
             networking_config=self._api.create_networking_config(
                 {spec.network: self._api.create_endpoint_config()}) if spec.network else None,
             detach=True,
         )
-        cid = str(created["Id"])
-        self._call(self._api.start, cid)
-        return cid
+        return str(created["Id"])
 
     # -- named volumes (pleaco.stacks.volumes) -------------------------------------------
 
@@ -625,16 +636,7 @@ class DockerRuntime:
 
     def run_job(self, spec: JobSpec) -> str:
         """Create and start a job's container (no ports, no restarts); returns its id."""
-        host_config = self._api.create_host_config(
-            restart_policy={"Name": "no"}, init=True,
-            log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
-            mem_limit=spec.memory, memswap_limit=spec.memory, nano_cpus=spec.nano_cpus, pids_limit=spec.pids,
-            binds=[f"{src}:{dst}:{mode}" for src, dst, mode in spec.binds] or None,
-        )
-        created = self._call(self._api.create_container, spec.image, command=list(spec.command), name=spec.name,
-                             labels=spec.labels(), environment=spec.env or None, host_config=host_config,
-                             detach=True)
-        cid = str(created["Id"])
+        cid = self._create(spec)
         try:
             self._call(self._api.start, cid)
         except EngineError:
@@ -826,4 +828,17 @@ def _parse_row(row: dict[str, Any]) -> ContainerInfo | None:
         host_ip=host_ip,
         network=addressed[0] if addressed else "",
         addresses=addresses,
+        health=_health_of(status),
     )
+
+
+def _health_of(status: str) -> str:
+    """The healthcheck verdict in a listing's status: "Up 3 seconds (health: starting)",
+    "Up 2 minutes (healthy)", "Up 1 minute (unhealthy)"."""
+    if status.endswith("(healthy)"):
+        return "healthy"
+    if status.endswith("(unhealthy)"):
+        return "unhealthy"
+    if status.endswith("(health: starting)"):
+        return "starting"
+    return ""

@@ -33,6 +33,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 
@@ -94,6 +95,9 @@ class MemoryContainer:
     pids: int | None = None
     dns: tuple[str, ...] = ()  # HostConfig's Dns
     oom_killed: bool = False
+    # Docker's Healthcheck as ``run`` set it: with one, the listing reports ``healthy`` as
+    # the engine's verdict ("healthy"/"unhealthy") instead of answering HTTP probes.
+    healthcheck: dict[str, Any] | None = None
 
     @property
     def running(self) -> bool:
@@ -168,6 +172,7 @@ class MemoryEngine:
         with self._lock:
             c = self._containers[self._create(spec.name, spec.image, spec.labels(), spec.port, spec.publish_host)]
             c.memory, c.nano_cpus, c.pids, c.dns = spec.memory, spec.nano_cpus, spec.pids, spec.dns
+            c.healthcheck = spec.healthcheck
             return c.id
 
     def run_by_hand(self, image: str, name: str, labels: dict[str, str] | None = None,
@@ -213,6 +218,7 @@ class MemoryEngine:
                                        f"only {self.cpus} CPUs available")
             c = self._containers[self._create(spec.name, spec.image, spec.labels(), spec.port, spec.publish_host)]
             c.memory, c.nano_cpus, c.pids, c.dns = spec.memory, spec.nano_cpus, spec.pids, spec.dns
+            c.healthcheck = spec.healthcheck
             self._start(c)
             self.actions.append(("run", c.name))
             return c.id
@@ -362,6 +368,7 @@ class MemoryEngine:
             id=c.id, name=c.name, app=app, node=node, release=release, replica=replica, state=c.state,
             exit_code=c.exit_code if c.state == "exited" else None, image=c.image, host_port=c.host_port,
             created=c.created, ip=c.ip, host_ip=c.publish_host if c.host_port is not None else "",
+            health=("healthy" if c.healthy else "unhealthy") if c.healthcheck and c.running else "",
         )
 
 

@@ -4,7 +4,12 @@ repository's ``[jobs]`` table, which declares the app's schedules: pleaco/builds
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from dataclasses import dataclass
+
+# S3's bucket naming rules (the part every compatible store shares).
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 @dataclass
@@ -20,6 +25,29 @@ class VolumeSettings:
     # app's last container is gone (Docker refuses to remove a volume in use). A pass reads
     # records only (no engine call unless a volume of this node is being removed): cheap.
     interval: float = 2.0
+    # An S3-compatible object store that `pleaco volumes snapshot|restore --s3` write to and
+    # read from (pleaco/stacks/s3.py), on the node holding the volume; off when
+    # ``s3_endpoint`` is empty, the default: snapshots then go to a file on the caller's side
+    # only. The endpoint is a URL ("https://s3.eu-west-1.amazonaws.com",
+    # "http://10.0.0.5:9000" for MinIO or Garage on the LAN).
+    s3_endpoint: str = ""
+    s3_bucket: str = ""
+    # Signature V4 needs a region; "us-east-1" is what MinIO, Garage and Ceph accept by
+    # default and AWS's own default.
+    s3_region: str = "us-east-1"
+    s3_access_key: str = ""
+    # The secret key is read from here or PLEACO_VOLUMES_S3_SECRET_KEY; it is never logged
+    # nor served by the API (the config is not).
+    s3_secret_key: str = ""
+    # Keys are PREFIX + APP/VOLUME/TIMESTAMP.tar; one bucket can serve several clusters
+    # with a prefix each.
+    s3_prefix: str = "pleaco/"
+    # Path-style URLs (ENDPOINT/BUCKET/KEY), which every S3-compatible store takes;
+    # false: virtual-host style (BUCKET.HOST/KEY), which AWS prefers for new buckets.
+    s3_path_style: bool = True
+    # Seconds a connection to the store may stay silent (not the whole transfer's bound:
+    # a large snapshot takes as long as its bytes take).
+    s3_timeout: float = 60.0
 
     def validate(self) -> list[str]:
         problems = []
@@ -27,6 +55,21 @@ class VolumeSettings:
             problems.append("volumes.helper_image: must name an image")
         if self.interval <= 0:
             problems.append(f"volumes.interval: {self.interval} must be above 0")
+        if self.s3_endpoint:
+            url = urllib.parse.urlsplit(self.s3_endpoint)
+            if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+                problems.append(f"volumes.s3_endpoint: {self.s3_endpoint!r} is not an http:// or https:// URL")
+            if not BUCKET_NAME.fullmatch(self.s3_bucket):
+                problems.append(f"volumes.s3_bucket: {self.s3_bucket!r} is not a bucket name (3-63 characters: "
+                                "lower-case letters, digits, dots and hyphens, starting and ending with a letter "
+                                "or digit)")
+            for name in ("s3_access_key", "s3_secret_key", "s3_region"):
+                if not getattr(self, name):
+                    problems.append(f"volumes.{name}: must be set when volumes.s3_endpoint is")
+            if self.s3_prefix.startswith("/"):
+                problems.append(f"volumes.s3_prefix: {self.s3_prefix!r} must not start with '/'")
+            if self.s3_timeout <= 0:
+                problems.append(f"volumes.s3_timeout: {self.s3_timeout} must be above 0")
         return problems
 
 

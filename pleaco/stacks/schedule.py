@@ -4,22 +4,25 @@ tick across the cluster.
 Records (kind ``job``):
 
 - ``APP/schedule/NAME``: ``{"cron", "command", "source"}`` (``source``: ``api`` for
-  ``jobs schedule``, ``manifest`` for the repository's ``[jobs]``, which a release replaces);
+  ``jobs schedule``, ``manifest`` for the repository's ``[jobs]``, which a release replaces,
+  ``stack`` for a compose service's ``x-pleaco-jobs``, which a stack deploy replaces);
 - ``APP/run/NAME/TICK``: one run: ``{"node", "state", "exit_code", "started_ms",
   "ended_ms", "reason"}``, state ``claimed`` -> ``running`` -> ``succeeded`` | ``failed``.
 
-Once per tick: only the app's owner (pleaco.placement.Owners) starts a tick's run, and it
-writes the run record, the claim, BEFORE starting anything, and only when the tick has no
-record yet. A second node that believed itself owner at the same moment (the live nodes
-changing) writes a claim too; the store keeps one of the two (last writer wins by HLC, the
-same on every node), and each claimer waits ``claim_settle`` and runs only if the kept
-claim is its own. A tick whose record exists is never started again: when its runner
-dies mid-run, the new owner marks the run failed (its node is gone), and an agent that
-restarts marks its own unfinished runs failed (the start's sweep removed their
-containers); neither re-runs it. The limit: two nodes that disagree on who is alive for
-longer than ``claim_settle`` (a false death under load) both run the tick; the store
-keeps one record, and the other runner logs ``schedule.double_run`` rather than writing
-over it. Exactly once beyond that would take consensus, which pleaco does without.
+Once per tick: only the app's owner (pleaco.placement.Owners) starts a tick's run (for an
+app with volumes, the live node holding them instead: a run mounts them, as the app's
+replicas do, pleaco.stacks.jobs), and it writes the run record, the claim, BEFORE starting
+anything, and only when the tick has no record yet. A second node that believed itself
+owner at the same moment (the live nodes changing) writes a claim too; the store keeps one
+of the two (last writer wins by HLC, the same on every node), and each claimer waits
+``claim_settle`` and runs only if the kept claim is its own. A tick whose record exists is
+never started again: when its runner dies mid-run, the new owner marks the run failed (its
+node is gone), and an agent that restarts marks its own unfinished runs failed (the
+start's sweep removed their containers); neither re-runs it. The limit: two nodes that
+disagree on who is alive for longer than ``claim_settle`` (a false death under load) both
+run the tick; the store keeps one record, and the other runner logs
+``schedule.double_run`` rather than writing over it. Exactly once beyond that would take
+consensus, which pleaco does without.
 
 Catch-up: a tick is started only during its own tick (cron's rule too). A tick missed
 while no node was alive, or while the owner's death was still being detected, is not
@@ -45,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from pleaco import cron, errors, logs
-from pleaco.apps import DNS_LABEL, AppStore, validate_name
+from pleaco.apps import DNS_LABEL, AppSpec, AppStore, validate_name
 from pleaco.placement import Owners
 from pleaco.reconcile.loop import Loop
 from pleaco.stacks.config import JobsConfig
@@ -136,10 +139,11 @@ def parse_schedule(app: str, name: str, body: Any, source: str = "api") -> Sched
     return Schedule(app, *check_job(name, body), source)
 
 
-def decide_claim(existing: dict[str, Any] | None, owner: bool, matches: bool) -> bool:
-    """Whether this node claims a tick: it owns the app, the tick is one of the schedule's,
-    and no node has claimed it (a tick with a record is never started again)."""
-    return owner and matches and existing is None
+def decide_claim(existing: dict[str, Any] | None, starts: bool, matches: bool) -> bool:
+    """Whether this node claims a tick: it starts the app's runs (its owner, or the node
+    holding its volumes), the tick is one of the schedule's, and no node has claimed it (a
+    tick with a record is never started again)."""
+    return starts and matches and existing is None
 
 
 def is_orphan(run: Run, me: str, live: Sequence[str], mine_active: bool) -> str | None:
@@ -186,15 +190,19 @@ class ScheduleStore:
             self.store.delete(KIND, run_key(app, name, run.tick))
 
     def replace_from_manifest(self, app: str, jobs: Sequence[tuple[str, cron.Cron, tuple[str, ...]]]) -> None:
-        """A release's [jobs] (pleaco/builds/manifest.py) as the app's ``manifest``
-        schedules: new and changed ones written, ones it no longer has removed; ``api`` ones
-        stay. Each is checked as ``jobs schedule`` checks one first (JobInputError, nothing
-        written)."""
-        schedules = [parse_schedule(app, name, {"cron": c.text, "command": list(command)}, "manifest")
+        """A release's [jobs] (pleaco/builds/manifest.py) as the app's ``manifest`` schedules."""
+        self.replace_from(app, jobs, "manifest")
+
+    def replace_from(self, app: str, jobs: Sequence[tuple[str, cron.Cron, tuple[str, ...]]], source: str) -> None:
+        """The app's schedules of ``source`` (``manifest``: a release's [jobs]; ``stack``: its
+        service's ``x-pleaco-jobs``, pleaco.stacks.compose) made these: new and changed ones
+        written, ones it no longer has removed; other sources' (``api``) stay. Each is
+        checked as ``jobs schedule`` checks one first (JobInputError, nothing written)."""
+        schedules = [parse_schedule(app, name, {"cron": c.text, "command": list(command)}, source)
                      for name, c, command in jobs]
         wanted = {s.name: s for s in schedules}
         for old in self.schedules(app):
-            if old.source == "manifest" and old.name not in wanted:
+            if old.source == source and old.name not in wanted:
                 self.remove(app, old.name)
         for s in schedules:
             if self.store.value(KIND, schedule_key(app, s.name)) != s.to_value():
@@ -307,18 +315,26 @@ class Scheduler(Loop):
                 log.warning("schedule.run_orphaned", app=run.app, job=run.name, tick=run.tick, node=run.node,
                             reason=why)
         for s in self.schedules.schedules():
-            if self.apps.get(s.app) is None:
+            spec = self.apps.get(s.app)
+            if spec is None:
                 continue  # the app was removed (or has not arrived yet)
             key = (s.app, s.name, tick)
             if key in self.active:
                 continue
             existing = self.schedules.store.value(KIND, run_key(*key))
-            if decide_claim(existing, self.owners.owns(s.app), s.cron.matches(tick)):
+            if decide_claim(existing, self._starts_runs(spec), s.cron.matches(tick)):
                 self.active[key] = asyncio.create_task(self._claim_and_run(s, tick), name=f"job {run_key(*key)}")
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + 10 * self.interval
             self._prune(runs)
         return None
+
+    def _starts_runs(self, spec: AppSpec) -> bool:
+        """Whether this node starts the app's runs: the live node holding its volumes (a run
+        mounts them, as a replica does), else the app's owner. For volumes on a node that is
+        down, the owner's run is refused and recorded failed, naming that node."""
+        holder = self.jobs.volume_holder(spec)
+        return holder == self.me if holder is not None else self.owners.owns(spec.name)
 
     async def teardown(self) -> None:
         for task in self.active.values():

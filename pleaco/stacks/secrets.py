@@ -15,18 +15,26 @@ Files are written by the agent under ``DATA_DIR/run-secrets/CONTAINER/`` (0400, 
 directory), bind-mounted read-only at /run/secrets, and removed with the container; an agent
 start, and any pass with nothing in flight, sweeps those whose container is gone.
 
+A stack (pleaco.stacks.service) gives its services' apps file secrets from its compose file
+(``stack_writes``): those records carry ``source: stack``, so a later deploy of the stack
+removes the ones its file no longer gives, and leaves those set by ``secrets set`` alone. A
+value the app already holds (the sealed record opens to it) is not written again: the stamp
+stays, and the replicas do not roll.
+
 No value is ever logged, returned by the API, or put in the app's spec or release records.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets as token
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pleaco import errors, logs
 from pleaco.apps import ENV_NAME, SECRET_PREFIX, AppSpec, AppStore, validate_name
@@ -38,6 +46,8 @@ from pleaco.store import Store
 log = logs.get("pleaco.stacks.secrets")
 
 MOUNTS = ("env", "file")
+# A file secret's key: a file name under /run/secrets (see validate_key).
+FILE_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,255}")
 # Where a ``file`` secret is in the container, as Compose and Swarm put them.
 SECRETS_MOUNT = "/run/secrets"
 # The largest secret value, in bytes of UTF-8. Sealed and base64-encoded it grows by a
@@ -45,7 +55,11 @@ SECRETS_MOUNT = "/run/secrets"
 # pleaco.store.record) and holds any key, certificate chain or credentials file.
 MAX_SECRET_BYTES = 32 << 10
 FILES_DIR = "run-secrets"
+Container = TypeVar("Container", bound=RunSpec)
 SET_FIELDS = frozenset({"value", "mount"})
+# The ``source`` of a secret record a stack deploy wrote (one ``secrets set`` wrote has none).
+STACK_SOURCE = "stack"
+Write = tuple[str, str, dict[str, Any] | None]
 
 
 class SecretInputError(errors.InvalidInput, ValueError):
@@ -81,11 +95,20 @@ class SecretMaterial:
     files: dict[str, str]
 
 
-def validate_key(key: Any) -> str:
-    """A secret's key: an environment variable name, which is also a safe file name."""
-    if not isinstance(key, str) or not ENV_NAME.fullmatch(key):
-        raise SecretInputError(f"key: {key!r} is not a valid name (a letter or '_', then letters, digits "
-                               "or '_', at most 256: it is an environment variable or a file name)")
+def validate_key(key: Any, mount: str = "file") -> str:
+    """A secret's key: for ``env`` an environment variable name; for ``file`` (and where the
+    mount is not known) a file name under /run/secrets: Compose's secret names have dots
+    and dashes (``server.crt``, ``db-password``), never a slash, and no leading dot (no
+    ``..``, no hidden file)."""
+    if mount == "env":
+        if not isinstance(key, str) or not ENV_NAME.fullmatch(key):
+            raise SecretInputError(f"key: {key!r} is not a valid name for an environment variable (a letter or "
+                                   "'_', then letters, digits or '_', at most 256; --mount file takes dots and "
+                                   "dashes too)")
+        return key
+    if not isinstance(key, str) or not FILE_KEY.fullmatch(key):
+        raise SecretInputError(f"key: {key!r} is not a valid name (a letter, digit or '_', then letters, digits, "
+                               "'_', '.' or '-', at most 256: it is a file name)")
     return key
 
 
@@ -107,6 +130,11 @@ def validate_value(value: Any, mount: str) -> str:
 
 def _record_key(app: str, key: str) -> str:
     return f"{SECRET_PREFIX}{app}/{key}"
+
+
+def _new_stamp() -> tuple[int, str]:
+    now_ms = int(time.time() * 1000)
+    return now_ms, f"{now_ms:013d}-{token.token_hex(4)}"
 
 
 def _stamp_ms(stamp: str) -> int:
@@ -139,14 +167,13 @@ class AppSecrets:
             raise SecretInputError('body: expected {"value": "...", "mount": "env" | "file"}')
         if unknown := sorted(set(body) - SET_FIELDS):
             raise SecretInputError(f"{unknown[0]}: unknown field (allowed: value, mount)")
-        key = validate_key(key)
         mount = body.get("mount", "env")
         if mount not in MOUNTS:
             raise SecretInputError(f"mount: {mount!r} must be one of {', '.join(MOUNTS)}")
+        key = validate_key(key, mount)
         value = validate_value(body.get("value"), mount)
         spec = self._spec(app)
-        now_ms = int(time.time() * 1000)
-        stamp = f"{now_ms:013d}-{token.token_hex(4)}"
+        now_ms, stamp = _new_stamp()
         rkey = _record_key(spec.name, key)
         try:
             record = {**self.box.seal(rkey, value), "mount": mount, "stamp": stamp}
@@ -179,6 +206,56 @@ class AppSecrets:
                              *self.apps.secrets_writes(spec.name, stamps, reason=f"secret {key} removed")])
         log.info("secret.removed", app=spec.name, key=key)
 
+    # -- a stack's secrets ---------------------------------------------------------------
+
+    def unusable_external(self, app: str, key: str) -> str | None:
+        """Why file secret ``key`` of ``app``, which a stack names ``external``, cannot be
+        given (None: it can)."""
+        value = self.store.value("secret", _record_key(app, key))
+        if value is None:
+            return "is not set"
+        if value.get("mount", "env") != "file":
+            return "is set as an environment variable (mount env), not a file"
+        return None
+
+    def stack_writes(self, app: str, stamps: Mapping[str, str],
+                     wanted: Mapping[str, str | None]) -> tuple[dict[str, str], list[Write]]:
+        """The secret stamps of app ``app`` (now ``stamps``) once it has the file secrets its
+        stack gives it (``wanted``: key -> value, None for an ``external`` one, which must be
+        set: ``unusable_external``), and the secret record writes that make it so. A value
+        the app holds already is not written again (its stamp stays: no roll); the stack's
+        own secrets it no longer gives are removed; those set by ``secrets set`` stay."""
+        out = dict(stamps)
+        writes: list[Write] = []
+        prefix = _record_key(app, "")
+        for rec in self.store.peek_records("secret", prefix=prefix):
+            key = rec.key[len(prefix):]
+            if rec.value is not None and rec.value.get("source") == STACK_SOURCE and key not in wanted:
+                writes.append(("secret", rec.key, None))
+                out.pop(key, None)
+        for key, value in sorted(wanted.items()):
+            rkey = _record_key(app, key)
+            held = self.store.value("secret", rkey)
+            if value is None or (held is not None and held.get("mount") == "file" and self._holds(rkey, held, value)):
+                if held is None:
+                    raise SecretNotFound(f"app {app!r} has no secret {key!r}")
+                out[key] = str(held.get("stamp", ""))
+                continue
+            _, stamp = _new_stamp()
+            try:
+                sealed = self.box.seal(rkey, value)
+            except SecretError as exc:
+                raise SecretInputError(f"secret {key}: {exc}") from None
+            writes.append(("secret", rkey, {**sealed, "mount": "file", "stamp": stamp, "source": STACK_SOURCE}))
+            out[key] = stamp
+        return out, writes
+
+    def _holds(self, rkey: str, held: dict[str, Any], value: str) -> bool:
+        try:
+            return self.box.unseal(rkey, held) == value
+        except SecretError:
+            return False  # sealed with a key this node lacks: set it again
+
     # -- what a replica gets ---------------------------------------------------------------
 
     def material(self, spec: AppSpec) -> SecretMaterial:
@@ -206,9 +283,10 @@ class AppSecrets:
             (files if value.get("mount") == "file" else env)[rec.key[len(prefix):]] = plain
         return SecretMaterial(env, files)
 
-    def give(self, spec: AppSpec, run: RunSpec) -> RunSpec:
+    def give(self, spec: AppSpec, run: Container) -> Container:
         """``run`` with the app's secrets: its environment (a secret wins over a variable of
-        the same name in the spec) and the bind mount of its secret files."""
+        the same name in the spec) and the bind mount of its secret files (named after its
+        container: a replica's, or a job's, JobSpec)."""
         got = self.material(spec)
         if not got.env and not got.files:
             return run

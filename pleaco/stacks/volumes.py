@@ -162,6 +162,25 @@ class Volumes:
             self.store.put_many([(KIND, r.key, r.to_value()) for r in new])
         return new
 
+    def holder(self, spec: AppSpec, live: Collection[str]) -> str | None:
+        """The live node that holds ``spec``'s volumes, where every container that mounts
+        them runs (None: the app has none, or no live node holds them)."""
+        only = self.pin(spec, live).only
+        return next(iter(only)) if only else None
+
+    def node_for(self, spec: AppSpec, me: str, live: Collection[str]) -> tuple[str, bool]:
+        """Where a container of ``spec`` that mounts its volumes (a job) must run: the live
+        node holding them, or ``me`` (the node taking the job) for volumes no node holds yet;
+        and whether ``me`` must claim some first (``claim``, as a restore does). ``me`` for
+        an app without volumes; VolumeConflict saying why when no node can run it."""
+        where = self.pin(spec, live)
+        if where.only is None:
+            return me, False
+        if not where.only and not where.claim:
+            raise VolumeConflict(where.why)
+        node = next(iter(where.only)) if where.only else me
+        return node, where.claim and node == me
+
     def lookup(self, app: str, volume: str) -> VolumeRecord:
         """The record of one volume; VolumeNotFound naming what is missing."""
         validate_name(app)

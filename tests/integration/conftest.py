@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agentproc import CLEANED_NODES, REPO, AgentProcess, docker_client, remove_node_containers
@@ -78,6 +79,24 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture
+def agents(agent_factory: Callable[..., AgentProcess]) -> Iterator[Callable[..., AgentProcess]]:
+    """``agent_factory``, and at the end the Docker volumes of its agents removed (after
+    their containers, which hold them)."""
+    made: list[AgentProcess] = []
+
+    def make(*args: Any, **kwargs: Any) -> AgentProcess:
+        agent = agent_factory(*args, **kwargs)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.cleanup()
+        for v in docker_client().volumes.list(filters={"label": f"pleaco.node={agent.node_id}"}):
+            v.remove(force=True)
 
 
 @pytest.fixture

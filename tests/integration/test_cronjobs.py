@@ -1,7 +1,9 @@
 """Scheduled jobs on a real three-node cluster: a schedule runs exactly once per tick
 across the cluster (one run record and one container per tick), also when the app's owner
 is killed between ticks; runs' logs are served by the node that ran them, and a bad cron
-expression is refused naming its field, with nothing written. A repository's [jobs.NAME]
+expression is refused naming its field, with nothing written. The runs of an app with a
+volume are made on the node that holds it, whichever node owns the app, with the volume
+mounted; while that node is down they fail naming it. A repository's [jobs.NAME]
 is scheduled by its release (a real build), and unscheduled by a release without it.
 
 Ticks are 2 s here ([jobs] tick_seconds): "* * * * *" runs every 2 s."""
@@ -16,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from agentproc import REPO, AgentProcess, docker_client, form_cluster, wait_for
-from conftest import BUSYBOX
+from conftest import BUSYBOX, HELLO
 from gitserver import GitServer
 from test_build import BuildEnv, stop_and_clean
+from test_volumes import one_running, sh
 
 from pleaco.api.errors import ApiError
 
@@ -30,8 +33,8 @@ def cli(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[bytes]:
                           capture_output=True, timeout=60, cwd=REPO)
 
 
-def runs(agent: AgentProcess) -> list[dict[str, Any]]:
-    return list(agent.client.request("GET", "/v1/jobs?app=cron&limit=1000")["runs"])
+def runs(agent: AgentProcess, app: str = "cron") -> list[dict[str, Any]]:
+    return list(agent.client.request("GET", f"/v1/jobs?app={app}&limit=1000")["runs"])
 
 
 def containers_created(since: int) -> int:
@@ -105,6 +108,43 @@ def test_a_schedule_runs_once_per_tick_across_owner_death(agent_factory: Callabl
     assert cli(a, "jobs", "unschedule", "cron", "tick").returncode == 0
     wait_for(lambda: runs(b) == [] and b.client.request("GET", "/v1/jobs")["schedules"] == [], 20,
              "the schedule and its runs removed everywhere")
+
+
+def test_a_volume_apps_runs_are_made_where_its_volume_is(agents: Callable[..., AgentProcess]) -> None:
+    nodes = form_cluster(agents, 2, env=ENV)
+    first = nodes[0]
+    first.client.deploy("vol", {"image": HELLO, "port": 8080, "replicas": 0, "volumes": ["data:/data"]})
+    script = ["--", "sh", "-c", "echo tick >> /data/log"]
+    # Scheduled for a tick far away (a virtual 1 January) first, to learn the app's owner.
+    assert cli(first, "jobs", "schedule", "vol", "stamp", "--cron", "0 0 1 1 *", *script).returncode == 0
+    owner_id = first.client.request("GET", "/v1/jobs?app=vol")["schedules"][0]["owner"]
+    owner, holder = sorted(nodes, key=lambda a: a.node_id != owner_id)
+    # No node holds the volume yet: the node that takes a job claims it (as a restore does).
+    done = cli(holder, "run", "vol", "--", "sh", "-c", "echo first > /data/log")
+    assert done.returncode == 0, done.stderr
+    assert [(v["volume"], v["node"]) for v in first.client.volumes()] == [("data", holder.node_id)]
+    first.client.scale("vol", 1)
+    replica = one_running(holder, "vol")
+
+    assert cli(first, "jobs", "schedule", "vol", "stamp", "--cron", "* * * * *", *script).returncode == 0
+    wait_for(lambda: any(r["state"] == "succeeded" for r in runs(first, "vol")), 40, "a run")
+    assert {r["node"] for r in runs(first, "vol")} == {holder.node_id}, "runs are made where the volume is"
+    assert sh(replica, "cat /data/log").startswith("first\ntick\n")
+    # A one-off job through another node's API is refused, naming the holder and its API.
+    done = cli(owner, "run", "vol", "--", "true")
+    assert done.returncode == 1, done.stderr
+    assert f"node {holder.data_dir.name}".encode() in done.stderr, done.stderr
+    assert f"{holder.host}:{holder.port}".encode() in done.stderr
+
+    # The holder down: its ticks fail, naming it; a job is refused, naming it too.
+    holder.kill()
+    down = f"on node {holder.node_id[:12]}, which is down"
+    failed = wait_for(lambda: next((r for r in runs(owner, "vol") if down in r["reason"]), None), 60,
+                      "a run failed for the holder down")
+    assert failed["state"] == "failed" and failed["node"] == owner.node_id, failed
+    done = cli(owner, "run", "vol", "--", "true")
+    assert done.returncode == 1 and down.encode() in done.stderr, done.stderr
+    assert cli(owner, "jobs", "unschedule", "vol", "stamp").returncode == 0
 
 
 def test_a_repository_jobs_table_is_scheduled_by_its_release(agent_factory: Callable[..., AgentProcess],

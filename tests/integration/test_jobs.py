@@ -1,7 +1,9 @@
 """One-off jobs (`pleaco run APP -- CMD`) against a real agent and Docker Engine: the job
 runs the app's current release with its environment and secrets, its output streams to
 the CLI, the CLI exits with the job's code, and its container is removed afterwards, also
-when the client goes away mid-job, and when an agent killed mid-job starts again."""
+when the client goes away mid-job, and when an agent killed mid-job starts again. A job runs
+as a replica of the release does: the app's volumes (what the replica writes, the job reads,
+and back), its entrypoint, and, with the network on, the `pleaco` network and its names."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
+import nethosts
 from agentproc import REPO, AgentProcess, docker_client, wait_for
-from conftest import HELLO
+from conftest import BUSYBOX, HELLO
+from test_volumes import one_running, sh
 
 from pleaco.api.errors import ApiError
 
@@ -90,3 +95,37 @@ def test_bad_job_requests(agent: AgentProcess) -> None:
     done = cli(agent, "run", "ghost")
     assert done.returncode == 2 and b"--" in done.stderr
     assert jobs_of(agent) == []
+
+
+def test_a_job_has_the_apps_volumes_and_entrypoint(agents: Callable[..., AgentProcess]) -> None:
+    agent = agents()
+    # The entrypoint sets MARK: a job that prints it ran through the entrypoint.
+    agent.client.deploy("db", {"image": HELLO, "port": 8080, "volumes": ["data:/data"],
+                               "entrypoint": ["env", "MARK=entrypoint"], "command": ["/bin/sh", "/serve.sh"]})
+    replica = one_running(agent, "db")
+    sh(replica, "echo from-replica > /data/r")
+    done = cli(agent, "run", "db", "--", "sh", "-c", 'cat /data/r; echo "$MARK"; echo from-job > /data/j')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == "from-replica\nentrypoint\n"
+    assert sh(replica, "cat /data/j") == "from-job\n"
+    assert wait_for(lambda: jobs_of(agent) == [], 30, "the job's container removed") is True
+
+
+def test_a_job_resolves_the_apps_by_name(agent_factory: Callable[..., AgentProcess]) -> None:
+    """On a host of its own with the network on: a job of one app finds another app's
+    serving replica as ``web.internal`` and reaches it there."""
+    with nethosts.engine_hosts(1, "jb", 77) as [h]:
+        agent = agent_factory("n0", host=h.ip, prefix=h.prefix, env={**h.env, "PLEACO_NETWORK_ENABLED": "true"})
+        agent.client.deploy("web", {"image": HELLO, "port": 8080, "health": "/healthz"})
+        agent.client.deploy("tool", {"image": BUSYBOX, "replicas": 0})
+
+        def serving() -> str | None:
+            found = [i["address"] for i in agent.client.app("web")["instances"] if i.get("serving")]
+            return found[0].rpartition(":")[0] if found else None
+
+        ip = wait_for(serving, 60, "web serving")
+        done = cli(agent, "run", "tool", "--", "sh", "-c", "nslookup -type=a web.internal && "
+                   "wget -q -O- http://web.internal:8080/")
+        assert done.returncode == 0, done.stdout + done.stderr
+        out = done.stdout.decode()
+        assert ip in out and "hello from" in out, out

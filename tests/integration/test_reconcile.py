@@ -157,6 +157,26 @@ def test_unhealthy_replica_is_restarted(h: Harness) -> None:
     assert "health check /missing failed" in status.instances[0].error
 
 
+def test_a_health_command_is_run_by_the_engine(h: Harness) -> None:
+    # No /tmp/ready yet: the engine's check fails twice, the replica is stopped and started
+    # again, and says why; once the file is there the engine says healthy, and so does pleaco.
+    check = {"test": "test -f /tmp/ready", "interval": 0.2, "timeout": 1.0, "retries": 2}
+    h.apps.deploy("cache", {"image": HELLO, "replicas": 1, "health_cmd": check})
+    h.settle(lambda: (h.rec.view.replicas.get(("cache", 0)) or _Never).restarts >= 1, passes=400,
+             what="a restart for the failed health command")
+    status = h.status("cache", 1)
+    assert status.healthy == 0
+    assert "health command 'test -f /tmp/ready' failed 2 times" in status.instances[0].error
+    [c] = node_containers(h.node_id, "cache")
+    given = docker_client().api.inspect_container(c.id)["Config"]["Healthcheck"]
+    assert given == {"Test": ["CMD-SHELL", "test -f /tmp/ready"], "Interval": 200_000_000, "Timeout": 1_000_000_000,
+                     "Retries": 2}
+    h.settle(lambda: bool(node_containers(h.node_id, "cache", all_states=False)), what="running again")
+    [c] = node_containers(h.node_id, "cache", all_states=False)
+    assert c.exec_run(["touch", "/tmp/ready"]).exit_code == 0
+    h.settle(lambda: h.status("cache", 1).healthy == 1, passes=400, what="healthy by the engine's check")
+
+
 def test_new_reconciler_adopts_without_restarting(h: Harness) -> None:
     h.apps.deploy("web", {"image": HELLO, "replicas": 2, "port": 8080, "health": "/healthz"})
     h.settle(lambda: h.status("web", 2).healthy == 2, what="2 healthy")

@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +23,6 @@ from conftest import HELLO
 from pleaco.api.errors import ApiError
 
 Factory = Callable[..., AgentProcess]
-
-
-@pytest.fixture
-def agents(agent_factory: Factory) -> Iterator[Factory]:
-    """``agent_factory``, and at the end the Docker volumes of its agents removed (after
-    their containers, which hold them)."""
-    made: list[AgentProcess] = []
-
-    def make(*args: Any, **kwargs: Any) -> AgentProcess:
-        agent = agent_factory(*args, **kwargs)
-        made.append(agent)
-        return agent
-
-    yield make
-    for agent in made:
-        agent.cleanup()
-        for v in docker_client().volumes.list(filters={"label": f"pleaco.node={agent.node_id}"}):
-            v.remove(force=True)
 
 
 def cli(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,8 +13,11 @@ import yaml
 
 from pleaco.apps import AppStore, ValidationError
 from pleaco.builds.manifest import parse as parse_manifest
+from pleaco.builds.secrets import SecretBox
 from pleaco.identity import Identity
 from pleaco.stacks.compose import ComposeError, load, plan
+from pleaco.stacks.schedule import ScheduleStore
+from pleaco.stacks.secrets import AppSecrets
 from pleaco.stacks.service import StackConflict, StackNotFound, StackService
 from pleaco.store import Store
 from tests.unit.test_build_model import _service
@@ -118,9 +121,14 @@ def test_a_compose_file_maps_onto_apps_in_waves() -> None:
     ({"deploy": {"resources": {"reservations": {"memory": "1g"}}}}, "services.web.deploy.resources.reservations"),
     ({"deploy": {"resources": {"limits": {"devices": []}}}}, "services.web.deploy.resources.limits.devices"),
     ({"deploy": {"placement": {"preferences": []}}}, "services.web.deploy.placement.preferences"),
-    ({"healthcheck": {"test": ["CMD", "pg_isready"]}}, "services.web.healthcheck.test"),
-    ({"healthcheck": {"test": "curl -f http://localhost/", "interval": "5s"}, "ports": [80]},
-     "services.web.healthcheck.interval"),
+    ({"healthcheck": {"test": ["pg_isready"]}}, "services.web.healthcheck.test: ['pg_isready']: a list starts"),
+    ({"healthcheck": {"test": "pg_isready", "interval": "5 seconds"}}, "services.web.healthcheck.interval"),
+    ({"healthcheck": {"test": "pg_isready", "interval": 5}}, "services.web.healthcheck.interval"),
+    ({"healthcheck": {"test": "pg_isready", "retries": 0}}, "services.web.healthcheck.retries"),
+    ({"healthcheck": {"test": "pg_isready", "start_interval": "1s"}}, "services.web.healthcheck.start_interval"),
+    ({"healthcheck": {"test": ["CMD-SHELL", "a", "b"]}}, "services.web.healthcheck: CMD-SHELL takes one"),
+    ({"healthcheck": {"test": ["CMD", "redis-cli"]}, "x-pleaco": {"health": "/h"}, "ports": [80]},
+     "services.web.x-pleaco.health: the healthcheck is a command"),
     ({"ports": ["8080:80/udp"]}, "services.web.ports"),
     ({"ports": ["8000-8010:8000-8010"]}, "services.web.ports"),
     ({"ports": [80, 443]}, "services.web.ports"),
@@ -180,6 +188,22 @@ def test_health_from_a_healthcheck_or_x_pleaco() -> None:
     assert error(with_service(**{"x-pleaco": {"health": "/h"}})).startswith("services.web (healthcheck)")
 
 
+def test_a_command_healthcheck_is_run_by_the_engine_with_its_timings() -> None:
+    check = {"test": ["CMD", "redis-cli", "ping"], "interval": "1m30s", "timeout": "500ms", "retries": 5,
+             "start_period": "2s"}
+    body = plan("s", with_service(healthcheck=check), MAX).services[0].body
+    assert "health" not in body
+    assert body["health_cmd"] == {"test": ["CMD", "redis-cli", "ping"], "interval": 90.0, "timeout": 0.5,
+                                  "retries": 5, "start_period": 2.0}
+    # A shell line; and a curl with timings of its own stays the command it is (pleaco's
+    # HTTP probe has no per-app timings), run by the engine.
+    assert plan("s", with_service(healthcheck={"test": "pg_isready -U app"}), MAX).services[0].body["health_cmd"] \
+        == {"test": "pg_isready -U app"}
+    body = plan("s", with_service(ports=[80], healthcheck={"test": "curl -f http://localhost/", "interval": "5s"}),
+                MAX).services[0].body
+    assert "health" not in body and body["health_cmd"]["interval"] == 5.0
+
+
 def test_the_client_reads_env_files_relative_to_the_compose_file(tmp_path: Path) -> None:
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "web.env").write_text("# settings\nexport LEVEL=debug\nNAME='shop web'\n\nPORT=1\n")
@@ -214,6 +238,12 @@ def apps(tmp_path: Path) -> Iterator[AppStore]:
     store.close()
 
 
+def stack_parts(apps: AppStore) -> tuple[AppSecrets, ScheduleStore]:
+    """The app secrets and schedules a StackService writes, over the apps' store."""
+    data = Path(apps.store.path).parent
+    return AppSecrets(apps.store, apps, SecretBox(data), data), ScheduleStore(apps.store)
+
+
 def two(**web: Any) -> dict[str, Any]:
     return {"services": {"web": {"image": "pleaco/hello:latest", "ports": [8080], "depends_on": ["kv"], **web},
                          "kv": {"image": "pleaco/busybox:latest", "command": "nc -lk -p 7000", "expose": [7000]}}}
@@ -222,7 +252,7 @@ def two(**web: Any) -> dict[str, Any]:
 def test_deploys_in_order_changes_only_what_changed_and_drops_what_the_file_dropped(apps: AppStore) -> None:
     healthy: set[str] = set()
     order: list[str] = []
-    stacks = StackService(apps, lambda app: app in healthy, lambda: None, poll=0.01)
+    stacks = StackService(apps, *stack_parts(apps), lambda app: app in healthy, lambda: None, poll=0.01)
 
     def deployed(app: str) -> bool:
         if apps.get(app) is not None and app not in order:
@@ -246,7 +276,7 @@ def test_deploys_in_order_changes_only_what_changed_and_drops_what_the_file_drop
 
 
 def test_bad_input_or_a_name_taken_changes_nothing(apps: AppStore) -> None:
-    stacks = StackService(apps, lambda app: True, lambda: None)
+    stacks = StackService(apps, *stack_parts(apps), lambda app: True, lambda: None)
     apps.deploy("st-kv", {"image": "pleaco/busybox:latest"})  # a plain app in the way
     before = apps.store.count()
     with pytest.raises(StackConflict, match="st-kv"):

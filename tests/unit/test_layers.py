@@ -13,8 +13,9 @@ LAYERS: list[set[str]] = [
     {"__init__", "logs", "metrics", "errors", "hostport", "urlpath", "identity"},  # foundations
     # pure decisions over the foundations: the autoscaler's (pleaco/scale/decide.py); node
     # labels and placement constraints (pleaco/constraints.py); an app's volume mounts as
-    # its spec holds them (pleaco/mounts.py); cron expressions (pleaco/cron.py)
-    {"scale", "constraints", "mounts", "cron"},
+    # its spec holds them (pleaco/mounts.py); cron expressions (pleaco/cron.py); an app's
+    # health command (pleaco/healthcmd.py)
+    {"scale", "constraints", "mounts", "cron", "healthcmd"},
     {"store"},  # the replicated state on disk
     {"net"},  # the host's network: its addresses, node subnets, the mesh seam (pyroute2)
     {"cluster", "runtime"},  # gossip and trust; Docker Engine (neither knows the other)

@@ -295,6 +295,27 @@ def test_engine_down_is_a_result_and_the_loop_resumes(world: World) -> None:
     assert world.engine.actions == before  # nothing was restarted or replaced
 
 
+def test_a_command_checked_replica_serves_once_the_engine_says_healthy_and_is_stopped_when_not(
+        world: World) -> None:
+    n = world.node()
+    world.engine.add_image("pleaco/redis:1", healthy=False)
+    n.apps.deploy("cache", {"image": "pleaco/redis:1", "replicas": 1, "port": 6379,
+                            "health_cmd": ["redis-cli", "ping"]})
+    n.settle(lambda: len(n.containers("cache")) == 1, "a replica started")
+    [c] = n.containers("cache")
+    spec = n.apps.get("cache")
+    assert spec is not None and c.running and c.health == "unhealthy"
+    # The engine was given the check (Docker's Healthcheck, durations in nanoseconds).
+    assert world.engine._get(c.id).healthcheck == {"test": ["CMD", "redis-cli", "ping"], "interval": 2_000_000_000,
+                                                  "timeout": 5_000_000_000, "retries": 3, "start_period": 0}
+    n.settle(lambda: n.replica(0, "cache").restarts >= 1, "a restart for the failed health command")
+    assert "health command 'redis-cli ping' failed 3 times" in n.replica(0, "cache").last_error
+    assert not n.view.serving(n.containers("cache")[0], spec)
+    world.engine.set_healthy(c.id, True)
+    n.settle(lambda: n.status("cache").healthy == 1, "healthy once the engine says so")
+    assert n.view.serving(n.containers("cache")[0], spec)
+
+
 def rollout_invariants(n: Node, replicas: int, surge: int, unavailable: int) -> Callable[[], None]:
     def check() -> None:
         spec = n.spec()

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import pytest
 
-from pleaco.apps import AppStore
+from pleaco.apps import AppSpec, AppStore
 from pleaco.cron import CronError
 from pleaco.identity import Identity
 from pleaco.placement import Owners
@@ -21,12 +21,12 @@ from pleaco.store import Store
 
 
 def test_only_the_owner_claims_a_matching_tick_without_a_record() -> None:
-    assert decide_claim(None, owner=True, matches=True)
-    assert not decide_claim(None, owner=False, matches=True)
-    assert not decide_claim(None, owner=True, matches=False)
+    assert decide_claim(None, starts=True, matches=True)
+    assert not decide_claim(None, starts=False, matches=True)
+    assert not decide_claim(None, starts=True, matches=False)
     # A tick with a record, whatever its state (a runner that died), is never started again.
     for state in ("claimed", "running", "failed", "succeeded"):
-        assert not decide_claim({"node": "a", "state": state}, owner=True, matches=True)
+        assert not decide_claim({"node": "a", "state": state}, starts=True, matches=True)
 
 
 def run(node: str, state: str) -> Run:
@@ -70,6 +70,10 @@ class FakeJobs:
     def __init__(self) -> None:
         self.runtime = FakeRuntime()
         self.started: list[tuple[str, ...]] = []
+        self.holder: str | None = None  # the live node holding the app's volumes
+
+    def volume_holder(self, spec: AppSpec) -> str | None:
+        return self.holder
 
     def start(self, app: str, body: dict[str, Any]) -> Job:
         self.started.append(tuple(body["command"]))
@@ -148,6 +152,29 @@ def test_two_claimers_of_one_tick_run_it_once(tmp_path: Path) -> None:
         asyncio.run(a.step())
         asyncio.run(b.step())
         assert len(a_jobs.started) + len(b_jobs.started) == 1
+    finally:
+        a_store.close()
+        b_store.close()
+
+
+def test_the_node_holding_the_apps_volumes_starts_its_runs_not_its_owner(tmp_path: Path) -> None:
+    live: list[str] = []
+    (a, a_jobs, a_store), (b, b_jobs, b_store) = node(tmp_path, "a", live), node(tmp_path, "b", live)
+    try:
+        a.apps.deploy("web", {"image": "img", "replicas": 0})
+        a.schedules.put(parse_schedule("web", "tick", {"cron": "* * * * *", "command": ["echo"]}))
+        exchange(a_store, b_store)
+        a_jobs.holder = b_jobs.holder = b.me  # both believe themselves the owner; b holds the volumes
+
+        async def both() -> None:
+            await a.step()
+            await b.step()
+            await settle(a, b)
+
+        asyncio.run(both())
+        assert (a_jobs.started, b_jobs.started) == ([], [("echo",)])
+        kept = b.schedules.run("web", "tick", TICK)
+        assert kept is not None and kept.node == b.me and kept.state == "succeeded"
     finally:
         a_store.close()
         b_store.close()

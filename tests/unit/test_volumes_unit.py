@@ -152,6 +152,22 @@ def test_claim_writes_once_and_only_the_missing(store: Store) -> None:
     assert volumes.pin(spec, [A, B]).only == frozenset({A})
 
 
+def test_a_job_runs_where_the_volumes_are_and_claims_none_held(store: Store) -> None:
+    apps = AppStore(store, max_replicas=10)
+    spec = apps.deploy("db", {"image": "x", "volumes": ["data:/data", "logs:/logs"]}).spec
+    volumes = Volumes(store, apps)
+    assert volumes.node_for(_spec(volumes=()), A, [A, B]) == (A, False)  # no volumes: where it is asked
+    assert volumes.node_for(spec, A, [A, B]) == (A, True)  # none held: the node taking the job claims
+    assert volumes.holder(spec, [A, B]) is None
+    store.put("volume", "db/data", {"node": B, "created_ms": 1})
+    assert volumes.node_for(spec, A, [A, B]) == (B, False)  # held: there, and the rest goes there too
+    assert volumes.node_for(spec, B, [A, B]) == (B, True)
+    assert volumes.holder(spec, [A, B]) == B
+    with pytest.raises(VolumeConflict, match=f"on node {B[:12]}, which is down"):
+        volumes.node_for(spec, A, [A, C])
+    assert volumes.holder(spec, [A, C]) is None
+
+
 def test_remove_is_refused_while_mounted_and_marks_otherwise(store: Store) -> None:
     apps = AppStore(store, max_replicas=10)
     spec = apps.deploy("db", {"image": "x", "volumes": ["data:/data"]}).spec
