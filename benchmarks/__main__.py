@@ -43,8 +43,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the proxy benchmark's close-per-request app's --max-conns (repeatable: the first in "
                         "the main runs, the others in a p99 sweep after them; default 8)")
     p.add_argument("--autoscale-load-interval", type=float, metavar="S",
-                   help="the autoscale benchmark's agent's [proxy] load_interval (default: the agent's, 2 s): "
-                        "how often the load figures the autoscaler samples are reported")
+                   help="the autoscale benchmark's agent's [proxy] autoscale_load_interval (default: the "
+                        "agent's, 1 s; at most load_interval, 2 s): how often the load figures the autoscaler "
+                        "samples are reported")
+    p.add_argument("--autoscale-steps", type=int, default=2, metavar="N",
+                   help="the autoscale benchmark's rounds: each 60 s of noisy steady load (flaps counted) "
+                        "then a 2x step (reaction measured); default 2")
     p.add_argument("--check", action="store_true", help="exit 1 when a goal is not met")
     opts = p.parse_args(argv)
     if opts.autoscale_load_interval is not None and not 0 < opts.autoscale_load_interval <= 60:
@@ -53,6 +57,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--close-max-conns: must be 1..65535")
     if opts.rounds < 1:
         p.error("--rounds: must be at least 1")
+    if opts.autoscale_steps < 1:
+        p.error("--autoscale-steps: must be at least 1")
     if opts.idle_seconds <= 0:
         p.error("--idle-seconds: must be greater than 0")
     return opts

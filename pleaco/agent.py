@@ -290,7 +290,9 @@ class Agent:
         load_reporter = LoadReporter(cfg.proxy.load_interval, view,
                                      proxy.traffic if proxy.enabled and cfg.proxy.access_metrics else None,
                                      cluster.publish_load, cluster.loads, registry,
-                                     held=activator.held if activator is not None else None)
+                                     held=activator.held if activator is not None else None,
+                                     autoscaled=lambda: bool(apps.autoscaled()),
+                                     autoscale_interval=cfg.proxy.autoscale_load_interval)
         runner.add(load_reporter)
         if activator is not None:
             activator.on_wake = load_reporter.wake  # the held demand reported before the wake is written
@@ -299,6 +301,7 @@ class Agent:
         runner.add(TombstoneCollector(store, cfg.tombstone_ttl))
         autoscaler = Autoscaler(cfg.autoscale, apps, cluster.loads.all, owners, registry)
         runner.add(autoscaler)
+        cluster.loads.on_news = autoscaler.wake  # a new figure is sampled at once, not at the next tick
         upgrade = LocalUpgrade(cfg.data_dir, cfg.upgrade, node_id=me, engine=runtime,
                                live_nodes=cluster.placement_nodes, restart=self.request_restart, argv=self.argv,
                                api_url=local_url(cfg.api_listen))

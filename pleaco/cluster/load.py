@@ -74,6 +74,9 @@ class LoadView:
         self.clock = clock
         self._held: dict[tuple[str, str], _Held] = {}  # (node, app) -> latest entry
         self.local: dict[str, AppLoadEntry] = {}  # this node's latest figures, by app
+        # Called (on the receiving thread) when a report brought a newer entry: the
+        # autoscaler samples at once rather than at its next tick.
+        self.on_news: Callable[[], None] = lambda: None
 
     def received(self, report: LoadReport) -> bool:
         """Take a report (part) in; True when any of its entries was newer than held."""
@@ -85,6 +88,8 @@ class LoadView:
             if held is None or report.wall_ms > held.wall_ms:
                 self._held[key] = _Held(report.wall_ms, entry, now)
                 news = True
+        if news:
+            self.on_news()
         return news
 
     def set_local(self, reports: Iterable[LoadReport]) -> None:

@@ -8,6 +8,10 @@ once and to the other nodes by gossip (``Cluster.publish_load``); pleaco.cluster
 the nodes' latest reports into the cluster-wide figures that ``apps show``, ``/metrics`` and
 the autoscaler read.
 
+While some app of the cluster is autoscaled (``autoscaled``), reports come every
+``[proxy] autoscale_load_interval`` (1 s) instead: the autoscaler's panic window reads them,
+and a 2 s report interval was about a second of how late a load step was seen.
+
 An app that had traffic or replicas here in the last report and has none now is reported
 once more with zeros, so the cluster-wide figure drops at once rather than when the old
 entry goes stale.
@@ -43,9 +47,13 @@ class LoadReporter(Loop):
     def __init__(self, interval: float, view: NodeView, traffic: TrafficStats | None,
                  publish: Callable[[list[AppLoadEntry]], None], loads: LoadView, registry: Registry,
                  usage: CgroupUsage | None = None, clock: Callable[[], float] = time.monotonic,
-                 held: Callable[[], dict[str, int]] | None = None) -> None:
+                 held: Callable[[], dict[str, int]] | None = None, autoscaled: Callable[[], bool] | None = None,
+                 autoscale_interval: float | None = None) -> None:
         super().__init__()
         self.interval = interval
+        # Whether some app is autoscaled, and the report interval while one is.
+        self.autoscaled = autoscaled or (lambda: False)
+        self.autoscale_interval = interval if autoscale_interval is None else min(interval, autoscale_interval)
         self.view = view
         self.traffic = traffic
         self.publish = publish
@@ -72,6 +80,9 @@ class LoadReporter(Loop):
             "pleaco_app_concurrency", "Requests in flight to each app through every node's proxy, cluster-wide "
             "(mean over each node's window, summed).", ("app",),
             collect=lambda: {(app, ): round(a.concurrency, 3) for app, a in self.loads.all().items()}))
+
+    def next_wait(self) -> float:
+        return self.autoscale_interval if self.autoscaled() else self.interval
 
     def sample_replicas(self, containers: list[ContainerInfo]) -> list[ReplicaUsage]:
         """Usage of these (running) containers; CPU as cores since the previous sample."""

@@ -265,24 +265,34 @@ class TrafficStats:
 
     def snapshot(self, window: float = WINDOW) -> dict[str, AppTraffic]:
         """Every app with requests in the last ``window`` seconds (at most HISTORY)."""
-        now_slot = int(self.clock() / SLOT)
-        first = now_slot - max(1, round(min(window, HISTORY) / SLOT)) + 1
+        now = self.clock()
+        now_slot = int(now / SLOT)
+        window = max(SLOT, min(window, HISTORY))
+        first = now_slot - round(window / SLOT)
+        # The window's seconds are the current slot so far, the whole slots before it, and
+        # the part of the oldest slot still inside the window: that slot counts for that
+        # share of its requests (as if they came evenly). Whole slots only, dividing by the
+        # window, read the current slot's share low (up to 12 % of a 2 s window: a report
+        # taken just after a slot began saw a 2x load step as 1.75x).
+        oldest_share = 1.0 - (now - now_slot * SLOT) / SLOT
         out = {}
         for app, slots in list(self._slots.items()):
-            count, duration = 0, 0.0
+            count, weighted, duration = 0, 0.0, 0.0
             buckets = [0] * (len(LATENCY_BUCKETS) + 1)
             for slot_no, slot in slots:
                 if slot_no < first:
                     continue
+                share = oldest_share if slot_no == first else 1.0
                 count += slot.count
-                duration += slot.duration
+                weighted += slot.count * share
+                duration += slot.duration * share
                 buckets = [a + b for a, b in zip(buckets, slot.buckets, strict=True)]
             if not count:
                 if slots and slots[-1][0] < now_slot - int(HISTORY / SLOT):
                     del self._slots[app]  # idle for the whole history: forget it
                 continue
-            out[app] = AppTraffic(rps=count / window, concurrency=duration / window, p50=quantile(buckets, 0.5),
-                                  p99=quantile(buckets, 0.99), requests=count)
+            out[app] = AppTraffic(rps=weighted / window, concurrency=duration / window, p50=quantile(buckets, 0.5),
+                                  p99=quantile(buckets, 0.99), requests=round(weighted))
         return out
 
     def in_flight(self) -> dict[tuple[str, ...], float]:

@@ -1,9 +1,11 @@
 """The autoscaler, a loop: every node samples, the app's owner decides and writes.
 
-Every ``[autoscale] interval`` (1 s) each node takes one sample of every autoscaled app's
-metric, the cluster-wide figure of pleaco.cluster.load (concurrency, requests/s or CPU
-cores, summed over the nodes' latest load reports), and keeps the window in memory: the
-policy's stable window, or its idle window when longer. Every node does, not only the
+Every ``[autoscale] interval`` (1 s), and ``report_settle`` (0.2 s) after a load report
+brings news (the agent wires ``LoadView.on_news`` to ``wake``: a load step is in the panic
+window as soon as a report shows it, not up to a tick later), each node takes one sample of
+every autoscaled app's metric, the cluster-wide figure of pleaco.cluster.load (concurrency,
+requests/s or CPU cores, summed over the nodes' latest load reports), and keeps the window
+in memory: the policy's stable window, or its idle window when longer. Every node does, not only the
 owner, so a node that becomes an app's owner already holds the history and decides at
 once, with no gap while a new window fills.
 
@@ -142,6 +144,7 @@ class Autoscaler(Loop):
         super().__init__()
         self.cfg = cfg
         self.interval = cfg.interval
+        self.settle = cfg.report_settle  # woken by load reports (wake(); see AutoscaleConfig)
         self.apps = apps
         self.loads = loads  # every app's cluster-wide load (LoadView.all), read once a tick
         self.owners = owners

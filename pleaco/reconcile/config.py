@@ -44,19 +44,27 @@ class RolloutConfig:
 class AutoscaleConfig:
     # Seconds between the autoscaler's ticks (pleaco.reconcile.autoscale). Every node
     # samples each autoscaled app's cluster-wide figure once a tick, and the app's owner
-    # decides once a tick. The figures themselves move every [proxy] load_interval (2 s);
-    # 1 s gives the 6 s panic window six samples, and a step costs a dictionary look-up
+    # decides once a tick (and after a load report, report_settle below). The figures
+    # themselves move every [proxy] autoscale_load_interval (1 s) while an app is
+    # autoscaled; 1 s gives the 6 s panic window six samples, and a step costs a dictionary look-up
     # per autoscaled app (a store write only when a decision changes something).
     interval: float = 1.0
     # Samples kept per app, at most: one a tick over the longest window the app's policy
     # names (stable window, idle window). 7200 covers a 2-hour window at 1 s; a longer one
     # is averaged over its newest 7200 samples rather than growing without bound.
     max_samples: int = 7200
+    # Seconds the autoscaler waits after a load report brought news before it samples and
+    # decides (it is woken by every node's report, not only at its ticks): a new figure is
+    # in the panic window within this rather than within a tick, and a burst of reports
+    # from many nodes is one step, not one each.
+    report_settle: float = 0.2
 
     def validate(self) -> list[str]:
         problems = []
         if not self.interval > 0:
             problems.append("autoscale.interval: must be greater than 0")
+        if not self.report_settle >= 0:
+            problems.append("autoscale.report_settle: must be at least 0")
         if self.max_samples < 1:
             problems.append("autoscale.max_samples: must be at least 1")
         return problems

@@ -48,7 +48,7 @@ What is changed, and why:
 - The panic window's average weighs each sample by its recency (linearly, from 1 for
   now to 0 at the window's start); the stable window's is plain. The samples are already
   smoothed and late (pleaco.ingress.traffic counts a request when it ends and averages 2 s
-  of them, then a load report every 2 s carries the figure): with a plain average an exact
+  of them, then a load report every 1-2 s carries the figure): with a plain average an exact
   2x step reached the panic bar only when the window was more than half full of samples
   that were themselves seconds old (9.9-11.3 s from the step to 4 healthy replicas in the
   benchmark, against the goal of the 6 s panic window plus the start). With the weights a

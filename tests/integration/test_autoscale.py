@@ -116,13 +116,16 @@ def test_scale_to_zero_when_idle_a_request_then_gets_a_503_and_wakes_the_app(
                                                   "PLEACO_PROXY_ACTIVATOR_LISTEN": ""})
     client = p.agent.client
     client.deploy("slow", {"image": SLOW, "port": 8080, "health": "/healthz"})
-    wait_for(lambda: p.get(HOST, "/healthz")[0] == 200, 60, "slow through the proxy")
+    # The polls below are the app's traffic: at most 2 requests a second (a poll every
+    # 0.5 s), under the target of 5 per replica, so 1 replica serves it (polled every
+    # 0.1 s they were up to 10/s, 2 replicas' worth, and the app went 1 -> 2 first).
+    wait_for(lambda: p.get(HOST, "/healthz")[0] == 200, 60, "slow through the proxy", interval=0.5)
     # Requests per second: a 503 takes no time, so it shows as a request, not as concurrency.
     client.autoscale("slow", {**POLICY, "metric": "rps", "target": 5, "min_replicas": 0, "scale_to_zero_after": 3})
     # Some traffic the autoscaler sees, then none: the idle window (3 s) is shorter than the
     # stable window (6 s), which still holds this traffic when the app goes to zero.
     wait_for(lambda: p.get(HOST, "/healthz")[0] == 200 and client.app("slow")["autoscaler"]["figures"]["value"],
-             30, "the autoscaler to see the traffic")
+             30, "the autoscaler to see the traffic", interval=0.5)
     zero = wait_for(lambda: (a := client.app("slow"))["replicas"] == 0 and a, 60, "the scale to zero")
     last = zero["autoscaler"]["decisions"][-1]
     assert (last["from"], last["to"]) == (1, 0) and "scale to zero" in last["reason"]

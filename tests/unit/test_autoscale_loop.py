@@ -5,6 +5,8 @@ that changed meanwhile is dropped."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,19 +14,22 @@ from typing import Any
 import pytest
 
 from pleaco.apps import DECISION_SUFFIX, AppStore
-from pleaco.cluster.load import AppLoad
+from pleaco.cluster.load import AppLoad, LoadView
+from pleaco.cluster.messages import AppLoadEntry, LoadReport
 from pleaco.config import ConfigError, load
 from pleaco.identity import Identity
 from pleaco.metrics import Registry
 from pleaco.placement import Owners
 from pleaco.reconcile.autoscale import HISTORY, Autoscaler, decision_record
 from pleaco.reconcile.config import AutoscaleConfig
+from pleaco.reconcile.loop import LoopRunner
 from pleaco.scale import AutoscalePolicy, Decision
 from pleaco.scale.decide import COUNTS_KEPT
 from pleaco.store import PACKET_RECORD_BYTES, Store
 from pleaco.store.record import gossip_size
 
 A, B = "a" * 32, "b" * 32
+POLL = 0.01  # seconds between looks while a loop runs
 POLICY = {"min_replicas": 1, "max_replicas": 6, "metric": "concurrency", "target": 2, "stable_window": 6,
           "panic_window": 2}
 
@@ -258,10 +263,12 @@ def test_the_decision_record_fits_a_gossip_packet_and_keeps_the_last_decisions()
 
 
 def test_the_autoscale_table_is_validated() -> None:
-    cfg = load(env={"PLEACO_AUTOSCALE_INTERVAL": "0.5", "PLEACO_AUTOSCALE_MAX_SAMPLES": "100"})
-    assert (cfg.autoscale.interval, cfg.autoscale.max_samples) == (0.5, 100)
+    cfg = load(env={"PLEACO_AUTOSCALE_INTERVAL": "0.5", "PLEACO_AUTOSCALE_MAX_SAMPLES": "100",
+                    "PLEACO_AUTOSCALE_REPORT_SETTLE": "0"})
+    assert (cfg.autoscale.interval, cfg.autoscale.max_samples, cfg.autoscale.report_settle) == (0.5, 100, 0)
     for env, message in [({"PLEACO_AUTOSCALE_INTERVAL": "0"}, "autoscale.interval: must be greater than 0"),
-                         ({"PLEACO_AUTOSCALE_MAX_SAMPLES": "0"}, "autoscale.max_samples: must be at least 1")]:
+                         ({"PLEACO_AUTOSCALE_MAX_SAMPLES": "0"}, "autoscale.max_samples: must be at least 1"),
+                         ({"PLEACO_AUTOSCALE_REPORT_SETTLE": "-1"}, "autoscale.report_settle: must be at least 0")]:
         with pytest.raises(ConfigError, match=message):
             load(env=env)
 
@@ -290,3 +297,38 @@ def test_a_decision_another_node_wrote_meanwhile_is_the_state_to_continue_from(a
         w.now += 1
         w.nodes[A].tick()
     assert apps.replicas("web") == 6
+
+
+def test_a_load_report_with_news_is_sampled_at_once_not_at_the_next_tick(apps: AppStore) -> None:
+    """The agent wires LoadView.on_news to the autoscaler's wake: with ticks an hour apart,
+    only the reports can bring the samples, each a report_settle after its news."""
+    async def main() -> None:
+        view = LoadView(A, stale_after=3600.0)
+        scaler = Autoscaler(AutoscaleConfig(interval=3600.0, report_settle=0.01), apps, view.all,
+                            Owners(A, lambda: [A]), Registry())
+        view.on_news = scaler.wake
+        runner = LoopRunner(Registry())
+        runner.add(scaler)
+        runner.start()
+        try:
+            wall = 1_000
+            for concurrency in (1.0, 7.0, 9.0):
+                wall += 1
+                entry = AppLoadEntry("web", 0.0, concurrency, None, None, 1, 0.0, 0)
+                view.set_local([LoadReport(A, wall, 0, (entry,))])
+                deadline = time.monotonic() + 30
+                while not any(s.value == concurrency for s in scaler.windows.get("web", ())):
+                    assert time.monotonic() < deadline, f"no sample of {concurrency} after its report"
+                    await asyncio.sleep(POLL)
+            # An old report is no news: no wake (and no sample of it, at any tick).
+            view.set_local([LoadReport(A, wall - 5, 0, (AppLoadEntry("web", 0.0, 50.0, None, None, 1, 0.0, 0),))])
+            assert view.cluster("web") is not None and view.cluster("web").concurrency == 9.0  # type: ignore[union-attr]
+            # The surge went through the decision too: panic, up.
+            deadline = time.monotonic() + 30
+            while apps.replicas("web") == 1:
+                assert time.monotonic() < deadline, "no decision after the surge's report"
+                await asyncio.sleep(POLL)
+        finally:
+            await runner.stop()
+
+    asyncio.run(main())

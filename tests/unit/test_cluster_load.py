@@ -160,6 +160,18 @@ def test_the_cluster_figure_sums_the_latest_report_of_every_node() -> None:
     assert view.cluster("nothing") is None
 
 
+def test_news_and_only_news_is_told() -> None:
+    told: list[int] = []
+    view = LoadView(N1, stale_after=10.0, clock=Clock())
+    view.on_news = lambda: told.append(1)
+    view.set_local([LoadReport(N1, 1000, 0, (entry(),))])
+    assert view.received(LoadReport(N2, 2000, 0, (entry(),)))
+    assert len(told) == 2
+    assert not view.received(LoadReport(N2, 2000, 0, (entry(rps=5),)))  # not newer: nothing new
+    view.set_local([LoadReport(N1, 900, 0, (entry(),))])
+    assert len(told) == 2
+
+
 def test_stale_entries_and_those_of_dead_nodes_are_dropped() -> None:
     clock = Clock()
     live = {N1, N2, N3}

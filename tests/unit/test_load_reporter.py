@@ -11,6 +11,7 @@ import pytest
 
 from pleaco.cluster.load import LoadView
 from pleaco.cluster.messages import AppLoadEntry
+from pleaco.config import ConfigError, load
 from pleaco.ingress.load import LoadReporter
 from pleaco.ingress.traffic import TrafficStats
 from pleaco.metrics import Registry
@@ -95,3 +96,23 @@ def test_the_report_has_traffic_replicas_and_their_usage_and_a_quiet_app_once_mo
     text = registry.render()
     assert 'pleaco_replica_cpu_cores{app="web",container="w1"} 0.5' in text
     assert 'pleaco_replica_memory_bytes{app="web",container="w2"} 12582912' in text
+
+
+def test_reports_come_faster_while_some_app_is_autoscaled(tmp_path: Path) -> None:
+    autoscaled = {"on": False}
+    view: Any = SimpleNamespace(observed=SimpleNamespace(containers=[]))
+    reporter = LoadReporter(2.0, view, None, lambda entries: None, LoadView(ME, 10.0), Registry(),
+                            usage=CgroupUsage(tmp_path), autoscaled=lambda: autoscaled["on"], autoscale_interval=1.0)
+    assert reporter.next_wait() == 2.0
+    autoscaled["on"] = True
+    assert reporter.next_wait() == 1.0
+    # Never slower than the load interval, whatever the setting.
+    slow = LoadReporter(2.0, view, None, lambda entries: None, LoadView(ME, 10.0), Registry(),
+                        usage=CgroupUsage(tmp_path), autoscaled=lambda: True, autoscale_interval=5.0)
+    assert slow.next_wait() == 2.0
+
+
+def test_the_autoscale_load_interval_is_validated() -> None:
+    assert load(env={"PLEACO_PROXY_AUTOSCALE_LOAD_INTERVAL": "0.5"}).proxy.autoscale_load_interval == 0.5
+    with pytest.raises(ConfigError, match=r"proxy\.autoscale_load_interval: must be greater than 0"):
+        load(env={"PLEACO_PROXY_AUTOSCALE_LOAD_INTERVAL": "0"})

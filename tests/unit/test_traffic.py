@@ -8,6 +8,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pleaco.ingress import traffic
 from pleaco.ingress.traffic import LATENCY_BUCKETS, Sampling, TrafficStats, quantile
@@ -171,3 +173,25 @@ def test_the_stream_is_read_in_batches_whatever_the_chunking() -> None:
         return snap["web"].requests, snap["api"].requests
 
     assert asyncio.run(scenario()) == (500, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(phase=st.floats(min_value=0.0, max_value=traffic.SLOT, exclude_max=True),
+       window=st.sampled_from([1.0, traffic.WINDOW, 4.0]))
+def test_a_steady_stream_reads_the_same_at_any_moment_of_a_slot(phase: float, window: float) -> None:
+    # 8 requests a second of 0.5 s each (4 in flight), one line every 1/8 s: whenever the
+    # figure is read, it is 8/s and 4 in flight. Whole slots divided by the window read it
+    # up to a slot's share low just after a slot began (7/s and 3.5 at a 2 s window): a
+    # load report taken then saw a 2x step as 1.75x, which does not panic.
+    s, clock, _ = stats()
+    start = clock.now
+    read_at = start + window + 1 + phase
+    i = 0
+    while (at := start + i / 8 + 1e-6) <= read_at:  # each line arrives just after its time
+        clock.now = at
+        s.feed_lines([line("web.test", 0.5)])
+        i += 1
+    clock.now = read_at
+    got = s.snapshot(window)["web"]
+    # One line more or less at the window's edge (lines come at discrete moments).
+    assert got.rps == pytest.approx(8.0, abs=1 / window) and got.concurrency == pytest.approx(4.0, abs=0.5 / window)
