@@ -14,7 +14,9 @@ else
     if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
         rm -f /var/run/docker.pid
     fi
-    pgrep -x dockerd >/dev/null || nohup dockerd >/var/log/pleaco-dockerd.log 2>&1 &
+    # setsid: a session of its own, so that whoever ends the job or terminal that started
+    # it (a CI step, a shell tool killing its process group) does not take the engine too.
+    pgrep -x dockerd >/dev/null || setsid nohup dockerd >/var/log/pleaco-dockerd.log 2>&1 </dev/null &
 fi
 i=0
 until answers; do
