@@ -17,7 +17,8 @@ first 64 KiB), so all three paths are measured by the same programs:
 Rounds alternate the three paths, each round in another order (host to host first, then
 last, ...: a load that comes and goes hits all alike); the median of the rounds is
 reported, the ratio against host to host. Goal for host-gw: >= 0.95x (no tunnel, no NAT
-between cluster subnets: only one more bridge hop each side). WireGuard is reported as it is.
+between cluster subnets: a veth, the bridge and an IP forward more on each side). WireGuard
+is reported as it is.
 
 Beside the throughput, each transfer's CPU time per Gbit: the sender's and the receiver's
 user and system time (``getrusage`` of the two children). The kernel charges the packets'
