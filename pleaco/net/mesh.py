@@ -13,7 +13,7 @@ lets the cluster's subnets into ours (the engine drops forwarded traffic to a br
 not publish a port for), and our subnet out to the cluster's: the engine would let those
 out too, but only after some ten rules of its own (isolation stages, conntrack matches)
 that every packet of every stream between nodes walks through (accepted in our chain, a
-stream between two containers took 3-6 % less CPU per byte in A/B runs: benchmarks/README.md,
+stream between two containers took 3-9 % less CPU per byte in A/B runs: benchmarks/README.md,
 network). Both match only addresses of the cluster CIDR, which no other Docker network
 overlaps (pleaco.net.subnets.check_cidr), so what they let through the engine's rules
 would have let through as well; the isolation chain refuses nothing in the CIDR.
