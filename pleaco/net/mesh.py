@@ -14,9 +14,10 @@ not publish a port for), and our subnet out to the cluster's: the engine would l
 out too, but only after some ten rules of its own (isolation stages, conntrack matches)
 that every packet of every stream between nodes walks through (accepted in our chain, a
 stream between two containers took 3-9 % less CPU per byte in A/B runs: benchmarks/README.md,
-network). Both match only addresses of the cluster CIDR, which no other Docker network
-overlaps (pleaco.net.subnets.check_cidr), so what they let through the engine's rules
-would have let through as well; the isolation chain refuses nothing in the CIDR.
+network). That one matches only addresses of the cluster CIDR, which no other Docker
+network overlaps (pleaco.net.subnets.check_cidr): it lets out only what the engine's
+``-i BRIDGE ! -o BRIDGE -j ACCEPT`` let out already, and the isolation chain
+(pleaco/net/isolation.py) refuses nothing in the CIDR.
 """
 
 from __future__ import annotations
