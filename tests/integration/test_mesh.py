@@ -94,12 +94,6 @@ class Node:
         res = self.host.sh("wg", "show", self.iface, "peers", check=False)
         return res.stdout.split() if res.returncode == 0 else []
 
-    def forward_counts(self) -> dict[str, int]:
-        """Packets each rule of the mesh's forward chain accepted, by "SOURCE>DESTINATION"."""
-        res = self.host.sh("iptables", "-L", "PLEACO-MESH-fwd", "-n", "-v", "-x", check=False)
-        rows = [ln.split() for ln in res.stdout.splitlines()[2:]]
-        return {f"{r[7]}>{r[8]}": int(r[0]) for r in rows if len(r) >= 9 and r[2] == "ACCEPT"}
-
     def leftovers(self) -> list[str]:
         """Everything of the mesh still in the kernel."""
         out = [ln for ln in self.routes().splitlines() if ln]
@@ -150,13 +144,6 @@ def test_host_gw_keeps_the_container_address_and_follows_the_list(nodes: list[No
         # The receiver's connection table shows the sender's container address, not its host's.
         assert f"{a.ip}:" in seen, seen
         assert a.host.ip not in seen
-        # Both ways accepted by the mesh's own rules, before the engine's FORWARD rules: out
-        # of A's subnet at A, into C's at C (and the answers the other way round).
-        cidr = "10.210.0.0/16"
-        assert a.forward_counts().get(f"{subnet(0)}>{cidr}", 0) > 0, a.forward_counts()
-        assert a.forward_counts().get(f"{cidr}>{subnet(0)}", 0) > 0, a.forward_counts()
-        assert c.forward_counts().get(f"{cidr}>{subnet(2)}", 0) > 0, c.forward_counts()
-        assert c.forward_counts().get(f"{subnet(2)}>{cidr}", 0) > 0, c.forward_counts()
         assert not a.wg_peers()  # all on one link: no tunnel
         # Host 2 leaves the list: its route goes, the other stays.
         a.mesh("apply", nodes[:2])
