@@ -12,9 +12,10 @@ pass (pleaco/net/firewall.py):
   public ports so an app can call another app by its public name); the rest is refused
   (REJECT: "connection refused" at once, not a hang).
 - ``PLEACO-BRIDGE-fwd`` (DOCKER-USER, packets from the bridge forwarded elsewhere): new
-  connections to other nodes' host addresses are refused (their agent, proxy admin and
-  gossip listen there) but for the open ports; answers to connections those hosts opened
-  pass.
+  connections to other nodes' addresses are refused (their agent, proxy admin and gossip
+  listen there) but for the open ports: their host addresses, and their bridges' addresses,
+  which the mesh routes to them and which they answer as their own (pleaco.net.mesh.
+  other_hosts); answers to connections those hosts opened pass.
 
 The rules stay when the agent stops (like the Docker network and the replicas on it,
 which outlive the agent): an app is never left unisolated during a restart or upgrade.
@@ -70,7 +71,7 @@ class Isolation:
 
     def apply(self, hosts: Sequence[str] = ()) -> None:
         """Refuse the bridge's containers this host's services and the ``hosts`` (the
-        other nodes' host addresses), except the open ports."""
+        other nodes' host and bridge addresses), except the open ports."""
         inp, fwd = self.rules(hosts)
         with self._lock:
             firewall.restore("iptables-restore", [self.chain_in, self.chain_fwd], inp + fwd,

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from pleaco.net import wireguard
+from pleaco.net import mesh, wireguard
+from pleaco.net.peer import Peer
 from tests.integration.agentproc import wait_for
 from tests.integration.meshhosts import run_mesh
 from tests.integration.nethosts import EngineHost, engine_hosts
@@ -68,6 +69,9 @@ class Node:
     def peer(self) -> dict[str, Any]:
         return {"node_id": f"node{self.host.index}", "host": self.host.ip, "subnet": subnet(self.host.index),
                 "wg_key": self.wg_key, "wg_port": 51820}
+
+    def peer_obj(self) -> Peer:
+        return Peer(f"node{self.host.index}", self.host.ip, ipaddress.IPv4Network(subnet(self.host.index)))
 
     def mesh(self, op: str, peers: list[Node] | None = None, mode: str = "auto") -> None:
         run_mesh(self.host, self.data, op, self.peer(), [p.peer() for p in peers or []],
@@ -192,7 +196,13 @@ def test_isolation_refuses_the_host_services_not_other_containers(nodes: list[No
         detach=True, name="plms-neighbour")
     neighbour.reload()
     neighbour_ip = neighbour.attrs["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
-    targets = [(gateway, 7070), (gateway, 2019), (a.host.ip, 7070), (a.host.ip, 2019), (b.host.ip, 7070)]
+    # Host 1's bridge address: the mesh routes it to host 1, which answers it as its own.
+    b_gateway = str(next(ipaddress.IPv4Network(subnet(1)).hosts()))
+    targets = [(gateway, 7070), (gateway, 2019), (a.host.ip, 7070), (a.host.ip, 2019), (b.host.ip, 7070),
+               (b_gateway, 7070)]
+    # What the agent's mesh hands its isolation: the other nodes' host and bridge addresses.
+    others = mesh.other_hosts(a.peer_obj(), [n.peer_obj() for n in nodes if n is not a and n is not nodes[2]])
+    assert others == [b.host.ip, b_gateway]
     try:
         for n in nodes:
             n.mesh("apply", nodes)
@@ -200,7 +210,7 @@ def test_isolation_refuses_the_host_services_not_other_containers(nodes: list[No
         for ip, port in targets:
             wait_for(lambda ip=ip, port=port: "service" in a.ask(ip, port), 10, f"{ip}:{port}",  # type: ignore[misc]
                      interval=POLL)
-        a.isolate("apply", hosts=[b.host.ip])
+        a.isolate("apply", hosts=others)
         for _ in range(2):  # and again: the same rules, nothing fails
             for ip, port in targets:
                 answer = a.ask(ip, port)
@@ -208,7 +218,7 @@ def test_isolation_refuses_the_host_services_not_other_containers(nodes: list[No
             # Other containers, here and on another node, still answer.
             assert answered(a.ask(b.ip))
             assert answered(a.ask(neighbour_ip))
-            a.isolate("apply", hosts=[b.host.ip])
+            a.isolate("apply", hosts=others)
         a.isolate("close")
         assert "service" in a.ask(gateway, 7070)
     finally:

@@ -51,6 +51,12 @@ def test_plan_mixes_routes_and_tunnels_and_skips_me_and_overlaps() -> None:
     assert p.unreachable == ["node4"]
 
 
+def test_isolation_refuses_the_other_nodes_host_and_bridge_addresses() -> None:
+    # A bridge's address is routed to its node by the mesh and answered there as the
+    # node's own: a container must not reach that node's services through it either.
+    assert mesh.other_hosts(ME, [ME, peer(2), peer(3)]) == ["192.168.1.2", "10.210.2.1", "192.168.1.3", "10.210.3.1"]
+
+
 def test_nat_rule_keeps_container_addresses_between_cluster_subnets() -> None:
     assert mesh.nat_rules(NET("10.210.1.0/24"), "10.210.0.0/16") == [
         "-A PLEACO-MESH-nat -s 10.210.1.0/24 -d 10.210.0.0/16 -j ACCEPT"]
