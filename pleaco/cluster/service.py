@@ -113,6 +113,7 @@ class Cluster:
         # placement_nodes() as the event loop last worked it out, for other threads.
         self._placement: list[str] = []
         self._loop_thread = threading.get_ident()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
         self._seed_task: asyncio.Task[None] | None = None
         self._bootstrap_task: asyncio.Task[None] | None = None
@@ -176,6 +177,7 @@ class Cluster:
 
     async def start(self) -> None:
         self._loop_thread = threading.get_ident()
+        self._loop = asyncio.get_running_loop()
         if self.state is not None:
             self._check_advertised(self._member_addresses())
         elif self.cfg.join_token:
@@ -291,6 +293,11 @@ class Cluster:
             node = rec.key.partition("/")[0]
             self.membership.remove(node)
             log.info("member.revoked", member=node)
+        if (rec.kind == "node" and "/" not in rec.key and rec.key != self.identity.node_id and rec.value is not None
+                and self.membership is not None and self._loop is not None):
+            # Another node's admission: the news that it is alive may have come first, and
+            # membership holds that news until now. On the loop, which membership lives on.
+            self._loop.call_soon_threadsafe(self.membership.admitted_now, rec.key)
         if rec.kind == "node":
             self.on_change()
 
