@@ -49,6 +49,11 @@ LOAD_FIELD = 8
 # nor gossip with it or place replicas on it. Only members can send news at all (packets
 # are sealed with the cluster key), so the bound is for bugs, not strangers.
 MAX_HELD_ALIVE = 256
+# The record that admits a node: ``node/<id>``, written by the member that let it in
+# (pleaco.cluster.service). A member that passes on the news that a node is alive has
+# admitted it, so a node that has not asks it for that record (Membership.handle_packet):
+# gossip may have spent the record's few sends before it came this way.
+ADMISSION_KIND = "node"
 
 
 @dataclass
@@ -271,11 +276,14 @@ class Membership:
             self._fetch_announced(sender, m.addr, packet.notices)
         for update in packet.updates:
             self.apply_update(update)
+        reply_to = m.addr if m is not None else from_addr
+        unadmitted = [u.node for u in packet.updates if u.kind == ALIVE and u.node in self._held_alive]
+        if unadmitted and self.delegate is not None:
+            self._fetch_from(sender, reply_to, [[ADMISSION_KIND, node] for node in unadmitted])
         for report in packet.loads:
             # News is passed on (an epidemic, as updates are); the sender's own report, too.
             if report.node != self.node_id and self.on_load(report):
                 self._queue_load(report)
-        reply_to = m.addr if m is not None else from_addr
         if packet.type == "ping":
             if packet.target == self.node_id:
                 self._send(reply_to, Packet("ack", packet.seq))
@@ -315,7 +323,12 @@ class Membership:
         """Fetch, from the member that announced them, the records this node lacks; one
         fetch per record at a time (the same notice arrives from several members)."""
         assert self.delegate is not None
-        want = [k for k in self.delegate.wanted(notices) if (k[0], k[1]) not in self._fetching]
+        self._fetch_from(sender, addr, self.delegate.wanted(notices))
+
+    def _fetch_from(self, sender: str, addr: str, wanted: list[list[str]]) -> None:
+        """Fetch the ``wanted`` [kind, key] records from the member at ``addr``, those not
+        being fetched already."""
+        want = [k for k in wanted if (k[0], k[1]) not in self._fetching]
         if not want:
             return
         keys = {(k[0], k[1]) for k in want}

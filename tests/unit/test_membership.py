@@ -10,7 +10,7 @@ from typing import Any
 
 from pleaco.cluster.config import GossipConfig
 from pleaco.cluster.membership import ALIVE, DEAD, MAX_HELD_ALIVE, SUSPECT, Membership
-from pleaco.cluster.messages import Update
+from pleaco.cluster.messages import Packet, Update
 from pleaco.cluster.simnet import MemoryDelegate, SimNetwork, VirtualTimeLoop, sim_cluster
 from pleaco.store.hlc import Timestamp
 from pleaco.store.record import Record
@@ -238,5 +238,41 @@ def test_news_of_unadmitted_nodes_is_bounded_and_forgotten_on_revocation() -> No
             m.admitted_now(node)
         # The oldest went when one more than the bound arrived; the revoked one is forgotten.
         assert set(m.members) == {m.node_id, *nodes[1:-1]}
+
+    run(scenario())
+
+
+def test_a_member_asks_whoever_passed_on_news_of_a_node_for_the_record_admitting_it() -> None:
+    """Gossip may spend an admission's few sends before it comes this way; the news that the
+    node is alive still does (every member passes it on), and whoever passed it on has the
+    admission: it is fetched from there, and the held news taken in once it arrives."""
+    async def scenario() -> None:
+        rng = random.Random(8)
+        net = SimNetwork(rng, sealed=False)
+        sender, member = sim_cluster(2, GossipConfig(push_pull_interval=3600.0), net, rng)
+        records = member.delegate
+        assert isinstance(records, MemoryDelegate) and isinstance(sender.delegate, MemoryDelegate)
+        member.admitted = lambda node: ("node", node) in records.records
+        received = records.records_received
+
+        def admitting(origin: str, recs: Any) -> None:  # as the agent's store listener does
+            received(origin, recs)
+            for rec in recs:
+                if rec.kind == "node":
+                    member.admitted_now(rec.key)
+
+        records.records_received = admitting  # type: ignore[method-assign]
+        for m in (sender, member):
+            await m.start()
+        joiner = f"{9:032x}"
+        # The sender has the admission (and gossips it no more: its sends are spent).
+        sender.delegate.records[("node", joiner)] = Record("node", joiner, {"name": "n9"},
+                                                           Timestamp(1, 0, sender.node_id), bytes(64))
+        member.handle_packet(sender.node_id, Packet("gossip", updates=(Update(ALIVE, joiner, 2, "n9:7401"),)),
+                             sender.me.addr)
+        assert joiner not in member.members
+        await until(lambda: joiner in member.members, 5, 0.01)
+        assert member.members[joiner].state == ALIVE and ("node", joiner) in records.records
+        await stop([sender, member])
 
     run(scenario())
