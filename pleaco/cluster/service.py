@@ -294,12 +294,18 @@ class Cluster:
             self.membership.remove(node)
             log.info("member.revoked", member=node)
         if (rec.kind == "node" and "/" not in rec.key and rec.key != self.identity.node_id and rec.value is not None
-                and self.membership is not None and self._loop is not None):
-            # Another node's admission: the news that it is alive may have come first, and
-            # membership holds that news until now. On the loop, which membership lives on.
-            self._loop.call_soon_threadsafe(self.membership.admitted_now, rec.key)
+                and self._loop is not None):
+            # Another node's admission: its packets, and the news that it is alive, may have
+            # come first and are held until now. On the loop, where membership lives.
+            self._loop.call_soon_threadsafe(self._admitted, rec.key)
         if rec.kind == "node":
             self.on_change()
+
+    def _admitted(self, node_id: str) -> None:
+        if self.transport is not None:
+            self.transport.admitted(node_id)
+        if self.membership is not None:
+            self.membership.admitted_now(node_id)
 
     def seeds(self) -> list[str]:
         """Where to look for the cluster: configured seeds, members found over mDNS, then
