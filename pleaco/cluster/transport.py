@@ -252,6 +252,7 @@ class NetTransport(Transport):
             return
         mine = [held for held in self._held if held[0] == node_id]
         self._held = collections.deque((h for h in self._held if h[0] != node_id), maxlen=MAX_HELD_PACKETS)
+        log.debug("gossip.held_packets_opened", member=node_id, packets=len(mine))
         for _, data, source in mine:
             self._open(data, source)
 
