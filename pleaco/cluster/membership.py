@@ -41,6 +41,19 @@ LIVE = (ALIVE, SUSPECT)
 # Room left in a packet for its own fields before piggybacked items.
 PACKET_BASE = 120
 LOAD_FIELD = 8
+# Alive news of nodes this node has not admitted yet, kept (the newest per node) until their
+# ``node`` record arrives (Membership.admitted_now). When several nodes join at once, news
+# that one of them is alive can reach a member before the record of its admission does
+# (the two travel separately and gossip keeps no order); dropped, its few piggybacked sends
+# are spent and the member would not learn of the joiner until the next push-pull (30 s),
+# nor gossip with it or place replicas on it. Only members can send news at all (packets
+# are sealed with the cluster key), so the bound is for bugs, not strangers.
+MAX_HELD_ALIVE = 256
+# The record that admits a node: ``node/<id>``, written by the member that let it in
+# (pleaco.cluster.service). A member that passes on the news that a node is alive has
+# admitted it, so a node that has not asks it for that record (Membership.handle_packet):
+# gossip may have spent the record's few sends before it came this way.
+ADMISSION_KIND = "node"
 
 
 @dataclass
@@ -118,6 +131,7 @@ class Membership:
         self._tasks: list[asyncio.Task[None]] = []
         self._relays: set[asyncio.Task[None]] = set()
         self._fetching: set[tuple[str, str]] = set()  # announced records being fetched
+        self._held_alive: dict[str, Update] = {}  # see MAX_HELD_ALIVE
         self._leaving = False
         self.stats = {"probes": 0, "probe_failures": 0, "suspected": 0, "declared_dead": 0, "refuted": 0}
         self._queue_alive(self.me)
@@ -186,6 +200,7 @@ class Membership:
         if node_id == self.node_id:
             return
         m = self.members.pop(node_id, None)
+        self._held_alive.pop(node_id, None)
         self._cancel_suspicion(node_id)
         if m is not None:
             m.state = LEFT
@@ -261,11 +276,14 @@ class Membership:
             self._fetch_announced(sender, m.addr, packet.notices)
         for update in packet.updates:
             self.apply_update(update)
+        reply_to = m.addr if m is not None else from_addr
+        unadmitted = [u.node for u in packet.updates if u.kind == ALIVE and u.node in self._held_alive]
+        if unadmitted and self.delegate is not None:
+            self._fetch_from(sender, reply_to, [[ADMISSION_KIND, node] for node in unadmitted])
         for report in packet.loads:
             # News is passed on (an epidemic, as updates are); the sender's own report, too.
             if report.node != self.node_id and self.on_load(report):
                 self._queue_load(report)
-        reply_to = m.addr if m is not None else from_addr
         if packet.type == "ping":
             if packet.target == self.node_id:
                 self._send(reply_to, Packet("ack", packet.seq))
@@ -305,7 +323,12 @@ class Membership:
         """Fetch, from the member that announced them, the records this node lacks; one
         fetch per record at a time (the same notice arrives from several members)."""
         assert self.delegate is not None
-        want = [k for k in self.delegate.wanted(notices) if (k[0], k[1]) not in self._fetching]
+        self._fetch_from(sender, addr, self.delegate.wanted(notices))
+
+    def _fetch_from(self, sender: str, addr: str, wanted: list[list[str]]) -> None:
+        """Fetch the ``wanted`` [kind, key] records from the member at ``addr``, those not
+        being fetched already."""
+        want = [k for k in wanted if (k[0], k[1]) not in self._fetching]
         if not want:
             return
         keys = {(k[0], k[1]) for k in want}
@@ -377,6 +400,7 @@ class Membership:
                 self._refute(u.incarnation, returned=False)
             return
         if not self.admitted(u.node):
+            self._hold_alive(u)
             return
         m = self.members.get(u.node)
         now = self.loop_time
@@ -400,6 +424,22 @@ class Membership:
                 m.returned_at = now
             log.info("member.alive", member=u.node, was=was, incarnation=u.incarnation)
             self.on_change(m)
+
+    def _hold_alive(self, u: Update) -> None:
+        held = self._held_alive.pop(u.node, None)
+        self._held_alive[u.node] = u if held is None or u.incarnation > held.incarnation else held
+        while len(self._held_alive) > MAX_HELD_ALIVE:  # the oldest held goes first
+            dropped = self._held_alive.pop(next(iter(self._held_alive)))
+            log.debug("gossip.alive_dropped", member=dropped.node,
+                      error=f"not admitted (more than {MAX_HELD_ALIVE} such members waiting)")
+        log.debug("gossip.alive_held", member=u.node, incarnation=u.incarnation)
+
+    def admitted_now(self, node_id: str) -> None:
+        """``node_id``'s admission arrived (its ``node`` record): take in the alive news of
+        it held until then, if any."""
+        held = self._held_alive.pop(node_id, None)
+        if held is not None:
+            self._on_alive(held)
 
     def _on_suspect(self, u: Update) -> None:
         if u.node == self.node_id:

@@ -113,6 +113,7 @@ class Cluster:
         # placement_nodes() as the event loop last worked it out, for other threads.
         self._placement: list[str] = []
         self._loop_thread = threading.get_ident()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
         self._seed_task: asyncio.Task[None] | None = None
         self._bootstrap_task: asyncio.Task[None] | None = None
@@ -176,6 +177,7 @@ class Cluster:
 
     async def start(self) -> None:
         self._loop_thread = threading.get_ident()
+        self._loop = asyncio.get_running_loop()
         if self.state is not None:
             self._check_advertised(self._member_addresses())
         elif self.cfg.join_token:
@@ -291,8 +293,19 @@ class Cluster:
             node = rec.key.partition("/")[0]
             self.membership.remove(node)
             log.info("member.revoked", member=node)
+        if (rec.kind == "node" and "/" not in rec.key and rec.key != self.identity.node_id and rec.value is not None
+                and self._loop is not None):
+            # Another node's admission: its packets, and the news that it is alive, may have
+            # come first and are held until now. On the loop, where membership lives.
+            self._loop.call_soon_threadsafe(self._admitted, rec.key)
         if rec.kind == "node":
             self.on_change()
+
+    def _admitted(self, node_id: str) -> None:
+        if self.transport is not None:
+            self.transport.admitted(node_id)
+        if self.membership is not None:
+            self.membership.admitted_now(node_id)
 
     def seeds(self) -> list[str]:
         """Where to look for the cluster: configured seeds, members found over mDNS, then

@@ -24,6 +24,7 @@ unread), and that state must end within ``gossip.stream_timeout``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import struct
 from abc import ABC, abstractmethod
@@ -54,6 +55,14 @@ MAX_FRAME = 64 << 20
 CHANNEL_STREAM = b"S"
 CHANNEL_JOIN = b"J"
 RESERVED_CHANNELS = (CHANNEL_STREAM, CHANNEL_JOIN)
+# Packets from a node whose admission (the ``node`` record with its key) has not reached
+# this one yet, kept to be opened once it does (NetTransport.admitted). Nodes joining at
+# once send to each other before every member knows of every joiner; a packet dropped
+# then takes with it the sends of what rides in it (the joiner's first records, news),
+# and only a push-pull (30 s) would bring those. Such packets decrypt with the cluster key,
+# so only members make them; 128 of at most 1400 bytes bound what they hold to 175 KiB,
+# and one still held past the replay window is dropped when opened, as any replay is.
+MAX_HELD_PACKETS = 128
 
 
 class TransportError(Unavailable, ConnectionError, code="peer_unreachable"):
@@ -188,6 +197,9 @@ class NetTransport(Transport):
         self._refused = logs.Burst(log, "gossip.stream_refused")
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Packets from nodes whose admission has not arrived yet (see MAX_HELD_PACKETS).
+        self._held: collections.deque[tuple[str, bytes, tuple[str, int]]] = collections.deque(
+            maxlen=MAX_HELD_PACKETS)
 
     async def start(self, on_packet: PacketHandler, on_stream: StreamHandler) -> None:
         self._on_packet, self._on_stream = on_packet, on_stream
@@ -232,10 +244,25 @@ class NetTransport(Transport):
 
     def _received(self, data: bytes, source: tuple[str, int]) -> None:
         self.bytes_received += len(data)
+        self._open(data, source)
+
+    def admitted(self, node_id: str) -> None:
+        """``node_id``'s key is known now: open the packets it sent before (held)."""
+        if not any(held[0] == node_id for held in self._held):
+            return
+        mine = [held for held in self._held if held[0] == node_id]
+        self._held = collections.deque((h for h in self._held if h[0] != node_id), maxlen=MAX_HELD_PACKETS)
+        log.debug("gossip.held_packets_opened", member=node_id, packets=len(mine))
+        for _, data, source in mine:
+            self._open(data, source)
+
+    def _open(self, data: bytes, source: tuple[str, int]) -> None:
         try:
             sender, packet = open_packet(self.packets, data)
         except wire.Drop as drop:
             self.count_drop(drop.reason)
+            if drop.reason == "unknown_sender":
+                self._held.append((drop.sender, data, source))  # the oldest goes when full
             return
         except MessageError as exc:
             self.count_drop("malformed")

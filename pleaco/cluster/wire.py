@@ -48,9 +48,10 @@ DROP_REASONS = (
 class Drop(InvalidInput, code="dropped"):
     """A packet that is dropped, and why (one of DROP_REASONS)."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", sender: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.sender = sender  # for "unknown_sender": the node id the packet names (unproven)
 
 
 def derive_key(secret: bytes, purpose: bytes) -> bytes:
@@ -152,7 +153,7 @@ class Codec:
             raise Drop("own_packet")
         pub = self._key_of(sender)
         if pub is None:
-            raise Drop("unknown_sender", sender)
+            raise Drop("unknown_sender", sender, sender=sender)
         if not verify(pub, sig, header + body):
             raise Drop("bad_signature", sender)
         (seq,) = struct.unpack(">Q", body[16:24])

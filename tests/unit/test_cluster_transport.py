@@ -15,10 +15,12 @@ from pleaco.cluster import wire
 from pleaco.cluster.messages import Packet
 from pleaco.cluster.transport import (
     CHANNEL_STREAM,
+    MAX_HELD_PACKETS,
     PREAUTH_FRAME,
     NetTransport,
     SealedStream,
     TransportError,
+    seal_packet,
 )
 from pleaco.identity import Identity
 
@@ -189,5 +191,41 @@ def test_a_burst_of_warnings_is_one_line_and_then_one_count() -> None:
                 break
             await asyncio.sleep(POLL)
         assert rec.lines[1] == ("x.refused", {"repeated": 49, "window_s": 0.2, "n": 49})
+
+    run(scenario())
+
+
+def test_packets_from_a_node_not_admitted_yet_are_opened_once_it_is() -> None:
+    """Nodes joining at once send to members that do not know them yet: those packets are
+    held (counted as dropped), then opened once the sender's admission arrives, so what
+    rode in them is not lost; the oldest go first beyond the bound."""
+    async def scenario() -> None:
+        ends = Ends()
+        joiner = Identity.generate()
+        receiver = ends.transport(ends.a)
+        got: list[tuple[str, Packet]] = []
+
+        def on_packet(sender: str, packet: Packet, addr: str) -> None:
+            got.append((sender, packet))
+
+        async def on_stream(sender: str, request: dict[str, Any]) -> dict[str, Any]:
+            return {}
+
+        await receiver.start(on_packet, on_stream)
+        sealer = wire.Codec(joiner, "c", b"k" * 32, ends.keys.get)
+        stranger = wire.Codec(ends.stranger, "c", b"k" * 32, ends.keys.get)
+        receiver._received(seal_packet(sealer, Packet("gossip", seq=1)), ("127.0.0.1", 9))
+        for seq in range(MAX_HELD_PACKETS):  # a node never admitted fills the bound
+            receiver._received(seal_packet(stranger, Packet("gossip", seq=seq)), ("127.0.0.1", 9))
+        receiver._received(seal_packet(sealer, Packet("gossip", seq=2)), ("127.0.0.1", 9))
+        assert got == [] and ends.drops == ["unknown_sender"] * (MAX_HELD_PACKETS + 2)
+        receiver.admitted(joiner.node_id)  # not yet: still held
+        ends.keys[joiner.node_id] = joiner.public_key
+        receiver.admitted(joiner.node_id)
+        # The first went when the bound was reached; the second is opened, once.
+        assert [(s, p.seq) for s, p in got] == [(joiner.node_id, 2)]
+        receiver.admitted(joiner.node_id)
+        assert len(got) == 1
+        await ends.close()
 
     run(scenario())

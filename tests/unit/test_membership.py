@@ -9,8 +9,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from pleaco.cluster.config import GossipConfig
-from pleaco.cluster.membership import ALIVE, DEAD, SUSPECT, Membership
-from pleaco.cluster.messages import Update
+from pleaco.cluster.membership import ALIVE, DEAD, MAX_HELD_ALIVE, SUSPECT, Membership
+from pleaco.cluster.messages import Packet, Update
 from pleaco.cluster.simnet import MemoryDelegate, SimNetwork, VirtualTimeLoop, sim_cluster
 from pleaco.store.hlc import Timestamp
 from pleaco.store.record import Record
@@ -191,5 +191,88 @@ def test_the_unsealed_fast_path_detects_a_dead_node_too() -> None:
         await until(lambda: all(m.members[nodes[1].node_id].state == DEAD for m in nodes if m is not nodes[1]), 60)
         assert not net.keys and not net.drops
         await stop(nodes)
+
+    run(scenario())
+
+
+def lone_member(admitted: set[str]) -> Membership:
+    """One membership on the simulated network that admits the nodes in ``admitted``
+    (the cluster's ``node`` records, as they arrive)."""
+    net = SimNetwork(random.Random(1), sealed=False)
+    me = f"{0:032x}"
+    return Membership(me, "n0:7401", {}, GossipConfig(), net.transport("n0:7401", me), admitted=admitted.__contains__,
+                      incarnation=1)
+
+
+def test_news_of_a_joiner_that_outran_its_admission_is_taken_in_when_the_admission_arrives() -> None:
+    """Nodes joining at once: the news that one is alive can reach a member before the
+    record that admits it. Dropped, the member would not learn of it until a push-pull."""
+    async def scenario() -> None:
+        admitted: set[str] = set()
+        m = lone_member(admitted)
+        joiner = f"{1:032x}"
+        m.apply_update(Update(ALIVE, joiner, 3, "n1:7401", {"name": "n1"}))
+        m.apply_update(Update(ALIVE, joiner, 5, "n1:7401", {"name": "n1"}))
+        m.apply_update(Update(ALIVE, joiner, 4, "n1:7401", {"name": "n1"}))
+        assert joiner not in m.members  # not admitted: not a member yet
+        m.admitted_now(joiner)
+        assert joiner not in m.members  # still not admitted: still held
+        admitted.add(joiner)
+        m.admitted_now(joiner)
+        assert m.members[joiner].state == ALIVE and m.members[joiner].incarnation == 5
+        assert m.members[joiner].meta == {"name": "n1"}
+
+    run(scenario())
+
+
+def test_news_of_unadmitted_nodes_is_bounded_and_forgotten_on_revocation() -> None:
+    async def scenario() -> None:
+        admitted: set[str] = set()
+        m = lone_member(admitted)
+        nodes = [f"{i + 1:032x}" for i in range(MAX_HELD_ALIVE + 1)]
+        for node in nodes:
+            m.apply_update(Update(ALIVE, node, 1, "n1:7401"))
+        admitted.update(nodes)
+        m.remove(nodes[-1])  # revoked before its admission arrived
+        for node in nodes:
+            m.admitted_now(node)
+        # The oldest went when one more than the bound arrived; the revoked one is forgotten.
+        assert set(m.members) == {m.node_id, *nodes[1:-1]}
+
+    run(scenario())
+
+
+def test_a_member_asks_whoever_passed_on_news_of_a_node_for_the_record_admitting_it() -> None:
+    """Gossip may spend an admission's few sends before it comes this way; the news that the
+    node is alive still does (every member passes it on), and whoever passed it on has the
+    admission: it is fetched from there, and the held news taken in once it arrives."""
+    async def scenario() -> None:
+        rng = random.Random(8)
+        net = SimNetwork(rng, sealed=False)
+        sender, member = sim_cluster(2, GossipConfig(push_pull_interval=3600.0), net, rng)
+        records = member.delegate
+        assert isinstance(records, MemoryDelegate) and isinstance(sender.delegate, MemoryDelegate)
+        member.admitted = lambda node: ("node", node) in records.records
+        received = records.records_received
+
+        def admitting(origin: str, recs: Any) -> None:  # as the agent's store listener does
+            received(origin, recs)
+            for rec in recs:
+                if rec.kind == "node":
+                    member.admitted_now(rec.key)
+
+        records.records_received = admitting  # type: ignore[method-assign]
+        for m in (sender, member):
+            await m.start()
+        joiner = f"{9:032x}"
+        # The sender has the admission (and gossips it no more: its sends are spent).
+        sender.delegate.records[("node", joiner)] = Record("node", joiner, {"name": "n9"},
+                                                           Timestamp(1, 0, sender.node_id), bytes(64))
+        member.handle_packet(sender.node_id, Packet("gossip", updates=(Update(ALIVE, joiner, 2, "n9:7401"),)),
+                             sender.me.addr)
+        assert joiner not in member.members
+        await until(lambda: joiner in member.members, 5, 0.01)
+        assert member.members[joiner].state == ALIVE and ("node", joiner) in records.records
+        await stop([sender, member])
 
     run(scenario())
