@@ -414,8 +414,12 @@ def test_a_gone_identitys_replicas_are_removed_after_the_grace_period_only(tmp_p
     asyncio.run(sweeper.sweep())
     assert fake.removed == ["p-old"]  # the proxy at once; the replicas wait
     assert "old" in json.loads((own / "orphans.json").read_text())
-    # A later agent start (a new sweeper) keeps counting from the first sighting.
-    later = OrphanSweeper(dataclasses.replace(cfg, orphan_grace=0), fake, "me", "proxy",  # type: ignore[arg-type]
+    # A later agent start (a new sweeper) keeps counting from the first sighting, here made
+    # an hour and a minute ago (the wall clock, not a grace of 0: a clock stepped back by a
+    # millisecond between the two sweeps would make that flaky).
+    state = own / "orphans.json"
+    state.write_text(json.dumps({k: v - 3660 for k, v in json.loads(state.read_text()).items()}))
+    later = OrphanSweeper(cfg, fake, "me", "proxy",  # type: ignore[arg-type]
                           "/etc/pleaco-proxy", own, lambda: {"me"}, set)
     asyncio.run(later.sweep())
     assert fake.removed == ["p-old", "r1", "r2"] and fake.replicas["other"] == ["r3"]
