@@ -39,6 +39,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,7 +108,37 @@ def parse_wrk(out: str) -> dict[str, float]:
     return result
 
 
+# Each run starts with at most this many sockets in TIME_WAIT on the host (what the run
+# before left: a close-per-request run leaves about 14 000, for 60 s). Left there, they held
+# the next run's new connections to the same replica address in the kernel's search for a
+# free port (ip_local_port_range is 28 000 wide): the run right after a direct run fell to
+# about 500 req/s and 30 ms p50 whichever system it measured, once per run, which alone
+# moved the p99 ratio's median over 2x.
+TIME_WAIT_CLEAN = 2000
+TIME_WAIT_DEADLINE = 75.0  # TIME_WAIT lasts 60 s on Linux
+
+
+def time_wait_sockets() -> int:
+    """The host's TCP sockets in TIME_WAIT (/proc/net/sockstat's ``tw``)."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            return int(fields[fields.index("tw") + 1])
+    return 0
+
+
+def wait_for_time_wait_to_drain() -> None:
+    left = time_wait_sockets()
+    if left <= TIME_WAIT_CLEAN:
+        return
+    t0 = time.monotonic()
+    while (left := time_wait_sockets()) > TIME_WAIT_CLEAN and time.monotonic() - t0 < TIME_WAIT_DEADLINE:
+        time.sleep(1.0)
+    log(f"proxy: waited {time.monotonic() - t0:.0f} s for the last run's TIME_WAIT sockets ({left} left)")
+
+
 def wrk(url: str, host: str | None = None, conns: int = WRK_CONNS) -> dict[str, float]:
+    wait_for_time_wait_to_drain()
     threads = ["-t1"] if conns < 2 else []  # wrk needs a connection per thread
     cmd = ["wrk", *WRK_ARGS, *threads, f"-c{conns}", *(["-H", f"Host: {host}"] if host else []), url]
     try:
