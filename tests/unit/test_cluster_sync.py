@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,10 @@ def test_a_record_that_outran_its_origins_admission_is_applied_when_the_admissio
         assert b.get("app", "deployed-through-the-new-node") is None
         admission = a.put("node", STRANGER.node_id, {"public_key": STRANGER.public_key.hex(), "name": "new"})
         sync.records_received(A.node_id, [admission])
-        await asyncio.sleep(0)  # the retry runs on the loop's next turn
+        deadline = time.monotonic() + 10  # the retry runs on the loop, after this call
+        while b.get("app", "deployed-through-the-new-node") is None:
+            assert time.monotonic() < deadline, "the parked record was not applied on admission"
+            await asyncio.sleep(0.001)
         assert b.get("app", "deployed-through-the-new-node") == early
 
     asyncio.run(main())

@@ -4,6 +4,7 @@ which unfinished runs are orphans, and schedules' input checks."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -117,6 +118,15 @@ def exchange(a: Store, b: Store) -> None:
             dst.apply(rec)
 
 
+async def claimed(s: Scheduler) -> None:
+    """Until ``s`` has written its claim of TICK to its own store (its claim task's first
+    step), with a deadline."""
+    deadline = time.monotonic() + 10
+    while s.schedules.run("web", "tick", TICK) is None:
+        assert time.monotonic() < deadline, f"{s.me} wrote no claim of the tick"
+        await asyncio.sleep(0.001)
+
+
 async def settle(*schedulers: Scheduler) -> None:
     for s in schedulers:
         if s.active:
@@ -134,9 +144,9 @@ def test_two_claimers_of_one_tick_run_it_once(tmp_path: Path) -> None:
         async def both() -> None:
             # Each believes itself the owner; each claims before seeing the other's claim.
             await a.step()
-            await asyncio.sleep(0)
+            await claimed(a)
             await b.step()
-            await asyncio.sleep(0)
+            await claimed(b)
             exchange(a_store, b_store)  # within claim_settle: the store keeps one claim
             await settle(a, b)
 
