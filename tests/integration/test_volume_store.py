@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, docker_client
+from agentproc import AgentProcess, docker_client, free_port
 from conftest import HELLO
 from test_volumes import Factory, cli, docker_volumes, one_running, sh
 
@@ -26,12 +25,6 @@ moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
 AK, SK, BUCKET = "pleacotest", "pleacotestsecret", "snaps"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
