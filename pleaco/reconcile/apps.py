@@ -276,7 +276,7 @@ class AppReconciler(Loop):
                 view.drain.cancel(keep)  # if it was being drained: wanted again, it serves again
                 # A start of this replica in flight while the engine was listed: the listing
                 # may predate it (an exit already counted would be counted again).
-                stale = f"run/{key[0]}/{key[1]}" in self._busy_when_observed
+                stale = _run_key(*key) in self._busy_when_observed
                 if self._observe_replica(key, keep, state, now, spec, stale):
                     crashed.append((keep, state, spec))
                 if not keep.running and (keep.state == "created" or state.backoff.ready(now)):
@@ -343,9 +343,9 @@ class AppReconciler(Loop):
         for c, reason in removals:
             self._spawn(f"remove/{c.id}", self._remove(c, reason))
         for spec, idx in starts:
-            self._spawn(f"run/{spec.name}/{idx}", self._start(spec, idx))
+            self._spawn(_run_key(spec.name, idx), self._start(spec, idx))
         for c, spec in restarts:
-            self._spawn(f"run/{c.app}/{c.replica}", self._restart(c, spec))
+            self._spawn(_run_key(c.app, c.replica), self._restart(c, spec))
 
     # -- what other nodes see -------------------------------------------------------------
 
@@ -390,7 +390,7 @@ class AppReconciler(Loop):
             if st.running_since == 0.0:
                 st.running_since = now
             if spec.health_cmd is not None:
-                self._observe_health_cmd(c, st, spec)
+                self._observe_health_cmd(c, st)
             elif not spec.health:
                 st.healthy = True
             if st.backoff.failures and now - st.running_since >= self.cfg.backoff_reset_after:
@@ -441,7 +441,7 @@ class AppReconciler(Loop):
             log.warning("replica.out_of_memory", app=c.app, replica=c.replica, container=c.id[:12],
                         limit=spec.memory, oom_killed=info.oom_killed)
 
-    def _observe_health_cmd(self, c: ContainerInfo, st: ReplicaState, spec: AppSpec) -> None:
+    def _observe_health_cmd(self, c: ContainerInfo, st: ReplicaState) -> None:
         """A command-checked replica is healthy while the engine says so (its retries and
         start period are the engine's: see _probe_health for "unhealthy")."""
         healthy = c.health == "healthy"
@@ -623,3 +623,8 @@ class AppReconciler(Loop):
                 stops.append(self._stop_unhealthy(c, st))
         if stops:
             await asyncio.gather(*stops)
+
+
+def _run_key(app: str, replica: int) -> str:
+    """The background action key of a replica's start or restart (one at a time each)."""
+    return f"run/{app}/{replica}"
