@@ -51,7 +51,9 @@ def fake_slot(slots: Slots, version: str) -> None:
     bindir = slots.path(version) / "bin"
     bindir.mkdir(parents=True)
     python = bindir / "python"
-    python.write_text(f'#!/bin/sh\necho "$@" > {slots.root}/started-{version}\n')
+    # Written aside and renamed: a test polling for the file must never read it half written.
+    target = f"{slots.root}/started-{version}"
+    python.write_text(f'#!/bin/sh\necho "$@" > {target}.part && mv {target}.part {target}\n')
     python.chmod(0o755)
     (slots.path(version) / COMPLETE).write_text(version)
 
