@@ -66,7 +66,7 @@ import os
 import posixpath
 import re
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,10 @@ SECRET_SOURCES = ("file", "environment", "external")
 # A service's long-form secret: ``uid``, ``gid`` and ``mode`` are refused by name (every
 # secret file is the same read-only 0400 file, pleaco.stacks.secrets).
 SERVICE_SECRET_KEYS = frozenset({"source", "target"})
+VOLUME_KEYS = frozenset({"type", "source", "target"})
+# A long-form port: pleaco takes the target (and TCP); the rest is accepted for files
+# written for Compose, as a published host port is.
+PORT_KEYS = frozenset({"target", "published", "protocol", "mode", "host_ip", "name", "app_protocol"})
 JOB_KEYS = frozenset({"cron", "command"})
 X_PLEACO_KEYS = frozenset({"host", "https", "health"})
 BUILD_KEYS = frozenset({"context", "dockerfile", "args"})
@@ -102,7 +106,10 @@ BUILD_KEYS = frozenset({"context", "dockerfile", "args"})
 PENDING_IMAGE = "pleaco-build/pending:none"
 _ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 DEPLOY_KEYS = frozenset({"replicas", "resources", "placement"})
+RESOURCE_KEYS = frozenset({"limits"})
 LIMIT_KEYS = frozenset({"memory", "cpus", "pids"})
+PLACEMENT_KEYS = frozenset({"constraints"})
+DEPENDS_KEYS = frozenset({"condition", "required"})
 RESTART_POLICIES = ("always", "unless-stopped")
 DEPENDS_CONDITIONS = ("service_started", "service_healthy")
 _ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
@@ -113,6 +120,7 @@ _HEALTH_URL = re.compile(r"^https?://(?:localhost|127\.0\.0\.1)(?::([0-9]{1,5}))
 _HEALTH_TOOLS = ("curl", "wget")
 # A Compose healthcheck's timing keys, the health command's too (durations in seconds there).
 HEALTH_TIMINGS = ("interval", "timeout", "retries", "start_period")
+HEALTH_KEYS = frozenset({"test", "disable", *HEALTH_TIMINGS})
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(us|ms|s|m|h)")
 _DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:us|ms|s|m|h))+")
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -120,6 +128,20 @@ _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 class ComposeError(errors.InvalidInput, ValueError):
     """A compose file pleaco cannot deploy; the message names where (service and key)."""
+
+
+def _only_known(where: str, keys: Iterable[Any], known: Iterable[str], hint: str | None = None) -> None:
+    """Refuse a key of the mapping at ``where`` ("" for the top level) that is not one of
+    ``known``: every such check says it the same way, with the key's full path and the keys
+    pleaco knows there (``hint``: why, where that is not plain). With several, the first in
+    sorted order is named, so the error does not depend on the file's order of keys; keys
+    are compared as text, since YAML keys may also be numbers or booleans."""
+    allowed = frozenset(known)
+    unknown = sorted(str(k) for k in keys if not isinstance(k, str) or k not in allowed)
+    if unknown:
+        path = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ComposeError(f"{path}: not supported by pleaco (known: {', '.join(sorted(allowed))}"
+                           f"{'; ' + hint if hint else ''})")
 
 
 @dataclass(frozen=True)
@@ -311,9 +333,7 @@ def plan(stack: Any, doc: Any, max_replicas: int, builds: bool = False,
                            "and '-', starting and ending with a letter or digit)") from None
     if not isinstance(doc, dict):
         raise ComposeError("compose: expected a mapping with 'services' at the top")
-    for key in doc:
-        if not isinstance(key, str) or (key not in TOP_KEYS and not key.startswith("x-")):
-            raise ComposeError(f"{key}: top-level key not supported by pleaco")
+    _only_known("", [k for k in doc if not _extension(k)], TOP_KEYS, "x-* extension fields are ignored, as in Compose")
     if "name" in doc and doc["name"] != stack:
         raise ComposeError(f"name: the file names project {doc['name']!r}, deployed as stack {stack!r}")
     services = doc.get("services")
@@ -348,6 +368,11 @@ def _key(item: tuple[Any, Any]) -> str:
     return str(item[0])
 
 
+def _extension(key: Any) -> bool:
+    """An ``x-*`` extension field: for YAML anchors, ignored as in Compose."""
+    return isinstance(key, str) and key.startswith("x-")
+
+
 def _declared_volumes(value: Any) -> set[str]:
     if value is None:
         return set()
@@ -376,9 +401,7 @@ def _declared_secrets(value: Any, values: Any, builds: bool) -> dict[str, str | 
         where = f"secrets.{name}"
         if not isinstance(spec, dict):
             raise ComposeError(f"{where}: expected a mapping with one of {', '.join(SECRET_SOURCES)}")
-        for key in spec:
-            if key not in SECRET_SOURCES:
-                raise ComposeError(f"{where}.{key}: not supported by pleaco (one of {', '.join(SECRET_SOURCES)})")
+        _only_known(where, spec, SECRET_SOURCES, "a secret has one of them")
         if len(spec) != 1:
             raise ComposeError(f"{where}: expected one of {', '.join(SECRET_SOURCES)}")
         source = next(iter(spec))
@@ -417,11 +440,8 @@ def _service_secrets(where: str, value: Any, declared: Mapping[str, str | None])
     out: dict[str, ServiceSecret] = {}
     for item in value:
         if isinstance(item, dict):
-            for key in item:
-                if key not in SERVICE_SECRET_KEYS:
-                    why = ("every secret is a read-only file of the app's user" if key in ("uid", "gid", "mode")
-                           else "source and target only")
-                    raise ComposeError(f"{where}.{key}: not supported by pleaco ({why})")
+            _only_known(where, item, SERVICE_SECRET_KEYS,
+                        "no uid, gid or mode: every secret is a read-only file of the app's user")
             source, target = item.get("source"), item.get("target", item.get("source"))
         else:
             source = target = item
@@ -450,9 +470,7 @@ def _jobs(where: str, value: Any) -> tuple[Job, ...]:
         at = f"{where}.{name}"
         if not isinstance(job, dict):
             raise ComposeError(f"{at}: expected a mapping of {', '.join(sorted(JOB_KEYS))}")
-        for key in job:
-            if key not in JOB_KEYS:
-                raise ComposeError(f"{at}.{key}: unknown key (known: {', '.join(sorted(JOB_KEYS))})")
+        _only_known(at, job, JOB_KEYS)
         for key in sorted(JOB_KEYS - set(job)):
             raise ComposeError(f"{at}.{key}: required")
         try:
@@ -475,23 +493,19 @@ def _service(stack: str, name: Any, svc: Any, max_replicas: int, volumes: set[st
                            "letters, digits and '-'; it is also the name other services reach it by)") from None
     if not isinstance(svc, dict):
         raise ComposeError(f"{where}: expected a mapping")
-    for key in svc:
-        if key == "build" and not builds:
-            raise ComposeError(f"{where}.build: not supported by stack deploy, which runs images (name one in "
-                               "'image'; or connect the repository with `pleaco apps connect`, whose pushes "
-                               "build it)")
-        if key == "env_file":
-            raise ComposeError(f"{where}.env_file: must be read by the client (pleaco stack deploy does)")
-        if not isinstance(key, str) or (key not in SERVICE_KEYS and (not key.startswith("x-")
-                                                                    or key.startswith("x-pleaco"))):
-            # An unknown x-pleaco* key is a typo of pleaco's own, not an extension to ignore.
-            raise ComposeError(f"{where}.{key}: not supported by pleaco")
+    if "build" in svc and not builds:
+        raise ComposeError(f"{where}.build: not supported by stack deploy, which runs images (name one in "
+                           "'image'; or connect the repository with `pleaco apps connect`, whose pushes "
+                           "build it)")
+    if "env_file" in svc:
+        raise ComposeError(f"{where}.env_file: must be read by the client (pleaco stack deploy does)")
+    # An unknown x-pleaco* key is a typo of pleaco's own, not an extension to ignore.
+    _only_known(where, [k for k in svc if not _extension(k) or k.startswith("x-pleaco")], SERVICE_KEYS,
+                "other x-* extension fields are ignored, as in Compose")
     x = svc.get("x-pleaco") or {}
     if not isinstance(x, dict):
         raise ComposeError(f"{where}.x-pleaco: expected a mapping of {', '.join(sorted(X_PLEACO_KEYS))}")
-    for key in x:
-        if key not in X_PLEACO_KEYS:
-            raise ComposeError(f"{where}.x-pleaco.{key}: unknown key (known: {', '.join(sorted(X_PLEACO_KEYS))})")
+    _only_known(f"{where}.x-pleaco", x, X_PLEACO_KEYS)
     build = _build(f"{where}.build", svc["build"]) if svc.get("build") is not None else None
     if "image" not in svc and build is None:
         raise ComposeError(f"{where}.image: required (pleaco runs images; 'build' only in a connected "
@@ -553,9 +567,7 @@ def _build(where: str, value: Any) -> Build:
     if not isinstance(value, dict):
         raise ComposeError(f"{where}: expected a directory of the repository or a mapping "
                            f"of {', '.join(sorted(BUILD_KEYS))}")
-    for key in value:
-        if key not in BUILD_KEYS:
-            raise ComposeError(f"{where}.{key}: not supported by pleaco ({', '.join(sorted(BUILD_KEYS))})")
+    _only_known(where, value, BUILD_KEYS)
     context = _repo_path(f"{where}.context", value.get("context", "."))
     dockerfile = _repo_path(f"{where}.dockerfile", value.get("dockerfile", "Dockerfile"))
     if not dockerfile:
@@ -609,9 +621,7 @@ def _mounts(where: str, value: Any, declared: set[str]) -> list[dict[str, str]]:
                                    "(name it: NAME:/path, and declare NAME under the top-level volumes)")
             source, target = parts
         elif isinstance(item, dict):
-            unknown = set(item) - {"type", "source", "target"}
-            if unknown:
-                raise ComposeError(f"{where}.{sorted(unknown)[0]}: not supported by pleaco")
+            _only_known(where, item, VOLUME_KEYS)
             if item.get("type", "volume") != "volume":
                 raise ComposeError(f"{where}: type {item.get('type')!r} is not supported by pleaco (named volumes)")
             source, target = item.get("source"), item.get("target")
@@ -688,9 +698,7 @@ def _port(where: str, svc: Mapping[str, Any]) -> int | None:
 
 def _target(where: str, item: Any) -> int:
     if isinstance(item, dict):
-        unknown = set(item) - {"target", "published", "protocol", "mode", "host_ip", "name", "app_protocol"}
-        if unknown:
-            raise ComposeError(f"{where}.{sorted(unknown)[0]}: not supported by pleaco")
+        _only_known(where, item, PORT_KEYS)
         protocol, target = item.get("protocol", "tcp"), item.get("target")
     elif isinstance(item, int) and not isinstance(item, bool):
         protocol, target = "tcp", item
@@ -714,10 +722,7 @@ def _health(where: str, check: Any, port: int | None) -> str | dict[str, Any] | 
         return None
     if not isinstance(check, dict):
         raise ComposeError(f"{where}: expected a mapping")
-    for key in check:
-        if key not in ("test", "disable", *HEALTH_TIMINGS):
-            raise ComposeError(f"{where}.{key}: not supported by pleaco (known: test, disable, "
-                               f"{', '.join(HEALTH_TIMINGS)})")
+    _only_known(where, check, HEALTH_KEYS)
     if check.get("disable") is True:
         return None
     test = check.get("test")
@@ -764,25 +769,19 @@ def _deploy(where: str, value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise ComposeError(f"{where}: expected a mapping")
-    for key in value:
-        if key not in DEPLOY_KEYS:
-            raise ComposeError(f"{where}.{key}: not supported by pleaco")
+    _only_known(where, value, DEPLOY_KEYS)
     out: dict[str, Any] = {}
     if "replicas" in value:
         out["replicas"] = value["replicas"]
     resources = value.get("resources") or {}
     if not isinstance(resources, dict):
         raise ComposeError(f"{where}.resources: expected a mapping")
-    for key in resources:
-        if key != "limits":
-            raise ComposeError(f"{where}.resources.{key}: not supported by pleaco (limits only)")
+    _only_known(f"{where}.resources", resources, RESOURCE_KEYS)
     limits = resources.get("limits") or {}
     if not isinstance(limits, dict):
         raise ComposeError(f"{where}.resources.limits: expected a mapping")
+    _only_known(f"{where}.resources.limits", limits, LIMIT_KEYS)
     for key, limit in limits.items():
-        if key not in LIMIT_KEYS:
-            raise ComposeError(f"{where}.resources.limits.{key}: not supported by pleaco "
-                               f"({', '.join(sorted(LIMIT_KEYS))})")
         if key == "memory" and isinstance(limit, str):
             limit = limit.strip().lower()
         if key == "cpus" and isinstance(limit, str):
@@ -794,9 +793,7 @@ def _deploy(where: str, value: Any) -> dict[str, Any]:
     placement = value.get("placement") or {}
     if not isinstance(placement, dict):
         raise ComposeError(f"{where}.placement: expected a mapping")
-    for key in placement:
-        if key != "constraints":
-            raise ComposeError(f"{where}.placement.{key}: not supported by pleaco (constraints only)")
+    _only_known(f"{where}.placement", placement, PLACEMENT_KEYS)
     if "constraints" in placement:
         out["constraints"] = placement["constraints"]
     return out
@@ -813,9 +810,7 @@ def _depends_on(where: str, value: Any) -> tuple[str, ...]:
     for dep, cond in value.items():
         if not isinstance(cond, dict):
             raise ComposeError(f"{where}.{dep}: expected a mapping with 'condition'")
-        for key in cond:
-            if key not in ("condition", "required"):
-                raise ComposeError(f"{where}.{dep}.{key}: not supported by pleaco")
+        _only_known(f"{where}.{dep}", cond, DEPENDS_KEYS)
         if cond.get("required", True) is not True:
             raise ComposeError(f"{where}.{dep}.required: only true (every dependency is required)")
         condition = cond.get("condition", "service_started")
