@@ -55,7 +55,7 @@ from pleaco.ingress.traffic import Sampling, TrafficStats
 from pleaco.metrics import Counter, Gauge, Registry
 from pleaco.reconcile.loop import Loop
 from pleaco.reconcile.publish import local_dial_host
-from pleaco.reconcile.routes import RouteTable
+from pleaco.reconcile.routes import InstanceStatus, RouteTable
 from pleaco.reconcile.view import NodeView
 from pleaco.runtime import ContainerInfo, EngineUnavailable, NotFound
 from pleaco.runtime.docker import InfraInfo, InfraSpec
@@ -185,7 +185,8 @@ class ProxyReconciler(Loop):
 
     def routes(self) -> list[Route]:
         """Every app with a port, routed to what this node serves (``NodeView.serving``) and
-        to what the other live nodes' ``route`` records say they serve. Computed again only
+        to what the other live nodes' ``route`` records say they serve (or drain, when nothing
+        serves an app that should run: ``_draining``). Computed again only
         when what it is made from changed: the store, the live nodes, or this node's view
         (the same list object otherwise, which tells the caller nothing changed)."""
         view = self.view
@@ -226,9 +227,11 @@ class ProxyReconciler(Loop):
                 address = (view.address(c, spec) if view.cluster_network
                            else f"{c.ip}:{spec.port}" if c.ip else f"{host}:{c.host_port}")
                 ups.append(Upstream(address, c.id))
-            for inst in self.route_table.instances(spec.name, live):
-                if inst.serving and inst.address and view.reachable(inst.address):
-                    ups.append(Upstream(inst.address, f"{inst.node}/{inst.container}"))
+            remote = [i for i in self.route_table.instances(spec.name, live)
+                      if i.address and view.reachable(i.address)]
+            ups += [Upstream(i.address, f"{i.node}/{i.container}") for i in remote if i.serving]
+            if not ups and self.apps.replicas(spec.name) > 0:
+                ups = [Upstream(i.address, f"{i.node}/{i.container}") for i in remote if _draining(i)]
             policy = self.apps.autoscale(spec.name)
             out.append(Route(spec.name, name, getattr(spec, "https", None) or "on", spec.health, tuple(ups),
                              activate=policy is not None and policy.scale_to_zero_after is not None,
@@ -467,6 +470,20 @@ class ProxyReconciler(Loop):
                 for r in self.applied_routes
             ],
         }
+
+
+def _draining(inst: InstanceStatus) -> bool:
+    """Another node's replica it is draining: healthy and running, out of service only
+    because it is on its way out. It still answers until that node stops it, which is at
+    least MESH_DELAY (pleaco.reconcile.drain) after it wrote this.
+
+    A proxy falls back on these when an app that should run has nothing serving: the record
+    that takes a replaced replica out of service and the one that puts its replacement in
+    are two records, and gossip may bring them in either order (a packet holds one route
+    record, newest first), so for a moment a rollout on another node looks like an app with
+    no replica at all. Better the old replica than a 503. Not for an app scaled to zero: its
+    replicas stop once drained, and the activator holds its requests."""
+    return not inst.serving and inst.healthy and inst.state == "running"
 
 
 def dns_upstreams(routes: list[Route], activator: str) -> dict[str, list[tuple[str, int]]]:

@@ -123,6 +123,33 @@ def test_proxy_routes_to_other_live_nodes_serving_replicas(node: Node) -> None:
     assert [u.address for u in route.upstreams] == [f"{own.ip}:8080", "10.0.0.6:32000"]
 
 
+def test_a_rollout_on_another_node_never_leaves_the_app_with_no_upstream(node: Node) -> None:
+    """The other node replaces its replica: the record taking the old one out of service
+    arrived before the one putting the new one in (two records, either order by gossip).
+    The old one still answers until that node stops it: the proxy routes to it meanwhile,
+    rather than answer 503, and only while nothing serves."""
+    node.apps.deploy("web", {"image": "img", "replicas": 1, "port": 8080, "health": "/healthz"})
+    # This node's app loop does not run here: every replica is the other node's.
+    instance = {"replica": 0, "release": 1, "state": "running", "healthy": True, "host_port": 32000,
+                "restarts": 0, "last_exit_code": None, "backoff_s": 0.0, "error": "", "app": "web", "node": OTHER}
+    old = {**instance, "container": "a" * 12, "address": "10.0.0.6:32000"}
+    node.store.put("route", f"web/{OTHER}/{'a' * 12}", {**old, "serving": True})
+    assert [u.address for u in node.proxy.routes()[0].upstreams] == ["10.0.0.6:32000"]
+    node.store.put("route", f"web/{OTHER}/{'a' * 12}", {**old, "serving": False})  # draining
+    assert [u.address for u in node.proxy.routes()[0].upstreams] == ["10.0.0.6:32000"]
+    new = {**instance, "container": "b" * 12, "release": 2, "address": "10.0.0.6:32001"}
+    node.store.put("route", f"web/{OTHER}/{'b' * 12}", {**new, "serving": True})
+    assert [u.address for u in node.proxy.routes()[0].upstreams] == ["10.0.0.6:32001"]  # only the new
+    # Neither an unhealthy nor a stopped one, and nothing for an app scaled to zero.
+    node.store.put("route", f"web/{OTHER}/{'b' * 12}", {**new, "serving": False, "healthy": False})
+    assert [u.address for u in node.proxy.routes()[0].upstreams] == ["10.0.0.6:32000"]
+    node.store.put("route", f"web/{OTHER}/{'a' * 12}", {**old, "serving": False, "state": "exited"})
+    assert node.proxy.routes()[0].upstreams == ()
+    node.store.put("route", f"web/{OTHER}/{'a' * 12}", {**old, "serving": False})
+    node.apps.scale("web", 0)
+    assert node.proxy.routes()[0].upstreams == ()
+
+
 def test_a_replica_leaves_every_proxy_before_it_stops(node: Node) -> None:
     c = node.up("web", unhealthy=frozenset({1}))[0]
     node.publish(now=1000.0)
