@@ -119,7 +119,7 @@ class Membership:
         self.broadcasts = BroadcastQueue(cfg.retransmit_mult, lambda: len(self.members))
         # Load reports (pleaco.cluster.load) fill what room the packet has left: they are
         # ephemeral and replaced every few seconds, membership and records come first.
-        self.load_broadcasts = BroadcastQueue(cfg.retransmit_mult, lambda: len(self.members))
+        self.load_broadcasts = BroadcastQueue(cfg.load_retransmit_mult, lambda: len(self.members))
         # Hears each load report received; True when it was news (then it is passed on).
         self.on_load: Callable[[LoadReport], bool] = lambda report: False
         self.awareness = 0

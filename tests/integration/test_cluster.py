@@ -5,6 +5,7 @@ forged packets on the real gossip port."""
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from agentproc import (
     metric,
     node_args,
     node_containers,
+    side_by_side,
     states,
     wait_for,
 )
@@ -174,6 +176,36 @@ def test_a_write_on_any_node_is_visible_on_every_node(agent_factory: Factory) ->
     wait_for(lambda: all({x["name"] for x in a.client.apps()} == expected for a in agents), 20,
              "every app on every node")
     assert all(isinstance(a.client.request("GET", "/v1/cluster/token")["token"], str) for a in agents)
+
+
+# Push-pull's first round comes 60 to 180 s after a node starts (the interval, jittered by
+# half either way): far past the deadline below, so what it checks can only come by gossip.
+NO_PUSH_PULL_SOON = {"PLEACO_GOSSIP_PUSH_PULL_INTERVAL": "120"}
+
+
+def test_nodes_joining_at_once_learn_of_each_other_and_their_records_by_gossip(agent_factory: Factory) -> None:
+    """Four nodes join a first one at the same moment (a fleet booted from one image): the
+    news that one is alive can reach another before the record admitting it does, and each
+    writes records at once that may outrun it too. Every node sees every other alive, and
+    every other's records, long before a push-pull would repair what gossip dropped."""
+    first = agent_factory("n0", extra_args=node_args(2), env=NO_PUSH_PULL_SOON)
+    first.client.request("POST", "/v1/cluster/init")
+    token = first.client.request("GET", "/v1/cluster/token")["token"]
+    joiners = side_by_side([
+        functools.partial(agent_factory, f"n{i}", extra_args=[*node_args(i + 2), "--join-token", token],
+                          env=NO_PUSH_PULL_SOON)
+        for i in range(1, 5)])
+    agents = [first, *joiners]
+    # Each labels itself as soon as it answers (a record it writes, spread from it).
+    side_by_side([functools.partial(a.client.request, "PUT", f"/v1/nodes/{a.node_id}/labels",
+                                    {"labels": [f"seat={a.data_dir.name}"]}) for a in agents])
+    expected = {a.node_id: {"state": "alive", "labels": {"seat": a.data_dir.name}} for a in agents}
+
+    def view(agent: AgentProcess) -> dict[str, dict[str, object]]:
+        return {n["id"]: {"state": n["state"], "labels": n["labels"]} for n in agent.client.nodes()}
+
+    wait_for(lambda: all(view(a) == expected for a in agents), 30,
+             "every node alive, with its label, on every node")
 
 
 def gossip_addr(agent: AgentProcess) -> tuple[str, int]:

@@ -49,8 +49,8 @@ def test_probe_timeout_below_interval() -> None:
             "gossip.probe_timeout: must be less than probe_interval"]
 
 
-@pytest.mark.parametrize("name", ["indirect_checks", "gossip_nodes", "retransmit_mult", "suspicion_mult",
-                                  "suspicion_max_timeout_mult", "awareness_max_multiplier"])
+@pytest.mark.parametrize("name", ["indirect_checks", "gossip_nodes", "retransmit_mult", "load_retransmit_mult",
+                                  "suspicion_mult", "suspicion_max_timeout_mult", "awareness_max_multiplier"])
 def test_counts_must_be_at_least_one(name: str) -> None:
     assert dataclasses.replace(GossipConfig(), **{name: 1}).validate() == []
     for value in (0, -3):
