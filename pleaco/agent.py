@@ -235,7 +235,7 @@ class Agent:
         secretbox = SecretBox(cfg.data_dir, lambda: cluster.state)
         app_secrets = AppSecrets(store, apps, secretbox, cfg.data_dir)
         node_labels = NodeLabels(store)
-        volumes = Volumes(store, apps)
+        volumes = Volumes(store, apps, cfg.volumes.claim_settle)
 
         def volume_pin(spec: AppSpec, live: Sequence[str]) -> tuple[frozenset[str] | None, str]:
             found = volumes.pin(spec, live)

@@ -214,7 +214,7 @@ class VolumeRoutes:
             spec = self.volumes.apps.get(app)
             if spec is None or volume not in {m.name for m in spec.volumes}:
                 raise
-        claimed = self.volumes.claim(spec, self.me)
+        claimed = self.volumes.claim_for_use(spec, self.me)
         for r in claimed:
             log.info("volume.claimed", app=r.app, volume=r.volume, node=r.node, by="restore")
         found = self.volumes.get(app, volume)

@@ -25,6 +25,13 @@ class VolumeSettings:
     # app's last container is gone (Docker refuses to remove a volume in use). A pass reads
     # records only (no engine call unless a volume of this node is being removed): cheap.
     interval: float = 2.0
+    # Seconds a node that claims an app's volumes for its own use at once (a one-off job, a
+    # restore into a volume no replica made yet) waits before using them: another node may
+    # have claimed them at the same moment (the app's owner, placing its first replica); the
+    # store keeps one of the two claims, the same on every node, and the node whose claim
+    # was not kept refuses rather than fill a volume nothing will mount. A claim spreads by
+    # gossip in well under a second on a LAN (as [jobs] claim_settle).
+    claim_settle: float = 1.0
     # An S3-compatible object store that `pleaco volumes snapshot|restore --s3` write to and
     # read from (pleaco/stacks/s3.py), on the node holding the volume; off when
     # ``s3_endpoint`` is empty, the default: snapshots then go to a file on the caller's side
@@ -53,6 +60,8 @@ class VolumeSettings:
         problems = []
         if not self.helper_image:
             problems.append("volumes.helper_image: must name an image")
+        if self.claim_settle < 0:
+            problems.append("volumes.claim_settle: must be at least 0")
         if self.interval <= 0:
             problems.append(f"volumes.interval: {self.interval} must be above 0")
         if self.s3_endpoint:

@@ -123,7 +123,11 @@ class OneOffJobs:
             raise JobRefused(f"image {spec.image!r} of app {name!r} is not on this node; run the job through "
                              "the API of a node that runs a replica of it")
         if claim:
-            for r in self.volumes.claim(spec, self.node_id):
+            try:
+                claimed = self.volumes.claim_for_use(spec, self.node_id)
+            except VolumeConflict as exc:
+                raise JobRefused(f"app {spec.name!r}: {exc}") from None
+            for r in claimed:
                 log.info("volume.claimed", app=r.app, volume=r.volume, node=r.node, by="job")
         job_id = token.token_hex(4)
         job = JobSpec.of(release_container(spec, self.view, 0), job_id, command)

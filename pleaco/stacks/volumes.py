@@ -129,9 +129,12 @@ def claim_node(spec: AppSpec, held: Sequence[VolumeRecord], live: Sequence[str],
 class Volumes:
     """The volume records over the replicated store."""
 
-    def __init__(self, store: Store, apps: AppStore) -> None:
+    def __init__(self, store: Store, apps: AppStore, claim_settle: float = 0.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.store = store
         self.apps = apps
+        self.claim_settle = claim_settle  # [volumes] claim_settle, for claim_for_use
+        self._sleep = sleep
 
     def records(self, app: str | None = None) -> list[VolumeRecord]:
         found = []
@@ -161,6 +164,24 @@ class Volumes:
         if new:
             self.store.put_many([(KIND, r.key, r.to_value()) for r in new])
         return new
+
+    def claim_for_use(self, spec: AppSpec, node: str) -> list[VolumeRecord]:
+        """``claim``, for a container ``node`` starts at once on what it claimed (a job, a
+        restore): it blocks ``claim_settle`` seconds after a claim, long enough for a claim
+        another node wrote at the same moment to arrive (the store keeps one of the two,
+        the same on every node), and raises VolumeConflict naming the node whose claim was
+        kept when it is not ``node``: the caller must not fill a volume no replica will mount."""
+        claimed = self.claim(spec, node)
+        if not claimed or self.claim_settle <= 0:
+            return claimed
+        self._sleep(self.claim_settle)
+        for r in claimed:
+            kept = self.get(r.app, r.volume)
+            if kept is None or kept.node != node:
+                where = f"by node {kept.node[:12]}" if kept is not None else "and its claim is gone"
+                raise VolumeConflict(f"volume {r.volume} of app {r.app} was claimed at the same moment {where}: "
+                                     "try again (it runs where the volume is)")
+        return claimed
 
     def holder(self, spec: AppSpec, live: Collection[str]) -> str | None:
         """The live node that holds ``spec``'s volumes, where every container that mounts

@@ -152,6 +152,29 @@ def test_claim_writes_once_and_only_the_missing(store: Store) -> None:
     assert volumes.pin(spec, [A, B]).only == frozenset({A})
 
 
+def test_a_claim_for_use_waits_and_refuses_when_another_nodes_claim_was_kept(store: Store) -> None:
+    """A job or restore claims and uses the volume at once; the owner may claim it for its
+    first replica at the same moment. The store keeps one claim; the node whose claim was not
+    kept must refuse, not fill a volume that nothing will mount."""
+    apps = AppStore(store, max_replicas=10)
+    spec = apps.deploy("db", {"image": "x", "volumes": ["data:/data", "logs:/logs"]}).spec
+    waited: list[float] = []
+
+    def rival_claim_arrives(seconds: float) -> None:
+        waited.append(seconds)
+        store.put("volume", "db/logs", {"node": B, "created_ms": 2})  # kept over A's: written later
+
+    volumes = Volumes(store, apps, claim_settle=1.5, sleep=rival_claim_arrives)
+    with pytest.raises(VolumeConflict, match=f"volume logs of app db was claimed at the same moment by node {B[:12]}"):
+        volumes.claim_for_use(spec, A)
+    assert waited == [1.5]
+    # Uncontested: the claim is kept, and a second call has nothing to claim nor wait for.
+    other = apps.deploy("kv", {"image": "x", "volumes": ["data:/data"]}).spec
+    quiet = Volumes(store, apps, claim_settle=1.5, sleep=waited.append)
+    assert [r.node for r in quiet.claim_for_use(other, A)] == [A] and waited == [1.5, 1.5]
+    assert quiet.claim_for_use(other, A) == [] and waited == [1.5, 1.5]
+
+
 def test_a_job_runs_where_the_volumes_are_and_claims_none_held(store: Store) -> None:
     apps = AppStore(store, max_replicas=10)
     spec = apps.deploy("db", {"image": "x", "volumes": ["data:/data", "logs:/logs"]}).spec
@@ -250,3 +273,8 @@ def test_only_the_owner_claims_and_the_holder_removes(store: Store) -> None:
     engine.in_use = False
     asyncio.run(holder.step())
     assert engine.removed == [("db", "data")] and volumes.records() == []
+
+
+def test_a_negative_claim_settle_is_refused() -> None:
+    assert VolumeSettings(claim_settle=0.0).validate() == []
+    assert VolumeSettings(claim_settle=-1.0).validate() == ["volumes.claim_settle: must be at least 0"]
