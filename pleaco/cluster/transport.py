@@ -248,9 +248,9 @@ class NetTransport(Transport):
 
     def admitted(self, node_id: str) -> None:
         """``node_id``'s key is known now: open the packets it sent before (held)."""
-        if not any(held[0] == node_id for held in self._held):
-            return
         mine = [held for held in self._held if held[0] == node_id]
+        if not mine:
+            return
         self._held = collections.deque((h for h in self._held if h[0] != node_id), maxlen=MAX_HELD_PACKETS)
         log.debug("gossip.held_packets_opened", member=node_id, packets=len(mine))
         for _, data, source in mine:
