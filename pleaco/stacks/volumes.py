@@ -175,8 +175,9 @@ class Volumes:
         if not claimed or self.claim_settle <= 0:
             return claimed
         self._sleep(self.claim_settle)
+        held = self.of_app(spec.name)  # read once: each get() would read all the app's records
         for r in claimed:
-            kept = self.get(r.app, r.volume)
+            kept = held.get(r.volume)
             if kept is None or kept.node != node:
                 where = f"by node {kept.node[:12]}" if kept is not None else "and its claim is gone"
                 raise VolumeConflict(f"volume {r.volume} of app {r.app} was claimed at the same moment {where}: "
