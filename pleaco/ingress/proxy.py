@@ -479,10 +479,11 @@ def _draining(inst: InstanceStatus) -> bool:
 
     A proxy falls back on these when an app that should run has nothing serving: the record
     that takes a replaced replica out of service and the one that puts its replacement in
-    are two records, and gossip may bring them in either order (a packet holds one route
-    record, newest first), so for a moment a rollout on another node looks like an app with
-    no replica at all. Better the old replica than a 503. Not for an app scaled to zero: its
-    replicas stop once drained, and the activator holds its requests."""
+    are two records, and gossip may bring them in either order (the newest goes first, a
+    packet holds two route records at most, and a relay may pass on either first), so for
+    a moment a rollout on another node looks like an app with no replica at all. Better the
+    old replica than a 503. Not for an app scaled to zero: its replicas stop once drained,
+    and the activator holds its requests."""
     return not inst.serving and inst.healthy and inst.state == "running"
 
 
