@@ -60,7 +60,7 @@ class VolumeSettings:
         problems = []
         if not self.helper_image:
             problems.append("volumes.helper_image: must name an image")
-        if self.claim_settle < 0:
+        if not self.claim_settle >= 0:  # NaN too
             problems.append("volumes.claim_settle: must be at least 0")
         if self.interval <= 0:
             problems.append(f"volumes.interval: {self.interval} must be above 0")

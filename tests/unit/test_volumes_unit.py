@@ -278,3 +278,4 @@ def test_only_the_owner_claims_and_the_holder_removes(store: Store) -> None:
 def test_a_negative_claim_settle_is_refused() -> None:
     assert VolumeSettings(claim_settle=0.0).validate() == []
     assert VolumeSettings(claim_settle=-1.0).validate() == ["volumes.claim_settle: must be at least 0"]
+    assert VolumeSettings(claim_settle=float("nan")).validate() == ["volumes.claim_settle: must be at least 0"]
