@@ -473,9 +473,10 @@ class ProxyReconciler(Loop):
 
 
 def _draining(inst: InstanceStatus) -> bool:
-    """Another node's replica it is draining: healthy and running, out of service only
-    because it is on its way out. It still answers until that node stops it, which is at
-    least MESH_DELAY (pleaco.reconcile.drain) after it wrote this.
+    """Another node's replica it is draining: it served until that node asked it to stop,
+    and it still runs. It answers until that node stops it, which is at least MESH_DELAY
+    (pleaco.reconcile.drain) after it wrote this. Not "healthy": a record calls only a
+    replica of the current release healthy, and a replica a rollout replaces is of the last.
 
     A proxy falls back on these when an app that should run has nothing serving: the record
     that takes a replaced replica out of service and the one that puts its replacement in
@@ -484,7 +485,7 @@ def _draining(inst: InstanceStatus) -> bool:
     a moment a rollout on another node looks like an app with no replica at all. Better the
     old replica than a 503. Not for an app scaled to zero: its replicas stop once drained,
     and the activator holds its requests."""
-    return not inst.serving and inst.healthy and inst.state == "running"
+    return inst.draining and inst.state == "running"
 
 
 def dns_upstreams(routes: list[Route], activator: str) -> dict[str, list[tuple[str, int]]]:

@@ -32,6 +32,10 @@ class InstanceStatus:
     # the routing mesh reads from the ``route`` records.
     address: str = ""
     serving: bool = False
+    # Out of service because its node is draining it (it served until then): it answers
+    # until that node stops it (pleaco.reconcile.drain). What a proxy falls back on while a
+    # rollout's records are on their way (pleaco.ingress.proxy._draining).
+    draining: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -41,13 +45,14 @@ class InstanceStatus:
         return cls(int(raw["replica"]), str(raw["container"]), int(raw["release"]), str(raw["state"]),
                    bool(raw["healthy"]), raw.get("host_port"), int(raw.get("restarts", 0)),
                    raw.get("last_exit_code"), float(raw.get("backoff_s", 0.0)), str(raw.get("error", "")), node,
-                   str(raw.get("address", "")), bool(raw.get("serving", False)))
+                   str(raw.get("address", "")), bool(raw.get("serving", False)),
+                   bool(raw.get("draining", False)))
 
 
 # A replica's last error as its record carries it at the most: the record then always
 # fits in one gossip packet (pleaco.store.record), so a health change travels in the next
 # packets. `apps show` on the node itself has the whole text.
-ERROR_CHARS = 400
+ERROR_CHARS = 360
 
 
 class RouteTable:

@@ -92,6 +92,7 @@ def local_instances(view: NodeView, spec: AppSpec) -> list[InstanceStatus]:
                 node=view.node_id,
                 address=view.address(c, spec),
                 serving=view.serving(c, spec),
+                draining=view.drain.draining(c.id),
             )
         )
     return instances

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,31 +124,56 @@ def test_proxy_routes_to_other_live_nodes_serving_replicas(node: Node) -> None:
     assert [u.address for u in route.upstreams] == [f"{own.ip}:8080", "10.0.0.6:32000"]
 
 
-def test_a_rollout_on_another_node_never_leaves_the_app_with_no_upstream(node: Node) -> None:
-    """The other node replaces its replica: the record taking the old one out of service
-    arrived before the one putting the new one in (two records, either order by gossip).
-    The old one still answers until that node stops it: the proxy routes to it meanwhile,
-    rather than answer 503, and only while nothing serves."""
-    node.apps.deploy("web", {"image": "img", "replicas": 1, "port": 8080, "health": "/healthz"})
-    # This node's app loop does not run here: every replica is the other node's.
-    instance = {"replica": 0, "release": 1, "state": "running", "healthy": True, "host_port": 32000,
-                "restarts": 0, "last_exit_code": None, "backoff_s": 0.0, "error": "", "app": "web", "node": OTHER}
-    old = {**instance, "container": "a" * 12, "address": "10.0.0.6:32000"}
-    node.store.put("route", f"web/{OTHER}/{'a' * 12}", {**old, "serving": True})
-    assert [u.address for u in node.proxy.routes()[0].upstreams] == ["10.0.0.6:32000"]
-    node.store.put("route", f"web/{OTHER}/{'a' * 12}", {**old, "serving": False})  # draining
-    assert [u.address for u in node.proxy.routes()[0].upstreams] == ["10.0.0.6:32000"]
-    new = {**instance, "container": "b" * 12, "release": 2, "address": "10.0.0.6:32001"}
-    node.store.put("route", f"web/{OTHER}/{'b' * 12}", {**new, "serving": True})
-    assert [u.address for u in node.proxy.routes()[0].upstreams] == ["10.0.0.6:32001"]  # only the new
-    # Neither an unhealthy nor a stopped one, and nothing for an app scaled to zero.
-    node.store.put("route", f"web/{OTHER}/{'b' * 12}", {**new, "serving": False, "healthy": False})
-    assert [u.address for u in node.proxy.routes()[0].upstreams] == ["10.0.0.6:32000"]
-    node.store.put("route", f"web/{OTHER}/{'a' * 12}", {**old, "serving": False, "state": "exited"})
-    assert node.proxy.routes()[0].upstreams == ()
-    node.store.put("route", f"web/{OTHER}/{'a' * 12}", {**old, "serving": False})
-    node.apps.scale("web", 0)
-    assert node.proxy.routes()[0].upstreams == ()
+def test_a_rollout_on_another_node_never_leaves_the_app_with_no_upstream(tmp_path: Path) -> None:
+    """Node A replaces its replica (a real app loop, its records as written); node B's
+    proxy gets the record taking the old one out of service before the one putting the new
+    one in (two records, either order by gossip). The old one still answers until A stops
+    it: B routes to it meanwhile, rather than answer 503, and only while nothing serves."""
+    a = Node(tmp_path / "a", [OTHER])
+    b = Node(tmp_path / "b", [a.id])
+    try:
+        spec = {"image": "img", "replicas": 1, "port": 8080, "health": "/healthz"}
+        a.apps.deploy("web", spec)
+        b.apps.deploy("web", spec)
+        old = a.up("web")[0]
+
+        def records() -> dict[str, dict[str, Any]]:  # A's route records, as gossip brings them to B
+            return {r.key: r.value for r in a.store.records("route") if r.value}
+
+        def deliver(*keys: str) -> None:
+            for key in keys:
+                b.store.put("route", key, records()[key])
+
+        def upstreams() -> list[str]:
+            return [u.address for u in b.proxy.routes()[0].upstreams]
+
+        old_key = f"web/{a.id}/{old.id[:12]}"
+        deliver(old_key)
+        assert upstreams() == [f"10.0.0.5:{old.host_port}"]
+        # The rollout on A: the new release starts, passes its probe, and the old one drains.
+        a.apps.deploy("web", {**spec, "env": {"GREETING": "v2"}})
+        for _ in range(4):
+            a.step()
+        [new] = [c for c in a.engine.list_managed(a.id, "web") if c.release == 2]
+        new_key = f"web/{a.id}/{new.id[:12]}"
+        assert records()[new_key]["serving"] and not records()[old_key]["serving"]
+        assert records()[old_key]["draining"] and not records()[old_key]["healthy"]  # of the last release
+        deliver(old_key)  # the old one's "not serving" first
+        assert upstreams() == [f"10.0.0.5:{old.host_port}"]
+        deliver(new_key)
+        assert upstreams() == [f"10.0.0.5:{new.host_port}"]  # only the new, once it serves
+        # Not one that stopped, nor one that is out without being drained (it failed its
+        # probe), nor anything for an app scaled to zero.
+        b.store.put("route", new_key, {**records()[new_key], "serving": False, "healthy": False})
+        b.store.put("route", old_key, {**records()[old_key], "state": "exited"})
+        assert upstreams() == []
+        b.store.put("route", old_key, records()[old_key])
+        assert upstreams() == [f"10.0.0.5:{old.host_port}"]
+        b.apps.scale("web", 0)
+        assert upstreams() == []
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_replica_leaves_every_proxy_before_it_stops(node: Node) -> None:
