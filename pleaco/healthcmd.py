@@ -80,7 +80,7 @@ def parse_health_cmd(value: Any, field: str = "health_cmd") -> HealthCommand:
     if isinstance(value, dict):
         unknown = sorted(set(value) - {"test", "interval", "timeout", "retries", "start_period"})
         if unknown:
-            raise HealthCommandError(f"{field}.{unknown[0]}: unknown key (allowed: test, interval, timeout, "
+            raise HealthCommandError(f"{field}.{unknown[0]}: unknown field (allowed: test, interval, timeout, "
                                      "retries, start_period)")
         timings = {k: v for k, v in value.items() if k != "test"}
         value = value.get("test")

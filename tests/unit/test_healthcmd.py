@@ -43,7 +43,7 @@ def test_the_engine_gets_nanoseconds_and_the_spec_round_trips() -> None:
     ({"test": "true", "retries": 0}, "health_cmd.retries: 0 must be"),
     ({"test": "true", "retries": True}, "health_cmd.retries: True must be"),
     ({"test": "true", "start_period": -1}, "health_cmd.start_period: -1 must be"),
-    ({"test": "true", "every": 1}, "health_cmd.every: unknown key"),
+    ({"test": "true", "every": 1}, "health_cmd.every: unknown field"),
 ])
 def test_bad_commands_are_named(given: Any, problem: str) -> None:
     with pytest.raises(HealthCommandError) as exc:
