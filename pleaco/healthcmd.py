@@ -37,6 +37,11 @@ MAX_RETRIES = 100
 MAX_TEST_BYTES = 4096
 
 
+# The timing keys of a health command (durations in seconds), as a Compose healthcheck names
+# them too (pleaco.stacks.compose takes them from here).
+TIMINGS = ("interval", "timeout", "retries", "start_period")
+
+
 class HealthCommandError(InvalidInput, ValueError, code="invalid"):
     """A health command that is not one (names the field and the problem)."""
 
@@ -78,10 +83,9 @@ def parse_health_cmd(value: Any, field: str = "health_cmd") -> HealthCommand:
     (``["CMD", ...]``, ``["CMD-SHELL", "..."]``) or a mapping with ``test`` and the timings."""
     timings: dict[str, Any] = {}
     if isinstance(value, dict):
-        unknown = sorted(set(value) - {"test", "interval", "timeout", "retries", "start_period"})
+        unknown = sorted(set(value) - {"test", *TIMINGS})
         if unknown:
-            raise HealthCommandError(f"{field}.{unknown[0]}: unknown field (allowed: test, interval, timeout, "
-                                     "retries, start_period)")
+            raise HealthCommandError(f"{field}.{unknown[0]}: unknown field (allowed: {', '.join(('test', *TIMINGS))})")
         timings = {k: v for k, v in value.items() if k != "test"}
         value = value.get("test")
     test = _test(value, field)

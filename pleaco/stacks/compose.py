@@ -75,6 +75,7 @@ import yaml
 
 from pleaco import cron, errors
 from pleaco.apps import ValidationError, validate_deploy, validate_name
+from pleaco.healthcmd import TIMINGS as HEALTH_TIMINGS
 from pleaco.healthcmd import HealthCommandError, parse_health_cmd
 from pleaco.stacks.jobs import JobInputError
 from pleaco.stacks.schedule import check_job
@@ -118,8 +119,6 @@ _PORT = re.compile(r"^(?:(?:\[?[0-9a-fA-F.:]*\]?:)?([0-9]{1,5})?:)?([0-9]{1,5})(
 # A health check command that fetches a path on the container itself.
 _HEALTH_URL = re.compile(r"^https?://(?:localhost|127\.0\.0\.1)(?::([0-9]{1,5}))?(/[^\s]*)?$")
 _HEALTH_TOOLS = ("curl", "wget")
-# A Compose healthcheck's timing keys, the health command's too (durations in seconds there).
-HEALTH_TIMINGS = ("interval", "timeout", "retries", "start_period")
 HEALTH_KEYS = frozenset({"test", "disable", *HEALTH_TIMINGS})
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(us|ms|s|m|h)")
 _DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:us|ms|s|m|h))+")
