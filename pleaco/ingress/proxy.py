@@ -229,9 +229,10 @@ class ProxyReconciler(Loop):
                 ups.append(Upstream(address, c.id))
             remote = [i for i in self.route_table.instances(spec.name, live)
                       if i.address and view.reachable(i.address)]
-            ups += [Upstream(i.address, f"{i.node}/{i.container}") for i in remote if i.serving]
-            if not ups and self.apps.replicas(spec.name) > 0:
-                ups = [Upstream(i.address, f"{i.node}/{i.container}") for i in remote if _draining(i)]
+            chosen = [i for i in remote if i.serving]
+            if not ups and not chosen and self.apps.replicas(spec.name) > 0:
+                chosen = [i for i in remote if _draining(i)]
+            ups += [Upstream(i.address, f"{i.node}/{i.container}") for i in chosen]
             policy = self.apps.autoscale(spec.name)
             out.append(Route(spec.name, name, getattr(spec, "https", None) or "on", spec.health, tuple(ups),
                              activate=policy is not None and policy.scale_to_zero_after is not None,
