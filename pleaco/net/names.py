@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import os
 import random
@@ -51,6 +52,8 @@ SAFE_UDP = 1232
 TCP_MAX = 65535
 # glibc reads at most three nameservers from resolv.conf (MAXNS); so do we.
 MAX_NAMESERVERS = 3
+# Fresh ports tried when the server is given port 0 and TCP finds the UDP port taken.
+BIND_ATTEMPTS = 8
 RESOLV_CONF = Path("/etc/resolv.conf")
 
 # app -> the cluster addresses (IPv4) of its serving replicas; None when there is no such app.
@@ -189,15 +192,25 @@ class NameServer:
 
     async def _bind(self, host: str, port: int) -> tuple[asyncio.DatagramTransport, asyncio.Server, int]:
         loop = asyncio.get_running_loop()
-        udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, port))
-        # Port 0 (tests): TCP on the port UDP was given.
-        port = int(udp.get_extra_info("sockname")[1])
-        try:
-            tcp = await asyncio.start_server(self._serve_tcp, host, port, reuse_address=True)
-        except BaseException:
-            udp.close()
-            raise
-        return udp, tcp, port
+        attempt = 1
+        while True:
+            udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, port))
+            # Port 0 (tests): TCP on the port UDP was given. A free UDP port says nothing
+            # of TCP (a connection may hold it as its local port): then another one is
+            # tried, a few times. A port asked for is tried once.
+            bound = int(udp.get_extra_info("sockname")[1])
+            try:
+                tcp = await asyncio.start_server(self._serve_tcp, host, bound, reuse_address=True)
+            except OSError as exc:
+                udp.close()
+                if port or exc.errno != errno.EADDRINUSE or attempt >= BIND_ATTEMPTS:
+                    raise
+                attempt += 1
+                continue
+            except BaseException:
+                udp.close()
+                raise
+            return udp, tcp, bound
 
     async def close(self) -> None:
         """Stop listening and cancel the forwards in flight."""

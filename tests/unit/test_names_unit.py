@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import ipaddress
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -353,6 +356,52 @@ def test_tcp_connections_beyond_the_bound_are_closed() -> None:
             while s._tcp_open:
                 await asyncio.sleep(POLL)
             assert sorted(parse(await tcp_ask(s.port, query("web.internal")))["a"]) == APPS["web"]
+    run(main)
+
+
+def udp_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_given_port_0_it_tries_another_port_when_tcp_has_the_one_udp_got() -> None:
+    """A free UDP port may be held for TCP (CI once failed so: a connection's local port):
+    the server takes another; a port asked for is not swapped for another."""
+    async def main() -> None:
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        real = loop.create_datagram_endpoint
+        asked: list[int] = []
+
+        async def udp_first_on_busy(factory: Any, local_addr: tuple[str, int], **kw: Any) -> Any:
+            asked.append(local_addr[1])
+            return await real(factory, local_addr=(local_addr[0], busy if len(asked) == 1 else local_addr[1]), **kw)
+
+        loop.create_datagram_endpoint = udp_first_on_busy  # type: ignore[method-assign, assignment]
+        try:
+            async with running() as s:
+                assert s.port != busy and asked == [0, 0]
+                [msg] = await udp_ask(s.port, query("web.internal"))
+                assert sorted(parse(msg)["a"]) == APPS["web"]
+            asked.clear()
+            fixed = NameServer("127.0.0.1", busy, lookup, "internal", clients=["127.0.0.0/8"], upstreams=[])
+            with pytest.raises(OSError) as exc:
+                await fixed.start()
+            assert exc.value.errno == errno.EADDRINUSE and asked == [busy]
+            # And its UDP socket is closed (a transport closes on the loop's next turn).
+            deadline = time.monotonic() + 10
+            while not udp_free(busy):
+                assert time.monotonic() < deadline, "the UDP socket of the failed start stayed open"
+                await asyncio.sleep(POLL)
+        finally:
+            taken.close()
     run(main)
 
 
